@@ -1,0 +1,79 @@
+//! Shared helpers for the tests against `../shared/testdata/gemma-3-270m`: where the reference
+//! files are, and the real default model (fetched on first use, loaded once per test binary).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+use tessera::LoadedModel;
+
+pub fn testdata_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/testdata/gemma-3-270m");
+    assert!(
+        dir.is_dir(),
+        "reference data not found at {} (the shared/ folder must sit beside the checkout)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(file: &str) -> T {
+    let path = testdata_dir().join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// The default model, fetched if missing. Tests never skip it.
+pub fn real_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = tessera::model_store::ensure_default_model()
+            .unwrap_or_else(|e| panic!("fetching the default model: {e}"));
+        LoadedModel::load(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenizerCases {
+    pub cases: Vec<TokenizerCase>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenizerCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub ids_with_bos_and_special: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GenerationCases {
+    pub cases: Vec<GenerationCase>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GenerationCase {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy: Vec<u32>,
+    pub text: String,
+    pub steps: Vec<Step>,
+    /// LoRA cases only: adapter name → composition scale.
+    #[serde(default)]
+    pub adapters: std::collections::BTreeMap<String, f32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Step {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Step {
+    /// How far the reference's best token leads its second best, in nats.
+    pub fn margin(&self) -> f32 {
+        self.top[0].1 - self.top[1].1
+    }
+}
