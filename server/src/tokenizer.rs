@@ -225,6 +225,8 @@ fn merges_from_scores(
         left: &'a str,
         right: &'a str,
         score: f32,
+        left_chars: usize,
+        right_chars: usize,
     }
     let mut merges: Vec<Merge> = Vec::new();
     for (piece, &score) in pieces.iter().zip(scores) {
@@ -232,7 +234,17 @@ fn merges_from_scores(
         for (split, _) in piece.char_indices().skip(1) {
             let (left, right) = piece.split_at(split);
             if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
-                local.push((l, r, Merge { left, right, score }));
+                local.push((
+                    l,
+                    r,
+                    Merge {
+                        left,
+                        right,
+                        score,
+                        left_chars: left.chars().count(),
+                        right_chars: right.chars().count(),
+                    },
+                ));
             }
         }
         local.sort_by_key(|&(l, r, _)| (l, r));
@@ -240,11 +252,10 @@ fn merges_from_scores(
     }
     // A stable sort, like Python's `sorted(..., reverse=True)` on (score, len(left), len(right)).
     merges.sort_by(|a, b| {
-        let key = |m: &Merge| (m.score, m.left.chars().count(), m.right.chars().count());
-        let (ka, kb) = (key(a), key(b));
-        kb.0.total_cmp(&ka.0)
-            .then(kb.1.cmp(&ka.1))
-            .then(kb.2.cmp(&ka.2))
+        b.score
+            .total_cmp(&a.score)
+            .then(b.left_chars.cmp(&a.left_chars))
+            .then(b.right_chars.cmp(&a.right_chars))
     });
     merges
         .into_iter()

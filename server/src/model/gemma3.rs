@@ -12,14 +12,13 @@
 //! Every 6th layer (5, 11, 17, …) is global with RoPE base `rope.freq_base`; the others are
 //! local with base 10 000. GGUF norm weights already hold (1 + w).
 
-use std::sync::Arc;
+use std::sync::Mutex;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::linear::{load_qtensor, load_vector, QLinear, RowSegment};
+use crate::model::linear::{load_vector, QLinear, QWeight, RowSegment};
 use crate::model::{KvCache, LogitsFor, ModelError};
 
 const ARCHITECTURE: &str = "gemma3";
@@ -234,29 +233,28 @@ struct SequenceLayout {
 
 pub struct Gemma3 {
     config: Config,
-    embedding: Arc<QTensor>,
-    output: QMatMul,
+    /// The token embedding, also the (tied) output projection.
+    embedding: QWeight,
     blocks: Vec<Block>,
     output_norm: RmsNorm,
+    /// Dequantized-weight buffer reused across layers and calls; a second concurrent caller
+    /// gets a buffer of its own instead of waiting.
+    scratch: Mutex<Vec<f32>>,
 }
 
 impl Gemma3 {
     pub fn load(gguf: &GgufFile) -> Result<Self, ModelError> {
         let config = Config::from_gguf(gguf)?;
-        let embedding = Arc::new(load_qtensor(
-            gguf,
-            "token_embd.weight",
-            &[config.vocab, config.hidden],
-        )?);
+        let embedding = QWeight::load(gguf, "token_embd.weight", (config.vocab, config.hidden))?;
         let blocks = (0..config.n_layers)
             .map(|layer| Block::load(gguf, &config, layer))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            output: QMatMul::from_arc(embedding.clone())?,
             output_norm: RmsNorm::load(gguf, "output_norm.weight", config.hidden, config.rms_eps)?,
             embedding,
             blocks,
             config,
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -295,6 +293,12 @@ impl Gemma3 {
             });
         }
         let n_rows = ids.len();
+        let mut shared_scratch = self.scratch.try_lock();
+        let mut own_scratch = Vec::new();
+        let scratch = match shared_scratch.as_deref_mut() {
+            Ok(buffer) => buffer,
+            Err(_) => &mut own_scratch,
+        };
         let segments: Vec<RowSegment> = batch
             .iter()
             .zip(&layouts)
@@ -307,14 +311,14 @@ impl Gemma3 {
         let rope_local = Rotary::new(&positions, c.rope_base_local, c.head_dim)?;
 
         let ids = Tensor::from_vec(ids, n_rows, &Device::Cpu)?;
-        let mut x = (self.embedding.embedding(&ids)? * (c.hidden as f64).sqrt())?;
+        let mut x = (self.embedding.rows(&ids)? * (c.hidden as f64).sqrt())?;
 
         for (layer, block) in self.blocks.iter().enumerate() {
             // Attention.
             let h = block.attn_norm.forward(&x)?;
-            let q = block.q.forward(&h, &segments)?;
-            let k = block.k.forward(&h, &segments)?;
-            let v = block.v.forward(&h, &segments)?;
+            let q = block.q.forward(&h, &segments, scratch)?;
+            let k = block.k.forward(&h, &segments, scratch)?;
+            let v = block.v.forward(&h, &segments, scratch)?;
             let q = block
                 .q_norm
                 .forward(&q.reshape((n_rows, c.n_heads, c.head_dim))?)?;
@@ -347,14 +351,14 @@ impl Gemma3 {
                 per_sequence.push(self.attend(layer, chunk.cache, layout, &q_seq, mask, block.global)?);
             }
             let attn = Tensor::cat(&per_sequence, 0)?;
-            let attn = block.o.forward(&attn, &segments)?;
+            let attn = block.o.forward(&attn, &segments, scratch)?;
             x = (x + block.post_attn_norm.forward(&attn)?)?;
 
             // Feed-forward.
             let m = block.ffn_norm.forward(&x)?;
-            let gate = block.gate.forward(&m, &segments)?.gelu()?;
-            let up = block.up.forward(&m, &segments)?;
-            let ffn = block.down.forward(&(gate * up)?, &segments)?;
+            let gate = block.gate.forward(&m, &segments, scratch)?.gelu()?;
+            let up = block.up.forward(&m, &segments, scratch)?;
+            let ffn = block.down.forward(&(gate * up)?, &segments, scratch)?;
             x = (x + block.post_ffw_norm.forward(&ffn)?)?;
         }
 
@@ -464,8 +468,8 @@ impl Gemma3 {
             let n = wanted.len();
             let index = Tensor::from_vec(wanted, n, &Device::Cpu)?;
             let h = self.output_norm.forward(&x.index_select(&index, 0)?)?;
-            self.output
-                .forward(&h)?
+            self.embedding
+                .forward_quantized(&h)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?

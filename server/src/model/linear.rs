@@ -12,14 +12,158 @@ use tessera_adapters::{AdapterMix, TargetModule};
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::ModelError;
 
-/// Rows of the batch that share one adapter mix.
+/// One sequence's rows of the batch: they share an adapter mix and a kernel choice.
 pub struct RowSegment<'a> {
     pub rows: Range<usize>,
     pub adapters: &'a AdapterMix<'a>,
 }
 
+impl RowSegment<'_> {
+    /// Long chunks (prefill) take the dense path. The choice depends on the sequence's own
+    /// chunk alone, so its results do not change with whatever else shares the batch.
+    fn dense(&self) -> bool {
+        self.rows.len() >= DENSE_MIN_ROWS
+    }
+}
+
+/// A quantized weight `[out, in]` and the matmul `x·Wᵀ` over it.
+///
+/// candle's fast tiled kernels need rows of whole 256-value superblocks, and quantize the
+/// activations per 256 values, which loses too much on Gemma's outlier channels. Q8_0 weights
+/// with shorter rows (640 here: q, k, v, gate, up) therefore take one of two exact paths:
+/// few rows use the Q8_0·Q8_0 dot product (activations quantized per 32, as ggml does); many
+/// rows dequantize the weight into a reused buffer and run an f32 GEMM.
+pub struct QWeight {
+    matmul: QMatMul,
+    tensor: Arc<QTensor>,
+    out_features: usize,
+    in_features: usize,
+    dense_for_many_rows: bool,
+}
+
+/// From this many rows of one sequence on, dequantize-then-GEMM beats per-row Q8_0 dot products.
+const DENSE_MIN_ROWS: usize = 32;
+
+impl QWeight {
+    pub fn load(
+        gguf: &GgufFile,
+        name: &str,
+        (out_features, in_features): (usize, usize),
+    ) -> Result<Self, ModelError> {
+        let tensor = Arc::new(load_qtensor(gguf, name, &[out_features, in_features])?);
+        Ok(Self {
+            matmul: QMatMul::from_arc(tensor.clone())?,
+            dense_for_many_rows: tensor.dtype() == GgmlDType::Q8_0
+                && in_features % SUPERBLOCK != 0,
+            tensor,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// `x: [rows, in] → [rows, out]`, each segment's rows through its own kernel choice (runs
+    /// of neighbouring segments with the same choice go together). `scratch` is reused between
+    /// calls for dequantized weights.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        segments: &[RowSegment],
+        scratch: &mut Vec<f32>,
+    ) -> Result<Tensor, ModelError> {
+        if !self.dense_for_many_rows || segments.iter().all(|s| !s.dense()) {
+            return Ok(self.matmul.forward(x)?);
+        }
+        let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
+        for segment in segments {
+            match runs.last_mut() {
+                Some((rows, dense)) if *dense == segment.dense() => rows.end = segment.rows.end,
+                _ => runs.push((segment.rows.clone(), segment.dense())),
+            }
+        }
+        let mut dequantized = false;
+        let mut outputs = Vec::with_capacity(runs.len());
+        for (rows, dense) in runs {
+            let x_run = x.narrow(0, rows.start, rows.len())?;
+            if dense {
+                if !dequantized {
+                    scratch.resize(self.out_features * self.in_features, 0.0);
+                    dequantize_q8_0(&self.tensor.data()?, scratch);
+                    dequantized = true;
+                }
+                outputs.push(self.dense_matmul(&x_run, scratch)?);
+            } else {
+                outputs.push(self.matmul.forward(&x_run)?);
+            }
+        }
+        Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    /// `x·Wᵀ` in f32 against the weight already dequantized into `weight` (`[out, in]`).
+    fn dense_matmul(&self, x: &Tensor, weight: &[f32]) -> Result<Tensor, ModelError> {
+        let (n, k) = (self.out_features, self.in_features);
+        let rows = x.dim(0)?;
+        let x = x.contiguous()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; rows * n];
+        // SAFETY: every pointer covers the extent its strides address: x is [rows, k] row-major,
+        // the weight is [n, k] row-major read as its transpose [k, n], y is [rows, n].
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                xs.as_ptr(),
+                1,
+                k as isize,
+                weight.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        Ok(Tensor::from_vec(y, (rows, n), &Device::Cpu)?)
+    }
+
+    /// `x·Wᵀ` for a whole batch through the quantized kernel (the output projection, where
+    /// only a few rows ever need logits).
+    pub fn forward_quantized(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.matmul.forward(x)?)
+    }
+
+    /// Rows of the weight, dequantized: `ids: [n] → [n, in]` (an embedding lookup).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.tensor.embedding(ids)?)
+    }
+}
+
+/// Q8_0 block: d (f16) | 32 × i8; value i is d·q[i].
+fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
+    use rayon::prelude::*;
+    const ROWS_PER_TASK: usize = 64;
+    out.par_chunks_mut(32 * ROWS_PER_TASK)
+        .zip(blocks.par_chunks(Q8_0_BLOCK_BYTES * ROWS_PER_TASK))
+        .for_each(|(out, blocks)| {
+            for (values, block) in out.chunks_exact_mut(32).zip(blocks.chunks_exact(Q8_0_BLOCK_BYTES)) {
+                let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                for (v, &q) in values.iter_mut().zip(&block[2..]) {
+                    *v = d * (q as i8) as f32;
+                }
+            }
+        });
+}
+
+/// A linear layer of a transformer block: the seam where LoRA deltas join the base matmul.
 pub struct QLinear {
-    weight: QMatMul,
+    weight: QWeight,
     layer: usize,
     module: TargetModule,
 }
@@ -29,12 +173,11 @@ impl QLinear {
         gguf: &GgufFile,
         layer: usize,
         module: TargetModule,
-        (out_features, in_features): (usize, usize),
+        shape: (usize, usize),
     ) -> Result<Self, ModelError> {
         let name = format!("blk.{layer}.{}.weight", module.gguf_name());
-        let qtensor = load_qtensor(gguf, &name, &[out_features, in_features])?;
         Ok(Self {
-            weight: QMatMul::from_arc(Arc::new(qtensor))?,
+            weight: QWeight::load(gguf, &name, shape)?,
             layer,
             module,
         })
@@ -42,8 +185,13 @@ impl QLinear {
 
     /// `x: [rows, in] → [rows, out]`. The base matmul runs once over every row of the batch;
     /// each segment's adapter delta touches only its own rows.
-    pub fn forward(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
-        let y = self.weight.forward(x)?;
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        segments: &[RowSegment],
+        scratch: &mut Vec<f32>,
+    ) -> Result<Tensor, ModelError> {
+        let y = self.weight.forward(x, segments, scratch)?;
         if segments.iter().all(|s| s.adapters.is_empty()) {
             return Ok(y);
         }
@@ -64,14 +212,10 @@ impl QLinear {
     }
 }
 
-/// Reads a weight tensor, checked against its expected row-major shape, into a quantized
-/// tensor. Q5_0 is re-laid as Q8_0 (exactly: every Q5_0 value is a small integer times the
-/// block scale), since candle has no vectorised Q5_0 dot product.
-pub fn load_qtensor(
-    gguf: &GgufFile,
-    name: &str,
-    shape: &[usize],
-) -> Result<QTensor, ModelError> {
+/// Reads a weight `[out, in]`, checked against its expected shape, into a quantized tensor.
+/// Q5_0 is re-laid as Q8_0 (exactly: every Q5_0 value is a small integer times the block
+/// scale), since candle has no vectorised Q5_0 dot product.
+fn load_qtensor(gguf: &GgufFile, name: &str, shape: &[usize; 2]) -> Result<QTensor, ModelError> {
     let info = gguf.tensor_info(name, shape)?.clone();
     let bytes = gguf.tensor_bytes(&info);
     let (dtype, data): (GgmlDType, Cow<[u8]>) = match info.dtype {
@@ -82,8 +226,10 @@ pub fn load_qtensor(
         other => (other, Cow::Borrowed(bytes)),
     };
     let storage = QStorage::from_data(data, &Device::Cpu, dtype)?;
-    Ok(QTensor::new(storage, shape)?)
+    Ok(QTensor::new(storage, (shape[0], shape[1]))?)
 }
+
+const SUPERBLOCK: usize = 256;
 
 /// Reads an F32 (or F16/BF16) vector such as a norm weight.
 pub fn load_vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Tensor, ModelError> {
