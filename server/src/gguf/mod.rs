@@ -9,6 +9,8 @@
 //! Every length read from the file is checked against the bytes that remain, so a corrupt or
 //! truncated file yields an error naming the file and the problem instead of a panic or an abort.
 
+pub mod writer;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +26,7 @@ pub enum GgufError {
     },
     #[error("{path}: not a GGUF model file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("{path}: truncated: {what} needs bytes up to {needed} but the file has {len}")]
+    #[error("{path}: truncated or corrupt: {what} needs bytes up to {needed} but the file has {len}")]
     Truncated {
         path: PathBuf,
         what: String,
@@ -138,7 +140,28 @@ pub struct GgufFile {
     pub tensors: HashMap<String, TensorInfo>,
 }
 
-/// GGML type ids as written in GGUF, with the block geometry needed to size a tensor.
+/// The GGUF type id of a dtype.
+pub(crate) fn type_id(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// GGML type ids as written in GGUF.
 fn ggml_type(type_id: u32) -> Result<GgmlDType, &'static str> {
     Ok(match type_id {
         0 => GgmlDType::F32,
@@ -200,11 +223,13 @@ impl<'a> Cursor<'a> {
     /// A count that must fit in the remaining bytes at `min_item_size` bytes per item.
     fn count(&mut self, min_item_size: usize, what: &str) -> Result<usize, GgufError> {
         let n = self.u64(what)?;
-        let remaining = (self.bytes.len() - self.pos) as u64;
-        if n.saturating_mul(min_item_size as u64) > remaining {
-            return Err(GgufError::Corrupt {
+        let needed = (n.saturating_mul(min_item_size as u64)).saturating_add(self.pos as u64);
+        if needed > self.bytes.len() as u64 {
+            return Err(GgufError::Truncated {
                 path: self.path.to_path_buf(),
-                reason: format!("{what} claims {n} items, more than the file can hold"),
+                what: format!("{what} ({n})"),
+                needed,
+                len: self.bytes.len() as u64,
             });
         }
         Ok(n as usize)
