@@ -1,6 +1,11 @@
 //! Tessera: one quantized base model, many LoRA adapters, served over the OpenAI API.
 
+pub mod api;
 pub mod bench;
+pub mod chat_template;
+pub mod config;
+pub mod engine;
+pub mod metrics;
 pub mod generate;
 pub mod gguf;
 pub mod model;

@@ -67,6 +67,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve {
+        #[command(flatten)]
+        options: tessera::config::ServeOptions,
+        /// A TOML file with the same settings (flags and environment variables win).
+        #[arg(long, env = "TESSERA_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the OpenAPI document (YAML) of the HTTP API.
+    Openapi,
     /// Measure prefill and decode throughput, load time and peak memory.
     Bench {
         #[command(flatten)]
@@ -123,6 +133,8 @@ fn main() -> Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
     }
     match cli.command {
+        Command::Serve { options, config } => serve(options, config.as_deref(), cli.threads)?,
+        Command::Openapi => print!("{}", tessera::api::openapi().to_yaml()?),
         Command::Model { action } => match action {
             ModelAction::Fetch => {
                 let path = model_store::fetch(
@@ -166,8 +178,8 @@ fn main() -> Result<()> {
                 sampling: SamplingParams {
                     temperature,
                     top_p,
-                    top_k: None,
                     seed,
+                    ..SamplingParams::default()
                 },
                 top_logprobs,
                 stop_ids: tokenizer.stop_ids().to_vec(),
@@ -223,4 +235,78 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>, threads: Option<usize>) -> Result<()> {
+    let config = tessera::config::ServeConfig::resolve(options, file)?;
+    let path = match &config.model {
+        Some(path) => path.clone(),
+        None => model_store::ensure_default_model()?,
+    };
+    let started = std::time::Instant::now();
+    let model = std::sync::Arc::new(
+        LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()))?,
+    );
+    let model_id = config.served_model_name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let ctx_len = config.ctx_len.min(model.model.config().context_length);
+    eprintln!(
+        "loaded {} as `{model_id}` in {:.1}s (context {ctx_len} tokens)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let app = tessera::api::App::start(
+        model,
+        model_id,
+        tessera::api::ApiSettings {
+            ctx_len,
+            api_key: config.api_key.clone(),
+            admin_key: config.admin_key.clone(),
+            request_timeout: config.request_timeout,
+            max_body_bytes: config.max_body_bytes,
+        },
+        tessera::engine::EngineConfig {
+            ctx_len,
+            max_running_seqs: config.max_running_seqs,
+            max_queue: config.max_queue,
+            ..tessera::engine::EngineConfig::default()
+        },
+    )?;
+    // The model's kernels get the cores; HTTP needs little.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.unwrap_or(2).clamp(1, 2))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .with_context(|| format!("binding {}:{}", config.host, config.port))?;
+        eprintln!("listening on http://{}", listener.local_addr()?);
+        tessera::api::serve(app, listener, shutdown_signal()).await?;
+        eprintln!("shut down");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+    eprintln!("shutting down: finishing requests in flight");
 }

@@ -10,7 +10,15 @@ pub struct SamplingParams {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: Option<usize>,
+    /// Drop tokens whose probability is below `min_p` times the most likely one's.
+    pub min_p: f32,
     pub seed: u64,
+    /// OpenAI's penalties over generated tokens: `l −= frequency·count + presence·[count > 0]`.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// Divides positive logits (multiplies negative ones) of every token seen in the prompt or
+    /// the output; 1 is off.
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -19,7 +27,44 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: None,
+            min_p: 0.0,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn has_penalties(&self) -> bool {
+        self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 || self.repetition_penalty != 1.0
+    }
+
+    /// Applies the penalties to `logits` in place. `generated` counts each output token;
+    /// `seen` lists every token of the prompt and the output.
+    pub fn apply_penalties(
+        &self,
+        logits: &mut [f32],
+        generated: &std::collections::HashMap<u32, u32>,
+        seen: impl IntoIterator<Item = u32>,
+    ) {
+        if self.repetition_penalty != 1.0 {
+            let mut done = std::collections::HashSet::new();
+            for id in seen {
+                if done.insert(id) {
+                    let l = &mut logits[id as usize];
+                    *l = if *l > 0.0 {
+                        *l / self.repetition_penalty
+                    } else {
+                        *l * self.repetition_penalty
+                    };
+                }
+            }
+        }
+        for (&id, &count) in generated {
+            logits[id as usize] -=
+                self.frequency_penalty * count as f32 + self.presence_penalty * (count > 0) as u8 as f32;
         }
     }
 }
@@ -54,6 +99,12 @@ impl Sampler {
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
             candidates.truncate(k);
+        }
+        if self.params.min_p > 0.0 {
+            // Relative to the top candidate, whose weight is exp(0) = 1.
+            let floor = self.params.min_p * candidates.first().map_or(0.0, |c| c.1);
+            let keep = candidates.iter().take_while(|c| c.1 >= floor).count().max(1);
+            candidates.truncate(keep);
         }
         let total: f32 = candidates.iter().map(|c| c.1).sum();
         if self.params.top_p < 1.0 {
@@ -136,8 +187,8 @@ mod tests {
         let params = SamplingParams {
             temperature: 1.0,
             top_p: 0.9,
-            top_k: None,
             seed: 42,
+            ..SamplingParams::default()
         };
         let draws = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
@@ -149,6 +200,35 @@ mod tests {
             ..params
         };
         assert!(draws(&top1).iter().all(|&t| t == argmax(&logits)));
+    }
+
+    #[test]
+    fn min_p_keeps_only_tokens_near_the_best() {
+        // Probabilities ∝ e^3, e^2.9, e^0: min_p 0.5 keeps the first two.
+        let logits = [3.0, 2.9, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: 3,
+            ..SamplingParams::default()
+        });
+        let draws: std::collections::HashSet<u32> = (0..200).map(|_| s.sample(&logits)).collect();
+        assert_eq!(draws, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn penalties_follow_openai_and_ctrl() {
+        let params = SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 1.0,
+            repetition_penalty: 2.0,
+            ..SamplingParams::default()
+        };
+        let mut logits = [4.0, -4.0, 4.0, 1.0];
+        let generated = [(0u32, 2u32)].into_iter().collect();
+        params.apply_penalties(&mut logits, &generated, [0, 1, 0]);
+        // Token 0: 4/2 − 0.5·2 − 1 = 0; token 1 (prompt only): −4·2; others untouched.
+        assert_eq!(logits, [0.0, -8.0, 4.0, 1.0]);
     }
 
     #[test]

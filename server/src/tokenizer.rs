@@ -48,6 +48,7 @@ pub struct Tokenizer {
     /// Ids that end a generation: `<eos>` and `<end_of_turn>` when present.
     stop_ids: Vec<u32>,
     vocab_size: usize,
+    control_ids: std::collections::HashSet<u32>,
 }
 
 impl Tokenizer {
@@ -153,6 +154,12 @@ impl Tokenizer {
             .into_iter()
             .collect();
 
+        let control_ids = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == PIECE_CONTROL)
+            .map(|(id, _)| id as u32)
+            .collect();
         Ok(Self {
             with_special: hf,
             plain,
@@ -160,6 +167,7 @@ impl Tokenizer {
             eos_id,
             stop_ids,
             vocab_size: pieces.len(),
+            control_ids,
         })
     }
 
@@ -192,8 +200,26 @@ impl Tokenizer {
         self.with_special.id_to_token(id)
     }
 
+    /// The bytes a token stands for: a byte-fallback piece `<0xNN>` is that byte, `▁` a space.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.id_to_piece(id) else {
+            return Vec::new();
+        };
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+            if let Ok(byte) = u8::from_str_radix(hex, 16) {
+                return vec![byte];
+            }
+        }
+        piece.replace('▁', " ").into_bytes()
+    }
+
     pub fn piece_to_id(&self, piece: &str) -> Option<u32> {
         self.with_special.token_to_id(piece)
+    }
+
+    /// Control tokens (`<bos>`, `<start_of_turn>`, …) have no text of their own.
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control_ids.contains(&id)
     }
 
     pub fn bos_id(&self) -> u32 {

@@ -279,8 +279,8 @@ fn seeded_generation_repeats_and_greedy_is_deterministic() {
             sampling: SamplingParams {
                 temperature,
                 top_p: 0.95,
-                top_k: None,
                 seed,
+                ..SamplingParams::default()
             },
             top_logprobs: 3,
             stop_ids: vec![],

@@ -1,0 +1,209 @@
+//! `POST /v1/chat/completions`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+
+use super::respond::{chat_logprobs, collect, finish_reason, sse_error, sse_stream};
+use super::types::*;
+use super::validate::{self, Sampling};
+use super::{unix_time, ApiJson, App, AppError};
+use crate::engine::{Event, GenerationRequest};
+
+/// The most alternatives `top_logprobs` may ask for.
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Creates a model response for the given chat conversation.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "OpenAI",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream` a series of `chat.completion.chunk` server-sent events ending in `[DONE]`", body = ChatCompletion),
+        (status = 400, description = "Invalid parameter, or prompt plus max_tokens over the context", body = super::error::ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = super::error::ErrorResponse),
+        (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
+        (status = 429, description = "Queue full; see Retry-After", body = super::error::ErrorResponse),
+    )
+)]
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, AppError> {
+    app.check_model(&req.model)?;
+    let sampling = validate::sampling(&req.sampling)?;
+    let top_logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(AppError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`"))
+        }
+        (true, Some(k)) if k > MAX_TOP_LOGPROBS => {
+            return Err(AppError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    if req.messages.is_empty() {
+        return Err(AppError::invalid("messages", "`messages` must not be empty"));
+    }
+    let text = validate::chat_prompt(&req.messages)?;
+    let tokenizer = &app.model.tokenizer;
+    let prompt = tokenizer
+        .encode(&text, true, true)
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let ctx = app.settings.ctx_len;
+    let (max_tokens, param) = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => (m as usize, "max_completion_tokens"),
+        (None, Some(m)) => (m as usize, "max_tokens"),
+        (None, None) => (ctx.saturating_sub(prompt.len()).max(1), "messages"),
+    };
+    if max_tokens == 0 {
+        return Err(AppError::invalid(param, format!("`{param}` must be at least 1")));
+    }
+    validate::check_context(prompt.len(), max_tokens, ctx, "messages")?;
+
+    let stop_ids = if sampling.ignore_eos {
+        Vec::new()
+    } else {
+        tokenizer.stop_ids().to_vec()
+    };
+    let mut receivers = Vec::with_capacity(sampling.n);
+    for i in 0..sampling.n {
+        receivers.push(app.engine.submit(GenerationRequest {
+            prompt: prompt.clone(),
+            max_tokens,
+            sampling: validate::for_choice(&sampling.params, i),
+            stop_ids: stop_ids.clone(),
+            stop_strings: sampling.stop_strings.clone(),
+            logprobs: top_logprobs,
+            prompt_logprobs: false,
+        })?);
+    }
+    let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
+    let created = unix_time();
+    tracing::info!(%id, prompt_tokens = prompt.len(), max_tokens, n = sampling.n, stream = sampling.stream, "chat completion");
+
+    if sampling.stream {
+        let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling);
+        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+    }
+
+    let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
+    let completion_tokens = results.iter().map(|r| r.finished.completion_tokens).sum();
+    let choices = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| ChatChoice {
+            index,
+            logprobs: top_logprobs.map(|_| chat_logprobs(tokenizer, &r.tokens)),
+            finish_reason: finish_reason(r.finished.reason),
+            message: AssistantMessage {
+                role: "assistant",
+                content: r.text,
+            },
+        })
+        .collect();
+    Ok(axum::Json(ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
+        model: req.model,
+        choices,
+        usage: Usage {
+            prompt_tokens: prompt.len(),
+            completion_tokens,
+            total_tokens: prompt.len() + completion_tokens,
+        },
+    })
+    .into_response())
+}
+
+/// Token counts summed over a stream's choices.
+#[derive(Default)]
+struct Totals {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+/// The streamed response: a role chunk per choice, content chunks as tokens arrive, a chunk with
+/// each choice's `finish_reason`, the usage chunk if asked, then `[DONE]`.
+fn chat_stream(
+    app: Arc<App>,
+    receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>,
+    id: String,
+    created: u64,
+    model: String,
+    sampling: &Sampling,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let n = receivers.len();
+    let include_usage = sampling.include_usage;
+    let chunk = move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| {
+        let body = ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.clone(),
+            choices,
+            usage,
+        };
+        SseEvent::default().json_data(body).unwrap_or_default()
+    };
+    let end_chunk = chunk.clone();
+    let mut opened = vec![false; n];
+    sse_stream(
+        receivers,
+        Totals::default(),
+        move |totals, index, event| {
+            let choice = |role, content: String, logprobs, finish| ChatChunkChoice {
+                index,
+                delta: ChatDelta {
+                    role,
+                    content: Some(content),
+                },
+                logprobs,
+                finish_reason: finish,
+            };
+            let mut out = Vec::new();
+            if !std::mem::replace(&mut opened[index], true) {
+                out.push(chunk(vec![choice(Some("assistant"), String::new(), None, None)], None));
+            }
+            match event {
+                Event::Token(t) => {
+                    let logprobs = t
+                        .logprob
+                        .is_some()
+                        .then(|| chat_logprobs(&app.model.tokenizer, std::slice::from_ref(&t)));
+                    out.push(chunk(vec![choice(None, t.text, logprobs, None)], None));
+                }
+                Event::Finished(f) => {
+                    totals.prompt_tokens = f.prompt_tokens;
+                    totals.completion_tokens += f.completion_tokens;
+                    let reason = Some(finish_reason(f.reason));
+                    out.push(chunk(vec![choice(None, f.trailing_text, None, reason)], None));
+                }
+                Event::Failed(message) => out.push(sse_error(message)),
+            }
+            out
+        },
+        move |totals| {
+            if !include_usage {
+                return Vec::new();
+            }
+            vec![end_chunk(
+                Vec::new(),
+                Some(Usage {
+                    prompt_tokens: totals.prompt_tokens,
+                    completion_tokens: totals.completion_tokens,
+                    total_tokens: totals.prompt_tokens + totals.completion_tokens,
+                }),
+            )]
+        },
+    )
+}

@@ -1,0 +1,295 @@
+//! `POST /v1/completions`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+
+use super::respond::{collect, finish_reason, sse_error, sse_stream, token_text};
+use super::types::*;
+use super::validate;
+use super::{unix_time, ApiJson, App, AppError};
+use crate::engine::{Event, GeneratedToken, GenerationRequest, TokenLogprob};
+use crate::tokenizer::Tokenizer;
+
+/// OpenAI's limit on `logprobs` for completions.
+const MAX_LOGPROBS: u32 = 5;
+/// Defaults to 16 tokens, as in OpenAI's API.
+const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// Creates a completion for the prompt(s).
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "OpenAI",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream` a series of `text_completion` server-sent events ending in `[DONE]`", body = Completion),
+        (status = 400, description = "Invalid parameter, or prompt plus max_tokens over the context", body = super::error::ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = super::error::ErrorResponse),
+        (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
+        (status = 429, description = "Queue full; see Retry-After", body = super::error::ErrorResponse),
+    )
+)]
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, AppError> {
+    app.check_model(&req.model)?;
+    let sampling = validate::sampling(&req.sampling)?;
+    let logprobs = match req.logprobs {
+        Some(k) if k > MAX_LOGPROBS => {
+            return Err(AppError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
+            ))
+        }
+        k => k.map(|k| k as usize),
+    };
+    let echo = req.echo.unwrap_or(false);
+    let return_token_ids = req.return_token_ids.unwrap_or(false);
+    let max_tokens = req.max_tokens.map_or(DEFAULT_MAX_TOKENS, |m| m as usize);
+    if max_tokens == 0 {
+        return Err(AppError::invalid("max_tokens", "`max_tokens` must be at least 1"));
+    }
+    let tokenizer = &app.model.tokenizer;
+    let prompts = prompt_ids(tokenizer, &req.prompt)?;
+    for prompt in &prompts {
+        validate::check_context(prompt.len(), max_tokens, app.settings.ctx_len, "prompt")?;
+    }
+    let stop_ids = if sampling.ignore_eos {
+        Vec::new()
+    } else {
+        vec![tokenizer.eos_id()]
+    };
+
+    // Choice p·n + j is the j-th sample of prompt p.
+    let mut receivers = Vec::with_capacity(prompts.len() * sampling.n);
+    for prompt in &prompts {
+        for j in 0..sampling.n {
+            receivers.push(app.engine.submit(GenerationRequest {
+                prompt: prompt.clone(),
+                max_tokens,
+                sampling: validate::for_choice(&sampling.params, j),
+                stop_ids: stop_ids.clone(),
+                stop_strings: sampling.stop_strings.clone(),
+                logprobs,
+                prompt_logprobs: echo && logprobs.is_some(),
+            })?);
+        }
+    }
+    let id = format!("cmpl-{:016x}", rand::random::<u64>());
+    let created = unix_time();
+    let n = sampling.n;
+    tracing::info!(%id, prompts = prompts.len(), max_tokens, n, stream = sampling.stream, "completion");
+
+    if sampling.stream {
+        let include_usage = sampling.include_usage;
+        let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+        let app2 = app.clone();
+        let model = req.model.clone();
+        let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| {
+            SseEvent::default()
+                .json_data(Completion {
+                    id: id.clone(),
+                    object: "text_completion",
+                    created,
+                    model: model.clone(),
+                    choices,
+                    usage,
+                })
+                .unwrap_or_default()
+        };
+        let end_chunk = chunk.clone();
+        let mut opened = vec![false; receivers.len()];
+        let mut offsets = vec![0usize; receivers.len()];
+        let stream = sse_stream(
+            receivers,
+            0usize,
+            move |completion_tokens, index, event| {
+                let tokenizer = &app2.model.tokenizer;
+                let prompt = &prompts[index / n];
+                let mut out = Vec::new();
+                if !std::mem::replace(&mut opened[index], true) && (echo || return_token_ids) {
+                    let text = if echo { decode(tokenizer, prompt) } else { String::new() };
+                    offsets[index] = text.chars().count();
+                    out.push(chunk(
+                        vec![CompletionChoice {
+                            index,
+                            text,
+                            logprobs: None,
+                            finish_reason: None,
+                            prompt_token_ids: return_token_ids.then(|| prompt.clone()),
+                            token_ids: None,
+                        }],
+                        None,
+                    ));
+                }
+                match event {
+                    Event::Token(t) => {
+                        let lp = logprobs.map(|_| {
+                            let mut lp = CompletionLogprobs::default();
+                            push_token(&mut lp, tokenizer, &t, &mut offsets[index]);
+                            lp
+                        });
+                        out.push(chunk(
+                            vec![CompletionChoice {
+                                index,
+                                text: t.text,
+                                logprobs: lp,
+                                finish_reason: None,
+                                prompt_token_ids: None,
+                                token_ids: return_token_ids.then(|| vec![t.id]),
+                            }],
+                            None,
+                        ));
+                    }
+                    Event::Finished(f) => {
+                        *completion_tokens += f.completion_tokens;
+                        out.push(chunk(
+                            vec![CompletionChoice {
+                                index,
+                                text: f.trailing_text,
+                                logprobs: None,
+                                finish_reason: Some(finish_reason(f.reason)),
+                                prompt_token_ids: None,
+                                token_ids: None,
+                            }],
+                            None,
+                        ));
+                    }
+                    Event::Failed(message) => out.push(sse_error(message)),
+                }
+                out
+            },
+            move |completion_tokens| {
+                if !include_usage {
+                    return Vec::new();
+                }
+                vec![end_chunk(
+                    Vec::new(),
+                    Some(Usage {
+                        prompt_tokens,
+                        completion_tokens: *completion_tokens,
+                        total_tokens: prompt_tokens + *completion_tokens,
+                    }),
+                )]
+            },
+        );
+        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+    }
+
+    let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
+    let mut choices = Vec::with_capacity(results.len());
+    let mut completion_tokens = 0;
+    for (index, r) in results.into_iter().enumerate() {
+        let prompt = &prompts[index / n];
+        completion_tokens += r.finished.completion_tokens;
+        let prompt_text = if echo { decode(tokenizer, prompt) } else { String::new() };
+        let lp = logprobs.map(|_| {
+            let mut lp = CompletionLogprobs::default();
+            let mut offset = 0;
+            if echo {
+                push_prompt(&mut lp, tokenizer, prompt, r.finished.prompt_logprobs.as_deref(), &mut offset);
+            }
+            for t in &r.tokens {
+                push_token(&mut lp, tokenizer, t, &mut offset);
+            }
+            lp
+        });
+        choices.push(CompletionChoice {
+            index,
+            token_ids: return_token_ids.then(|| r.token_ids()),
+            prompt_token_ids: return_token_ids.then(|| prompt.clone()),
+            text: prompt_text + &r.text,
+            logprobs: lp,
+            finish_reason: Some(finish_reason(r.finished.reason)),
+        });
+    }
+    let prompt_tokens = prompts.iter().map(Vec::len).sum();
+    Ok(axum::Json(Completion {
+        id,
+        object: "text_completion",
+        created,
+        model: req.model,
+        choices,
+        usage: Some(Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }),
+    })
+    .into_response())
+}
+
+/// Token ids of each prompt: texts get `<bos>` and parsed special tokens; ids are used as given.
+fn prompt_ids(tokenizer: &Tokenizer, prompt: &PromptInput) -> Result<Vec<Vec<u32>>, AppError> {
+    let encode = |text: &str| {
+        tokenizer
+            .encode(text, true, true)
+            .map_err(|e| AppError::Internal(e.to_string()))
+    };
+    let prompts = match prompt {
+        PromptInput::Text(t) => vec![encode(t)?],
+        PromptInput::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        PromptInput::Tokens(ids) => vec![ids.clone()],
+        PromptInput::TokenLists(lists) => lists.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(AppError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    for (i, ids) in prompts.iter().enumerate() {
+        if ids.is_empty() {
+            return Err(AppError::invalid("prompt", format!("prompt {i} has no tokens")));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= tokenizer.vocab_size()) {
+            return Err(AppError::invalid(
+                "prompt",
+                format!("token id {bad} in prompt {i} is outside the vocabulary ({} tokens)", tokenizer.vocab_size()),
+            ));
+        }
+    }
+    Ok(prompts)
+}
+
+fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> String {
+    tokenizer.decode(ids, true).unwrap_or_default()
+}
+
+fn top_map(tokenizer: &Tokenizer, top: &[TokenLogprob]) -> BTreeMap<String, f32> {
+    top.iter()
+        .map(|t| (token_text(tokenizer, t.id).0, t.logprob))
+        .collect()
+}
+
+fn push_token(lp: &mut CompletionLogprobs, tokenizer: &Tokenizer, t: &GeneratedToken, offset: &mut usize) {
+    let (text, _) = token_text(tokenizer, t.id);
+    lp.text_offset.push(*offset);
+    *offset += text.chars().count();
+    lp.tokens.push(text);
+    lp.token_logprobs.push(t.logprob.as_ref().map(|l| l.logprob));
+    lp.top_logprobs.push(Some(top_map(tokenizer, &t.top_logprobs)));
+}
+
+/// The echoed prompt's tokens: the first has no logprob (nothing precedes it).
+fn push_prompt(
+    lp: &mut CompletionLogprobs,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    scored: Option<&[(TokenLogprob, Vec<TokenLogprob>)]>,
+    offset: &mut usize,
+) {
+    for (i, &id) in prompt.iter().enumerate() {
+        let (text, _) = token_text(tokenizer, id);
+        lp.text_offset.push(*offset);
+        if !tokenizer.is_control(id) {
+            *offset += text.chars().count();
+        }
+        lp.tokens.push(text);
+        let entry = i.checked_sub(1).and_then(|j| scored.and_then(|s| s.get(j)));
+        lp.token_logprobs.push(entry.map(|(t, _)| t.logprob));
+        lp.top_logprobs.push(entry.map(|(_, top)| top_map(tokenizer, top)));
+    }
+}

@@ -1,0 +1,168 @@
+//! The OpenAI-compatible HTTP API (axum). Routes and their OpenAPI description come from the
+//! same `utoipa` annotations, so they cannot drift apart.
+
+mod chat;
+mod completions;
+pub mod error;
+mod extensions;
+mod middleware;
+mod models;
+mod respond;
+pub mod types;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::LoadedModel;
+pub use error::AppError;
+
+/// What the HTTP layer needs to know about the deployment.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub ctx_len: usize,
+    pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+/// Shared application state: `State<Arc<App>>` in every handler.
+pub struct App {
+    pub engine: Engine,
+    pub model: Arc<LoadedModel>,
+    /// The id clients pass as `model`.
+    pub model_id: String,
+    pub created: u64,
+    pub settings: ApiSettings,
+    pub metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// Starts an engine on `model` and wraps it for the HTTP layer. The engine thread ends when
+    /// the last handle to the app is dropped and its work is done.
+    pub fn start(
+        model: Arc<LoadedModel>,
+        model_id: String,
+        settings: ApiSettings,
+        engine: crate::engine::EngineConfig,
+    ) -> std::io::Result<Arc<Self>> {
+        let metrics = Arc::new(Metrics::new());
+        let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
+        Ok(Arc::new(Self {
+            engine,
+            model,
+            model_id,
+            created: unix_time(),
+            settings,
+            metrics,
+        }))
+    }
+
+    fn check_model(&self, requested: &str) -> Result<(), AppError> {
+        if requested == self.model_id {
+            Ok(())
+        } else {
+            Err(AppError::ModelNotFound(requested.to_string()))
+        }
+    }
+}
+
+/// `axum::Json`, with its rejections (bad JSON, wrong types, too large) in OpenAI's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(AppError::BadBody {
+                status: rejection.status(),
+                message: rejection.body_text(),
+            }),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tessera",
+        description = "OpenAI-compatible inference for one quantized base model and its LoRA adapters."
+    ),
+    components(schemas(error::ErrorResponse))
+)]
+struct ApiDoc;
+
+fn api_routes() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(chat::chat_completions))
+        .routes(routes!(completions::completions))
+        .routes(routes!(models::list_models))
+        .routes(routes!(models::get_model))
+        .routes(routes!(extensions::tokenize))
+        .routes(routes!(extensions::detokenize))
+        .routes(routes!(models::health))
+        .routes(routes!(models::metrics))
+        .routes(routes!(models::openapi_json))
+}
+
+/// The OpenAPI description of every route (what `openapi.yaml` holds).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+/// The full service: routes, authentication, metrics, timeouts, body limit and panic recovery.
+pub fn router(app: Arc<App>) -> Router {
+    let (routes, _) = api_routes().split_for_parts();
+    routes
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::timeout,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            middleware::record_metrics,
+        ))
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(DefaultBodyLimit::max(app.settings.max_body_bytes))
+        .fallback(|| async { AppError::NotFound("No such route.".into()) })
+        .with_state(app)
+}
+
+/// Serves `router(app)` on `listener` until `shutdown` resolves, then finishes the requests in
+/// flight.
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Seconds since the Unix epoch, for `created` fields.
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,73 @@
+//! Models, health, metrics and the OpenAPI document.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+
+use super::types::{Health, Model, ModelList};
+use super::{App, AppError};
+
+fn base_model(app: &App) -> Model {
+    Model {
+        id: app.model_id.clone(),
+        object: "model",
+        created: app.created,
+        owned_by: "tessera".into(),
+        parent: None,
+        max_model_len: app.settings.ctx_len,
+    }
+}
+
+/// Lists the models that can be used as `model`.
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
+    responses((status = 200, body = ModelList), (status = 401, body = super::error::ErrorResponse)))]
+pub async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![base_model(&app)],
+    })
+}
+
+/// Describes one model.
+#[utoipa::path(get, path = "/v1/models/{model}", tag = "OpenAI",
+    params(("model" = String, Path, description = "A model id from /v1/models")),
+    responses((status = 200, body = Model), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn get_model(
+    State(app): State<Arc<App>>,
+    Path(model): Path<String>,
+) -> Result<Json<Model>, AppError> {
+    app.check_model(&model)?;
+    Ok(Json(base_model(&app)))
+}
+
+/// Liveness: the engine is up and accepting work.
+#[utoipa::path(get, path = "/health", tag = "Operations", responses((status = 200, body = Health)))]
+pub async fn health(State(app): State<Arc<App>>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        model: app.model_id.clone(),
+        queue_depth: app.engine.queue_depth(),
+    })
+}
+
+/// Prometheus metrics: requests by status, tokens in and out, queue depth, running batch size,
+/// time to first token and inter-token latency. Needs the admin key when one is set.
+#[utoipa::path(get, path = "/metrics", tag = "Operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+              (status = 401, body = super::error::ErrorResponse)))]
+pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", tag = "Operations",
+    responses((status = 200, description = "OpenAPI 3.1 document", body = Object)))]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(super::openapi())
+}

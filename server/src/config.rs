@@ -1,0 +1,165 @@
+//! `tessera serve` settings: command-line flags, each with an environment variable, over an
+//! optional TOML file (the same keys, snake_case), over defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeOptions {
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "TESSERA_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on [default: 8080].
+    #[arg(long, env = "TESSERA_PORT")]
+    pub port: Option<u16>,
+    /// A GGUF model file [default: the default model, fetched if missing].
+    #[arg(long, env = "TESSERA_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The id clients send as `model` [default: the model file's name without `.gguf`].
+    #[arg(long, env = "TESSERA_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Longest prompt plus completion, in tokens [default: 8192, at most the model's].
+    #[arg(long, env = "TESSERA_CTX_LEN")]
+    pub ctx_len: Option<usize>,
+    /// Sequences decoded together in one step [default: 16].
+    #[arg(long, env = "TESSERA_MAX_RUNNING_SEQS")]
+    pub max_running_seqs: Option<usize>,
+    /// Requests that may wait for a place; more get 429 [default: 64].
+    #[arg(long, env = "TESSERA_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Key for inference routes (`Authorization: Bearer …`) [default: none, open].
+    #[arg(long, env = "TESSERA_API_KEY")]
+    pub api_key: Option<String>,
+    /// Key for admin routes (/metrics and adapter management) [default: none].
+    #[arg(long, env = "TESSERA_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Longest wait for a response to start, in seconds [default: 300].
+    #[arg(long, env = "TESSERA_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<u64>,
+    /// Largest request body, in bytes [default: 8 MiB].
+    #[arg(long, env = "TESSERA_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("`{key}` must be at least 1")]
+    Zero { key: &'static str },
+}
+
+/// Settings with every default filled in.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    pub model: Option<PathBuf>,
+    pub served_model_name: Option<String>,
+    pub ctx_len: usize,
+    pub max_running_seqs: usize,
+    pub max_queue: usize,
+    pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+impl ServeOptions {
+    /// Fields set here win over `other`'s.
+    fn or(self, other: Self) -> Self {
+        Self {
+            host: self.host.or(other.host),
+            port: self.port.or(other.port),
+            model: self.model.or(other.model),
+            served_model_name: self.served_model_name.or(other.served_model_name),
+            ctx_len: self.ctx_len.or(other.ctx_len),
+            max_running_seqs: self.max_running_seqs.or(other.max_running_seqs),
+            max_queue: self.max_queue.or(other.max_queue),
+            api_key: self.api_key.or(other.api_key),
+            admin_key: self.admin_key.or(other.admin_key),
+            request_timeout: self.request_timeout.or(other.request_timeout),
+            max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
+        }
+    }
+
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl ServeConfig {
+    /// `cli` (flags and environment) over the TOML `file`, over defaults.
+    pub fn resolve(cli: ServeOptions, file: Option<&Path>) -> Result<Self, ConfigError> {
+        let merged = match file {
+            Some(path) => cli.or(ServeOptions::from_toml_file(path)?),
+            None => cli,
+        };
+        let positive = |value: Option<usize>, default: usize, key| match value.unwrap_or(default) {
+            0 => Err(ConfigError::Zero { key }),
+            v => Ok(v),
+        };
+        Ok(Self {
+            host: merged.host.unwrap_or_else(|| "127.0.0.1".into()),
+            port: merged.port.unwrap_or(8080),
+            model: merged.model,
+            served_model_name: merged.served_model_name,
+            ctx_len: positive(merged.ctx_len, 8192, "ctx_len")?,
+            max_running_seqs: positive(merged.max_running_seqs, 16, "max_running_seqs")?,
+            max_queue: positive(merged.max_queue, 64, "max_queue")?,
+            api_key: merged.api_key.filter(|k| !k.is_empty()),
+            admin_key: merged.admin_key.filter(|k| !k.is_empty()),
+            request_timeout: Duration::from_secs(merged.request_timeout.unwrap_or(300).max(1)),
+            max_body_bytes: positive(merged.max_body_bytes, 8 << 20, "max_body_bytes")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tessera.toml");
+        std::fs::write(&file, "port = 9000\nmax_queue = 5\napi_key = \"from-file\"\n").unwrap();
+        let cli = ServeOptions {
+            port: Some(7000),
+            ..ServeOptions::default()
+        };
+        let c = ServeConfig::resolve(cli, Some(&file)).unwrap();
+        assert_eq!((c.port, c.max_queue), (7000, 5));
+        assert_eq!(c.api_key.as_deref(), Some("from-file"));
+        assert_eq!((c.host.as_str(), c.max_running_seqs), ("127.0.0.1", 16));
+    }
+
+    #[test]
+    fn unknown_keys_and_zero_limits_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tessera.toml");
+        std::fs::write(&file, "prot = 1\n").unwrap();
+        let err = ServeConfig::resolve(ServeOptions::default(), Some(&file)).unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+        let zero = ServeOptions {
+            max_queue: Some(0),
+            ..ServeOptions::default()
+        };
+        assert!(ServeConfig::resolve(zero, None).is_err());
+    }
+}

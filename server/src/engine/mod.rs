@@ -1,0 +1,166 @@
+//! The inference engine: a queue actor on its own thread that runs continuous batching.
+//!
+//! HTTP handlers turn requests into validated [`GenerationRequest`]s and [`Engine::submit`] them;
+//! each submission gets a channel of [`Event`]s. Between model steps the scheduler admits new
+//! sequences, prefills long prompts in chunks, and decodes every running sequence together.
+//! Dropping the event receiver (a client that went away) cancels the sequence.
+
+mod scheduler;
+mod sequence;
+pub mod text;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::sampler::SamplingParams;
+use crate::LoadedModel;
+
+pub use crate::generate::FinishReason;
+
+/// A request the engine can run as it is: every field already checked.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end the generation (empty with `ignore_eos`).
+    pub stop_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// Report the sampled token's logprob and this many alternatives at each step.
+    pub logprobs: Option<usize>,
+    /// Also score every prompt token (completions' `echo` with `logprobs`).
+    pub prompt_logprobs: bool,
+}
+
+/// One candidate token with its log-probability under the raw logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct GeneratedToken {
+    pub id: u32,
+    /// Text this token completes, after stop-string hold-back (may be empty).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    /// Text held back for a possible stop string and released at the end.
+    pub trailing_text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// For each prompt position after the first: the prompt token's logprob and the top ones.
+    pub prompt_logprobs: Option<Vec<(TokenLogprob, Vec<TokenLogprob>)>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token(GeneratedToken),
+    Finished(Finished),
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Longest prompt plus completion of one sequence.
+    pub ctx_len: usize,
+    /// Sequences decoded together in one step.
+    pub max_running_seqs: usize,
+    /// Requests waiting for a place; beyond it `submit` refuses.
+    pub max_queue: usize,
+    /// Prompt tokens prefilled per step across sequences, so decoding streams do not stall.
+    pub prefill_tokens_per_step: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            ctx_len: 8192,
+            max_running_seqs: 16,
+            max_queue: 64,
+            prefill_tokens_per_step: 512,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {0} requests are already waiting")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+struct Submission {
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<Event>,
+    submitted_at: Instant,
+}
+
+/// A handle to the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    submissions: std::sync::mpsc::Sender<Submission>,
+    waiting: Arc<AtomicUsize>,
+    max_queue: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread. It stops once every handle is dropped and its work is done.
+    pub fn start(
+        model: Arc<LoadedModel>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let engine = Self {
+            submissions: tx,
+            waiting: waiting.clone(),
+            max_queue: config.max_queue,
+        };
+        let thread = std::thread::Builder::new()
+            .name("tessera-engine".into())
+            .spawn(move || scheduler::Scheduler::new(model, config, metrics, rx, waiting).run())?;
+        Ok((engine, thread))
+    }
+
+    /// Queues a request. The receiver yields its tokens, then one `Finished` or `Failed`.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        self.submissions
+            .send(Submission {
+                request,
+                events,
+                submitted_at: Instant::now(),
+            })
+            .map_err(|_| {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                SubmitError::Stopped
+            })?;
+        Ok(rx)
+    }
+
+    /// Requests waiting for a place in the running batch.
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,87 @@
+//! Prometheus metrics, owned by the application (no global registry).
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub queue_depth: IntGauge,
+    pub running_sequences: IntGauge,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("tessera_requests_total", "HTTP requests by route and status code"),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let prompt_tokens = IntCounter::new("tessera_prompt_tokens_total", "Prompt tokens processed")
+            .expect("valid metric");
+        let generated_tokens =
+            IntCounter::new("tessera_generated_tokens_total", "Tokens generated").expect("valid metric");
+        let queue_depth = IntGauge::new("tessera_queue_depth", "Requests waiting for a batch slot")
+            .expect("valid metric");
+        let running_sequences =
+            IntGauge::new("tessera_running_sequences", "Sequences in the running batch").expect("valid metric");
+        let latency_buckets = vec![
+            0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+        ];
+        let time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new(
+                "tessera_time_to_first_token_seconds",
+                "From submission to the first generated token",
+            )
+            .buckets(latency_buckets.clone()),
+        )
+        .expect("valid metric");
+        let inter_token_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "tessera_inter_token_latency_seconds",
+                "Between consecutive generated tokens of one sequence",
+            )
+            .buckets(latency_buckets),
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(prompt_tokens.clone()),
+            Box::new(generated_tokens.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(running_sequences.clone()),
+            Box::new(time_to_first_token.clone()),
+            Box::new(inter_token_latency.clone()),
+        ] {
+            registry.register(m).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            queue_depth,
+            running_sequences,
+            time_to_first_token,
+            inter_token_latency,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
