@@ -129,6 +129,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The full service: routes, authentication, metrics, timeouts, body limit and panic recovery.
 pub fn router(app: Arc<App>) -> Router {
     let (routes, _) = api_routes().split_for_parts();
+    with_service_layers(app, routes)
+}
+
+/// Wraps `routes` in the layers every route gets: timeout, authentication, metrics, panic
+/// recovery and the body limit; unknown routes get a 404 in OpenAI's shape.
+pub fn with_service_layers(app: Arc<App>, routes: Router<Arc<App>>) -> Router {
     routes
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
