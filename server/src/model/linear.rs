@@ -39,6 +39,9 @@ pub struct QWeight {
     out_features: usize,
     in_features: usize,
     dense_for_many_rows: bool,
+    /// candle runs a single Q6_K row through a different kernel than several; padding lone
+    /// rows keeps a sequence's results independent of how many rows share its batch.
+    pad_single_row: bool,
 }
 
 /// From this many rows of one sequence on, dequantize-then-GEMM beats per-row Q8_0 dot products.
@@ -55,6 +58,7 @@ impl QWeight {
             matmul: QMatMul::from_arc(tensor.clone())?,
             dense_for_many_rows: tensor.dtype() == GgmlDType::Q8_0
                 && in_features % SUPERBLOCK != 0,
+            pad_single_row: tensor.dtype() == GgmlDType::Q6K,
             tensor,
             out_features,
             in_features,
@@ -71,7 +75,7 @@ impl QWeight {
         scratch: &mut Vec<f32>,
     ) -> Result<Tensor, ModelError> {
         if !self.dense_for_many_rows || segments.iter().all(|s| !s.dense()) {
-            return Ok(self.matmul.forward(x)?);
+            return self.quantized_matmul(x);
         }
         let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
         for segment in segments {
@@ -92,10 +96,18 @@ impl QWeight {
                 }
                 outputs.push(self.dense_matmul(&x_run, scratch)?);
             } else {
-                outputs.push(self.matmul.forward(&x_run)?);
+                outputs.push(self.quantized_matmul(&x_run)?);
             }
         }
         Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    fn quantized_matmul(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        if self.pad_single_row && x.dim(0)? == 1 {
+            let padded = x.pad_with_zeros(0, 0, 1)?;
+            return Ok(self.matmul.forward(&padded)?.narrow(0, 0, 1)?);
+        }
+        Ok(self.matmul.forward(x)?)
     }
 
     /// `x·Wᵀ` in f32 against the weight already dequantized into `weight` (`[out, in]`).
@@ -136,7 +148,7 @@ impl QWeight {
     /// `x·Wᵀ` for a whole batch through the quantized kernel (the output projection, where
     /// only a few rows ever need logits).
     pub fn forward_quantized(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.matmul.forward(x)?)
+        self.quantized_matmul(x)
     }
 
     /// Rows of the weight, dequantized: `ids: [n] → [n, in]` (an embedding lookup).

@@ -1,0 +1,85 @@
+"""End-to-end check of a running Tessera server through the official `openai` Python SDK.
+
+Usage: python3 openai_sdk.py BASE_URL MODEL_ID
+Exits non-zero, naming the failed check, if anything is off.
+"""
+import sys
+import time
+import urllib.request
+
+import openai
+
+base_url, model = sys.argv[1], sys.argv[2]
+
+# Wait for the server to come up.
+for _ in range(600):
+    try:
+        with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=2) as r:
+            if r.status == 200:
+                break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("server never became healthy")
+
+client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+def check(name, condition, detail=""):
+    if not condition:
+        sys.exit(f"FAILED: {name} {detail}")
+    print(f"ok: {name}")
+
+
+# Models list.
+models = [m.id for m in client.models.list().data]
+check("models list has the served model", model in models, models)
+
+# Chat, plain and streamed: the same text.
+plain = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
+text = plain.choices[0].message.content
+check("chat returns text", isinstance(text, str) and len(text) > 0, plain)
+check("chat usage", plain.usage.completion_tokens > 0 and plain.usage.total_tokens
+      == plain.usage.prompt_tokens + plain.usage.completion_tokens, plain.usage)
+stream = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0,
+                                        stream=True, stream_options={"include_usage": True})
+pieces, finish, usage = [], None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+check("streamed chat equals plain chat", "".join(pieces) == text, ("".join(pieces), text))
+check("streamed finish_reason", finish == plain.choices[0].finish_reason, finish)
+check("streamed usage", usage is not None and usage.completion_tokens == plain.usage.completion_tokens, usage)
+
+# Completions with logprobs.
+completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
+                                       temperature=0, logprobs=3)
+lp = completion.choices[0].logprobs
+check("completion logprobs", len(lp.tokens) == 8 and len(lp.token_logprobs) == 8
+      and all(x <= 0 for x in lp.token_logprobs) and all(len(t) == 3 for t in lp.top_logprobs), lp)
+check("completion text is the tokens", "".join(lp.tokens) == completion.choices[0].text, lp.tokens)
+
+# Seeded sampling repeats.
+runs = [client.completions.create(model=model, prompt="Once upon a time", max_tokens=16, temperature=1.0,
+                                  seed=1234).choices[0].text for _ in range(2)]
+check("seeded sampling repeats", runs[0] == runs[1], runs)
+
+# Errors map to the SDK's exception types.
+try:
+    client.chat.completions.create(model=model, messages=messages, temperature=7)
+    check("bad parameter raises BadRequestError", False)
+except openai.BadRequestError as e:
+    check("bad parameter raises BadRequestError", e.body.get("param") == "temperature", e.body)
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    check("unknown model raises NotFoundError", False)
+except openai.NotFoundError as e:
+    check("unknown model raises NotFoundError", e.body.get("code") == "model_not_found", e.body)
+
+print("all SDK checks passed")
