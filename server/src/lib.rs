@@ -36,8 +36,12 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_with(path, model::Kernels::Best)
+    }
+
+    pub fn load_with(path: &Path, kernels: model::Kernels) -> Result<Self, LoadError> {
         let gguf = gguf::GgufFile::open(path)?;
-        let model = Gemma3::load(&gguf)?;
+        let model = Gemma3::load(&gguf, kernels)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         Ok(Self { model, tokenizer })
     }

@@ -146,8 +146,10 @@ fn decoding_through_the_cache_matches_one_full_chunk_past_the_window() {
     let incremental = run_alone(&m, &steps, &NONE);
     assert_eq!(full.len(), 20);
     for (i, (f, s)) in full.iter().zip(&incremental).enumerate() {
+        // Different shapes sum in different orders: allow rounding, relative to the logits.
+        let scale = f.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = max_abs_diff(f, s);
-        assert!(d < 1e-3, "position {i}: decode differs from prefill by {d}");
+        assert!(d < 1e-5 * scale, "position {i}: decode differs from prefill by {d} (logits up to {scale})");
     }
 }
 

@@ -18,7 +18,8 @@ use candle_core::{DType, Device, Tensor, D};
 use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::linear::{load_vector, QLinear, QWeight, RowSegment};
+use crate::model::gelu::GeluTable;
+use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
 use crate::model::{KvCache, LogitsFor, ModelError};
 
 const ARCHITECTURE: &str = "gemma3";
@@ -128,11 +129,11 @@ struct Block {
 }
 
 impl Block {
-    fn load(gguf: &GgufFile, c: &Config, layer: usize) -> Result<Self, ModelError> {
+    fn load(gguf: &GgufFile, c: &Config, layer: usize, kernels: Kernels) -> Result<Self, ModelError> {
         let norm = |name: &str, len| {
             RmsNorm::load(gguf, &format!("blk.{layer}.{name}.weight"), len, c.rms_eps)
         };
-        let linear = |module, shape| QLinear::load(gguf, layer, module, shape);
+        let linear = |module, shape| QLinear::load(gguf, layer, module, shape, kernels);
         let q_width = c.n_heads * c.head_dim;
         let kv_width = c.n_kv_heads * c.head_dim;
         Ok(Self {
@@ -237,17 +238,23 @@ pub struct Gemma3 {
     embedding: QWeight,
     blocks: Vec<Block>,
     output_norm: RmsNorm,
+    gelu: GeluTable,
     /// Dequantized-weight buffer reused across layers and calls; a second concurrent caller
     /// gets a buffer of its own instead of waiting.
     scratch: Mutex<Vec<f32>>,
 }
 
 impl Gemma3 {
-    pub fn load(gguf: &GgufFile) -> Result<Self, ModelError> {
+    pub fn load(gguf: &GgufFile, kernels: Kernels) -> Result<Self, ModelError> {
         let config = Config::from_gguf(gguf)?;
-        let embedding = QWeight::load(gguf, "token_embd.weight", (config.vocab, config.hidden))?;
+        let embedding = QWeight::load(
+            gguf,
+            "token_embd.weight",
+            (config.vocab, config.hidden),
+            kernels,
+        )?;
         let blocks = (0..config.n_layers)
-            .map(|layer| Block::load(gguf, &config, layer))
+            .map(|layer| Block::load(gguf, &config, layer, kernels))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             output_norm: RmsNorm::load(gguf, "output_norm.weight", config.hidden, config.rms_eps)?,
@@ -255,6 +262,7 @@ impl Gemma3 {
             blocks,
             config,
             scratch: Mutex::new(Vec::new()),
+            gelu: GeluTable::new(),
         })
     }
 
@@ -352,9 +360,11 @@ impl Gemma3 {
 
             // Feed-forward.
             let m = block.ffn_norm.forward(&x)?;
-            let gate = block.gate.forward(&m, &segments, scratch)?.gelu()?;
+            let gate = block.gate.forward(&m, &segments, scratch)?;
             let up = block.up.forward(&m, &segments, scratch)?;
-            let ffn = block.down.forward(&(gate * up)?, &segments, scratch)?;
+            let ffn = block
+                .down
+                .forward(&self.gelu.geglu(&gate, &up)?, &segments, scratch)?;
             x = (x + block.post_ffw_norm.forward(&ffn)?)?;
         }
 

@@ -10,6 +10,7 @@ use candle_core::{Device, Module, Tensor};
 use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::model::packed::PackedWeight;
 use crate::model::ModelError;
 
 /// One sequence's rows of the batch: they share an adapter mix and a kernel choice.
@@ -26,22 +27,39 @@ impl RowSegment<'_> {
     }
 }
 
+/// Which matrix kernels a model uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fastest this CPU supports.
+    #[default]
+    Best,
+    /// candle's kernels only (what CPUs without AVX-512 get).
+    Portable,
+}
+
 /// A quantized weight `[out, in]` and the matmul `x·Wᵀ` over it.
-///
-/// candle's fast tiled kernels need rows of whole 256-value superblocks, and quantize the
-/// activations per 256 values, which loses too much on Gemma's outlier channels. Q8_0 weights
-/// with shorter rows (640 here: q, k, v, gate, up) therefore take one of two exact paths:
-/// few rows use the Q8_0·Q8_0 dot product (activations quantized per 32, as ggml does); many
-/// rows dequantize the weight into a reused buffer and run an f32 GEMM.
 pub struct QWeight {
-    matmul: QMatMul,
-    tensor: Arc<QTensor>,
+    kernel: Kernel,
     out_features: usize,
     in_features: usize,
-    dense_for_many_rows: bool,
-    /// candle runs a single Q6_K row through a different kernel than several; padding lone
-    /// rows keeps a sequence's results independent of how many rows share its batch.
-    pad_single_row: bool,
+}
+
+enum Kernel {
+    /// Q8_0, Q4_K or Q6_K repacked for the AVX-512 kernel: f32 activations, one exact path for
+    /// any number of rows.
+    Packed(PackedWeight),
+    /// candle's kernels: tiled VNNI for Q4_K and Q6_K, generic dot products otherwise.
+    Candle {
+        matmul: QMatMul,
+        tensor: Arc<QTensor>,
+        /// Q8_0 rows that are not whole 256-value superblocks (candle's tiles need those, and
+        /// quantize activations per 256 values, which loses too much on Gemma's outlier
+        /// channels): long chunks dequantize into a reused buffer and run an f32 GEMM.
+        dense_for_many_rows: bool,
+        /// candle runs a single Q6_K row through a different kernel than several; padding lone
+        /// rows keeps a sequence's results independent of how many rows share its batch.
+        pad_single_row: bool,
+    },
 }
 
 /// From this many rows of one sequence on, dequantize-then-GEMM beats per-row Q8_0 dot products.
@@ -52,14 +70,35 @@ impl QWeight {
         gguf: &GgufFile,
         name: &str,
         (out_features, in_features): (usize, usize),
+        kernels: Kernels,
     ) -> Result<Self, ModelError> {
-        let tensor = Arc::new(load_qtensor(gguf, name, &[out_features, in_features])?);
+        let tensor = load_qtensor(gguf, name, &[out_features, in_features])?;
+        let is_q8_0 = tensor.dtype() == GgmlDType::Q8_0;
+        let packed = match (kernels == Kernels::Best && PackedWeight::supported(), tensor.dtype()) {
+            (false, _) => None,
+            (true, GgmlDType::Q8_0) => PackedWeight::pack(&tensor.data()?, out_features, in_features),
+            (true, dtype @ (GgmlDType::Q4K | GgmlDType::Q6K)) => PackedWeight::pack_k_quant(
+                &tensor.data()?,
+                out_features,
+                in_features,
+                dtype == GgmlDType::Q6K,
+            ),
+            (true, _) => None,
+        };
+        let kernel = match packed {
+            Some(packed) => Kernel::Packed(packed),
+            None => {
+                let tensor = Arc::new(tensor);
+                Kernel::Candle {
+                    matmul: QMatMul::from_arc(tensor.clone())?,
+                    dense_for_many_rows: is_q8_0 && in_features % SUPERBLOCK != 0,
+                    pad_single_row: tensor.dtype() == GgmlDType::Q6K,
+                    tensor,
+                }
+            }
+        };
         Ok(Self {
-            matmul: QMatMul::from_arc(tensor.clone())?,
-            dense_for_many_rows: tensor.dtype() == GgmlDType::Q8_0
-                && in_features % SUPERBLOCK != 0,
-            pad_single_row: tensor.dtype() == GgmlDType::Q6K,
-            tensor,
+            kernel,
             out_features,
             in_features,
         })
@@ -74,8 +113,16 @@ impl QWeight {
         segments: &[RowSegment],
         scratch: &mut Vec<f32>,
     ) -> Result<Tensor, ModelError> {
-        if !self.dense_for_many_rows || segments.iter().all(|s| !s.dense()) {
-            return self.quantized_matmul(x);
+        let (tensor, dense_for_many_rows) = match &self.kernel {
+            Kernel::Packed(_) => return self.forward_quantized(x),
+            Kernel::Candle {
+                tensor,
+                dense_for_many_rows,
+                ..
+            } => (tensor, *dense_for_many_rows),
+        };
+        if !dense_for_many_rows || segments.iter().all(|s| !s.dense()) {
+            return self.forward_quantized(x);
         }
         let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
         for segment in segments {
@@ -91,23 +138,39 @@ impl QWeight {
             if dense {
                 if !dequantized {
                     scratch.resize(self.out_features * self.in_features, 0.0);
-                    dequantize_q8_0(&self.tensor.data()?, scratch);
+                    dequantize_q8_0(&tensor.data()?, scratch);
                     dequantized = true;
                 }
                 outputs.push(self.dense_matmul(&x_run, scratch)?);
             } else {
-                outputs.push(self.quantized_matmul(&x_run)?);
+                outputs.push(self.forward_quantized(&x_run)?);
             }
         }
         Ok(Tensor::cat(&outputs, 0)?)
     }
 
-    fn quantized_matmul(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        if self.pad_single_row && x.dim(0)? == 1 {
-            let padded = x.pad_with_zeros(0, 0, 1)?;
-            return Ok(self.matmul.forward(&padded)?.narrow(0, 0, 1)?);
+    /// `x·Wᵀ` through the quantized kernel for every row.
+    pub fn forward_quantized(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match &self.kernel {
+            Kernel::Packed(packed) => {
+                let rows = x.dim(0)?;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = vec![0f32; rows * self.out_features];
+                packed.matmul(&xs, &mut y);
+                Ok(Tensor::from_vec(y, (rows, self.out_features), &Device::Cpu)?)
+            }
+            Kernel::Candle {
+                matmul,
+                pad_single_row,
+                ..
+            } => {
+                if *pad_single_row && x.dim(0)? == 1 {
+                    let padded = x.pad_with_zeros(0, 0, 1)?;
+                    return Ok(matmul.forward(&padded)?.narrow(0, 0, 1)?);
+                }
+                Ok(matmul.forward(x)?)
+            }
         }
-        Ok(self.matmul.forward(x)?)
     }
 
     /// `x·Wᵀ` in f32 against the weight already dequantized into `weight` (`[out, in]`).
@@ -145,15 +208,19 @@ impl QWeight {
         Ok(Tensor::from_vec(y, (rows, n), &Device::Cpu)?)
     }
 
-    /// `x·Wᵀ` for a whole batch through the quantized kernel (the output projection, where
-    /// only a few rows ever need logits).
-    pub fn forward_quantized(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        self.quantized_matmul(x)
-    }
-
     /// Rows of the weight, dequantized: `ids: [n] → [n, in]` (an embedding lookup).
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.tensor.embedding(ids)?)
+        match &self.kernel {
+            Kernel::Packed(packed) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * self.in_features];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.in_features)) {
+                    packed.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), self.in_features), &Device::Cpu)?)
+            }
+            Kernel::Candle { tensor, .. } => Ok(tensor.embedding(ids)?),
+        }
     }
 }
 
@@ -186,10 +253,11 @@ impl QLinear {
         layer: usize,
         module: TargetModule,
         shape: (usize, usize),
+        kernels: Kernels,
     ) -> Result<Self, ModelError> {
         let name = format!("blk.{layer}.{}.weight", module.gguf_name());
         Ok(Self {
-            weight: QWeight::load(gguf, &name, shape)?,
+            weight: QWeight::load(gguf, &name, shape, kernels)?,
             layer,
             module,
         })

@@ -1,13 +1,16 @@
 //! Model families. One file per architecture; the shared pieces (quantized linear layers with
 //! their LoRA seam, the KV cache) sit beside them.
 
+pub mod gelu;
 pub mod gemma3;
 pub mod kv_cache;
 pub mod linear;
+pub mod packed;
 pub mod synthetic;
 
 pub use gemma3::{Config, Gemma3};
 pub use kv_cache::KvCache;
+pub use linear::Kernels;
 
 use crate::gguf::GgufError;
 

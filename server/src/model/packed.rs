@@ -1,0 +1,492 @@
+//! Quantized weights × f32 activations with AVX-512.
+//!
+//! y[i,j] = Σ_t x[i,t]·w[j,t], with w[j,t] = s·q − o for an 8-bit q and a scale s and offset o
+//! per run of 16 values: Q8_0 (o = 0, one f16 scale per 32) and, repacked exactly, Q6_K
+//! (o = 0, s = d·scale per 16) and Q4_K (s = d·scale, o = dmin·min per 32). The weights stay
+//! 8-bit in memory and are widened to f32 in registers, and the activations are not quantized
+//! at all. Quantizing them (as ggml
+//! does) makes the output jump with the rounding of single values, so two correct kernels that
+//! merely sum in another order can disagree by most of a nat; in f32 they agree to rounding.
+//!
+//! Weights are repacked in tiles of 16 output rows × 32 values, stored column by column: the 16
+//! bytes of column t are one row each, so a sign-extending load gives a vector of the 16 rows'
+//! weights at t, scaled by the rows' scales and multiplied with the broadcast x[i,t]. Every output element goes through the same operations in the same order whatever the
+//! number of rows, so a sequence's results never depend on what else shares its batch.
+
+use candle_core::utils::barrier_pool;
+use half::f16;
+
+const BLOCK: usize = 32;
+const TILE_ROWS: usize = 16;
+/// Activation rows sharing each load of a weight tile.
+const ROWS_PER_PASS: usize = 4;
+const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// 16 rows × 32 values of weights, column-major, and the 16 block scales.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Tile {
+    qs: [i8; BLOCK * TILE_ROWS],
+    d: [u16; TILE_ROWS],
+}
+
+/// 16 rows × 32 values as w = s·q − o: 8-bit q column-major, a scale per row and half (16
+/// values), an offset per row.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AffineTile {
+    qs: [i8; BLOCK * TILE_ROWS],
+    /// `[half][row]`.
+    scale: [f32; 2 * TILE_ROWS],
+    offset: [f32; TILE_ROWS],
+}
+
+enum Tiles {
+    Q8_0(Vec<Tile>),
+    Affine(Vec<AffineTile>),
+}
+
+/// A weight `[n, k]` repacked for the AVX-512 kernel.
+pub struct PackedWeight {
+    /// `[n / 16][k / 32]` tiles.
+    tiles: Tiles,
+    n: usize,
+    k: usize,
+}
+
+const Q4_K_BLOCK_BYTES: usize = 144;
+const Q6_K_BLOCK_BYTES: usize = 210;
+const SUPERBLOCK: usize = 256;
+
+/// ggml's unpacking of the 6-bit (scale, min) pair j of a Q4_K superblock.
+fn q4_k_scale_min(j: usize, scales: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        (
+            (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One superblock row of 256 values as (q, scale per 16, offset per 32), exactly as ggml
+/// dequantizes it: value = scale·q − offset.
+struct Decoded {
+    q: [i8; SUPERBLOCK],
+    scale: [f32; SUPERBLOCK / 16],
+    offset: [f32; SUPERBLOCK / 32],
+}
+
+/// Q4_K: d, dmin (f16) | 12 bytes of 6-bit scales and mins | 128 bytes of nibbles. Sub-block j
+/// of 32 is d·sc_j·q − dmin·m_j, the low nibbles of 32 bytes then their high nibbles.
+fn decode_q4_k(block: &[u8]) -> Decoded {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
+    let scales = &block[4..16];
+    let qs = &block[16..144];
+    let mut out = Decoded {
+        q: [0; SUPERBLOCK],
+        scale: [0.0; SUPERBLOCK / 16],
+        offset: [0.0; SUPERBLOCK / 32],
+    };
+    for pair in 0..4 {
+        let bytes = &qs[pair * 32..pair * 32 + 32];
+        for (half, shift) in [(0, 0), (1, 4)] {
+            let j = pair * 2 + half;
+            let (sc, m) = q4_k_scale_min(j, scales);
+            out.scale[2 * j] = d * sc as f32;
+            out.scale[2 * j + 1] = d * sc as f32;
+            out.offset[j] = dmin * m as f32;
+            for (l, &b) in bytes.iter().enumerate() {
+                out.q[j * 32 + l] = ((b >> shift) & 0x0F) as i8;
+            }
+        }
+    }
+    out
+}
+
+/// Q6_K: 128 bytes of low nibbles | 64 bytes of high bit pairs | 16 i8 scales | d (f16).
+/// Value = d·sc·(q − 32), one scale per 16 values.
+fn decode_q6_k(block: &[u8]) -> Decoded {
+    let (ql, rest) = block.split_at(128);
+    let (qh, rest) = rest.split_at(64);
+    let (sc, d) = rest.split_at(16);
+    let d = f16::from_le_bytes([d[0], d[1]]).to_f32();
+    let mut out = Decoded {
+        q: [0; SUPERBLOCK],
+        scale: [0.0; SUPERBLOCK / 16],
+        offset: [0.0; SUPERBLOCK / 32],
+    };
+    for (i, s) in out.scale.iter_mut().enumerate() {
+        *s = d * sc[i] as i8 as f32;
+    }
+    for half in 0..2 {
+        let (ql, qh) = (&ql[half * 64..], &qh[half * 32..]);
+        let q = &mut out.q[half * 128..];
+        for l in 0..32 {
+            q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+            q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+            q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+            q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+        }
+    }
+    out
+}
+
+impl PackedWeight {
+    /// Whether this CPU runs the kernel.
+    pub fn supported() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Repacks a row-major Q8_0 weight `[n, k]` (the last tile zero-padded when n is not a
+    /// multiple of 16); `None` when the data does not fit the shape.
+    pub fn pack(q8_0: &[u8], n: usize, k: usize) -> Option<Self> {
+        if k % BLOCK != 0 || q8_0.len() != n * k / BLOCK * Q8_0_BLOCK_BYTES {
+            return None;
+        }
+        let kb = k / BLOCK;
+        let row_bytes = kb * Q8_0_BLOCK_BYTES;
+        let empty = Tile {
+            qs: [0; BLOCK * TILE_ROWS],
+            d: [0; TILE_ROWS],
+        };
+        let mut tiles = vec![empty; n.div_ceil(TILE_ROWS) * kb];
+        let pack_tile_row = |(tile_row, tiles): (usize, &mut [Tile])| {
+            for (b, tile) in tiles.iter_mut().enumerate() {
+                for r in (0..TILE_ROWS).take_while(|r| tile_row * TILE_ROWS + r < n) {
+                    let at = (tile_row * TILE_ROWS + r) * row_bytes + b * Q8_0_BLOCK_BYTES;
+                    let block = &q8_0[at..at + Q8_0_BLOCK_BYTES];
+                    tile.d[r] = u16::from_le_bytes([block[0], block[1]]);
+                    for (t, &q) in block[2..].iter().enumerate() {
+                        tile.qs[t * TILE_ROWS + r] = q as i8;
+                    }
+                }
+            }
+        };
+        use rayon::prelude::*;
+        tiles.par_chunks_mut(kb).enumerate().for_each(pack_tile_row);
+        Some(Self {
+            tiles: Tiles::Q8_0(tiles),
+            n,
+            k,
+        })
+    }
+
+    /// Repacks a row-major Q4_K (`q6_k` false) or Q6_K weight `[n, k]` exactly.
+    pub fn pack_k_quant(data: &[u8], n: usize, k: usize, q6_k: bool) -> Option<Self> {
+        let block_bytes = if q6_k { Q6_K_BLOCK_BYTES } else { Q4_K_BLOCK_BYTES };
+        if k % SUPERBLOCK != 0 || data.len() != n * k / SUPERBLOCK * block_bytes {
+            return None;
+        }
+        let kb = k / BLOCK;
+        let row_bytes = k / SUPERBLOCK * block_bytes;
+        let empty = AffineTile {
+            qs: [0; BLOCK * TILE_ROWS],
+            scale: [0.0; 2 * TILE_ROWS],
+            offset: [0.0; TILE_ROWS],
+        };
+        let mut tiles = vec![empty; n.div_ceil(TILE_ROWS) * kb];
+        let pack_tile_row = |(tile_row, tiles): (usize, &mut [AffineTile])| {
+            for r in (0..TILE_ROWS).take_while(|r| tile_row * TILE_ROWS + r < n) {
+                let row = &data[(tile_row * TILE_ROWS + r) * row_bytes..][..row_bytes];
+                for (sb, block) in row.chunks_exact(block_bytes).enumerate() {
+                    let decoded = if q6_k { decode_q6_k(block) } else { decode_q4_k(block) };
+                    for j in 0..SUPERBLOCK / BLOCK {
+                        let tile = &mut tiles[sb * SUPERBLOCK / BLOCK + j];
+                        tile.scale[r] = decoded.scale[2 * j];
+                        tile.scale[TILE_ROWS + r] = decoded.scale[2 * j + 1];
+                        tile.offset[r] = decoded.offset[j];
+                        for t in 0..BLOCK {
+                            tile.qs[t * TILE_ROWS + r] = decoded.q[j * BLOCK + t];
+                        }
+                    }
+                }
+            }
+        };
+        use rayon::prelude::*;
+        tiles.par_chunks_mut(kb).enumerate().for_each(pack_tile_row);
+        Some(Self {
+            tiles: Tiles::Affine(tiles),
+            n,
+            k,
+        })
+    }
+
+    /// Row `row` of the weight, dequantized into `out` (`k` values): an embedding lookup.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let kb = self.k / BLOCK;
+        let (tile_row, r) = (row / TILE_ROWS, row % TILE_ROWS);
+        for (b, values) in out.chunks_exact_mut(BLOCK).enumerate() {
+            for (t, v) in values.iter_mut().enumerate() {
+                *v = match &self.tiles {
+                    Tiles::Q8_0(tiles) => {
+                        let tile = &tiles[tile_row * kb + b];
+                        f16::from_bits(tile.d[r]).to_f32() * tile.qs[t * TILE_ROWS + r] as f32
+                    }
+                    Tiles::Affine(tiles) => {
+                        let tile = &tiles[tile_row * kb + b];
+                        let scale = tile.scale[(t / 16) * TILE_ROWS + r];
+                        scale * tile.qs[t * TILE_ROWS + r] as f32 - tile.offset[r]
+                    }
+                };
+            }
+        }
+    }
+
+    /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        let m = x.len() / k;
+        assert_eq!(x.len(), m * k, "activations are not [m, {k}]");
+        assert_eq!(y.len(), m * n, "output is not [{m}, {n}]");
+        let kb = k / BLOCK;
+        let passes = m.div_ceil(ROWS_PER_PASS);
+        let tile_rows = n.div_ceil(TILE_ROWS);
+        let y_addr = y.as_mut_ptr() as usize;
+        // Tile-major units: a worker walks every row pass of a tile while it is in cache.
+        barrier_pool().execute_chunked(tile_rows * passes, |units| {
+            for unit in units {
+                let (tile_row, pass) = (unit / passes, unit % passes);
+                let r = pass * ROWS_PER_PASS;
+                let rows = (m - r).min(ROWS_PER_PASS);
+                let span = tile_row * kb..(tile_row + 1) * kb;
+                // SAFETY: units cover disjoint (rows, 16 columns) regions of y, which holds
+                // m·n values; `supported()` was checked before packing.
+                // The last tile may hold fewer than 16 real rows.
+                let lanes = (n - tile_row * TILE_ROWS).min(TILE_ROWS);
+                unsafe {
+                    let out = |i: usize| (y_addr as *mut f32).add(i * n + tile_row * TILE_ROWS);
+                    let xs = |i: usize| &x[i * k..(i + 1) * k];
+                    macro_rules! run {
+                        ($kernel:ident, $tiles:expr) => {
+                            match rows {
+                                4 => kernel::$kernel::<4>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)], [out(r), out(r + 1), out(r + 2), out(r + 3)], lanes),
+                                3 => kernel::$kernel::<3>($tiles, [xs(r), xs(r + 1), xs(r + 2)], [out(r), out(r + 1), out(r + 2)], lanes),
+                                2 => kernel::$kernel::<2>($tiles, [xs(r), xs(r + 1)], [out(r), out(r + 1)], lanes),
+                                _ => kernel::$kernel::<1>($tiles, [xs(r)], [out(r)], lanes),
+                            }
+                        };
+                    }
+                    match &self.tiles {
+                        Tiles::Q8_0(tiles) => run!(q8_0, &tiles[span]),
+                        Tiles::Affine(tiles) => run!(affine, &tiles[span]),
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::x86_64::*;
+
+    use super::{AffineTile, Tile, BLOCK, TILE_ROWS};
+
+    /// Writes each row's 16 sums (only the first `lanes` in a partial last tile).
+    #[inline(always)]
+    unsafe fn store<const R: usize>(out: [*mut f32; R], even: [__m512; R], odd: [__m512; R], lanes: usize) {
+        let mask: __mmask16 = if lanes >= TILE_ROWS { !0 } else { (1u16 << lanes) - 1 };
+        for r in 0..R {
+            _mm512_mask_storeu_ps(out[r], mask, _mm512_add_ps(even[r], odd[r]));
+        }
+    }
+
+    /// The 16 rows' 8-bit weights at column `t` of a tile, as f32.
+    #[inline(always)]
+    unsafe fn column(qs: *const i8, t: usize) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(t * TILE_ROWS) as *const __m128i)))
+    }
+
+    /// `R` activation rows against one row of affine tiles (16 outputs each), over every block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn affine<const R: usize>(
+        tiles: &[AffineTile],
+        xs: [&[f32]; R],
+        out: [*mut f32; R],
+        lanes: usize,
+    ) {
+        let mut even = [_mm512_setzero_ps(); R];
+        let mut odd = [_mm512_setzero_ps(); R];
+        for (b, tile) in tiles.iter().enumerate() {
+            let offset = _mm512_loadu_ps(tile.offset.as_ptr());
+            let qs = tile.qs.as_ptr();
+            for half in 0..2 {
+                let scale = _mm512_loadu_ps(tile.scale.as_ptr().add(half * TILE_ROWS));
+                for t in (half * 16..half * 16 + 16).step_by(2) {
+                    let w0 = _mm512_fmsub_ps(column(qs, t), scale, offset);
+                    let w1 = _mm512_fmsub_ps(column(qs, t + 1), scale, offset);
+                    for r in 0..R {
+                        let x = xs[r].as_ptr().add(b * BLOCK + t);
+                        even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*x), even[r]);
+                        odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x.add(1)), odd[r]);
+                    }
+                }
+            }
+        }
+        store(out, even, odd, lanes);
+    }
+
+    /// `R` activation rows against one row of Q8_0 tiles (16 outputs each), over every block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn q8_0<const R: usize>(tiles: &[Tile], xs: [&[f32]; R], out: [*mut f32; R], lanes: usize) {
+        // Even and odd columns sum apart: two chains per row hide the FMA latency.
+        let mut even = [_mm512_setzero_ps(); R];
+        let mut odd = [_mm512_setzero_ps(); R];
+        for (b, tile) in tiles.iter().enumerate() {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const __m256i));
+            let qs = tile.qs.as_ptr();
+            for t in (0..BLOCK).step_by(2) {
+                let w0 = _mm512_mul_ps(d, column(qs, t));
+                let w1 = _mm512_mul_ps(d, column(qs, t + 1));
+                for r in 0..R {
+                    let x = xs[r].as_ptr().add(b * BLOCK + t);
+                    even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*x), even[r]);
+                    odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x.add(1)), odd[r]);
+                }
+            }
+        }
+        store(out, even, odd, lanes);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    use super::{AffineTile, Tile};
+
+    pub(super) unsafe fn q8_0<const R: usize>(_: &[Tile], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
+        unreachable!("PackedWeight::supported() is false off x86_64")
+    }
+
+    pub(super) unsafe fn affine<const R: usize>(_: &[AffineTile], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
+        unreachable!("PackedWeight::supported() is false off x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn weights(n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+        let values: Vec<f32> = (0..n * k).map(|i| (((i * 7919) % 251) as f32 - 125.0) / 300.0).collect();
+        let t = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let dequantized = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        (q.data().unwrap().into_owned(), dequantized)
+    }
+
+    #[test]
+    fn equals_the_f32_product_with_the_dequantized_weight_and_is_batch_invariant() {
+        if !PackedWeight::supported() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let (n, k, m) = (48, 640, 20);
+        let (bytes, w) = weights(n, k);
+        let packed = PackedWeight::pack(&bytes, n, k).unwrap();
+        // Gemma-like activations: mostly small, a few large outliers.
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 20.0 * if i % 89 == 0 { 300.0 } else { 1.0 })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        packed.matmul(&x, &mut y);
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                let scale: f64 = (0..k).map(|t| (x[i * k + t] as f64 * w[j * k + t] as f64).abs()).sum();
+                let err = (y[i * n + j] as f64 - exact).abs();
+                assert!(err <= 1e-5 * scale + 1e-6, "({i},{j}): {} vs {exact}", y[i * n + j]);
+            }
+        }
+        // Each row alone gives bit-identical results.
+        for i in 0..m {
+            let mut alone = vec![0f32; n];
+            packed.matmul(&x[i * k..(i + 1) * k], &mut alone);
+            assert_eq!(alone, y[i * n..(i + 1) * n]);
+        }
+        // Rows dequantize back to the weights.
+        let mut row = vec![0f32; k];
+        packed.dequantize_row(17, &mut row);
+        assert_eq!(row, w[17 * k..18 * k]);
+    }
+
+    #[test]
+    fn k_quants_repack_exactly_and_multiply_in_f32() {
+        if !PackedWeight::supported() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let (n, k, m) = (32, 512, 20);
+        let values: Vec<f32> = (0..n * k).map(|i| (((i * 7919) % 251) as f32 - 100.0) / 300.0).collect();
+        let t = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+        for (dtype, q6_k) in [(GgmlDType::Q4K, false), (GgmlDType::Q6K, true)] {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let w: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let packed = PackedWeight::pack_k_quant(&q.data().unwrap(), n, k, q6_k).unwrap();
+            for row in [0, 13, 31] {
+                let mut ours = vec![0f32; k];
+                packed.dequantize_row(row, &mut ours);
+                assert_eq!(ours, w[row * k..(row + 1) * k], "{dtype:?} row {row}");
+            }
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32 - 48.0) / 20.0).collect();
+            let mut y = vec![0f32; m * n];
+            packed.matmul(&x, &mut y);
+            for i in 0..m {
+                let mut alone = vec![0f32; n];
+                packed.matmul(&x[i * k..(i + 1) * k], &mut alone);
+                assert_eq!(alone, y[i * n..(i + 1) * n], "{dtype:?} row {i} alone");
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                    let scale: f64 = (0..k).map(|t| (x[i * k + t] as f64 * w[j * k + t] as f64).abs()).sum();
+                    assert!((y[i * n + j] as f64 - exact).abs() <= 1e-5 * scale + 1e-6, "{dtype:?} ({i},{j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_last_tile_writes_only_its_rows() {
+        if !PackedWeight::supported() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let (n, k, m) = (37, 64, 3);
+        let (bytes, w) = weights(n, k);
+        let packed = PackedWeight::pack(&bytes, n, k).unwrap();
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
+        // A guard value after y must survive.
+        let mut y = vec![7f32; m * n + 1];
+        packed.matmul(&x, &mut y[..m * n]);
+        assert_eq!(y[m * n], 7.0);
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                assert!((y[i * n + j] - exact).abs() < 1e-3, "({i},{j})");
+            }
+        }
+        let mut row = vec![0f32; k];
+        packed.dequantize_row(36, &mut row);
+        assert_eq!(row, w[36 * k..37 * k]);
+    }
+
+    #[test]
+    fn data_that_does_not_fit_the_shape_is_refused() {
+        let (bytes, _) = weights(48, 96);
+        assert!(PackedWeight::pack(&bytes, 40, 96).is_none());
+        assert!(PackedWeight::pack(&bytes[..100], 48, 96).is_none());
+        assert!(PackedWeight::pack_k_quant(&bytes, 48, 96, true).is_none());
+    }
+}
