@@ -19,7 +19,7 @@ use half::f16;
 const BLOCK: usize = 32;
 const TILE_ROWS: usize = 16;
 /// Activation rows sharing each load of a weight tile.
-const ROWS_PER_PASS: usize = 4;
+const ROWS_PER_PASS: usize = 8;
 const Q8_0_BLOCK_BYTES: usize = 34;
 
 /// 16 rows × 32 values of weights, column-major, and the 16 block scales.
@@ -269,6 +269,10 @@ impl PackedWeight {
                     macro_rules! run {
                         ($kernel:ident, $tiles:expr) => {
                             match rows {
+                                8 => kernel::$kernel::<8>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6), xs(r + 7)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6), out(r + 7)], lanes),
+                                7 => kernel::$kernel::<7>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6)], lanes),
+                                6 => kernel::$kernel::<6>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5)], lanes),
+                                5 => kernel::$kernel::<5>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4)], lanes),
                                 4 => kernel::$kernel::<4>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)], [out(r), out(r + 1), out(r + 2), out(r + 3)], lanes),
                                 3 => kernel::$kernel::<3>($tiles, [xs(r), xs(r + 1), xs(r + 2)], [out(r), out(r + 1), out(r + 2)], lanes),
                                 2 => kernel::$kernel::<2>($tiles, [xs(r), xs(r + 1)], [out(r), out(r + 1)], lanes),
