@@ -77,8 +77,12 @@ enum Command {
     },
     /// Print the OpenAPI document (YAML) of the HTTP API.
     Openapi,
-    /// Measure prefill and decode throughput, load time and peak memory.
+    /// Measure prefill and decode throughput, load time and peak memory; `bench serve` measures
+    /// the HTTP server under concurrent clients.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        #[command(subcommand)]
+        target: Option<BenchTarget>,
         #[command(flatten)]
         model: ModelArg,
         /// Runs per measurement; the table reports medians.
@@ -87,6 +91,32 @@ enum Command {
         /// Tokens generated per decode run.
         #[arg(long, default_value_t = 128)]
         decode_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// Drive N concurrent streaming clients (for each N) against the HTTP API and report total
+    /// tok/s, time to first token and inter-token latency.
+    Serve {
+        /// A running server's base URL; without one, a server on the default model is started
+        /// in this process.
+        #[arg(long)]
+        url: Option<String>,
+        /// The `model` to request [default: the in-process server's model].
+        #[arg(long)]
+        served_model: Option<String>,
+        #[command(flatten)]
+        model: ModelArg,
+        /// Client counts to measure, one after the other.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        concurrency: Vec<usize>,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Requests each client sends in turn.
+        #[arg(long, default_value_t = 2)]
+        requests_per_client: usize,
     },
 }
 
@@ -221,6 +251,28 @@ fn main() -> Result<()> {
             }
         }
         Command::Bench {
+            target:
+                Some(BenchTarget::Serve {
+                    url,
+                    served_model,
+                    model,
+                    concurrency,
+                    max_tokens,
+                    requests_per_client,
+                }),
+            ..
+        } => bench_serve(
+            url,
+            served_model,
+            &model,
+            &concurrency,
+            tessera::bench::serve::ServeLoad {
+                max_tokens,
+                requests_per_client,
+            },
+        )?,
+        Command::Bench {
+            target: None,
             model,
             runs,
             decode_tokens,
@@ -309,4 +361,65 @@ async fn shutdown_signal() {
         _ = terminate => {},
     }
     eprintln!("shutting down: finishing requests in flight");
+}
+
+fn bench_serve(
+    url: Option<String>,
+    served_model: Option<String>,
+    model: &ModelArg,
+    concurrency: &[usize],
+    load: tessera::bench::serve::ServeLoad,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (base_url, model_id) = match url {
+            Some(url) => (
+                url,
+                served_model.context("--served-model is needed with --url")?,
+            ),
+            None => {
+                let path = model.resolve()?;
+                let loaded = std::sync::Arc::new(LoadedModel::load(&path)?);
+                let model_id = "bench".to_string();
+                let max_running_seqs = concurrency.iter().copied().max().unwrap_or(1).max(1);
+                let app = tessera::api::App::start(
+                    loaded,
+                    model_id.clone(),
+                    tessera::api::ApiSettings {
+                        ctx_len: 2048,
+                        api_key: None,
+                        admin_key: None,
+                        request_timeout: std::time::Duration::from_secs(600),
+                        max_body_bytes: 1 << 20,
+                    },
+                    tessera::engine::EngineConfig {
+                        ctx_len: 2048,
+                        max_running_seqs,
+                        max_queue: 4 * max_running_seqs,
+                        ..tessera::engine::EngineConfig::default()
+                    },
+                )?;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                tokio::spawn(tessera::api::serve(app, listener, std::future::pending()));
+                (format!("http://{addr}"), model_id)
+            }
+        };
+        eprintln!(
+            "benchmarking {base_url}: {} tokens per request, {} requests per client…",
+            load.max_tokens, load.requests_per_client
+        );
+        // One request first, so no level pays for cold caches.
+        tessera::bench::serve::run_level(&base_url, &model_id, 1, &tessera::bench::serve::ServeLoad { max_tokens: 8, requests_per_client: 1 }).await?;
+        let mut rows = Vec::new();
+        for &clients in concurrency {
+            rows.push(tessera::bench::serve::run_level(&base_url, &model_id, clients, &load).await?);
+            eprintln!("{clients} clients done");
+        }
+        print!("{}", tessera::bench::serve::format_table(&rows));
+        Ok(())
+    })
 }

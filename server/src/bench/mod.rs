@@ -1,5 +1,7 @@
 //! `tessera bench`: prefill and decode throughput, load time and peak memory of one model, as
-//! medians over several runs, printed as a table.
+//! medians over several runs, printed as a table. `serve` drives the HTTP API.
+
+pub mod serve;
 
 use std::path::Path;
 use std::time::Instant;
