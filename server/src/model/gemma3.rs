@@ -337,6 +337,13 @@ impl Gemma3 {
             let q = rope.apply(&q)?;
             let k = rope.apply(&k)?.reshape((n_rows, c.n_kv_heads * c.head_dim))?;
 
+            // Single-token (decoding) sequences attend straight from their caches' memory.
+            let q_values = if layouts.iter().any(|l| l.rows.len() == 1) {
+                q.flatten_all()?.to_vec1::<f32>()?
+            } else {
+                Vec::new()
+            };
+            let q_width = c.n_heads * c.head_dim;
             let mut per_sequence = Vec::with_capacity(batch.len());
             for (chunk, layout) in batch.iter().zip(&layouts) {
                 let rows = layout.rows.clone();
@@ -346,6 +353,11 @@ impl Gemma3 {
                     &k.narrow(0, rows.start, t)?,
                     &v.narrow(0, rows.start, t)?,
                 )?;
+                if t == 1 {
+                    let q_row = &q_values[rows.start * q_width..(rows.start + 1) * q_width];
+                    per_sequence.push(self.attend_one(layer, chunk.cache, layout.start_pos, q_row, block.global)?);
+                    continue;
+                }
                 let q_seq = q.narrow(0, rows.start, t)?;
                 let mask = if block.global {
                     &layout.global_mask
@@ -403,6 +415,45 @@ impl Gemma3 {
         Ok(weights
             .matmul(&values)?
             .reshape((t, c.n_heads * c.head_dim))?)
+    }
+
+    /// Attention of one query position (`q`: heads × head_dim) over its cached keys, computed in
+    /// place: the same softmax(q·kᵀ/√d)·v as `attend`, without a tensor op per step.
+    fn attend_one(
+        &self,
+        layer: usize,
+        cache: &KvCache,
+        pos: usize,
+        q: &[f32],
+        global: bool,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let d = c.head_dim;
+        debug_assert_eq!(c.n_kv_heads, 1, "grouped attention with several KV heads");
+        let first = first_visible_key(pos, self.window(global));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; c.n_heads * d];
+        cache.with_window_slices(layer, first, pos + 1, |keys, values| {
+            let mut weights = vec![0f32; pos + 1 - first];
+            for (q_head, out_head) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                for (w, key) in weights.iter_mut().zip(keys.chunks_exact(d)) {
+                    *w = dot(q_head, key) * scale;
+                }
+                let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for w in weights.iter_mut() {
+                    *w = (*w - max).exp();
+                    sum += *w;
+                }
+                for (&w, value) in weights.iter().zip(values.chunks_exact(d)) {
+                    let p = w / sum;
+                    for (o, &v) in out_head.iter_mut().zip(value) {
+                        *o += p * v;
+                    }
+                }
+            }
+        })?;
+        Ok(Tensor::from_vec(out, (1, c.n_heads * d), &Device::Cpu)?)
     }
 
     fn window(&self, global: bool) -> Option<usize> {
@@ -463,6 +514,18 @@ impl Gemma3 {
             rows_of_sequence,
         })
     }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Sixteen partial sums let the compiler vectorise the reduction.
+    let mut acc = [0f32; 16];
+    for (ca, cb) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail = a.len() / 16 * 16;
+    acc.iter().sum::<f32>() + a[tail..].iter().zip(&b[tail..]).map(|(x, y)| x * y).sum::<f32>()
 }
 
 /// The oldest key any query of a chunk starting at `start_pos` may see.

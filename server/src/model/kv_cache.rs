@@ -1,7 +1,7 @@
 //! Per-sequence key/value cache. Each layer's keys and values live in one buffer allocated for
 //! the sequence's whole context up front, so decoding writes in place and never concatenates.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 use crate::model::{Config, ModelError};
 
@@ -10,6 +10,8 @@ pub struct KvCache {
     values: Vec<Tensor>,
     len: usize,
     capacity: usize,
+    /// Values per position: KV heads × head dimension.
+    width: usize,
 }
 
 impl KvCache {
@@ -24,6 +26,7 @@ impl KvCache {
             values,
             len: 0,
             capacity,
+            width,
         })
     }
 
@@ -72,6 +75,31 @@ impl KvCache {
             self.keys[layer].narrow(0, start, end - start)?,
             self.values[layer].narrow(0, start, end - start)?,
         ))
+    }
+
+    /// Calls `f` with the keys and values of positions `start..end` for `layer`, read in place
+    /// (`[positions, width]` each).
+    pub(crate) fn with_window_slices<R>(
+        &self,
+        layer: usize,
+        start: usize,
+        end: usize,
+        f: impl FnOnce(&[f32], &[f32]) -> R,
+    ) -> Result<R, ModelError> {
+        let (keys, key_layout) = self.keys[layer].storage_and_layout();
+        let (values, value_layout) = self.values[layer].storage_and_layout();
+        match (&*keys, &*values) {
+            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
+                let span = |offset: usize| offset + start * self.width..offset + end * self.width;
+                Ok(f(
+                    &k[span(key_layout.start_offset())],
+                    &v[span(value_layout.start_offset())],
+                ))
+            }
+            _ => Err(ModelError::Compute(candle_core::Error::Msg(
+                "the KV cache is not f32 on the CPU".into(),
+            ))),
+        }
     }
 
     /// Marks `tokens` more positions as cached, once every layer has written them.
