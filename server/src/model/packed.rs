@@ -252,6 +252,13 @@ impl PackedWeight {
         let passes = m.div_ceil(ROWS_PER_PASS);
         let tile_rows = n.div_ceil(TILE_ROWS);
         let y_addr = y.as_mut_ptr() as usize;
+        // Affine tiles need each row's sums over runs of 16 activations: Σ x·(s·q − o) is
+        // s·Σ q·x − o·Σ x.
+        let run_sums: Vec<f32> = match self.tiles {
+            Tiles::Affine(_) => x.chunks_exact(16).map(|run| run.iter().sum()).collect(),
+            Tiles::Q8_0(_) => Vec::new(),
+        };
+        let runs_per_row = k / 16;
         // Tile-major units: a worker walks every row pass of a tile while it is in cache.
         barrier_pool().execute_chunked(tile_rows * passes, |units| {
             for unit in units {
@@ -266,6 +273,7 @@ impl PackedWeight {
                 unsafe {
                     let out = |i: usize| (y_addr as *mut f32).add(i * n + tile_row * TILE_ROWS);
                     let xs = |i: usize| &x[i * k..(i + 1) * k];
+                    let sums = |i: usize| &run_sums[i * runs_per_row..(i + 1) * runs_per_row];
                     macro_rules! run {
                         ($kernel:ident, $tiles:expr) => {
                             match rows {
@@ -282,7 +290,19 @@ impl PackedWeight {
                     }
                     match &self.tiles {
                         Tiles::Q8_0(tiles) => run!(q8_0, &tiles[span]),
-                        Tiles::Affine(tiles) => run!(affine, &tiles[span]),
+                        Tiles::Affine(tiles) => {
+                            let tiles = &tiles[span];
+                            match rows {
+                                8 => kernel::affine::<8>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6), xs(r + 7)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4), sums(r + 5), sums(r + 6), sums(r + 7)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6), out(r + 7)], lanes),
+                                7 => kernel::affine::<7>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4), sums(r + 5), sums(r + 6)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6)], lanes),
+                                6 => kernel::affine::<6>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4), sums(r + 5)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5)], lanes),
+                                5 => kernel::affine::<5>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4)], lanes),
+                                4 => kernel::affine::<4>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3)], [out(r), out(r + 1), out(r + 2), out(r + 3)], lanes),
+                                3 => kernel::affine::<3>(tiles, [xs(r), xs(r + 1), xs(r + 2)], [sums(r), sums(r + 1), sums(r + 2)], [out(r), out(r + 1), out(r + 2)], lanes),
+                                2 => kernel::affine::<2>(tiles, [xs(r), xs(r + 1)], [sums(r), sums(r + 1)], [out(r), out(r + 1)], lanes),
+                                _ => kernel::affine::<1>(tiles, [xs(r)], [sums(r)], [out(r)], lanes),
+                            }
+                        }
                     }
                 }
             }
@@ -311,55 +331,70 @@ mod kernel {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(t * TILE_ROWS) as *const __m128i)))
     }
 
-    /// `R` activation rows against one row of affine tiles (16 outputs each), over every block.
+    /// `R` activation rows against one row of affine tiles (16 outputs each): per run of 16
+    /// values, s·Σ q·x − o·Σ x with the runs' activation sums given in `run_sums`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn affine<const R: usize>(
         tiles: &[AffineTile],
         xs: [&[f32]; R],
+        run_sums: [&[f32]; R],
         out: [*mut f32; R],
         lanes: usize,
     ) {
-        let mut even = [_mm512_setzero_ps(); R];
-        let mut odd = [_mm512_setzero_ps(); R];
+        let mut sums = [_mm512_setzero_ps(); R];
         for (b, tile) in tiles.iter().enumerate() {
             let offset = _mm512_loadu_ps(tile.offset.as_ptr());
             let qs = tile.qs.as_ptr();
             for half in 0..2 {
-                let scale = _mm512_loadu_ps(tile.scale.as_ptr().add(half * TILE_ROWS));
+                let mut even = [_mm512_setzero_ps(); R];
+                let mut odd = [_mm512_setzero_ps(); R];
                 for t in (half * 16..half * 16 + 16).step_by(2) {
-                    let w0 = _mm512_fmsub_ps(column(qs, t), scale, offset);
-                    let w1 = _mm512_fmsub_ps(column(qs, t + 1), scale, offset);
+                    let w0 = column(qs, t);
+                    let w1 = column(qs, t + 1);
                     for r in 0..R {
                         let x = xs[r].as_ptr().add(b * BLOCK + t);
                         even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*x), even[r]);
                         odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x.add(1)), odd[r]);
                     }
                 }
+                let scale = _mm512_loadu_ps(tile.scale.as_ptr().add(half * TILE_ROWS));
+                for r in 0..R {
+                    let x_sum = _mm512_set1_ps(run_sums[r][2 * b + half]);
+                    sums[r] = _mm512_fmadd_ps(scale, _mm512_add_ps(even[r], odd[r]), sums[r]);
+                    sums[r] = _mm512_fnmadd_ps(offset, x_sum, sums[r]);
+                }
             }
         }
-        store(out, even, odd, lanes);
+        let zero = [_mm512_setzero_ps(); R];
+        store(out, sums, zero, lanes);
     }
 
-    /// `R` activation rows against one row of Q8_0 tiles (16 outputs each), over every block.
+    /// `R` activation rows against one row of Q8_0 tiles (16 outputs each): per block, the
+    /// integer weights times the activations, then scaled once by the block's d.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn q8_0<const R: usize>(tiles: &[Tile], xs: [&[f32]; R], out: [*mut f32; R], lanes: usize) {
-        // Even and odd columns sum apart: two chains per row hide the FMA latency.
-        let mut even = [_mm512_setzero_ps(); R];
-        let mut odd = [_mm512_setzero_ps(); R];
+        let mut sums = [_mm512_setzero_ps(); R];
         for (b, tile) in tiles.iter().enumerate() {
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const __m256i));
+            // Even and odd columns sum apart: two chains per row hide the FMA latency.
+            let mut even = [_mm512_setzero_ps(); R];
+            let mut odd = [_mm512_setzero_ps(); R];
             let qs = tile.qs.as_ptr();
             for t in (0..BLOCK).step_by(2) {
-                let w0 = _mm512_mul_ps(d, column(qs, t));
-                let w1 = _mm512_mul_ps(d, column(qs, t + 1));
+                let w0 = column(qs, t);
+                let w1 = column(qs, t + 1);
                 for r in 0..R {
                     let x = xs[r].as_ptr().add(b * BLOCK + t);
                     even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*x), even[r]);
                     odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x.add(1)), odd[r]);
                 }
             }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const __m256i));
+            for r in 0..R {
+                sums[r] = _mm512_fmadd_ps(d, _mm512_add_ps(even[r], odd[r]), sums[r]);
+            }
         }
-        store(out, even, odd, lanes);
+        let zero = [_mm512_setzero_ps(); R];
+        store(out, sums, zero, lanes);
     }
 }
 
@@ -371,7 +406,7 @@ mod kernel {
         unreachable!("PackedWeight::supported() is false off x86_64")
     }
 
-    pub(super) unsafe fn affine<const R: usize>(_: &[AffineTile], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
+    pub(super) unsafe fn affine<const R: usize>(_: &[AffineTile], _: [&[f32]; R], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
         unreachable!("PackedWeight::supported() is false off x86_64")
     }
 }
