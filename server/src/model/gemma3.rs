@@ -14,7 +14,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
 use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
@@ -90,24 +90,69 @@ impl Config {
     }
 }
 
+/// Calls `f` with a tensor's values in row-major order, read in place when it is contiguous.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    if t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let Storage::Cpu(CpuStorage::F32(values)) = &*storage {
+            let start = layout.start_offset();
+            return Ok(f(&values[start..start + t.elem_count()]));
+        }
+    }
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&values))
+}
+
 struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    weight: Vec<f32>,
+    eps: f32,
 }
 
 impl RmsNorm {
     fn load(gguf: &GgufFile, name: &str, len: usize, eps: f64) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: load_vector(gguf, name, len)?,
-            eps,
+            weight: load_vector(gguf, name, len)?.to_vec1::<f32>()?,
+            eps: eps as f32,
         })
     }
 
-    /// x / √(mean(x²) + ε) · w over the last dimension.
+    /// out = x / √(mean(x²) + ε) · w for one vector of the weight's length.
+    fn normalize_into(&self, x: &[f32], out: &mut [f32]) {
+        let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let scale = 1.0 / (mean_sq + self.eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(&self.weight) {
+            *o = v * scale * w;
+        }
+    }
+
+    /// RMSNorm over the last dimension, one pass.
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+        let n = self.weight.len();
+        let out = with_values(x, |xs| {
+            let mut out = vec![0f32; xs.len()];
+            for (row, o) in xs.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+                self.normalize_into(row, o);
+            }
+            out
+        })?;
+        Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+    }
+
+    /// `x: [rows, heads·d]`: RMSNorm of every head's d values, then RoPE at the row's position.
+    fn forward_heads_rotated(&self, x: &Tensor, rope: &Rotary) -> Result<Tensor, ModelError> {
+        let d = self.weight.len();
+        let width = x.dim(1)?;
+        let out = with_values(x, |xs| {
+            let mut out = vec![0f32; xs.len()];
+            for (r, (row, o)) in xs.chunks_exact(width).zip(out.chunks_exact_mut(width)).enumerate() {
+                for (head, o_head) in row.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
+                    self.normalize_into(head, o_head);
+                    rope.rotate(r, o_head);
+                }
+            }
+            out
+        })?;
+        Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
     }
 }
 
@@ -182,10 +227,11 @@ impl Logits {
     }
 }
 
-/// cos and sin of θ_i·p for each row's position p, θ_i = base^(−2i/head_dim): `[rows, 1, d/2]`.
+/// cos and sin of θ_i·p for each row's position p, θ_i = base^(−2i/head_dim): `[rows, d/2]`.
 struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
 }
 
 impl Rotary {
@@ -203,21 +249,20 @@ impl Rotary {
                 sin.push(angle.sin());
             }
         }
-        let shape = (positions.len(), 1, half);
-        Ok(Self {
-            cos: Tensor::from_vec(cos, shape, &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, shape, &Device::Cpu)?,
-        })
+        Ok(Self { cos, sin, half })
     }
 
-    /// NeoX rotation of `x: [rows, heads, d]`: (x₁, x₂) ↦ (x₁·cos − x₂·sin, x₂·cos + x₁·sin).
-    fn apply(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let r1 = (x1.broadcast_mul(&self.cos)? - x2.broadcast_mul(&self.sin)?)?;
-        let r2 = (x2.broadcast_mul(&self.cos)? + x1.broadcast_mul(&self.sin)?)?;
-        Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    /// NeoX rotation of one head of row `row`: (x₁, x₂) ↦ (x₁·cos − x₂·sin, x₂·cos + x₁·sin)
+    /// over the two halves.
+    fn rotate(&self, row: usize, head: &mut [f32]) {
+        let (first, second) = head.split_at_mut(self.half);
+        let cos = &self.cos[row * self.half..(row + 1) * self.half];
+        let sin = &self.sin[row * self.half..(row + 1) * self.half];
+        for (((x1, x2), &c), &s) in first.iter_mut().zip(second.iter_mut()).zip(cos).zip(sin) {
+            let (a, b) = (*x1, *x2);
+            *x1 = a * c - b * s;
+            *x2 = b * c + a * s;
+        }
     }
 }
 
@@ -323,19 +368,13 @@ impl Gemma3 {
             let q = block.q.forward(&h, &segments, scratch)?;
             let k = block.k.forward(&h, &segments, scratch)?;
             let v = block.v.forward(&h, &segments, scratch)?;
-            let q = block
-                .q_norm
-                .forward(&q.reshape((n_rows, c.n_heads, c.head_dim))?)?;
-            let k = block
-                .k_norm
-                .forward(&k.reshape((n_rows, c.n_kv_heads, c.head_dim))?)?;
             let rope = if block.global {
                 &rope_global
             } else {
                 &rope_local
             };
-            let q = rope.apply(&q)?;
-            let k = rope.apply(&k)?.reshape((n_rows, c.n_kv_heads * c.head_dim))?;
+            let q = block.q_norm.forward_heads_rotated(&q, rope)?;
+            let k = block.k_norm.forward_heads_rotated(&k, rope)?;
 
             // Single-token (decoding) sequences attend straight from their caches' memory.
             let q_values = if layouts.iter().any(|l| l.rows.len() == 1) {
