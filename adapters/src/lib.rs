@@ -4,6 +4,8 @@
 //! `Δy = s·(x·Aᵀ)·Bᵀ` with `A: [r, in]`, `B: [out, r]` and `s = α/r` (or `α/√r` with rsLoRA).
 //! Several adapters compose by summing their deltas, each with its own request-given weight.
 
+pub mod peft;
+
 use std::collections::HashMap;
 use std::fmt;
 

@@ -85,6 +85,17 @@ impl Config {
         })
     }
 
+    /// The shapes a LoRA adapter for this model must have.
+    pub fn adapter_shape(&self) -> tessera_adapters::peft::BaseShape {
+        tessera_adapters::peft::BaseShape {
+            n_layers: self.n_layers,
+            hidden: self.hidden,
+            q_width: self.n_heads * self.head_dim,
+            kv_width: self.n_kv_heads * self.head_dim,
+            ffn: self.ffn_hidden,
+        }
+    }
+
     pub fn is_global_layer(&self, layer: usize) -> bool {
         (layer + 1) % GLOBAL_LAYER_PERIOD == 0
     }

@@ -1,0 +1,112 @@
+//! PEFT LoRA adapters against llama.cpp's generations with the same adapters
+//! (`lora_cases.json`), with the LoRA tolerances calibrated in the reference README.
+
+use std::collections::HashMap;
+
+use tessera::generate::{generate, prefill, GenerateParams};
+use tessera::model::gemma3::SequenceChunk;
+use tessera::model::{KvCache, LogitsFor};
+use tessera::sampler::{log_softmax_at, SamplingParams};
+use tessera_adapters::peft::PeftAdapter;
+use tessera_adapters::AdapterMix;
+use tessera_tests::{read_json, real_model, testdata_dir, GenerationCases};
+
+/// Random adapters amplify small differences: PEFT on f32 itself diverges below this margin.
+const GREEDY_MARGIN: f32 = 0.6;
+const MAX_LOGPROB_ERROR: f32 = 1.2;
+const MAX_MEAN_LOGPROB_ERROR: f32 = 0.2;
+
+#[test]
+fn every_lora_case_matches_the_reference() {
+    let model = &real_model().model;
+    let shape = model.config().adapter_shape();
+    let cases: GenerationCases = read_json("lora_cases.json");
+    assert!(!cases.cases.is_empty());
+    let mut adapters: HashMap<String, PeftAdapter> = HashMap::new();
+    for name in cases.cases.iter().flat_map(|c| c.adapters.keys()) {
+        if !adapters.contains_key(name) {
+            let dir = testdata_dir().join("adapters").join(name);
+            let adapter = PeftAdapter::load(&dir, &shape)
+                .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+            adapters.insert(name.clone(), adapter);
+        }
+    }
+    let (mut worst_step, mut worst_mean) = (0f32, 0f32);
+    for case in &cases.cases {
+        let mix = AdapterMix {
+            parts: case
+                .adapters
+                .iter()
+                .map(|(name, &scale)| (&adapters[name].weights, scale))
+                .collect(),
+        };
+        let label = format!("{:?} with {:?}", case.prompt.chars().take(30).collect::<String>(), case.adapters);
+        assert_eq!(real_model().tokenizer.encode(&case.prompt, true, true).unwrap(), case.prompt_ids);
+
+        // Teacher-forced along the reference tokens.
+        let n = case.greedy.len();
+        let mut cache = KvCache::new(model.config(), case.prompt_ids.len() + n).unwrap();
+        let first = prefill(model, &mut cache, &case.prompt_ids, &mix).unwrap();
+        let rest = model
+            .forward(&mut [SequenceChunk {
+                tokens: &case.greedy[..n - 1],
+                cache: &mut cache,
+                logits: LogitsFor::All,
+                adapters: &mix,
+            }])
+            .unwrap();
+        let errors: Vec<f32> = (0..n)
+            .map(|i| {
+                let logits = if i == 0 { &first[..] } else { rest.row(0, i - 1) };
+                (log_softmax_at(logits, [case.steps[i].token])[0] - case.steps[i].logprob).abs()
+            })
+            .collect();
+        let max = errors.iter().copied().fold(0f32, f32::max);
+        let mean = errors.iter().sum::<f32>() / n as f32;
+        eprintln!("{label}: max |Δlogprob| {max:.4}, mean {mean:.4}");
+        assert!(
+            max <= MAX_LOGPROB_ERROR && mean <= MAX_MEAN_LOGPROB_ERROR,
+            "{label}: max {max:.3}, mean {mean:.3}; per step {errors:?}"
+        );
+        worst_step = worst_step.max(max);
+        worst_mean = worst_mean.max(mean);
+
+        // Greedy decoding follows the reference wherever the reference is decisive.
+        let params = GenerateParams {
+            max_tokens: n,
+            sampling: SamplingParams::default(),
+            top_logprobs: 0,
+            stop_ids: Vec::new(),
+        };
+        let out = generate(model, &case.prompt_ids, &params, &mix, |_| {}).unwrap();
+        if let Some(i) = out.token_ids.iter().zip(&case.greedy).position(|(a, b)| a != b) {
+            let margin = case.steps[i].margin();
+            assert!(
+                margin < GREEDY_MARGIN,
+                "{label}: step {i} chose {} but the reference chose {} with margin {margin:.3}",
+                out.token_ids[i],
+                case.greedy[i]
+            );
+            eprintln!("{label}: first divergence at step {i} (margin {margin:.3})");
+        }
+    }
+    eprintln!("worst step {worst_step:.4}, worst case mean {worst_mean:.4}");
+}
+
+#[test]
+fn adapters_change_the_output_and_a_zero_weight_does_not() {
+    let model = &real_model().model;
+    let shape = model.config().adapter_shape();
+    let alpha = PeftAdapter::load(&testdata_dir().join("adapters/alpha-r8"), &shape).unwrap();
+    let ids = real_model().tokenizer.encode("The capital of France is", true, true).unwrap();
+    let run = |mix: &AdapterMix| {
+        let mut cache = KvCache::new(model.config(), ids.len()).unwrap();
+        prefill(model, &mut cache, &ids, mix).unwrap()
+    };
+    let base = run(&AdapterMix::default());
+    let adapted = run(&AdapterMix { parts: vec![(&alpha.weights, 1.0)] });
+    let off = run(&AdapterMix { parts: vec![(&alpha.weights, 0.0)] });
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff(&base, &adapted) > 0.1, "the adapter changed nothing");
+    assert!(diff(&base, &off) < 1e-4);
+}
