@@ -295,3 +295,23 @@ fn seeded_generation_repeats_and_greedy_is_deterministic() {
     assert!(one.top_logprobs.iter().all(|t| t.len() == 3 && t[0].1 >= t[1].1));
     assert_eq!(run(0.0, 1).token_ids, run(0.0, 2).token_ids);
 }
+
+#[test]
+fn incremental_decoding_rebuilds_multibyte_text_and_survives_invalid_bytes() {
+    use tessera::engine::text::IncrementalDecoder;
+    let (_dir, m) = tiny_model();
+    let t = &m.tokenizer;
+    // "é€ the" through byte-fallback tokens and pieces: the deltas add up to the text.
+    let ids = t.encode("é€ the", false, false).unwrap();
+    let mut decoder = IncrementalDecoder::default();
+    let text: String = ids.iter().map(|&id| decoder.push(t, id)).collect();
+    assert_eq!(text, "é€ the");
+    // Random byte tokens and pieces: never a panic.
+    let mut decoder = IncrementalDecoder::default();
+    let mut state = 12345u32;
+    for _ in 0..2000 {
+        state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let id = 7 + (state >> 8) % 288;
+        decoder.push(t, id);
+    }
+}

@@ -19,7 +19,15 @@ impl IncrementalDecoder {
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
         let full = decode(&self.ids[self.prefix_offset..]);
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            let delta = full[prefix.len()..].to_string();
+            // Invalid byte sequences may decode to a different number of U+FFFD in a longer
+            // window, so the earlier text is not always a prefix: cut at a character boundary.
+            let mut start = prefix.len();
+            if !full.starts_with(&prefix) {
+                while !full.is_char_boundary(start) {
+                    start -= 1;
+                }
+            }
+            let delta = full[start..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             delta
