@@ -48,6 +48,8 @@ async fn eight_simultaneous_greedy_requests_return_what_they_return_alone() {
             admin_key: None,
             request_timeout: Duration::from_secs(300),
             max_body_bytes: 1 << 20,
+            adapters_dir: None,
+            adapter_roots: Vec::new(),
         },
         EngineConfig {
             ctx_len: 2048,

@@ -42,6 +42,13 @@ pub struct ServeOptions {
     /// Largest request body, in bytes [default: 8 MiB].
     #[arg(long, env = "TESSERA_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Adapters (PEFT folders) registered at startup; `load_lora_adapter` may read from here
+    /// [default: $TESSERA_HOME/adapters].
+    #[arg(long, env = "TESSERA_ADAPTERS_DIR")]
+    pub adapters_dir: Option<PathBuf>,
+    /// More directories `load_lora_adapter` may read from (comma-separated).
+    #[arg(long, env = "TESSERA_ADAPTER_ROOTS", value_delimiter = ',')]
+    pub adapter_roots: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,8 @@ pub struct ServeConfig {
     pub admin_key: Option<String>,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    pub adapters_dir: Option<PathBuf>,
+    pub adapter_roots: Vec<PathBuf>,
 }
 
 impl ServeOptions {
@@ -88,6 +97,8 @@ impl ServeOptions {
             admin_key: self.admin_key.or(other.admin_key),
             request_timeout: self.request_timeout.or(other.request_timeout),
             max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
+            adapters_dir: self.adapters_dir.or(other.adapters_dir),
+            adapter_roots: self.adapter_roots.or(other.adapter_roots),
         }
     }
 
@@ -126,6 +137,8 @@ impl ServeConfig {
             admin_key: merged.admin_key.filter(|k| !k.is_empty()),
             request_timeout: Duration::from_secs(merged.request_timeout.unwrap_or(300).max(1)),
             max_body_bytes: positive(merged.max_body_bytes, 8 << 20, "max_body_bytes")?,
+            adapters_dir: merged.adapters_dir,
+            adapter_roots: merged.adapter_roots.unwrap_or_default(),
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod model_store;
+pub mod registry;
 pub mod sampler;
 pub mod tokenizer;
 

@@ -304,6 +304,12 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
     });
     let ctx_len = config.ctx_len.min(model.model.config().context_length);
+    let adapters_dir = match &config.adapters_dir {
+        Some(dir) => dir.clone(),
+        None => model_store::tessera_home()?.join("adapters"),
+    };
+    std::fs::create_dir_all(&adapters_dir)
+        .with_context(|| format!("creating {}", adapters_dir.display()))?;
     eprintln!(
         "loaded {} as `{model_id}` in {:.1}s (context {ctx_len} tokens)",
         path.display(),
@@ -318,6 +324,8 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
             admin_key: config.admin_key.clone(),
             request_timeout: config.request_timeout,
             max_body_bytes: config.max_body_bytes,
+            adapters_dir: Some(adapters_dir),
+            adapter_roots: config.adapter_roots.clone(),
         },
         tessera::engine::EngineConfig {
             ctx_len,
@@ -394,6 +402,8 @@ fn bench_serve(
                         admin_key: None,
                         request_timeout: std::time::Duration::from_secs(600),
                         max_body_bytes: 1 << 20,
+                        adapters_dir: None,
+                        adapter_roots: Vec::new(),
                     },
                     tessera::engine::EngineConfig {
                         ctx_len: 2048,

@@ -22,6 +22,8 @@ fn settings() -> ApiSettings {
         admin_key: None,
         request_timeout: Duration::from_secs(30),
         max_body_bytes: 64 * 1024,
+        adapters_dir: None,
+        adapter_roots: Vec::new(),
     }
 }
 

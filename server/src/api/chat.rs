@@ -35,7 +35,7 @@ pub async fn chat_completions(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, AppError> {
-    app.check_model(&req.model)?;
+    let adapters = app.lease_adapters(&req.model, &req.sampling.adapters)?;
     let sampling = validate::sampling(&req.sampling)?;
     let top_logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
@@ -84,6 +84,7 @@ pub async fn chat_completions(
             stop_strings: sampling.stop_strings.clone(),
             logprobs: top_logprobs,
             prompt_logprobs: false,
+            adapters: adapters.clone(),
         })?);
     }
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());

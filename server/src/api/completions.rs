@@ -37,7 +37,7 @@ pub async fn completions(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
-    app.check_model(&req.model)?;
+    let adapters = app.lease_adapters(&req.model, &req.sampling.adapters)?;
     let sampling = validate::sampling(&req.sampling)?;
     let logprobs = match req.logprobs {
         Some(k) if k > MAX_LOGPROBS => {
@@ -77,6 +77,7 @@ pub async fn completions(
                 stop_strings: sampling.stop_strings.clone(),
                 logprobs,
                 prompt_logprobs: echo && logprobs.is_some(),
+                adapters: adapters.clone(),
             })?);
         }
     }

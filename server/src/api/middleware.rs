@@ -13,7 +13,7 @@ use super::{App, AppError};
 /// Routes anyone may call.
 const PUBLIC: [&str; 2] = ["/health", "/openapi.json"];
 /// Routes that need the admin key (or, without one, the API key).
-const ADMIN: [&str; 1] = ["/metrics"];
+const ADMIN: [&str; 3] = ["/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"];
 
 fn key_matches(expected: &Option<String>, given: Option<&str>) -> bool {
     match (expected, given) {

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (axum). Routes and their OpenAPI description come from the
 //! same `utoipa` annotations, so they cannot drift apart.
 
+mod adapters;
 mod chat;
 mod completions;
 pub mod error;
@@ -23,6 +24,7 @@ use utoipa_axum::routes;
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::registry::{AdapterGeneration, Registry, RegistryError};
 use crate::LoadedModel;
 pub use error::AppError;
 
@@ -34,6 +36,10 @@ pub struct ApiSettings {
     pub admin_key: Option<String>,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Scanned for adapters at startup, and where `load_lora_adapter` may read from.
+    pub adapters_dir: Option<std::path::PathBuf>,
+    /// More directories `load_lora_adapter` may read from.
+    pub adapter_roots: Vec<std::path::PathBuf>,
 }
 
 /// Shared application state: `State<Arc<App>>` in every handler.
@@ -45,6 +51,7 @@ pub struct App {
     pub created: u64,
     pub settings: ApiSettings,
     pub metrics: Arc<Metrics>,
+    pub registry: Registry,
 }
 
 impl App {
@@ -57,6 +64,17 @@ impl App {
         engine: crate::engine::EngineConfig,
     ) -> std::io::Result<Arc<Self>> {
         let metrics = Arc::new(Metrics::new());
+        let roots: Vec<_> = settings
+            .adapters_dir
+            .iter()
+            .chain(&settings.adapter_roots)
+            .cloned()
+            .collect();
+        let registry = Registry::new(model.model.config().adapter_shape(), &model_id, &roots);
+        if let Some(dir) = &settings.adapters_dir {
+            let found = registry.scan(dir).map_err(std::io::Error::other)?;
+            tracing::info!(dir = %dir.display(), found, "adapters registered");
+        }
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
         Ok(Arc::new(Self {
             engine,
@@ -65,15 +83,48 @@ impl App {
             created: unix_time(),
             settings,
             metrics,
+            registry,
         }))
     }
 
     fn check_model(&self, requested: &str) -> Result<(), AppError> {
-        if requested == self.model_id {
+        if requested == self.model_id || self.registry.contains(requested) {
             Ok(())
         } else {
             Err(AppError::ModelNotFound(requested.to_string()))
         }
+    }
+
+    /// The adapters a request runs with, leased now: `model` itself when it names an adapter
+    /// (weight 1), then the `adapters` composition.
+    fn lease_adapters(
+        &self,
+        model: &str,
+        extra: &Option<Vec<types::AdapterRef>>,
+    ) -> Result<Vec<(Arc<AdapterGeneration>, f32)>, AppError> {
+        let mut leases = Vec::new();
+        if model != self.model_id {
+            leases.push((self.registry.lease(model).map_err(|e| match e {
+                RegistryError::NotFound(_) => AppError::ModelNotFound(model.to_string()),
+                other => AppError::Internal(other.to_string()),
+            })?, 1.0));
+        }
+        for (i, adapter) in extra.iter().flatten().enumerate() {
+            let scale = adapter.scale.unwrap_or(1.0);
+            if !scale.is_finite() {
+                return Err(AppError::invalid(&format!("adapters[{i}].scale"), "the scale must be a finite number"));
+            }
+            let generation = self.registry.lease(&adapter.name).map_err(|e| match e {
+                RegistryError::NotFound(name) => AppError::InvalidParameter {
+                    message: format!("the adapter `{name}` does not exist"),
+                    param: Some(format!("adapters[{i}].name")),
+                    code: Some("adapter_not_found"),
+                },
+                other => AppError::Internal(other.to_string()),
+            })?;
+            leases.push((generation, scale));
+        }
+        Ok(leases)
     }
 }
 
@@ -119,6 +170,8 @@ fn api_routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(models::health))
         .routes(routes!(models::metrics))
         .routes(routes!(models::openapi_json))
+        .routes(routes!(adapters::load_lora_adapter))
+        .routes(routes!(adapters::unload_lora_adapter))
 }
 
 /// The OpenAPI description of every route (what `openapi.yaml` holds).

@@ -21,13 +21,23 @@ fn base_model(app: &App) -> Model {
     }
 }
 
-/// Lists the models that can be used as `model`.
+fn adapter_model(app: &App, name: &str) -> Model {
+    Model {
+        id: name.to_string(),
+        parent: Some(app.model_id.clone()),
+        ..base_model(app)
+    }
+}
+
+/// Lists the models that can be used as `model`: the base, then every adapter (with `parent`
+/// set to the base).
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
     responses((status = 200, body = ModelList), (status = 401, body = super::error::ErrorResponse)))]
 pub async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
+    let adapters = app.registry.names().into_iter().map(|name| adapter_model(&app, &name));
     Json(ModelList {
         object: "list",
-        data: vec![base_model(&app)],
+        data: std::iter::once(base_model(&app)).chain(adapters).collect(),
     })
 }
 
@@ -40,7 +50,11 @@ pub async fn get_model(
     Path(model): Path<String>,
 ) -> Result<Json<Model>, AppError> {
     app.check_model(&model)?;
-    Ok(Json(base_model(&app)))
+    if model == app.model_id {
+        Ok(Json(base_model(&app)))
+    } else {
+        Ok(Json(adapter_model(&app, &model)))
+    }
 }
 
 /// Liveness: the engine is up and accepting work.

@@ -19,9 +19,19 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// Extension: one adapter of a composition, Δ = Σ scale·(α/r)·B·A.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct AdapterRef {
+    pub name: String,
+    /// Defaults to 1.
+    pub scale: Option<f32>,
+}
+
 /// Fields shared by both completion endpoints, OpenAI's and the extensions.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
+    /// Extension: adapters composed on top of `model` (which may itself name an adapter).
+    pub adapters: Option<Vec<AdapterRef>>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub n: Option<u32>,
@@ -265,4 +275,25 @@ pub struct Health {
     pub status: &'static str,
     pub model: String,
     pub queue_depth: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct LoadAdapterRequest {
+    /// `[A-Za-z0-9._-]{1,64}`; loading an existing name replaces it with a new generation.
+    pub lora_name: String,
+    /// A PEFT adapter folder under one of the server's allowed adapter roots.
+    pub lora_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct UnloadAdapterRequest {
+    pub lora_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterStatus {
+    pub name: String,
+    /// Increases with every load of any adapter; requests keep the generation they started on.
+    pub generation: Option<u64>,
+    pub status: &'static str,
 }

@@ -16,6 +16,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::registry::AdapterGeneration;
 use crate::sampler::SamplingParams;
 use crate::LoadedModel;
 
@@ -34,6 +35,8 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     /// Also score every prompt token (completions' `echo` with `logprobs`).
     pub prompt_logprobs: bool,
+    /// Adapters and their composition weights, leased for the whole generation.
+    pub adapters: Vec<(Arc<AdapterGeneration>, f32)>,
 }
 
 /// One candidate token with its log-probability under the raw logits.

@@ -158,17 +158,24 @@ impl Scheduler {
             inputs.push(Some(input));
         }
 
-        let no_adapters = AdapterMix::default();
+        let leases: Vec<_> = self.running.iter().map(|seq| seq.leases().to_vec()).collect();
+        let mixes: Vec<AdapterMix> = leases
+            .iter()
+            .map(|leased| AdapterMix {
+                parts: leased.iter().map(|(g, weight)| (&g.weights, *weight)).collect(),
+            })
+            .collect();
         let mut chunks: Vec<SequenceChunk> = self
             .running
             .iter_mut()
             .zip(&inputs)
-            .filter_map(|(seq, input)| {
+            .zip(&mixes)
+            .filter_map(|((seq, input), mix)| {
                 input.as_ref().map(|input| SequenceChunk {
                     tokens: &input.tokens,
                     cache: &mut seq.cache,
                     logits: input.logits,
-                    adapters: &no_adapters,
+                    adapters: mix,
                 })
             })
             .collect();

@@ -58,6 +58,11 @@ impl Sequence {
         (request.prompt.len() + request.max_tokens) * config.n_layers * 2 * config.n_kv_heads * config.head_dim * 4
     }
 
+    /// The adapters this sequence leased, with their weights.
+    pub(super) fn leases(&self) -> &[(std::sync::Arc<crate::registry::AdapterGeneration>, f32)] {
+        &self.request.adapters
+    }
+
     pub(super) fn cancelled(&self) -> bool {
         self.events.is_closed()
     }

@@ -1,0 +1,204 @@
+//! The adapters a server knows, by name. Each load makes a new immutable *generation*; a request
+//! leases the generations it uses at admission (an `Arc`), so replacing or unloading an adapter
+//! never changes a request in flight, and memory is freed when the last lease ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tessera_adapters::peft::{BaseShape, PeftAdapter, PeftError, CONFIG_FILE};
+use tessera_adapters::LoraWeights;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("adapter names must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'; got `{0}`")]
+    InvalidName(String),
+    #[error("`{0}` is the base model's name")]
+    ReservedName(String),
+    #[error("the adapter `{0}` does not exist")]
+    NotFound(String),
+    #[error("{path}: adapters may only be loaded from under {roots}")]
+    OutsideRoots { path: PathBuf, roots: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Peft(#[from] PeftError),
+}
+
+/// One immutable version of an adapter.
+#[derive(Debug)]
+pub struct AdapterGeneration {
+    pub name: String,
+    pub generation: u64,
+    pub weights: LoraWeights,
+    pub rank: usize,
+    pub alpha: f32,
+    pub source: PathBuf,
+}
+
+enum Entry {
+    /// Registered from disk, loaded on first use.
+    OnDisk(PathBuf),
+    Loaded(Arc<AdapterGeneration>),
+}
+
+pub struct Registry {
+    base: BaseShape,
+    base_name: String,
+    entries: DashMap<String, Entry>,
+    next_generation: AtomicU64,
+    /// Directories (canonical) under which `load` accepts adapter paths.
+    roots: Vec<PathBuf>,
+}
+
+/// `[A-Za-z0-9._-]{1,64}`, and not a path component such as `.` or `..`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Registry {
+    pub fn new(base: BaseShape, base_name: &str, roots: &[PathBuf]) -> Self {
+        Self {
+            base,
+            base_name: base_name.to_string(),
+            entries: DashMap::new(),
+            next_generation: AtomicU64::new(1),
+            roots: roots.iter().filter_map(|r| r.canonicalize().ok()).collect(),
+        }
+    }
+
+    /// Registers every adapter folder (one holding `adapter_config.json`) directly under `dir`;
+    /// their weights load on first use. Returns how many were registered.
+    pub fn scan(&self, dir: &Path) -> Result<usize, RegistryError> {
+        let io = |source| RegistryError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut registered = 0;
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
+            if path.join(CONFIG_FILE).is_file() && valid_name(&name) && name != self.base_name {
+                self.entries.insert(name, Entry::OnDisk(path));
+                registered += 1;
+            } else if path.is_dir() {
+                tracing::warn!(path = %path.display(), "skipped: not an adapter folder with a valid name");
+            }
+        }
+        Ok(registered)
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::InvalidName(name.to_string()));
+        }
+        if name == self.base_name {
+            return Err(RegistryError::ReservedName(name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn read(&self, name: &str, path: &Path) -> Result<Arc<AdapterGeneration>, RegistryError> {
+        let adapter = PeftAdapter::load(path, &self.base)?;
+        Ok(Arc::new(AdapterGeneration {
+            name: name.to_string(),
+            generation: self.next_generation.fetch_add(1, Ordering::SeqCst),
+            weights: adapter.weights,
+            rank: adapter.rank,
+            alpha: adapter.alpha,
+            source: path.to_path_buf(),
+        }))
+    }
+
+    /// The current generation of `name`, loading it first if it was only registered.
+    pub fn lease(&self, name: &str) -> Result<Arc<AdapterGeneration>, RegistryError> {
+        let path = match self.entries.get(name).as_deref() {
+            None => return Err(RegistryError::NotFound(name.to_string())),
+            Some(Entry::Loaded(generation)) => return Ok(generation.clone()),
+            Some(Entry::OnDisk(path)) => path.clone(),
+        };
+        let loaded = self.read(name, &path)?;
+        // A concurrent load or unload may have won meanwhile: keep what the map holds then.
+        match self.entries.get_mut(name) {
+            None => Err(RegistryError::NotFound(name.to_string())),
+            Some(mut entry) => {
+                if let Entry::Loaded(generation) = &*entry {
+                    return Ok(generation.clone());
+                }
+                *entry = Entry::Loaded(loaded.clone());
+                tracing::info!(adapter = name, generation = loaded.generation, "adapter loaded on first use");
+                Ok(loaded)
+            }
+        }
+    }
+
+    /// Loads the adapter at `path` (which must lie under an allowed root) as a new generation of
+    /// `name`, replacing any earlier one for new requests.
+    pub fn load(&self, name: &str, path: &Path) -> Result<Arc<AdapterGeneration>, RegistryError> {
+        self.check_name(name)?;
+        let canonical = path.canonicalize().map_err(|source| RegistryError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !self.roots.iter().any(|root| canonical.starts_with(root)) {
+            return Err(RegistryError::OutsideRoots {
+                path: path.to_path_buf(),
+                roots: self
+                    .roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let loaded = self.read(name, &canonical)?;
+        self.entries.insert(name.to_string(), Entry::Loaded(loaded.clone()));
+        tracing::info!(adapter = name, generation = loaded.generation, path = %canonical.display(), "adapter loaded");
+        Ok(loaded)
+    }
+
+    /// Stops new requests from using `name` at once; requests holding a lease finish with it.
+    pub fn unload(&self, name: &str) -> Result<(), RegistryError> {
+        self.entries
+            .remove(name)
+            .map(|_| tracing::info!(adapter = name, "adapter unloaded"))
+            .ok_or_else(|| RegistryError::NotFound(name.to_string()))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.entries.iter().map(|e| e.key().clone()).collect();
+        names.sort();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_allowed_pattern() {
+        for good in ["alpha-r8", "a", "x.y_z-1", &"a".repeat(64)] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", "..", ".", "a/b", "a b", "é", &"a".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

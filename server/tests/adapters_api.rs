@@ -1,0 +1,216 @@
+//! Adapters over HTTP on the tiny model: registration, selection, composition, runtime load and
+//! unload, and mixed batches.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde_json::{json, Value};
+use tessera::api::{router, ApiSettings, App};
+use tessera::engine::EngineConfig;
+use tessera::model::synthetic::{self, tiny_gemma3};
+use tessera::LoadedModel;
+use tower::ServiceExt;
+
+const MODEL: &str = "tiny";
+
+/// A PEFT adapter for the tiny model on q_proj and down_proj of every layer.
+fn write_adapter(dir: &Path, seed: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj","down_proj"]}"#,
+    )
+    .unwrap();
+    let q_width = synthetic::HEADS * synthetic::HEAD_DIM;
+    let mut data = Vec::new();
+    for layer in 0..synthetic::LAYERS {
+        for (module, block, input, output) in [
+            ("q_proj", "self_attn", synthetic::HIDDEN, q_width),
+            ("down_proj", "mlp", synthetic::FFN, synthetic::HIDDEN),
+        ] {
+            let prefix = format!("base_model.model.model.layers.{layer}.{block}.{module}");
+            for (factor, shape) in [("lora_A", vec![2, input]), ("lora_B", vec![output, 2])] {
+                let n: usize = shape.iter().product();
+                let bytes: Vec<u8> = (0..n)
+                    .flat_map(|i| ((((i as u32 * 7 + seed) % 23) as f32 - 11.0) * 0.02).to_le_bytes())
+                    .collect();
+                data.push((format!("{prefix}.{factor}.weight"), bytes, shape));
+            }
+        }
+    }
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    app: Arc<App>,
+    router: Router,
+}
+
+fn fixture(admin_key: Option<&str>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("tiny.gguf");
+    tiny_gemma3(5).write(&model_path).unwrap();
+    let adapters = dir.path().join("adapters");
+    write_adapter(&adapters.join("tiny-a"), 1);
+    let uploads = dir.path().join("uploads");
+    write_adapter(&uploads.join("second"), 2);
+    write_adapter(&dir.path().join("elsewhere"), 3);
+    let model = Arc::new(LoadedModel::load(&model_path).unwrap());
+    let app = App::start(
+        model,
+        MODEL.into(),
+        ApiSettings {
+            ctx_len: 128,
+            api_key: None,
+            admin_key: admin_key.map(str::to_string),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            adapters_dir: Some(adapters),
+            adapter_roots: vec![uploads],
+        },
+        EngineConfig {
+            ctx_len: 128,
+            max_running_seqs: 8,
+            max_queue: 32,
+            prefill_tokens_per_step: 64,
+        },
+    )
+    .unwrap();
+    let router = router(app.clone());
+    Fixture {
+        root: dir.path().to_path_buf(),
+        _dir: dir,
+        app,
+        router,
+    }
+}
+
+async fn call(router: &Router, method: &str, uri: &str, body: Option<Value>, key: Option<&str>) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(key) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let req = match body {
+        Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn tokens(router: &Router, model: &str, adapters: Value) -> (StatusCode, Value) {
+    let body = json!({"model": model, "prompt": "the cat", "max_tokens": 8, "temperature": 0,
+                      "ignore_eos": true, "return_token_ids": true, "logprobs": 1, "adapters": adapters});
+    let (status, v) = call(router, "POST", "/v1/completions", Some(body), None).await;
+    (status, v["choices"][0].clone())
+}
+
+#[tokio::test]
+async fn adapters_are_listed_selected_and_composed() {
+    let f = fixture(None);
+    let r = &f.router;
+    let (status, list) = call(r, "GET", "/v1/models", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny", "tiny-a"]);
+    assert_eq!(list["data"][1]["parent"], "tiny");
+    assert!(list["data"][0]["parent"].is_null());
+    let (status, one) = call(r, "GET", "/v1/models/tiny-a", None, None).await;
+    assert_eq!((status, one["parent"].as_str()), (StatusCode::OK, Some("tiny")));
+
+    let (_, base) = tokens(r, MODEL, Value::Null).await;
+    let (_, adapted) = tokens(r, "tiny-a", Value::Null).await;
+    assert_ne!(base["logprobs"], adapted["logprobs"], "the adapter changed nothing");
+    // Composition on the base: weight 1 is the adapter itself, weight 0 is the base.
+    let (_, composed) = tokens(r, MODEL, json!([{"name": "tiny-a", "scale": 1.0}])).await;
+    assert_eq!(composed["logprobs"], adapted["logprobs"]);
+    let (_, off) = tokens(r, MODEL, json!([{"name": "tiny-a", "scale": 0.0}])).await;
+    assert_eq!(off["token_ids"], base["token_ids"]);
+
+    let (status, err) = call(r, "POST", "/v1/completions", Some(json!({"model": MODEL, "prompt": "a", "adapters": [{"name": "nope"}]})), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["error"]["param"], "adapters[0].name");
+    assert_eq!(err["error"]["code"], "adapter_not_found");
+    let (status, err) = call(r, "POST", "/v1/completions", Some(json!({"model": "nope", "prompt": "a"})), None).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("model_not_found")));
+}
+
+#[tokio::test]
+async fn a_mixed_batch_gives_each_request_what_it_gets_alone() {
+    let f = fixture(None);
+    let r = &f.router;
+    let (status, _) = call(r, "POST", "/v1/load_lora_adapter",
+        Some(json!({"lora_name": "tiny-b", "lora_path": f.root.join("uploads/second")})), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let requests = [
+        ("tiny-a", Value::Null),
+        ("tiny-b", Value::Null),
+        (MODEL, Value::Null),
+        (MODEL, json!([{"name": "tiny-a", "scale": 0.5}, {"name": "tiny-b", "scale": 1.0}])),
+    ];
+    // Tokens and their logprobs, exactly.
+    let mut alone = Vec::new();
+    for (model, adapters) in &requests {
+        let choice = tokens(r, model, adapters.clone()).await.1;
+        alone.push((choice["token_ids"].clone(), choice["logprobs"].clone()));
+    }
+    let together = futures::future::join_all(requests.iter().map(|(m, a)| tokens(r, m, a.clone()))).await;
+    for (i, (status, choice)) in together.into_iter().enumerate() {
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!((choice["token_ids"].clone(), choice["logprobs"].clone()), alone[i], "request {i}");
+    }
+    assert_ne!(alone[0].1, alone[2].1, "the adapter changed nothing");
+    assert_ne!(alone[0].1, alone[1].1, "two adapters gave the same output");
+}
+
+#[tokio::test]
+async fn load_replace_and_unload_at_runtime_behind_the_admin_key() {
+    let f = fixture(Some("admin"));
+    let r = &f.router;
+    let load = |name: &str, path: std::path::PathBuf| json!({"lora_name": name, "lora_path": path});
+    let good = f.root.join("uploads/second");
+
+    let (status, _) = call(r, "POST", "/v1/load_lora_adapter", Some(load("b", good.clone())), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, first) = call(r, "POST", "/v1/load_lora_adapter", Some(load("b", good.clone())), Some("admin")).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (_, second) = call(r, "POST", "/v1/load_lora_adapter", Some(load("b", good.clone())), Some("admin")).await;
+    assert!(second["generation"].as_u64() > first["generation"].as_u64(), "a reload is a new generation");
+    let (status, _) = tokens(r, "b", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+
+    for (body, param) in [
+        (load("bad/name", good.clone()), "lora_name"),
+        (load(MODEL, good.clone()), "lora_name"),
+        (load("c", f.root.join("elsewhere")), "lora_path"),
+        (load("c", f.root.join("uploads/missing")), "lora_path"),
+        (load("c", f.root.join("uploads/../elsewhere")), "lora_path"),
+    ] {
+        let (status, err) = call(r, "POST", "/v1/load_lora_adapter", Some(body), Some("admin")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+        assert_eq!(err["error"]["param"], param, "{err}");
+    }
+
+    let (status, _) = call(r, "POST", "/v1/unload_lora_adapter", Some(json!({"lora_name": "b"})), Some("admin")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = tokens(r, "b", Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "unloaded adapters refuse new requests at once");
+    let (status, _) = call(r, "POST", "/v1/unload_lora_adapter", Some(json!({"lora_name": "b"})), Some("admin")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!f.app.registry.contains("b"));
+}
