@@ -66,6 +66,7 @@ fn fixture(admin_key: Option<&str>) -> Fixture {
     write_adapter(&adapters.join("tiny-a"), 1);
     let uploads = dir.path().join("uploads");
     write_adapter(&uploads.join("second"), 2);
+    write_adapter(&uploads.join("third"), 4);
     write_adapter(&dir.path().join("elsewhere"), 3);
     let model = Arc::new(LoadedModel::load(&model_path).unwrap());
     let app = App::start(
@@ -213,4 +214,87 @@ async fn load_replace_and_unload_at_runtime_behind_the_admin_key() {
     let (status, _) = call(r, "POST", "/v1/unload_lora_adapter", Some(json!({"lora_name": "b"})), Some("admin")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(!f.app.registry.contains("b"));
+}
+
+/// A streamed completion from `model`: the generations header and the streamed tokens with
+/// their logprobs.
+async fn stream(router: &Router, model: &str) -> (StatusCode, String, Vec<(String, f64)>) {
+    let body = json!({"model": model, "prompt": "a b c", "max_tokens": 12, "temperature": 0,
+                      "ignore_eos": true, "stream": true, "logprobs": 1});
+    let req = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let generations = response
+        .headers()
+        .get(tessera::api::ADAPTER_GENERATIONS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let tokens = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            let choice = &v["choices"][0];
+            let logprob = choice["logprobs"]["token_logprobs"][0].as_f64()?;
+            Some((choice["text"].as_str()?.to_string(), logprob))
+        })
+        .collect();
+    (status, generations, tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replacing_an_adapter_under_load_never_mixes_generations() {
+    let f = fixture(None);
+    let r = &f.router;
+    let versions = [f.root.join("uploads/second"), f.root.join("uploads/third")];
+    let load = |version: usize| {
+        let body = json!({"lora_name": "swap", "lora_path": versions[version]});
+        async move {
+            let (status, v) = call(r, "POST", "/v1/load_lora_adapter", Some(body), None).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            (v["generation"].as_u64().unwrap(), version)
+        }
+    };
+    // What each version answers on its own.
+    let mut generation_version = std::collections::HashMap::new();
+    let mut expected = Vec::new();
+    for version in 0..2 {
+        let (generation, v) = load(version).await;
+        generation_version.insert(generation, v);
+        expected.push(stream(r, "swap").await.2);
+    }
+    assert_ne!(expected[0], expected[1], "the two versions must answer differently");
+
+    let clients = futures::future::join_all((0..8).map(|_| async {
+        let mut responses = Vec::new();
+        for _ in 0..5 {
+            responses.push(stream(r, "swap").await);
+        }
+        responses
+    }));
+    let reloads = async {
+        let mut loaded = Vec::new();
+        for i in 0..20 {
+            loaded.push(load(i % 2).await);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        loaded
+    };
+    let (responses, loaded) = tokio::join!(clients, reloads);
+    generation_version.extend(loaded);
+    let mut seen = std::collections::HashSet::new();
+    for (status, generations, tokens) in responses.into_iter().flatten() {
+        assert_eq!(status, StatusCode::OK);
+        let generation: u64 = generations.strip_prefix("swap@").unwrap().parse().unwrap();
+        let version = generation_version[&generation];
+        assert_eq!(tokens, expected[version], "a response from generation {generation} is not version {version}'s");
+        seen.insert(generation);
+    }
+    assert!(seen.len() > 1, "the load test never saw a swap");
 }

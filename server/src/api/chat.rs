@@ -11,7 +11,7 @@ use futures::Stream;
 use super::respond::{chat_logprobs, collect, finish_reason, sse_error, sse_stream};
 use super::types::*;
 use super::validate::{self, Sampling};
-use super::{unix_time, ApiJson, App, AppError};
+use super::{unix_time, with_generations, ApiJson, App, AppError};
 use crate::engine::{Event, GenerationRequest};
 
 /// The most alternatives `top_logprobs` may ask for.
@@ -93,7 +93,10 @@ pub async fn chat_completions(
 
     if sampling.stream {
         let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling);
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(with_generations(
+            Sse::new(stream).keep_alive(KeepAlive::default()).into_response(),
+            &adapters,
+        ));
     }
 
     let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
@@ -111,7 +114,7 @@ pub async fn chat_completions(
             },
         })
         .collect();
-    Ok(axum::Json(ChatCompletion {
+    let response = axum::Json(ChatCompletion {
         id,
         object: "chat.completion",
         created,
@@ -123,7 +126,8 @@ pub async fn chat_completions(
             total_tokens: prompt.len() + completion_tokens,
         },
     })
-    .into_response())
+    .into_response();
+    Ok(with_generations(response, &adapters))
 }
 
 /// Token counts summed over a stream's choices.

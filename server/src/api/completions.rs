@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::respond::{collect, finish_reason, sse_error, sse_stream, token_text};
 use super::types::*;
 use super::validate;
-use super::{unix_time, ApiJson, App, AppError};
+use super::{unix_time, with_generations, ApiJson, App, AppError};
 use crate::engine::{Event, GeneratedToken, GenerationRequest, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 
@@ -179,7 +179,10 @@ pub async fn completions(
                 )]
             },
         );
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(with_generations(
+            Sse::new(stream).keep_alive(KeepAlive::default()).into_response(),
+            &adapters,
+        ));
     }
 
     let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
@@ -210,7 +213,7 @@ pub async fn completions(
         });
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
-    Ok(axum::Json(Completion {
+    let response = axum::Json(Completion {
         id,
         object: "text_completion",
         created,
@@ -222,7 +225,8 @@ pub async fn completions(
             total_tokens: prompt_tokens + completion_tokens,
         }),
     })
-    .into_response())
+    .into_response();
+    Ok(with_generations(response, &adapters))
 }
 
 /// Token ids of each prompt: texts get `<bos>` and parsed special tokens; ids are used as given.

@@ -128,6 +128,29 @@ impl App {
     }
 }
 
+/// Response header naming the adapter generations a request leased (`name@generation`, comma
+/// separated), so a client can tell which version of an adapter answered.
+pub const ADAPTER_GENERATIONS_HEADER: &str = "x-tessera-adapter-generations";
+
+/// Adds [`ADAPTER_GENERATIONS_HEADER`] to a response when the request used adapters.
+fn with_generations(
+    mut response: axum::response::Response,
+    leases: &[(Arc<AdapterGeneration>, f32)],
+) -> axum::response::Response {
+    if leases.is_empty() {
+        return response;
+    }
+    let value = leases
+        .iter()
+        .map(|(g, _)| format!("{}@{}", g.name, g.generation))
+        .collect::<Vec<_>>()
+        .join(",");
+    if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+        response.headers_mut().insert(ADAPTER_GENERATIONS_HEADER, value);
+    }
+    response
+}
+
 /// `axum::Json`, with its rejections (bad JSON, wrong types, too large) in OpenAI's error shape.
 pub struct ApiJson<T>(pub T);
 
