@@ -39,7 +39,7 @@ pub struct ServeOptions {
     /// Longest wait for a response to start, in seconds [default: 300].
     #[arg(long, env = "TESSERA_REQUEST_TIMEOUT")]
     pub request_timeout: Option<u64>,
-    /// Largest request body, in bytes [default: 8 MiB].
+    /// Largest request body, in bytes, adapter uploads included [default: 64 MiB].
     #[arg(long, env = "TESSERA_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
     /// Adapters (PEFT folders) registered at startup; `load_lora_adapter` may read from here
@@ -136,7 +136,7 @@ impl ServeConfig {
             api_key: merged.api_key.filter(|k| !k.is_empty()),
             admin_key: merged.admin_key.filter(|k| !k.is_empty()),
             request_timeout: Duration::from_secs(merged.request_timeout.unwrap_or(300).max(1)),
-            max_body_bytes: positive(merged.max_body_bytes, 8 << 20, "max_body_bytes")?,
+            max_body_bytes: positive(merged.max_body_bytes, 64 << 20, "max_body_bytes")?,
             adapters_dir: merged.adapters_dir,
             adapter_roots: merged.adapter_roots.unwrap_or_default(),
         })

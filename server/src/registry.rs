@@ -176,6 +176,19 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))
     }
 
+    /// Where `name` was registered from, and its current generation if loaded.
+    pub fn describe(&self, name: &str) -> Option<(PathBuf, Option<Arc<AdapterGeneration>>)> {
+        self.entries.get(name).map(|entry| match &*entry {
+            Entry::OnDisk(path) => (path.clone(), None),
+            Entry::Loaded(generation) => (generation.source.clone(), Some(generation.clone())),
+        })
+    }
+
+    /// Checks an adapter name for a new adapter.
+    pub fn check_new_name(&self, name: &str) -> Result<(), RegistryError> {
+        self.check_name(name)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

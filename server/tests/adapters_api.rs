@@ -298,3 +298,96 @@ async fn replacing_an_adapter_under_load_never_mixes_generations() {
     }
     assert!(seen.len() > 1, "the load test never saw a swap");
 }
+
+/// A multipart/form-data body.
+fn multipart(parts: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = "tessera-test-boundary";
+    let mut body = Vec::new();
+    for (name, data) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn upload(router: &Router, parts: &[(&str, Vec<u8>)], key: Option<&str>) -> (StatusCode, Value) {
+    let (content_type, body) = multipart(parts);
+    let mut req = Request::post("/v1/adapters").header(header::CONTENT_TYPE, content_type);
+    if let Some(key) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let response = router.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn upload_list_replace_and_delete_adapters() {
+    let f = fixture(Some("admin"));
+    let r = &f.router;
+    let key = Some("admin");
+    let source = f.root.join("uploads/second");
+    let config = std::fs::read(source.join("adapter_config.json")).unwrap();
+    let weights = std::fs::read(source.join("adapter_model.safetensors")).unwrap();
+    let files = |name: &str| {
+        vec![
+            ("name", name.as_bytes().to_vec()),
+            ("adapter_config.json", config.clone()),
+            ("adapter_model.safetensors", weights.clone()),
+        ]
+    };
+
+    let (status, _) = upload(r, &files("up"), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, first) = upload(r, &files("up"), key).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!((first["loaded"].as_bool(), first["rank"].as_u64()), (Some(true), Some(2)));
+    let stored = f.root.join("adapters/up");
+    assert!(stored.join("adapter_model.safetensors").is_file(), "the upload is stored durably");
+    let (status, _) = tokens(r, "up", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The same name again, as a zip archive: a new generation.
+    let mut zipped = std::io::Cursor::new(Vec::new());
+    {
+        let mut zip = zip::ZipWriter::new(&mut zipped);
+        for (name, data) in [("adapter_config.json", &config), ("adapter_model.safetensors", &weights)] {
+            zip.start_file(format!("my-adapter/{name}"), zip::write::SimpleFileOptions::default()).unwrap();
+            std::io::Write::write_all(&mut zip, data).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+    let (status, second) = upload(r, &[("name", b"up".to_vec()), ("archive", zipped.into_inner())], key).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert!(second["generation"].as_u64() > first["generation"].as_u64());
+
+    let (status, list) = call(r, "GET", "/v1/adapters", None, key).await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["tiny-a", "up"]);
+    assert_eq!(list["data"][0]["loaded"], false, "registered adapters load on first use");
+    let (status, one) = call(r, "GET", "/v1/adapters/up", None, key).await;
+    assert_eq!((status, one["generation"].clone()), (StatusCode::OK, second["generation"].clone()));
+
+    // A broken upload is refused and installs nothing.
+    let mut broken = files("broken");
+    broken[2].1.truncate(100);
+    let (status, err) = upload(r, &broken, key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(!f.root.join("adapters/broken").exists());
+    let (status, err) = upload(r, &files("../escape"), key).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
+    let (status, _) = upload(r, &[("name", b"half".to_vec()), ("adapter_config.json", config.clone())], key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let (status, _) = call(r, "DELETE", "/v1/adapters/up", None, key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!stored.exists(), "deleting removes the stored files");
+    let (status, _) = call(r, "GET", "/v1/adapters/up", None, key).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = tokens(r, "up", Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -2,10 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::multipart::MultipartError;
+use axum::extract::{Multipart, Path, State};
 use axum::Json;
+use tessera_adapters::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 
-use super::types::{AdapterStatus, LoadAdapterRequest, UnloadAdapterRequest};
+use super::types::{
+    AdapterInfo, AdapterList, AdapterStatus, AdapterUpload, LoadAdapterRequest, UnloadAdapterRequest,
+};
 use super::{ApiJson, App, AppError};
 use crate::registry::RegistryError;
 
@@ -57,4 +61,194 @@ pub async fn unload_lora_adapter(
         generation: None,
         status: "unloaded",
     }))
+}
+
+fn info(app: &App, name: &str) -> Option<AdapterInfo> {
+    let (path, generation) = app.registry.describe(name)?;
+    Some(AdapterInfo {
+        name: name.to_string(),
+        path: path.display().to_string(),
+        loaded: generation.is_some(),
+        generation: generation.as_ref().map(|g| g.generation),
+        rank: generation.as_ref().map(|g| g.rank),
+        alpha: generation.as_ref().map(|g| g.alpha),
+        size_bytes: generation.as_ref().map(|g| g.weights.size_in_bytes()),
+    })
+}
+
+/// Every registered adapter, loaded or not.
+#[utoipa::path(get, path = "/v1/adapters", tag = "Adapters",
+    responses((status = 200, body = AdapterList), (status = 401, body = super::error::ErrorResponse)))]
+pub async fn list_adapters(State(app): State<Arc<App>>) -> Json<AdapterList> {
+    Json(AdapterList {
+        object: "list",
+        data: app.registry.names().iter().filter_map(|n| info(&app, n)).collect(),
+    })
+}
+
+/// One adapter.
+#[utoipa::path(get, path = "/v1/adapters/{name}", tag = "Adapters",
+    params(("name" = String, Path, description = "An adapter name")),
+    responses((status = 200, body = AdapterInfo), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn get_adapter(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> Result<Json<AdapterInfo>, AppError> {
+    info(&app, &name)
+        .map(Json)
+        .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
+}
+
+/// Unloads an adapter and, when its files live in the adapters directory, deletes them.
+#[utoipa::path(delete, path = "/v1/adapters/{name}", tag = "Adapters",
+    params(("name" = String, Path, description = "An adapter name")),
+    responses((status = 200, body = AdapterStatus), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn delete_adapter(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> Result<Json<AdapterStatus>, AppError> {
+    let (path, _) = app
+        .registry
+        .describe(&name)
+        .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))?;
+    app.registry.unload(&name).map_err(registry_error)?;
+    let owned = match (&app.settings.adapters_dir, path.canonicalize()) {
+        (Some(dir), Ok(path)) => dir.canonicalize().is_ok_and(|dir| path.starts_with(dir)),
+        _ => false,
+    };
+    if owned {
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path))
+            .await
+            .map_err(|e| AppError::Internal(e.to_string()))?
+            .map_err(|e| AppError::Internal(format!("unloaded, but deleting its files failed: {e}")))?;
+    }
+    Ok(Json(AdapterStatus {
+        name,
+        generation: None,
+        status: "deleted",
+    }))
+}
+
+/// Uploads a PEFT adapter (multipart: `name`, then `adapter_config.json` and
+/// `adapter_model.safetensors`, or one zip `archive` holding them) into the adapters directory
+/// and loads it. The upload is checked before it is installed, and acknowledged once its files
+/// are durable; replacing a name makes a new generation.
+#[utoipa::path(post, path = "/v1/adapters", tag = "Adapters",
+    request_body(content = AdapterUpload, content_type = "multipart/form-data"),
+    responses((status = 200, body = AdapterInfo), (status = 400, body = super::error::ErrorResponse),
+              (status = 401, body = super::error::ErrorResponse), (status = 403, body = super::error::ErrorResponse)))]
+pub async fn upload_adapter(
+    State(app): State<Arc<App>>,
+    mut form: Multipart,
+) -> Result<Json<AdapterInfo>, AppError> {
+    let bad_form = |e: MultipartError| AppError::BadBody {
+        status: e.status(),
+        message: e.body_text(),
+    };
+    let mut upload = AdapterUpload::default();
+    while let Some(field) = form.next_field().await.map_err(bad_form)? {
+        let field_name = field.name().unwrap_or_default().to_string();
+        let data = field.bytes().await.map_err(bad_form)?.to_vec();
+        match field_name.as_str() {
+            "name" => {
+                upload.name = String::from_utf8(data)
+                    .map_err(|_| AppError::invalid("name", "`name` is not UTF-8"))?
+            }
+            "adapter_config.json" | "adapter_config" => upload.adapter_config = Some(data),
+            "adapter_model.safetensors" | "adapter_model" => upload.adapter_model = Some(data),
+            "archive" => upload.archive = Some(data),
+            other => {
+                return Err(AppError::invalid(
+                    other,
+                    format!("unknown form field `{other}` (expected name, adapter_config.json, adapter_model.safetensors or archive)"),
+                ))
+            }
+        }
+    }
+    app.registry
+        .check_new_name(&upload.name)
+        .map_err(|e| AppError::invalid("name", e.to_string()))?;
+    let dir = app.settings.adapters_dir.clone().ok_or_else(|| {
+        AppError::invalid("name", "this server has no adapters directory to store uploads in")
+    })?;
+    let (config, weights) = match (upload.adapter_config, upload.adapter_model, upload.archive) {
+        (Some(config), Some(weights), None) => (config, weights),
+        (None, None, Some(archive)) => from_zip(&archive)?,
+        _ => {
+            return Err(AppError::invalid(
+                "archive",
+                "send both adapter_config.json and adapter_model.safetensors, or one zip archive",
+            ))
+        }
+    };
+    let config = String::from_utf8(config)
+        .map_err(|_| AppError::invalid("adapter_config.json", "the config is not UTF-8"))?;
+    let shape = app.model.model.config().adapter_shape();
+    PeftAdapter::from_parts(&config, &weights, std::path::Path::new(&upload.name), &shape)
+        .map_err(|e| AppError::invalid("adapter_model.safetensors", e.to_string()))?;
+
+    let name = upload.name.clone();
+    let installer_app = app.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), AppError> {
+        install(&dir, &name, config.as_bytes(), &weights)
+            .map_err(|e| AppError::Internal(format!("storing the adapter failed: {e}")))?;
+        installer_app
+            .registry
+            .load(&name, &dir.join(&name))
+            .map(|_| ())
+            .map_err(registry_error)
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))??;
+    info(&app, &upload.name)
+        .map(Json)
+        .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
+}
+
+/// The two PEFT files from a zip archive (found by file name, wherever they sit in it).
+fn from_zip(archive: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AppError> {
+    let bad = |e: String| AppError::invalid("archive", format!("not a usable zip archive: {e}"));
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).map_err(|e| bad(e.to_string()))?;
+    let mut config = None;
+    let mut weights = None;
+    for i in 0..zip.len() {
+        let mut member = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
+        let file_name = member.name().rsplit('/').next().unwrap_or_default().to_string();
+        let slot = match file_name.as_str() {
+            CONFIG_FILE => &mut config,
+            WEIGHTS_FILE => &mut weights,
+            _ => continue,
+        };
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut member, &mut data).map_err(|e| bad(e.to_string()))?;
+        *slot = Some(data);
+    }
+    match (config, weights) {
+        (Some(c), Some(w)) => Ok((c, w)),
+        _ => Err(bad(format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}"))),
+    }
+}
+
+/// Writes the files into a staging folder, makes them durable, then renames it to `dir/name`
+/// (replacing any earlier folder of that name).
+fn install(dir: &std::path::Path, name: &str, config: &[u8], weights: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let staging = dir.join(format!(".upload-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&staging)?;
+    for (file, data) in [(CONFIG_FILE, config), (WEIGHTS_FILE, weights)] {
+        let mut f = std::fs::File::create(staging.join(file))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::File::open(&staging)?.sync_all()?;
+    let target = dir.join(name);
+    if target.exists() {
+        let old = dir.join(format!(".replaced-{:016x}", rand::random::<u64>()));
+        std::fs::rename(&target, &old)?;
+        std::fs::rename(&staging, &target)?;
+        std::fs::remove_dir_all(&old)?;
+    } else {
+        std::fs::rename(&staging, &target)?;
+    }
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -13,7 +13,11 @@ use super::{App, AppError};
 /// Routes anyone may call.
 const PUBLIC: [&str; 2] = ["/health", "/openapi.json"];
 /// Routes that need the admin key (or, without one, the API key).
-const ADMIN: [&str; 3] = ["/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"];
+const ADMIN: [&str; 4] = ["/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters"];
+
+fn is_admin(path: &str) -> bool {
+    ADMIN.contains(&path) || path.starts_with("/v1/adapters/")
+}
 
 fn key_matches(expected: &Option<String>, given: Option<&str>) -> bool {
     match (expected, given) {
@@ -36,7 +40,7 @@ pub async fn authenticate(State(app): State<Arc<App>>, request: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let settings = &app.settings;
-    let allowed = if ADMIN.contains(&path) {
+    let allowed = if is_admin(path) {
         match (&settings.admin_key, &settings.api_key) {
             (Some(_), _) => key_matches(&settings.admin_key, given),
             (None, Some(_)) => key_matches(&settings.api_key, given),
@@ -48,7 +52,7 @@ pub async fn authenticate(State(app): State<Arc<App>>, request: Request, next: N
             || key_matches(&settings.admin_key, given)
     };
     if !allowed {
-        return if ADMIN.contains(&path) && key_matches(&settings.api_key, given) {
+        return if is_admin(path) && key_matches(&settings.api_key, given) {
             AppError::AdminOnly.into_response()
         } else {
             AppError::Unauthorized.into_response()

@@ -195,6 +195,8 @@ fn api_routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(models::openapi_json))
         .routes(routes!(adapters::load_lora_adapter))
         .routes(routes!(adapters::unload_lora_adapter))
+        .routes(routes!(adapters::list_adapters, adapters::upload_adapter))
+        .routes(routes!(adapters::get_adapter, adapters::delete_adapter))
 }
 
 /// The OpenAPI description of every route (what `openapi.yaml` holds).

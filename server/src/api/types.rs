@@ -297,3 +297,34 @@ pub struct AdapterStatus {
     pub generation: Option<u64>,
     pub status: &'static str,
 }
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterInfo {
+    pub name: String,
+    /// Where its files are.
+    pub path: String,
+    /// Whether its weights are in memory (they load on first use).
+    pub loaded: bool,
+    pub generation: Option<u64>,
+    pub rank: Option<usize>,
+    pub alpha: Option<f32>,
+    pub size_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterList {
+    pub object: &'static str,
+    pub data: Vec<AdapterInfo>,
+}
+
+/// `POST /v1/adapters` form: `name`, and either both PEFT files or one zip archive holding them.
+#[derive(Debug, Default, ToSchema)]
+pub struct AdapterUpload {
+    pub name: String,
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub adapter_config: Option<Vec<u8>>,
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub adapter_model: Option<Vec<u8>>,
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub archive: Option<Vec<u8>>,
+}
