@@ -79,8 +79,9 @@ impl fmt::Display for TargetModule {
     }
 }
 
-/// One layer's low-rank pair, row-major: `a` is `[rank, in_features]`, `b` is
-/// `[out_features, rank]`, and `scale` already holds α/r.
+/// One layer's low-rank pair: `a` is `[rank, in_features]` row-major, B is kept transposed as
+/// `b_t: [rank, out_features]` so that adding (x·Aᵀ)·Bᵀ is `rank` vectorisable row updates; `scale`
+/// already holds α/r.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
     pub rank: usize,
@@ -88,7 +89,7 @@ pub struct LoraDelta {
     pub out_features: usize,
     pub scale: f32,
     a: Vec<f32>,
-    b: Vec<f32>,
+    b_t: Vec<f32>,
 }
 
 impl LoraDelta {
@@ -120,19 +121,25 @@ impl LoraDelta {
                 b.len()
             )));
         }
+        let mut b_t = vec![0f32; b.len()];
+        for (o, row) in b.chunks_exact(rank).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                b_t[j * out_features + o] = v;
+            }
+        }
         Ok(Self {
             rank,
             in_features,
             out_features,
             scale,
             a,
-            b,
+            b_t,
         })
     }
 
     /// Bytes held by the two factors.
     pub fn size_in_bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * std::mem::size_of::<f32>()
+        (self.a.len() + self.b_t.len()) * std::mem::size_of::<f32>()
     }
 
     /// `y += weight·scale·(x·Aᵀ)·Bᵀ` for every row of `x` (`[rows, in]`) and `y` (`[rows, out]`).
@@ -146,8 +153,10 @@ impl LoraDelta {
             for (t, a_row) in xa.iter_mut().zip(self.a.chunks_exact(self.in_features)) {
                 *t = s * dot(x_row, a_row);
             }
-            for (y, b_row) in y_row.iter_mut().zip(self.b.chunks_exact(self.rank)) {
-                *y += dot(&xa, b_row);
+            for (&t, b_row) in xa.iter().zip(self.b_t.chunks_exact(self.out_features)) {
+                for (y, &b) in y_row.iter_mut().zip(b_row) {
+                    *y += t * b;
+                }
             }
         }
     }

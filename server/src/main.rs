@@ -96,6 +96,25 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchTarget {
+    /// Serving throughput with requests spread over several random LoRA adapters (r8 and r16,
+    /// all seven targets) against the same load on the base alone, and an r16 adapter's cold-load
+    /// latency.
+    Adapters {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Concurrent clients to measure.
+        #[arg(long, value_delimiter = ',', default_value = "8,16")]
+        concurrency: Vec<usize>,
+        /// Distinct adapters the clients are spread over.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        adapters: Vec<usize>,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Requests each client sends in turn.
+        #[arg(long, default_value_t = 1)]
+        requests_per_client: usize,
+    },
     /// Drive N concurrent streaming clients (for each N) against the HTTP API and report total
     /// tok/s, time to first token and inter-token latency.
     Serve {
@@ -272,6 +291,25 @@ fn main() -> Result<()> {
             },
         )?,
         Command::Bench {
+            target:
+                Some(BenchTarget::Adapters {
+                    model,
+                    concurrency,
+                    adapters,
+                    max_tokens,
+                    requests_per_client,
+                }),
+            ..
+        } => bench_adapters(
+            &model,
+            &concurrency,
+            &adapters,
+            tessera::bench::serve::ServeLoad {
+                max_tokens,
+                requests_per_client,
+            },
+        )?,
+        Command::Bench {
             target: None,
             model,
             runs,
@@ -423,13 +461,91 @@ fn bench_serve(
             load.max_tokens, load.requests_per_client
         );
         // One request first, so no level pays for cold caches.
-        tessera::bench::serve::run_level(&base_url, &model_id, 1, &tessera::bench::serve::ServeLoad { max_tokens: 8, requests_per_client: 1 }).await?;
+        let models = [model_id];
+        tessera::bench::serve::run_level(&base_url, &models, 1, &tessera::bench::serve::ServeLoad { max_tokens: 8, requests_per_client: 1 }).await?;
         let mut rows = Vec::new();
         for &clients in concurrency {
-            rows.push(tessera::bench::serve::run_level(&base_url, &model_id, clients, &load).await?);
+            rows.push(tessera::bench::serve::run_level(&base_url, &models, clients, &load).await?);
             eprintln!("{clients} clients done");
         }
         print!("{}", tessera::bench::serve::format_table(&rows));
         Ok(())
     })
+}
+
+fn bench_adapters(
+    model: &ModelArg,
+    concurrency: &[usize],
+    spreads: &[usize],
+    load: tessera::bench::serve::ServeLoad,
+) -> Result<()> {
+    use tessera::bench::{adapters, median, serve};
+    let path = model.resolve()?;
+    let loaded = std::sync::Arc::new(LoadedModel::load(&path)?);
+    let shape = loaded.model.config().adapter_shape();
+    let dir = std::env::temp_dir().join(format!("tessera-bench-adapters-{}", std::process::id()));
+    let most = spreads.iter().copied().max().unwrap_or(1);
+    eprintln!("writing {most} random adapters to {}…", dir.display());
+    let names: Vec<String> = (0..most).map(|i| format!("bench-{i:02}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        adapters::write_random_adapter(&dir.join(name), &shape, if i % 2 == 0 { 8 } else { 16 }, i as u64)?;
+    }
+    let max_running_seqs = concurrency.iter().copied().max().unwrap_or(1).max(1);
+    let app = tessera::api::App::start(
+        loaded,
+        "base".into(),
+        tessera::api::ApiSettings {
+            ctx_len: 1024,
+            api_key: None,
+            admin_key: None,
+            request_timeout: std::time::Duration::from_secs(600),
+            max_body_bytes: 1 << 20,
+            adapters_dir: Some(dir.clone()),
+            adapter_roots: Vec::new(),
+        },
+        tessera::engine::EngineConfig {
+            ctx_len: 1024,
+            max_running_seqs,
+            max_queue: 4 * max_running_seqs,
+            ..tessera::engine::EngineConfig::default()
+        },
+    )?;
+    let r16 = dir.join(&names[1.min(names.len() - 1)]);
+    let cold = adapters::cold_loads(&app.registry, &r16, 5)?;
+    for name in &names {
+        app.registry.lease(name)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let rows = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(tessera::api::serve(app.clone(), listener, std::future::pending()));
+        let warm = serve::ServeLoad { max_tokens: 4, requests_per_client: 1 };
+        serve::run_level(&url, &["base".to_string()], 1, &warm).await?;
+        let mut rows = Vec::new();
+        for &clients in concurrency {
+            let base = serve::run_level(&url, &["base".to_string()], clients, &load).await?;
+            let base_rate = base.tokens as f64 / base.wall.as_secs_f64();
+            rows.push((clients, 0, base_rate, 1.0));
+            for &spread in spreads {
+                let row = serve::run_level(&url, &names[..spread.min(names.len())], clients, &load).await?;
+                let rate = row.tokens as f64 / row.wall.as_secs_f64();
+                rows.push((clients, spread, rate, rate / base_rate));
+                eprintln!("{clients} clients over {spread} adapters done");
+            }
+        }
+        Ok::<_, anyhow::Error>(rows)
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("| clients | adapters | total tok/s | vs base |\n|--------:|---------:|------------:|--------:|");
+    for (clients, spread, rate, ratio) in rows {
+        let spread = if spread == 0 { "none".to_string() } else { spread.to_string() };
+        println!("| {clients:>7} | {spread:>8} | {rate:>11.1} | {ratio:>6.2}× |");
+    }
+    let all: Vec<String> = cold.iter().map(|ms| format!("{ms:.1}")).collect();
+    println!("\ncold load of an r16 adapter (7 targets): median {:.1} ms (runs: {} ms)", median(&cold), all.join(", "));
+    Ok(())
 }

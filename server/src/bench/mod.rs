@@ -1,6 +1,7 @@
 //! `tessera bench`: prefill and decode throughput, load time and peak memory of one model, as
 //! medians over several runs, printed as a table. `serve` drives the HTTP API.
 
+pub mod adapters;
 pub mod serve;
 
 use std::path::Path;

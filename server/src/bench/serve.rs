@@ -80,10 +80,11 @@ async fn one_request(
     Ok((ttft, gaps, tokens))
 }
 
-/// Runs `clients` concurrent clients, each sending `requests_per_client` requests in turn.
+/// Runs `clients` concurrent clients, each sending `requests_per_client` requests in turn;
+/// client c asks for `models[c % models.len()]`.
 pub async fn run_level(
     base_url: &str,
-    model: &str,
+    models: &[String],
     clients: usize,
     load: &ServeLoad,
 ) -> Result<ServeRow, ServeBenchError> {
@@ -92,6 +93,7 @@ pub async fn run_level(
     let started = Instant::now();
     let results = futures::future::join_all((0..clients).map(|c| {
         let (client, url) = (client.clone(), url.clone());
+        let model = models[c % models.len()].as_str();
         async move {
             let mut out = Vec::new();
             for r in 0..load.requests_per_client {

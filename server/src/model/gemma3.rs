@@ -14,12 +14,13 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::gelu::GeluTable;
 use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
+use crate::model::with_values;
 use crate::model::{KvCache, LogitsFor, ModelError};
 
 const ARCHITECTURE: &str = "gemma3";
@@ -99,19 +100,6 @@ impl Config {
     pub fn is_global_layer(&self, layer: usize) -> bool {
         (layer + 1) % GLOBAL_LAYER_PERIOD == 0
     }
-}
-
-/// Calls `f` with a tensor's values in row-major order, read in place when it is contiguous.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
-    if t.is_contiguous() {
-        let (storage, layout) = t.storage_and_layout();
-        if let Storage::Cpu(CpuStorage::F32(values)) = &*storage {
-            let start = layout.start_offset();
-            return Ok(f(&values[start..start + t.elem_count()]));
-        }
-    }
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
-    Ok(f(&values))
 }
 
 struct RmsNorm {

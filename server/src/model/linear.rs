@@ -11,7 +11,7 @@ use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::packed::PackedWeight;
-use crate::model::ModelError;
+use crate::model::{with_values, ModelError};
 
 /// One sequence's rows of the batch: they share an adapter mix and a kernel choice.
 pub struct RowSegment<'a> {
@@ -149,14 +149,23 @@ impl QWeight {
         Ok(Tensor::cat(&outputs, 0)?)
     }
 
+    /// `x·Wᵀ` as a row-major vector, when the packed kernel runs (no tensor in between).
+    fn forward_packed_values(&self, x: &Tensor) -> Result<Option<Vec<f32>>, ModelError> {
+        let Kernel::Packed(packed) = &self.kernel else {
+            return Ok(None);
+        };
+        let rows = x.dim(0)?;
+        let mut y = vec![0f32; rows * self.out_features];
+        with_values(x, |xs| packed.matmul(xs, &mut y))?;
+        Ok(Some(y))
+    }
+
     /// `x·Wᵀ` through the quantized kernel for every row.
     pub fn forward_quantized(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         match &self.kernel {
-            Kernel::Packed(packed) => {
+            Kernel::Packed(_) => {
                 let rows = x.dim(0)?;
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = vec![0f32; rows * self.out_features];
-                packed.matmul(&xs, &mut y);
+                let y = self.forward_packed_values(x)?.unwrap_or_default();
                 Ok(Tensor::from_vec(y, (rows, self.out_features), &Device::Cpu)?)
             }
             Kernel::Candle {
@@ -271,23 +280,26 @@ impl QLinear {
         segments: &[RowSegment],
         scratch: &mut Vec<f32>,
     ) -> Result<Tensor, ModelError> {
-        let y = self.weight.forward(x, segments, scratch)?;
         if segments.iter().all(|s| s.adapters.is_empty()) {
-            return Ok(y);
+            return self.weight.forward(x, segments, scratch);
         }
-        let (rows, out_features) = y.dims2()?;
-        let in_features = x.dim(1)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
-        for segment in segments.iter().filter(|s| !s.adapters.is_empty()) {
-            let Range { start, end } = segment.rows.clone();
-            segment.adapters.add_to(
-                self.layer,
-                self.module,
-                &xs[start * in_features..end * in_features],
-                &mut ys[start * out_features..end * out_features],
-            );
-        }
+        let (rows, in_features) = x.dims2()?;
+        let out_features = self.weight.out_features;
+        let mut ys = match self.weight.forward_packed_values(x)? {
+            Some(ys) => ys,
+            None => self.weight.forward(x, segments, scratch)?.flatten_all()?.to_vec1::<f32>()?,
+        };
+        with_values(x, |xs| {
+            for segment in segments.iter().filter(|s| !s.adapters.is_empty()) {
+                let Range { start, end } = segment.rows.clone();
+                segment.adapters.add_to(
+                    self.layer,
+                    self.module,
+                    &xs[start * in_features..end * in_features],
+                    &mut ys[start * out_features..end * out_features],
+                );
+            }
+        })?;
         Ok(Tensor::from_vec(ys, (rows, out_features), &Device::Cpu)?)
     }
 }

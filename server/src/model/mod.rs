@@ -38,3 +38,17 @@ pub enum LogitsFor {
     Last,
     All,
 }
+
+/// Calls `f` with a tensor's values in row-major order, read in place when it is contiguous.
+pub(crate) fn with_values<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    if t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)) = &*storage {
+            let start = layout.start_offset();
+            return Ok(f(&values[start..start + t.elem_count()]));
+        }
+    }
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&values))
+}
+
