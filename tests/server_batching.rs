@@ -50,6 +50,7 @@ async fn eight_simultaneous_greedy_requests_return_what_they_return_alone() {
             max_body_bytes: 1 << 20,
             adapters_dir: None,
             adapter_roots: Vec::new(),
+            max_adapter_memory: None,
         },
         EngineConfig {
             ctx_len: 2048,

@@ -32,6 +32,7 @@ fn app() -> axum::Router {
             max_body_bytes: 1 << 20,
             adapters_dir: Some(testdata_dir().join("adapters")),
             adapter_roots: Vec::new(),
+            max_adapter_memory: None,
         },
         EngineConfig {
             ctx_len: 1024,

@@ -49,6 +49,10 @@ pub struct ServeOptions {
     /// More directories `load_lora_adapter` may read from (comma-separated).
     #[arg(long, env = "TESSERA_ADAPTER_ROOTS", value_delimiter = ',')]
     pub adapter_roots: Option<Vec<PathBuf>>,
+    /// Bytes of adapter weights kept in memory; past it the least recently used adapters that no
+    /// request holds are evicted (they reload on next use) [default: 1 GiB].
+    #[arg(long, env = "TESSERA_MAX_ADAPTER_MEMORY")]
+    pub max_adapter_memory: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,7 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub adapters_dir: Option<PathBuf>,
     pub adapter_roots: Vec<PathBuf>,
+    pub max_adapter_memory: usize,
 }
 
 impl ServeOptions {
@@ -99,6 +104,7 @@ impl ServeOptions {
             max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
             adapters_dir: self.adapters_dir.or(other.adapters_dir),
             adapter_roots: self.adapter_roots.or(other.adapter_roots),
+            max_adapter_memory: self.max_adapter_memory.or(other.max_adapter_memory),
         }
     }
 
@@ -139,6 +145,7 @@ impl ServeConfig {
             max_body_bytes: positive(merged.max_body_bytes, 64 << 20, "max_body_bytes")?,
             adapters_dir: merged.adapters_dir,
             adapter_roots: merged.adapter_roots.unwrap_or_default(),
+            max_adapter_memory: merged.max_adapter_memory.unwrap_or(1 << 30),
         })
     }
 }

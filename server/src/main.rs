@@ -364,6 +364,7 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
             max_body_bytes: config.max_body_bytes,
             adapters_dir: Some(adapters_dir),
             adapter_roots: config.adapter_roots.clone(),
+            max_adapter_memory: Some(config.max_adapter_memory),
         },
         tessera::engine::EngineConfig {
             ctx_len,
@@ -442,6 +443,7 @@ fn bench_serve(
                         max_body_bytes: 1 << 20,
                         adapters_dir: None,
                         adapter_roots: Vec::new(),
+                        max_adapter_memory: None,
                     },
                     tessera::engine::EngineConfig {
                         ctx_len: 2048,
@@ -502,6 +504,7 @@ fn bench_adapters(
             max_body_bytes: 1 << 20,
             adapters_dir: Some(dir.clone()),
             adapter_roots: Vec::new(),
+            max_adapter_memory: None,
         },
         tessera::engine::EngineConfig {
             ctx_len: 1024,

@@ -41,9 +41,10 @@ pub struct AdapterGeneration {
 }
 
 enum Entry {
-    /// Registered from disk, loaded on first use.
+    /// Registered from disk, loaded on first use (again after an eviction).
     OnDisk(PathBuf),
-    Loaded(Arc<AdapterGeneration>),
+    /// In memory, with the tick of its last use (for least-recently-used eviction).
+    Loaded(Arc<AdapterGeneration>, u64),
 }
 
 pub struct Registry {
@@ -53,6 +54,9 @@ pub struct Registry {
     next_generation: AtomicU64,
     /// Directories (canonical) under which `load` accepts adapter paths.
     roots: Vec<PathBuf>,
+    /// Most bytes of adapter weights kept in memory while not in use.
+    budget: Option<usize>,
+    clock: AtomicU64,
 }
 
 /// `[A-Za-z0-9._-]{1,64}`, and not a path component such as `.` or `..`.
@@ -66,13 +70,61 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl Registry {
-    pub fn new(base: BaseShape, base_name: &str, roots: &[PathBuf]) -> Self {
+    /// `budget` bounds the bytes of loaded adapters: past it, the least recently used ones that
+    /// no request holds go back to disk.
+    pub fn new(base: BaseShape, base_name: &str, roots: &[PathBuf], budget: Option<usize>) -> Self {
         Self {
             base,
             base_name: base_name.to_string(),
             entries: DashMap::new(),
             next_generation: AtomicU64::new(1),
             roots: roots.iter().filter_map(|r| r.canonicalize().ok()).collect(),
+            budget,
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Bytes of adapter weights in memory.
+    pub fn loaded_bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .filter_map(|e| match &*e {
+                Entry::Loaded(g, _) => Some(g.weights.size_in_bytes()),
+                Entry::OnDisk(_) => None,
+            })
+            .sum()
+    }
+
+    /// Evicts least recently used, unleased adapters (other than `keep`) until the loaded bytes
+    /// fit the budget. Leased ones stay: memory held by running requests is theirs.
+    fn evict(&self, keep: &str) {
+        let Some(budget) = self.budget else { return };
+        while self.loaded_bytes() > budget {
+            let victim = self
+                .entries
+                .iter()
+                .filter_map(|e| match &*e {
+                    Entry::Loaded(g, used) if e.key() != keep && Arc::strong_count(g) == 1 => {
+                        Some((*used, e.key().clone()))
+                    }
+                    _ => None,
+                })
+                .min();
+            let Some((_, name)) = victim else { return };
+            if let Some(mut entry) = self.entries.get_mut(&name) {
+                if let Entry::Loaded(g, _) = &*entry {
+                    if Arc::strong_count(g) == 1 {
+                        tracing::info!(adapter = %name, "adapter evicted from memory");
+                        *entry = Entry::OnDisk(g.source.clone());
+                        continue;
+                    }
+                }
+            }
+            return;
         }
     }
 
@@ -123,9 +175,12 @@ impl Registry {
 
     /// The current generation of `name`, loading it first if it was only registered.
     pub fn lease(&self, name: &str) -> Result<Arc<AdapterGeneration>, RegistryError> {
-        let path = match self.entries.get(name).as_deref() {
+        let path = match self.entries.get_mut(name).as_deref_mut() {
             None => return Err(RegistryError::NotFound(name.to_string())),
-            Some(Entry::Loaded(generation)) => return Ok(generation.clone()),
+            Some(Entry::Loaded(generation, used)) => {
+                *used = self.tick();
+                return Ok(generation.clone());
+            }
             Some(Entry::OnDisk(path)) => path.clone(),
         };
         let loaded = self.read(name, &path)?;
@@ -133,11 +188,13 @@ impl Registry {
         match self.entries.get_mut(name) {
             None => Err(RegistryError::NotFound(name.to_string())),
             Some(mut entry) => {
-                if let Entry::Loaded(generation) = &*entry {
+                if let Entry::Loaded(generation, _) = &*entry {
                     return Ok(generation.clone());
                 }
-                *entry = Entry::Loaded(loaded.clone());
+                *entry = Entry::Loaded(loaded.clone(), self.tick());
+                drop(entry);
                 tracing::info!(adapter = name, generation = loaded.generation, "adapter loaded on first use");
+                self.evict(name);
                 Ok(loaded)
             }
         }
@@ -163,7 +220,9 @@ impl Registry {
             });
         }
         let loaded = self.read(name, &canonical)?;
-        self.entries.insert(name.to_string(), Entry::Loaded(loaded.clone()));
+        self.entries
+            .insert(name.to_string(), Entry::Loaded(loaded.clone(), self.tick()));
+        self.evict(name);
         tracing::info!(adapter = name, generation = loaded.generation, path = %canonical.display(), "adapter loaded");
         Ok(loaded)
     }
@@ -180,7 +239,7 @@ impl Registry {
     pub fn describe(&self, name: &str) -> Option<(PathBuf, Option<Arc<AdapterGeneration>>)> {
         self.entries.get(name).map(|entry| match &*entry {
             Entry::OnDisk(path) => (path.clone(), None),
-            Entry::Loaded(generation) => (generation.source.clone(), Some(generation.clone())),
+            Entry::Loaded(generation, _) => (generation.source.clone(), Some(generation.clone())),
         })
     }
 

@@ -80,6 +80,7 @@ fn fixture(admin_key: Option<&str>) -> Fixture {
             max_body_bytes: 1 << 20,
             adapters_dir: Some(adapters),
             adapter_roots: vec![uploads],
+            max_adapter_memory: None,
         },
         EngineConfig {
             ctx_len: 128,
@@ -390,4 +391,45 @@ async fn upload_list_replace_and_delete_adapters() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = tokens(r, "up", Value::Null).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn least_recently_used_unleased_adapters_leave_memory_past_the_budget() {
+    use tessera::registry::Registry;
+    use tessera_adapters::peft::BaseShape;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+        write_adapter(&dir.path().join(name), seed);
+    }
+    let shape = BaseShape {
+        n_layers: synthetic::LAYERS,
+        hidden: synthetic::HIDDEN,
+        q_width: synthetic::HEADS * synthetic::HEAD_DIM,
+        kv_width: synthetic::HEAD_DIM,
+        ffn: synthetic::FFN,
+    };
+    let one = {
+        let probe = Registry::new(shape.clone(), "tiny", &[], None);
+        probe.scan(dir.path()).unwrap();
+        probe.lease("a").unwrap().weights.size_in_bytes()
+    };
+    // Room for one adapter, not two.
+    let registry = Registry::new(shape, "tiny", &[], Some(one + one / 2));
+    assert_eq!(registry.scan(dir.path()).unwrap(), 3);
+    let loaded = |name: &str| registry.describe(name).unwrap().1.is_some();
+
+    drop(registry.lease("a").unwrap());
+    assert!(loaded("a"));
+    let b = registry.lease("b").unwrap();
+    assert!(!loaded("a") && loaded("b"), "the unleased `a` made room for `b`");
+    // `b` is leased by a running request: loading `c` may not take its memory.
+    let c = registry.lease("c").unwrap();
+    assert!(loaded("b") && loaded("c"));
+    drop(b);
+    drop(c);
+    // Now both are free; loading `a` again evicts down to the budget.
+    let a = registry.lease("a").unwrap();
+    assert!(loaded("a") && !loaded("b") && !loaded("c"));
+    assert!(registry.loaded_bytes() <= one + one / 2);
+    assert!(a.generation > 1, "an evicted adapter comes back as a new generation");
 }

@@ -24,6 +24,7 @@ fn settings() -> ApiSettings {
         max_body_bytes: 64 * 1024,
         adapters_dir: None,
         adapter_roots: Vec::new(),
+        max_adapter_memory: None,
     }
 }
 

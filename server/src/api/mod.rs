@@ -40,6 +40,8 @@ pub struct ApiSettings {
     pub adapters_dir: Option<std::path::PathBuf>,
     /// More directories `load_lora_adapter` may read from.
     pub adapter_roots: Vec<std::path::PathBuf>,
+    /// Bytes of adapter weights kept in memory; least recently used unleased ones are evicted.
+    pub max_adapter_memory: Option<usize>,
 }
 
 /// Shared application state: `State<Arc<App>>` in every handler.
@@ -70,7 +72,12 @@ impl App {
             .chain(&settings.adapter_roots)
             .cloned()
             .collect();
-        let registry = Registry::new(model.model.config().adapter_shape(), &model_id, &roots);
+        let registry = Registry::new(
+            model.model.config().adapter_shape(),
+            &model_id,
+            &roots,
+            settings.max_adapter_memory,
+        );
         if let Some(dir) = &settings.adapters_dir {
             let found = registry.scan(dir).map_err(std::io::Error::other)?;
             tracing::info!(dir = %dir.display(), found, "adapters registered");
