@@ -384,6 +384,29 @@ mod tests {
     }
 
     #[test]
+    fn f16_and_bf16_factors_are_widened_exactly() {
+        let cfg = r#"{"r":1,"lora_alpha":1,"target_modules":["q_proj"]}"#;
+        let values = [0.5f32, -1.25, 3.0, 0.125, -0.75, 2.0, 1.5, -4.0];
+        let halves: Vec<u8> = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let brains: Vec<u8> = values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let p = "base_model.model.model.layers.0.self_attn.q_proj";
+        let views = vec![
+            (format!("{p}.lora_A.weight"), TensorView::new(Dtype::F16, vec![1, 8], &halves).unwrap()),
+            (format!("{p}.lora_B.weight"), TensorView::new(Dtype::BF16, vec![8, 1], &brains).unwrap()),
+        ];
+        let bytes = safetensors::serialize(views, None).unwrap();
+        let adapter = PeftAdapter::from_parts(cfg, &bytes, Path::new("/a"), &base()).unwrap();
+        let delta = adapter.weights.get(0, TargetModule::Q).unwrap();
+        // x = e_0 picks A[0][0] = 0.5; y = 0.5·B[:, 0] = 0.5·values.
+        let mut x = vec![0f32; 8];
+        x[0] = 1.0;
+        let mut y = vec![0f32; 8];
+        delta.add_to(1.0, &x, &mut y);
+        let expected: Vec<f32> = values.iter().map(|v| 0.5 * v).collect();
+        assert_eq!(y, expected);
+    }
+
+    #[test]
     fn shape_and_layer_mismatches_name_the_tensor() {
         let cfg = r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj"]}"#;
         let mut wrong = q_pair(0, 2);

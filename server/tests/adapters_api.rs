@@ -365,13 +365,28 @@ async fn upload_list_replace_and_delete_adapters() {
     assert_eq!(status, StatusCode::OK, "{second}");
     assert!(second["generation"].as_u64() > first["generation"].as_u64());
 
+    // And as a tar archive.
+    let mut tarred = tar::Builder::new(Vec::new());
+    for (name, data) in [("adapter_config.json", &config), ("adapter_model.safetensors", &weights)] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tarred.append_data(&mut header, format!("peft/{name}"), data.as_slice()).unwrap();
+    }
+    let (status, third) = upload(r, &[("name", b"up".to_vec()), ("archive", tarred.into_inner().unwrap())], key).await;
+    assert_eq!(status, StatusCode::OK, "{third}");
+    assert!(third["generation"].as_u64() > second["generation"].as_u64());
+    let (status, err) = upload(r, &[("name", b"junk".to_vec()), ("archive", b"neither zip nor tar".to_vec())], key).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("archive")));
+
     let (status, list) = call(r, "GET", "/v1/adapters", None, key).await;
     assert_eq!(status, StatusCode::OK);
     let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["tiny-a", "up"]);
     assert_eq!(list["data"][0]["loaded"], false, "registered adapters load on first use");
     let (status, one) = call(r, "GET", "/v1/adapters/up", None, key).await;
-    assert_eq!((status, one["generation"].clone()), (StatusCode::OK, second["generation"].clone()));
+    assert_eq!((status, one["generation"].clone()), (StatusCode::OK, third["generation"].clone()));
 
     // A broken upload is refused and installs nothing.
     let mut broken = files("broken");

@@ -130,7 +130,7 @@ pub async fn delete_adapter(
 }
 
 /// Uploads a PEFT adapter (multipart: `name`, then `adapter_config.json` and
-/// `adapter_model.safetensors`, or one zip `archive` holding them) into the adapters directory
+/// `adapter_model.safetensors`, or one zip or tar `archive` holding them) into the adapters directory
 /// and loads it. The upload is checked before it is installed, and acknowledged once its files
 /// are durable; replacing a name makes a new generation.
 #[utoipa::path(post, path = "/v1/adapters", tag = "Adapters",
@@ -173,11 +173,12 @@ pub async fn upload_adapter(
     })?;
     let (config, weights) = match (upload.adapter_config, upload.adapter_model, upload.archive) {
         (Some(config), Some(weights), None) => (config, weights),
-        (None, None, Some(archive)) => from_zip(&archive)?,
+        (None, None, Some(archive)) if archive.starts_with(b"PK\x03\x04") => from_zip(&archive)?,
+        (None, None, Some(archive)) => from_tar(&archive)?,
         _ => {
             return Err(AppError::invalid(
                 "archive",
-                "send both adapter_config.json and adapter_model.safetensors, or one zip archive",
+                "send both adapter_config.json and adapter_model.safetensors, or one zip or tar archive",
             ))
         }
     };
@@ -203,6 +204,33 @@ pub async fn upload_adapter(
     info(&app, &upload.name)
         .map(Json)
         .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
+}
+
+/// The two PEFT files from a tar archive (found by file name, wherever they sit in it).
+fn from_tar(archive: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AppError> {
+    let bad = |e: String| AppError::invalid("archive", format!("not a usable zip or tar archive: {e}"));
+    let mut tar = tar::Archive::new(archive);
+    let mut config = None;
+    let mut weights = None;
+    for entry in tar.entries().map_err(|e| bad(e.to_string()))? {
+        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry.path().map_err(|e| bad(e.to_string()))?;
+        let slot = match path.file_name().and_then(|n| n.to_str()) {
+            Some(CONFIG_FILE) => &mut config,
+            Some(WEIGHTS_FILE) => &mut weights,
+            _ => continue,
+        };
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).map_err(|e| bad(e.to_string()))?;
+        *slot = Some(data);
+    }
+    match (config, weights) {
+        (Some(c), Some(w)) => Ok((c, w)),
+        _ => Err(bad(format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}"))),
+    }
 }
 
 /// The two PEFT files from a zip archive (found by file name, wherever they sit in it).

@@ -317,7 +317,8 @@ pub struct AdapterList {
     pub data: Vec<AdapterInfo>,
 }
 
-/// `POST /v1/adapters` form: `name`, and either both PEFT files or one zip archive holding them.
+/// `POST /v1/adapters` form: `name`, and either both PEFT files or one zip or tar archive
+/// holding them.
 #[derive(Debug, Default, ToSchema)]
 pub struct AdapterUpload {
     pub name: String,
