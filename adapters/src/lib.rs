@@ -8,6 +8,7 @@ pub mod peft;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AdapterError {
@@ -144,16 +145,30 @@ impl LoraDelta {
 
     /// `y += weight·scale·(x·Aᵀ)·Bᵀ` for every row of `x` (`[rows, in]`) and `y` (`[rows, out]`).
     pub fn add_to(&self, weight: f32, x: &[f32], y: &mut [f32]) {
-        let s = weight * self.scale;
-        let mut xa = vec![0f32; self.rank];
-        for (x_row, y_row) in x
-            .chunks_exact(self.in_features)
-            .zip(y.chunks_exact_mut(self.out_features))
-        {
-            for (t, a_row) in xa.iter_mut().zip(self.a.chunks_exact(self.in_features)) {
-                *t = s * dot(x_row, a_row);
+        let rows = x.len() / self.in_features;
+        self.add_to_rows(&[(0..rows, weight)], x, y);
+    }
+
+    /// The same for several row ranges of one batch, each with its composition weight (SGMV):
+    /// each row of A and of B is read once for all the ranges. `x` and `y` hold the whole batch.
+    pub fn add_to_rows(&self, ranges: &[(Range<usize>, f32)], x: &[f32], y: &mut [f32]) {
+        let rows: Vec<(usize, f32)> = ranges
+            .iter()
+            .flat_map(|(range, weight)| range.clone().map(move |row| (row, weight * self.scale)))
+            .collect();
+        // xa[k, j] = s_k·(x_k · A_j), A's rows outermost.
+        let mut xa = vec![0f32; rows.len() * self.rank];
+        for (j, a_row) in self.a.chunks_exact(self.in_features).enumerate() {
+            for (k, &(row, s)) in rows.iter().enumerate() {
+                let x_row = &x[row * self.in_features..(row + 1) * self.in_features];
+                xa[k * self.rank + j] = s * dot(x_row, a_row);
             }
-            for (&t, b_row) in xa.iter().zip(self.b_t.chunks_exact(self.out_features)) {
+        }
+        // y_k += Σ_j xa[k, j]·Bᵀ_j, Bᵀ's rows outermost.
+        for (j, b_row) in self.b_t.chunks_exact(self.out_features).enumerate() {
+            for (k, &(row, _)) in rows.iter().enumerate() {
+                let t = xa[k * self.rank + j];
+                let y_row = &mut y[row * self.out_features..(row + 1) * self.out_features];
                 for (y, &b) in y_row.iter_mut().zip(b_row) {
                     *y += t * b;
                 }
@@ -211,14 +226,30 @@ impl AdapterMix<'_> {
     pub fn is_empty(&self) -> bool {
         self.parts.is_empty()
     }
+}
 
-    /// Adds this mix's delta for one layer to `y` (rows of `x` map one-to-one to rows of `y`).
-    pub fn add_to(&self, layer: usize, module: TargetModule, x: &[f32], y: &mut [f32]) {
-        for (weights, weight) in &self.parts {
-            if let Some(delta) = weights.get(layer, module) {
-                delta.add_to(*weight, x, y);
+/// Adds one layer's deltas for a whole batch whose row ranges each have their own mix: the
+/// ranges are grouped by adapter, so each adapter's factors are read once per step however many
+/// sequences use it (Punica's SGMV), with every weight·α/r folded into its rows ahead.
+pub fn add_batch_deltas<'a>(
+    layer: usize,
+    module: TargetModule,
+    segments: impl IntoIterator<Item = (Range<usize>, &'a AdapterMix<'a>)>,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let mut groups: Vec<(&LoraDelta, Vec<(Range<usize>, f32)>)> = Vec::new();
+    for (rows, mix) in segments {
+        for (weights, weight) in &mix.parts {
+            let Some(delta) = weights.get(layer, module) else { continue };
+            match groups.iter_mut().find(|(d, _)| std::ptr::eq(*d, delta)) {
+                Some((_, ranges)) => ranges.push((rows.clone(), *weight)),
+                None => groups.push((delta, vec![(rows.clone(), *weight)])),
             }
         }
+    }
+    for (delta, ranges) in groups {
+        delta.add_to_rows(&ranges, x, y);
     }
 }
 
@@ -268,10 +299,27 @@ mod tests {
             parts: vec![(&one, 0.5), (&two, 3.0)],
         };
         let mut y = [0.0];
-        mix.add_to(1, TargetModule::V, &[2.0], &mut y);
+        add_batch_deltas(1, TargetModule::V, [(0..1, &mix)], &[2.0], &mut y);
         assert_eq!(y, [2.0 * (0.5 * 1.0 + 3.0 * 2.0)]);
         let mut untouched = [7.0];
-        mix.add_to(0, TargetModule::V, &[2.0], &mut untouched);
+        add_batch_deltas(0, TargetModule::V, [(0..1, &mix)], &[2.0], &mut untouched);
         assert_eq!(untouched, [7.0]);
+    }
+
+    #[test]
+    fn grouped_rows_get_exactly_what_each_range_gets_alone() {
+        let mut w = LoraWeights::default();
+        let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.3 - 0.7).collect();
+        let b: Vec<f32> = (0..8).map(|i| 1.1 - i as f32 * 0.25).collect();
+        w.insert(0, TargetModule::Q, LoraDelta::new(0, TargetModule::Q, (3, 4, 2), 0.5, a, b).unwrap());
+        let (heavy, light) = (AdapterMix { parts: vec![(&w, 2.0)] }, AdapterMix { parts: vec![(&w, 0.25)] });
+        let x: Vec<f32> = (0..12).map(|i| (i as f32).sin()).collect();
+        let mut together = vec![1f32; 16];
+        add_batch_deltas(0, TargetModule::Q, [(0..1, &heavy), (1..3, &light), (3..4, &heavy)], &x, &mut together);
+        for (range, mix) in [(0..1, &heavy), (1..3, &light), (3..4, &heavy)] {
+            let mut alone = vec![1f32; range.len() * 4];
+            add_batch_deltas(0, TargetModule::Q, [(0..range.len(), mix)], &x[range.start * 3..range.end * 3], &mut alone);
+            assert_eq!(alone, together[range.start * 4..range.end * 4]);
+        }
     }
 }

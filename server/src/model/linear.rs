@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
-use tessera_adapters::{AdapterMix, TargetModule};
+use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::packed::PackedWeight;
@@ -283,22 +283,20 @@ impl QLinear {
         if segments.iter().all(|s| s.adapters.is_empty()) {
             return self.weight.forward(x, segments, scratch);
         }
-        let (rows, in_features) = x.dims2()?;
+        let rows = x.dim(0)?;
         let out_features = self.weight.out_features;
         let mut ys = match self.weight.forward_packed_values(x)? {
             Some(ys) => ys,
             None => self.weight.forward(x, segments, scratch)?.flatten_all()?.to_vec1::<f32>()?,
         };
         with_values(x, |xs| {
-            for segment in segments.iter().filter(|s| !s.adapters.is_empty()) {
-                let Range { start, end } = segment.rows.clone();
-                segment.adapters.add_to(
-                    self.layer,
-                    self.module,
-                    &xs[start * in_features..end * in_features],
-                    &mut ys[start * out_features..end * out_features],
-                );
-            }
+            add_batch_deltas(
+                self.layer,
+                self.module,
+                segments.iter().map(|s| (s.rows.clone(), s.adapters)),
+                xs,
+                &mut ys,
+            )
         })?;
         Ok(Tensor::from_vec(ys, (rows, out_features), &Device::Cpu)?)
     }
