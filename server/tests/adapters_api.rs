@@ -448,3 +448,46 @@ fn least_recently_used_unleased_adapters_leave_memory_past_the_budget() {
     assert!(registry.loaded_bytes() <= one + one / 2);
     assert!(a.generation > 1, "an evicted adapter comes back as a new generation");
 }
+
+#[tokio::test]
+async fn thousands_of_adapters_register_without_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("tiny.gguf");
+    tiny_gemma3(5).write(&model_path).unwrap();
+    let adapters = dir.path().join("adapters");
+    write_adapter(&adapters.join("real"), 1);
+    let config = std::fs::read(adapters.join("real/adapter_config.json")).unwrap();
+    for i in 0..2000 {
+        let d = adapters.join(format!("a{i:04}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("adapter_config.json"), &config).unwrap();
+    }
+    let app = App::start(
+        Arc::new(LoadedModel::load(&model_path).unwrap()),
+        MODEL.into(),
+        ApiSettings {
+            ctx_len: 64,
+            api_key: None,
+            admin_key: None,
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            adapters_dir: Some(adapters),
+            adapter_roots: Vec::new(),
+            max_adapter_memory: None,
+        },
+        EngineConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(app.registry.names().len(), 2001);
+    assert_eq!(app.registry.loaded_bytes(), 0, "registering reads no weights");
+    let r = router(app.clone());
+    let (status, list) = call(&r, "GET", "/v1/models", None, None).await;
+    assert_eq!((status, list["data"].as_array().unwrap().len()), (StatusCode::OK, 2002));
+    let (status, _) = tokens(&r, "real", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(app.registry.loaded_bytes() > 0);
+    // One whose weights are missing fails clearly when first used, and the server goes on.
+    let (status, err) = call(&r, "POST", "/v1/completions", Some(json!({"model": "a0001", "prompt": "a"})), None).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(err["error"]["message"].as_str().unwrap().contains("adapter_model.safetensors"), "{err}");
+}
