@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AdapterError {
     #[error("LoRA {module} of layer {layer}: {reason}")]
@@ -82,15 +85,16 @@ impl fmt::Display for TargetModule {
 
 /// One layer's low-rank pair: `a` is `[rank, in_features]` row-major, B is kept transposed as
 /// `b_t: [rank, out_features]` so that adding (x·Aᵀ)·Bᵀ is `rank` vectorisable row updates; `scale`
-/// already holds α/r.
+/// already holds α/r. Factors are stored as f16 (widened to f32 per row when used): with many
+/// adapters in one batch, their bytes are what each step streams from memory.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
     pub rank: usize,
     pub in_features: usize,
     pub out_features: usize,
     pub scale: f32,
-    a: Vec<f32>,
-    b_t: Vec<f32>,
+    a: Vec<f16>,
+    b_t: Vec<f16>,
 }
 
 impl LoraDelta {
@@ -122,10 +126,13 @@ impl LoraDelta {
                 b.len()
             )));
         }
-        let mut b_t = vec![0f32; b.len()];
+        if let Some(v) = a.iter().chain(&b).find(|v| !v.is_finite() || v.abs() > f16::MAX.to_f32()) {
+            return Err(shape_error(format!("value {v} does not fit in f16")));
+        }
+        let mut b_t = vec![f16::ZERO; b.len()];
         for (o, row) in b.chunks_exact(rank).enumerate() {
             for (j, &v) in row.iter().enumerate() {
-                b_t[j * out_features + o] = v;
+                b_t[j * out_features + o] = f16::from_f32(v);
             }
         }
         Ok(Self {
@@ -133,14 +140,14 @@ impl LoraDelta {
             in_features,
             out_features,
             scale,
-            a,
+            a: a.iter().map(|&v| f16::from_f32(v)).collect(),
             b_t,
         })
     }
 
     /// Bytes held by the two factors.
     pub fn size_in_bytes(&self) -> usize {
-        (self.a.len() + self.b_t.len()) * std::mem::size_of::<f32>()
+        (self.a.len() + self.b_t.len()) * std::mem::size_of::<f16>()
     }
 
     /// `y += weight·scale·(x·Aᵀ)·Bᵀ` for every row of `x` (`[rows, in]`) and `y` (`[rows, out]`).
@@ -156,20 +163,24 @@ impl LoraDelta {
             .iter()
             .flat_map(|(range, weight)| range.clone().map(move |row| (row, weight * self.scale)))
             .collect();
-        // xa[k, j] = s_k·(x_k · A_j), A's rows outermost.
+        // xa[k, j] = s_k·(x_k · A_j), A's rows outermost, each widened once.
         let mut xa = vec![0f32; rows.len() * self.rank];
-        for (j, a_row) in self.a.chunks_exact(self.in_features).enumerate() {
+        let mut a_row = vec![0f32; self.in_features];
+        for (j, a_half) in self.a.chunks_exact(self.in_features).enumerate() {
+            a_half.convert_to_f32_slice(&mut a_row);
             for (k, &(row, s)) in rows.iter().enumerate() {
                 let x_row = &x[row * self.in_features..(row + 1) * self.in_features];
-                xa[k * self.rank + j] = s * dot(x_row, a_row);
+                xa[k * self.rank + j] = s * dot(x_row, &a_row);
             }
         }
         // y_k += Σ_j xa[k, j]·Bᵀ_j, Bᵀ's rows outermost.
-        for (j, b_row) in self.b_t.chunks_exact(self.out_features).enumerate() {
+        let mut b_row = vec![0f32; self.out_features];
+        for (j, b_half) in self.b_t.chunks_exact(self.out_features).enumerate() {
+            b_half.convert_to_f32_slice(&mut b_row);
             for (k, &(row, _)) in rows.iter().enumerate() {
                 let t = xa[k * self.rank + j];
                 let y_row = &mut y[row * self.out_features..(row + 1) * self.out_features];
-                for (y, &b) in y_row.iter_mut().zip(b_row) {
+                for (y, &b) in y_row.iter_mut().zip(&b_row) {
                     *y += t * b;
                 }
             }
