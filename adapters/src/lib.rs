@@ -11,7 +11,6 @@ use std::fmt;
 use std::ops::Range;
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AdapterError {
@@ -163,44 +162,92 @@ impl LoraDelta {
             .iter()
             .flat_map(|(range, weight)| range.clone().map(move |row| (row, weight * self.scale)))
             .collect();
-        // xa[k, j] = s_k·(x_k · A_j), A's rows outermost, each widened once.
+        // xa[k, j] = s_k·(x_k · A_j), A's rows outermost.
         let mut xa = vec![0f32; rows.len() * self.rank];
-        let mut a_row = vec![0f32; self.in_features];
-        for (j, a_half) in self.a.chunks_exact(self.in_features).enumerate() {
-            a_half.convert_to_f32_slice(&mut a_row);
+        for (j, a_row) in self.a.chunks_exact(self.in_features).enumerate() {
             for (k, &(row, s)) in rows.iter().enumerate() {
                 let x_row = &x[row * self.in_features..(row + 1) * self.in_features];
-                xa[k * self.rank + j] = s * dot(x_row, &a_row);
+                xa[k * self.rank + j] = s * simd::dot_f16(x_row, a_row);
             }
         }
         // y_k += Σ_j xa[k, j]·Bᵀ_j, Bᵀ's rows outermost.
-        let mut b_row = vec![0f32; self.out_features];
-        for (j, b_half) in self.b_t.chunks_exact(self.out_features).enumerate() {
-            b_half.convert_to_f32_slice(&mut b_row);
+        for (j, b_row) in self.b_t.chunks_exact(self.out_features).enumerate() {
             for (k, &(row, _)) in rows.iter().enumerate() {
                 let t = xa[k * self.rank + j];
-                let y_row = &mut y[row * self.out_features..(row + 1) * self.out_features];
-                for (y, &b) in y_row.iter_mut().zip(&b_row) {
-                    *y += t * b;
-                }
+                simd::axpy_f16(t, b_row, &mut y[row * self.out_features..(row + 1) * self.out_features]);
             }
         }
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums let the compiler vectorise the reduction.
-    let mut acc = [0f32; 8];
-    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_tail) = b.split_at(a8.len());
-    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
+/// f32 × f16 kernels, widening in registers with AVX-512 where the CPU has it. Each computes a
+/// row from that row's values alone, so results never depend on which rows share a batch.
+mod simd {
+    use half::f16;
+
+    /// Σ x_i·w_i.
+    pub fn dot_f16(x: &[f32], w: &[f16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected; lengths are checked inside.
+            return unsafe { avx512::dot(x, w) };
+        }
+        x.iter().zip(w).map(|(a, b)| a * b.to_f32()).sum()
+    }
+
+    /// y_i += t·w_i.
+    pub fn axpy_f16(t: f32, w: &[f16], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: as above.
+            return unsafe { avx512::axpy(t, w, y) };
+        }
+        for (y, w) in y.iter_mut().zip(w) {
+            *y += t * w.to_f32();
         }
     }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use std::arch::x86_64::*;
+
+        use half::f16;
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn dot(x: &[f32], w: &[f16]) -> f32 {
+            let n = x.len().min(w.len());
+            let mut acc = _mm512_setzero_ps();
+            let mut i = 0;
+            while i + 16 <= n {
+                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(x.as_ptr().add(i)), wv, acc);
+                i += 16;
+            }
+            let mut sum = _mm512_reduce_add_ps(acc);
+            for j in i..n {
+                sum += x[j] * w[j].to_f32();
+            }
+            sum
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn axpy(t: f32, w: &[f16], y: &mut [f32]) {
+            let n = y.len().min(w.len());
+            let tv = _mm512_set1_ps(t);
+            let mut i = 0;
+            while i + 16 <= n {
+                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i));
+                let yp = y.as_mut_ptr().add(i);
+                _mm512_storeu_ps(yp, _mm512_fmadd_ps(tv, wv, _mm512_loadu_ps(yp)));
+                i += 16;
+            }
+            for j in i..n {
+                y[j] += t * w[j].to_f32();
+            }
+        }
+    }
 }
+
 
 /// An adapter's deltas, keyed by (layer, module). Layers it does not target are absent.
 #[derive(Debug, Clone, Default)]
