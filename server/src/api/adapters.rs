@@ -206,55 +206,64 @@ pub async fn upload_adapter(
         .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
 }
 
-/// The two PEFT files from a tar archive (found by file name, wherever they sit in it).
-fn from_tar(archive: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AppError> {
-    let bad = |e: String| AppError::invalid("archive", format!("not a usable zip or tar archive: {e}"));
-    let mut tar = tar::Archive::new(archive);
-    let mut config = None;
-    let mut weights = None;
-    for entry in tar.entries().map_err(|e| bad(e.to_string()))? {
-        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let path = entry.path().map_err(|e| bad(e.to_string()))?;
-        let slot = match path.file_name().and_then(|n| n.to_str()) {
-            Some(CONFIG_FILE) => &mut config,
-            Some(WEIGHTS_FILE) => &mut weights,
-            _ => continue,
+/// The two PEFT files among an archive's members, found by file name wherever they sit.
+#[derive(Default)]
+struct PeftFiles {
+    config: Option<Vec<u8>>,
+    weights: Option<Vec<u8>>,
+}
+
+impl PeftFiles {
+    fn offer(&mut self, file_name: &str, member: &mut impl std::io::Read) -> std::io::Result<()> {
+        let slot = match file_name {
+            CONFIG_FILE => &mut self.config,
+            WEIGHTS_FILE => &mut self.weights,
+            _ => return Ok(()),
         };
         let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut entry, &mut data).map_err(|e| bad(e.to_string()))?;
+        member.read_to_end(&mut data)?;
         *slot = Some(data);
+        Ok(())
     }
-    match (config, weights) {
-        (Some(c), Some(w)) => Ok((c, w)),
-        _ => Err(bad(format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}"))),
+
+    fn both(self) -> Option<(Vec<u8>, Vec<u8>)> {
+        Some((self.config?, self.weights?))
     }
 }
 
-/// The two PEFT files from a zip archive (found by file name, wherever they sit in it).
+fn bad_archive(kind: &str, problem: impl std::fmt::Display) -> AppError {
+    AppError::invalid("archive", format!("not a usable {kind} archive: {problem}"))
+}
+
+fn from_tar(archive: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AppError> {
+    let bad = |e: std::io::Error| bad_archive("zip or tar", e);
+    let mut files = PeftFiles::default();
+    for entry in tar::Archive::new(archive).entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry.path().map_err(bad)?.file_name().and_then(|n| n.to_str()).map(str::to_string);
+        if let Some(name) = name {
+            files.offer(&name, &mut entry).map_err(bad)?;
+        }
+    }
+    files
+        .both()
+        .ok_or_else(|| bad_archive("tar", format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}")))
+}
+
 fn from_zip(archive: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AppError> {
-    let bad = |e: String| AppError::invalid("archive", format!("not a usable zip archive: {e}"));
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).map_err(|e| bad(e.to_string()))?;
-    let mut config = None;
-    let mut weights = None;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).map_err(|e| bad_archive("zip", e))?;
+    let mut files = PeftFiles::default();
     for i in 0..zip.len() {
-        let mut member = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
-        let file_name = member.name().rsplit('/').next().unwrap_or_default().to_string();
-        let slot = match file_name.as_str() {
-            CONFIG_FILE => &mut config,
-            WEIGHTS_FILE => &mut weights,
-            _ => continue,
-        };
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut member, &mut data).map_err(|e| bad(e.to_string()))?;
-        *slot = Some(data);
+        let mut member = zip.by_index(i).map_err(|e| bad_archive("zip", e))?;
+        let name = member.name().rsplit('/').next().unwrap_or_default().to_string();
+        files.offer(&name, &mut member).map_err(|e| bad_archive("zip", e))?;
     }
-    match (config, weights) {
-        (Some(c), Some(w)) => Ok((c, w)),
-        _ => Err(bad(format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}"))),
-    }
+    files
+        .both()
+        .ok_or_else(|| bad_archive("zip", format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}")))
 }
 
 /// Writes the files into a staging folder, makes them durable, then renames it to `dir/name`
