@@ -5,7 +5,12 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
+use tessera::generate::prefill;
+use tessera::model::gemma3::SequenceChunk;
+use tessera::model::{KvCache, LogitsFor};
+use tessera::sampler::log_softmax_at;
 use tessera::LoadedModel;
+use tessera_adapters::AdapterMix;
 
 pub fn testdata_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -76,4 +81,41 @@ impl Step {
     pub fn margin(&self) -> f32 {
         self.top[0].1 - self.top[1].1
     }
+}
+
+/// Teacher-forced along the reference tokens: |our logprob − the reference's| of each step's
+/// reference token.
+pub fn teacher_forced_errors(case: &GenerationCase, adapters: &AdapterMix) -> Vec<f32> {
+    let model = &real_model().model;
+    let n = case.greedy.len();
+    let mut cache = KvCache::new(model.config(), case.prompt_ids.len() + n).unwrap();
+    // Step 0 scores the prompt; steps 1.. score each reference token after its predecessors.
+    let first = prefill(model, &mut cache, &case.prompt_ids, adapters).unwrap();
+    let rest = model
+        .forward(&mut [SequenceChunk {
+            tokens: &case.greedy[..n - 1],
+            cache: &mut cache,
+            logits: LogitsFor::All,
+            adapters,
+        }])
+        .unwrap();
+    (0..n)
+        .map(|i| {
+            let logits = if i == 0 { &first[..] } else { rest.row(0, i - 1) };
+            (log_softmax_at(logits, [case.steps[i].token])[0] - case.steps[i].logprob).abs()
+        })
+        .collect()
+}
+
+/// POSTs a completion to an in-process router and returns its first choice.
+pub async fn first_choice(router: &axum::Router, body: serde_json::Value) -> serde_json::Value {
+    use tower::ServiceExt;
+    let req = axum::http::Request::post("/v1/completions")
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), axum::http::StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["choices"][0].clone()
 }

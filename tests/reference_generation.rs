@@ -1,12 +1,10 @@
 //! The Gemma 3 forward pass against llama.cpp's greedy generations and top-5 logprobs, with the
 //! tolerances calibrated in `../shared/testdata/gemma-3-270m/README.md`.
 
-use tessera::generate::{generate, prefill, GenerateParams};
-use tessera::model::gemma3::SequenceChunk;
-use tessera::model::{KvCache, LogitsFor};
-use tessera::sampler::{log_softmax_at, SamplingParams};
+use tessera::generate::{generate, GenerateParams};
+use tessera::sampler::SamplingParams;
 use tessera_adapters::AdapterMix;
-use tessera_tests::{read_json, real_model, GenerationCase, GenerationCases};
+use tessera_tests::{read_json, real_model, teacher_forced_errors, GenerationCase, GenerationCases};
 
 /// Below this top-1/top-2 margin a different quantization path may flip a near-tie.
 const GREEDY_MARGIN: f32 = 0.3;
@@ -66,30 +64,12 @@ fn greedy_decoding_follows_the_reference_where_it_is_decisive() {
 
 #[test]
 fn teacher_forced_logprobs_are_within_tolerance() {
-    let model = &real_model().model;
     let none = AdapterMix::default();
     let mut worst_mean = 0f32;
     let mut worst_step = 0f32;
     for case in cases() {
         let n = case.greedy.len();
-        let mut cache = KvCache::new(model.config(), case.prompt_ids.len() + n).unwrap();
-        // Step 0 scores the prompt; steps 1.. score each reference token after its predecessors.
-        let first = prefill(model, &mut cache, &case.prompt_ids, &none).unwrap();
-        let rest = model
-            .forward(&mut [SequenceChunk {
-                tokens: &case.greedy[..n - 1],
-                cache: &mut cache,
-                logits: LogitsFor::All,
-                adapters: &none,
-            }])
-            .unwrap();
-        let errors: Vec<f32> = (0..n)
-            .map(|i| {
-                let logits = if i == 0 { &first[..] } else { rest.row(0, i - 1) };
-                let ours = log_softmax_at(logits, [case.steps[i].token])[0];
-                (ours - case.steps[i].logprob).abs()
-            })
-            .collect();
+        let errors = teacher_forced_errors(&case, &none);
         let max = errors.iter().copied().fold(0f32, f32::max);
         let mean = errors.iter().sum::<f32>() / n as f32;
         eprintln!(

@@ -4,12 +4,11 @@
 use std::collections::HashMap;
 
 use tessera::generate::{generate, prefill, GenerateParams};
-use tessera::model::gemma3::SequenceChunk;
-use tessera::model::{KvCache, LogitsFor};
-use tessera::sampler::{log_softmax_at, SamplingParams};
+use tessera::model::KvCache;
+use tessera::sampler::SamplingParams;
 use tessera_adapters::peft::PeftAdapter;
 use tessera_adapters::AdapterMix;
-use tessera_tests::{read_json, real_model, testdata_dir, GenerationCases};
+use tessera_tests::{read_json, real_model, teacher_forced_errors, testdata_dir, GenerationCases};
 
 /// Random adapters amplify small differences: PEFT on f32 itself diverges below this margin.
 const GREEDY_MARGIN: f32 = 0.6;
@@ -43,24 +42,8 @@ fn every_lora_case_matches_the_reference() {
         let label = format!("{:?} with {:?}", case.prompt.chars().take(30).collect::<String>(), case.adapters);
         assert_eq!(real_model().tokenizer.encode(&case.prompt, true, true).unwrap(), case.prompt_ids);
 
-        // Teacher-forced along the reference tokens.
         let n = case.greedy.len();
-        let mut cache = KvCache::new(model.config(), case.prompt_ids.len() + n).unwrap();
-        let first = prefill(model, &mut cache, &case.prompt_ids, &mix).unwrap();
-        let rest = model
-            .forward(&mut [SequenceChunk {
-                tokens: &case.greedy[..n - 1],
-                cache: &mut cache,
-                logits: LogitsFor::All,
-                adapters: &mix,
-            }])
-            .unwrap();
-        let errors: Vec<f32> = (0..n)
-            .map(|i| {
-                let logits = if i == 0 { &first[..] } else { rest.row(0, i - 1) };
-                (log_softmax_at(logits, [case.steps[i].token])[0] - case.steps[i].logprob).abs()
-            })
-            .collect();
+        let errors = teacher_forced_errors(case, &mix);
         let max = errors.iter().copied().fold(0f32, f32::max);
         let mean = errors.iter().sum::<f32>() / n as f32;
         eprintln!("{label}: max |Δlogprob| {max:.4}, mean {mean:.4}");

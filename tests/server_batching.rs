@@ -4,13 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use tessera::api::{router, ApiSettings, App};
 use tessera::engine::EngineConfig;
 use tessera::LoadedModel;
-use tower::ServiceExt;
+use tessera_tests::first_choice;
 
 const MODEL: &str = "gemma-3-270m-q4_k_m";
 
@@ -19,15 +17,7 @@ async fn complete(router: &axum::Router, prompt: &str, max_tokens: u32) -> Vec<u
         "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": true, "return_token_ids": true,
     });
-    let req = Request::post("/v1/completions")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let response = router.clone().oneshot(req).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
-    v["choices"][0]["token_ids"]
+    first_choice(router, body).await["token_ids"]
         .as_array()
         .unwrap()
         .iter()

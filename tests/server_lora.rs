@@ -4,14 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
 use serde_json::{json, Value};
 use tessera::api::{router, ApiSettings, App};
 use tessera::engine::EngineConfig;
 use tessera::LoadedModel;
-use tessera_tests::{read_json, testdata_dir, GenerationCase, GenerationCases};
-use tower::ServiceExt;
+use tessera_tests::{first_choice, read_json, testdata_dir, GenerationCase, GenerationCases};
 
 const MODEL: &str = "gemma-3-270m-q4_k_m";
 const GREEDY_MARGIN: f32 = 0.6;
@@ -56,23 +53,12 @@ fn request(case: &GenerationCase) -> Value {
            "temperature": 0, "ignore_eos": true, "logprobs": 1, "return_token_ids": true})
 }
 
-async fn complete(router: &axum::Router, body: Value) -> Value {
-    let req = Request::post("/v1/completions")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let response = router.clone().oneshot(req).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    serde_json::from_slice::<Value>(&bytes).unwrap()["choices"][0].clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_cases_through_http() {
     let r = app();
     let cases: GenerationCases = read_json("lora_cases.json");
     for case in &cases.cases {
-        let choice = complete(&r, request(case)).await;
+        let choice = first_choice(&r, request(case)).await;
         let ids: Vec<u32> = choice["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let logprobs: Vec<f32> = choice["logprobs"]["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         let label = format!("{:?} with {:?}", case.prompt.chars().take(30).collect::<String>(), case.adapters);
@@ -107,9 +93,9 @@ async fn a_mixed_adapter_batch_matches_each_request_alone() {
     ];
     let mut alone = Vec::new();
     for request in &requests {
-        alone.push(complete(&r, request.clone()).await["token_ids"].clone());
+        alone.push(first_choice(&r, request.clone()).await["token_ids"].clone());
     }
-    let together = futures::future::join_all(requests.iter().map(|b| complete(&r, b.clone()))).await;
+    let together = futures::future::join_all(requests.iter().map(|b| first_choice(&r, b.clone()))).await;
     for (i, choice) in together.iter().enumerate() {
         assert_eq!(choice["token_ids"], alone[i], "request {i} changed in the mixed batch");
     }
