@@ -2,7 +2,7 @@
 //! files are, and the real default model (fetched on first use, loaded once per test binary).
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 use tessera::generate::prefill;
@@ -31,13 +31,40 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(file: &str) -> T {
 }
 
 /// The default model, fetched if missing. Tests never skip it.
-pub fn real_model() -> &'static LoadedModel {
-    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+pub fn real_model() -> &'static Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     MODEL.get_or_init(|| {
         let path = tessera::model_store::ensure_default_model()
             .unwrap_or_else(|e| panic!("fetching the default model: {e}"));
-        LoadedModel::load(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+        Arc::new(LoadedModel::load(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display())))
     })
+}
+
+/// The model id the real-model servers answer to.
+pub const REAL_MODEL_ID: &str = "gemma-3-270m-q4_k_m";
+
+/// An in-process server on the real model, with the reference adapters registered when asked.
+pub fn real_app(ctx_len: usize, with_adapters: bool) -> axum::Router {
+    let app = tessera::api::App::start(
+        real_model().clone(),
+        REAL_MODEL_ID.into(),
+        tessera::api::ApiSettings {
+            ctx_len,
+            api_key: None,
+            admin_key: None,
+            request_timeout: std::time::Duration::from_secs(300),
+            max_body_bytes: 1 << 20,
+            adapters_dir: with_adapters.then(|| testdata_dir().join("adapters")),
+            adapter_roots: Vec::new(),
+            max_adapter_memory: None,
+        },
+        tessera::engine::EngineConfig {
+            ctx_len,
+            ..tessera::engine::EngineConfig::default()
+        },
+    )
+    .unwrap();
+    tessera::api::router(app)
 }
 
 #[derive(Debug, Deserialize)]

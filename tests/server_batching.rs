@@ -1,16 +1,10 @@
 //! Continuous batching on the real model: requests sent together return exactly what each
 //! returns alone.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::json;
-use tessera::api::{router, ApiSettings, App};
-use tessera::engine::EngineConfig;
-use tessera::LoadedModel;
-use tessera_tests::first_choice;
-
-const MODEL: &str = "gemma-3-270m-q4_k_m";
+use tessera_tests::{first_choice, real_app, REAL_MODEL_ID as MODEL};
 
 async fn complete(router: &axum::Router, prompt: &str, max_tokens: u32) -> Vec<u64> {
     let body = json!({
@@ -27,28 +21,7 @@ async fn complete(router: &axum::Router, prompt: &str, max_tokens: u32) -> Vec<u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_simultaneous_greedy_requests_return_what_they_return_alone() {
-    let path = tessera::model_store::ensure_default_model().unwrap();
-    let model = Arc::new(LoadedModel::load(&path).unwrap());
-    let app = App::start(
-        model,
-        MODEL.into(),
-        ApiSettings {
-            ctx_len: 2048,
-            api_key: None,
-            admin_key: None,
-            request_timeout: Duration::from_secs(300),
-            max_body_bytes: 1 << 20,
-            adapters_dir: None,
-            adapter_roots: Vec::new(),
-            max_adapter_memory: None,
-        },
-        EngineConfig {
-            ctx_len: 2048,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
-    let r = router(app.clone());
+    let r = real_app(2048, false);
     let prompts = [
         "The capital of France is",
         "Once upon a time, in a small village,",

@@ -1,43 +1,15 @@
 //! `lora_cases.json` through the HTTP API on the real model: `model` names the adapter, the
 //! `adapters` field composes several. Tolerances from the reference README.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use serde_json::{json, Value};
-use tessera::api::{router, ApiSettings, App};
-use tessera::engine::EngineConfig;
-use tessera::LoadedModel;
-use tessera_tests::{first_choice, read_json, testdata_dir, GenerationCase, GenerationCases};
+use tessera_tests::{first_choice, read_json, real_app, GenerationCase, GenerationCases, REAL_MODEL_ID as MODEL};
 
-const MODEL: &str = "gemma-3-270m-q4_k_m";
 const GREEDY_MARGIN: f32 = 0.6;
 const MAX_LOGPROB_ERROR: f32 = 1.2;
 const MAX_MEAN_LOGPROB_ERROR: f32 = 0.2;
 
 fn app() -> axum::Router {
-    let path = tessera::model_store::ensure_default_model().unwrap();
-    let model = Arc::new(LoadedModel::load(&path).unwrap());
-    let app = App::start(
-        model,
-        MODEL.into(),
-        ApiSettings {
-            ctx_len: 1024,
-            api_key: None,
-            admin_key: None,
-            request_timeout: Duration::from_secs(300),
-            max_body_bytes: 1 << 20,
-            adapters_dir: Some(testdata_dir().join("adapters")),
-            adapter_roots: Vec::new(),
-            max_adapter_memory: None,
-        },
-        EngineConfig {
-            ctx_len: 1024,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
-    router(app)
+    real_app(1024, true)
 }
 
 /// The request for a case: one adapter at weight 1 is `model`; anything else is a composition.

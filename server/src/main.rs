@@ -428,34 +428,11 @@ fn bench_serve(
                 served_model.context("--served-model is needed with --url")?,
             ),
             None => {
-                let path = model.resolve()?;
-                let loaded = std::sync::Arc::new(LoadedModel::load(&path)?);
-                let model_id = "bench".to_string();
+                let loaded = std::sync::Arc::new(LoadedModel::load(&model.resolve()?)?);
                 let max_running_seqs = concurrency.iter().copied().max().unwrap_or(1).max(1);
-                let app = tessera::api::App::start(
-                    loaded,
-                    model_id.clone(),
-                    tessera::api::ApiSettings {
-                        ctx_len: 2048,
-                        api_key: None,
-                        admin_key: None,
-                        request_timeout: std::time::Duration::from_secs(600),
-                        max_body_bytes: 1 << 20,
-                        adapters_dir: None,
-                        adapter_roots: Vec::new(),
-                        max_adapter_memory: None,
-                    },
-                    tessera::engine::EngineConfig {
-                        ctx_len: 2048,
-                        max_running_seqs,
-                        max_queue: 4 * max_running_seqs,
-                        ..tessera::engine::EngineConfig::default()
-                    },
-                )?;
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                let addr = listener.local_addr()?;
-                tokio::spawn(tessera::api::serve(app, listener, std::future::pending()));
-                (format!("http://{addr}"), model_id)
+                let (_, url) =
+                    tessera::bench::serve::start_local(loaded, "bench", None, max_running_seqs).await?;
+                (url, "bench".to_string())
             }
         };
         eprintln!(
@@ -493,39 +470,17 @@ fn bench_adapters(
         adapters::write_random_adapter(&dir.join(name), &shape, if i % 2 == 0 { 8 } else { 16 }, i as u64)?;
     }
     let max_running_seqs = concurrency.iter().copied().max().unwrap_or(1).max(1);
-    let app = tessera::api::App::start(
-        loaded,
-        "base".into(),
-        tessera::api::ApiSettings {
-            ctx_len: 1024,
-            api_key: None,
-            admin_key: None,
-            request_timeout: std::time::Duration::from_secs(600),
-            max_body_bytes: 1 << 20,
-            adapters_dir: Some(dir.clone()),
-            adapter_roots: Vec::new(),
-            max_adapter_memory: None,
-        },
-        tessera::engine::EngineConfig {
-            ctx_len: 1024,
-            max_running_seqs,
-            max_queue: 4 * max_running_seqs,
-            ..tessera::engine::EngineConfig::default()
-        },
-    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (app, url) = runtime.block_on(serve::start_local(loaded, "base", Some(dir.clone()), max_running_seqs))?;
     let r16 = dir.join(&names[1.min(names.len() - 1)]);
     let cold = adapters::cold_loads(&app.registry, &r16, 5)?;
     for name in &names {
         app.registry.lease(name)?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     let rows = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(tessera::api::serve(app.clone(), listener, std::future::pending()));
         let warm = serve::ServeLoad { max_tokens: 4, requests_per_client: 1 };
         serve::run_level(&url, &["base".to_string()], 1, &warm).await?;
         let mut rows = Vec::new();

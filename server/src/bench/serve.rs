@@ -8,6 +8,41 @@ use serde_json::json;
 
 use super::median;
 
+/// Starts a server on `model` in this process, on a free local port, for benchmarks, with room
+/// for `max_running_seqs` sequences; returns the app and its base URL.
+pub async fn start_local(
+    model: std::sync::Arc<crate::LoadedModel>,
+    model_id: &str,
+    adapters_dir: Option<std::path::PathBuf>,
+    max_running_seqs: usize,
+) -> std::io::Result<(std::sync::Arc<crate::api::App>, String)> {
+    const CTX_LEN: usize = 1024;
+    let app = crate::api::App::start(
+        model,
+        model_id.to_string(),
+        crate::api::ApiSettings {
+            ctx_len: CTX_LEN,
+            api_key: None,
+            admin_key: None,
+            request_timeout: Duration::from_secs(600),
+            max_body_bytes: 1 << 20,
+            adapters_dir,
+            adapter_roots: Vec::new(),
+            max_adapter_memory: None,
+        },
+        crate::engine::EngineConfig {
+            ctx_len: CTX_LEN,
+            max_running_seqs,
+            max_queue: 4 * max_running_seqs,
+            ..crate::engine::EngineConfig::default()
+        },
+    )?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(crate::api::serve(app.clone(), listener, std::future::pending()));
+    Ok((app, url))
+}
+
 pub struct ServeLoad {
     pub max_tokens: usize,
     pub requests_per_client: usize,
