@@ -125,7 +125,9 @@ impl Scheduler {
             if self.cache_bytes + bytes > self.cache_budget && !self.running.is_empty() {
                 break;
             }
-            let submission = self.queue.pop_front().expect("front exists");
+            let Some(submission) = self.queue.pop_front() else {
+                break;
+            };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             let events = submission.events.clone();
             match Sequence::new(submission, config) {
