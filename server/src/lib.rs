@@ -4,6 +4,7 @@ pub mod api;
 pub mod bench;
 pub mod chat_template;
 pub mod config;
+pub mod dataset;
 pub mod engine;
 pub mod metrics;
 pub mod generate;
@@ -13,6 +14,7 @@ pub mod model_store;
 pub mod registry;
 pub mod sampler;
 pub mod tokenizer;
+pub mod train;
 
 use std::path::Path;
 

@@ -102,9 +102,9 @@ impl Config {
     }
 }
 
-struct RmsNorm {
-    weight: Vec<f32>,
-    eps: f32,
+pub(crate) struct RmsNorm {
+    pub(crate) weight: Vec<f32>,
+    pub(crate) eps: f32,
 }
 
 impl RmsNorm {
@@ -155,21 +155,21 @@ impl RmsNorm {
     }
 }
 
-struct Block {
-    attn_norm: RmsNorm,
-    q: QLinear,
-    k: QLinear,
-    v: QLinear,
-    o: QLinear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    post_attn_norm: RmsNorm,
-    ffn_norm: RmsNorm,
-    gate: QLinear,
-    up: QLinear,
-    down: QLinear,
-    post_ffw_norm: RmsNorm,
-    global: bool,
+pub(crate) struct Block {
+    pub(crate) attn_norm: RmsNorm,
+    pub(crate) q: QLinear,
+    pub(crate) k: QLinear,
+    pub(crate) v: QLinear,
+    pub(crate) o: QLinear,
+    pub(crate) q_norm: RmsNorm,
+    pub(crate) k_norm: RmsNorm,
+    pub(crate) post_attn_norm: RmsNorm,
+    pub(crate) ffn_norm: RmsNorm,
+    pub(crate) gate: QLinear,
+    pub(crate) up: QLinear,
+    pub(crate) down: QLinear,
+    pub(crate) post_ffw_norm: RmsNorm,
+    pub(crate) global: bool,
 }
 
 impl Block {
@@ -312,6 +312,19 @@ impl Gemma3 {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The tied token embedding and output projection `[vocab, hidden]`.
+    pub(crate) fn embedding(&self) -> &QWeight {
+        &self.embedding
+    }
+
+    pub(crate) fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    pub(crate) fn output_norm(&self) -> &RmsNorm {
+        &self.output_norm
     }
 
     /// Runs every chunk of the batch through the model at once, appending their keys and values
@@ -573,7 +586,7 @@ fn first_visible_key(start_pos: usize, window: Option<usize>) -> usize {
 
 /// Additive mask `[tokens, keys]` over keys `first_visible_key..start_pos + tokens`: the query at
 /// position p sees key j iff j ≤ p and, with a window w, p − j < w (w keys, p's own included).
-fn attention_mask(start_pos: usize, tokens: usize, window: Option<usize>) -> Vec<f32> {
+pub(crate) fn attention_mask(start_pos: usize, tokens: usize, window: Option<usize>) -> Vec<f32> {
     let first = first_visible_key(start_pos, window);
     let end = start_pos + tokens;
     let mut mask = Vec::with_capacity(tokens * (end - first));

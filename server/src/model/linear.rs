@@ -10,7 +10,7 @@ use candle_core::{Device, Module, Tensor};
 use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::packed::PackedWeight;
+use crate::model::packed::{PackedWeight, Workers};
 use crate::model::{with_values, ModelError};
 
 /// One sequence's rows of the batch: they share an adapter mix and a kernel choice.
@@ -233,6 +233,107 @@ impl QWeight {
     }
 }
 
+/// Training's use of a frozen weight: on the caller's rayon pool (its own thread budget), never
+/// the serving workers, and with the input gradient of `y = x·Wᵀ`.
+impl QWeight {
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// `x·W[rows]ᵀ` for `x: [m, in]`: `[m, rows.len()]`, row-major (`rows.start` a multiple of 16).
+    pub fn matmul_rows_background(&self, x: &[f32], rows: Range<usize>) -> Result<Vec<f32>, ModelError> {
+        let m = x.len() / self.in_features;
+        let mut y = vec![0f32; m * rows.len()];
+        match &self.kernel {
+            Kernel::Packed(packed) => packed.matmul_rows(x, &mut y, rows, Workers::CurrentRayonPool),
+            Kernel::Candle { .. } => {
+                let weight = self.dequantize_rows(rows.clone())?;
+                // SAFETY: x is [m, in], the weight [rows, in] read as its transpose, y [m, rows].
+                unsafe { sgemm((m, rows.len(), self.in_features), &mut y, false, x, self.in_features, &weight, 1, self.in_features) };
+            }
+        }
+        Ok(y)
+    }
+
+    /// `grad_x += grad_y·W[rows]` for `grad_y: [m, rows.len()]` and `grad_x: [m, in]`: the
+    /// backward pass of `y = x·Wᵀ` with respect to x, through the dequantized weight.
+    pub fn accumulate_input_grad(&self, grad_y: &[f32], rows: Range<usize>, grad_x: &mut [f32]) -> Result<(), ModelError> {
+        const ROWS_PER_CHUNK: usize = 1024;
+        let (m, k) = (grad_x.len() / self.in_features, self.in_features);
+        let width = rows.len();
+        let mut start = rows.start;
+        while start < rows.end {
+            let chunk = start..(start + ROWS_PER_CHUNK).min(rows.end);
+            let weight = self.dequantize_rows(chunk.clone())?;
+            let offset = chunk.start - rows.start;
+            // SAFETY: grad_y's columns `offset..offset + chunk` of rows `width` apart, the weight
+            // chunk [chunk, k] row-major, grad_x [m, k].
+            unsafe { sgemm((m, k, chunk.len()), grad_x, true, &grad_y[offset..], width, &weight, k, 1) };
+            start = chunk.end;
+        }
+        Ok(())
+    }
+
+    /// Rows of the weight dequantized, `[rows.len(), in]` row-major.
+    fn dequantize_rows(&self, rows: Range<usize>) -> Result<Vec<f32>, ModelError> {
+        match &self.kernel {
+            Kernel::Packed(packed) => {
+                let mut out = vec![0f32; rows.len() * self.in_features];
+                packed.dequantize_rows(rows, &mut out);
+                Ok(out)
+            }
+            Kernel::Candle { tensor, .. } => Ok(tensor
+                .dequantize(&Device::Cpu)?
+                .narrow(0, rows.start, rows.len())?
+                .flatten_all()?
+                .to_vec1::<f32>()?),
+        }
+    }
+}
+
+/// `dst[m, n] (+)= a[m, k]·b[k, n]`: `a` row-major with rows `a_rs` apart, `b` addressed by its
+/// row and column strides, on the caller's rayon pool.
+///
+/// # Safety
+/// The slices must cover every element the shapes and strides address.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        a.as_ptr(),
+        1,
+        a_rs as isize,
+        b.as_ptr(),
+        b_cs as isize,
+        b_rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    );
+}
+
 /// Q8_0 block: d (f16) | 32 × i8; value i is d·q[i].
 fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
     use rayon::prelude::*;
@@ -251,7 +352,7 @@ fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
 
 /// A linear layer of a transformer block: the seam where LoRA deltas join the base matmul.
 pub struct QLinear {
-    weight: QWeight,
+    pub(crate) weight: QWeight,
     layer: usize,
     module: TargetModule,
 }

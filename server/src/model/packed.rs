@@ -13,6 +13,8 @@
 //! weights at t, scaled by the rows' scales and multiplied with the broadcast x[i,t]. Every output element goes through the same operations in the same order whatever the
 //! number of rows, so a sequence's results never depend on what else shares its batch.
 
+use std::ops::Range;
+
 use candle_core::utils::barrier_pool;
 use half::f16;
 
@@ -21,6 +23,14 @@ const TILE_ROWS: usize = 16;
 /// Activation rows sharing each load of a weight tile.
 const ROWS_PER_PASS: usize = 8;
 const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// Which threads run a matmul: the serving engine's pool, or (for background work on a thread
+/// budget of its own) the rayon pool the caller runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Serving,
+    CurrentRayonPool,
+}
 
 /// 16 rows × 32 values of weights, column-major, and the 16 block scales.
 #[repr(C)]
@@ -225,32 +235,48 @@ impl PackedWeight {
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let kb = self.k / BLOCK;
         let (tile_row, r) = (row / TILE_ROWS, row % TILE_ROWS);
-        for (b, values) in out.chunks_exact_mut(BLOCK).enumerate() {
-            for (t, v) in values.iter_mut().enumerate() {
-                *v = match &self.tiles {
-                    Tiles::Q8_0(tiles) => {
-                        let tile = &tiles[tile_row * kb + b];
-                        f16::from_bits(tile.d[r]).to_f32() * tile.qs[t * TILE_ROWS + r] as f32
+        let blocks = out.chunks_exact_mut(BLOCK);
+        match &self.tiles {
+            Tiles::Q8_0(tiles) => {
+                for (tile, values) in tiles[tile_row * kb..].iter().zip(blocks) {
+                    let d = f16::from_bits(tile.d[r]).to_f32();
+                    for (t, v) in values.iter_mut().enumerate() {
+                        *v = d * tile.qs[t * TILE_ROWS + r] as f32;
                     }
-                    Tiles::Affine(tiles) => {
-                        let tile = &tiles[tile_row * kb + b];
+                }
+            }
+            Tiles::Affine(tiles) => {
+                for (tile, values) in tiles[tile_row * kb..].iter().zip(blocks) {
+                    for (t, v) in values.iter_mut().enumerate() {
                         let scale = tile.scale[(t / 16) * TILE_ROWS + r];
-                        scale * tile.qs[t * TILE_ROWS + r] as f32 - tile.offset[r]
+                        *v = scale * tile.qs[t * TILE_ROWS + r] as f32 - tile.offset[r];
                     }
-                };
+                }
             }
         }
     }
 
-    /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major.
+    /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major, on the serving workers.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        self.matmul_rows(x, y, 0..self.n, Workers::Serving);
+    }
+
+    /// `y = x·W[rows]ᵀ` for `x: [m, k]`, `y: [m, rows.len()]`: the output columns of a range of
+    /// weight rows (`rows.start` a multiple of 16), on the chosen workers.
+    pub fn matmul_rows(&self, x: &[f32], y: &mut [f32], weight_rows: Range<usize>, workers: Workers) {
         let (n, k) = (self.n, self.k);
         let m = x.len() / k;
+        let width = weight_rows.len();
+        assert!(
+            weight_rows.start % TILE_ROWS == 0 && weight_rows.end <= n,
+            "rows {weight_rows:?} are not tile-aligned within {n}"
+        );
         assert_eq!(x.len(), m * k, "activations are not [m, {k}]");
-        assert_eq!(y.len(), m * n, "output is not [{m}, {n}]");
+        assert_eq!(y.len(), m * width, "output is not [{m}, {width}]");
         let kb = k / BLOCK;
         let passes = m.div_ceil(ROWS_PER_PASS);
-        let tile_rows = n.div_ceil(TILE_ROWS);
+        let first_tile = weight_rows.start / TILE_ROWS;
+        let tile_rows = weight_rows.end.div_ceil(TILE_ROWS) - first_tile;
         let y_addr = y.as_mut_ptr() as usize;
         // Affine tiles need each row's sums over runs of 16 activations: Σ x·(s·q − o) is
         // s·Σ q·x − o·Σ x.
@@ -260,18 +286,18 @@ impl PackedWeight {
         };
         let runs_per_row = k / 16;
         // Tile-major units: a worker walks every row pass of a tile while it is in cache.
-        barrier_pool().execute_chunked(tile_rows * passes, |units| {
+        let units = |units: Range<usize>| {
             for unit in units {
-                let (tile_row, pass) = (unit / passes, unit % passes);
+                let (tile_row, pass) = (first_tile + unit / passes, unit % passes);
                 let r = pass * ROWS_PER_PASS;
                 let rows = (m - r).min(ROWS_PER_PASS);
                 let span = tile_row * kb..(tile_row + 1) * kb;
                 // SAFETY: units cover disjoint (rows, 16 columns) regions of y, which holds
                 // m·n values; `supported()` was checked before packing.
                 // The last tile may hold fewer than 16 real rows.
-                let lanes = (n - tile_row * TILE_ROWS).min(TILE_ROWS);
+                let lanes = (weight_rows.end - tile_row * TILE_ROWS).min(TILE_ROWS);
                 unsafe {
-                    let out = |i: usize| (y_addr as *mut f32).add(i * n + tile_row * TILE_ROWS);
+                    let out = |i: usize| (y_addr as *mut f32).add(i * width + tile_row * TILE_ROWS - weight_rows.start);
                     let xs = |i: usize| &x[i * k..(i + 1) * k];
                     let sums = |i: usize| &run_sums[i * runs_per_row..(i + 1) * runs_per_row];
                     macro_rules! run {
@@ -306,7 +332,22 @@ impl PackedWeight {
                     }
                 }
             }
-        });
+        };
+        match workers {
+            Workers::Serving => barrier_pool().execute_chunked(tile_rows * passes, units),
+            Workers::CurrentRayonPool => {
+                use rayon::prelude::*;
+                (0..tile_rows * passes).into_par_iter().for_each(|unit| units(unit..unit + 1));
+            }
+        }
+    }
+
+    /// Rows `rows` of the weight, dequantized into `out` (`[rows.len(), k]`, row-major).
+    pub fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+        use rayon::prelude::*;
+        let k = self.k;
+        assert_eq!(out.len(), rows.len() * k, "output is not [{}, {k}]", rows.len());
+        out.par_chunks_mut(k).zip(rows).for_each(|(values, row)| self.dequantize_row(row, values));
     }
 }
 

@@ -1,0 +1,133 @@
+//! QLoRA over the served model: the frozen quantized weights are shared with serving, only the
+//! adapter factors train.
+
+pub mod data;
+pub mod durable;
+pub mod gemma3;
+pub mod lora;
+pub mod ops;
+pub mod optim;
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("adapter: {0}")]
+    Adapter(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("data: {0}")]
+    Data(String),
+}
+
+impl TrainError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::train::gemma3::{Example, Trainable};
+use crate::train::lora::LoraParams;
+use crate::train::optim::AdamW;
+use crate::LoadedModel;
+
+/// What one optimizer step saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss per scored token over the accumulated batch.
+    pub loss: f64,
+    pub tokens: usize,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+}
+
+/// Gradients of the mean token loss over `micro_batches` (accumulated one micro-batch at a
+/// time, so memory holds one micro-batch's activations), with the mean loss and token count.
+pub fn gradients(
+    model: &Arc<LoadedModel>,
+    lora: &LoraParams,
+    micro_batches: &[&[Example]],
+) -> Result<(Vec<Tensor>, f64, usize), TrainError> {
+    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let (mut loss, mut tokens) = (0f64, 0usize);
+    for batch in micro_batches {
+        let batch_loss = Trainable { model, lora }.loss(batch)?;
+        loss += batch_loss.sum.to_scalar::<f32>()? as f64;
+        tokens += batch_loss.tokens;
+        let grads = batch_loss.sum.backward()?;
+        for (sum, var) in sums.iter_mut().zip(&vars) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+    }
+    if tokens == 0 {
+        return Err(TrainError::Data("no scored tokens in the batch".into()));
+    }
+    let grads = sums
+        .into_iter()
+        .zip(&vars)
+        .map(|(g, v)| match g {
+            Some(g) => Ok((g / tokens as f64)?),
+            None => Ok(v.as_tensor().zeros_like()?),
+        })
+        .collect::<Result<Vec<_>, TrainError>>()?;
+    Ok((grads, loss / tokens as f64, tokens))
+}
+
+/// One optimizer step over the accumulated micro-batches.
+pub fn train_step(
+    model: &Arc<LoadedModel>,
+    lora: &LoraParams,
+    optimizer: &mut AdamW,
+    micro_batches: &[&[Example]],
+) -> Result<StepStats, TrainError> {
+    let (grads, loss, tokens) = gradients(model, lora, micro_batches)?;
+    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    let (grad_norm, learning_rate) = optimizer.step(&vars, &grads)?;
+    Ok(StepStats {
+        loss,
+        tokens,
+        grad_norm,
+        learning_rate,
+    })
+}
+
+/// Mean loss per scored token of `examples`, in batches of `batch_size`, without gradients.
+pub fn evaluate(
+    model: &Arc<LoadedModel>,
+    lora: &LoraParams,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<f64, TrainError> {
+    let (mut loss, mut tokens) = (0f64, 0usize);
+    for batch in examples.chunks(batch_size.max(1)) {
+        let batch_loss = Trainable { model, lora }.loss(batch)?;
+        loss += batch_loss.sum.detach().to_scalar::<f32>()? as f64;
+        tokens += batch_loss.tokens;
+    }
+    if tokens == 0 {
+        return Err(TrainError::Data("nothing to evaluate".into()));
+    }
+    Ok(loss / tokens as f64)
+}
