@@ -96,6 +96,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchTarget {
+    /// QLoRA training throughput (forward, backward and AdamW over the served quantized
+    /// weights, every position scored) and peak memory.
+    Train {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Timed optimizer steps (after one untimed).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+    },
     /// Serving throughput with requests spread over several random LoRA adapters (r8 and r16,
     /// all seven targets) against the same load on the base alone, and an r16 adapter's cold-load
     /// latency.
@@ -168,7 +183,19 @@ impl ModelArg {
     }
 }
 
+/// Training and long prefills allocate and free many-megabyte tensors at every step: keep that
+/// memory in the heap for reuse instead of mapping fresh zeroed pages each time.
+fn keep_freed_memory_for_reuse() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: mallopt only changes allocator thresholds, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() -> Result<()> {
+    keep_freed_memory_for_reuse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -309,6 +336,27 @@ fn main() -> Result<()> {
                 requests_per_client,
             },
         )?,
+        Command::Bench {
+            target:
+                Some(BenchTarget::Train {
+                    model,
+                    steps,
+                    seq_len,
+                    batch,
+                    rank,
+                }),
+            ..
+        } => {
+            let path = model.resolve()?;
+            let spec = tessera::train::lora::LoraSpec {
+                rank,
+                alpha: 2.0 * rank as f32,
+                ..Default::default()
+            };
+            let load = tessera::bench::train::TrainLoad { steps, seq_len, batch, spec };
+            let rows = tessera::bench::train::run(&path, &load)?;
+            print!("{}", tessera::bench::format_table(&rows));
+        }
         Command::Bench {
             target: None,
             model,

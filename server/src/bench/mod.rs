@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod serve;
+pub mod train;
 
 use std::path::Path;
 use std::time::Instant;
@@ -15,7 +16,7 @@ use crate::model::{KvCache, LogitsFor};
 use crate::sampler::argmax;
 use crate::{LoadError, LoadedModel};
 
-const BENCH_TEXT: &str = "Instruction tuning adapts a pretrained language model to follow \
+pub(crate) const BENCH_TEXT: &str = "Instruction tuning adapts a pretrained language model to follow \
     natural-language instructions by training it on pairs of instructions and desired outputs. \
     Low-rank adapters keep the base weights frozen and learn a small update for each layer. ";
 

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, Var, D};
 use tessera_adapters::TargetModule;
 
 use crate::model::gemma3::{attention_mask, Block, RmsNorm};
@@ -35,12 +35,6 @@ impl Example {
 pub struct Trainable<'a> {
     pub model: &'a Arc<LoadedModel>,
     pub lora: &'a LoraParams,
-}
-
-/// Summed loss and how many tokens it covers; `loss / tokens` is the mean.
-pub struct BatchLoss {
-    pub sum: Tensor,
-    pub tokens: usize,
 }
 
 fn rms_norm(x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
@@ -86,8 +80,9 @@ impl Trainable<'_> {
         match self.lora.factors(layer, module) {
             None => Ok(base),
             Some((a, b)) => {
-                let delta = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
-                base + (delta * self.lora.scale() as f64)?
+                // The scale goes on the rank-r product, the smallest tensor of the chain.
+                let down = (x.matmul(&a.as_tensor().t()?)? * self.lora.scale() as f64)?;
+                base + down.matmul(&b.as_tensor().t()?)?
             }
         }
     }
@@ -149,8 +144,8 @@ impl Trainable<'_> {
         x + rms_norm(&ffn, &block.post_ffw_norm)?
     }
 
-    /// The summed cross-entropy of every scored next token of the batch.
-    pub fn loss(&self, batch: &[Example]) -> candle_core::Result<BatchLoss> {
+    /// Embeddings, rotary tables and targets of a batch laid end to end.
+    fn prepare(&self, batch: &[Example]) -> candle_core::Result<Prepared> {
         let model = &self.model.model;
         let c = model.config();
         let mut ids = Vec::new();
@@ -173,29 +168,106 @@ impl Trainable<'_> {
         if targets.is_empty() {
             candle_core::bail!("the batch scores no tokens");
         }
-        let rope_global = rotary(&positions, c.rope_base_global, c.head_dim)?;
-        let rope_local = rotary(&positions, c.rope_base_local, c.head_dim)?;
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &Device::Cpu)?;
-        let mut x = (model
+        let embedded = (model
             .embedding()
             .rows(&ids)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
             * (c.hidden as f64).sqrt())?;
-        for (layer, block) in model.blocks().iter().enumerate() {
-            let rope = if block.global { &rope_global } else { &rope_local };
-            x = self.block(layer, block, &x, &sequences, rope)?;
-        }
-        let scored = Tensor::from_vec(scored_rows, targets.len(), &Device::Cpu)?;
-        let h = rms_norm(&x.index_select(&scored, 0)?, model.output_norm())?.contiguous()?;
-        let tokens = targets.len();
-        let losses = h.apply_op1(TiedOutputLoss {
-            model: self.model.clone(),
+        Ok(Prepared {
+            embedded,
+            sequences,
+            rope_global: rotary(&positions, c.rope_base_global, c.head_dim)?,
+            rope_local: rotary(&positions, c.rope_base_local, c.head_dim)?,
+            scored_rows: Tensor::from_vec(scored_rows, targets.len(), &Device::Cpu)?,
             targets,
-        })?;
-        Ok(BatchLoss {
-            sum: losses.sum_all()?.to_dtype(DType::F32)?,
-            tokens,
         })
     }
+
+    fn layer(&self, layer: usize, x: &Tensor, p: &Prepared) -> candle_core::Result<Tensor> {
+        let block = &self.model.model.blocks()[layer];
+        let rope = if block.global { &p.rope_global } else { &p.rope_local };
+        self.block(layer, block, x, &p.sequences, rope)
+    }
+
+    /// The summed loss of the scored rows of the last layer's output.
+    fn head(&self, top: &Tensor, p: &Prepared) -> candle_core::Result<Tensor> {
+        let h = rms_norm(&top.index_select(&p.scored_rows, 0)?, self.model.model.output_norm())?.contiguous()?;
+        h.apply_op1(TiedOutputLoss {
+            model: self.model.clone(),
+            targets: p.targets.clone(),
+        })?
+        .sum_all()
+    }
+
+    /// Each layer's input and the last layer's output, without keeping any graph.
+    fn forward_layers(&self, p: &Prepared) -> candle_core::Result<(Vec<Tensor>, Tensor)> {
+        let mut x = p.embedded.clone();
+        let mut inputs = Vec::with_capacity(self.model.model.blocks().len());
+        for layer in 0..self.model.model.blocks().len() {
+            inputs.push(x.clone());
+            x = self.layer(layer, &x, p)?.detach();
+        }
+        Ok((inputs, x))
+    }
+
+    /// The summed cross-entropy of every scored next token of the batch, and how many there are.
+    pub fn loss(&self, batch: &[Example]) -> candle_core::Result<(f64, usize)> {
+        let p = self.prepare(batch)?;
+        let (_, top) = self.forward_layers(&p)?;
+        let sum = self.head(&top, &p)?.detach().to_scalar::<f32>()? as f64;
+        Ok((sum, p.targets.len()))
+    }
+
+    /// Adds the gradients of the summed loss to `sums` (one slot per `vars` entry) and returns
+    /// the summed loss and token count. Gradient checkpointing: the forward pass keeps only each
+    /// layer's input; the backward pass runs each layer again from it, from the top, and takes
+    /// its gradients through the surrogate Σ(output ⊙ ∂L/∂output), so memory holds one layer's
+    /// activations at a time.
+    pub fn accumulate_gradients(
+        &self,
+        batch: &[Example],
+        vars: &[&Var],
+        sums: &mut [Option<Tensor>],
+    ) -> candle_core::Result<(f64, usize)> {
+        let p = self.prepare(batch)?;
+        let (inputs, top) = self.forward_layers(&p)?;
+        let top = Var::from_tensor(&top)?;
+        let loss = self.head(top.as_tensor(), &p)?;
+        let mut grad_out = loss
+            .backward()?
+            .get(top.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("the loss does not depend on the last layer".into()))?;
+        for (layer, input) in inputs.iter().enumerate().rev() {
+            let input = Var::from_tensor(input)?;
+            let out = self.layer(layer, input.as_tensor(), &p)?;
+            let grads = (out * &grad_out)?.sum_all()?.backward()?;
+            for (sum, var) in sums.iter_mut().zip(vars) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        Some(s) => (s + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            if layer > 0 {
+                grad_out = grads
+                    .get(input.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} does not depend on its input")))?;
+            }
+        }
+        Ok((loss.to_scalar::<f32>()? as f64, p.targets.len()))
+    }
+}
+
+struct Prepared {
+    embedded: Tensor,
+    sequences: Vec<std::ops::Range<usize>>,
+    rope_global: (Tensor, Tensor),
+    rope_local: (Tensor, Tensor),
+    scored_rows: Tensor,
+    targets: Vec<u32>,
 }

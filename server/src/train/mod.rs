@@ -68,18 +68,9 @@ pub fn gradients(
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in micro_batches {
-        let batch_loss = Trainable { model, lora }.loss(batch)?;
-        loss += batch_loss.sum.to_scalar::<f32>()? as f64;
-        tokens += batch_loss.tokens;
-        let grads = batch_loss.sum.backward()?;
-        for (sum, var) in sums.iter_mut().zip(&vars) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                *sum = Some(match sum.take() {
-                    Some(s) => (s + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
+        let (sum, n) = Trainable { model, lora }.accumulate_gradients(batch, &vars, &mut sums)?;
+        loss += sum;
+        tokens += n;
     }
     if tokens == 0 {
         return Err(TrainError::Data("no scored tokens in the batch".into()));
@@ -122,9 +113,9 @@ pub fn evaluate(
 ) -> Result<f64, TrainError> {
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in examples.chunks(batch_size.max(1)) {
-        let batch_loss = Trainable { model, lora }.loss(batch)?;
-        loss += batch_loss.sum.detach().to_scalar::<f32>()? as f64;
-        tokens += batch_loss.tokens;
+        let (sum, n) = Trainable { model, lora }.loss(batch)?;
+        loss += sum;
+        tokens += n;
     }
     if tokens == 0 {
         return Err(TrainError::Data("nothing to evaluate".into()));
