@@ -57,6 +57,7 @@ pub fn real_app(ctx_len: usize, with_adapters: bool) -> axum::Router {
             adapters_dir: with_adapters.then(|| testdata_dir().join("adapters")),
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
+            tuning: None,
         },
         tessera::engine::EngineConfig {
             ctx_len,

@@ -53,6 +53,22 @@ pub struct ServeOptions {
     /// request holds are evicted (they reload on next use) [default: 1 GiB].
     #[arg(long, env = "TESSERA_MAX_ADAPTER_MEMORY")]
     pub max_adapter_memory: Option<usize>,
+    /// Online tuning's store: feedback pairs, files, jobs, checkpoints and adapter versions
+    /// [default: $TESSERA_HOME/tuning].
+    #[arg(long, env = "TESSERA_TUNING_DIR")]
+    pub tuning_dir: Option<PathBuf>,
+    /// Threads the background trainer uses; serving keeps the others [default: 1].
+    #[arg(long, env = "TESSERA_TRAIN_THREADS")]
+    pub train_threads: Option<usize>,
+    /// New feedback pairs on an adapter that start a training job on their own [default: 32].
+    #[arg(long, env = "TESSERA_TRAIN_AFTER")]
+    pub train_after: Option<usize>,
+    /// Longest training sequence in tokens; longer ones keep their start [default: 512].
+    #[arg(long, env = "TESSERA_TRAIN_MAX_SEQ_LEN")]
+    pub train_max_seq_len: Option<usize>,
+    /// Optimizer steps between a job's checkpoints [default: 10].
+    #[arg(long, env = "TESSERA_CHECKPOINT_EVERY")]
+    pub checkpoint_every: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +101,11 @@ pub struct ServeConfig {
     pub adapters_dir: Option<PathBuf>,
     pub adapter_roots: Vec<PathBuf>,
     pub max_adapter_memory: usize,
+    pub tuning_dir: Option<PathBuf>,
+    pub train_threads: usize,
+    pub train_after: usize,
+    pub train_max_seq_len: usize,
+    pub checkpoint_every: usize,
 }
 
 impl ServeOptions {
@@ -105,6 +126,11 @@ impl ServeOptions {
             adapters_dir: self.adapters_dir.or(other.adapters_dir),
             adapter_roots: self.adapter_roots.or(other.adapter_roots),
             max_adapter_memory: self.max_adapter_memory.or(other.max_adapter_memory),
+            tuning_dir: self.tuning_dir.or(other.tuning_dir),
+            train_threads: self.train_threads.or(other.train_threads),
+            train_after: self.train_after.or(other.train_after),
+            train_max_seq_len: self.train_max_seq_len.or(other.train_max_seq_len),
+            checkpoint_every: self.checkpoint_every.or(other.checkpoint_every),
         }
     }
 
@@ -146,6 +172,11 @@ impl ServeConfig {
             adapters_dir: merged.adapters_dir,
             adapter_roots: merged.adapter_roots.unwrap_or_default(),
             max_adapter_memory: merged.max_adapter_memory.unwrap_or(1 << 30),
+            tuning_dir: merged.tuning_dir,
+            train_threads: positive(merged.train_threads, 1, "train_threads")?,
+            train_after: positive(merged.train_after, 32, "train_after")?,
+            train_max_seq_len: positive(merged.train_max_seq_len, 512, "train_max_seq_len")?,
+            checkpoint_every: positive(merged.checkpoint_every, 10, "checkpoint_every")?,
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod model;
 pub mod model_store;
 pub mod registry;
 pub mod sampler;
+pub mod store;
 pub mod tokenizer;
 pub mod train;
 

@@ -413,6 +413,19 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
             adapters_dir: Some(adapters_dir),
             adapter_roots: config.adapter_roots.clone(),
             max_adapter_memory: Some(config.max_adapter_memory),
+            tuning: Some(tessera::api::TuningConfig {
+                root: match &config.tuning_dir {
+                    Some(dir) => dir.clone(),
+                    None => model_store::tessera_home()?.join("tuning"),
+                },
+                settings: tessera::train::job::TuningSettings {
+                    train_threads: config.train_threads,
+                    train_after: config.train_after,
+                    max_seq_len: config.train_max_seq_len,
+                    checkpoint_every: config.checkpoint_every,
+                    ..Default::default()
+                },
+            }),
         },
         tessera::engine::EngineConfig {
             ctx_len,

@@ -227,6 +227,25 @@ impl Registry {
         Ok(loaded)
     }
 
+    /// Serves the adapter at `path`, written by the server itself (a trained or rolled-back
+    /// version), as a new generation of `name`: new requests get it, running ones keep theirs.
+    pub fn install(&self, name: &str, path: &Path) -> Result<Arc<AdapterGeneration>, RegistryError> {
+        self.check_name(name)?;
+        let loaded = self.read(name, path)?;
+        self.entries
+            .insert(name.to_string(), Entry::Loaded(loaded.clone(), self.tick()));
+        self.evict(name);
+        tracing::info!(adapter = name, generation = loaded.generation, path = %path.display(), "adapter version installed");
+        Ok(loaded)
+    }
+
+    /// Registers `name` from `path` without reading it yet.
+    pub fn register(&self, name: &str, path: &Path) -> Result<(), RegistryError> {
+        self.check_name(name)?;
+        self.entries.insert(name.to_string(), Entry::OnDisk(path.to_path_buf()));
+        Ok(())
+    }
+
     /// Stops new requests from using `name` at once; requests holding a lease finish with it.
     pub fn unload(&self, name: &str) -> Result<(), RegistryError> {
         self.entries

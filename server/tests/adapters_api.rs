@@ -81,6 +81,7 @@ fn fixture(admin_key: Option<&str>) -> Fixture {
             adapters_dir: Some(adapters),
             adapter_roots: vec![uploads],
             max_adapter_memory: None,
+            tuning: None,
         },
         EngineConfig {
             ctx_len: 128,
@@ -474,6 +475,7 @@ async fn thousands_of_adapters_register_without_loading() {
             adapters_dir: Some(adapters),
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
+            tuning: None,
         },
         EngineConfig::default(),
     )

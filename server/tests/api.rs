@@ -25,6 +25,7 @@ fn settings() -> ApiSettings {
         adapters_dir: None,
         adapter_roots: Vec::new(),
         max_adapter_memory: None,
+        tuning: None,
     }
 }
 

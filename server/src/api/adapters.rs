@@ -63,7 +63,8 @@ pub async fn unload_lora_adapter(
     }))
 }
 
-fn info(app: &App, name: &str) -> Option<AdapterInfo> {
+/// What the registry (and, for tuned adapters, the tuning store) knows of `name`.
+pub fn describe(app: &App, name: &str) -> Option<AdapterInfo> {
     let (path, generation) = app.registry.describe(name)?;
     Some(AdapterInfo {
         name: name.to_string(),
@@ -73,7 +74,13 @@ fn info(app: &App, name: &str) -> Option<AdapterInfo> {
         rank: generation.as_ref().map(|g| g.rank),
         alpha: generation.as_ref().map(|g| g.alpha),
         size_bytes: generation.as_ref().map(|g| g.weights.size_in_bytes()),
+        version: None,
+        training: None,
+        pairs: None,
+        metrics: None,
+        versions: None,
     })
+    .map(|info| super::tuning::with_tuning_state(app, info))
 }
 
 /// Every registered adapter, loaded or not.
@@ -82,7 +89,7 @@ fn info(app: &App, name: &str) -> Option<AdapterInfo> {
 pub async fn list_adapters(State(app): State<Arc<App>>) -> Json<AdapterList> {
     Json(AdapterList {
         object: "list",
-        data: app.registry.names().iter().filter_map(|n| info(&app, n)).collect(),
+        data: app.registry.names().iter().filter_map(|n| describe(&app, n)).collect(),
     })
 }
 
@@ -94,7 +101,7 @@ pub async fn get_adapter(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<AdapterInfo>, AppError> {
-    info(&app, &name)
+    describe(&app, &name)
         .map(Json)
         .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
 }
@@ -201,7 +208,7 @@ pub async fn upload_adapter(
     })
     .await
     .map_err(|e| AppError::Internal(e.to_string()))??;
-    info(&app, &upload.name)
+    describe(&app, &upload.name)
         .map(Json)
         .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
 }

@@ -20,6 +20,8 @@ pub enum AppError {
     ModelNotFound(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(
         "This model's maximum context length is {limit} tokens. However, you requested {requested} tokens ({prompt} in the prompt, {completion} for the completion). Please reduce the prompt or the completion length."
     )]
@@ -59,6 +61,7 @@ impl AppError {
         match self {
             Self::InvalidParameter { .. } | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminOnly => StatusCode::FORBIDDEN,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -80,6 +83,7 @@ impl AppError {
                 Some("model_not_found".into()),
             ),
             Self::NotFound(_) => ("invalid_request_error", None, Some("not_found".into())),
+            Self::Conflict(_) => ("invalid_request_error", None, Some("conflict".into())),
             Self::ContextLength { param, .. } => (
                 "invalid_request_error",
                 Some(param.to_string()),

@@ -9,6 +9,7 @@ mod extensions;
 mod middleware;
 mod models;
 mod respond;
+mod tuning;
 pub mod types;
 mod validate;
 
@@ -25,6 +26,8 @@ use utoipa_axum::routes;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::registry::{AdapterGeneration, Registry, RegistryError};
+use crate::store::Store;
+use crate::train::job::Tuner;
 use crate::LoadedModel;
 pub use error::AppError;
 
@@ -42,6 +45,15 @@ pub struct ApiSettings {
     pub adapter_roots: Vec<std::path::PathBuf>,
     /// Bytes of adapter weights kept in memory; least recently used unleased ones are evicted.
     pub max_adapter_memory: Option<usize>,
+    /// Online tuning (feedback, files, fine-tuning jobs): where its store lives and how it
+    /// trains. Without it those routes answer that tuning is off.
+    pub tuning: Option<TuningConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TuningConfig {
+    pub root: std::path::PathBuf,
+    pub settings: crate::train::job::TuningSettings,
 }
 
 /// Shared application state: `State<Arc<App>>` in every handler.
@@ -53,7 +65,8 @@ pub struct App {
     pub created: u64,
     pub settings: ApiSettings,
     pub metrics: Arc<Metrics>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    pub tuner: Option<Arc<Tuner>>,
 }
 
 impl App {
@@ -72,16 +85,26 @@ impl App {
             .chain(&settings.adapter_roots)
             .cloned()
             .collect();
-        let registry = Registry::new(
+        let registry = Arc::new(Registry::new(
             model.model.config().adapter_shape(),
             &model_id,
             &roots,
             settings.max_adapter_memory,
-        );
+        ));
         if let Some(dir) = &settings.adapters_dir {
             let found = registry.scan(dir).map_err(std::io::Error::other)?;
             tracing::info!(dir = %dir.display(), found, "adapters registered");
         }
+        let tuner = match &settings.tuning {
+            None => None,
+            Some(tuning) => {
+                let store = Arc::new(Store::open(&tuning.root).map_err(std::io::Error::other)?);
+                Some(
+                    Tuner::start(store, model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
+                        .map_err(std::io::Error::other)?,
+                )
+            }
+        };
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
         Ok(Arc::new(Self {
             engine,
@@ -91,6 +114,7 @@ impl App {
             settings,
             metrics,
             registry,
+            tuner,
         }))
     }
 
@@ -204,6 +228,16 @@ fn api_routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(adapters::unload_lora_adapter))
         .routes(routes!(adapters::list_adapters, adapters::upload_adapter))
         .routes(routes!(adapters::get_adapter, adapters::delete_adapter))
+        .routes(routes!(tuning::upload_feedback, tuning::list_feedback, tuning::delete_feedback))
+        .routes(routes!(tuning::train_adapter))
+        .routes(routes!(tuning::rollback_adapter))
+        .routes(routes!(tuning::upload_file, tuning::list_files))
+        .routes(routes!(tuning::get_file))
+        .routes(routes!(tuning::create_job, tuning::list_jobs))
+        .routes(routes!(tuning::get_job))
+        .routes(routes!(tuning::cancel_job))
+        .routes(routes!(tuning::list_events))
+        .routes(routes!(tuning::list_checkpoints))
 }
 
 /// The OpenAPI description of every route (what `openapi.yaml` holds).

@@ -309,6 +309,16 @@ pub struct AdapterInfo {
     pub rank: Option<usize>,
     pub alpha: Option<f32>,
     pub size_bytes: Option<usize>,
+    /// For adapters tuned online: the served version (0 until a first promotion).
+    pub version: Option<u32>,
+    /// Whether a fine-tuning job is queued or running for it.
+    pub training: Option<bool>,
+    /// Feedback pairs stored for it.
+    pub pairs: Option<usize>,
+    /// The served version's metrics (held-out loss, trained tokens) and the versions on disk.
+    #[schema(value_type = Option<Object>)]
+    pub metrics: Option<serde_json::Value>,
+    pub versions: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

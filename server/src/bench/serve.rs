@@ -29,6 +29,7 @@ pub async fn start_local(
             adapters_dir,
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
+            tuning: None,
         },
         crate::engine::EngineConfig {
             ctx_len: CTX_LEN,

@@ -4,6 +4,7 @@
 pub mod data;
 pub mod durable;
 pub mod gemma3;
+pub mod job;
 pub mod lora;
 pub mod ops;
 pub mod optim;

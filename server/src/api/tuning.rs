@@ -1,0 +1,787 @@
+//! Online tuning over HTTP: feedback pairs on an adapter (which train it in the background),
+//! version rollback, and OpenAI's files and fine-tuning jobs.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tessera_adapters::TargetModule;
+use utoipa::{IntoParams, ToSchema};
+
+use super::types::AdapterInfo;
+use super::{ApiJson, App, AppError};
+use crate::dataset::{parse_upload, Message};
+use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoreError};
+use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, TuneError, Tuner};
+use crate::train::lora::LoraSpec;
+
+fn tuner(app: &App) -> Result<&Arc<Tuner>, AppError> {
+    app.tuner.as_ref().ok_or_else(|| AppError::InvalidParameter {
+        message: "Online tuning is off on this server (start it with a tuning directory).".into(),
+        param: None,
+        code: Some("tuning_disabled"),
+    })
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        AppError::Internal(e.to_string())
+    }
+}
+
+impl From<TuneError> for AppError {
+    fn from(e: TuneError) -> Self {
+        match e {
+            TuneError::Invalid(message) if message.contains("already has a job") => AppError::Conflict(message),
+            TuneError::Invalid(message) => AppError::InvalidParameter {
+                message,
+                param: None,
+                code: None,
+            },
+            other => AppError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Runs blocking store or training work off the async workers.
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R, AppError> + Send + 'static) -> Result<R, AppError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+}
+
+/// Adds what the tuning store knows about an adapter to its registry description.
+pub fn with_tuning_state(app: &App, mut info: AdapterInfo) -> AdapterInfo {
+    let Some(tuner) = &app.tuner else { return info };
+    let Ok(Some(row)) = tuner.store.adapter(&info.name) else { return info };
+    let versions = tuner.store.versions(&info.name).unwrap_or_default();
+    info.version = Some(row.version);
+    info.training = tuner.is_training(&info.name).ok();
+    info.pairs = tuner.store.count_pairs(&info.name).ok();
+    info.metrics = versions.iter().find(|v| v.version == row.version).map(|v| v.metrics.clone());
+    info.versions = Some(versions.iter().map(|v| v.version).collect());
+    info.rank = info.rank.or(Some(row.rank));
+    info.alpha = info.alpha.or(Some(row.alpha));
+    info
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct FeedbackParams {
+    /// Rank of the LoRA created when the adapter does not exist yet (default 16).
+    pub rank: Option<usize>,
+    /// Its α (default 2·rank).
+    pub alpha: Option<f32>,
+    /// Its target modules, comma separated (default all seven: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    pub targets: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackReceipt {
+    pub adapter: String,
+    /// New pairs stored by this upload.
+    pub stored: usize,
+    /// Pairs skipped because the adapter already holds the same content.
+    pub duplicates: usize,
+    pub total_pairs: usize,
+    /// Pairs gathered since the last job started.
+    pub pairs_since_training: usize,
+    /// The job this upload started, when it reached the server's `train_after`.
+    pub job: Option<String>,
+}
+
+fn lora_spec(params: &FeedbackParams) -> Result<Option<LoraSpec>, AppError> {
+    if params.rank.is_none() && params.alpha.is_none() && params.targets.is_none() {
+        return Ok(None);
+    }
+    let rank = params.rank.unwrap_or(16);
+    if !(1..=256).contains(&rank) {
+        return Err(AppError::invalid("rank", "the rank must be between 1 and 256"));
+    }
+    let targets = match &params.targets {
+        None => TargetModule::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|t| {
+                TargetModule::from_peft_name(t.trim())
+                    .ok_or_else(|| AppError::invalid("targets", format!("unknown target module `{t}`")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok(Some(LoraSpec {
+        rank,
+        alpha: params.alpha.unwrap_or(2.0 * rank as f32),
+        targets,
+    }))
+}
+
+/// Stores instruction pairs for an adapter: one JSON record, a JSON list or JSON Lines, each in
+/// the Alpaca, Dolly, ShareGPT or OpenAI `messages` format. All or nothing: an invalid record
+/// rejects the upload with its index. Duplicates are skipped. A missing adapter is created as a
+/// fresh LoRA. Acknowledged once committed; enough new pairs start a training job.
+#[utoipa::path(post, path = "/v1/adapters/{name}/feedback", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter"), FeedbackParams),
+    request_body(content = String, content_type = "application/json", description = "Records: JSON, a JSON list, or JSON Lines"),
+    responses((status = 200, body = FeedbackReceipt), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn upload_feedback(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Query(params): Query<FeedbackParams>,
+    body: Bytes,
+) -> Result<Json<FeedbackReceipt>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    let spec = lora_spec(&params)?;
+    let conversations = parse_upload(&body).map_err(|e| AppError::InvalidParameter {
+        message: format!("{e}; nothing from this upload was stored"),
+        param: Some(format!("records[{}]", e.index)),
+        code: Some("invalid_record"),
+    })?;
+    blocking(move || {
+        tuner.ensure_adapter(&name, spec)?;
+        let inserted = tuner.store.insert_pairs(&name, &conversations)?;
+        let mut job = None;
+        if inserted.pairs_since_training >= tuner.settings.train_after && !tuner.is_training(&name)? {
+            job = Some(tuner.start_feedback_job(&name, None)?.id);
+        }
+        Ok(Json(FeedbackReceipt {
+            total_pairs: tuner.store.count_pairs(&name)?,
+            adapter: name,
+            stored: inserted.stored,
+            duplicates: inserted.duplicates,
+            pairs_since_training: if job.is_some() { 0 } else { inserted.pairs_since_training },
+            job,
+        }))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PageParams {
+    /// Return pairs after this id.
+    pub after: Option<i64>,
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoredPairView {
+    pub id: i64,
+    pub hash: String,
+    pub messages: Vec<Message>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PairList {
+    pub object: &'static str,
+    pub data: Vec<StoredPairView>,
+    pub has_more: bool,
+    pub last_id: Option<i64>,
+}
+
+/// The adapter's stored pairs, oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/adapters/{name}/feedback", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter"), PageParams),
+    responses((status = 200, body = PairList), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn list_feedback(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Query(page): Query<PageParams>,
+) -> Result<Json<PairList>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    blocking(move || {
+        tuner
+            .store
+            .adapter(&name)?
+            .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` has no feedback")))?;
+        let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+        let mut pairs = tuner.store.pairs(&name, page.after.unwrap_or(0), limit + 1)?;
+        let has_more = pairs.len() > limit;
+        pairs.truncate(limit);
+        Ok(Json(PairList {
+            object: "list",
+            has_more,
+            last_id: pairs.last().map(|p| p.id),
+            data: pairs
+                .into_iter()
+                .map(|p| StoredPairView {
+                    id: p.id,
+                    hash: p.hash,
+                    messages: p.conversation.messages,
+                    created_at: p.created_at,
+                })
+                .collect(),
+        }))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DeleteParams {
+    /// Comma-separated pair ids; without it, every pair of the adapter.
+    pub ids: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    pub deleted: usize,
+}
+
+/// Deletes some (`ids`) or all of an adapter's pairs. Versions already trained stay.
+#[utoipa::path(delete, path = "/v1/adapters/{name}/feedback", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter"), DeleteParams),
+    responses((status = 200, body = Deleted), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn delete_feedback(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Query(params): Query<DeleteParams>,
+) -> Result<Json<Deleted>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    let ids = params
+        .ids
+        .map(|ids| {
+            ids.split(',')
+                .map(|id| id.trim().parse::<i64>().map_err(|_| AppError::invalid("ids", format!("`{id}` is not a pair id"))))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    blocking(move || Ok(Json(Deleted { deleted: tuner.store.delete_pairs(&name, ids.as_deref())? }))).await
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct TrainRequest {
+    pub hyperparameters: Option<HyperparametersRequest>,
+}
+
+/// Starts a job on the adapter's pairs now (continuing from its current version).
+#[utoipa::path(post, path = "/v1/adapters/{name}/train", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter")),
+    request_body(content = Option<TrainRequest>, content_type = "application/json"),
+    responses((status = 200, body = FineTuningJob), (status = 409, body = super::error::ErrorResponse)))]
+pub async fn train_adapter(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<FineTuningJob>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    let request: TrainRequest = if body.is_empty() {
+        TrainRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| AppError::invalid("body", e.to_string()))?
+    };
+    let hyperparameters = request
+        .hyperparameters
+        .map(|h| h.resolve(tuner.settings.defaults))
+        .transpose()?;
+    blocking(move || {
+        let job = tuner.start_feedback_job(&name, hyperparameters)?;
+        Ok(Json(job_view(&job)))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RollbackRequest {
+    pub version: u32,
+}
+
+/// Serves an earlier version of the adapter again.
+#[utoipa::path(post, path = "/v1/adapters/{name}/rollback", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter")),
+    request_body = RollbackRequest,
+    responses((status = 200, body = AdapterInfo), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn rollback_adapter(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<RollbackRequest>,
+) -> Result<Json<AdapterInfo>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    let adapter = name.clone();
+    blocking(move || Ok(tuner.rollback(&adapter, request.version)?)).await?;
+    super::adapters::describe(&app, &name)
+        .map(Json)
+        .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
+}
+
+// OpenAI files.
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileObject {
+    pub id: String,
+    pub object: &'static str,
+    pub bytes: usize,
+    pub created_at: i64,
+    pub filename: String,
+    pub purpose: String,
+    pub status: &'static str,
+}
+
+fn file_view(f: &FileRow) -> FileObject {
+    FileObject {
+        id: f.id.clone(),
+        object: "file",
+        bytes: f.bytes,
+        created_at: f.created_at,
+        filename: f.filename.clone(),
+        purpose: f.purpose.clone(),
+        status: "processed",
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileList {
+    pub object: &'static str,
+    pub data: Vec<FileObject>,
+    pub has_more: bool,
+}
+
+#[allow(dead_code)] // describes the multipart form in the OpenAPI document only
+/// multipart: `purpose` (`fine-tune`) and `file` (JSONL of `{"messages": …}` or any supported
+/// instruction format).
+#[derive(Debug, ToSchema)]
+pub struct FileUpload {
+    pub purpose: String,
+    #[schema(value_type = String, format = Binary)]
+    pub file: Vec<u8>,
+}
+
+/// Uploads a training file. Every record is checked first; the file is stored (durably) only if
+/// all are valid.
+#[utoipa::path(post, path = "/v1/files", tag = "Files",
+    request_body(content = FileUpload, content_type = "multipart/form-data"),
+    responses((status = 200, body = FileObject), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn upload_file(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Json<FileObject>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    let (mut purpose, mut file) = (None, None);
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| AppError::invalid("file", format!("bad multipart body: {e}")))?
+    {
+        match field.name() {
+            Some("purpose") => purpose = Some(field.text().await.map_err(|e| AppError::invalid("purpose", e.to_string()))?),
+            Some("file") => {
+                let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
+                let bytes = field.bytes().await.map_err(|e| AppError::invalid("file", e.to_string()))?;
+                file = Some((filename, bytes));
+            }
+            _ => {}
+        }
+    }
+    let purpose = purpose.ok_or_else(|| AppError::invalid("purpose", "`purpose` is required"))?;
+    if purpose != "fine-tune" {
+        return Err(AppError::invalid("purpose", format!("only `fine-tune` files are accepted, not `{purpose}`")));
+    }
+    let (filename, bytes) = file.ok_or_else(|| AppError::invalid("file", "`file` is required"))?;
+    let records = parse_upload(&bytes).map_err(|e| AppError::InvalidParameter {
+        message: format!("{filename}: {e}"),
+        param: Some("file".into()),
+        code: Some("invalid_record"),
+    })?;
+    blocking(move || {
+        let row = FileRow {
+            id: new_id("file"),
+            filename,
+            purpose,
+            bytes: bytes.len(),
+            records: records.len(),
+            created_at: unix_time(),
+        };
+        tuner.store.insert_file(&row, &bytes)?;
+        Ok(Json(file_view(&row)))
+    })
+    .await
+}
+
+/// Uploaded files, newest first.
+#[utoipa::path(get, path = "/v1/files", tag = "Files", responses((status = 200, body = FileList)))]
+pub async fn list_files(State(app): State<Arc<App>>) -> Result<Json<FileList>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    blocking(move || {
+        Ok(Json(FileList {
+            object: "list",
+            data: tuner.store.files()?.iter().map(file_view).collect(),
+            has_more: false,
+        }))
+    })
+    .await
+}
+
+#[utoipa::path(get, path = "/v1/files/{file_id}", tag = "Files",
+    params(("file_id" = String, Path, description = "A file id")),
+    responses((status = 200, body = FileObject), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn get_file(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<FileObject>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    blocking(move || {
+        tuner
+            .store
+            .file(&id)?
+            .map(|f| Json(file_view(&f)))
+            .ok_or_else(|| AppError::NotFound(format!("No such file: {id}")))
+    })
+    .await
+}
+
+// OpenAI fine-tuning jobs.
+
+/// Each value is a number or `"auto"` (the server's default).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct HyperparametersRequest {
+    #[schema(value_type = Option<Object>)]
+    pub n_epochs: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub batch_size: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub learning_rate_multiplier: Option<Value>,
+}
+
+fn number(value: &Option<Value>, param: &str) -> Result<Option<f64>, AppError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "auto" => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(other) => Err(AppError::invalid(param, format!("expected a number or \"auto\", got {other}"))),
+    }
+}
+
+impl HyperparametersRequest {
+    fn resolve(&self, defaults: Hyperparameters) -> Result<Hyperparameters, AppError> {
+        let n_epochs = number(&self.n_epochs, "hyperparameters.n_epochs")?;
+        let batch_size = number(&self.batch_size, "hyperparameters.batch_size")?;
+        let multiplier = number(&self.learning_rate_multiplier, "hyperparameters.learning_rate_multiplier")?;
+        let whole = |v: Option<f64>, param: &str, max: f64| match v {
+            Some(v) if v.fract() != 0.0 || !(1.0..=max).contains(&v) => {
+                Err(AppError::invalid(param, format!("must be a whole number from 1 to {max}")))
+            }
+            Some(v) => Ok(Some(v as usize)),
+            None => Ok(None),
+        };
+        let n_epochs = whole(n_epochs, "hyperparameters.n_epochs", 50.0)?.unwrap_or(defaults.n_epochs);
+        let batch_size = whole(batch_size, "hyperparameters.batch_size", 64.0)?.unwrap_or(defaults.batch_size);
+        let multiplier = multiplier.unwrap_or(1.0);
+        if !(multiplier > 0.0 && multiplier <= 100.0) {
+            return Err(AppError::invalid("hyperparameters.learning_rate_multiplier", "must be in (0, 100]"));
+        }
+        Ok(Hyperparameters {
+            n_epochs,
+            batch_size,
+            learning_rate: defaults.learning_rate * multiplier,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateJobRequest {
+    /// The base model's id, or an adapter to continue from.
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub hyperparameters: Option<HyperparametersRequest>,
+    /// Part of the new adapter's name (`ft-{suffix}-{id}`).
+    pub suffix: Option<String>,
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobHyperparameters {
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FineTuningJob {
+    pub id: String,
+    pub object: &'static str,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+    pub model: String,
+    /// The adapter the job trains; servable by this name once the job succeeds.
+    pub fine_tuned_model: Option<String>,
+    pub organization_id: &'static str,
+    /// validating_files, queued, running, succeeded, failed or cancelled.
+    pub status: String,
+    pub training_file: Option<String>,
+    pub validation_file: Option<String>,
+    pub hyperparameters: JobHyperparameters,
+    pub result_files: Vec<String>,
+    pub trained_tokens: Option<u64>,
+    pub error: Option<JobError>,
+    pub seed: u64,
+    pub suffix: Option<String>,
+    pub estimated_finish: Option<i64>,
+    /// The adapter the job trains (for feedback jobs, the one the pairs belong to).
+    pub adapter: String,
+}
+
+fn job_view(job: &JobRow) -> FineTuningJob {
+    let spec: Option<JobSpec> = serde_json::from_value(job.spec.clone()).ok();
+    let defaults = Hyperparameters::default();
+    let h = spec.as_ref().map_or(defaults, |s| s.hyperparameters);
+    let (training_file, validation_file) = match spec.as_ref().map(|s| &s.data) {
+        Some(JobData::Files {
+            training_file,
+            validation_file,
+        }) => (Some(training_file.clone()), validation_file.clone()),
+        _ => (None, None),
+    };
+    FineTuningJob {
+        id: job.id.clone(),
+        object: "fine_tuning.job",
+        created_at: job.created_at,
+        finished_at: job.finished_at,
+        model: job.model.clone(),
+        fine_tuned_model: job.fine_tuned_model.clone(),
+        organization_id: "tessera",
+        status: job.status.clone(),
+        training_file,
+        validation_file,
+        hyperparameters: JobHyperparameters {
+            n_epochs: h.n_epochs,
+            batch_size: h.batch_size,
+            learning_rate_multiplier: h.learning_rate / defaults.learning_rate,
+        },
+        result_files: Vec::new(),
+        trained_tokens: job.trained_tokens,
+        error: job.error.as_ref().map(|message| JobError {
+            code: "training_failed".into(),
+            message: message.clone(),
+            param: None,
+        }),
+        seed: spec.as_ref().map_or(0, |s| s.seed),
+        suffix: spec.and_then(|s| s.suffix),
+        estimated_finish: None,
+        adapter: job.adapter.clone(),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub object: &'static str,
+    pub data: Vec<FineTuningJob>,
+    pub has_more: bool,
+}
+
+/// Creates a fine-tuning job from uploaded files. It trains in the background; its
+/// `fine_tuned_model` (a new adapter) serves as soon as it succeeds.
+#[utoipa::path(post, path = "/v1/fine_tuning/jobs", tag = "Fine-tuning",
+    request_body = CreateJobRequest,
+    responses((status = 200, body = FineTuningJob), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn create_job(
+    State(app): State<Arc<App>>,
+    ApiJson(request): ApiJson<CreateJobRequest>,
+) -> Result<Json<FineTuningJob>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    app.check_model(&request.model)?;
+    let hyperparameters = request
+        .hyperparameters
+        .clone()
+        .unwrap_or_default()
+        .resolve(tuner.settings.defaults)?;
+    if let Some(suffix) = &request.suffix {
+        if suffix.is_empty() || suffix.len() > 40 || !crate::registry::valid_name(suffix) {
+            return Err(AppError::invalid("suffix", "the suffix must be 1 to 40 characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
+        }
+    }
+    blocking(move || {
+        for (param, file) in [("training_file", Some(&request.training_file)), ("validation_file", request.validation_file.as_ref())] {
+            if let Some(file) = file {
+                if tuner.store.file(file)?.is_none() {
+                    return Err(AppError::InvalidParameter {
+                        message: format!("No such file: {file}"),
+                        param: Some(param.into()),
+                        code: Some("file_not_found"),
+                    });
+                }
+            }
+        }
+        let spec = JobSpec {
+            data: JobData::Files {
+                training_file: request.training_file,
+                validation_file: request.validation_file,
+            },
+            hyperparameters,
+            seed: request.seed.unwrap_or(42),
+            suffix: request.suffix,
+            start_version: 0,
+        };
+        let job = tuner.start_file_job(&request.model, spec)?;
+        Ok(Json(job_view(&job)))
+    })
+    .await
+}
+
+/// Every job (file jobs and feedback jobs), newest first.
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs", tag = "Fine-tuning", responses((status = 200, body = JobList)))]
+pub async fn list_jobs(State(app): State<Arc<App>>) -> Result<Json<JobList>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    blocking(move || {
+        Ok(Json(JobList {
+            object: "list",
+            data: tuner.store.jobs(None)?.iter().map(job_view).collect(),
+            has_more: false,
+        }))
+    })
+    .await
+}
+
+fn find_job(tuner: &Tuner, id: &str) -> Result<JobRow, AppError> {
+    tuner
+        .store
+        .job(id)?
+        .ok_or_else(|| AppError::NotFound(format!("No such fine-tuning job: {id}")))
+}
+
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs/{job_id}", tag = "Fine-tuning",
+    params(("job_id" = String, Path, description = "A job id")),
+    responses((status = 200, body = FineTuningJob), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<FineTuningJob>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    blocking(move || Ok(Json(job_view(&find_job(&tuner, &id)?)))).await
+}
+
+/// Cancels a job that has not ended; a running one stops before its next step.
+#[utoipa::path(post, path = "/v1/fine_tuning/jobs/{job_id}/cancel", tag = "Fine-tuning",
+    params(("job_id" = String, Path, description = "A job id")),
+    responses((status = 200, body = FineTuningJob), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn cancel_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<FineTuningJob>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    blocking(move || {
+        let job = find_job(&tuner, &id)?;
+        if !tuner.cancel(&id)? {
+            return Err(AppError::invalid("job_id", format!("the job has already ended ({})", job.status)));
+        }
+        Ok(Json(job_view(&find_job(&tuner, &id)?)))
+    })
+    .await
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobEvent {
+    pub id: String,
+    pub object: &'static str,
+    pub created_at: i64,
+    pub level: String,
+    pub message: String,
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+    /// `metrics` for per-step losses, `message` otherwise.
+    pub r#type: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    pub object: &'static str,
+    pub data: Vec<JobEvent>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct EventParams {
+    /// Events before this event id (`ftevent-N`).
+    pub after: Option<String>,
+    /// At most this many (default 20, at most 1000).
+    pub limit: Option<usize>,
+}
+
+fn event_view(e: EventRow) -> JobEvent {
+    JobEvent {
+        id: format!("ftevent-{}", e.id),
+        object: "fine_tuning.job.event",
+        created_at: e.created_at,
+        level: e.level,
+        r#type: if e.data.as_ref().is_some_and(|d| d.get("train_loss").is_some()) { "metrics" } else { "message" },
+        message: e.message,
+        data: e.data,
+    }
+}
+
+/// A job's events, newest first: per-step loss, checkpoints, evaluation and promotion.
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs/{job_id}/events", tag = "Fine-tuning",
+    params(("job_id" = String, Path, description = "A job id"), EventParams),
+    responses((status = 200, body = EventList), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn list_events(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(params): Query<EventParams>,
+) -> Result<Json<EventList>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    let before = params
+        .after
+        .map(|a| {
+            a.trim_start_matches("ftevent-")
+                .parse::<i64>()
+                .map_err(|_| AppError::invalid("after", format!("`{a}` is not an event id")))
+        })
+        .transpose()?;
+    let limit = params.limit.unwrap_or(20).clamp(1, 1000);
+    blocking(move || {
+        find_job(&tuner, &id)?;
+        let mut events = tuner.store.events(&id, before, limit + 1)?;
+        let has_more = events.len() > limit;
+        events.truncate(limit);
+        Ok(Json(EventList {
+            object: "list",
+            data: events.into_iter().map(event_view).collect(),
+            has_more,
+        }))
+    })
+    .await
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobCheckpoint {
+    pub id: String,
+    pub object: &'static str,
+    pub created_at: i64,
+    pub fine_tuned_model_checkpoint: String,
+    pub fine_tuning_job_id: String,
+    #[schema(value_type = Object)]
+    pub metrics: Value,
+    pub step_number: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckpointList {
+    pub object: &'static str,
+    pub data: Vec<JobCheckpoint>,
+    pub has_more: bool,
+}
+
+fn checkpoint_view(c: CheckpointRow) -> JobCheckpoint {
+    JobCheckpoint {
+        id: format!("ftckpt-{}", c.id),
+        object: "fine_tuning.job.checkpoint",
+        created_at: c.created_at,
+        fine_tuned_model_checkpoint: c.path.display().to_string(),
+        fine_tuning_job_id: c.job_id,
+        metrics: c.metrics,
+        step_number: c.step,
+    }
+}
+
+/// A job's checkpoints, newest first (what a restarted job resumes from).
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs/{job_id}/checkpoints", tag = "Fine-tuning",
+    params(("job_id" = String, Path, description = "A job id")),
+    responses((status = 200, body = CheckpointList), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn list_checkpoints(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<CheckpointList>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    blocking(move || {
+        find_job(&tuner, &id)?;
+        Ok(Json(CheckpointList {
+            object: "list",
+            data: tuner.store.checkpoints(&id)?.into_iter().map(checkpoint_view).collect(),
+            has_more: false,
+        }))
+    })
+    .await
+}

@@ -1,0 +1,657 @@
+//! Durable state of online tuning, in one embedded SQLite database (WAL, `synchronous=FULL`):
+//! feedback pairs, uploaded files, fine-tuning jobs and their events and checkpoints, and every
+//! adapter version. A write returns only after its transaction commits, so whatever the API
+//! acknowledged survives a crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::dataset::{content_hash, Conversation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("stored JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the database at {path} has schema version {found}, newer than this build's {known}")]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: online tuning.
+    "CREATE TABLE adapters (
+        name TEXT PRIMARY KEY,
+        rank INTEGER NOT NULL,
+        alpha REAL NOT NULL,
+        targets TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0,
+        pairs_since_training INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE pairs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        adapter TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        conversation TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (adapter, hash)
+     );
+     CREATE TABLE versions (
+        adapter TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        job_id TEXT,
+        metrics TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (adapter, version)
+     );
+     CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        records INTEGER NOT NULL,
+        content BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        adapter TEXT NOT NULL,
+        model TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL,
+        fine_tuned_model TEXT,
+        error TEXT,
+        trained_tokens INTEGER,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+     );
+     CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE checkpoints (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     CREATE INDEX pairs_by_adapter ON pairs (adapter, id);
+     CREATE INDEX events_by_job ON events (job_id, id);",
+];
+
+pub fn unix_time() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+pub struct Store {
+    connection: Mutex<Connection>,
+    /// `$TESSERA_HOME/tuning`: the database, adapter versions and job checkpoints.
+    root: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterRow {
+    pub name: String,
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: Vec<String>,
+    pub version: u32,
+    pub pairs_since_training: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPair {
+    pub id: i64,
+    pub hash: String,
+    pub conversation: Conversation,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRow {
+    pub version: u32,
+    pub path: PathBuf,
+    pub job_id: Option<String>,
+    pub metrics: serde_json::Value,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRow {
+    pub id: String,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: usize,
+    pub records: usize,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub adapter: String,
+    pub model: String,
+    /// What the job trains on and how (`train::job::JobSpec`, as JSON).
+    pub spec: serde_json::Value,
+    pub status: String,
+    pub fine_tuned_model: Option<String>,
+    pub error: Option<String>,
+    pub trained_tokens: Option<u64>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub id: i64,
+    pub level: String,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRow {
+    pub id: i64,
+    pub job_id: String,
+    pub step: usize,
+    pub path: PathBuf,
+    pub metrics: serde_json::Value,
+    pub created_at: i64,
+}
+
+/// What an upload did: new pairs stored, duplicates skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub stored: usize,
+    pub duplicates: usize,
+    pub pairs_since_training: usize,
+}
+
+fn job_from_row(row: &rusqlite::Row) -> rusqlite::Result<(JobRow, String)> {
+    Ok((
+        JobRow {
+            id: row.get(0)?,
+            adapter: row.get(1)?,
+            model: row.get(2)?,
+            spec: serde_json::Value::Null,
+            status: row.get(4)?,
+            fine_tuned_model: row.get(5)?,
+            error: row.get(6)?,
+            trained_tokens: row.get::<_, Option<i64>>(7)?.map(|t| t as u64),
+            created_at: row.get(8)?,
+            finished_at: row.get(9)?,
+        },
+        row.get::<_, String>(3)?,
+    ))
+}
+
+const JOB_COLUMNS: &str = "id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at";
+
+impl Store {
+    /// Opens (creating if needed) the store under `root` and brings its schema up to date.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root).map_err(|source| StoreError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let path = root.join("tessera.sqlite3");
+        let mut connection = Connection::open(&path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(10))?;
+        let version: i64 = connection.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew { path, found: version, known });
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = connection.transaction()?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+            tracing::info!(version = i + 1, "store schema migrated");
+        }
+        Ok(Self {
+            connection: Mutex::new(connection),
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where version `version` of `adapter` lives (a PEFT folder).
+    pub fn version_dir(&self, adapter: &str, version: u32) -> PathBuf {
+        self.root.join("adapters").join(adapter).join(format!("v{version}"))
+    }
+
+    pub fn job_dir(&self, job: &str) -> PathBuf {
+        self.root.join("jobs").join(job)
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let mut connection = self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut connection)
+    }
+
+    pub fn adapter(&self, name: &str) -> Result<Option<AdapterRow>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT name, rank, alpha, targets, version, pairs_since_training FROM adapters WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(AdapterRow {
+                        name: r.get(0)?,
+                        rank: r.get::<_, i64>(1)? as usize,
+                        alpha: r.get::<_, f64>(2)? as f32,
+                        targets: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+                        version: r.get::<_, i64>(4)? as u32,
+                        pairs_since_training: r.get::<_, i64>(5)? as usize,
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+
+    pub fn adapters(&self) -> Result<Vec<AdapterRow>, StoreError> {
+        let names: Vec<String> = self.with(|c| {
+            let mut statement = c.prepare("SELECT name FROM adapters ORDER BY name")?;
+            let names = statement.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok(names)
+        })?;
+        Ok(names.iter().filter_map(|n| self.adapter(n).ok().flatten()).collect())
+    }
+
+    /// Records a new adapter at version 0, whose files the caller has already written.
+    pub fn create_adapter(&self, row: &AdapterRow, v0_metrics: &serde_json::Value) -> Result<(), StoreError> {
+        let path = self.version_dir(&row.name, 0);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO adapters (name, rank, alpha, targets, version, pairs_since_training, created_at) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5)",
+                params![row.name, row.rank as i64, row.alpha as f64, serde_json::to_string(&row.targets)?, unix_time()],
+            )?;
+            tx.execute(
+                "INSERT INTO versions (adapter, version, path, job_id, metrics, created_at) VALUES (?1, 0, ?2, NULL, ?3, ?4)",
+                params![row.name, path.display().to_string(), v0_metrics.to_string(), unix_time()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Stores the pairs not already held for `adapter`, in one transaction.
+    pub fn insert_pairs(&self, adapter: &str, conversations: &[Conversation]) -> Result<Inserted, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let now = unix_time();
+            let mut stored = 0;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT OR IGNORE INTO pairs (adapter, hash, conversation, created_at) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for conversation in conversations {
+                    stored += insert.execute(params![
+                        adapter,
+                        content_hash(conversation),
+                        serde_json::to_string(conversation)?,
+                        now
+                    ])?;
+                }
+            }
+            tx.execute(
+                "UPDATE adapters SET pairs_since_training = pairs_since_training + ?2 WHERE name = ?1",
+                params![adapter, stored as i64],
+            )?;
+            let pairs_since_training: i64 = tx.query_row(
+                "SELECT pairs_since_training FROM adapters WHERE name = ?1",
+                [adapter],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(Inserted {
+                stored,
+                duplicates: conversations.len() - stored,
+                pairs_since_training: pairs_since_training as usize,
+            })
+        })
+    }
+
+    /// Up to `limit` pairs of `adapter` with ids above `after`, oldest first.
+    pub fn pairs(&self, adapter: &str, after: i64, limit: usize) -> Result<Vec<StoredPair>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT id, hash, conversation, created_at FROM pairs WHERE adapter = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = statement
+                .query_map(params![adapter, after, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(id, hash, conversation, created_at)| {
+                    Ok(StoredPair {
+                        id,
+                        hash,
+                        conversation: serde_json::from_str(&conversation)?,
+                        created_at,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    pub fn count_pairs(&self, adapter: &str) -> Result<usize, StoreError> {
+        self.with(|c| Ok(c.query_row("SELECT COUNT(*) FROM pairs WHERE adapter = ?1", [adapter], |r| r.get::<_, i64>(0))? as usize))
+    }
+
+    /// Deletes the pairs with the given ids (all of the adapter's when `ids` is None).
+    pub fn delete_pairs(&self, adapter: &str, ids: Option<&[i64]>) -> Result<usize, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let deleted = match ids {
+                None => tx.execute("DELETE FROM pairs WHERE adapter = ?1", [adapter])?,
+                Some(ids) => {
+                    let mut n = 0;
+                    for id in ids {
+                        n += tx.execute("DELETE FROM pairs WHERE adapter = ?1 AND id = ?2", params![adapter, id])?;
+                    }
+                    n
+                }
+            };
+            tx.commit()?;
+            Ok(deleted)
+        })
+    }
+
+    pub fn reset_pairs_since_training(&self, adapter: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("UPDATE adapters SET pairs_since_training = 0 WHERE name = ?1", [adapter])?;
+            Ok(())
+        })
+    }
+
+    pub fn versions(&self, adapter: &str) -> Result<Vec<VersionRow>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT version, path, job_id, metrics, created_at FROM versions WHERE adapter = ?1 ORDER BY version",
+            )?;
+            let rows = statement
+                .query_map([adapter], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get::<_, String>(3)?, r.get(4)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(version, path, job_id, metrics, created_at)| {
+                    Ok(VersionRow {
+                        version: version as u32,
+                        path: PathBuf::from(path),
+                        job_id,
+                        metrics: serde_json::from_str(&metrics)?,
+                        created_at,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Records a version whose files are written and makes it current.
+    pub fn promote(&self, adapter: &str, version: u32, job_id: &str, metrics: &serde_json::Value) -> Result<(), StoreError> {
+        let path = self.version_dir(adapter, version);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO versions (adapter, version, path, job_id, metrics, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![adapter, version as i64, path.display().to_string(), job_id, metrics.to_string(), unix_time()],
+            )?;
+            tx.execute("UPDATE adapters SET version = ?2 WHERE name = ?1", params![adapter, version as i64])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Makes an existing version current again.
+    pub fn set_current_version(&self, adapter: &str, version: u32) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("UPDATE adapters SET version = ?2 WHERE name = ?1", params![adapter, version as i64])?;
+            Ok(())
+        })
+    }
+
+    pub fn insert_file(&self, row: &FileRow, content: &[u8]) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO files (id, filename, purpose, bytes, records, content, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![row.id, row.filename, row.purpose, row.bytes as i64, row.records as i64, content, row.created_at],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn file_from_row(r: &rusqlite::Row) -> rusqlite::Result<FileRow> {
+        Ok(FileRow {
+            id: r.get(0)?,
+            filename: r.get(1)?,
+            purpose: r.get(2)?,
+            bytes: r.get::<_, i64>(3)? as usize,
+            records: r.get::<_, i64>(4)? as usize,
+            created_at: r.get(5)?,
+        })
+    }
+
+    pub fn file(&self, id: &str) -> Result<Option<FileRow>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT id, filename, purpose, bytes, records, created_at FROM files WHERE id = ?1",
+                [id],
+                Self::file_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    pub fn file_content(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|c| Ok(c.query_row("SELECT content FROM files WHERE id = ?1", [id], |r| r.get(0)).optional()?))
+    }
+
+    pub fn files(&self) -> Result<Vec<FileRow>, StoreError> {
+        self.with(|c| {
+            let mut statement =
+                c.prepare("SELECT id, filename, purpose, bytes, records, created_at FROM files ORDER BY created_at DESC, id")?;
+            let rows = statement.query_map([], Self::file_from_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    pub fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO jobs (id, adapter, model, spec, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![job.id, job.adapter, job.model, job.spec.to_string(), job.status, job.created_at],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn parse_jobs(rows: Vec<(JobRow, String)>) -> Result<Vec<JobRow>, StoreError> {
+        rows.into_iter()
+            .map(|(mut job, spec)| {
+                job.spec = serde_json::from_str(&spec)?;
+                Ok(job)
+            })
+            .collect()
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        let row = self.with(|c| {
+            Ok(c.query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), [id], job_from_row)
+                .optional()?)
+        })?;
+        Ok(Self::parse_jobs(row.into_iter().collect())?.pop())
+    }
+
+    /// Jobs, newest first, optionally only those of one adapter.
+    pub fn jobs(&self, adapter: Option<&str>) -> Result<Vec<JobRow>, StoreError> {
+        let rows = self.with(|c| {
+            let mut statement = c.prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL OR adapter = ?1 ORDER BY created_at DESC, rowid DESC"
+            ))?;
+            let rows = statement.query_map([adapter], job_from_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })?;
+        Self::parse_jobs(rows)
+    }
+
+    /// Sets a job's status (and, when it ends, its outcome), unless it already ended.
+    pub fn set_job_status(
+        &self,
+        id: &str,
+        status: &str,
+        fine_tuned_model: Option<&str>,
+        error: Option<&str>,
+        trained_tokens: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let finished = matches!(status, "succeeded" | "failed" | "cancelled").then(unix_time);
+        self.with(|c| {
+            let changed = c.execute(
+                "UPDATE jobs SET status = ?2, fine_tuned_model = COALESCE(?3, fine_tuned_model), error = COALESCE(?4, error),
+                    trained_tokens = COALESCE(?5, trained_tokens), finished_at = ?6
+                 WHERE id = ?1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
+                params![id, status, fine_tuned_model, error, trained_tokens.map(|t| t as i64), finished],
+            )?;
+            Ok(changed > 0)
+        })
+    }
+
+    pub fn add_event(&self, job: &str, level: &str, message: &str, data: Option<&serde_json::Value>) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO events (job_id, level, message, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![job, level, message, data.map(|d| d.to_string()), unix_time()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Events of a job, newest first, before the event id `before` if given.
+    pub fn events(&self, job: &str, before: Option<i64>, limit: usize) -> Result<Vec<EventRow>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT id, level, message, data, created_at FROM events WHERE job_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = statement
+                .query_map(params![job, before, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Option<String>>(3)?, r.get(4)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(id, level, message, data, created_at)| {
+                    Ok(EventRow {
+                        id,
+                        level,
+                        message,
+                        data: data.map(|d| serde_json::from_str(&d)).transpose()?,
+                        created_at,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    pub fn add_checkpoint(&self, job: &str, step: usize, path: &Path, metrics: &serde_json::Value) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO checkpoints (job_id, step, path, metrics, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![job, step as i64, path.display().to_string(), metrics.to_string(), unix_time()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Checkpoints of a job, newest first.
+    pub fn checkpoints(&self, job: &str) -> Result<Vec<CheckpointRow>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT id, job_id, step, path, metrics, created_at FROM checkpoints WHERE job_id = ?1 ORDER BY step DESC",
+            )?;
+            let rows = statement
+                .query_map([job], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?, r.get::<_, String>(4)?, r.get(5)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(id, job_id, step, path, metrics, created_at)| {
+                    Ok(CheckpointRow {
+                        id,
+                        job_id,
+                        step: step as usize,
+                        path: PathBuf::from(path),
+                        metrics: serde_json::from_str(&metrics)?,
+                        created_at,
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Message;
+
+    fn pair(q: &str) -> Conversation {
+        Conversation {
+            messages: vec![
+                Message { role: "user".into(), content: q.into() },
+                Message { role: "assistant".into(), content: "a".into() },
+            ],
+        }
+    }
+
+    #[test]
+    fn pairs_survive_reopening_and_duplicates_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let row = AdapterRow {
+                name: "x".into(),
+                rank: 16,
+                alpha: 32.0,
+                targets: vec!["q_proj".into()],
+                version: 0,
+                pairs_since_training: 0,
+            };
+            store.create_adapter(&row, &serde_json::json!({})).unwrap();
+            let first = store.insert_pairs("x", &[pair("a"), pair("b")]).unwrap();
+            assert_eq!((first.stored, first.duplicates), (2, 0));
+            let second = store.insert_pairs("x", &[pair("b"), pair("c")]).unwrap();
+            assert_eq!((second.stored, second.duplicates, second.pairs_since_training), (1, 1, 3));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let pairs = store.pairs("x", 0, 10).unwrap();
+        assert_eq!(pairs.iter().map(|p| p.conversation.clone()).collect::<Vec<_>>(), vec![pair("a"), pair("b"), pair("c")]);
+        assert_eq!(store.adapter("x").unwrap().unwrap().pairs_since_training, 3);
+        assert_eq!(store.delete_pairs("x", Some(&[pairs[0].id])).unwrap(), 1);
+        assert_eq!(store.count_pairs("x").unwrap(), 2);
+    }
+}

@@ -1,0 +1,654 @@
+//! The background tuner: one worker thread, on a thread budget of its own, runs fine-tuning jobs
+//! one at a time against the served model's weights, checkpoints them, and hot-swaps a better
+//! adapter version in through the registry.
+//!
+//! A job's life: `validating_files → queued → running → succeeded | failed | cancelled`. Every
+//! `checkpoint_every` steps it writes the adapter, the optimizer state and its position (the step;
+//! the data order is a pure function of the seed and epoch) in a fresh folder, then records it in
+//! the store. After a crash the server re-queues unfinished jobs, which resume from their last
+//! recorded checkpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tessera_adapters::peft::BaseShape;
+
+use crate::dataset::{parse_upload, Conversation};
+use crate::registry::Registry;
+use crate::store::{unix_time, AdapterRow, JobRow, Store, StoreError};
+use crate::train::data::example;
+use crate::train::gemma3::Example;
+use crate::train::lora::{LoraParams, LoraSpec};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::{evaluate, train_step, TrainError};
+use crate::LoadedModel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TuneError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the job was cancelled")]
+    Cancelled,
+}
+
+/// Server-wide tuning settings.
+#[derive(Debug, Clone)]
+pub struct TuningSettings {
+    /// Threads the trainer may use (serving keeps the rest).
+    pub train_threads: usize,
+    /// New pairs that start a job on their own.
+    pub train_after: usize,
+    pub max_seq_len: usize,
+    pub checkpoint_every: usize,
+    pub default_lora: LoraSpec,
+    pub defaults: Hyperparameters,
+}
+
+impl Default for TuningSettings {
+    fn default() -> Self {
+        Self {
+            train_threads: 1,
+            train_after: 32,
+            max_seq_len: 512,
+            checkpoint_every: 10,
+            default_lora: LoraSpec::default(),
+            defaults: Hyperparameters::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Hyperparameters {
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    /// Peak AdamW learning rate (the OpenAI multiplier scales it).
+    pub learning_rate: f64,
+}
+
+impl Default for Hyperparameters {
+    fn default() -> Self {
+        Self {
+            n_epochs: 2,
+            batch_size: 4,
+            learning_rate: 1e-3,
+        }
+    }
+}
+
+/// Where a job's data comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobData {
+    /// The adapter's feedback pairs up to `last_pair_id`; a deterministic slice is held out and
+    /// the result is promoted only if it beats the current version on it.
+    Feedback { last_pair_id: i64 },
+    /// OpenAI files: the result is published as a new adapter.
+    Files {
+        training_file: String,
+        validation_file: Option<String>,
+    },
+}
+
+/// Everything a job needs, stored with it (so a resumed job does exactly the same).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub data: JobData,
+    pub hyperparameters: Hyperparameters,
+    pub seed: u64,
+    pub suffix: Option<String>,
+    /// The adapter version the job starts from.
+    pub start_version: u32,
+}
+
+/// One in ten pairs, by content hash, is held out for the eval gate (at least one).
+pub fn is_held_out(hash: &str) -> bool {
+    u64::from_str_radix(&hash[..hash.len().min(8)], 16).is_ok_and(|h| h % 10 == 0)
+}
+
+pub fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    let bytes: [u8; 12] = rand::rng().random();
+    format!("{prefix}-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+pub struct Tuner {
+    pub store: Arc<Store>,
+    model: Arc<LoadedModel>,
+    model_id: String,
+    registry: Arc<Registry>,
+    pub settings: TuningSettings,
+    queue: Mutex<mpsc::Sender<String>>,
+    cancelled: Mutex<HashMap<String, Arc<AtomicBool>>>,
+}
+
+
+impl Tuner {
+    /// Opens the store, registers every stored adapter's current version with the registry,
+    /// starts the worker and re-queues unfinished jobs.
+    pub fn start(
+        store: Arc<Store>,
+        model: Arc<LoadedModel>,
+        model_id: String,
+        registry: Arc<Registry>,
+        settings: TuningSettings,
+    ) -> Result<Arc<Self>, TuneError> {
+        for adapter in store.adapters()? {
+            let path = store.version_dir(&adapter.name, adapter.version);
+            if let Err(e) = registry.register(&adapter.name, &path) {
+                tracing::warn!(adapter = %adapter.name, error = %e, "stored adapter not registered");
+            }
+        }
+        let (sender, receiver) = mpsc::channel::<String>();
+        let tuner = Arc::new(Self {
+            store,
+            model,
+            model_id,
+            registry,
+            settings,
+            queue: Mutex::new(sender),
+            cancelled: Mutex::new(HashMap::new()),
+        });
+        let worker = Arc::downgrade(&tuner);
+        let threads = tuner.settings.train_threads.max(1);
+        std::thread::Builder::new()
+            .name("tessera-trainer".into())
+            .spawn(move || {
+                let pool = match rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("tessera-train-{i}"))
+                    .start_handler(|_| lower_priority())
+                    .build()
+                {
+                    Ok(pool) => pool,
+                    Err(e) => return tracing::error!(error = %e, "trainer thread pool not started"),
+                };
+                lower_priority();
+                while let Ok(job) = receiver.recv() {
+                    let Some(tuner) = worker.upgrade() else { return };
+                    pool.install(|| tuner.run(&job));
+                }
+            })
+            .map_err(|e| TuneError::Invalid(format!("trainer thread not started: {e}")))?;
+        let mut unfinished = tuner.store.jobs(None)?;
+        unfinished.retain(|j| matches!(j.status.as_str(), "validating_files" | "queued" | "running"));
+        unfinished.sort_by_key(|j| j.created_at);
+        for job in unfinished {
+            tracing::info!(job = %job.id, status = %job.status, "unfinished job re-queued");
+            tuner.enqueue(&job.id);
+        }
+        Ok(tuner)
+    }
+
+    fn enqueue(&self, job: &str) {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.to_string(), Arc::new(AtomicBool::new(false)));
+        let _ = self.queue.lock().unwrap_or_else(|p| p.into_inner()).send(job.to_string());
+    }
+
+    pub fn base_shape(&self) -> BaseShape {
+        self.model.model.config().adapter_shape()
+    }
+
+    /// Whether `adapter` has a job queued or running.
+    pub fn is_training(&self, adapter: &str) -> Result<bool, TuneError> {
+        Ok(self
+            .store
+            .jobs(Some(adapter))?
+            .iter()
+            .any(|j| matches!(j.status.as_str(), "validating_files" | "queued" | "running")))
+    }
+
+    /// Makes `name` a tuned adapter at version 0: a fresh LoRA, or a copy of the registry's
+    /// adapter of that name when one exists (training continues from it).
+    pub fn ensure_adapter(&self, name: &str, spec: Option<LoraSpec>) -> Result<AdapterRow, TuneError> {
+        if let Some(row) = self.store.adapter(name)? {
+            return Ok(row);
+        }
+        self.registry
+            .check_new_name(name)
+            .map_err(|e| TuneError::Invalid(e.to_string()))?;
+        let dir = self.store.version_dir(name, 0);
+        let params = match self.registry.describe(name) {
+            Some((source, _)) => LoraParams::load_peft(&source, &self.base_shape())?,
+            None => LoraParams::fresh(&self.base_shape(), spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
+        };
+        params.save_peft(&dir, &self.model_id)?;
+        let row = AdapterRow {
+            name: name.to_string(),
+            rank: params.spec.rank,
+            alpha: params.spec.alpha,
+            targets: params.spec.targets.iter().map(|t| t.peft_name().to_string()).collect(),
+            version: 0,
+            pairs_since_training: 0,
+        };
+        self.store.create_adapter(&row, &serde_json::json!({"origin": "created"}))?;
+        self.registry
+            .install(name, &dir)
+            .map_err(|e| TuneError::Invalid(e.to_string()))?;
+        tracing::info!(adapter = name, rank = row.rank, "tuned adapter created");
+        Ok(row)
+    }
+
+    /// Queues a job on `adapter`'s feedback pairs (all stored so far).
+    pub fn start_feedback_job(&self, adapter: &str, hyperparameters: Option<Hyperparameters>) -> Result<JobRow, TuneError> {
+        let row = self
+            .store
+            .adapter(adapter)?
+            .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no feedback pairs")))?;
+        if self.is_training(adapter)? {
+            return Err(TuneError::Invalid(format!("`{adapter}` already has a job queued or running")));
+        }
+        let last_pair_id = self.store.pairs(adapter, 0, usize::MAX)?.last().map_or(0, |p| p.id);
+        if last_pair_id == 0 {
+            return Err(TuneError::Invalid(format!("`{adapter}` has no feedback pairs")));
+        }
+        let spec = JobSpec {
+            data: JobData::Feedback { last_pair_id },
+            hyperparameters: hyperparameters.unwrap_or(self.settings.defaults),
+            seed: 0,
+            suffix: None,
+            start_version: row.version,
+        };
+        self.store.reset_pairs_since_training(adapter)?;
+        self.create_job(adapter, adapter, &spec, "queued")
+    }
+
+    /// Queues an OpenAI fine-tuning job; its adapter (`ft-…`) starts from `model` (the base or
+    /// an adapter).
+    pub fn start_file_job(&self, model: &str, spec: JobSpec) -> Result<JobRow, TuneError> {
+        let id = new_id("ftjob");
+        let short = &id[id.len() - 8..];
+        let adapter = match &spec.suffix {
+            Some(suffix) => format!("ft-{suffix}-{short}"),
+            None => format!("ft-{short}"),
+        };
+        // A copy of the starting adapter, or a fresh one, becomes the new adapter's version 0.
+        let dir = self.store.version_dir(&adapter, 0);
+        let params = if model == self.model_id {
+            LoraParams::fresh(&self.base_shape(), self.settings.default_lora.clone(), spec.seed)?
+        } else {
+            let source = match self.store.adapter(model)? {
+                Some(row) => self.store.version_dir(model, row.version),
+                None => {
+                    self.registry
+                        .describe(model)
+                        .ok_or_else(|| TuneError::Invalid(format!("the model `{model}` does not exist")))?
+                        .0
+                }
+            };
+            LoraParams::load_peft(&source, &self.base_shape())?
+        };
+        self.registry
+            .check_new_name(&adapter)
+            .map_err(|e| TuneError::Invalid(e.to_string()))?;
+        params.save_peft(&dir, &self.model_id)?;
+        self.store.create_adapter(
+            &AdapterRow {
+                name: adapter.clone(),
+                rank: params.spec.rank,
+                alpha: params.spec.alpha,
+                targets: params.spec.targets.iter().map(|t| t.peft_name().to_string()).collect(),
+                version: 0,
+                pairs_since_training: 0,
+            },
+            &serde_json::json!({"origin": model}),
+        )?;
+        let mut job = JobRow {
+            id,
+            adapter: adapter.clone(),
+            model: model.to_string(),
+            spec: serde_json::to_value(&spec).map_err(TrainError::from)?,
+            status: "validating_files".into(),
+            fine_tuned_model: None,
+            error: None,
+            trained_tokens: None,
+            created_at: unix_time(),
+            finished_at: None,
+        };
+        self.store.insert_job(&job)?;
+        self.store.add_event(&job.id, "info", "Validating training file", None)?;
+        self.enqueue(&job.id);
+        job.status = "validating_files".into();
+        Ok(job)
+    }
+
+    fn create_job(&self, adapter: &str, model: &str, spec: &JobSpec, status: &str) -> Result<JobRow, TuneError> {
+        let job = JobRow {
+            id: new_id("ftjob"),
+            adapter: adapter.to_string(),
+            model: model.to_string(),
+            spec: serde_json::to_value(spec).map_err(TrainError::from)?,
+            status: status.to_string(),
+            fine_tuned_model: None,
+            error: None,
+            trained_tokens: None,
+            created_at: unix_time(),
+            finished_at: None,
+        };
+        self.store.insert_job(&job)?;
+        self.store.add_event(&job.id, "info", "Job queued", None)?;
+        tracing::info!(job = %job.id, adapter, "fine-tuning job queued");
+        self.enqueue(&job.id);
+        Ok(job)
+    }
+
+    /// Cancels a job that has not ended; a running one stops before its next step.
+    pub fn cancel(&self, job: &str) -> Result<bool, TuneError> {
+        let changed = self.store.set_job_status(job, "cancelled", None, None, None)?;
+        if changed {
+            self.store.add_event(job, "info", "Job cancelled", None)?;
+            if let Some(flag) = self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Makes `version` of `adapter` current again and serves it.
+    pub fn rollback(&self, adapter: &str, version: u32) -> Result<(), TuneError> {
+        let versions = self.store.versions(adapter)?;
+        let target = versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no version {version}")))?;
+        self.registry
+            .install(adapter, &target.path)
+            .map_err(|e| TuneError::Invalid(e.to_string()))?;
+        self.store.set_current_version(adapter, version)?;
+        tracing::info!(adapter, version, "adapter rolled back");
+        Ok(())
+    }
+
+    fn run(&self, job_id: &str) {
+        let span = tracing::info_span!("fine_tuning_job", job = job_id);
+        let _entered = span.enter();
+        let outcome = self.run_job(job_id);
+        let result = match outcome {
+            Ok(()) => Ok(()),
+            Err(TuneError::Cancelled) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "fine-tuning job failed");
+                self.store
+                    .add_event(job_id, "error", &format!("Job failed: {e}"), None)
+                    .and_then(|_| self.store.set_job_status(job_id, "failed", None, Some(&e.to_string()), None).map(|_| ()))
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "job outcome not recorded");
+        }
+        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
+    }
+
+    fn check_cancelled(&self, job_id: &str) -> Result<(), TuneError> {
+        let flagged = self
+            .cancelled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job_id)
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        if flagged {
+            return Err(TuneError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn examples(&self, conversations: &[Conversation]) -> Result<(Vec<Example>, usize), TuneError> {
+        let mut examples = Vec::with_capacity(conversations.len());
+        let mut skipped = 0;
+        for conversation in conversations {
+            match example(&self.model.tokenizer, conversation, self.settings.max_seq_len)? {
+                Some(e) => examples.push(e),
+                None => skipped += 1,
+            }
+        }
+        Ok((examples, skipped))
+    }
+
+    fn file_conversations(&self, id: &str) -> Result<Vec<Conversation>, TuneError> {
+        let content = self
+            .store
+            .file_content(id)?
+            .ok_or_else(|| TuneError::Invalid(format!("the file `{id}` does not exist")))?;
+        parse_upload(&content).map_err(|e| TuneError::Invalid(format!("file `{id}`: {e}")))
+    }
+
+    fn run_job(&self, job_id: &str) -> Result<(), TuneError> {
+        let Some(job) = self.store.job(job_id)? else { return Ok(()) };
+        if matches!(job.status.as_str(), "succeeded" | "failed" | "cancelled") {
+            return Ok(());
+        }
+        let spec: JobSpec = serde_json::from_value(job.spec.clone()).map_err(TrainError::from)?;
+        let adapter = self
+            .store
+            .adapter(&job.adapter)?
+            .ok_or_else(|| TuneError::Invalid(format!("the adapter `{}` is gone", job.adapter)))?;
+
+        // Data: training and held-out conversations.
+        let (train, held_out) = match &spec.data {
+            JobData::Feedback { last_pair_id } => {
+                let pairs: Vec<_> = self
+                    .store
+                    .pairs(&job.adapter, 0, usize::MAX)?
+                    .into_iter()
+                    .filter(|p| p.id <= *last_pair_id)
+                    .collect();
+                let (mut held, mut train): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| is_held_out(&p.hash));
+                if held.is_empty() && train.len() >= 2 {
+                    // At least one held-out pair: the one with the smallest hash.
+                    let i = train.iter().enumerate().min_by(|a, b| a.1.hash.cmp(&b.1.hash)).map_or(0, |(i, _)| i);
+                    held.push(train.remove(i));
+                }
+                (
+                    train.into_iter().map(|p| p.conversation).collect::<Vec<_>>(),
+                    held.into_iter().map(|p| p.conversation).collect::<Vec<_>>(),
+                )
+            }
+            JobData::Files {
+                training_file,
+                validation_file,
+            } => {
+                let train = self.file_conversations(training_file)?;
+                let held = match validation_file {
+                    Some(file) => self.file_conversations(file)?,
+                    None => Vec::new(),
+                };
+                (train, held)
+            }
+        };
+        let (train, skipped) = self.examples(&train)?;
+        let (held_out, _) = self.examples(&held_out)?;
+        if train.is_empty() {
+            return Err(TuneError::Invalid("no training example has a token to learn after truncation".into()));
+        }
+        if skipped > 0 {
+            self.store.add_event(
+                job_id,
+                "warn",
+                &format!("{skipped} examples skipped: nothing left to learn after truncation to {} tokens", self.settings.max_seq_len),
+                None,
+            )?;
+        }
+        if job.status == "validating_files" {
+            self.store.set_job_status(job_id, "queued", None, None, None)?;
+        }
+        self.check_cancelled(job_id)?;
+
+        // Weights and optimizer: from the last checkpoint, else from the starting version.
+        let shape = self.base_shape();
+        let checkpoint = self.store.checkpoints(job_id)?.into_iter().next();
+        let lora = match &checkpoint {
+            Some(c) => LoraParams::load_peft(&c.path, &shape)?,
+            None => LoraParams::load_peft(&self.store.version_dir(&job.adapter, spec.start_version), &shape)?,
+        };
+        let h = spec.hyperparameters;
+        let steps_per_epoch = train.len().div_ceil(h.batch_size.max(1));
+        let total_steps = steps_per_epoch * h.n_epochs.max(1);
+        let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+        let mut optimizer = AdamW::new(
+            AdamWConfig {
+                learning_rate: h.learning_rate,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                max_grad_norm: 1.0,
+                warmup_steps: (total_steps / 10).max(1),
+                total_steps,
+            },
+            &vars,
+        )?;
+        let mut trained_tokens = 0u64;
+        if let Some(c) = &checkpoint {
+            optimizer.load(&c.path.join("optimizer.safetensors"), c.step)?;
+            trained_tokens = c.metrics["trained_tokens"].as_u64().unwrap_or(0);
+            self.store.add_event(job_id, "info", &format!("Resumed from the checkpoint at step {}", c.step), None)?;
+        }
+        self.store.set_job_status(job_id, "running", None, None, None)?;
+        self.store.add_event(
+            job_id,
+            "info",
+            &format!(
+                "Training on {} examples ({} held out): {} epochs of {} steps, batch {}",
+                train.len(),
+                held_out.len(),
+                h.n_epochs,
+                steps_per_epoch,
+                h.batch_size
+            ),
+            None,
+        )?;
+        tracing::info!(examples = train.len(), total_steps, start = optimizer.step, "training");
+
+        // The order of epoch e is a permutation seeded by (seed, e): a resumed job sees the
+        // same batches it would have.
+        let order = |epoch: usize| {
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(spec.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64)));
+            order
+        };
+        let mut epoch_order = (usize::MAX, Vec::new());
+        while optimizer.step < total_steps {
+            self.check_cancelled(job_id)?;
+            let step = optimizer.step;
+            let epoch = step / steps_per_epoch;
+            if epoch_order.0 != epoch {
+                epoch_order = (epoch, order(epoch));
+            }
+            let within = (step % steps_per_epoch) * h.batch_size;
+            let batch: Vec<Example> = epoch_order.1[within..(within + h.batch_size).min(train.len())]
+                .iter()
+                .map(|&i| train[i].clone())
+                .collect();
+            let started = std::time::Instant::now();
+            let stats = train_step(&self.model, &lora, &mut optimizer, &[&batch])?;
+            trained_tokens += batch.iter().map(|e| e.tokens.len() as u64).sum::<u64>();
+            let data = serde_json::json!({
+                "step": optimizer.step,
+                "total_steps": total_steps,
+                "train_loss": stats.loss,
+                "learning_rate": stats.learning_rate,
+                "grad_norm": stats.grad_norm,
+                "seconds": started.elapsed().as_secs_f64(),
+            });
+            self.store.add_event(
+                job_id,
+                "info",
+                &format!("Step {}/{total_steps}: training loss={:.4}", optimizer.step, stats.loss),
+                Some(&data),
+            )?;
+            if optimizer.step % self.settings.checkpoint_every.max(1) == 0 && optimizer.step < total_steps {
+                self.checkpoint(job_id, &lora, &optimizer, stats.loss, trained_tokens)?;
+            }
+        }
+        self.check_cancelled(job_id)?;
+        self.finish(&job, &spec, &adapter, &lora, &held_out, trained_tokens)
+    }
+
+    fn checkpoint(&self, job_id: &str, lora: &LoraParams, optimizer: &AdamW, loss: f64, trained_tokens: u64) -> Result<(), TuneError> {
+        let dir = self.store.job_dir(job_id).join(format!("step-{:06}", optimizer.step));
+        lora.save_peft(&dir, &self.model_id)?;
+        optimizer.save(&dir.join("optimizer.safetensors"))?;
+        crate::train::durable::sync_dir(&dir)?;
+        let metrics = serde_json::json!({"step": optimizer.step, "train_loss": loss, "trained_tokens": trained_tokens});
+        // The row is the commit point: a crash before it leaves an unused folder.
+        self.store.add_checkpoint(job_id, optimizer.step, &dir, &metrics)?;
+        self.store.add_event(job_id, "info", &format!("Checkpoint written at step {}", optimizer.step), Some(&metrics))?;
+        Ok(())
+    }
+
+    /// The eval gate, then promotion.
+    fn finish(
+        &self,
+        job: &JobRow,
+        spec: &JobSpec,
+        adapter: &AdapterRow,
+        lora: &LoraParams,
+        held_out: &[Example],
+        trained_tokens: u64,
+    ) -> Result<(), TuneError> {
+        let batch = spec.hyperparameters.batch_size;
+        let new_loss = if held_out.is_empty() { None } else { Some(evaluate(&self.model, lora, held_out, batch)?) };
+        let current = self.store.adapter(&adapter.name)?.map_or(adapter.version, |a| a.version);
+        let promote = match (&spec.data, new_loss) {
+            (JobData::Files { .. }, _) | (_, None) => true,
+            (JobData::Feedback { .. }, Some(new_loss)) => {
+                let current_params = LoraParams::load_peft(&self.store.version_dir(&adapter.name, current), &self.base_shape())?;
+                let current_loss = evaluate(&self.model, &current_params, held_out, batch)?;
+                let better = new_loss < current_loss;
+                self.store.add_event(
+                    &job.id,
+                    "info",
+                    &format!(
+                        "Held-out loss {new_loss:.4} against version {current}'s {current_loss:.4}: {}",
+                        if better { "promoting" } else { "keeping the current version" }
+                    ),
+                    Some(&serde_json::json!({"held_out_loss": new_loss, "current_held_out_loss": current_loss, "current_version": current})),
+                )?;
+                better
+            }
+        };
+        if promote {
+            let version = self
+                .store
+                .versions(&adapter.name)?
+                .iter()
+                .map(|v| v.version)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let dir = self.store.version_dir(&adapter.name, version);
+            lora.save_peft(&dir, &self.model_id)?;
+            let metrics = serde_json::json!({"held_out_loss": new_loss, "trained_tokens": trained_tokens, "examples_held_out": held_out.len()});
+            self.store.promote(&adapter.name, version, &job.id, &metrics)?;
+            self.registry
+                .install(&adapter.name, &dir)
+                .map_err(|e| TuneError::Invalid(e.to_string()))?;
+            self.store.add_event(&job.id, "info", &format!("Version {version} of {} is now served", adapter.name), Some(&metrics))?;
+        }
+        self.store
+            .set_job_status(&job.id, "succeeded", Some(&adapter.name), None, Some(trained_tokens))?;
+        self.store.add_event(&job.id, "info", "The job has successfully completed", None)?;
+        tracing::info!(adapter = %adapter.name, promoted = promote, "fine-tuning job succeeded");
+        Ok(())
+    }
+}
+
+/// Training threads yield to serving: the lowest CPU priority (nice 19) for the calling thread.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority on the calling thread's own id has no memory effects.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}
