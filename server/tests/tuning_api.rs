@@ -1,0 +1,255 @@
+//! Online tuning over HTTP on the tiny synthetic model: all-or-nothing feedback uploads in every
+//! format, duplicates, background jobs that promote a version through the eval gate, rollback,
+//! OpenAI files and fine-tuning jobs, and cancellation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use tessera::api::{router, ApiSettings, App, TuningConfig};
+use tessera::engine::EngineConfig;
+use tessera::model::synthetic::tiny_gemma3;
+use tessera::train::job::{Hyperparameters, TuningSettings};
+use tessera::LoadedModel;
+use tower::ServiceExt;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    router: Router,
+}
+
+fn fixture(train_after: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    tiny_gemma3(5).write(&path).unwrap();
+    let model = Arc::new(LoadedModel::load(&path).unwrap());
+    let settings = ApiSettings {
+        ctx_len: 128,
+        api_key: None,
+        admin_key: None,
+        request_timeout: Duration::from_secs(60),
+        max_body_bytes: 1 << 20,
+        adapters_dir: None,
+        adapter_roots: Vec::new(),
+        max_adapter_memory: None,
+        tuning: Some(TuningConfig {
+            root: dir.path().join("tuning"),
+            settings: TuningSettings {
+                train_after,
+                checkpoint_every: 3,
+                defaults: Hyperparameters {
+                    n_epochs: 3,
+                    batch_size: 4,
+                    learning_rate: 5e-3,
+                },
+                ..Default::default()
+            },
+        }),
+    };
+    let engine = EngineConfig {
+        ctx_len: 128,
+        max_running_seqs: 4,
+        max_queue: 16,
+        prefill_tokens_per_step: 64,
+    };
+    let app = App::start(model, "tiny".into(), settings, engine).unwrap();
+    Fixture {
+        _dir: dir,
+        router: router(app),
+    }
+}
+
+async fn call(router: &Router, method: &str, uri: &str, body: Option<(&str, Vec<u8>)>) -> (StatusCode, Value) {
+    let req = Request::builder().method(method).uri(uri);
+    let req = match body {
+        Some((content_type, bytes)) => req.header(header::CONTENT_TYPE, content_type).body(Body::from(bytes)),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn json_call(router: &Router, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+    call(router, method, uri, Some(("application/json", body.to_string().into_bytes()))).await
+}
+
+/// Pairs that all answer the same: training makes held-out ones likelier too.
+fn alpaca(i: usize) -> Value {
+    json!({"instruction": format!("name item {i}"), "input": "", "output": "the hat"})
+}
+
+async fn wait_for_job(router: &Router, job: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = call(router, "GET", &format!("/v1/fine_tuning/jobs/{job}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if matches!(body["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "job still {} after 120 s", body["status"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_uploads_are_all_or_nothing_deduplicated_and_train_a_promoted_version() {
+    let Fixture { _dir, router } = fixture(12);
+
+    // One bad record among good ones: rejected with its index, nothing stored.
+    let mut lines: Vec<String> = (0..5).map(|i| alpaca(i).to_string()).collect();
+    lines.insert(3, json!({"instruction": "no answer"}).to_string());
+    let (status, body) = call(&router, "POST", "/v1/adapters/hats/feedback", Some(("application/jsonl", lines.join("\n").into_bytes()))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "records[3]");
+    assert!(body["error"]["message"].as_str().unwrap().contains("nothing from this upload was stored"));
+    let (status, _) = call(&router, "GET", "/v1/adapters/hats/feedback", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Every format, as a JSON list; then the same again: all duplicates.
+    let records = json!([
+        alpaca(0),
+        {"instruction": "name item 1", "context": "", "response": "the hat"},
+        {"conversations": [{"from": "human", "value": "name item 2"}, {"from": "gpt", "value": "the hat"}]},
+        {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "name item 3"}, {"role": "assistant", "content": "the hat"}]},
+    ]);
+    let (status, body) = json_call(&router, "POST", "/v1/adapters/hats/feedback?rank=4", records.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["stored"].as_u64(), body["duplicates"].as_u64(), body["job"].as_str()), (Some(4), Some(0), None));
+    let (_, body) = json_call(&router, "POST", "/v1/adapters/hats/feedback", records).await;
+    assert_eq!((body["stored"].as_u64(), body["duplicates"].as_u64()), (Some(0), Some(4)));
+
+    // A fresh adapter serves at version 0, untrained.
+    let (status, info) = call(&router, "GET", "/v1/adapters/hats", None).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!((info["version"].as_u64(), info["training"].as_bool(), info["rank"].as_u64()), (Some(0), Some(false), Some(4)));
+
+    // Reaching train_after (12) starts a job on its own.
+    let lines: Vec<String> = (4..40).map(|i| alpaca(i).to_string()).collect();
+    let (status, body) = call(&router, "POST", "/v1/adapters/hats/feedback", Some(("application/jsonl", lines.join("\n").into_bytes()))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let job = body["job"].as_str().expect("a job started").to_string();
+    let (_, info) = call(&router, "GET", "/v1/adapters/hats", None).await;
+    assert_eq!(info["training"], true);
+    let (status, body) = json_call(&router, "POST", "/v1/adapters/hats/train", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "one job at a time per adapter: {body}");
+
+    let finished = wait_for_job(&router, &job).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert_eq!(finished["fine_tuned_model"], "hats");
+    let (_, events) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{job}/events?limit=1000"), None).await;
+    let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(messages.iter().any(|m| m.starts_with("Held-out loss") && m.ends_with("promoting")), "{messages:?}");
+    let losses: Vec<f64> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .map(|e| e["data"]["train_loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses.first().unwrap() < losses.last().unwrap(), "events are newest first: {losses:?}");
+    let (_, checkpoints) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{job}/checkpoints"), None).await;
+    assert!(!checkpoints["data"].as_array().unwrap().is_empty(), "{checkpoints}");
+
+    let (_, info) = call(&router, "GET", "/v1/adapters/hats", None).await;
+    assert_eq!((info["version"].as_u64(), info["training"].as_bool(), info["pairs"].as_u64()), (Some(1), Some(false), Some(40)));
+    assert!(info["metrics"]["held_out_loss"].as_f64().is_some(), "{info}");
+    let generation = info["generation"].as_u64();
+
+    // The adapter answers by name, then rolls back to version 0 as a new generation.
+    let (status, body) = json_call(&router, "POST", "/v1/chat/completions", json!({"model": "hats", "messages": [{"role": "user", "content": "name item 77"}], "max_tokens": 4, "temperature": 0})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, info) = json_call(&router, "POST", "/v1/adapters/hats/rollback", json!({"version": 0})).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!(info["version"], 0);
+    assert_ne!(info["generation"].as_u64(), generation);
+    let (status, _) = json_call(&router, "POST", "/v1/adapters/hats/rollback", json!({"version": 9})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Paging and deletion.
+    let (_, page) = call(&router, "GET", "/v1/adapters/hats/feedback?limit=10", None).await;
+    assert_eq!((page["data"].as_array().unwrap().len(), page["has_more"].as_bool()), (10, Some(true)));
+    let first = page["data"][0]["id"].as_i64().unwrap();
+    let (_, deleted) = call(&router, "DELETE", &format!("/v1/adapters/hats/feedback?ids={first}"), None).await;
+    assert_eq!(deleted["deleted"], 1);
+    let (_, deleted) = call(&router, "DELETE", "/v1/adapters/hats/feedback", None).await;
+    assert_eq!(deleted["deleted"], 39);
+}
+
+fn multipart(parts: &[(&str, &str, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = "tessera-test-boundary";
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        let disposition = if filename.is_empty() {
+            format!("form-data; name=\"{name}\"")
+        } else {
+            format!("form-data; name=\"{name}\"; filename=\"{filename}\"")
+        };
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn upload_file(router: &Router, content: &str) -> (StatusCode, Value) {
+    let (content_type, body) = multipart(&[("purpose", "", b"fine-tune".to_vec()), ("file", "train.jsonl", content.as_bytes().to_vec())]);
+    call(router, "POST", "/v1/files", Some((&content_type, body))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_files_and_jobs_publish_a_servable_adapter_and_cancel() {
+    let Fixture { _dir, router } = fixture(1000);
+    let lines: Vec<String> = (0..12)
+        .map(|i| json!({"messages": [{"role": "user", "content": format!("name item {i}")}, {"role": "assistant", "content": "the hat"}]}).to_string())
+        .collect();
+    let (status, bad) = upload_file(&router, "{\"messages\": []}\n").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    let (status, file) = upload_file(&router, &lines.join("\n")).await;
+    assert_eq!(status, StatusCode::OK, "{file}");
+    let file_id = file["id"].as_str().unwrap().to_string();
+    let (_, files) = call(&router, "GET", "/v1/files", None).await;
+    assert_eq!(files["data"][0]["id"], file_id.as_str());
+    let (status, _) = call(&router, "GET", "/v1/files/file-missing", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, body) = json_call(&router, "POST", "/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": "file-missing"})).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("training_file")));
+    let (status, body) = json_call(&router, "POST", "/v1/fine_tuning/jobs", json!({"model": "nope", "training_file": file_id})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let (status, job) = json_call(
+        &router,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        json!({"model": "tiny", "training_file": file_id, "suffix": "hats", "hyperparameters": {"n_epochs": 2, "batch_size": "auto"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    assert_eq!(job["object"], "fine_tuning.job");
+    let finished = wait_for_job(&router, job["id"].as_str().unwrap()).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    assert!(finished["trained_tokens"].as_u64().unwrap() > 0);
+    let model = finished["fine_tuned_model"].as_str().unwrap().to_string();
+    assert!(model.starts_with("ft-hats-"), "{model}");
+    let (status, body) = json_call(&router, "POST", "/v1/completions", json!({"model": model, "prompt": "the", "max_tokens": 2})).await;
+    assert_eq!(status, StatusCode::OK, "the fine-tuned model serves by name: {body}");
+    let (_, jobs) = call(&router, "GET", "/v1/fine_tuning/jobs", None).await;
+    assert_eq!(jobs["data"][0]["id"], finished["id"]);
+
+    // A long job cancelled while it runs stops and says so.
+    let (_, job) = json_call(&router, "POST", "/v1/fine_tuning/jobs", json!({"model": model, "training_file": file_id, "hyperparameters": {"n_epochs": 50}})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let (status, cancelled) = call(&router, "POST", &format!("/v1/fine_tuning/jobs/{id}/cancel"), None).await;
+    assert_eq!((status, cancelled["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    let (status, _) = call(&router, "POST", &format!("/v1/fine_tuning/jobs/{id}/cancel"), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(wait_for_job(&router, &id).await["status"], "cancelled");
+}
