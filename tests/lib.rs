@@ -45,6 +45,11 @@ pub const REAL_MODEL_ID: &str = "gemma-3-270m-q4_k_m";
 
 /// An in-process server on the real model, with the reference adapters registered when asked.
 pub fn real_app(ctx_len: usize, with_adapters: bool) -> axum::Router {
+    real_app_with(ctx_len, with_adapters, None)
+}
+
+/// `real_app`, with online tuning when `tuning` is given.
+pub fn real_app_with(ctx_len: usize, with_adapters: bool, tuning: Option<tessera::api::TuningConfig>) -> axum::Router {
     let app = tessera::api::App::start(
         real_model().clone(),
         REAL_MODEL_ID.into(),
@@ -57,7 +62,7 @@ pub fn real_app(ctx_len: usize, with_adapters: bool) -> axum::Router {
             adapters_dir: with_adapters.then(|| testdata_dir().join("adapters")),
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
-            tuning: None,
+            tuning,
         },
         tessera::engine::EngineConfig {
             ctx_len,
