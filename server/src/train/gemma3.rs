@@ -48,11 +48,14 @@ fn rms_norm(x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
 /// cos and sin of θ_i·p for positions p, θ_i = base^(−2i/d): each `[rows, 1, d/2]`.
 fn rotary(positions: &[usize], base: f64, head_dim: usize) -> candle_core::Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| base.powf(-((2 * i) as f64) / head_dim as f64) as f32)
+        .collect();
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {
-        for i in 0..half {
-            let angle = p as f32 * base.powf(-((2 * i) as f64) / head_dim as f64) as f32;
+        for &f in &inv_freq {
+            let angle = p as f32 * f;
             cos.push(angle.cos());
             sin.push(angle.sin());
         }
@@ -192,13 +195,10 @@ impl Trainable<'_> {
     }
 
     /// The summed loss of the scored rows of the last layer's output.
-    fn head(&self, top: &Tensor, p: &Prepared) -> candle_core::Result<Tensor> {
+    fn head(&self, top: &Tensor, p: &Prepared, gradient: bool) -> candle_core::Result<Tensor> {
         let h = rms_norm(&top.index_select(&p.scored_rows, 0)?, self.model.model.output_norm())?.contiguous()?;
-        h.apply_op1(TiedOutputLoss {
-            model: self.model.clone(),
-            targets: p.targets.clone(),
-        })?
-        .sum_all()
+        h.apply_op1(TiedOutputLoss::new(self.model.clone(), p.targets.clone(), gradient))?
+            .sum_all()
     }
 
     /// Each layer's input and the last layer's output, without keeping any graph.
@@ -216,7 +216,7 @@ impl Trainable<'_> {
     pub fn loss(&self, batch: &[Example]) -> candle_core::Result<(f64, usize)> {
         let p = self.prepare(batch)?;
         let (_, top) = self.forward_layers(&p)?;
-        let sum = self.head(&top, &p)?.detach().to_scalar::<f32>()? as f64;
+        let sum = self.head(&top, &p, false)?.detach().to_scalar::<f32>()? as f64;
         Ok((sum, p.targets.len()))
     }
 
@@ -234,7 +234,7 @@ impl Trainable<'_> {
         let p = self.prepare(batch)?;
         let (inputs, top) = self.forward_layers(&p)?;
         let top = Var::from_tensor(&top)?;
-        let loss = self.head(top.as_tensor(), &p)?;
+        let loss = self.head(top.as_tensor(), &p, true)?;
         let mut grad_out = loss
             .backward()?
             .get(top.as_tensor())

@@ -92,53 +92,26 @@ const VOCAB_CHUNK: usize = 16384;
 
 /// Per-row cross-entropy `[rows]` of the tied output projection for `h: [rows, hidden]` (already
 /// through the final norm) against `targets`.
+///
+/// With `gradient`, the same single pass over the vocabulary also accumulates ∂ℓᵢ/∂hᵢ, the
+/// online-softmax way: Σ_v exp(l_v − mᵢ)·e_v with the running maximum mᵢ, rescaled whenever mᵢ
+/// grows, divided by the final Σ_v exp(l_v − mᵢ) at the end. Each row's loss depends on its own
+/// h only, so the backward pass just scales those rows by the incoming gradient.
 pub struct TiedOutputLoss {
     pub model: Arc<LoadedModel>,
     pub targets: Vec<u32>,
+    pub gradient: bool,
+    grad_h: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl TiedOutputLoss {
-    /// Calls `f(vocab range, logits [rows, range])` for each chunk of the vocabulary.
-    fn for_each_chunk(
-        &self,
-        h: &[f32],
-        mut f: impl FnMut(std::ops::Range<usize>, &[f32]) -> candle_core::Result<()>,
-    ) -> candle_core::Result<()> {
-        let embedding = self.model.model.embedding();
-        let vocab = embedding.out_features();
-        for start in (0..vocab).step_by(VOCAB_CHUNK) {
-            let range = start..(start + VOCAB_CHUNK).min(vocab);
-            let logits = embedding
-                .matmul_rows_background(h, range.clone())
-                .map_err(model_error)?;
-            f(range, &logits)?;
+    pub fn new(model: Arc<LoadedModel>, targets: Vec<u32>, gradient: bool) -> Self {
+        Self {
+            model,
+            targets,
+            gradient,
+            grad_h: std::sync::Mutex::new(None),
         }
-        Ok(())
-    }
-
-    /// logsumexp of each row's logits and the logit of its target.
-    fn log_normalizers(&self, h: &[f32], rows: usize) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
-        let mut target_logit = vec![0f32; rows];
-        self.for_each_chunk(h, |range, logits| {
-            let width = range.len();
-            for (i, row) in logits.chunks_exact(width).enumerate() {
-                let chunk_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if chunk_max > max[i] {
-                    sum[i] *= (max[i] - chunk_max).exp();
-                    max[i] = chunk_max;
-                }
-                sum[i] += row.iter().map(|&l| (l - max[i]).exp()).sum::<f32>();
-                let target = self.targets[i] as usize;
-                if range.contains(&target) {
-                    target_logit[i] = row[target - range.start];
-                }
-            }
-            Ok(())
-        })?;
-        let lse = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
-        Ok((lse, target_logit))
     }
 }
 
@@ -153,34 +126,61 @@ impl CustomOp1 for TiedOutputLoss {
         if rows != self.targets.len() {
             candle_core::bail!("{rows} rows for {} targets", self.targets.len());
         }
-        let (lse, target_logit) = self.log_normalizers(h, rows)?;
-        let loss = lse.iter().zip(&target_logit).map(|(l, t)| l - t).collect();
+        let embedding = self.model.model.embedding();
+        let (vocab, hidden) = (embedding.out_features(), embedding.in_features());
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        let mut sum = vec![0f32; rows];
+        let mut target_logit = vec![0f32; rows];
+        let mut accumulated = if self.gradient { vec![0f32; rows * hidden] } else { Vec::new() };
+        for start in (0..vocab).step_by(VOCAB_CHUNK) {
+            let range = start..(start + VOCAB_CHUNK).min(vocab);
+            let width = range.len();
+            let mut logits = embedding.matmul_rows_background(h, range.clone()).map_err(model_error)?;
+            for (i, row) in logits.chunks_exact_mut(width).enumerate() {
+                let target = self.targets[i] as usize;
+                if range.contains(&target) {
+                    target_logit[i] = row[target - range.start];
+                }
+                let chunk_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if chunk_max > max[i] {
+                    let rescale = (max[i] - chunk_max).exp();
+                    sum[i] *= rescale;
+                    if self.gradient {
+                        accumulated[i * hidden..(i + 1) * hidden].iter_mut().for_each(|a| *a *= rescale);
+                    }
+                    max[i] = chunk_max;
+                }
+                for l in row.iter_mut() {
+                    *l = (*l - max[i]).exp();
+                }
+                sum[i] += row.iter().sum::<f32>();
+            }
+            if self.gradient {
+                embedding
+                    .accumulate_input_grad(&logits, range, &mut accumulated)
+                    .map_err(model_error)?;
+            }
+        }
+        let loss = (0..rows).map(|i| max[i] + sum[i].ln() - target_logit[i]).collect();
+        if self.gradient {
+            // ∂ℓᵢ/∂hᵢ = softmax·E − e_target.
+            let ids = Tensor::from_slice(&self.targets, rows, &Device::Cpu)?;
+            let target_rows = embedding.rows(&ids).map_err(model_error)?.flatten_all()?.to_vec1::<f32>()?;
+            for (i, (grad, target)) in accumulated.chunks_exact_mut(hidden).zip(target_rows.chunks_exact(hidden)).enumerate() {
+                for (g, &e) in grad.iter_mut().zip(target) {
+                    *g = *g / sum[i] - e;
+                }
+            }
+            *self.grad_h.lock().unwrap_or_else(|p| p.into_inner()) = Some(accumulated);
+        }
         Ok((CpuStorage::F32(loss), Shape::from(rows)))
     }
 
     fn bwd(&self, h: &Tensor, _loss: &Tensor, grad_loss: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let embedding = self.model.model.embedding();
-        let (rows, hidden) = h.dims2()?;
-        let h = h.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let grad_loss = grad_loss.to_vec1::<f32>()?;
-        let (lse, _) = self.log_normalizers(&h, rows)?;
-        let mut grad_h = vec![0f32; rows * hidden];
-        self.for_each_chunk(&h, |range, logits| {
-            let width = range.len();
-            let mut grad_logits = logits.to_vec();
-            for (i, row) in grad_logits.chunks_exact_mut(width).enumerate() {
-                for v in row.iter_mut() {
-                    *v = (*v - lse[i]).exp() * grad_loss[i];
-                }
-                let target = self.targets[i] as usize;
-                if range.contains(&target) {
-                    row[target - range.start] -= grad_loss[i];
-                }
-            }
-            embedding
-                .accumulate_input_grad(&grad_logits, range, &mut grad_h)
-                .map_err(model_error)
-        })?;
-        Ok(Some(Tensor::from_vec(grad_h, (rows, hidden), &Device::Cpu)?))
+        let Some(grad_h) = self.grad_h.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            candle_core::bail!("the output loss was computed without its gradient");
+        };
+        let grad_h = Tensor::from_vec(grad_h, h.dims(), &Device::Cpu)?;
+        Ok(Some(grad_h.broadcast_mul(&grad_loss.unsqueeze(1)?)?))
     }
 }
