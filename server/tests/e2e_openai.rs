@@ -1,5 +1,6 @@
 //! The real server binary on the default model, driven by the official `openai` Python SDK
-//! (`tests/e2e/openai_sdk.py`), then stopped with SIGTERM.
+//! (`tests/e2e/openai_sdk.py`: chat, completions, files and fine-tuning jobs), then stopped
+//! with SIGTERM.
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -24,10 +25,13 @@ fn free_port() -> u16 {
 fn the_openai_sdk_drives_the_real_model_and_sigterm_stops_the_server() {
     let model = tessera::model_store::ensure_default_model().expect("the default model");
     let port = free_port();
+    let tuning = tempfile::tempdir().unwrap();
     let mut server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_tessera"))
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--model"])
             .arg(&model)
+            .arg("--tuning-dir")
+            .arg(tuning.path())
             .spawn()
             .expect("starting tessera serve"),
     );

@@ -82,4 +82,43 @@ try:
 except openai.NotFoundError as e:
     check("unknown model raises NotFoundError", e.body.get("code") == "model_not_found", e.body)
 
+# Files and fine-tuning jobs: a one-step job on the real model, then its adapter by name.
+import io
+import json
+import time
+
+lines = [json.dumps({"messages": [{"role": "user", "content": f"Reply with the color of item {i}."},
+                                  {"role": "assistant", "content": "blue"}]}) for i in range(4)]
+uploaded = client.files.create(file=("colors.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="fine-tune")
+check("file uploaded", uploaded.id.startswith("file-") and uploaded.purpose == "fine-tune", uploaded)
+check("file retrieved", client.files.retrieve(uploaded.id).filename == "colors.jsonl")
+check("file listed", any(f.id == uploaded.id for f in client.files.list().data))
+try:
+    client.files.create(file=("bad.jsonl", io.BytesIO(b'{"messages": []}')), purpose="fine-tune")
+    check("invalid file raises BadRequestError", False)
+except openai.BadRequestError as e:
+    check("invalid file raises BadRequestError", e.body.get("code") == "invalid_record", e.body)
+
+job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, suffix="sdk", seed=7,
+                                     hyperparameters={"n_epochs": 1, "batch_size": 4})
+check("job created", job.status in ("validating_files", "queued", "running") and job.seed == 7, job)
+deadline = time.time() + 300
+while job.status not in ("succeeded", "failed", "cancelled"):
+    if time.time() > deadline:
+        check("job finishes within 5 minutes", False, job)
+    time.sleep(1)
+    job = client.fine_tuning.jobs.retrieve(job.id)
+check("job succeeded", job.status == "succeeded" and job.fine_tuned_model.startswith("ft-sdk-"), job)
+check("job listed", any(j.id == job.id for j in client.fine_tuning.jobs.list().data))
+events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+check("job events carry the step loss", any(e.type == "metrics" and "train_loss" in e.data for e in events), events)
+check("job checkpoints list", client.fine_tuning.jobs.checkpoints.list(job.id).data is not None)
+tuned = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": "Reply with the color of item 9."}])
+check("the fine-tuned model serves by name", tuned.choices[0].message.content is not None, tuned)
+
+long_job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, hyperparameters={"n_epochs": 50})
+cancelled = client.fine_tuning.jobs.cancel(long_job.id)
+check("job cancelled", cancelled.status == "cancelled", cancelled)
+
 print("all SDK checks passed")
