@@ -110,6 +110,13 @@ enum BenchTarget {
         batch: usize,
         #[arg(long, default_value_t = 16)]
         rank: usize,
+        /// Also measure serving inter-token latency with this many streaming clients, idle and
+        /// while the server's background trainer runs a job (0: skip).
+        #[arg(long, default_value_t = 4)]
+        serve_clients: usize,
+        /// Threads of the background trainer in that measurement.
+        #[arg(long, default_value_t = 1)]
+        train_threads: usize,
     },
     /// Serving throughput with requests spread over several random LoRA adapters (r8 and r16,
     /// all seven targets) against the same load on the base alone, and an r16 adapter's cold-load
@@ -344,6 +351,8 @@ fn main() -> Result<()> {
                     seq_len,
                     batch,
                     rank,
+                    serve_clients,
+                    train_threads,
                 }),
             ..
         } => {
@@ -354,7 +363,10 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let load = tessera::bench::train::TrainLoad { steps, seq_len, batch, spec };
-            let rows = tessera::bench::train::run(&path, &load)?;
+            let mut rows = tessera::bench::train::run(&path, &load)?;
+            if serve_clients > 0 {
+                rows.extend(tessera::bench::train::serving_under_training(&path, serve_clients, 64, train_threads)?);
+            }
             print!("{}", tessera::bench::format_table(&rows));
         }
         Command::Bench {
@@ -492,7 +504,7 @@ fn bench_serve(
                 let loaded = std::sync::Arc::new(LoadedModel::load(&model.resolve()?)?);
                 let max_running_seqs = concurrency.iter().copied().max().unwrap_or(1).max(1);
                 let (_, url) =
-                    tessera::bench::serve::start_local(loaded, "bench", None, max_running_seqs).await?;
+                    tessera::bench::serve::start_local(loaded, "bench", None, max_running_seqs, None).await?;
                 (url, "bench".to_string())
             }
         };
@@ -535,7 +547,7 @@ fn bench_adapters(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (app, url) = runtime.block_on(serve::start_local(loaded, "base", Some(dir.clone()), max_running_seqs))?;
+    let (app, url) = runtime.block_on(serve::start_local(loaded, "base", Some(dir.clone()), max_running_seqs, None))?;
     let r16 = dir.join(&names[1.min(names.len() - 1)]);
     let cold = adapters::cold_loads(&app.registry, &r16, 5)?;
     for name in &names {

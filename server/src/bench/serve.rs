@@ -15,6 +15,7 @@ pub async fn start_local(
     model_id: &str,
     adapters_dir: Option<std::path::PathBuf>,
     max_running_seqs: usize,
+    tuning: Option<crate::api::TuningConfig>,
 ) -> std::io::Result<(std::sync::Arc<crate::api::App>, String)> {
     const CTX_LEN: usize = 1024;
     let app = crate::api::App::start(
@@ -29,7 +30,7 @@ pub async fn start_local(
             adapters_dir,
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
-            tuning: None,
+            tuning,
         },
         crate::engine::EngineConfig {
             ctx_len: CTX_LEN,
@@ -160,7 +161,7 @@ pub async fn run_level(
     Ok(row)
 }
 
-fn percentile(samples: &[f64], p: f64) -> f64 {
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
     if samples.is_empty() {
         return f64::NAN;
     }

@@ -74,3 +74,90 @@ pub fn run(model_path: &Path, load: &TrainLoad) -> Result<Vec<Measurement>, anyh
     }
     Ok(rows)
 }
+
+/// Serving inter-token latency while idle and while a fine-tuning job runs in the background
+/// (the server's own trainer, `train_threads` threads at the lowest priority).
+pub fn serving_under_training(
+    model_path: &Path,
+    clients: usize,
+    max_tokens: usize,
+    train_threads: usize,
+) -> Result<Vec<Measurement>, anyhow::Error> {
+    use crate::bench::serve::{percentile, run_level, start_local, ServeLoad};
+    let model = Arc::new(LoadedModel::load(model_path)?);
+    let tuning_dir = tempfile_dir()?;
+    let tuning = crate::api::TuningConfig {
+        root: tuning_dir.clone(),
+        settings: crate::train::job::TuningSettings {
+            train_threads,
+            train_after: usize::MAX,
+            ..Default::default()
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rows = runtime.block_on(async move {
+        let (_app, url) = start_local(model, "base", None, clients.max(1), Some(tuning)).await?;
+        let models = vec!["base".to_string()];
+        let load = ServeLoad {
+            max_tokens,
+            requests_per_client: 2,
+        };
+        // Warm-up, then idle.
+        run_level(&url, &models, clients, &ServeLoad { max_tokens: 4, requests_per_client: 1 }).await?;
+        let idle = run_level(&url, &models, clients, &load).await?;
+
+        // A long job on 64 pairs of 128-token sequences.
+        let client = reqwest::Client::new();
+        let text = BENCH_TEXT.repeat(4);
+        let records: Vec<String> = (0..64)
+            .map(|i| serde_json::json!({"instruction": format!("{i}: {}", &text[..300]), "output": &text[300..600]}).to_string())
+            .collect();
+        client.post(format!("{url}/v1/adapters/bench-train/feedback")).body(records.join("\n")).send().await?.error_for_status()?;
+        let job: serde_json::Value = client
+            .post(format!("{url}/v1/adapters/bench-train/train"))
+            .json(&serde_json::json!({"hyperparameters": {"n_epochs": 50}}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let id = job["id"].as_str().unwrap_or_default().to_string();
+        loop {
+            let job: serde_json::Value = client.get(format!("{url}/v1/fine_tuning/jobs/{id}")).send().await?.json().await?;
+            if job["status"] == "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let training = run_level(&url, &models, clients, &load).await?;
+        client.post(format!("{url}/v1/fine_tuning/jobs/{id}/cancel")).send().await?;
+        Ok::<_, anyhow::Error>((idle, training))
+    })?;
+    let _ = std::fs::remove_dir_all(&tuning_dir);
+    let (idle, training) = rows;
+    let p95 = |itl: &[f64]| percentile(itl, 0.95) * 1000.0;
+    let (idle_p95, training_p95) = (p95(&idle.itl), p95(&training.itl));
+    Ok(vec![
+        Measurement {
+            name: format!("ITL p95, {clients} clients, idle"),
+            unit: "ms",
+            samples: vec![idle_p95],
+        },
+        Measurement {
+            name: format!("ITL p95, {clients} clients, training"),
+            unit: "ms",
+            samples: vec![training_p95],
+        },
+        Measurement {
+            name: "ITL p95 training / idle".into(),
+            unit: "×",
+            samples: vec![training_p95 / idle_p95],
+        },
+    ])
+}
+
+fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tessera-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
