@@ -45,11 +45,16 @@ pub const REAL_MODEL_ID: &str = "gemma-3-270m-q4_k_m";
 
 /// An in-process server on the real model, with the reference adapters registered when asked.
 pub fn real_app(ctx_len: usize, with_adapters: bool) -> axum::Router {
-    real_app_with(ctx_len, with_adapters, None)
+    real_app_with(ctx_len, with_adapters, None, None)
 }
 
-/// `real_app`, with online tuning when `tuning` is given.
-pub fn real_app_with(ctx_len: usize, with_adapters: bool, tuning: Option<tessera::api::TuningConfig>) -> axum::Router {
+/// `real_app`, with online tuning and plugins when given.
+pub fn real_app_with(
+    ctx_len: usize,
+    with_adapters: bool,
+    tuning: Option<tessera::api::TuningConfig>,
+    plugins: Option<tessera::api::PluginsConfig>,
+) -> axum::Router {
     let app = tessera::api::App::start(
         real_model().clone(),
         REAL_MODEL_ID.into(),
@@ -63,6 +68,7 @@ pub fn real_app_with(ctx_len: usize, with_adapters: bool, tuning: Option<tessera
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
             tuning,
+            plugins,
         },
         tessera::engine::EngineConfig {
             ctx_len,
@@ -151,4 +157,37 @@ pub async fn first_choice(router: &axum::Router, body: serde_json::Value) -> ser
     assert_eq!(response.status(), axum::http::StatusCode::OK);
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
     serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["choices"][0].clone()
+}
+
+/// Builds the workspace's plugin libraries (`cargo build --release -p …`, with `env` set) into
+/// the target directory these tests run from, and returns that profile directory.
+pub fn build_plugins(packages: &[&str], env: &[(&str, &str)]) -> PathBuf {
+    // The test binary lives in <target>/release/deps.
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("<target>/release").to_path_buf();
+    let target_dir = profile_dir.parent().expect("<target>").to_path_buf();
+    let mut command = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--release", "--quiet"])
+        .env("CARGO_TARGET_DIR", &target_dir);
+    for package in packages {
+        command.args(["-p", package]);
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let status = command.status().expect("running cargo build for the plugins");
+    assert!(status.success(), "building the plugins failed");
+    profile_dir
+}
+
+/// The file name cargo gives a cdylib package's library on this platform.
+pub fn library_file(package: &str) -> String {
+    format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        package.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    )
 }

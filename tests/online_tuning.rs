@@ -98,6 +98,7 @@ async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances
             root: dir.path().to_path_buf(),
             settings: TuningSettings::default(),
         }),
+        None,
     );
     let base = accuracy(&router, REAL_MODEL_ID, &labels, &val).await;
     eprintln!("base model accuracy: {base:.2}");

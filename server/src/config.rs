@@ -69,6 +69,14 @@ pub struct ServeOptions {
     /// Optimizer steps between a job's checkpoints [default: 10].
     #[arg(long, env = "TESSERA_CHECKPOINT_EVERY")]
     pub checkpoint_every: Option<usize>,
+    /// Domain plugins (dynamic libraries) loaded at startup; `POST /v1/plugins/load` accepts
+    /// only files under it [default: $TESSERA_HOME/plugins].
+    #[arg(long, env = "TESSERA_PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// sha256 digests (hex, comma-separated) of the only plugin libraries allowed to load
+    /// [default: any under the plugins directory].
+    #[arg(long, env = "TESSERA_PLUGIN_SHA256", value_delimiter = ',')]
+    pub plugin_sha256: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +114,8 @@ pub struct ServeConfig {
     pub train_after: usize,
     pub train_max_seq_len: usize,
     pub checkpoint_every: usize,
+    pub plugins_dir: Option<PathBuf>,
+    pub plugin_sha256: Option<Vec<String>>,
 }
 
 impl ServeOptions {
@@ -131,6 +141,8 @@ impl ServeOptions {
             train_after: self.train_after.or(other.train_after),
             train_max_seq_len: self.train_max_seq_len.or(other.train_max_seq_len),
             checkpoint_every: self.checkpoint_every.or(other.checkpoint_every),
+            plugins_dir: self.plugins_dir.or(other.plugins_dir),
+            plugin_sha256: self.plugin_sha256.or(other.plugin_sha256),
         }
     }
 
@@ -177,6 +189,8 @@ impl ServeConfig {
             train_after: positive(merged.train_after, 32, "train_after")?,
             train_max_seq_len: positive(merged.train_max_seq_len, 512, "train_max_seq_len")?,
             checkpoint_every: positive(merged.checkpoint_every, 10, "checkpoint_every")?,
+            plugins_dir: merged.plugins_dir,
+            plugin_sha256: merged.plugin_sha256.filter(|list| !list.is_empty()),
         })
     }
 }

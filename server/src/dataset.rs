@@ -150,6 +150,15 @@ pub fn validate(conversation: &Conversation) -> Result<(), String> {
 /// Parses an upload: a JSON record, a JSON list of records, or JSON Lines. All or nothing: the
 /// first invalid record fails the whole upload.
 pub fn parse_upload(body: &[u8]) -> Result<Vec<Conversation>, RecordError> {
+    parse_records(body)?
+        .iter()
+        .enumerate()
+        .map(|(index, r)| parse_record(r).map_err(|reason| RecordError { index, reason }))
+        .collect()
+}
+
+/// The raw JSON records of an upload (one record, a list, or JSON Lines), not yet interpreted.
+pub fn parse_records(body: &[u8]) -> Result<Vec<serde_json::Value>, RecordError> {
     let text = std::str::from_utf8(body).map_err(|e| RecordError {
         index: 0,
         reason: format!("the body is not UTF-8: {e}"),
@@ -175,11 +184,7 @@ pub fn parse_upload(body: &[u8]) -> Result<Vec<Conversation>, RecordError> {
             reason: "the upload holds no records".into(),
         });
     }
-    records
-        .iter()
-        .enumerate()
-        .map(|(index, r)| parse_record(r).map_err(|reason| RecordError { index, reason }))
-        .collect()
+    Ok(records)
 }
 
 /// sha256 of the normalised conversation: equal content, equal hash, whatever the format.

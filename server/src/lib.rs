@@ -11,6 +11,7 @@ pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod model_store;
+pub mod plugins;
 pub mod registry;
 pub mod sampler;
 pub mod store;

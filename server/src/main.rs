@@ -408,6 +408,12 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
     };
     std::fs::create_dir_all(&adapters_dir)
         .with_context(|| format!("creating {}", adapters_dir.display()))?;
+    let plugins_dir = match &config.plugins_dir {
+        Some(dir) => dir.clone(),
+        None => model_store::tessera_home()?.join("plugins"),
+    };
+    std::fs::create_dir_all(&plugins_dir)
+        .with_context(|| format!("creating {}", plugins_dir.display()))?;
     eprintln!(
         "loaded {} as `{model_id}` in {:.1}s (context {ctx_len} tokens)",
         path.display(),
@@ -425,6 +431,10 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
             adapters_dir: Some(adapters_dir),
             adapter_roots: config.adapter_roots.clone(),
             max_adapter_memory: Some(config.max_adapter_memory),
+            plugins: Some(tessera::api::PluginsConfig {
+                dir: plugins_dir,
+                allow_sha256: config.plugin_sha256.clone(),
+            }),
             tuning: Some(tessera::api::TuningConfig {
                 root: match &config.tuning_dir {
                     Some(dir) => dir.clone(),

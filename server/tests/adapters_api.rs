@@ -82,6 +82,7 @@ fn fixture(admin_key: Option<&str>) -> Fixture {
             adapter_roots: vec![uploads],
             max_adapter_memory: None,
             tuning: None,
+            plugins: None,
         },
         EngineConfig {
             ctx_len: 128,
@@ -476,6 +477,7 @@ async fn thousands_of_adapters_register_without_loading() {
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
             tuning: None,
+            plugins: None,
         },
         EngineConfig::default(),
     )

@@ -26,6 +26,7 @@ fn settings() -> ApiSettings {
         adapter_roots: Vec::new(),
         max_adapter_memory: None,
         tuning: None,
+        plugins: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn fixture(train_after: usize) -> Fixture {
         adapters_dir: None,
         adapter_roots: Vec::new(),
         max_adapter_memory: None,
+        plugins: None,
         tuning: Some(TuningConfig {
             root: dir.path().join("tuning"),
             settings: TuningSettings {

@@ -11,7 +11,9 @@ use futures::Stream;
 use super::respond::{chat_logprobs, collect, finish_reason, sse_error, sse_stream};
 use super::types::*;
 use super::validate::{self, Sampling};
+use super::plugins::contain;
 use super::{unix_time, with_generations, ApiJson, App, AppError};
+use tessera_plugin_api::Message as PluginMessage;
 use crate::engine::{Event, GenerationRequest};
 
 /// The most alternatives `top_logprobs` may ask for.
@@ -35,7 +37,8 @@ pub async fn chat_completions(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, AppError> {
-    let adapters = app.lease_adapters(&req.model, &req.sampling.adapters)?;
+    // A plugin model: its generation is leased for the whole request.
+    let plugin = app.plugins.lease(&req.model).transpose()?;
     let sampling = validate::sampling(&req.sampling)?;
     let top_logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
@@ -53,7 +56,27 @@ pub async fn chat_completions(
     if req.messages.is_empty() {
         return Err(AppError::invalid("messages", "`messages` must not be empty"));
     }
-    let text = validate::chat_prompt(&req.messages)?;
+    let (text, adapters, plugin_messages) = match &plugin {
+        None => (
+            validate::chat_prompt(&req.messages)?,
+            app.lease_adapters(&req.model, &req.sampling.adapters)?,
+            Vec::new(),
+        ),
+        Some(plugin) => {
+            let messages = validate::message_texts(&req.messages)?
+                .into_iter()
+                .map(|(role, content)| PluginMessage { role, content })
+                .collect();
+            let mut rewritten = contain(&app, plugin, plugin.rewrite(messages))?;
+            if let Some(system) = &plugin.info.system_prompt {
+                if !rewritten.iter().any(|m| m.role == "system") {
+                    rewritten.insert(0, PluginMessage { role: "system".into(), content: system.clone() });
+                }
+            }
+            let text = validate::render_turns(rewritten.iter().map(|m| (m.role.as_str(), m.content.as_str())))?;
+            (text, app.lease_plugin_adapters(plugin, &req.sampling.adapters)?, rewritten)
+        }
+    };
     let tokenizer = &app.model.tokenizer;
     let prompt = tokenizer
         .encode(&text, true, true)
@@ -91,7 +114,7 @@ pub async fn chat_completions(
     let created = unix_time();
     tracing::info!(%id, prompt_tokens = prompt.len(), max_tokens, n = sampling.n, stream = sampling.stream, "chat completion");
 
-    if sampling.stream {
+    if sampling.stream && plugin.is_none() {
         let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling);
         return Ok(with_generations(
             Sse::new(stream).keep_alive(KeepAlive::default()).into_response(),
@@ -101,20 +124,30 @@ pub async fn chat_completions(
 
     let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
     let completion_tokens = results.iter().map(|r| r.finished.completion_tokens).sum();
-    let choices = results
-        .into_iter()
-        .enumerate()
-        .map(|(index, r)| ChatChoice {
+    let mut choices = Vec::with_capacity(results.len());
+    for (index, r) in results.into_iter().enumerate() {
+        // A plugin validates or normalises each answer, on the generation the request leased.
+        let content = match &plugin {
+            Some(plugin) => {
+                let checked = contain(&app, plugin, plugin.check(&plugin_messages, &r.text))?;
+                if !checked.valid {
+                    tracing::info!(%id, plugin = %plugin.info.name, note = ?checked.note, "plugin changed the answer");
+                }
+                checked.answer
+            }
+            None => r.text,
+        };
+        choices.push(ChatChoice {
             index,
             logprobs: top_logprobs.map(|_| chat_logprobs(tokenizer, &r.tokens)),
             finish_reason: finish_reason(r.finished.reason),
             message: AssistantMessage {
                 role: "assistant",
-                content: r.text,
+                content,
             },
-        })
-        .collect();
-    let response = axum::Json(ChatCompletion {
+        });
+    }
+    let completion = ChatCompletion {
         id,
         object: "chat.completion",
         created,
@@ -125,9 +158,47 @@ pub async fn chat_completions(
             completion_tokens,
             total_tokens: prompt.len() + completion_tokens,
         },
-    })
-    .into_response();
+        system_fingerprint: plugin.as_ref().map(|p| p.fingerprint()),
+    };
+    let response = if sampling.stream {
+        Sse::new(futures::stream::iter(whole_answer_events(completion, sampling.include_usage))).into_response()
+    } else {
+        axum::Json(completion).into_response()
+    };
     Ok(with_generations(response, &adapters))
+}
+
+/// A finished completion as a chat stream: for plugin models, whose answers are only final once
+/// the plugin has checked them, each choice's whole answer arrives as one content chunk.
+fn whole_answer_events(completion: ChatCompletion, include_usage: bool) -> Vec<Result<SseEvent, Infallible>> {
+    let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| {
+        let body = ChatCompletionChunk {
+            id: completion.id.clone(),
+            object: "chat.completion.chunk",
+            created: completion.created,
+            model: completion.model.clone(),
+            choices,
+            usage,
+        };
+        Ok(SseEvent::default().json_data(body).unwrap_or_default())
+    };
+    let mut events = Vec::new();
+    for choice in &completion.choices {
+        let delta = |role, content: Option<String>, finish| ChatChunkChoice {
+            index: choice.index,
+            delta: ChatDelta { role, content },
+            logprobs: None,
+            finish_reason: finish,
+        };
+        events.push(chunk(vec![delta(Some("assistant"), Some(String::new()), None)], None));
+        events.push(chunk(vec![delta(None, Some(choice.message.content.clone()), None)], None));
+        events.push(chunk(vec![delta(None, None, Some(choice.finish_reason))], None));
+    }
+    if include_usage {
+        events.push(chunk(Vec::new(), Some(completion.usage.clone())));
+    }
+    events.push(Ok(SseEvent::default().data("[DONE]")));
+    events
 }
 
 /// Token counts summed over a stream's choices.

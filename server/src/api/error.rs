@@ -22,6 +22,9 @@ pub enum AppError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A plugin misbehaved (panicked, returned garbage) or is marked failed.
+    #[error("{0}")]
+    PluginFailed(String),
     #[error(
         "This model's maximum context length is {limit} tokens. However, you requested {requested} tokens ({prompt} in the prompt, {completion} for the completion). Please reduce the prompt or the completion length."
     )]
@@ -62,6 +65,7 @@ impl AppError {
             Self::InvalidParameter { .. } | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PluginFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminOnly => StatusCode::FORBIDDEN,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -84,6 +88,7 @@ impl AppError {
             ),
             Self::NotFound(_) => ("invalid_request_error", None, Some("not_found".into())),
             Self::Conflict(_) => ("invalid_request_error", None, Some("conflict".into())),
+            Self::PluginFailed(_) => ("server_error", None, Some("plugin_failed".into())),
             Self::ContextLength { param, .. } => (
                 "invalid_request_error",
                 Some(param.to_string()),

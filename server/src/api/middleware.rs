@@ -13,11 +13,13 @@ use super::{App, AppError};
 /// Routes anyone may call.
 const PUBLIC: [&str; 2] = ["/health", "/openapi.json"];
 /// Routes that need the admin key (or, without one, the API key).
-const ADMIN: [&str; 4] = ["/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters"];
+const ADMIN: [&str; 5] = ["/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters", "/v1/plugins"];
 
 /// Managing adapters is the admin's; feedback on them is every user's.
 fn is_admin(path: &str) -> bool {
-    ADMIN.contains(&path) || (path.starts_with("/v1/adapters/") && !path.ends_with("/feedback"))
+    ADMIN.contains(&path)
+        || path.starts_with("/v1/plugins/")
+        || (path.starts_with("/v1/adapters/") && !path.ends_with("/feedback"))
 }
 
 fn key_matches(expected: &Option<String>, given: Option<&str>) -> bool {

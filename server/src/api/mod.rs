@@ -8,6 +8,7 @@ pub mod error;
 mod extensions;
 mod middleware;
 mod models;
+mod plugins;
 mod respond;
 mod tuning;
 pub mod types;
@@ -26,6 +27,7 @@ use utoipa_axum::routes;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::registry::{AdapterGeneration, Registry, RegistryError};
+use crate::plugins::{Plugin, PluginError, PluginHost};
 use crate::store::Store;
 use crate::train::job::Tuner;
 use crate::LoadedModel;
@@ -48,6 +50,16 @@ pub struct ApiSettings {
     /// Online tuning (feedback, files, fine-tuning jobs): where its store lives and how it
     /// trains. Without it those routes answer that tuning is off.
     pub tuning: Option<TuningConfig>,
+    /// Runtime domain plugins: where they may be loaded from. Without it, none load.
+    pub plugins: Option<PluginsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    /// Scanned at startup; `POST /v1/plugins/load` accepts only files under it.
+    pub dir: std::path::PathBuf,
+    /// When set, only libraries with these sha256 digests (hex) load.
+    pub allow_sha256: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +79,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
     pub tuner: Option<Arc<Tuner>>,
+    pub plugins: PluginHost,
 }
 
 impl App {
@@ -105,6 +118,12 @@ impl App {
                 )
             }
         };
+        let plugin_cache = std::env::temp_dir().join(format!("tessera-plugins-{}", std::process::id()));
+        let plugins = PluginHost::new(
+            settings.plugins.as_ref().map(|p| p.dir.as_path()),
+            settings.plugins.as_ref().and_then(|p| p.allow_sha256.clone()),
+            plugin_cache,
+        );
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
         Ok(Arc::new(Self {
             engine,
@@ -115,11 +134,88 @@ impl App {
             metrics,
             registry,
             tuner,
-        }))
+            plugins,
+        })
+        .load_plugins_dir())
+    }
+
+    /// Loads every library in the plugins directory; failures are recorded, not fatal.
+    fn load_plugins_dir(self: Arc<Self>) -> Arc<Self> {
+        for path in self.plugins.discover() {
+            let _ = self.load_plugin(&path);
+        }
+        self
+    }
+
+    /// Loads (or reloads) the plugin at `path`, sets up its adapters and serves it to new
+    /// requests. A failure is recorded against the plugin and returned.
+    pub fn load_plugin(&self, path: &std::path::Path) -> Result<Arc<Plugin>, PluginError> {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
+        let resolved = self.plugins.resolve(path)?;
+        let plugin = match self.plugins.open(&resolved) {
+            Ok(plugin) => plugin,
+            Err(e) => {
+                let name = stem.trim_start_matches("lib").to_string();
+                self.plugins.record_failure(&name, &resolved, &e);
+                return Err(e);
+            }
+        };
+        match self.install_plugin_adapters(&plugin) {
+            Ok(()) => {
+                self.plugins.publish(plugin.clone());
+                Ok(plugin)
+            }
+            Err(e) => {
+                self.plugins.record_failure(&plugin.info.name, &resolved, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers the adapters a plugin declares: shipped beside it, embedded in it, or tuned
+    /// online (created fresh when new).
+    fn install_plugin_adapters(&self, plugin: &Plugin) -> Result<(), PluginError> {
+        use tessera_plugin_api::AdapterSource;
+        let bad = |message: String| PluginError::BadInfo {
+            plugin: plugin.info.name.clone(),
+            message,
+        };
+        for adapter in &plugin.info.adapters {
+            match &adapter.source {
+                AdapterSource::Tuned => {
+                    let tuner = self.tuner.as_ref().ok_or_else(|| bad(format!("adapter `{}` is tuned online, which is off on this server", adapter.name)))?;
+                    tuner.ensure_adapter(&adapter.name, None).map_err(|e| bad(e.to_string()))?;
+                }
+                AdapterSource::Files { dir } => {
+                    let base = plugin.path.parent().unwrap_or(std::path::Path::new("."));
+                    self.registry.install(&adapter.name, &base.join(dir)).map_err(|e| bad(e.to_string()))?;
+                }
+                AdapterSource::Embedded => {
+                    let dir = self
+                        .plugins
+                        .cache_dir()
+                        .join(format!("{}-{}", plugin.info.name, plugin.generation))
+                        .join(&adapter.name);
+                    std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
+                    for file in [tessera_adapters::peft::CONFIG_FILE, tessera_adapters::peft::WEIGHTS_FILE] {
+                        let bytes = plugin.call_raw(
+                            crate::plugins::Hook::AdapterFile,
+                            &tessera_plugin_api::AdapterFileRequest {
+                                adapter: adapter.name.clone(),
+                                file: file.to_string(),
+                            },
+                        )?;
+                        std::fs::write(dir.join(file), bytes).map_err(|e| bad(e.to_string()))?;
+                    }
+                    self.registry.install(&adapter.name, &dir).map_err(|e| bad(e.to_string()))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_model(&self, requested: &str) -> Result<(), AppError> {
-        if requested == self.model_id || self.registry.contains(requested) {
+        if requested == self.model_id || self.registry.contains(requested) || self.plugins.lease(requested).is_some() {
             Ok(())
         } else {
             Err(AppError::ModelNotFound(requested.to_string()))
@@ -133,12 +229,32 @@ impl App {
         model: &str,
         extra: &Option<Vec<types::AdapterRef>>,
     ) -> Result<Vec<(Arc<AdapterGeneration>, f32)>, AppError> {
+        let own = if model == self.model_id { Vec::new() } else { vec![(model.to_string(), 1.0)] };
+        self.lease_mix(&own, extra)
+    }
+
+    /// A plugin's adapters at their default scales, then the request's own composition.
+    fn lease_plugin_adapters(
+        &self,
+        plugin: &Plugin,
+        extra: &Option<Vec<types::AdapterRef>>,
+    ) -> Result<Vec<(Arc<AdapterGeneration>, f32)>, AppError> {
+        let own: Vec<(String, f32)> = plugin.info.adapters.iter().map(|a| (a.name.clone(), a.scale)).collect();
+        self.lease_mix(&own, extra)
+    }
+
+    /// Leases `own` (adapters a model stands for, with their weights), then `extra`.
+    fn lease_mix(
+        &self,
+        own: &[(String, f32)],
+        extra: &Option<Vec<types::AdapterRef>>,
+    ) -> Result<Vec<(Arc<AdapterGeneration>, f32)>, AppError> {
         let mut leases = Vec::new();
-        if model != self.model_id {
-            leases.push((self.registry.lease(model).map_err(|e| match e {
-                RegistryError::NotFound(_) => AppError::ModelNotFound(model.to_string()),
+        for (name, scale) in own {
+            leases.push((self.registry.lease(name).map_err(|e| match e {
+                RegistryError::NotFound(_) => AppError::ModelNotFound(name.to_string()),
                 other => AppError::Internal(other.to_string()),
-            })?, 1.0));
+            })?, *scale));
         }
         for (i, adapter) in extra.iter().flatten().enumerate() {
             let scale = adapter.scale.unwrap_or(1.0);
@@ -238,6 +354,10 @@ fn api_routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(tuning::cancel_job))
         .routes(routes!(tuning::list_events))
         .routes(routes!(tuning::list_checkpoints))
+        .routes(routes!(plugins::list_plugins))
+        .routes(routes!(plugins::load_plugin))
+        .routes(routes!(plugins::reload_plugin))
+        .routes(routes!(plugins::unload_plugin))
 }
 
 /// The OpenAPI description of every route (what `openapi.yaml` holds).

@@ -13,7 +13,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::types::AdapterInfo;
 use super::{ApiJson, App, AppError};
-use crate::dataset::{parse_upload, Message};
+use super::plugins::contain;
+use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
+use crate::plugins::PluginError;
 use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoreError};
 use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, TuneError, Tuner};
 use crate::train::lora::LoraSpec;
@@ -133,11 +135,43 @@ pub async fn upload_feedback(
 ) -> Result<Json<FeedbackReceipt>, AppError> {
     let tuner = tuner(&app)?.clone();
     let spec = lora_spec(&params)?;
-    let conversations = parse_upload(&body).map_err(|e| AppError::InvalidParameter {
+    let invalid = |e: RecordError| AppError::InvalidParameter {
         message: format!("{e}; nothing from this upload was stored"),
         param: Some(format!("records[{}]", e.index)),
         code: Some("invalid_record"),
-    })?;
+    };
+    let (name, conversations) = match app.plugins.lease(&name).transpose()? {
+        // A plugin's domain records: its converter turns each into instruction pairs, stored on
+        // the adapter it tunes.
+        Some(plugin) => {
+            let adapter = plugin
+                .info
+                .adapters
+                .iter()
+                .find(|a| a.source == tessera_plugin_api::AdapterSource::Tuned)
+                .map(|a| a.name.clone())
+                .ok_or_else(|| AppError::invalid("name", format!("the plugin `{name}` has no adapter tuned online")))?;
+            let mut conversations = Vec::new();
+            for (index, record) in parse_records(&body).map_err(invalid)?.iter().enumerate() {
+                let converted = match plugin.convert(record) {
+                    Err(PluginError::Refused(reason)) => return Err(invalid(RecordError { index, reason })),
+                    other => contain(&app, &plugin, other)?,
+                };
+                for pair in converted {
+                    let conversation = Conversation {
+                        messages: pair.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+                    };
+                    if let Err(reason) = validate_conversation(&conversation) {
+                        let error = PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason };
+                        return Err(contain::<()>(&app, &plugin, Err(error)).unwrap_err());
+                    }
+                    conversations.push(conversation);
+                }
+            }
+            (adapter, conversations)
+        }
+        None => (name, parse_upload(&body).map_err(invalid)?),
+    };
     blocking(move || {
         tuner.ensure_adapter(&name, spec)?;
         let inserted = tuner.store.insert_pairs(&name, &conversations)?;

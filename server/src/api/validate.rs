@@ -114,7 +114,13 @@ pub fn for_choice(params: &SamplingParams, index: usize) -> SamplingParams {
 
 /// Renders chat messages through the template.
 pub fn chat_prompt(messages: &[ChatMessage]) -> Result<String, AppError> {
-    let mut turns = Vec::with_capacity(messages.len());
+    let texts = message_texts(messages)?;
+    render_turns(texts.iter().map(|(role, text)| (role.as_str(), text.as_str())))
+}
+
+/// Each message's role and text (content parts joined; only text parts are accepted).
+pub fn message_texts(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, AppError> {
+    let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let text = match &m.content {
             None => String::new(),
@@ -135,11 +141,19 @@ pub fn chat_prompt(messages: &[ChatMessage]) -> Result<String, AppError> {
                 text
             }
         };
-        turns.push(Turn {
-            role: m.role.as_str(),
-            text,
-        });
+        out.push((m.role.clone(), text));
     }
+    Ok(out)
+}
+
+/// The chat template over (role, text) turns.
+pub fn render_turns<'a>(turns: impl Iterator<Item = (&'a str, &'a str)>) -> Result<String, AppError> {
+    let turns: Vec<Turn> = turns
+        .map(|(role, text)| Turn {
+            role,
+            text: text.to_string(),
+        })
+        .collect();
     chat_template::render(&turns).map_err(|e| AppError::invalid("messages", e.to_string()))
 }
 

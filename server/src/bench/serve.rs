@@ -31,6 +31,7 @@ pub async fn start_local(
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
             tuning,
+            plugins: None,
         },
         crate::engine::EngineConfig {
             ctx_len: CTX_LEN,

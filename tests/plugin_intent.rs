@@ -1,0 +1,122 @@
+//! The `intent` plugin end to end on the real model over HTTP: banking utterances uploaded in the
+//! plugin's own `{text, intent}` format train its adapter in the background; then `model:
+//! "intent"` classifies raw held-out utterances (the plugin writes the prompt and maps the answer
+//! onto its label set).
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use tessera::api::{PluginsConfig, TuningConfig};
+use tessera::train::job::TuningSettings;
+use tessera_plugin_intent::LABELS;
+use tessera_tests::{build_plugins, library_file, real_app_with};
+use tower::ServiceExt;
+
+const TRAIN_PER_INTENT: usize = 12;
+const VAL_PER_INTENT: usize = 6;
+
+fn clinc(file: &str) -> Vec<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/clinc150").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["text"].as_str().unwrap().to_string(), v["intent"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn pick(data: &[(String, String)], per: usize) -> Vec<(String, String)> {
+    LABELS
+        .iter()
+        .flat_map(|l| data.iter().filter(move |(_, i)| i == l).take(per).cloned())
+        .collect()
+}
+
+async fn call(router: &Router, method: &str, uri: &str, body: Option<String>) -> (StatusCode, Value) {
+    let req = Request::builder().method(method).uri(uri);
+    let req = match body {
+        Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b)),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn accuracy(router: &Router, cases: &[(String, String)]) -> f64 {
+    let answers: Vec<_> = stream::iter(cases.iter().map(|(text, _)| {
+        let body = json!({"model": "intent", "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": text}]});
+        call(router, "POST", "/v1/chat/completions", Some(body.to_string()))
+    }))
+    .buffered(16)
+    .collect()
+    .await;
+    let correct = answers
+        .iter()
+        .zip(cases)
+        .filter(|((status, body), (_, intent))| {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+            body["choices"][0]["message"]["content"] == intent.as_str()
+        })
+        .count();
+    correct as f64 / cases.len() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intent_plugin_trains_on_its_own_records_and_classifies_held_out_utterances() {
+    let profile_dir = build_plugins(&["tessera-plugin-intent"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins_dir).unwrap();
+    let file = library_file("tessera-plugin-intent");
+    std::fs::copy(profile_dir.join(&file), plugins_dir.join(&file)).unwrap();
+    let router = real_app_with(
+        1024,
+        false,
+        Some(TuningConfig {
+            root: dir.path().join("tuning"),
+            settings: TuningSettings {
+                train_threads: 2,
+                ..Default::default()
+            },
+        }),
+        Some(PluginsConfig { dir: plugins_dir, allow_sha256: None }),
+    );
+    let train = pick(&clinc("train.jsonl"), TRAIN_PER_INTENT);
+    let val = pick(&clinc("val.jsonl"), VAL_PER_INTENT);
+    assert_eq!((train.len(), val.len()), (LABELS.len() * TRAIN_PER_INTENT, LABELS.len() * VAL_PER_INTENT));
+
+    let untrained = accuracy(&router, &val).await;
+    eprintln!("untrained adapter (version 0) accuracy: {untrained:.2}");
+
+    let records: Vec<String> = train.iter().map(|(text, intent)| json!({"text": text, "intent": intent}).to_string()).collect();
+    let (status, receipt) = call(&router, "POST", "/v1/adapters/intent/feedback", Some(records.join("\n"))).await;
+    assert_eq!(status, StatusCode::OK, "{receipt}");
+    let job = receipt["job"].as_str().expect("the upload starts a job").to_string();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(900);
+    let finished = loop {
+        let (_, job) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{job}"), None).await;
+        if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "training took over 15 minutes: {job}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let (_, info) = call(&router, "GET", "/v1/adapters/intent", None).await;
+    assert_eq!(info["version"], 1, "{info}");
+    eprintln!("trained and promoted in {:.0} s", started.elapsed().as_secs_f64());
+
+    let tuned = accuracy(&router, &val).await;
+    eprintln!("intent plugin accuracy on {} held-out utterances: {tuned:.2}", val.len());
+    assert!(tuned >= 0.8, "the intent plugin scores {tuned}");
+    assert!(untrained < 0.5, "the untrained adapter already scores {untrained}");
+}

@@ -1,0 +1,214 @@
+//! Runtime domain plugins on a tiny synthetic model: the workspace's example plugins are built,
+//! scanned from the plugins directory and served as models; a wrong-ABI library is refused, a
+//! panicking one is contained, and a rebuilt library reloads while requests are in flight.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use tessera::api::{router, ApiSettings, App, PluginsConfig, TuningConfig};
+use tessera::engine::EngineConfig;
+use tessera::model::synthetic::tiny_gemma3;
+use tessera::train::job::TuningSettings;
+use tessera::LoadedModel;
+use tessera_tests::{build_plugins, library_file};
+use tower::ServiceExt;
+
+const PLUGINS: [&str; 5] = [
+    "tessera-plugin-intent",
+    "tessera-plugin-arithmetic",
+    "tessera-plugin-extraction",
+    "tessera-plugin-test-panicky",
+    "tessera-plugin-test-wrong-abi",
+];
+
+fn copy_plugin(profile_dir: &Path, package: &str, plugins_dir: &Path) {
+    let file = library_file(package);
+    // Write then rename: a reload must never read a half-copied library.
+    let staging = plugins_dir.join(format!(".{file}.partial"));
+    std::fs::copy(profile_dir.join(&file), &staging).unwrap();
+    std::fs::rename(&staging, plugins_dir.join(&file)).unwrap();
+}
+
+fn app(dir: &Path) -> Arc<App> {
+    let model_path = dir.join("tiny.gguf");
+    tiny_gemma3(5).write(&model_path).unwrap();
+    let settings = ApiSettings {
+        ctx_len: 1024,
+        api_key: None,
+        admin_key: None,
+        request_timeout: Duration::from_secs(60),
+        max_body_bytes: 1 << 20,
+        adapters_dir: None,
+        adapter_roots: Vec::new(),
+        max_adapter_memory: None,
+        tuning: Some(TuningConfig {
+            root: dir.join("tuning"),
+            settings: TuningSettings {
+                train_after: 100_000,
+                ..Default::default()
+            },
+        }),
+        plugins: Some(PluginsConfig {
+            dir: dir.join("plugins"),
+            allow_sha256: None,
+        }),
+    };
+    let engine = EngineConfig {
+        ctx_len: 1024,
+        max_running_seqs: 8,
+        max_queue: 32,
+        prefill_tokens_per_step: 128,
+    };
+    App::start(Arc::new(LoadedModel::load(&model_path).unwrap()), "tiny".into(), settings, engine).unwrap()
+}
+
+async fn call(router: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let req = Request::builder().method(method).uri(uri);
+    let req = match body {
+        Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn chat(router: &Router, model: &str, messages: Value, max_tokens: usize) -> (StatusCode, Value) {
+    call(
+        router,
+        "POST",
+        "/v1/chat/completions",
+        Some(json!({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})),
+    )
+    .await
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+fn plugin<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list["data"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{name} not listed: {list}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_load_serve_contain_failures_and_reload_under_load() {
+    let profile_dir = build_plugins(&PLUGINS, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins_dir).unwrap();
+    for package in PLUGINS {
+        copy_plugin(&profile_dir, package, &plugins_dir);
+    }
+    let app = app(dir.path());
+    let router = router(app.clone());
+
+    // Scanned at startup: the wrong-ABI library is refused before anything of it runs.
+    let (status, list) = call(&router, "GET", "/v1/plugins", None).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    for name in ["intent", "arithmetic", "extraction", "panicky"] {
+        assert_eq!(plugin(&list, name)["status"], "ready", "{list}");
+    }
+    let wrong = plugin(&list, "tessera_plugin_test_wrong_abi");
+    assert_eq!(wrong["status"], "failed");
+    assert!(wrong["error"].as_str().unwrap().contains("ABI version 999"), "{wrong}");
+    assert!(plugin(&list, "intent")["version"].as_str().unwrap().ends_with("build.0"));
+
+    // Only files under the plugins directory load.
+    let outside = profile_dir.join(library_file("tessera-plugin-intent"));
+    let (status, body) = call(&router, "POST", "/v1/plugins/load", Some(json!({"path": outside}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("only be loaded from under"), "{body}");
+
+    // Each example plugin serves as a model: its hooks shape the prompt and the answer.
+    let (status, body) = chat(&router, "intent", user("please freeze my card"), 6).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let label = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(tessera_plugin_intent::LABELS.contains(&label), "{label}");
+    assert!(body["system_fingerprint"].as_str().unwrap().starts_with("intent 1.0.0+build.0"));
+    let (status, body) = chat(&router, "arithmetic", user("What is 1234 * 56?"), 8).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "1234 * 56 = 69104", "checked by computing it");
+    let (status, body) = chat(
+        &router,
+        "extraction",
+        json!([{"role": "system", "content": "fields: person, date"}, {"role": "user", "content": "Ada wrote it in 1843."}]),
+        12,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let object: Value = serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(object.as_object().unwrap().keys().collect::<Vec<_>>(), ["date", "person"]);
+
+    // Domain records become pairs through the plugin's converter; a bad one names its index.
+    let records = [json!({"text": "what's my balance", "intent": "balance"}), json!({"text": "hi", "intent": "weather"})];
+    let body = records.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
+    let req = Request::post("/v1/adapters/intent/feedback").body(Body::from(body)).unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let error: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(error["error"]["param"], "records[1]", "{error}");
+    let req = Request::post("/v1/adapters/intent/feedback").body(Body::from(records[0].to_string())).unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let receipt: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!((receipt["adapter"].as_str(), receipt["stored"].as_u64()), (Some("intent"), Some(1)), "{receipt}");
+    let (_, pairs) = call(&router, "GET", "/v1/adapters/intent/feedback", None).await;
+    assert_eq!(pairs["data"][0]["messages"][1]["content"], "balance");
+
+    // A panicking plugin: an OpenAI-shaped error, the plugin marked failed, the rest serving.
+    let (status, body) = chat(&router, "panicky", user("hello"), 4).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_failed");
+    assert!(body["error"]["message"].as_str().unwrap().contains("deliberate panic in rewrite_request"), "{body}");
+    let (_, list) = call(&router, "GET", "/v1/plugins", None).await;
+    assert_eq!(plugin(&list, "panicky")["status"], "failed");
+    let (status, body) = chat(&router, "panicky", user("hello"), 4).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("plugin_failed")));
+    assert_eq!(chat(&router, "arithmetic", user("2 + 2"), 4).await.0, StatusCode::OK);
+    assert_eq!(chat(&router, "tiny", user("hello"), 4).await.0, StatusCode::OK);
+
+    // A rebuilt library reloads while requests run: those admitted before finish on the old
+    // generation, new ones get the new build.
+    let rebuilt = build_plugins(&["tessera-plugin-intent"], &[("TESSERA_PLUGIN_BUILD", "2")]);
+    copy_plugin(&rebuilt, "tessera-plugin-intent", &plugins_dir);
+    let in_flight: Vec<_> = (0..6)
+        .map(|i| {
+            let router = router.clone();
+            tokio::spawn(async move {
+                let (status, body) = chat(&router, "intent", user(&format!("move money to savings {i}")), 300).await;
+                (status, body, Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (status, reloaded) = call(&router, "POST", "/v1/plugins/intent/reload", None).await;
+    let reloaded_at = Instant::now();
+    assert_eq!(status, StatusCode::OK, "{reloaded}");
+    assert!(reloaded["version"].as_str().unwrap().ends_with("build.2"), "{reloaded}");
+    let mut old_after_reload = 0;
+    for task in in_flight {
+        let (status, body, finished) = task.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let fingerprint = body["system_fingerprint"].as_str().unwrap();
+        if finished > reloaded_at && fingerprint.starts_with("intent 1.0.0+build.0") {
+            old_after_reload += 1;
+        }
+    }
+    assert!(old_after_reload > 0, "no request admitted before the reload was still running after it");
+    let (_, body) = chat(&router, "intent", user("what's my balance"), 4).await;
+    assert!(body["system_fingerprint"].as_str().unwrap().starts_with("intent 1.0.0+build.2"), "{body}");
+
+    let (status, _) = call(&router, "POST", "/v1/plugins/intent/unload", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = chat(&router, "nope", user("x"), 2).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
