@@ -16,7 +16,7 @@ use tessera_plugin_intent::LABELS;
 use tessera_tests::{build_plugins, library_file, real_app_with};
 use tower::ServiceExt;
 
-const TRAIN_PER_INTENT: usize = 12;
+const TRAIN_PER_INTENT: usize = 16;
 const VAL_PER_INTENT: usize = 6;
 
 fn clinc(file: &str) -> Vec<(String, String)> {

@@ -301,7 +301,7 @@ impl QWeight {
 /// # Safety
 /// The slices must cover every element the shapes and strides address.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(
+pub(crate) unsafe fn sgemm(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,

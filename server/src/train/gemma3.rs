@@ -1,6 +1,7 @@
 //! Gemma 3 once more, differentiable: the same maths as `model::gemma3`, written with candle
 //! tensor ops that carry gradients (RMSNorm, RoPE and softmax in their plain forms, GELU-tanh),
-//! over the served model's frozen quantized weights, with trainable LoRA factors beside every
+//! (as fused ops with their own backward passes, `train::fused`), over the served model's frozen
+//! quantized weights, with trainable LoRA factors beside every
 //! targeted linear layer:
 //!
 //!   y = x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ        (W frozen, 8-bit; A, B f32 and trained)
@@ -9,10 +10,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var};
 use tessera_adapters::TargetModule;
 
 use crate::model::gemma3::{attention_mask, Block, RmsNorm};
+use crate::train::fused;
 use crate::train::lora::LoraParams;
 use crate::train::ops::{FrozenLinear, FrozenWeight, TiedOutputLoss};
 use crate::LoadedModel;
@@ -37,16 +39,16 @@ pub struct Trainable<'a> {
     pub lora: &'a LoraParams,
 }
 
+/// x / √(mean(x²) + ε) · w over the last axis.
 fn rms_norm(x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
-    // x / √(mean(x²) + ε) · w
-    let weight = Tensor::from_slice(&norm.weight, norm.weight.len(), &Device::Cpu)?;
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv_rms = (mean_sq + norm.eps as f64)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv_rms)?.broadcast_mul(&weight)
+    x.contiguous()?.apply_op1(fused::RmsNorm {
+        weight: Arc::new(norm.weight.clone()),
+        eps: norm.eps,
+    })
 }
 
-/// cos and sin of θ_i·p for positions p, θ_i = base^(−2i/d): each `[rows, 1, d/2]`.
-fn rotary(positions: &[usize], base: f64, head_dim: usize) -> candle_core::Result<(Tensor, Tensor)> {
+/// cos and sin of θ_i·p for positions p, θ_i = base^(−2i/d): each `[rows, d/2]`.
+fn rotary(positions: &[usize], base: f64, head_dim: usize) -> Rotary {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| base.powf(-((2 * i) as f64) / head_dim as f64) as f32)
@@ -60,33 +62,46 @@ fn rotary(positions: &[usize], base: f64, head_dim: usize) -> candle_core::Resul
             sin.push(angle.sin());
         }
     }
-    let shape = (positions.len(), 1, half);
-    Ok((Tensor::from_vec(cos, shape, &Device::Cpu)?, Tensor::from_vec(sin, shape, &Device::Cpu)?))
+    Rotary {
+        cos: Arc::new(cos),
+        sin: Arc::new(sin),
+        head_dim,
+    }
+}
+
+struct Rotary {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    head_dim: usize,
 }
 
 /// NeoX rotation of `x: [rows, heads, d]`: (x₁, x₂) ↦ (x₁·cos − x₂·sin, x₂·cos + x₁·sin).
-fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
-    let half = x.dim(2)? / 2;
-    let x1 = x.narrow(2, 0, half)?;
-    let x2 = x.narrow(2, half, half)?;
-    let first = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let second = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Tensor::cat(&[first, second], 2)
+fn rotate(x: &Tensor, rotary: &Rotary) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(fused::Rope {
+        cos: rotary.cos.clone(),
+        sin: rotary.sin.clone(),
+        head_dim: rotary.head_dim,
+    })
 }
 
 impl Trainable<'_> {
     fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> candle_core::Result<Tensor> {
-        let base = x.apply_op1(FrozenLinear {
-            model: self.model.clone(),
-            weight: FrozenWeight::Linear { layer, module },
-        })?;
+        let weight = FrozenWeight::Linear { layer, module };
+        let x = x.contiguous()?;
         match self.lora.factors(layer, module) {
-            None => Ok(base),
-            Some((a, b)) => {
-                // The scale goes on the rank-r product, the smallest tensor of the chain.
-                let down = (x.matmul(&a.as_tensor().t()?)? * self.lora.scale() as f64)?;
-                base + down.matmul(&b.as_tensor().t()?)?
-            }
+            None => x.apply_op1(FrozenLinear {
+                model: self.model.clone(),
+                weight,
+            }),
+            Some((a, b)) => x.apply_op3(
+                a.as_tensor(),
+                b.as_tensor(),
+                fused::LoraLinear {
+                    model: self.model.clone(),
+                    weight,
+                    scale: self.lora.scale(),
+                },
+            ),
         }
     }
 
@@ -105,9 +120,7 @@ impl Trainable<'_> {
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
             .reshape((c.n_heads, t, t))?
             .broadcast_add(&mask)?;
-        let max = scores.max_keepdim(D::Minus1)?.detach();
-        let weights = scores.broadcast_sub(&max)?.exp()?;
-        let weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        let weights = scores.contiguous()?.apply_op1(fused::Softmax)?;
         let out = weights.reshape((c.n_kv_heads, group * t, t))?.matmul(&v)?;
         out.reshape((c.n_heads, t, d))?.transpose(0, 1)?.reshape((t, c.n_heads * d))
     }
@@ -118,7 +131,7 @@ impl Trainable<'_> {
         block: &Block,
         x: &Tensor,
         sequences: &[std::ops::Range<usize>],
-        rope: &(Tensor, Tensor),
+        rope: &Rotary,
     ) -> candle_core::Result<Tensor> {
         let c = self.model.model.config();
         let rows = x.dim(0)?;
@@ -143,7 +156,7 @@ impl Trainable<'_> {
         let m = rms_norm(&x, &block.ffn_norm)?;
         let gate = self.linear(&m, layer, TargetModule::Gate)?;
         let up = self.linear(&m, layer, TargetModule::Up)?;
-        let ffn = self.linear(&(gate.gelu()? * up)?, layer, TargetModule::Down)?;
+        let ffn = self.linear(&gate.contiguous()?.apply_op2(&up.contiguous()?, fused::Geglu)?, layer, TargetModule::Down)?;
         x + rms_norm(&ffn, &block.post_ffw_norm)?
     }
 
@@ -181,8 +194,8 @@ impl Trainable<'_> {
         Ok(Prepared {
             embedded,
             sequences,
-            rope_global: rotary(&positions, c.rope_base_global, c.head_dim)?,
-            rope_local: rotary(&positions, c.rope_base_local, c.head_dim)?,
+            rope_global: rotary(&positions, c.rope_base_global, c.head_dim),
+            rope_local: rotary(&positions, c.rope_base_local, c.head_dim),
             scored_rows: Tensor::from_vec(scored_rows, targets.len(), &Device::Cpu)?,
             targets,
         })
@@ -266,8 +279,8 @@ impl Trainable<'_> {
 struct Prepared {
     embedded: Tensor,
     sequences: Vec<std::ops::Range<usize>>,
-    rope_global: (Tensor, Tensor),
-    rope_local: (Tensor, Tensor),
+    rope_global: Rotary,
+    rope_local: Rotary,
     scored_rows: Tensor,
     targets: Vec<u32>,
 }

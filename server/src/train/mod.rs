@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod durable;
+pub mod fused;
 pub mod gemma3;
 pub mod job;
 pub mod lora;

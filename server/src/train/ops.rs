@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 use tessera_adapters::TargetModule;
 
 use crate::model::linear::QWeight;
@@ -87,6 +88,66 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// One row's online softmax over the vocabulary chunks seen so far.
+#[derive(Debug, Clone, Copy)]
+struct RowSoftmax {
+    max: f32,
+    /// Σ exp(l − max).
+    sum: f32,
+    target_logit: f32,
+}
+
+impl Default for RowSoftmax {
+    fn default() -> Self {
+        Self {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            target_logit: 0.0,
+        }
+    }
+}
+
+impl RowSoftmax {
+    /// Takes in one chunk of logits (columns `range`), overwriting them with exp(l − max).
+    /// Returns the factor that earlier sums (and gradient accumulators) must be rescaled by.
+    fn absorb(&mut self, row: &mut [f32], range: std::ops::Range<usize>, target: usize) -> f32 {
+        if range.contains(&target) {
+            self.target_logit = row[target - range.start];
+        }
+        let chunk_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut rescale = 1.0;
+        if chunk_max > self.max {
+            rescale = exp_nonpositive(self.max - chunk_max);
+            self.sum *= rescale;
+            self.max = chunk_max;
+        }
+        let max = self.max;
+        let mut sum = 0f32;
+        for l in row.iter_mut() {
+            *l = exp_nonpositive(*l - max);
+            sum += *l;
+        }
+        self.sum += sum;
+        rescale
+    }
+}
+
+/// eˣ for x ≤ 0, vectorisable (no libm call): x = n·ln 2 + r with |r| ≤ ln 2 / 2, eʳ by its
+/// degree-6 Taylor polynomial (relative error < 2e-7 there), times 2ⁿ built in the exponent
+/// bits. Below −87 the result is 0 (it would be subnormal).
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    if x < -87.0 {
+        return 0.0;
+    }
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// Vocabulary rows per chunk of logits: `[rows, VOCAB_CHUNK]` is all that exists at once.
 const VOCAB_CHUNK: usize = 16384;
 
@@ -128,39 +189,36 @@ impl CustomOp1 for TiedOutputLoss {
         }
         let embedding = self.model.model.embedding();
         let (vocab, hidden) = (embedding.out_features(), embedding.in_features());
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
-        let mut target_logit = vec![0f32; rows];
+        let mut rows_state = vec![RowSoftmax::default(); rows];
         let mut accumulated = if self.gradient { vec![0f32; rows * hidden] } else { Vec::new() };
         for start in (0..vocab).step_by(VOCAB_CHUNK) {
             let range = start..(start + VOCAB_CHUNK).min(vocab);
             let width = range.len();
             let mut logits = embedding.matmul_rows_background(h, range.clone()).map_err(model_error)?;
-            for (i, row) in logits.chunks_exact_mut(width).enumerate() {
-                let target = self.targets[i] as usize;
-                if range.contains(&target) {
-                    target_logit[i] = row[target - range.start];
-                }
-                let chunk_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if chunk_max > max[i] {
-                    let rescale = (max[i] - chunk_max).exp();
-                    sum[i] *= rescale;
-                    if self.gradient {
-                        accumulated[i * hidden..(i + 1) * hidden].iter_mut().for_each(|a| *a *= rescale);
-                    }
-                    max[i] = chunk_max;
-                }
-                for l in row.iter_mut() {
-                    *l = (*l - max[i]).exp();
-                }
-                sum[i] += row.iter().sum::<f32>();
-            }
+            // Rows are independent: each thread takes whole rows, turning logits into
+            // exp(l − running max) in place.
+            let rescales: Vec<f32> = logits
+                .par_chunks_mut(width)
+                .zip(rows_state.par_iter_mut())
+                .zip(self.targets.par_iter())
+                .map(|((row, state), &target)| state.absorb(row, range.clone(), target as usize))
+                .collect();
             if self.gradient {
+                accumulated
+                    .par_chunks_mut(hidden)
+                    .zip(rescales.par_iter())
+                    .filter(|(_, &rescale)| rescale != 1.0)
+                    .for_each(|(acc, &rescale)| acc.iter_mut().for_each(|a| *a *= rescale));
                 embedding
                     .accumulate_input_grad(&logits, range, &mut accumulated)
                     .map_err(model_error)?;
             }
         }
+        let (max, sum, target_logit): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            rows_state.iter().map(|s| s.max).collect(),
+            rows_state.iter().map(|s| s.sum).collect(),
+            rows_state.iter().map(|s| s.target_logit).collect(),
+        );
         let loss = (0..rows).map(|i| max[i] + sum[i].ln() - target_logit[i]).collect();
         if self.gradient {
             // ∂ℓᵢ/∂hᵢ = softmax·E − e_target.
@@ -182,5 +240,21 @@ impl CustomOp1 for TiedOutputLoss {
         };
         let grad_h = Tensor::from_vec(grad_h, h.dims(), &Device::Cpu)?;
         Ok(Some(grad_h.broadcast_mul(&grad_loss.unsqueeze(1)?)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_nonpositive;
+
+    #[test]
+    fn the_fast_exponential_matches_libm() {
+        for i in 0..=100_000 {
+            let x = -(i as f32) * 1e-3;
+            let (fast, exact) = (exp_nonpositive(x), x.exp());
+            assert!((fast - exact).abs() <= 4e-7 * exact + 2e-38, "{x}: {fast} vs {exact}");
+        }
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }
