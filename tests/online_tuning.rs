@@ -96,7 +96,11 @@ async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances
         false,
         Some(TuningConfig {
             root: dir.path().to_path_buf(),
-            settings: TuningSettings::default(),
+            // Nothing else runs meanwhile: the trainer may have both cores.
+            settings: TuningSettings {
+                train_threads: 2,
+                ..Default::default()
+            },
         }),
         None,
     );

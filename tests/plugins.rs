@@ -18,12 +18,13 @@ use tessera::LoadedModel;
 use tessera_tests::{build_plugins, library_file};
 use tower::ServiceExt;
 
-const PLUGINS: [&str; 5] = [
+const PLUGINS: [&str; 6] = [
     "tessera-plugin-intent",
     "tessera-plugin-arithmetic",
     "tessera-plugin-extraction",
     "tessera-plugin-test-panicky",
     "tessera-plugin-test-wrong-abi",
+    "tessera-plugin-test-embedded",
 ];
 
 fn copy_plugin(profile_dir: &Path, package: &str, plugins_dir: &Path) {
@@ -107,13 +108,20 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
     for package in PLUGINS {
         copy_plugin(&profile_dir, package, &plugins_dir);
     }
+    // The `embedded` test plugin ships one adapter as files beside its library.
+    let shipped = plugins_dir.join("shipped-q");
+    std::fs::create_dir_all(&shipped).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/testing/embedded/adapter").join(file);
+        std::fs::copy(source, shipped.join(file)).unwrap();
+    }
     let app = app(dir.path());
     let router = router(app.clone());
 
     // Scanned at startup: the wrong-ABI library is refused before anything of it runs.
     let (status, list) = call(&router, "GET", "/v1/plugins", None).await;
     assert_eq!(status, StatusCode::OK, "{list}");
-    for name in ["intent", "arithmetic", "extraction", "panicky"] {
+    for name in ["intent", "arithmetic", "extraction", "panicky", "embedded"] {
         assert_eq!(plugin(&list, name)["status"], "ready", "{list}");
     }
     let wrong = plugin(&list, "tessera_plugin_test_wrong_abi");
@@ -146,6 +154,21 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let object: Value = serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
     assert_eq!(object.as_object().unwrap().keys().collect::<Vec<_>>(), ["date", "person"]);
+
+    // Adapters embedded in a library and shipped beside it are registered and mixed at the
+    // plugin's scales.
+    for adapter in ["embedded-q", "shipped-q"] {
+        let (status, info) = call(&router, "GET", &format!("/v1/adapters/{adapter}"), None).await;
+        assert_eq!((status, info["rank"].as_u64()), (StatusCode::OK, Some(2)), "{info}");
+    }
+    let req = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"model": "embedded", "messages": user("hi"), "max_tokens": 3}).to_string()))
+        .unwrap();
+    let response = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let leased = response.headers()["x-tessera-adapter-generations"].to_str().unwrap().to_string();
+    assert!(leased.contains("embedded-q@") && leased.contains("shipped-q@"), "{leased}");
 
     // Domain records become pairs through the plugin's converter; a bad one names its index.
     let records = [json!({"text": "what's my balance", "intent": "balance"}), json!({"text": "hi", "intent": "weather"})];

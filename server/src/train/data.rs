@@ -64,3 +64,73 @@ pub fn example(tokenizer: &Tokenizer, conversation: &Conversation, max_len: usiz
     let example = Example { tokens, scored };
     Ok((example.scored_tokens() > 0).then_some(example))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Message;
+    use crate::model::synthetic::tiny_gemma3;
+
+    fn tokenizer() -> Tokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny_gemma3(1).write(&path).unwrap();
+        Tokenizer::from_gguf(&crate::gguf::GgufFile::open(&path).unwrap()).unwrap()
+    }
+
+    fn message(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+
+    /// The text of the scored next tokens, run by run.
+    fn scored_text(tokenizer: &Tokenizer, e: &Example) -> Vec<String> {
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        let mut previous = false;
+        for (i, &scored) in e.scored.iter().enumerate() {
+            if scored {
+                if !previous {
+                    runs.push(Vec::new());
+                }
+                runs.last_mut().unwrap().push(e.tokens[i + 1]);
+            }
+            previous = scored;
+        }
+        runs.iter().map(|r| tokenizer.decode(r, false).unwrap()).collect()
+    }
+
+    #[test]
+    fn every_assistant_turn_and_only_those_is_scored() {
+        let tokenizer = tokenizer();
+        let conversation = Conversation {
+            messages: vec![
+                message("system", "be terse"),
+                message("user", "hello there"),
+                message("assistant", "the cat"),
+                message("user", "and then"),
+                message("assistant", "a hat"),
+            ],
+        };
+        let e = example(&tokenizer, &conversation, 512).unwrap().unwrap();
+        assert_eq!(scored_text(&tokenizer, &e), ["the cat<end_of_turn>", "a hat<end_of_turn>"]);
+        // Exactly the chat template's text: what the chat endpoint will prompt with.
+        let text = tokenizer.decode(&e.tokens, false).unwrap();
+        assert_eq!(
+            text,
+            "<bos><start_of_turn>user\nbe terse\n\nhello there<end_of_turn>\n<start_of_turn>model\nthe cat<end_of_turn>\n<start_of_turn>user\nand then<end_of_turn>\n<start_of_turn>model\na hat<end_of_turn>"
+        );
+    }
+
+    #[test]
+    fn truncation_keeps_the_start_and_drops_what_has_nothing_to_score() {
+        let tokenizer = tokenizer();
+        let conversation = Conversation {
+            messages: vec![message("user", "hello there"), message("assistant", "the cat")],
+        };
+        let full = example(&tokenizer, &conversation, 512).unwrap().unwrap();
+        let cut = example(&tokenizer, &conversation, full.tokens.len() - 2).unwrap().unwrap();
+        assert_eq!(cut.tokens, full.tokens[..full.tokens.len() - 2]);
+        assert!(cut.scored_tokens() < full.scored_tokens());
+        let prompt_only = full.scored.iter().position(|&s| s).unwrap() + 1;
+        assert!(example(&tokenizer, &conversation, prompt_only).unwrap().is_none());
+    }
+}

@@ -108,6 +108,9 @@ pub struct JobSpec {
     pub start_version: u32,
 }
 
+/// Examples per forward/backward pass; larger batches accumulate gradients over several.
+pub const MICRO_BATCH: usize = 4;
+
 /// One in ten pairs, by content hash, is held out for the eval gate (at least one).
 pub fn is_held_out(hash: &str) -> bool {
     u64::from_str_radix(&hash[..hash.len().min(8)], 16).is_ok_and(|h| h % 10 == 0)
@@ -550,7 +553,10 @@ impl Tuner {
                 .map(|&i| train[i].clone())
                 .collect();
             let started = std::time::Instant::now();
-            let stats = train_step(&self.model, &lora, &mut optimizer, &[&batch])?;
+            // Gradient accumulation: a batch of any size runs as micro-batches, so memory holds
+            // one micro-batch's activations.
+            let micro_batches: Vec<&[Example]> = batch.chunks(MICRO_BATCH).collect();
+            let stats = train_step(&self.model, &lora, &mut optimizer, &micro_batches)?;
             trained_tokens += batch.iter().map(|e| e.tokens.len() as u64).sum::<u64>();
             let data = serde_json::json!({
                 "step": optimizer.step,
