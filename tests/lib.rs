@@ -191,3 +191,51 @@ pub fn library_file(package: &str) -> String {
         std::env::consts::DLL_SUFFIX
     )
 }
+
+/// One request to an in-process router: the status and the JSON body (`Null` if not JSON).
+pub async fn http(
+    router: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<String>,
+) -> (axum::http::StatusCode, serde_json::Value) {
+    use tower::ServiceExt;
+    let request = axum::http::Request::builder().method(method).uri(uri);
+    let request = match body {
+        Some(b) => request
+            .header(axum::http::header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from(b)),
+        None => request.body(axum::body::Body::empty()),
+    }
+    .expect("a well-formed request");
+    let response = router.clone().oneshot(request).await.expect("the router answers");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("the body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+/// CLINC150 utterances as (text, intent), from `../shared/data/clinc150/{file}`.
+pub fn clinc(file: &str) -> Vec<(String, String)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/clinc150").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let field = |key: &str| v[key].as_str().unwrap_or_else(|| panic!("{}: no `{key}`", path.display())).to_string();
+            (field("text"), field("intent"))
+        })
+        .collect()
+}
+
+/// Polls a fine-tuning job until it ends (at most `limit`), returning its last state.
+pub async fn wait_for_job(router: &axum::Router, job: &str, limit: std::time::Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (_, state) = http(router, "GET", &format!("/v1/fine_tuning/jobs/{job}"), None).await;
+        if matches!(state["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            return state;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job did not end within {limit:?}: {state}");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}

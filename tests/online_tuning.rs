@@ -5,46 +5,20 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
 use futures::stream::{self, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tessera::api::TuningConfig;
 use tessera::train::job::TuningSettings;
-use tessera_tests::{real_app_with, REAL_MODEL_ID};
-use tower::ServiceExt;
+use tessera_tests::{clinc, http, real_app_with, wait_for_job, REAL_MODEL_ID};
 
 const INTENTS: usize = 10;
 const TRAIN_PER_INTENT: usize = 20;
 const VAL_PER_INTENT: usize = 10;
 
-fn clinc(file: &str) -> Vec<(String, String)> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/clinc150").join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    text.lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["text"].as_str().unwrap().to_string(), v["intent"].as_str().unwrap().to_string())
-        })
-        .collect()
-}
-
 fn prompt(labels: &[String], text: &str) -> String {
     format!("Classify the intent of the utterance. Answer with one label from: {}.\nUtterance: {text}", labels.join(", "))
-}
-
-async fn call(router: &Router, method: &str, uri: &str, body: Option<String>) -> (StatusCode, Value) {
-    let req = Request::builder().method(method).uri(uri);
-    let req = match body {
-        Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b)),
-        None => req.body(Body::empty()),
-    }
-    .unwrap();
-    let response = router.clone().oneshot(req).await.unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
 async fn accuracy(router: &Router, model: &str, labels: &[String], cases: &[(String, String)]) -> f64 {
@@ -52,7 +26,7 @@ async fn accuracy(router: &Router, model: &str, labels: &[String], cases: &[(Str
     let answers: Vec<_> = stream::iter(cases.iter().map(|(text, _)| {
         let body = json!({"model": model, "temperature": 0, "max_tokens": 12,
             "messages": [{"role": "user", "content": prompt(labels, text)}]});
-        call(router, "POST", "/v1/chat/completions", Some(body.to_string()))
+        http(router, "POST", "/v1/chat/completions", Some(body.to_string()))
     }))
     .buffered(16)
     .collect()
@@ -112,22 +86,14 @@ async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances
         .map(|(text, intent)| json!({"instruction": prompt(&labels, text), "output": intent}).to_string())
         .collect();
     let started = Instant::now();
-    let (status, receipt) = call(&router, "POST", "/v1/adapters/intents/feedback", Some(records.join("\n"))).await;
+    let (status, receipt) = http(&router, "POST", "/v1/adapters/intents/feedback", Some(records.join("\n"))).await;
     assert_eq!(status, StatusCode::OK, "{receipt}");
     assert_eq!(receipt["stored"], 200);
     let job = receipt["job"].as_str().expect("200 pairs pass train_after and start a job").to_string();
 
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let finished = loop {
-        let (_, job) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{job}"), None).await;
-        if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "training took over 15 minutes: {job}");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let finished = wait_for_job(&router, &job, Duration::from_secs(900)).await;
     assert_eq!(finished["status"], "succeeded", "{finished}");
-    let (_, info) = call(&router, "GET", "/v1/adapters/intents", None).await;
+    let (_, info) = http(&router, "GET", "/v1/adapters/intents", None).await;
     assert_eq!(info["version"], 1, "the trained version beat version 0 on the held-out pairs: {info}");
     eprintln!("trained and promoted in {:.0} s: {}", started.elapsed().as_secs_f64(), info["metrics"]);
 

@@ -5,30 +5,17 @@
 
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
 use futures::stream::{self, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tessera::api::{PluginsConfig, TuningConfig};
 use tessera::train::job::TuningSettings;
 use tessera_plugin_intent::LABELS;
-use tessera_tests::{build_plugins, library_file, real_app_with};
-use tower::ServiceExt;
+use tessera_tests::{build_plugins, clinc, http, library_file, real_app_with, wait_for_job};
 
 const TRAIN_PER_INTENT: usize = 16;
 const VAL_PER_INTENT: usize = 6;
-
-fn clinc(file: &str) -> Vec<(String, String)> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/clinc150").join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    text.lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["text"].as_str().unwrap().to_string(), v["intent"].as_str().unwrap().to_string())
-        })
-        .collect()
-}
 
 fn pick(data: &[(String, String)], per: usize) -> Vec<(String, String)> {
     LABELS
@@ -37,23 +24,10 @@ fn pick(data: &[(String, String)], per: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn call(router: &Router, method: &str, uri: &str, body: Option<String>) -> (StatusCode, Value) {
-    let req = Request::builder().method(method).uri(uri);
-    let req = match body {
-        Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b)),
-        None => req.body(Body::empty()),
-    }
-    .unwrap();
-    let response = router.clone().oneshot(req).await.unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-}
-
 async fn accuracy(router: &Router, cases: &[(String, String)]) -> f64 {
     let answers: Vec<_> = stream::iter(cases.iter().map(|(text, _)| {
         let body = json!({"model": "intent", "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": text}]});
-        call(router, "POST", "/v1/chat/completions", Some(body.to_string()))
+        http(router, "POST", "/v1/chat/completions", Some(body.to_string()))
     }))
     .buffered(16)
     .collect()
@@ -97,21 +71,13 @@ async fn the_intent_plugin_trains_on_its_own_records_and_classifies_held_out_utt
     eprintln!("untrained adapter (version 0) accuracy: {untrained:.2}");
 
     let records: Vec<String> = train.iter().map(|(text, intent)| json!({"text": text, "intent": intent}).to_string()).collect();
-    let (status, receipt) = call(&router, "POST", "/v1/adapters/intent/feedback", Some(records.join("\n"))).await;
+    let (status, receipt) = http(&router, "POST", "/v1/adapters/intent/feedback", Some(records.join("\n"))).await;
     assert_eq!(status, StatusCode::OK, "{receipt}");
     let job = receipt["job"].as_str().expect("the upload starts a job").to_string();
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(900);
-    let finished = loop {
-        let (_, job) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{job}"), None).await;
-        if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "training took over 15 minutes: {job}");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let finished = wait_for_job(&router, &job, Duration::from_secs(900)).await;
     assert_eq!(finished["status"], "succeeded", "{finished}");
-    let (_, info) = call(&router, "GET", "/v1/adapters/intent", None).await;
+    let (_, info) = http(&router, "GET", "/v1/adapters/intent", None).await;
     assert_eq!(info["version"], 1, "{info}");
     eprintln!("trained and promoted in {:.0} s", started.elapsed().as_secs_f64());
 

@@ -15,7 +15,7 @@ use tessera::engine::EngineConfig;
 use tessera::model::synthetic::tiny_gemma3;
 use tessera::train::job::TuningSettings;
 use tessera::LoadedModel;
-use tessera_tests::{build_plugins, library_file};
+use tessera_tests::{build_plugins, http, library_file};
 use tower::ServiceExt;
 
 const PLUGINS: [&str; 6] = [
@@ -69,16 +69,7 @@ fn app(dir: &Path) -> Arc<App> {
 }
 
 async fn call(router: &Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let req = Request::builder().method(method).uri(uri);
-    let req = match body {
-        Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(Body::from(b.to_string())),
-        None => req.body(Body::empty()),
-    }
-    .unwrap();
-    let response = router.clone().oneshot(req).await.unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    http(router, method, uri, body.map(|b| b.to_string())).await
 }
 
 async fn chat(router: &Router, model: &str, messages: Value, max_tokens: usize) -> (StatusCode, Value) {

@@ -19,6 +19,19 @@ pub struct Conversation {
     pub messages: Vec<Message>,
 }
 
+impl Conversation {
+    /// The messages as chat-template turns.
+    pub fn turns(&self) -> Vec<Turn<'_>> {
+        self.messages
+            .iter()
+            .map(|m| Turn {
+                role: &m.role,
+                text: m.content.clone(),
+            })
+            .collect()
+    }
+}
+
 /// Why record `index` of an upload was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("record {index}: {reason}")]
@@ -131,15 +144,7 @@ pub fn parse_record(value: &serde_json::Value) -> Result<Conversation, String> {
 /// A conversation trains only if it follows the chat template and ends with a non-empty
 /// assistant turn.
 pub fn validate(conversation: &Conversation) -> Result<(), String> {
-    let turns: Vec<Turn> = conversation
-        .messages
-        .iter()
-        .map(|m| Turn {
-            role: &m.role,
-            text: m.content.clone(),
-        })
-        .collect();
-    chat_template::render(&turns).map_err(|e| e.to_string())?;
+    chat_template::render(&conversation.turns()).map_err(|e| e.to_string())?;
     match conversation.messages.last() {
         Some(last) if last.role == "assistant" && !last.content.is_empty() => Ok(()),
         Some(last) if last.role == "assistant" => Err("the assistant's answer is empty".into()),

@@ -2,24 +2,12 @@
 //! (`tests/e2e/openai_sdk.py`: chat, completions, files and fine-tuning jobs), then stopped
 //! with SIGTERM.
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct KillOnDrop(Child);
+mod common;
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
-}
+use common::{free_port, KillOnDrop};
 
 #[test]
 fn the_openai_sdk_drives_the_real_model_and_sigterm_stops_the_server() {

@@ -2,27 +2,15 @@
 //! a restart the job resumes from its last checkpoint, and every acknowledged pair is still there.
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tessera::model::synthetic::tiny_gemma3;
 
-struct KillOnDrop(Child);
+mod common;
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
-}
+use common::{free_port, KillOnDrop};
 
 async fn start(dir: &Path, port: u16) -> KillOnDrop {
     let server = KillOnDrop(

@@ -235,20 +235,12 @@ struct Rotary {
 
 impl Rotary {
     fn new(positions: &[usize], base: f64, head_dim: usize) -> Result<Self, ModelError> {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| base.powf(-((2 * i) as f64) / head_dim as f64) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok(Self { cos, sin, half })
+        let (cos, sin) = rotary_tables(positions, base, head_dim);
+        Ok(Self {
+            cos,
+            sin,
+            half: head_dim / 2,
+        })
     }
 
     /// NeoX rotation of one head of row `row`: (x₁, x₂) ↦ (x₁·cos − x₂·sin, x₂·cos + x₁·sin)
@@ -263,6 +255,24 @@ impl Rotary {
             *x2 = b * c + a * s;
         }
     }
+}
+
+/// cos and sin of θ_i·p for each position p, θ_i = base^(−2i/head_dim): `[positions, d/2]` each.
+pub(crate) fn rotary_tables(positions: &[usize], base: f64, head_dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| base.powf(-((2 * i) as f64) / head_dim as f64) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for &f in &inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
 }
 
 /// Where one sequence's rows sit in the batch and what its attention may see.

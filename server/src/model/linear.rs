@@ -253,7 +253,15 @@ impl QWeight {
             Kernel::Candle { .. } => {
                 let weight = self.dequantize_rows(rows.clone())?;
                 // SAFETY: x is [m, in], the weight [rows, in] read as its transpose, y [m, rows].
-                unsafe { sgemm((m, rows.len(), self.in_features), &mut y, false, x, self.in_features, &weight, 1, self.in_features) };
+                unsafe {
+                    sgemm(
+                        (m, rows.len(), self.in_features),
+                        &mut y,
+                        false,
+                        Strided::rows(x, self.in_features),
+                        Strided::transposed(&weight, self.in_features),
+                    )
+                };
             }
         }
         Ok(y)
@@ -272,7 +280,7 @@ impl QWeight {
             let offset = chunk.start - rows.start;
             // SAFETY: grad_y's columns `offset..offset + chunk` of rows `width` apart, the weight
             // chunk [chunk, k] row-major, grad_x [m, k].
-            unsafe { sgemm((m, k, chunk.len()), grad_x, true, &grad_y[offset..], width, &weight, k, 1) };
+            unsafe { sgemm((m, k, chunk.len()), grad_x, true, Strided::rows(&grad_y[offset..], width), Strided::rows(&weight, k)) };
             start = chunk.end;
         }
         Ok(())
@@ -295,22 +303,32 @@ impl QWeight {
     }
 }
 
-/// `dst[m, n] (+)= a[m, k]·b[k, n]`: `a` row-major with rows `a_rs` apart, `b` addressed by its
-/// row and column strides, on the caller's rayon pool.
+/// A matrix in a slice, by its row and column strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    pub values: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// A row-major matrix with rows `row_stride` apart.
+    pub fn rows(values: &'a [f32], row_stride: usize) -> Self {
+        Self { values, row_stride, col_stride: 1 }
+    }
+
+    /// The transpose of a row-major matrix with rows `row_stride` apart.
+    pub fn transposed(values: &'a [f32], row_stride: usize) -> Self {
+        Self { values, row_stride: 1, col_stride: row_stride }
+    }
+}
+
+/// `dst[m, n] (+)= a[m, k]·b[k, n]`, `dst` row-major, on the caller's rayon pool.
 ///
 /// # Safety
-/// The slices must cover every element the shapes and strides address.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    a_rs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-) {
+/// `a` and `b` must cover every element their shapes and strides address.
+pub(crate) unsafe fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Strided, b: Strided) {
+    assert!(dst.len() >= m * n, "the output is not [{m}, {n}]");
     gemm::gemm(
         m,
         n,
@@ -319,12 +337,12 @@ pub(crate) unsafe fn sgemm(
         1,
         n as isize,
         accumulate,
-        a.as_ptr(),
-        1,
-        a_rs as isize,
-        b.as_ptr(),
-        b_cs as isize,
-        b_rs as isize,
+        a.values.as_ptr(),
+        a.col_stride as isize,
+        a.row_stride as isize,
+        b.values.as_ptr(),
+        b.col_stride as isize,
+        b.row_stride as isize,
         if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,

@@ -5,7 +5,7 @@
 //! Truncation policy: a sequence keeps its first `max_len` tokens. Answer tokens past the cut are
 //! not scored; a conversation with no scored token left is skipped (and reported).
 
-use crate::chat_template::{self, Turn};
+use crate::chat_template;
 use crate::dataset::Conversation;
 use crate::tokenizer::Tokenizer;
 use crate::train::gemma3::Example;
@@ -15,14 +15,7 @@ const END_OF_TURN: &str = "<end_of_turn>";
 
 /// Text segments in order, each with whether its tokens are scored.
 fn segments(conversation: &Conversation) -> Result<Vec<(String, bool)>, TrainError> {
-    let turns: Vec<Turn> = conversation
-        .messages
-        .iter()
-        .map(|m| Turn {
-            role: &m.role,
-            text: m.content.clone(),
-        })
-        .collect();
+    let turns = conversation.turns();
     let mut segments = Vec::new();
     let mut consumed = 0;
     for (i, message) in conversation.messages.iter().enumerate() {

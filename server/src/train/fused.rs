@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::model::linear::sgemm;
+use crate::model::linear::{sgemm, Strided};
 use crate::train::ops::FrozenWeight;
 use crate::LoadedModel;
 
@@ -230,7 +230,7 @@ impl LoraLinear {
     fn down(x: &[f32], a: &[f32], (m, k, r): (usize, usize, usize)) -> Vec<f32> {
         let mut xa = vec![0f32; m * r];
         // SAFETY: x is [m, k], A [r, k] read as its transpose [k, r], xa [m, r].
-        unsafe { sgemm((m, r, k), &mut xa, false, x, k, a, 1, k) };
+        unsafe { sgemm((m, r, k), &mut xa, false, Strided::rows(x, k), Strided::transposed(a, k)) };
         xa
     }
 }
@@ -259,7 +259,7 @@ impl CustomOp3 for LoraLinear {
         let mut xa = Self::down(x, a, (m, k, r));
         xa.iter_mut().for_each(|v| *v *= self.scale);
         // SAFETY: xa is [m, r], B [n, r] read as its transpose [r, n], y [m, n].
-        unsafe { sgemm((m, n, r), &mut y, true, &xa, r, b, 1, r) };
+        unsafe { sgemm((m, n, r), &mut y, true, Strided::rows(&xa, r), Strided::transposed(b, r)) };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -280,16 +280,16 @@ impl CustomOp3 for LoraLinear {
         // g·B: [m, r].
         let mut gb = vec![0f32; m * r];
         // SAFETY: g is [m, n], B [n, r], gb [m, r].
-        unsafe { sgemm((m, r, n), &mut gb, false, &gs, n, &bv, r, 1) };
+        unsafe { sgemm((m, r, n), &mut gb, false, Strided::rows(&gs, n), Strided::rows(&bv, r)) };
         // ∂B = s·gᵀ·xa: [n, r].
         let mut d_b = vec![0f32; n * r];
         // SAFETY: gᵀ is g [m, n] read with rows 1 apart and columns n apart; xa [m, r].
-        unsafe { sgemm_transposed_lhs((n, r, m), &mut d_b, &gs, n, &xa, r) };
+        unsafe { sgemm((n, r, m), &mut d_b, false, Strided::transposed(&gs, n), Strided::rows(&xa, r)) };
         d_b.iter_mut().for_each(|v| *v *= self.scale);
         // ∂A = s·gbᵀ·x: [r, k].
         let mut d_a = vec![0f32; r * k];
         // SAFETY: gbᵀ from gb [m, r]; x [m, k].
-        unsafe { sgemm_transposed_lhs((r, k, m), &mut d_a, &gb, r, &xs, k) };
+        unsafe { sgemm((r, k, m), &mut d_a, false, Strided::transposed(&gb, r), Strided::rows(&xs, k)) };
         d_a.iter_mut().for_each(|v| *v *= self.scale);
         // ∂x = g·W + s·gb·A.
         let mut dx = vec![0f32; m * k];
@@ -297,39 +297,11 @@ impl CustomOp3 for LoraLinear {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         gb.iter_mut().for_each(|v| *v *= self.scale);
         // SAFETY: gb [m, r], A [r, k], dx [m, k].
-        unsafe { sgemm((m, k, r), &mut dx, true, &gb, r, &av, k, 1) };
+        unsafe { sgemm((m, k, r), &mut dx, true, Strided::rows(&gb, r), Strided::rows(&av, k)) };
         Ok((
             Some(Tensor::from_vec(dx, (m, k), &Device::Cpu)?),
             Some(Tensor::from_vec(d_a, (r, k), &Device::Cpu)?),
             Some(Tensor::from_vec(d_b, (n, r), &Device::Cpu)?),
         ))
     }
-}
-
-/// `dst[p, q] = lhsᵀ·rhs` for `lhs: [t, p]` (rows `lhs_rs` apart) and `rhs: [t, q]`.
-///
-/// # Safety
-/// The slices must hold the shapes given.
-unsafe fn sgemm_transposed_lhs((p, q, t): (usize, usize, usize), dst: &mut [f32], lhs: &[f32], lhs_rs: usize, rhs: &[f32], rhs_rs: usize) {
-    gemm::gemm(
-        p,
-        q,
-        t,
-        dst.as_mut_ptr(),
-        1,
-        q as isize,
-        false,
-        lhs.as_ptr(),
-        lhs_rs as isize,
-        1,
-        rhs.as_ptr(),
-        1,
-        rhs_rs as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
-    );
 }

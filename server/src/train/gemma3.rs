@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, Var};
 use tessera_adapters::TargetModule;
 
-use crate::model::gemma3::{attention_mask, Block, RmsNorm};
+use crate::model::gemma3::{attention_mask, rotary_tables, Block, RmsNorm};
 use crate::train::fused;
 use crate::train::lora::LoraParams;
 use crate::train::ops::{FrozenLinear, FrozenWeight, TiedOutputLoss};
@@ -47,21 +47,9 @@ fn rms_norm(x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
     })
 }
 
-/// cos and sin of θ_i·p for positions p, θ_i = base^(−2i/d): each `[rows, d/2]`.
+/// The rotary tables of `positions` (see `model::gemma3::rotary_tables`).
 fn rotary(positions: &[usize], base: f64, head_dim: usize) -> Rotary {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| base.powf(-((2 * i) as f64) / head_dim as f64) as f32)
-        .collect();
-    let mut cos = Vec::with_capacity(positions.len() * half);
-    let mut sin = Vec::with_capacity(positions.len() * half);
-    for &p in positions {
-        for &f in &inv_freq {
-            let angle = p as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
+    let (cos, sin) = rotary_tables(positions, base, head_dim);
     Rotary {
         cos: Arc::new(cos),
         sin: Arc::new(sin),

@@ -226,14 +226,7 @@ impl Tuner {
             None => LoraParams::fresh(&self.base_shape(), spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
         };
         params.save_peft(&dir, &self.model_id)?;
-        let row = AdapterRow {
-            name: name.to_string(),
-            rank: params.spec.rank,
-            alpha: params.spec.alpha,
-            targets: params.spec.targets.iter().map(|t| t.peft_name().to_string()).collect(),
-            version: 0,
-            pairs_since_training: 0,
-        };
+        let row = version_zero(name, &params);
         self.store.create_adapter(&row, &serde_json::json!({"origin": "created"}))?;
         self.registry
             .install(name, &dir)
@@ -263,7 +256,7 @@ impl Tuner {
             start_version: row.version,
         };
         self.store.reset_pairs_since_training(adapter)?;
-        self.create_job(adapter, adapter, &spec, "queued")
+        self.create_job(new_id("ftjob"), adapter, adapter, &spec, "queued")
     }
 
     /// Queues an OpenAI fine-tuning job; its adapter (`ft-…`) starts from `model` (the base or
@@ -295,39 +288,15 @@ impl Tuner {
             .check_new_name(&adapter)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
         params.save_peft(&dir, &self.model_id)?;
-        self.store.create_adapter(
-            &AdapterRow {
-                name: adapter.clone(),
-                rank: params.spec.rank,
-                alpha: params.spec.alpha,
-                targets: params.spec.targets.iter().map(|t| t.peft_name().to_string()).collect(),
-                version: 0,
-                pairs_since_training: 0,
-            },
-            &serde_json::json!({"origin": model}),
-        )?;
-        let mut job = JobRow {
-            id,
-            adapter: adapter.clone(),
-            model: model.to_string(),
-            spec: serde_json::to_value(&spec).map_err(TrainError::from)?,
-            status: "validating_files".into(),
-            fine_tuned_model: None,
-            error: None,
-            trained_tokens: None,
-            created_at: unix_time(),
-            finished_at: None,
-        };
-        self.store.insert_job(&job)?;
-        self.store.add_event(&job.id, "info", "Validating training file", None)?;
-        self.enqueue(&job.id);
-        job.status = "validating_files".into();
-        Ok(job)
+        self.store
+            .create_adapter(&version_zero(&adapter, &params), &serde_json::json!({"origin": model}))?;
+        self.create_job(id, &adapter, model, &spec, "validating_files")
     }
 
-    fn create_job(&self, adapter: &str, model: &str, spec: &JobSpec, status: &str) -> Result<JobRow, TuneError> {
+    /// Records a job in its first status and queues it for the worker.
+    fn create_job(&self, id: String, adapter: &str, model: &str, spec: &JobSpec, status: &str) -> Result<JobRow, TuneError> {
         let job = JobRow {
-            id: new_id("ftjob"),
+            id,
             adapter: adapter.to_string(),
             model: model.to_string(),
             spec: serde_json::to_value(spec).map_err(TrainError::from)?,
@@ -339,7 +308,8 @@ impl Tuner {
             finished_at: None,
         };
         self.store.insert_job(&job)?;
-        self.store.add_event(&job.id, "info", "Job queued", None)?;
+        let first_event = if status == "validating_files" { "Validating training file" } else { "Job queued" };
+        self.store.add_event(&job.id, "info", first_event, None)?;
         tracing::info!(job = %job.id, adapter, "fine-tuning job queued");
         self.enqueue(&job.id);
         Ok(job)
@@ -646,6 +616,18 @@ impl Tuner {
         self.store.add_event(&job.id, "info", "The job has successfully completed", None)?;
         tracing::info!(adapter = %adapter.name, promoted = promote, "fine-tuning job succeeded");
         Ok(())
+    }
+}
+
+/// The store's row for a new adapter whose version 0 is `params`.
+fn version_zero(name: &str, params: &LoraParams) -> AdapterRow {
+    AdapterRow {
+        name: name.to_string(),
+        rank: params.spec.rank,
+        alpha: params.spec.alpha,
+        targets: params.spec.targets.iter().map(|t| t.peft_name().to_string()).collect(),
+        version: 0,
+        pairs_since_training: 0,
     }
 }
 
