@@ -289,6 +289,10 @@ impl AdapterMix<'_> {
 /// Adds one layer's deltas for a whole batch whose row ranges each have their own mix: the
 /// ranges are grouped by adapter, so each adapter's factors are read once per step however many
 /// sequences use it (Punica's SGMV), with every weight·α/r folded into its rows ahead.
+///
+/// A row's deltas are added in its own mix's order (round k adds every mix's k-th part), so
+/// what a row gets never depends on which other sequences share the batch: floating-point sums
+/// in another order would round differently.
 pub fn add_batch_deltas<'a>(
     layer: usize,
     module: TargetModule,
@@ -296,18 +300,21 @@ pub fn add_batch_deltas<'a>(
     x: &[f32],
     y: &mut [f32],
 ) {
-    let mut groups: Vec<(&LoraDelta, Vec<(Range<usize>, f32)>)> = Vec::new();
-    for (rows, mix) in segments {
-        for (weights, weight) in &mix.parts {
+    let segments: Vec<(Range<usize>, &AdapterMix)> = segments.into_iter().collect();
+    let rounds = segments.iter().map(|(_, mix)| mix.parts.len()).max().unwrap_or(0);
+    for round in 0..rounds {
+        let mut groups: Vec<(&LoraDelta, Vec<(Range<usize>, f32)>)> = Vec::new();
+        for (rows, mix) in &segments {
+            let Some((weights, weight)) = mix.parts.get(round) else { continue };
             let Some(delta) = weights.get(layer, module) else { continue };
             match groups.iter_mut().find(|(d, _)| std::ptr::eq(*d, delta)) {
                 Some((_, ranges)) => ranges.push((rows.clone(), *weight)),
                 None => groups.push((delta, vec![(rows.clone(), *weight)])),
             }
         }
-    }
-    for (delta, ranges) in groups {
-        delta.add_to_rows(&ranges, x, y);
+        for (delta, ranges) in groups {
+            delta.add_to_rows(&ranges, x, y);
+        }
     }
 }
 
@@ -362,6 +369,27 @@ mod tests {
         let mut untouched = [7.0];
         add_batch_deltas(0, TargetModule::V, [(0..1, &mix)], &[2.0], &mut untouched);
         assert_eq!(untouched, [7.0]);
+    }
+
+    #[test]
+    fn a_multi_adapter_row_gets_the_same_sum_whatever_the_batch_order() {
+        let make = |seed: f32| {
+            let mut w = LoraWeights::default();
+            let a: Vec<f32> = (0..6).map(|i| (i as f32 * seed).sin()).collect();
+            let b: Vec<f32> = (0..8).map(|i| (i as f32 * seed).cos() * 1e3).collect();
+            w.insert(0, TargetModule::Q, LoraDelta::new(0, TargetModule::Q, (3, 4, 2), 0.5, a, b).unwrap());
+            w
+        };
+        let (first, second) = (make(0.37), make(1.91));
+        let only_second = AdapterMix { parts: vec![(&second, 1.0)] };
+        let both = AdapterMix { parts: vec![(&first, 0.5), (&second, 1.0)] };
+        let x: Vec<f32> = (0..6).map(|i| (i as f32 * 0.77).sin() * 1e-3 + 1.0).collect();
+        let mut alone = vec![0.1f32; 4];
+        add_batch_deltas(0, TargetModule::Q, [(0..1, &both)], &x[3..], &mut alone);
+        // `second` appears first in this batch; the mixed row must still add `first` first.
+        let mut together = vec![0.1f32; 8];
+        add_batch_deltas(0, TargetModule::Q, [(0..1, &only_second), (1..2, &both)], &x, &mut together);
+        assert_eq!(alone, together[4..]);
     }
 
     #[test]
