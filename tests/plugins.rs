@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
-use tessera::api::{router, ApiSettings, App, PluginsConfig, TuningConfig};
+use tessera::api::{ApiSettings, App, PluginsConfig, TuningConfig};
 use tessera::engine::EngineConfig;
 use tessera::model::synthetic::tiny_gemma3;
 use tessera::train::job::TuningSettings;
@@ -18,13 +18,15 @@ use tessera::LoadedModel;
 use tessera_tests::{build_plugins, http, library_file};
 use tower::ServiceExt;
 
-const PLUGINS: [&str; 6] = [
+const PLUGINS: [&str; 8] = [
     "tessera-plugin-intent",
     "tessera-plugin-arithmetic",
     "tessera-plugin-extraction",
     "tessera-plugin-test-panicky",
     "tessera-plugin-test-wrong-abi",
     "tessera-plugin-test-embedded",
+    "tessera-plugin-test-garbage",
+    "tessera-plugin-test-no-root",
 ];
 
 fn copy_plugin(profile_dir: &Path, package: &str, plugins_dir: &Path) {
@@ -35,7 +37,7 @@ fn copy_plugin(profile_dir: &Path, package: &str, plugins_dir: &Path) {
     std::fs::rename(&staging, plugins_dir.join(&file)).unwrap();
 }
 
-fn app(dir: &Path) -> Arc<App> {
+fn start_app(dir: &Path, allow_sha256: Option<Vec<String>>) -> Arc<App> {
     let model_path = dir.join("tiny.gguf");
     tiny_gemma3(5).write(&model_path).unwrap();
     let settings = ApiSettings {
@@ -56,7 +58,7 @@ fn app(dir: &Path) -> Arc<App> {
         }),
         plugins: Some(PluginsConfig {
             dir: dir.join("plugins"),
-            allow_sha256: None,
+            allow_sha256,
         }),
     };
     let engine = EngineConfig {
@@ -106,8 +108,10 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/testing/embedded/adapter").join(file);
         std::fs::copy(source, shipped.join(file)).unwrap();
     }
-    let app = app(dir.path());
-    let router = router(app.clone());
+    // Not a library at all.
+    std::fs::write(plugins_dir.join("junk.so"), b"not an ELF file").unwrap();
+    let app = start_app(dir.path(), None);
+    let router = tessera::api::router(app.clone());
 
     // Scanned at startup: the wrong-ABI library is refused before anything of it runs.
     let (status, list) = call(&router, "GET", "/v1/plugins", None).await;
@@ -119,6 +123,10 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
     assert_eq!(wrong["status"], "failed");
     assert!(wrong["error"].as_str().unwrap().contains("ABI version 999"), "{wrong}");
     assert!(plugin(&list, "intent")["version"].as_str().unwrap().ends_with("build.0"));
+    let no_root = plugin(&list, "tessera_plugin_test_no_root");
+    assert!(no_root["error"].as_str().unwrap().contains("no `tessera_plugin_root` symbol"), "{no_root}");
+    let junk = plugin(&list, "junk");
+    assert!(junk["error"].as_str().unwrap().contains("not a loadable library"), "{junk}");
 
     // Only files under the plugins directory load.
     let outside = profile_dir.join(library_file("tessera-plugin-intent"));
@@ -187,6 +195,12 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
     assert_eq!(plugin(&list, "panicky")["status"], "failed");
     let (status, body) = chat(&router, "panicky", user("hello"), 4).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("plugin_failed")));
+    // Garbage output: the same containment.
+    let (status, body) = chat(&router, "garbage", user("hello"), 4).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("returned garbage from rewrite_request"), "{body}");
+    let (_, list) = call(&router, "GET", "/v1/plugins", None).await;
+    assert_eq!(plugin(&list, "garbage")["status"], "failed");
     assert_eq!(chat(&router, "arithmetic", user("2 + 2"), 4).await.0, StatusCode::OK);
     assert_eq!(chat(&router, "tiny", user("hello"), 4).await.0, StatusCode::OK);
 
@@ -198,8 +212,16 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
         .map(|i| {
             let router = router.clone();
             tokio::spawn(async move {
-                let (status, body) = chat(&router, "intent", user(&format!("move money to savings {i}")), 300).await;
-                (status, body, Instant::now())
+                let body = json!({"model": "intent", "messages": user(&format!("move money to savings {i}")),
+                    "max_tokens": 300, "temperature": 0, "ignore_eos": true, "stream": true});
+                let req = Request::post("/v1/chat/completions")
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap();
+                let response = router.oneshot(req).await.unwrap();
+                let status = response.status();
+                let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+                (status, String::from_utf8(bytes.to_vec()).unwrap(), Instant::now())
             })
         })
         .collect();
@@ -210,10 +232,10 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
     assert!(reloaded["version"].as_str().unwrap().ends_with("build.2"), "{reloaded}");
     let mut old_after_reload = 0;
     for task in in_flight {
-        let (status, body, finished) = task.await.unwrap();
-        assert_eq!(status, StatusCode::OK, "{body}");
-        let fingerprint = body["system_fingerprint"].as_str().unwrap();
-        if finished > reloaded_at && fingerprint.starts_with("intent 1.0.0+build.0") {
+        let (status, stream, finished) = task.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{stream}");
+        assert!(stream.trim_end().ends_with("data: [DONE]"), "{stream}");
+        if finished > reloaded_at && stream.contains("\"system_fingerprint\":\"intent 1.0.0+build.0") {
             old_after_reload += 1;
         }
     }
@@ -222,6 +244,23 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
     assert!(body["system_fingerprint"].as_str().unwrap().starts_with("intent 1.0.0+build.2"), "{body}");
 
     let (status, _) = call(&router, "POST", "/v1/plugins/intent/unload", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // With an allow-list, only the listed digests load.
+    let intent_file = plugins_dir.join(library_file("tessera-plugin-intent"));
+    let digest = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&intent_file).unwrap()));
+    let other = tempfile::tempdir().unwrap();
+    let other_plugins = other.path().join("plugins");
+    std::fs::create_dir_all(&other_plugins).unwrap();
+    for package in ["tessera-plugin-intent", "tessera-plugin-arithmetic"] {
+        std::fs::copy(plugins_dir.join(library_file(package)), other_plugins.join(library_file(package))).unwrap();
+    }
+    let strict = tessera::api::router(start_app(other.path(), Some(vec![digest])));
+    let (_, list) = call(&strict, "GET", "/v1/plugins", None).await;
+    assert_eq!(plugin(&list, "intent")["status"], "ready", "{list}");
+    let refused = plugin(&list, "tessera_plugin_arithmetic");
+    assert!(refused["error"].as_str().unwrap().contains("not in the allow-list"), "{refused}");
+    let (status, _) = call(&router, "POST", "/v1/plugins/arithmetic/unload", None).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = chat(&router, "nope", user("x"), 2).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");

@@ -179,6 +179,7 @@ fn whole_answer_events(completion: ChatCompletion, include_usage: bool) -> Vec<R
             model: completion.model.clone(),
             choices,
             usage,
+            system_fingerprint: completion.system_fingerprint.clone(),
         };
         Ok(SseEvent::default().json_data(body).unwrap_or_default())
     };
@@ -228,6 +229,7 @@ fn chat_stream(
             model: model.clone(),
             choices,
             usage,
+            system_fingerprint: None,
         };
         SseEvent::default().json_data(body).unwrap_or_default()
     };

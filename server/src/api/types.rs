@@ -193,6 +193,9 @@ pub struct ChatCompletionChunk {
     /// Only in the last chunk, with `stream_options.include_usage`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// For plugin models: the plugin generation that answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
 }
 
 /// OpenAI's legacy completion logprobs.
