@@ -47,7 +47,8 @@ fn levenshtein(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// The label an answer means: itself, a label it contains, else the nearest by edit distance.
+/// The label an answer means, and whether it was exactly that label: itself, itself once cased
+/// and spaced like the labels, a label it contains, else the nearest by edit distance.
 pub fn normalise(answer: &str) -> (&'static str, bool) {
     let cleaned: String = answer
         .trim()
@@ -56,8 +57,11 @@ pub fn normalise(answer: &str) -> (&'static str, bool) {
         .map(|c| if c.is_whitespace() || c == '-' { '_' } else { c })
         .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
         .collect();
-    if let Some(label) = LABELS.iter().find(|l| **l == cleaned) {
+    if let Some(label) = LABELS.iter().find(|l| **l == answer.trim()) {
         return (label, true);
+    }
+    if let Some(label) = LABELS.iter().find(|l| **l == cleaned) {
+        return (label, false);
     }
     if let Some(label) = LABELS.iter().filter(|l| cleaned.contains(**l)).max_by_key(|l| l.len()) {
         return (label, false);

@@ -37,7 +37,7 @@ impl From<StoreError> for AppError {
 impl From<TuneError> for AppError {
     fn from(e: TuneError) -> Self {
         match e {
-            TuneError::Invalid(message) if message.contains("already has a job") => AppError::Conflict(message),
+            TuneError::Busy(message) => AppError::Conflict(message),
             TuneError::Invalid(message) => AppError::InvalidParameter {
                 message,
                 param: None,

@@ -37,6 +37,9 @@ pub enum TuneError {
     Invalid(String),
     #[error("the job was cancelled")]
     Cancelled,
+    /// One job at a time per adapter.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Server-wide tuning settings.
@@ -242,7 +245,7 @@ impl Tuner {
             .adapter(adapter)?
             .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no feedback pairs")))?;
         if self.is_training(adapter)? {
-            return Err(TuneError::Invalid(format!("`{adapter}` already has a job queued or running")));
+            return Err(TuneError::Busy(format!("`{adapter}` already has a job queued or running")));
         }
         let last_pair_id = self.store.pairs(adapter, 0, usize::MAX)?.last().map_or(0, |p| p.id);
         if last_pair_id == 0 {
