@@ -33,12 +33,15 @@ impl From<PluginError> for AppError {
 
 /// A plugin call on behalf of a request: a misbehaving plugin is marked failed.
 pub fn contain<T>(app: &App, plugin: &Plugin, result: Result<T, PluginError>) -> Result<T, AppError> {
-    result.map_err(|e| {
-        if e.is_plugin_fault() {
-            app.plugins.mark_failed(plugin, &e);
-        }
-        AppError::from(e)
-    })
+    result.map_err(|e| fault(app, plugin, e))
+}
+
+/// The request's error for `e`; a plugin at fault is marked failed first.
+pub fn fault(app: &App, plugin: &Plugin, e: PluginError) -> AppError {
+    if e.is_plugin_fault() {
+        app.plugins.mark_failed(plugin, &e);
+    }
+    AppError::from(e)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

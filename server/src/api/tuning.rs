@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::types::AdapterInfo;
 use super::{ApiJson, App, AppError};
-use super::plugins::contain;
+use super::plugins::{contain, fault};
 use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
 use crate::plugins::PluginError;
 use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoreError};
@@ -163,7 +163,7 @@ pub async fn upload_feedback(
                     };
                     if let Err(reason) = validate_conversation(&conversation) {
                         let error = PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason };
-                        return Err(contain::<()>(&app, &plugin, Err(error)).unwrap_err());
+                        return Err(fault(&app, &plugin, error));
                     }
                     conversations.push(conversation);
                 }
