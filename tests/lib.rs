@@ -239,3 +239,26 @@ pub async fn wait_for_job(router: &axum::Router, job: &str, limit: std::time::Du
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
+
+/// The share of `cases` (user message, expected answer) that `model` answers exactly (greedy,
+/// trimmed), sent as many at a time as the engine runs together so none overflows its queue.
+pub async fn chat_accuracy(router: &axum::Router, model: &str, cases: &[(String, String)]) -> f64 {
+    use futures::stream::{self, StreamExt};
+    let answers: Vec<_> = stream::iter(cases.iter().map(|(message, _)| {
+        let body = serde_json::json!({"model": model, "temperature": 0, "max_tokens": 12,
+            "messages": [{"role": "user", "content": message}]});
+        http(router, "POST", "/v1/chat/completions", Some(body.to_string()))
+    }))
+    .buffered(16)
+    .collect()
+    .await;
+    let correct = answers
+        .iter()
+        .zip(cases)
+        .filter(|((status, body), (_, expected))| {
+            assert_eq!(*status, axum::http::StatusCode::OK, "{body}");
+            body["choices"][0]["message"]["content"].as_str().map(str::trim) == Some(expected.as_str())
+        })
+        .count();
+    correct as f64 / cases.len() as f64
+}

@@ -6,12 +6,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use axum::Router;
-use futures::stream::{self, StreamExt};
 use serde_json::json;
 use tessera::api::TuningConfig;
 use tessera::train::job::TuningSettings;
-use tessera_tests::{clinc, http, real_app_with, wait_for_job, REAL_MODEL_ID};
+use tessera_tests::{chat_accuracy, clinc, http, real_app_with, wait_for_job, REAL_MODEL_ID};
 
 const INTENTS: usize = 10;
 const TRAIN_PER_INTENT: usize = 20;
@@ -21,26 +19,6 @@ fn prompt(labels: &[String], text: &str) -> String {
     format!("Classify the intent of the utterance. Answer with one label from: {}.\nUtterance: {text}", labels.join(", "))
 }
 
-async fn accuracy(router: &Router, model: &str, labels: &[String], cases: &[(String, String)]) -> f64 {
-    // As many at once as the engine runs together, so none waits in (or overflows) its queue.
-    let answers: Vec<_> = stream::iter(cases.iter().map(|(text, _)| {
-        let body = json!({"model": model, "temperature": 0, "max_tokens": 12,
-            "messages": [{"role": "user", "content": prompt(labels, text)}]});
-        http(router, "POST", "/v1/chat/completions", Some(body.to_string()))
-    }))
-    .buffered(16)
-    .collect()
-    .await;
-    let correct = answers
-        .iter()
-        .zip(cases)
-        .filter(|((status, body), (_, intent))| {
-            assert_eq!(*status, StatusCode::OK, "{body}");
-            body["choices"][0]["message"]["content"].as_str().unwrap().trim() == intent
-        })
-        .count();
-    correct as f64 / cases.len() as f64
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances() {
@@ -78,7 +56,8 @@ async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances
         }),
         None,
     );
-    let base = accuracy(&router, REAL_MODEL_ID, &labels, &val).await;
+    let prompted: Vec<(String, String)> = val.iter().map(|(text, intent)| (prompt(&labels, text), intent.clone())).collect();
+    let base = chat_accuracy(&router, REAL_MODEL_ID, &prompted).await;
     eprintln!("base model accuracy: {base:.2}");
 
     let records: Vec<String> = train
@@ -97,7 +76,7 @@ async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances
     assert_eq!(info["version"], 1, "the trained version beat version 0 on the held-out pairs: {info}");
     eprintln!("trained and promoted in {:.0} s: {}", started.elapsed().as_secs_f64(), info["metrics"]);
 
-    let tuned = accuracy(&router, "intents", &labels, &val).await;
+    let tuned = chat_accuracy(&router, "intents", &prompted).await;
     eprintln!("adapter accuracy on {} held-out utterances: {tuned:.2}", val.len());
     assert!(base <= 0.2, "the base model already scores {base}");
     assert!(tuned >= 0.8, "the tuned adapter scores {tuned}");

@@ -6,13 +6,11 @@
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use axum::Router;
-use futures::stream::{self, StreamExt};
 use serde_json::json;
 use tessera::api::{PluginsConfig, TuningConfig};
 use tessera::train::job::TuningSettings;
 use tessera_plugin_intent::LABELS;
-use tessera_tests::{build_plugins, clinc, http, library_file, real_app_with, wait_for_job};
+use tessera_tests::{build_plugins, chat_accuracy, clinc, http, library_file, real_app_with, wait_for_job};
 
 const TRAIN_PER_INTENT: usize = 16;
 const VAL_PER_INTENT: usize = 6;
@@ -24,24 +22,6 @@ fn pick(data: &[(String, String)], per: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn accuracy(router: &Router, cases: &[(String, String)]) -> f64 {
-    let answers: Vec<_> = stream::iter(cases.iter().map(|(text, _)| {
-        let body = json!({"model": "intent", "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": text}]});
-        http(router, "POST", "/v1/chat/completions", Some(body.to_string()))
-    }))
-    .buffered(16)
-    .collect()
-    .await;
-    let correct = answers
-        .iter()
-        .zip(cases)
-        .filter(|((status, body), (_, intent))| {
-            assert_eq!(*status, StatusCode::OK, "{body}");
-            body["choices"][0]["message"]["content"] == intent.as_str()
-        })
-        .count();
-    correct as f64 / cases.len() as f64
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_intent_plugin_trains_on_its_own_records_and_classifies_held_out_utterances() {
@@ -67,7 +47,7 @@ async fn the_intent_plugin_trains_on_its_own_records_and_classifies_held_out_utt
     let val = pick(&clinc("val.jsonl"), VAL_PER_INTENT);
     assert_eq!((train.len(), val.len()), (LABELS.len() * TRAIN_PER_INTENT, LABELS.len() * VAL_PER_INTENT));
 
-    let untrained = accuracy(&router, &val).await;
+    let untrained = chat_accuracy(&router, "intent", &val).await;
     eprintln!("untrained adapter (version 0) accuracy: {untrained:.2}");
 
     let records: Vec<String> = train.iter().map(|(text, intent)| json!({"text": text, "intent": intent}).to_string()).collect();
@@ -81,7 +61,7 @@ async fn the_intent_plugin_trains_on_its_own_records_and_classifies_held_out_utt
     assert_eq!(info["version"], 1, "{info}");
     eprintln!("trained and promoted in {:.0} s", started.elapsed().as_secs_f64());
 
-    let tuned = accuracy(&router, &val).await;
+    let tuned = chat_accuracy(&router, "intent", &val).await;
     eprintln!("intent plugin accuracy on {} held-out utterances: {tuned:.2}", val.len());
     assert!(tuned >= 0.8, "the intent plugin scores {tuned}");
     assert!(untrained < 0.5, "the untrained adapter already scores {untrained}");

@@ -392,6 +392,11 @@ impl PluginHost {
         })
     }
 
+    /// Whether a plugin (ready or failed) has this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.plugins.contains_key(name)
+    }
+
     /// The file `name` was loaded from.
     pub fn path_of(&self, name: &str) -> Option<PathBuf> {
         self.plugins.get(name).map(|entry| match &*entry {

@@ -201,6 +201,8 @@ fn job_from_row(row: &rusqlite::Row) -> rusqlite::Result<(JobRow, String)> {
     ))
 }
 
+const ADAPTER_COLUMNS: &str = "name, rank, alpha, targets, version, pairs_since_training";
+
 const JOB_COLUMNS: &str = "id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at";
 
 impl Store {
@@ -252,33 +254,30 @@ impl Store {
         f(&mut connection)
     }
 
+    fn adapter_from_row(r: &rusqlite::Row) -> rusqlite::Result<AdapterRow> {
+        Ok(AdapterRow {
+            name: r.get(0)?,
+            rank: r.get::<_, i64>(1)? as usize,
+            alpha: r.get::<_, f64>(2)? as f32,
+            targets: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+            version: r.get::<_, i64>(4)? as u32,
+            pairs_since_training: r.get::<_, i64>(5)? as usize,
+        })
+    }
+
     pub fn adapter(&self, name: &str) -> Result<Option<AdapterRow>, StoreError> {
         self.with(|c| {
-            Ok(c.query_row(
-                "SELECT name, rank, alpha, targets, version, pairs_since_training FROM adapters WHERE name = ?1",
-                [name],
-                |r| {
-                    Ok(AdapterRow {
-                        name: r.get(0)?,
-                        rank: r.get::<_, i64>(1)? as usize,
-                        alpha: r.get::<_, f64>(2)? as f32,
-                        targets: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
-                        version: r.get::<_, i64>(4)? as u32,
-                        pairs_since_training: r.get::<_, i64>(5)? as usize,
-                    })
-                },
-            )
-            .optional()?)
+            Ok(c.query_row(&format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE name = ?1"), [name], Self::adapter_from_row)
+                .optional()?)
         })
     }
 
     pub fn adapters(&self) -> Result<Vec<AdapterRow>, StoreError> {
-        let names: Vec<String> = self.with(|c| {
-            let mut statement = c.prepare("SELECT name FROM adapters ORDER BY name")?;
-            let names = statement.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-            Ok(names)
-        })?;
-        Ok(names.iter().filter_map(|n| self.adapter(n).ok().flatten()).collect())
+        self.with(|c| {
+            let mut statement = c.prepare(&format!("SELECT {ADAPTER_COLUMNS} FROM adapters ORDER BY name"))?;
+            let rows = statement.query_map([], Self::adapter_from_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
     }
 
     /// Records a new adapter at version 0, whose files the caller has already written.
@@ -338,12 +337,24 @@ impl Store {
 
     /// Up to `limit` pairs of `adapter` with ids above `after`, oldest first.
     pub fn pairs(&self, adapter: &str, after: i64, limit: usize) -> Result<Vec<StoredPair>, StoreError> {
+        self.pairs_in(adapter, after, i64::MAX, limit)
+    }
+
+    /// The pairs of `adapter` with ids up to `last_id`, oldest first (a job's data snapshot).
+    pub fn pairs_through(&self, adapter: &str, last_id: i64) -> Result<Vec<StoredPair>, StoreError> {
+        self.pairs_in(adapter, 0, last_id, usize::MAX)
+    }
+
+    /// Pairs with `after < id ≤ through`, oldest first, at most `limit`.
+    fn pairs_in(&self, adapter: &str, after: i64, through: i64, limit: usize) -> Result<Vec<StoredPair>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| {
             let mut statement = c.prepare(
-                "SELECT id, hash, conversation, created_at FROM pairs WHERE adapter = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                "SELECT id, hash, conversation, created_at FROM pairs
+                 WHERE adapter = ?1 AND id > ?2 AND id <= ?3 ORDER BY id LIMIT ?4",
             )?;
             let rows = statement
-                .query_map(params![adapter, after, limit as i64], |r| {
+                .query_map(params![adapter, after, through, limit], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -357,6 +368,13 @@ impl Store {
                     })
                 })
                 .collect()
+        })
+    }
+
+    /// The id of `adapter`'s newest pair (0 when it has none).
+    pub fn last_pair_id(&self, adapter: &str) -> Result<i64, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row("SELECT COALESCE(MAX(id), 0) FROM pairs WHERE adapter = ?1", [adapter], |r| r.get(0))?)
         })
     }
 

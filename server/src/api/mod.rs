@@ -215,7 +215,7 @@ impl App {
     }
 
     fn check_model(&self, requested: &str) -> Result<(), AppError> {
-        if requested == self.model_id || self.registry.contains(requested) || self.plugins.lease(requested).is_some() {
+        if requested == self.model_id || self.registry.contains(requested) || self.plugins.contains(requested) {
             Ok(())
         } else {
             Err(AppError::ModelNotFound(requested.to_string()))

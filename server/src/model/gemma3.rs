@@ -12,7 +12,7 @@
 //! Every 6th layer (5, 11, 17, …) is global with RoPE base `rope.freq_base`; the others are
 //! local with base 10 000. GGUF norm weights already hold (1 + w).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, D};
 use tessera_adapters::{AdapterMix, TargetModule};
@@ -103,14 +103,15 @@ impl Config {
 }
 
 pub(crate) struct RmsNorm {
-    pub(crate) weight: Vec<f32>,
+    /// Shared with the training ops, which take it without a copy.
+    pub(crate) weight: Arc<Vec<f32>>,
     pub(crate) eps: f32,
 }
 
 impl RmsNorm {
     fn load(gguf: &GgufFile, name: &str, len: usize, eps: f64) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: load_vector(gguf, name, len)?.to_vec1::<f32>()?,
+            weight: Arc::new(load_vector(gguf, name, len)?.to_vec1::<f32>()?),
             eps: eps as f32,
         })
     }
@@ -119,7 +120,7 @@ impl RmsNorm {
     fn normalize_into(&self, x: &[f32], out: &mut [f32]) {
         let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let scale = 1.0 / (mean_sq + self.eps).sqrt();
-        for ((o, &v), &w) in out.iter_mut().zip(x).zip(&self.weight) {
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(self.weight.iter()) {
             *o = v * scale * w;
         }
     }

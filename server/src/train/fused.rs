@@ -16,19 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, S
 use rayon::prelude::*;
 
 use crate::model::linear::{sgemm, Strided};
-use crate::train::ops::FrozenWeight;
+use crate::train::ops::{contiguous_f32, model_error, tensor_values, FrozenWeight};
 use crate::LoadedModel;
-
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
-        _ => candle_core::bail!("{op} takes contiguous f32 tensors"),
-    }
-}
-
-fn tensor_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
-}
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
@@ -48,7 +37,7 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = values(storage, layout, self.name())?;
+        let x = contiguous_f32(storage, layout, self.name())?;
         let d = self.weight.len();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d * ROWS_PER_TASK).zip(x.par_chunks(d * ROWS_PER_TASK)).for_each(|(y, x)| {
@@ -118,7 +107,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = values(storage, layout, self.name())?;
+        let x = contiguous_f32(storage, layout, self.name())?;
         Ok((CpuStorage::F32(self.rotate(x, 1.0)), layout.shape().clone()))
     }
 
@@ -147,7 +136,7 @@ impl CustomOp2 for Geglu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (gate, up) = (values(s1, l1, self.name())?, values(s2, l2, self.name())?);
+        let (gate, up) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let mut y = vec![0f32; gate.len()];
         y.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(y, (a, u))| {
             for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
@@ -188,7 +177,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = values(storage, layout, self.name())?;
+        let x = contiguous_f32(storage, layout, self.name())?;
         let n = *layout.shape().dims().last().unwrap_or(&1);
         let mut y = x.to_vec();
         y.par_chunks_mut(n).for_each(|row| {
@@ -249,13 +238,13 @@ impl CustomOp3 for LoraLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (values(s1, l1, self.name())?, values(s2, l2, self.name())?, values(s3, l3, self.name())?);
+        let (x, a, b) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?, contiguous_f32(s3, l3, self.name())?);
         let w = self.weight.of(&self.model);
         let (n, k, r) = (w.out_features(), w.in_features(), l2.shape().dims()[0]);
         let m = x.len() / k;
         let mut y = w
             .matmul_rows_background(x, 0..n)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            .map_err(model_error)?;
         let mut xa = Self::down(x, a, (m, k, r));
         xa.iter_mut().for_each(|v| *v *= self.scale);
         // SAFETY: xa is [m, r], B [n, r] read as its transpose [r, n], y [m, n].
@@ -294,7 +283,7 @@ impl CustomOp3 for LoraLinear {
         // ∂x = g·W + s·gb·A.
         let mut dx = vec![0f32; m * k];
         w.accumulate_input_grad(&gs, 0..n, &mut dx)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            .map_err(model_error)?;
         gb.iter_mut().for_each(|v| *v *= self.scale);
         // SAFETY: gb [m, r], A [r, k], dx [m, k].
         unsafe { sgemm((m, k, r), &mut dx, true, Strided::rows(&gb, r), Strided::rows(&av, k)) };

@@ -42,7 +42,7 @@ pub struct Trainable<'a> {
 /// x / √(mean(x²) + ε) · w over the last axis.
 fn rms_norm(x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(fused::RmsNorm {
-        weight: Arc::new(norm.weight.clone()),
+        weight: norm.weight.clone(),
         eps: norm.eps,
     })
 }

@@ -247,7 +247,7 @@ impl Tuner {
         if self.is_training(adapter)? {
             return Err(TuneError::Busy(format!("`{adapter}` already has a job queued or running")));
         }
-        let last_pair_id = self.store.pairs(adapter, 0, usize::MAX)?.last().map_or(0, |p| p.id);
+        let last_pair_id = self.store.last_pair_id(adapter)?;
         if last_pair_id == 0 {
             return Err(TuneError::Invalid(format!("`{adapter}` has no feedback pairs")));
         }
@@ -412,12 +412,7 @@ impl Tuner {
         // Data: training and held-out conversations.
         let (train, held_out) = match &spec.data {
             JobData::Feedback { last_pair_id } => {
-                let pairs: Vec<_> = self
-                    .store
-                    .pairs(&job.adapter, 0, usize::MAX)?
-                    .into_iter()
-                    .filter(|p| p.id <= *last_pair_id)
-                    .collect();
+                let pairs = self.store.pairs_through(&job.adapter, *last_pair_id)?;
                 let (mut held, mut train): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| is_held_out(&p.hash));
                 if held.is_empty() && train.len() >= 2 {
                     // At least one held-out pair: the one with the smallest hash.

@@ -44,15 +44,20 @@ impl FrozenWeight {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
         _ => candle_core::bail!("{op} takes a contiguous f32 tensor"),
     }
 }
 
-fn model_error(e: crate::ModelError) -> candle_core::Error {
+pub(crate) fn model_error(e: crate::ModelError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
+}
+
+/// A tensor's values, row-major.
+pub(crate) fn tensor_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// `y = x·Wᵀ` for a frozen quantized `W: [out, in]`, `x: [rows, in]`.
@@ -79,7 +84,7 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let weight = self.weight.of(&self.model);
         let rows = grad_y.dim(0)?;
-        let grad_y = grad_y.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad_y = tensor_values(grad_y)?;
         let mut grad_x = vec![0f32; rows * weight.in_features()];
         weight
             .accumulate_input_grad(&grad_y, 0..weight.out_features(), &mut grad_x)
@@ -214,19 +219,14 @@ impl CustomOp1 for TiedOutputLoss {
                     .map_err(model_error)?;
             }
         }
-        let (max, sum, target_logit): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-            rows_state.iter().map(|s| s.max).collect(),
-            rows_state.iter().map(|s| s.sum).collect(),
-            rows_state.iter().map(|s| s.target_logit).collect(),
-        );
-        let loss = (0..rows).map(|i| max[i] + sum[i].ln() - target_logit[i]).collect();
+        let loss = rows_state.iter().map(|s| s.max + s.sum.ln() - s.target_logit).collect();
         if self.gradient {
             // ∂ℓᵢ/∂hᵢ = softmax·E − e_target.
             let ids = Tensor::from_slice(&self.targets, rows, &Device::Cpu)?;
             let target_rows = embedding.rows(&ids).map_err(model_error)?.flatten_all()?.to_vec1::<f32>()?;
-            for (i, (grad, target)) in accumulated.chunks_exact_mut(hidden).zip(target_rows.chunks_exact(hidden)).enumerate() {
+            for ((grad, target), state) in accumulated.chunks_exact_mut(hidden).zip(target_rows.chunks_exact(hidden)).zip(&rows_state) {
                 for (g, &e) in grad.iter_mut().zip(target) {
-                    *g = *g / sum[i] - e;
+                    *g = *g / state.sum - e;
                 }
             }
             *self.grad_h.lock().unwrap_or_else(|p| p.into_inner()) = Some(accumulated);
