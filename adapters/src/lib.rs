@@ -180,7 +180,7 @@ impl LoraDelta {
     }
 }
 
-/// f32 × f16 kernels, widening in registers with AVX-512 where the CPU has it. Each computes a
+/// f32 × f16 kernels, widening in registers with AVX-512 or AVX2 where the CPU has it. Each computes a
 /// row from that row's values alone, so results never depend on which rows share a batch.
 mod simd {
     use half::f16;
@@ -192,6 +192,11 @@ mod simd {
             // SAFETY: the feature was just detected; lengths are checked inside.
             return unsafe { avx512::dot(x, w) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::detected() {
+            // SAFETY: as above.
+            return unsafe { avx2::dot(x, w) };
+        }
         x.iter().zip(w).map(|(a, b)| a * b.to_f32()).sum()
     }
 
@@ -201,6 +206,11 @@ mod simd {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: as above.
             return unsafe { avx512::axpy(t, w, y) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::detected() {
+            // SAFETY: as above.
+            return unsafe { avx2::axpy(t, w, y) };
         }
         for (y, w) in y.iter_mut().zip(w) {
             *y += t * w.to_f32();
@@ -240,6 +250,52 @@ mod simd {
                 let yp = y.as_mut_ptr().add(i);
                 _mm512_storeu_ps(yp, _mm512_fmadd_ps(tv, wv, _mm512_loadu_ps(yp)));
                 i += 16;
+            }
+            for j in i..n {
+                y[j] += t * w[j].to_f32();
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        use half::f16;
+
+        pub(super) fn detected() -> bool {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn dot(x: &[f32], w: &[f16]) -> f32 {
+            let n = x.len().min(w.len());
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i) as *const __m128i));
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), wv, acc);
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            let mut sum: f32 = lanes.iter().sum();
+            for j in i..n {
+                sum += x[j] * w[j].to_f32();
+            }
+            sum
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn axpy(t: f32, w: &[f16], y: &mut [f32]) {
+            let n = y.len().min(w.len());
+            let tv = _mm256_set1_ps(t);
+            let mut i = 0;
+            while i + 8 <= n {
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i) as *const __m128i));
+                let yp = y.as_mut_ptr().add(i);
+                _mm256_storeu_ps(yp, _mm256_fmadd_ps(tv, wv, _mm256_loadu_ps(yp)));
+                i += 8;
             }
             for j in i..n {
                 y[j] += t * w[j].to_f32();

@@ -33,7 +33,7 @@ pub enum Kernels {
     /// The fastest this CPU supports.
     #[default]
     Best,
-    /// candle's kernels only (what CPUs without AVX-512 get).
+    /// candle's kernels only (what CPUs without AVX2 get).
     Portable,
 }
 
@@ -45,7 +45,7 @@ pub struct QWeight {
 }
 
 enum Kernel {
-    /// Q8_0, Q4_K or Q6_K repacked for the AVX-512 kernel: f32 activations, one exact path for
+    /// Q8_0, Q4_K or Q6_K repacked for the vector kernels: f32 activations, one exact path for
     /// any number of rows.
     Packed(PackedWeight),
     /// candle's kernels: tiled VNNI for Q4_K and Q6_K, generic dot products otherwise.
@@ -249,8 +249,9 @@ impl QWeight {
         let m = x.len() / self.in_features;
         let mut y = vec![0f32; m * rows.len()];
         match &self.kernel {
-            Kernel::Packed(packed) => packed.matmul_rows(x, &mut y, rows, Workers::CurrentRayonPool),
-            Kernel::Candle { .. } => {
+            Kernel::Packed(packed) if m < DENSE_MIN_ROWS => packed.matmul_rows(x, &mut y, rows, Workers::CurrentRayonPool),
+            // Training's many rows: dequantizing once and an f32 GEMM beat the 8-bit kernel.
+            _ => {
                 let weight = self.dequantize_rows(rows.clone())?;
                 // SAFETY: x is [m, in], the weight [rows, in] read as its transpose, y [m, rows].
                 unsafe {
@@ -286,20 +287,41 @@ impl QWeight {
         Ok(())
     }
 
-    /// Rows of the weight dequantized, `[rows.len(), in]` row-major.
+    /// Rows of the weight dequantized, `[rows.len(), in]` row-major, on the caller's rayon pool.
     fn dequantize_rows(&self, rows: Range<usize>) -> Result<Vec<f32>, ModelError> {
+        use rayon::prelude::*;
+        const ROWS_PER_TASK: usize = 64;
+        let k = self.in_features;
+        let mut out = vec![0f32; rows.len() * k];
+        out.par_chunks_mut(ROWS_PER_TASK * k).enumerate().try_for_each(|(i, out)| {
+            let start = rows.start + i * ROWS_PER_TASK;
+            self.dequantize_rows_into(start..start + out.len() / k, out)
+        })?;
+        Ok(out)
+    }
+
+    /// Rows of the weight dequantized into `out` (`[rows.len(), in]`, row-major), on this thread.
+    pub fn dequantize_rows_into(&self, rows: Range<usize>, out: &mut [f32]) -> Result<(), ModelError> {
+        let k = self.in_features;
+        assert_eq!(out.len(), rows.len() * k, "output is not [{}, {k}]", rows.len());
         match &self.kernel {
             Kernel::Packed(packed) => {
-                let mut out = vec![0f32; rows.len() * self.in_features];
-                packed.dequantize_rows(rows, &mut out);
-                Ok(out)
+                for (row, values) in rows.zip(out.chunks_exact_mut(k)) {
+                    packed.dequantize_row(row, values);
+                }
             }
-            Kernel::Candle { tensor, .. } => Ok(tensor
-                .dequantize(&Device::Cpu)?
-                .narrow(0, rows.start, rows.len())?
-                .flatten_all()?
-                .to_vec1::<f32>()?),
+            Kernel::Candle { tensor, .. } => {
+                // Rows of a quantized tensor are whole blocks: dequantize just their bytes.
+                let dtype = tensor.dtype();
+                let row_bytes = k / dtype.block_size() * dtype.type_size();
+                let data = tensor.data()?;
+                let bytes = &data[rows.start * row_bytes..rows.end * row_bytes];
+                let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype)?;
+                let part = QTensor::new(storage, (rows.len(), k))?.dequantize(&Device::Cpu)?;
+                out.copy_from_slice(&part.flatten_all()?.to_vec1::<f32>()?);
+            }
         }
+        Ok(())
     }
 }
 
@@ -327,7 +349,26 @@ impl<'a> Strided<'a> {
 ///
 /// # Safety
 /// `a` and `b` must cover every element their shapes and strides address.
-pub(crate) unsafe fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Strided, b: Strided) {
+pub(crate) unsafe fn sgemm(shape: (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Strided, b: Strided) {
+    sgemm_with(shape, dst, accumulate, a, b, gemm::Parallelism::Rayon(rayon::current_num_threads()))
+}
+
+/// [`sgemm`] on the calling thread alone, for work already split across threads.
+///
+/// # Safety
+/// As for [`sgemm`].
+pub(crate) unsafe fn sgemm_on_this_thread(shape: (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Strided, b: Strided) {
+    sgemm_with(shape, dst, accumulate, a, b, gemm::Parallelism::None)
+}
+
+unsafe fn sgemm_with(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Strided,
+    b: Strided,
+    parallelism: gemm::Parallelism,
+) {
     assert!(dst.len() >= m * n, "the output is not [{m}, {n}]");
     gemm::gemm(
         m,
@@ -348,7 +389,7 @@ pub(crate) unsafe fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], ac
         false,
         false,
         false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        parallelism,
     );
 }
 

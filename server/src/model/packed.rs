@@ -1,4 +1,4 @@
-//! Quantized weights × f32 activations with AVX-512.
+//! Quantized weights × f32 activations with AVX-512, or AVX2 and FMA.
 //!
 //! y[i,j] = Σ_t x[i,t]·w[j,t], with w[j,t] = s·q − o for an 8-bit q and a scale s and offset o
 //! per run of 16 values: Q8_0 (o = 0, one f16 scale per 32) and, repacked exactly, Q6_K
@@ -12,6 +12,9 @@
 //! bytes of column t are one row each, so a sign-extending load gives a vector of the 16 rows'
 //! weights at t, scaled by the rows' scales and multiplied with the broadcast x[i,t]. Every output element goes through the same operations in the same order whatever the
 //! number of rows, so a sequence's results never depend on what else shares its batch.
+//!
+//! With AVX2 a tile's 16 rows are two 8-lane halves, each through the same per-lane operations
+//! as the 16-lane AVX-512 form, so both give the same bits.
 
 use std::ops::Range;
 
@@ -56,12 +59,36 @@ enum Tiles {
     Affine(Vec<AffineTile>),
 }
 
-/// A weight `[n, k]` repacked for the AVX-512 kernel.
+/// The vector instructions a kernel is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// The widest this CPU runs.
+    fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Some(Isa::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                return Some(Isa::Avx2);
+            }
+        }
+        None
+    }
+}
+
+/// A weight `[n, k]` repacked for the vector kernels.
 pub struct PackedWeight {
     /// `[n / 16][k / 32]` tiles.
     tiles: Tiles,
     n: usize,
     k: usize,
+    isa: Isa,
 }
 
 const Q4_K_BLOCK_BYTES: usize = 144;
@@ -145,21 +172,15 @@ fn decode_q6_k(block: &[u8]) -> Decoded {
 }
 
 impl PackedWeight {
-    /// Whether this CPU runs the kernel.
+    /// Whether this CPU runs the kernels (AVX-512, or AVX2 with FMA and F16C).
     pub fn supported() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        Isa::detect().is_some()
     }
 
     /// Repacks a row-major Q8_0 weight `[n, k]` (the last tile zero-padded when n is not a
-    /// multiple of 16); `None` when the data does not fit the shape.
+    /// multiple of 16); `None` when the data does not fit the shape or the CPU lacks the kernels.
     pub fn pack(q8_0: &[u8], n: usize, k: usize) -> Option<Self> {
+        let isa = Isa::detect()?;
         if k % BLOCK != 0 || q8_0.len() != n * k / BLOCK * Q8_0_BLOCK_BYTES {
             return None;
         }
@@ -188,11 +209,13 @@ impl PackedWeight {
             tiles: Tiles::Q8_0(tiles),
             n,
             k,
+            isa,
         })
     }
 
     /// Repacks a row-major Q4_K (`q6_k` false) or Q6_K weight `[n, k]` exactly.
     pub fn pack_k_quant(data: &[u8], n: usize, k: usize, q6_k: bool) -> Option<Self> {
+        let isa = Isa::detect()?;
         let block_bytes = if q6_k { Q6_K_BLOCK_BYTES } else { Q4_K_BLOCK_BYTES };
         if k % SUPERBLOCK != 0 || data.len() != n * k / SUPERBLOCK * block_bytes {
             return None;
@@ -228,6 +251,7 @@ impl PackedWeight {
             tiles: Tiles::Affine(tiles),
             n,
             k,
+            isa,
         })
     }
 
@@ -277,6 +301,7 @@ impl PackedWeight {
         let passes = m.div_ceil(ROWS_PER_PASS);
         let first_tile = weight_rows.start / TILE_ROWS;
         let tile_rows = weight_rows.end.div_ceil(TILE_ROWS) - first_tile;
+        // An address, so that the closure run on other threads is Send.
         let y_addr = y.as_mut_ptr() as usize;
         // Affine tiles need each row's sums over runs of 16 activations: Σ x·(s·q − o) is
         // s·Σ q·x − o·Σ x.
@@ -284,51 +309,35 @@ impl PackedWeight {
             Tiles::Affine(_) => x.chunks_exact(16).map(|run| run.iter().sum()).collect(),
             Tiles::Q8_0(_) => Vec::new(),
         };
-        let runs_per_row = k / 16;
         // Tile-major units: a worker walks every row pass of a tile while it is in cache.
         let units = |units: Range<usize>| {
             for unit in units {
                 let (tile_row, pass) = (first_tile + unit / passes, unit % passes);
-                let r = pass * ROWS_PER_PASS;
-                let rows = (m - r).min(ROWS_PER_PASS);
+                let first = pass * ROWS_PER_PASS;
+                let pass = Pass {
+                    x,
+                    run_sums: &run_sums,
+                    k,
+                    y: y_addr as *mut f32,
+                    width,
+                    column: tile_row * TILE_ROWS - weight_rows.start,
+                    first,
+                    // The last tile may hold fewer than 16 real rows.
+                    lanes: (weight_rows.end - tile_row * TILE_ROWS).min(TILE_ROWS),
+                };
                 let span = tile_row * kb..(tile_row + 1) * kb;
                 // SAFETY: units cover disjoint (rows, 16 columns) regions of y, which holds
-                // m·n values; `supported()` was checked before packing.
-                // The last tile may hold fewer than 16 real rows.
-                let lanes = (weight_rows.end - tile_row * TILE_ROWS).min(TILE_ROWS);
+                // m·width values; the ISA was detected before packing.
                 unsafe {
-                    let out = |i: usize| (y_addr as *mut f32).add(i * width + tile_row * TILE_ROWS - weight_rows.start);
-                    let xs = |i: usize| &x[i * k..(i + 1) * k];
-                    let sums = |i: usize| &run_sums[i * runs_per_row..(i + 1) * runs_per_row];
-                    macro_rules! run {
-                        ($kernel:ident, $tiles:expr) => {
-                            match rows {
-                                8 => kernel::$kernel::<8>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6), xs(r + 7)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6), out(r + 7)], lanes),
-                                7 => kernel::$kernel::<7>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6)], lanes),
-                                6 => kernel::$kernel::<6>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5)], lanes),
-                                5 => kernel::$kernel::<5>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4)], lanes),
-                                4 => kernel::$kernel::<4>($tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)], [out(r), out(r + 1), out(r + 2), out(r + 3)], lanes),
-                                3 => kernel::$kernel::<3>($tiles, [xs(r), xs(r + 1), xs(r + 2)], [out(r), out(r + 1), out(r + 2)], lanes),
-                                2 => kernel::$kernel::<2>($tiles, [xs(r), xs(r + 1)], [out(r), out(r + 1)], lanes),
-                                _ => kernel::$kernel::<1>($tiles, [xs(r)], [out(r)], lanes),
-                            }
-                        };
-                    }
-                    match &self.tiles {
-                        Tiles::Q8_0(tiles) => run!(q8_0, &tiles[span]),
-                        Tiles::Affine(tiles) => {
-                            let tiles = &tiles[span];
-                            match rows {
-                                8 => kernel::affine::<8>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6), xs(r + 7)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4), sums(r + 5), sums(r + 6), sums(r + 7)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6), out(r + 7)], lanes),
-                                7 => kernel::affine::<7>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5), xs(r + 6)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4), sums(r + 5), sums(r + 6)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5), out(r + 6)], lanes),
-                                6 => kernel::affine::<6>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4), xs(r + 5)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4), sums(r + 5)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4), out(r + 5)], lanes),
-                                5 => kernel::affine::<5>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3), xs(r + 4)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3), sums(r + 4)], [out(r), out(r + 1), out(r + 2), out(r + 3), out(r + 4)], lanes),
-                                4 => kernel::affine::<4>(tiles, [xs(r), xs(r + 1), xs(r + 2), xs(r + 3)], [sums(r), sums(r + 1), sums(r + 2), sums(r + 3)], [out(r), out(r + 1), out(r + 2), out(r + 3)], lanes),
-                                3 => kernel::affine::<3>(tiles, [xs(r), xs(r + 1), xs(r + 2)], [sums(r), sums(r + 1), sums(r + 2)], [out(r), out(r + 1), out(r + 2)], lanes),
-                                2 => kernel::affine::<2>(tiles, [xs(r), xs(r + 1)], [sums(r), sums(r + 1)], [out(r), out(r + 1)], lanes),
-                                _ => kernel::affine::<1>(tiles, [xs(r)], [sums(r)], [out(r)], lanes),
-                            }
-                        }
+                    match (m - first).min(ROWS_PER_PASS) {
+                        8 => self.run_pass::<8>(span, &pass),
+                        7 => self.run_pass::<7>(span, &pass),
+                        6 => self.run_pass::<6>(span, &pass),
+                        5 => self.run_pass::<5>(span, &pass),
+                        4 => self.run_pass::<4>(span, &pass),
+                        3 => self.run_pass::<3>(span, &pass),
+                        2 => self.run_pass::<2>(span, &pass),
+                        _ => self.run_pass::<1>(span, &pass),
                     }
                 }
             }
@@ -342,6 +351,30 @@ impl PackedWeight {
         }
     }
 
+    /// `R` activation rows against the tiles `span` (one row of tiles), by the CPU's kernel.
+    ///
+    /// # Safety
+    /// `pass.y` must address `[m, pass.width]` values of which no other thread writes these rows'
+    /// 16 columns at `pass.column`.
+    unsafe fn run_pass<const R: usize>(&self, span: Range<usize>, pass: &Pass) {
+        let k = pass.k;
+        let xs: [&[f32]; R] = std::array::from_fn(|i| &pass.x[(pass.first + i) * k..(pass.first + i + 1) * k]);
+        let out: [*mut f32; R] = std::array::from_fn(|i| pass.y.add((pass.first + i) * pass.width + pass.column));
+        let lanes = pass.lanes;
+        match (&self.tiles, self.isa) {
+            (Tiles::Q8_0(tiles), Isa::Avx512) => kernel::avx512::q8_0(&tiles[span], xs, out, lanes),
+            (Tiles::Q8_0(tiles), Isa::Avx2) => kernel::avx2::q8_0(&tiles[span], xs, out, lanes),
+            (Tiles::Affine(tiles), isa) => {
+                let runs = k / 16;
+                let sums: [&[f32]; R] = std::array::from_fn(|i| &pass.run_sums[(pass.first + i) * runs..(pass.first + i + 1) * runs]);
+                match isa {
+                    Isa::Avx512 => kernel::avx512::affine(&tiles[span], xs, sums, out, lanes),
+                    Isa::Avx2 => kernel::avx2::affine(&tiles[span], xs, sums, out, lanes),
+                }
+            }
+        }
+    }
+
     /// Rows `rows` of the weight, dequantized into `out` (`[rows.len(), k]`, row-major).
     pub fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
         use rayon::prelude::*;
@@ -351,20 +384,25 @@ impl PackedWeight {
     }
 }
 
+/// One unit of a matmul: activation rows `first..` against one row of tiles.
+struct Pass<'a> {
+    x: &'a [f32],
+    /// Each row's sums over runs of 16 activations (affine tiles only).
+    run_sums: &'a [f32],
+    k: usize,
+    y: *mut f32,
+    /// Columns of y.
+    width: usize,
+    /// The column of y where this row of tiles' outputs start.
+    column: usize,
+    first: usize,
+    /// Real rows in this row of tiles.
+    lanes: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use std::arch::x86_64::*;
-
-    use super::{AffineTile, Tile, BLOCK, TILE_ROWS};
-
-    /// Writes each row's 16 sums (only the first `lanes` in a partial last tile).
-    #[inline(always)]
-    unsafe fn store<const R: usize>(out: [*mut f32; R], even: [__m512; R], odd: [__m512; R], lanes: usize) {
-        let mask: __mmask16 = if lanes >= TILE_ROWS { !0 } else { (1u16 << lanes) - 1 };
-        for r in 0..R {
-            _mm512_mask_storeu_ps(out[r], mask, _mm512_add_ps(even[r], odd[r]));
-        }
-    }
 
     /// Weights stream from memory once per decode step: ask for the tile four ahead (a prefetch
     /// past the end of the weights is a hint that never faults).
@@ -376,31 +414,80 @@ mod kernel {
         }
     }
 
-    /// The 16 rows' 8-bit weights at column `t` of a tile, as f32.
-    #[inline(always)]
-    unsafe fn column(qs: *const i8, t: usize) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(t * TILE_ROWS) as *const __m128i)))
-    }
+    pub(super) mod avx512 {
+        use std::arch::x86_64::*;
 
-    /// `R` activation rows against one row of affine tiles (16 outputs each): per run of 16
-    /// values, s·Σ q·x − o·Σ x with the runs' activation sums given in `run_sums`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn affine<const R: usize>(
-        tiles: &[AffineTile],
-        xs: [&[f32]; R],
-        run_sums: [&[f32]; R],
-        out: [*mut f32; R],
-        lanes: usize,
-    ) {
-        let mut sums = [_mm512_setzero_ps(); R];
-        for (b, tile) in tiles.iter().enumerate() {
-            prefetch_ahead(tile);
-            let offset = _mm512_loadu_ps(tile.offset.as_ptr());
-            let qs = tile.qs.as_ptr();
-            for half in 0..2 {
+        use super::prefetch_ahead;
+
+        use super::super::{AffineTile, Tile, BLOCK, TILE_ROWS};
+
+        /// Writes each row's 16 sums (only the first `lanes` in a partial last tile).
+        #[inline(always)]
+        unsafe fn store<const R: usize>(out: [*mut f32; R], even: [__m512; R], odd: [__m512; R], lanes: usize) {
+            let mask: __mmask16 = if lanes >= TILE_ROWS { !0 } else { (1u16 << lanes) - 1 };
+            for r in 0..R {
+                _mm512_mask_storeu_ps(out[r], mask, _mm512_add_ps(even[r], odd[r]));
+            }
+        }
+
+
+        /// The 16 rows' 8-bit weights at column `t` of a tile, as f32.
+        #[inline(always)]
+        unsafe fn column(qs: *const i8, t: usize) -> __m512 {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(t * TILE_ROWS) as *const __m128i)))
+        }
+
+        /// `R` activation rows against one row of affine tiles (16 outputs each): per run of 16
+        /// values, s·Σ q·x − o·Σ x with the runs' activation sums given in `run_sums`.
+        #[target_feature(enable = "avx512f")]
+        pub(in super::super) unsafe fn affine<const R: usize>(
+            tiles: &[AffineTile],
+            xs: [&[f32]; R],
+            run_sums: [&[f32]; R],
+            out: [*mut f32; R],
+            lanes: usize,
+        ) {
+            let mut sums = [_mm512_setzero_ps(); R];
+            for (b, tile) in tiles.iter().enumerate() {
+                prefetch_ahead(tile);
+                let offset = _mm512_loadu_ps(tile.offset.as_ptr());
+                let qs = tile.qs.as_ptr();
+                for half in 0..2 {
+                    let mut even = [_mm512_setzero_ps(); R];
+                    let mut odd = [_mm512_setzero_ps(); R];
+                    for t in (half * 16..half * 16 + 16).step_by(2) {
+                        let w0 = column(qs, t);
+                        let w1 = column(qs, t + 1);
+                        for r in 0..R {
+                            let x = xs[r].as_ptr().add(b * BLOCK + t);
+                            even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*x), even[r]);
+                            odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x.add(1)), odd[r]);
+                        }
+                    }
+                    let scale = _mm512_loadu_ps(tile.scale.as_ptr().add(half * TILE_ROWS));
+                    for r in 0..R {
+                        let x_sum = _mm512_set1_ps(run_sums[r][2 * b + half]);
+                        sums[r] = _mm512_fmadd_ps(scale, _mm512_add_ps(even[r], odd[r]), sums[r]);
+                        sums[r] = _mm512_fnmadd_ps(offset, x_sum, sums[r]);
+                    }
+                }
+            }
+            let zero = [_mm512_setzero_ps(); R];
+            store(out, sums, zero, lanes);
+        }
+
+        /// `R` activation rows against one row of Q8_0 tiles (16 outputs each): per block, the
+        /// integer weights times the activations, then scaled once by the block's d.
+        #[target_feature(enable = "avx512f")]
+        pub(in super::super) unsafe fn q8_0<const R: usize>(tiles: &[Tile], xs: [&[f32]; R], out: [*mut f32; R], lanes: usize) {
+            let mut sums = [_mm512_setzero_ps(); R];
+            for (b, tile) in tiles.iter().enumerate() {
+                prefetch_ahead(tile);
+                // Even and odd columns sum apart: two chains per row hide the FMA latency.
                 let mut even = [_mm512_setzero_ps(); R];
                 let mut odd = [_mm512_setzero_ps(); R];
-                for t in (half * 16..half * 16 + 16).step_by(2) {
+                let qs = tile.qs.as_ptr();
+                for t in (0..BLOCK).step_by(2) {
                     let w0 = column(qs, t);
                     let w1 = column(qs, t + 1);
                     for r in 0..R {
@@ -409,59 +496,170 @@ mod kernel {
                         odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x.add(1)), odd[r]);
                     }
                 }
-                let scale = _mm512_loadu_ps(tile.scale.as_ptr().add(half * TILE_ROWS));
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const __m256i));
                 for r in 0..R {
-                    let x_sum = _mm512_set1_ps(run_sums[r][2 * b + half]);
-                    sums[r] = _mm512_fmadd_ps(scale, _mm512_add_ps(even[r], odd[r]), sums[r]);
-                    sums[r] = _mm512_fnmadd_ps(offset, x_sum, sums[r]);
+                    sums[r] = _mm512_fmadd_ps(d, _mm512_add_ps(even[r], odd[r]), sums[r]);
                 }
             }
+            let zero = [_mm512_setzero_ps(); R];
+            store(out, sums, zero, lanes);
         }
-        let zero = [_mm512_setzero_ps(); R];
-        store(out, sums, zero, lanes);
     }
 
-    /// `R` activation rows against one row of Q8_0 tiles (16 outputs each): per block, the
-    /// integer weights times the activations, then scaled once by the block's d.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn q8_0<const R: usize>(tiles: &[Tile], xs: [&[f32]; R], out: [*mut f32; R], lanes: usize) {
-        let mut sums = [_mm512_setzero_ps(); R];
-        for (b, tile) in tiles.iter().enumerate() {
-            prefetch_ahead(tile);
-            // Even and odd columns sum apart: two chains per row hide the FMA latency.
-            let mut even = [_mm512_setzero_ps(); R];
-            let mut odd = [_mm512_setzero_ps(); R];
-            let qs = tile.qs.as_ptr();
-            for t in (0..BLOCK).step_by(2) {
-                let w0 = column(qs, t);
-                let w1 = column(qs, t + 1);
-                for r in 0..R {
-                    let x = xs[r].as_ptr().add(b * BLOCK + t);
-                    even[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*x), even[r]);
-                    odd[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x.add(1)), odd[r]);
-                }
-            }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const __m256i));
-            for r in 0..R {
-                sums[r] = _mm512_fmadd_ps(d, _mm512_add_ps(even[r], odd[r]), sums[r]);
+    /// The same arithmetic on 8 lanes: each half of a tile's 16 rows in turn, and at most 4
+    /// activation rows at once (16 vector registers hold 4 rows' sums and two chains each).
+    pub(super) mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::super::{AffineTile, Tile, BLOCK, TILE_ROWS};
+        use super::prefetch_ahead;
+
+        const LANES: usize = 8;
+        const GROUP: usize = 4;
+
+        /// Rows `half·8..half·8 + 8` of a tile's 8-bit weights at column `t`, as f32.
+        #[inline(always)]
+        unsafe fn column(qs: *const i8, half: usize, t: usize) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(t * TILE_ROWS + half * LANES) as *const __m128i)))
+        }
+
+        /// Writes each row's 8 sums of this half (only the first `lanes` of them).
+        #[inline(always)]
+        unsafe fn store<const G: usize>(out: &[*mut f32], half: usize, sums: [__m256; G], lanes: usize) {
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            for r in 0..G {
+                _mm256_maskstore_ps(out[r].add(half * LANES), mask, sums[r]);
             }
         }
-        let zero = [_mm512_setzero_ps(); R];
-        store(out, sums, zero, lanes);
+
+        /// The real rows of this half of the tiles.
+        fn lanes_in(half: usize, lanes: usize) -> usize {
+            lanes.saturating_sub(half * LANES).min(LANES)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(in super::super) unsafe fn q8_0<const R: usize>(tiles: &[Tile], xs: [&[f32]; R], out: [*mut f32; R], lanes: usize) {
+            for first in (0..R).step_by(GROUP) {
+                let (xs, out) = (&xs[first..], &out[first..]);
+                match (R - first).min(GROUP) {
+                    4 => q8_0_group::<4>(tiles, xs, out, lanes),
+                    3 => q8_0_group::<3>(tiles, xs, out, lanes),
+                    2 => q8_0_group::<2>(tiles, xs, out, lanes),
+                    _ => q8_0_group::<1>(tiles, xs, out, lanes),
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn q8_0_group<const G: usize>(tiles: &[Tile], xs: &[&[f32]], out: &[*mut f32], lanes: usize) {
+            for half in 0..2 {
+                let lanes = lanes_in(half, lanes);
+                if lanes == 0 {
+                    break;
+                }
+                let mut sums = [_mm256_setzero_ps(); G];
+                for (b, tile) in tiles.iter().enumerate() {
+                    prefetch_ahead(tile);
+                    let mut even = [_mm256_setzero_ps(); G];
+                    let mut odd = [_mm256_setzero_ps(); G];
+                    let qs = tile.qs.as_ptr();
+                    for t in (0..BLOCK).step_by(2) {
+                        let w0 = column(qs, half, t);
+                        let w1 = column(qs, half, t + 1);
+                        for r in 0..G {
+                            let x = xs[r].as_ptr().add(b * BLOCK + t);
+                            even[r] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(&*x), even[r]);
+                            odd[r] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(&*x.add(1)), odd[r]);
+                        }
+                    }
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(half * LANES) as *const __m128i));
+                    for r in 0..G {
+                        sums[r] = _mm256_fmadd_ps(d, _mm256_add_ps(even[r], odd[r]), sums[r]);
+                    }
+                }
+                store(out, half, sums, lanes);
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(in super::super) unsafe fn affine<const R: usize>(
+            tiles: &[AffineTile],
+            xs: [&[f32]; R],
+            run_sums: [&[f32]; R],
+            out: [*mut f32; R],
+            lanes: usize,
+        ) {
+            for first in (0..R).step_by(GROUP) {
+                let (xs, sums, out) = (&xs[first..], &run_sums[first..], &out[first..]);
+                match (R - first).min(GROUP) {
+                    4 => affine_group::<4>(tiles, xs, sums, out, lanes),
+                    3 => affine_group::<3>(tiles, xs, sums, out, lanes),
+                    2 => affine_group::<2>(tiles, xs, sums, out, lanes),
+                    _ => affine_group::<1>(tiles, xs, sums, out, lanes),
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn affine_group<const G: usize>(
+            tiles: &[AffineTile],
+            xs: &[&[f32]],
+            run_sums: &[&[f32]],
+            out: &[*mut f32],
+            lanes: usize,
+        ) {
+            for half in 0..2 {
+                let lanes = lanes_in(half, lanes);
+                if lanes == 0 {
+                    break;
+                }
+                let mut sums = [_mm256_setzero_ps(); G];
+                for (b, tile) in tiles.iter().enumerate() {
+                    prefetch_ahead(tile);
+                    let offset = _mm256_loadu_ps(tile.offset.as_ptr().add(half * LANES));
+                    let qs = tile.qs.as_ptr();
+                    for run in 0..2 {
+                        let mut even = [_mm256_setzero_ps(); G];
+                        let mut odd = [_mm256_setzero_ps(); G];
+                        for t in (run * 16..run * 16 + 16).step_by(2) {
+                            let w0 = column(qs, half, t);
+                            let w1 = column(qs, half, t + 1);
+                            for r in 0..G {
+                                let x = xs[r].as_ptr().add(b * BLOCK + t);
+                                even[r] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(&*x), even[r]);
+                                odd[r] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(&*x.add(1)), odd[r]);
+                            }
+                        }
+                        let scale = _mm256_loadu_ps(tile.scale.as_ptr().add(run * TILE_ROWS + half * LANES));
+                        for r in 0..G {
+                            let x_sum = _mm256_set1_ps(run_sums[r][2 * b + run]);
+                            sums[r] = _mm256_fmadd_ps(scale, _mm256_add_ps(even[r], odd[r]), sums[r]);
+                            sums[r] = _mm256_fnmadd_ps(offset, x_sum, sums[r]);
+                        }
+                    }
+                }
+                store(out, half, sums, lanes);
+            }
+        }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    use super::{AffineTile, Tile};
+    pub(super) mod avx512 {
+        use super::super::{AffineTile, Tile};
 
-    pub(super) unsafe fn q8_0<const R: usize>(_: &[Tile], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
-        unreachable!("PackedWeight::supported() is false off x86_64")
-    }
+        pub(in super::super) unsafe fn q8_0<const R: usize>(_: &[Tile], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
+            unreachable!("PackedWeight::supported() is false off x86_64")
+        }
 
-    pub(super) unsafe fn affine<const R: usize>(_: &[AffineTile], _: [&[f32]; R], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
-        unreachable!("PackedWeight::supported() is false off x86_64")
+        pub(in super::super) unsafe fn affine<const R: usize>(_: &[AffineTile], _: [&[f32]; R], _: [&[f32]; R], _: [*mut f32; R], _: usize) {
+            unreachable!("PackedWeight::supported() is false off x86_64")
+        }
     }
+    pub(super) use avx512 as avx2;
 }
 
 #[cfg(test)]
@@ -481,7 +679,7 @@ mod tests {
     #[test]
     fn equals_the_f32_product_with_the_dequantized_weight_and_is_batch_invariant() {
         if !PackedWeight::supported() {
-            eprintln!("skipped: this CPU has no AVX-512");
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
         }
         let (n, k, m) = (48, 640, 20);
@@ -516,7 +714,7 @@ mod tests {
     #[test]
     fn k_quants_repack_exactly_and_multiply_in_f32() {
         if !PackedWeight::supported() {
-            eprintln!("skipped: this CPU has no AVX-512");
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
         }
         let (n, k, m) = (32, 512, 20);
@@ -552,7 +750,7 @@ mod tests {
     #[test]
     fn a_partial_last_tile_writes_only_its_rows() {
         if !PackedWeight::supported() {
-            eprintln!("skipped: this CPU has no AVX-512");
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
         }
         let (n, k, m) = (37, 64, 3);

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, S
 use rayon::prelude::*;
 
 use crate::model::linear::{sgemm, Strided};
-use crate::train::ops::{contiguous_f32, model_error, tensor_values, FrozenWeight};
+use crate::train::ops::{contiguous_f32, exp_nonpositive, model_error, tensor_values, FrozenWeight};
 use crate::LoadedModel;
 
 /// Rows per parallel task.
@@ -119,9 +119,17 @@ impl CustomOp1 for Rope {
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
+/// tanh z = sign(z)·(1 − e^{−2|z|})/(1 + e^{−2|z|}), vectorisable (libm's tanhf is a call per
+/// value); absolute error below 1e-6.
+#[inline(always)]
+fn tanh(z: f32) -> f32 {
+    let e = exp_nonpositive(-2.0 * z.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(z)
+}
+
 /// gelu(a) (tanh form) and its derivative.
 fn gelu_and_slope(a: f32) -> (f32, f32) {
-    let t = (SQRT_2_OVER_PI * (a + GELU_CUBIC * a * a * a)).tanh();
+    let t = tanh(SQRT_2_OVER_PI * (a + GELU_CUBIC * a * a * a));
     let gelu = 0.5 * a * (1.0 + t);
     let slope = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * a * a);
     (gelu, slope)
@@ -184,7 +192,7 @@ impl CustomOp1 for Softmax {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for v in row.iter_mut() {
-                *v = (*v - max).exp();
+                *v = exp_nonpositive(*v - max);
                 sum += *v;
             }
             row.iter_mut().for_each(|v| *v /= sum);

@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use tessera_adapters::TargetModule;
 
-use crate::model::linear::QWeight;
+use crate::model::linear::{sgemm_on_this_thread, QWeight, Strided};
 use crate::LoadedModel;
 
 /// Which frozen weight of the served model an op reads.
@@ -119,7 +119,7 @@ impl RowSoftmax {
         if range.contains(&target) {
             self.target_logit = row[target - range.start];
         }
-        let chunk_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let chunk_max = lanewise(row, f32::NEG_INFINITY, f32::max).into_iter().fold(f32::NEG_INFINITY, f32::max);
         let mut rescale = 1.0;
         if chunk_max > self.max {
             rescale = exp_nonpositive(self.max - chunk_max);
@@ -127,21 +127,35 @@ impl RowSoftmax {
             self.max = chunk_max;
         }
         let max = self.max;
-        let mut sum = 0f32;
-        for l in row.iter_mut() {
-            *l = exp_nonpositive(*l - max);
-            sum += *l;
-        }
-        self.sum += sum;
+        row.iter_mut().for_each(|l| *l = exp_nonpositive(*l - max));
+        self.sum += lanewise(row, 0.0, |a, b| a + b).into_iter().sum::<f32>();
         rescale
     }
+}
+
+/// Folds `values` into 8 lanes (value i into lane i mod 8), a shape the compiler vectorises;
+/// the tail past a multiple of 8 goes to the first lanes.
+#[inline(always)]
+fn lanewise(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
+    let mut lanes = [init; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, v);
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(tail) {
+        *lane = f(*lane, v);
+    }
+    lanes
 }
 
 /// eˣ for x ≤ 0, vectorisable (no libm call): x = n·ln 2 + r with |r| ≤ ln 2 / 2, eʳ by its
 /// degree-6 Taylor polynomial (relative error < 2e-7 there), times 2ⁿ built in the exponent
 /// bits. Below −87 the result is 0 (it would be subnormal).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     if x < -87.0 {
@@ -153,8 +167,92 @@ fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Vocabulary rows per chunk of logits: `[rows, VOCAB_CHUNK]` is all that exists at once.
-const VOCAB_CHUNK: usize = 16384;
+/// Vocabulary rows per chunk: the chunk's dequantized embedding rows and `[rows, VOCAB_CHUNK]`
+/// logits stay in cache between the logits GEMM and the gradient GEMM.
+const VOCAB_CHUNK: usize = 1024;
+
+/// What one thread gathers over its share of the vocabulary: each row's online softmax and, with
+/// the gradient, Σ_v exp(l_v − max)·e_v over that share.
+struct VocabShare {
+    rows: Vec<RowSoftmax>,
+    accumulated: Vec<f32>,
+}
+
+impl VocabShare {
+    /// Streams the embedding rows `vocab` chunk by chunk on this thread.
+    fn gather(
+        embedding: &QWeight,
+        h: &[f32],
+        targets: &[u32],
+        vocab: std::ops::Range<usize>,
+        gradient: bool,
+    ) -> candle_core::Result<Self> {
+        let (rows, hidden) = (targets.len(), embedding.in_features());
+        let mut share = Self {
+            rows: vec![RowSoftmax::default(); rows],
+            accumulated: if gradient { vec![0f32; rows * hidden] } else { Vec::new() },
+        };
+        let mut weight = vec![0f32; VOCAB_CHUNK * hidden];
+        let mut logits = vec![0f32; rows * VOCAB_CHUNK];
+        for start in vocab.clone().step_by(VOCAB_CHUNK) {
+            let range = start..(start + VOCAB_CHUNK).min(vocab.end);
+            let width = range.len();
+            let (weight, logits) = (&mut weight[..width * hidden], &mut logits[..rows * width]);
+            embedding.dequantize_rows_into(range.clone(), weight).map_err(model_error)?;
+            // SAFETY: h is [rows, hidden], the chunk [width, hidden] read as its transpose,
+            // logits [rows, width].
+            unsafe {
+                sgemm_on_this_thread((rows, width, hidden), logits, false, Strided::rows(h, hidden), Strided::transposed(weight, hidden))
+            };
+            for (i, row) in logits.chunks_exact_mut(width).enumerate() {
+                let rescale = share.rows[i].absorb(row, range.clone(), targets[i] as usize);
+                if gradient && rescale != 1.0 {
+                    share.accumulated[i * hidden..(i + 1) * hidden].iter_mut().for_each(|a| *a *= rescale);
+                }
+            }
+            if gradient {
+                // SAFETY: exp(l − max) is [rows, width], the chunk [width, hidden], the sums
+                // [rows, hidden].
+                unsafe {
+                    sgemm_on_this_thread(
+                        (rows, hidden, width),
+                        &mut share.accumulated,
+                        true,
+                        Strided::rows(logits, width),
+                        Strided::rows(weight, hidden),
+                    )
+                };
+            }
+        }
+        Ok(share)
+    }
+
+    /// Joins the shares of one row set: each share's sums are rescaled to the common maximum.
+    fn join(shares: Vec<VocabShare>, hidden: usize) -> VocabShare {
+        let mut shares = shares.into_iter();
+        let Some(mut joined) = shares.next() else {
+            return VocabShare { rows: Vec::new(), accumulated: Vec::new() };
+        };
+        for share in shares {
+            for (i, (into, from)) in joined.rows.iter_mut().zip(&share.rows).enumerate() {
+                let max = into.max.max(from.max);
+                // A share that saw no logits (max −∞) weighs nothing.
+                let weight = |m: f32| if m == f32::NEG_INFINITY { 0.0 } else { exp_nonpositive(m - max) };
+                let (keep, take) = (weight(into.max), weight(from.max));
+                into.sum = into.sum * keep + from.sum * take;
+                into.max = max;
+                into.target_logit += from.target_logit;
+                if !joined.accumulated.is_empty() {
+                    let (into_acc, from_acc) = (&mut joined.accumulated[i * hidden..(i + 1) * hidden], &share.accumulated[i * hidden..(i + 1) * hidden]);
+                    for (a, &b) in into_acc.iter_mut().zip(from_acc) {
+                        *a = *a * keep + b * take;
+                    }
+                }
+            }
+        }
+        joined
+    }
+}
 
 /// Per-row cross-entropy `[rows]` of the tied output projection for `h: [rows, hidden]` (already
 /// through the final norm) against `targets`.
@@ -194,31 +292,18 @@ impl CustomOp1 for TiedOutputLoss {
         }
         let embedding = self.model.model.embedding();
         let (vocab, hidden) = (embedding.out_features(), embedding.in_features());
-        let mut rows_state = vec![RowSoftmax::default(); rows];
-        let mut accumulated = if self.gradient { vec![0f32; rows * hidden] } else { Vec::new() };
-        for start in (0..vocab).step_by(VOCAB_CHUNK) {
-            let range = start..(start + VOCAB_CHUNK).min(vocab);
-            let width = range.len();
-            let mut logits = embedding.matmul_rows_background(h, range.clone()).map_err(model_error)?;
-            // Rows are independent: each thread takes whole rows, turning logits into
-            // exp(l − running max) in place.
-            let rescales: Vec<f32> = logits
-                .par_chunks_mut(width)
-                .zip(rows_state.par_iter_mut())
-                .zip(self.targets.par_iter())
-                .map(|((row, state), &target)| state.absorb(row, range.clone(), target as usize))
-                .collect();
-            if self.gradient {
-                accumulated
-                    .par_chunks_mut(hidden)
-                    .zip(rescales.par_iter())
-                    .filter(|(_, &rescale)| rescale != 1.0)
-                    .for_each(|(acc, &rescale)| acc.iter_mut().for_each(|a| *a *= rescale));
-                embedding
-                    .accumulate_input_grad(&logits, range, &mut accumulated)
-                    .map_err(model_error)?;
-            }
-        }
+        // One contiguous share of the vocabulary per thread, each streamed on its own thread:
+        // no synchronisation inside the loop, and every share's softmax state joins at the end.
+        let threads = rayon::current_num_threads().max(1);
+        let per_thread = vocab.div_ceil(threads).div_ceil(VOCAB_CHUNK) * VOCAB_CHUNK;
+        let shares = (0..threads)
+            .into_par_iter()
+            .map(|t| {
+                let share = (t * per_thread).min(vocab)..((t + 1) * per_thread).min(vocab);
+                VocabShare::gather(embedding, h, &self.targets, share, self.gradient)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let VocabShare { rows: rows_state, mut accumulated } = VocabShare::join(shares, hidden);
         let loss = rows_state.iter().map(|s| s.max + s.sum.ln() - s.target_logit).collect();
         if self.gradient {
             // ∂ℓᵢ/∂hᵢ = softmax·E − e_target.
@@ -245,7 +330,45 @@ impl CustomOp1 for TiedOutputLoss {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_nonpositive;
+    use super::{exp_nonpositive, RowSoftmax, VocabShare};
+
+    /// One row's share of a vocabulary `range` as `gather` builds it, chunk by chunk, with a
+    /// one-dimensional "embedding" e_v = embed(v).
+    fn share(logits: &[f32], range: std::ops::Range<usize>, chunk: usize, target: usize, embed: impl Fn(usize) -> f32) -> VocabShare {
+        let mut row = RowSoftmax::default();
+        let mut accumulated = 0f32;
+        for start in range.clone().step_by(chunk) {
+            let part = start..(start + chunk).min(range.end);
+            let mut values = logits[part.clone()].to_vec();
+            accumulated *= row.absorb(&mut values, part.clone(), target);
+            accumulated += values.iter().zip(part).map(|(p, v)| p * embed(v)).sum::<f32>();
+        }
+        VocabShare { rows: vec![row], accumulated: vec![accumulated] }
+    }
+
+    #[test]
+    fn vocabulary_shares_join_into_the_whole_softmax() {
+        let vocab = 3000;
+        // Rising then falling logits, so the running maximum moves within and across shares.
+        let logits: Vec<f32> = (0..vocab).map(|v| (v as f32 / 300.0).sin() * 12.0 + (v % 7) as f32 * 0.1).collect();
+        let embed = |v: usize| (v % 13) as f32 - 6.0;
+        let target = 2100;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+        let expected_loss = max + sum.ln() - logits[target] as f64;
+        let expected_mean: f64 = logits.iter().enumerate().map(|(v, &l)| (l as f64 - max).exp() / sum * embed(v) as f64).sum();
+        let shares = vec![
+            share(&logits, 0..1024, 256, target, embed),
+            share(&logits, 1024..vocab, 256, target, embed),
+            share(&logits, vocab..vocab, 256, target, embed),
+        ];
+        let joined = VocabShare::join(shares, 1);
+        let row = joined.rows[0];
+        let loss = row.max as f64 + (row.sum as f64).ln() - row.target_logit as f64;
+        assert!((loss - expected_loss).abs() < 1e-4, "{loss} vs {expected_loss}");
+        let mean = joined.accumulated[0] as f64 / row.sum as f64;
+        assert!((mean - expected_mean).abs() < 1e-4, "{mean} vs {expected_mean}");
+    }
 
     #[test]
     fn the_fast_exponential_matches_libm() {
