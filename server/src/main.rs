@@ -97,7 +97,8 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchTarget {
     /// QLoRA training throughput (forward, backward and AdamW over the served quantized
-    /// weights, every position scored) and peak memory.
+    /// weights, every position scored; with --data, also on instruction pairs whose answers alone
+    /// are scored) and peak memory.
     Train {
         #[command(flatten)]
         model: ModelArg,
@@ -110,6 +111,10 @@ enum BenchTarget {
         batch: usize,
         #[arg(long, default_value_t = 16)]
         rank: usize,
+        /// Also train on these instruction pairs (JSON or JSONL in any upload format, or
+        /// Self-Instruct seed tasks), each cut to --seq-len tokens with the loss on its answer.
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
         /// Also measure serving inter-token latency with this many streaming clients, idle and
         /// while the server's background trainer runs a job (0: skip).
         #[arg(long, default_value_t = 4)]
@@ -351,6 +356,7 @@ fn main() -> Result<()> {
                     seq_len,
                     batch,
                     rank,
+                    data,
                     serve_clients,
                     train_threads,
                 }),
@@ -362,7 +368,7 @@ fn main() -> Result<()> {
                 alpha: 2.0 * rank as f32,
                 ..Default::default()
             };
-            let load = tessera::bench::train::TrainLoad { steps, seq_len, batch, spec };
+            let load = tessera::bench::train::TrainLoad { steps, seq_len, batch, spec, data };
             let mut rows = tessera::bench::train::run(&path, &load)?;
             if serve_clients > 0 {
                 rows.extend(tessera::bench::train::serving_under_training(&path, serve_clients, 64, train_threads)?);

@@ -1,5 +1,7 @@
 //! `tessera bench train`: QLoRA training throughput on the served model (tokens per second of
-//! forward + backward + AdamW, every position scored) and the process's peak memory.
+//! forward + backward + AdamW) and the process's peak memory. Two workloads: plain text with
+//! every position scored (the most output-layer work a batch can need), and instruction pairs
+//! as the tuner trains them, with the loss on the answers only.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +19,66 @@ pub struct TrainLoad {
     pub seq_len: usize,
     pub batch: usize,
     pub spec: LoraSpec,
+    /// Instruction pairs to train on as well.
+    pub data: Option<std::path::PathBuf>,
+}
+
+/// The pairs of `path` as training sequences: any upload format, or Self-Instruct seed tasks
+/// (`{instruction, instances: [{input, output}]}`, the first instance of each).
+fn instruction_examples(model: &LoadedModel, path: &Path, seq_len: usize) -> Result<Vec<Example>, anyhow::Error> {
+    let body = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let records = crate::dataset::parse_records(&body).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut examples = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        let record = match record.get("instances").and_then(|instances| instances.get(0)) {
+            Some(instance) => serde_json::json!({
+                "instruction": record.get("instruction"),
+                "input": instance.get("input"),
+                "output": instance.get("output"),
+            }),
+            None => record.clone(),
+        };
+        let conversation = crate::dataset::parse_record(&record).map_err(|e| anyhow::anyhow!("{}: record {i}: {e}", path.display()))?;
+        if let Some(example) = crate::train::data::example(&model.tokenizer, &conversation, seq_len)? {
+            examples.push(example);
+        }
+    }
+    if examples.is_empty() {
+        anyhow::bail!("{}: no pair has a scored token within {seq_len} tokens", path.display());
+    }
+    Ok(examples)
+}
+
+/// Times `steps` optimizer steps (after one untimed) over `batches` in turn: tok/s per step.
+fn time_steps(model: &Arc<LoadedModel>, load: &TrainLoad, batches: &[Vec<Example>]) -> Result<Vec<f64>, anyhow::Error> {
+    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), load.spec.clone(), 0)?;
+    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    let mut optimizer = AdamW::new(
+        AdamWConfig {
+            learning_rate: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            warmup_steps: 0,
+            total_steps: load.steps + 1,
+        },
+        &vars,
+    )?;
+    let mut samples = Vec::new();
+    // One untimed step first: allocations and page faults of the first backward pass.
+    for (step, batch) in (0..=load.steps).zip(batches.iter().cycle()) {
+        let tokens: usize = batch.iter().map(|e| e.tokens.len()).sum();
+        let start = Instant::now();
+        let stats = train_step(model, &lora, &mut optimizer, &[batch]).map_err(|e: TrainError| anyhow::anyhow!(e))?;
+        let seconds = start.elapsed().as_secs_f64();
+        eprintln!("step {step}: {tokens} tokens ({} scored), loss {:.3}, {:.2} s", stats.tokens, stats.loss, seconds);
+        if step > 0 {
+            samples.push(tokens as f64 / seconds);
+        }
+    }
+    Ok(samples)
 }
 
 pub fn run(model_path: &Path, load: &TrainLoad) -> Result<Vec<Measurement>, anyhow::Error> {
@@ -34,37 +96,30 @@ pub fn run(model_path: &Path, load: &TrainLoad) -> Result<Vec<Measurement>, anyh
             }
         })
         .collect();
-    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), load.spec.clone(), 0)?;
-    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
-    let mut optimizer = AdamW::new(
-        AdamWConfig {
-            learning_rate: 1e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            warmup_steps: 0,
-            total_steps: load.steps + 1,
-        },
-        &vars,
-    )?;
-    let mut throughput = Measurement {
-        name: format!("train r{} b{}×{}", load.spec.rank, load.batch, load.seq_len),
+    let throughput = Measurement {
+        name: format!("train r{} b{}×{}, all scored", load.spec.rank, load.batch, load.seq_len),
         unit: "tok/s",
-        samples: Vec::new(),
+        samples: time_steps(&model, load, &[batch])?,
     };
-    // One untimed step first: allocations and page faults of the first backward pass.
-    for step in 0..=load.steps {
-        let start = Instant::now();
-        let stats = train_step(&model, &lora, &mut optimizer, &[&batch]).map_err(|e: TrainError| anyhow::anyhow!(e))?;
-        let seconds = start.elapsed().as_secs_f64();
-        eprintln!("step {step}: loss {:.3}, {:.2} s", stats.loss, seconds);
-        if step > 0 {
-            throughput.samples.push((load.batch * load.seq_len) as f64 / seconds);
-        }
-    }
     let mut rows = vec![throughput];
+    if let Some(path) = &load.data {
+        let examples = instruction_examples(&model, path, load.seq_len)?;
+        let batches: Vec<Vec<Example>> = examples.chunks(load.batch.max(1)).map(<[Example]>::to_vec).collect();
+        let tokens: usize = examples.iter().map(|e| e.tokens.len()).sum();
+        let scored: usize = examples.iter().map(Example::scored_tokens).sum();
+        eprintln!(
+            "{}: {} pairs, {:.0} tokens a pair, {:.0}% of the tokens scored",
+            path.display(),
+            examples.len(),
+            tokens as f64 / examples.len() as f64,
+            100.0 * scored as f64 / tokens as f64
+        );
+        rows.push(Measurement {
+            name: format!("train r{} b{}×≤{}, pairs", load.spec.rank, load.batch, load.seq_len),
+            unit: "tok/s",
+            samples: time_steps(&model, load, &batches)?,
+        });
+    }
     if let Some(rss) = crate::bench::peak_rss_mib() {
         rows.push(Measurement {
             name: "peak RSS".into(),
