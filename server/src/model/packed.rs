@@ -374,14 +374,6 @@ impl PackedWeight {
             }
         }
     }
-
-    /// Rows `rows` of the weight, dequantized into `out` (`[rows.len(), k]`, row-major).
-    pub fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) {
-        use rayon::prelude::*;
-        let k = self.k;
-        assert_eq!(out.len(), rows.len() * k, "output is not [{}, {k}]", rows.len());
-        out.par_chunks_mut(k).zip(rows).for_each(|(values, row)| self.dequantize_row(row, values));
-    }
 }
 
 /// One unit of a matmul: activation rows `first..` against one row of tiles.
@@ -560,7 +552,10 @@ mod kernel {
                 }
                 let mut sums = [_mm256_setzero_ps(); G];
                 for (b, tile) in tiles.iter().enumerate() {
-                    prefetch_ahead(tile);
+                    // The second half finds the tiles in cache already.
+                    if half == 0 {
+                        prefetch_ahead(tile);
+                    }
                     let mut even = [_mm256_setzero_ps(); G];
                     let mut odd = [_mm256_setzero_ps(); G];
                     let qs = tile.qs.as_ptr();
@@ -617,7 +612,10 @@ mod kernel {
                 }
                 let mut sums = [_mm256_setzero_ps(); G];
                 for (b, tile) in tiles.iter().enumerate() {
-                    prefetch_ahead(tile);
+                    // The second half finds the tiles in cache already.
+                    if half == 0 {
+                        prefetch_ahead(tile);
+                    }
                     let offset = _mm256_loadu_ps(tile.offset.as_ptr().add(half * LANES));
                     let qs = tile.qs.as_ptr();
                     for run in 0..2 {

@@ -241,6 +241,7 @@ impl VocabShare {
                 let (keep, take) = (weight(into.max), weight(from.max));
                 into.sum = into.sum * keep + from.sum * take;
                 into.max = max;
+                // Only the share holding the target saw its logit; the others hold 0.
                 into.target_logit += from.target_logit;
                 if !joined.accumulated.is_empty() {
                     let (into_acc, from_acc) = (&mut joined.accumulated[i * hidden..(i + 1) * hidden], &share.accumulated[i * hidden..(i + 1) * hidden]);
