@@ -7,10 +7,10 @@ use candle_core::{Device, Tensor};
 use tessera::dataset::{Conversation, Message};
 use tessera::model::synthetic::tiny_gemma3;
 use tessera::train::data::example;
-use tessera::train::gemma3::Example;
+use tessera::train::gemma3::{Example, KeptGraphs};
 use tessera::train::lora::{LoraParams, LoraSpec};
 use tessera::train::optim::{AdamW, AdamWConfig};
-use tessera::train::{evaluate, gradients, train_step};
+use tessera::train::{evaluate, gradients, gradients_keeping, train_step};
 use tessera::LoadedModel;
 use tessera_adapters::TargetModule;
 
@@ -118,6 +118,37 @@ fn lora_gradients_through_the_quantized_weights_match_finite_differences() {
         let relative = (numeric - analytic).abs() / analytic.abs().max(numeric.abs());
         eprintln!("{i}: analytic {analytic:.6} numeric {numeric:.6} relative error {relative:.2e}");
         assert!(relative <= 1e-2, "{i}: analytic {analytic} vs numeric {numeric}");
+    }
+}
+
+/// Checkpointed layers (run again in the backward pass) and layers that keep their forward
+/// graphs give the same gradients, whatever the split between them.
+#[test]
+fn checkpointed_and_kept_layers_give_the_same_gradients() {
+    let (_dir, model) = tiny_model();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: TargetModule::ALL.to_vec(),
+    };
+    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, 5).unwrap();
+    for (name, var) in lora.named_vars() {
+        if name.contains("lora_B") {
+            var.set(&Tensor::randn(0f32, 0.05, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let batch = examples(&model, &[("abc def", "the cat"), ("hello", "in a thin tin")]);
+    let layers = model.model.config().n_layers;
+    let (reference, loss, tokens) = gradients_keeping(&model, &lora, &[&batch], KeptGraphs::Layers(0)).unwrap();
+    let reference_norm = dot(&reference, &reference).sqrt();
+    assert!(reference_norm > 1e-4, "gradient norm {reference_norm}");
+    for kept in [KeptGraphs::Layers(1), KeptGraphs::Layers(layers / 2), KeptGraphs::Layers(layers), KeptGraphs::WithinBudget] {
+        let (grads, kept_loss, kept_tokens) = gradients_keeping(&model, &lora, &[&batch], kept).unwrap();
+        assert_eq!(kept_tokens, tokens);
+        assert!((kept_loss - loss).abs() <= 1e-6 * loss.abs(), "{kept:?}: loss {kept_loss} vs {loss}");
+        let difference: Vec<Tensor> = grads.iter().zip(&reference).map(|(g, r)| (g - r).unwrap()).collect();
+        let relative = dot(&difference, &difference).sqrt() / reference_norm;
+        assert!(relative <= 1e-5, "{kept:?}: gradients differ by {relative:.2e} (relative)");
     }
 }
 

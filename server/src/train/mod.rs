@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::train::gemma3::{Example, Trainable};
+use crate::train::gemma3::{Example, KeptGraphs, Trainable};
 use crate::train::lora::LoraParams;
 use crate::train::optim::AdamW;
 use crate::LoadedModel;
@@ -66,11 +66,21 @@ pub fn gradients(
     lora: &LoraParams,
     micro_batches: &[&[Example]],
 ) -> Result<(Vec<Tensor>, f64, usize), TrainError> {
+    gradients_keeping(model, lora, micro_batches, KeptGraphs::WithinBudget)
+}
+
+/// [`gradients`] with the top `kept` layers' forward graphs kept instead of checkpointed.
+pub fn gradients_keeping(
+    model: &Arc<LoadedModel>,
+    lora: &LoraParams,
+    micro_batches: &[&[Example]],
+    kept: KeptGraphs,
+) -> Result<(Vec<Tensor>, f64, usize), TrainError> {
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in micro_batches {
-        let (sum, n) = Trainable { model, lora }.accumulate_gradients(batch, &vars, &mut sums)?;
+        let (sum, n) = Trainable { model, lora, kept }.accumulate_gradients(batch, &vars, &mut sums)?;
         loss += sum;
         tokens += n;
     }
@@ -115,7 +125,7 @@ pub fn evaluate(
 ) -> Result<f64, TrainError> {
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in examples.chunks(batch_size.max(1)) {
-        let (sum, n) = Trainable { model, lora }.loss(batch)?;
+        let (sum, n) = Trainable { model, lora, kept: KeptGraphs::WithinBudget }.loss(batch)?;
         loss += sum;
         tokens += n;
     }
