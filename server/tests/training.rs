@@ -56,22 +56,27 @@ fn dot(a: &[Tensor], b: &[Tensor]) -> f64 {
         .sum()
 }
 
-#[test]
-fn lora_gradients_through_the_quantized_weights_match_finite_differences() {
-    let (_dir, model) = tiny_model();
+/// r4 factors on every target with a random B: a fresh B is zero, which would hide every
+/// gradient of A.
+fn random_lora(model: &LoadedModel, seed: u64) -> LoraParams {
     let spec = LoraSpec {
         rank: 4,
         alpha: 8.0,
         targets: TargetModule::ALL.to_vec(),
     };
-    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, 3).unwrap();
-    // A fresh B is zero, which would hide every gradient of A: start from a random point.
+    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, seed).unwrap();
     for (name, var) in lora.named_vars() {
         if name.contains("lora_B") {
-            let noise = Tensor::randn(0f32, 0.05, var.as_tensor().dims(), &Device::Cpu).unwrap();
-            var.set(&noise).unwrap();
+            var.set(&Tensor::randn(0f32, 0.05, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
         }
     }
+    lora
+}
+
+#[test]
+fn lora_gradients_through_the_quantized_weights_match_finite_differences() {
+    let (_dir, model) = tiny_model();
+    let lora = random_lora(&model, 3);
     let batch = examples(&model, &[("abc def", "the cat"), ("hello", "in a thin tin")]);
     let (grads, loss, tokens) = gradients(&model, &lora, &[&batch]).unwrap();
     assert!(tokens > 5 && loss.is_finite(), "loss {loss} over {tokens} tokens");
@@ -126,17 +131,7 @@ fn lora_gradients_through_the_quantized_weights_match_finite_differences() {
 #[test]
 fn checkpointed_and_kept_layers_give_the_same_gradients() {
     let (_dir, model) = tiny_model();
-    let spec = LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        targets: TargetModule::ALL.to_vec(),
-    };
-    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, 5).unwrap();
-    for (name, var) in lora.named_vars() {
-        if name.contains("lora_B") {
-            var.set(&Tensor::randn(0f32, 0.05, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
-        }
-    }
+    let lora = random_lora(&model, 5);
     let batch = examples(&model, &[("abc def", "the cat"), ("hello", "in a thin tin")]);
     let layers = model.model.config().n_layers;
     let (reference, loss, tokens) = gradients_keeping(&model, &lora, &[&batch], KeptGraphs::Layers(0)).unwrap();
