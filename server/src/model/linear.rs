@@ -350,13 +350,15 @@ pub(crate) unsafe fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], ac
         if len == 0 {
             return;
         }
-        // SAFETY: the blocks are disjoint columns (or rows) of dst; a and b are read only, at
-        // offsets inside the extents the caller vouches for.
+        // SAFETY: the blocks are disjoint columns (or rows) of dst; a and b start at offsets
+        // inside their slices and address what the caller vouches for.
         unsafe {
             if by_columns {
-                gemm_raw((m, len, k), dst.at(start), n, accumulate, a.values.as_ptr(), a, b.values.as_ptr().add(start * b.col_stride), b);
+                let b = Strided { values: &b.values[start * b.col_stride..], ..b };
+                gemm_raw((m, len, k), dst.at(start), n, accumulate, a, b);
             } else {
-                gemm_raw((len, n, k), dst.at(start * n), n, accumulate, a.values.as_ptr().add(start * a.row_stride), a, b.values.as_ptr(), b);
+                let a = Strided { values: &a.values[start * a.row_stride..], ..a };
+                gemm_raw((len, n, k), dst.at(start * n), n, accumulate, a, b);
             }
         }
     });
@@ -382,22 +384,11 @@ impl SharedOutput {
 /// As for [`sgemm`].
 pub(crate) unsafe fn sgemm_on_this_thread((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Strided, b: Strided) {
     assert!(dst.len() >= m * n, "the output is not [{m}, {n}]");
-    gemm_raw((m, n, k), dst.as_mut_ptr(), n, accumulate, a.values.as_ptr(), a, b.values.as_ptr(), b);
+    gemm_raw((m, n, k), dst.as_mut_ptr(), n, accumulate, a, b);
 }
 
-/// One single-threaded gemm call: `dst` rows `dst_row_stride` apart, `a` and `b` from the given
-/// starts with the strides of `a_strides` and `b_strides`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_row_stride: usize,
-    accumulate: bool,
-    a: *const f32,
-    a_strides: Strided,
-    b: *const f32,
-    b_strides: Strided,
-) {
+/// One single-threaded gemm call, `dst` rows `dst_row_stride` apart.
+unsafe fn gemm_raw((m, n, k): (usize, usize, usize), dst: *mut f32, dst_row_stride: usize, accumulate: bool, a: Strided, b: Strided) {
     gemm::gemm(
         m,
         n,
@@ -406,12 +397,12 @@ unsafe fn gemm_raw(
         1,
         dst_row_stride as isize,
         accumulate,
-        a,
-        a_strides.col_stride as isize,
-        a_strides.row_stride as isize,
-        b,
-        b_strides.col_stride as isize,
-        b_strides.row_stride as isize,
+        a.values.as_ptr(),
+        a.col_stride as isize,
+        a.row_stride as isize,
+        b.values.as_ptr(),
+        b.col_stride as isize,
+        b.row_stride as isize,
         if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
@@ -567,6 +558,31 @@ fn q5_0_to_q8_0(q5: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The per-thread blocks of `sgemm` (by columns, and by rows for a narrow output, with a
+    /// partial last block) against the plain f64 product, overwriting and accumulating.
+    #[test]
+    fn sgemm_blocks_make_the_whole_product() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (m, n, k) in [(37, 301, 70), (290, 20, 33), (5, 7, 9)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 19) as f32 - 9.0) * 0.1).collect();
+            // b stored as its transpose [n, k], as the weights are.
+            let b: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 23) as f32 - 11.0) * 0.05).collect();
+            let expected: Vec<f64> = (0..m * n)
+                .map(|ij| (0..k).map(|l| a[ij / n * k + l] as f64 * b[ij % n * k + l] as f64).sum())
+                .collect();
+            for accumulate in [false, true] {
+                let start = if accumulate { 1.0 } else { f32::NAN };
+                let mut dst = vec![start; m * n];
+                // SAFETY: a is [m, k], b [n, k] read as its transpose, dst [m, n].
+                pool.install(|| unsafe { sgemm((m, n, k), &mut dst, accumulate, Strided::rows(&a, k), Strided::transposed(&b, k)) });
+                for (ij, (&got, &want)) in dst.iter().zip(&expected).enumerate() {
+                    let want = want + if accumulate { 1.0 } else { 0.0 };
+                    assert!((got as f64 - want).abs() < 1e-4, "[{m}, {n}, {k}] element {ij}: {got} vs {want}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn q5_0_repack_to_q8_0_is_exact() {

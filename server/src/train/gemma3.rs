@@ -37,7 +37,6 @@ impl Example {
 pub struct Trainable<'a> {
     pub model: &'a Arc<LoadedModel>,
     pub lora: &'a LoraParams,
-    pub kept: KeptGraphs,
 }
 
 /// How many top layers keep their forward graphs through a training step (the rest are
@@ -241,12 +240,13 @@ impl Trainable<'_> {
     pub fn accumulate_gradients(
         &self,
         batch: &[Example],
+        kept: KeptGraphs,
         vars: &[&Var],
         sums: &mut [Option<Tensor>],
     ) -> candle_core::Result<(f64, usize)> {
         let p = self.prepare(batch)?;
         let layers = self.model.model.blocks().len();
-        let kept = match self.kept {
+        let kept = match kept {
             KeptGraphs::WithinBudget => kept_layers(self.model.model.config(), &p.sequences),
             KeptGraphs::Layers(n) => n,
         };
@@ -269,6 +269,7 @@ impl Trainable<'_> {
             .get(boundary.as_tensor())
             .cloned()
             .ok_or_else(|| candle_core::Error::Msg("the loss does not depend on the top layers' input".into()))?;
+        // The top layers' graphs and gradients go before the lower layers run again.
         drop(grads);
         for (layer, input) in inputs.iter().enumerate().rev() {
             let input = Var::from_tensor(input)?;
@@ -302,7 +303,7 @@ fn kept_layers(config: &crate::model::gemma3::Config, sequences: &[std::ops::Ran
     let per_row = 8 * config.hidden + 2 * config.ffn_hidden + 4 * config.n_heads * config.head_dim;
     let scores: usize = sequences.iter().map(|s| 3 * config.n_heads * s.len() * s.len()).sum();
     let per_layer = 4 * (rows * per_row + scores);
-    (KEPT_GRAPH_BUDGET / per_layer.max(1)).min(config.n_layers)
+    KEPT_GRAPH_BUDGET / per_layer.max(1)
 }
 
 /// `sums[i] += ∂/∂vars[i]` for the variables `grads` holds.

@@ -80,7 +80,7 @@ pub fn gradients_keeping(
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in micro_batches {
-        let (sum, n) = Trainable { model, lora, kept }.accumulate_gradients(batch, &vars, &mut sums)?;
+        let (sum, n) = Trainable { model, lora }.accumulate_gradients(batch, kept, &vars, &mut sums)?;
         loss += sum;
         tokens += n;
     }
@@ -125,7 +125,7 @@ pub fn evaluate(
 ) -> Result<f64, TrainError> {
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in examples.chunks(batch_size.max(1)) {
-        let (sum, n) = Trainable { model, lora, kept: KeptGraphs::WithinBudget }.loss(batch)?;
+        let (sum, n) = Trainable { model, lora }.loss(batch)?;
         loss += sum;
         tokens += n;
     }
