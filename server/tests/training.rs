@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use tessera::dataset::{Conversation, Message};
 use tessera::model::synthetic::tiny_gemma3;
 use tessera::train::data::example;
-use tessera::train::gemma3::{Example, KeptGraphs};
+use tessera::train::gemma3::{Example, KeptGraphs, Trainable};
 use tessera::train::lora::{LoraParams, LoraSpec};
 use tessera::train::optim::{AdamW, AdamWConfig};
 use tessera::train::{evaluate, gradients, gradients_keeping, train_step};
@@ -78,13 +78,13 @@ fn lora_gradients_through_the_quantized_weights_match_finite_differences() {
     let (_dir, model) = tiny_model();
     let lora = random_lora(&model, 3);
     let batch = examples(&model, &[("abc def", "the cat"), ("hello", "in a thin tin")]);
-    let (grads, loss, tokens) = gradients(&model, &lora, &[&batch]).unwrap();
+    let (grads, loss, tokens) = gradients(Trainable::new(&model, &lora).exact(), &[&batch]).unwrap();
     assert!(tokens > 5 && loss.is_finite(), "loss {loss} over {tokens} tokens");
 
     let theta = all_params(&lora);
     let mean_loss = |params: &[Tensor]| {
         set_params(&lora, params);
-        evaluate(&model, &lora, &batch, 8).unwrap()
+        evaluate(Trainable::new(&model, &lora).exact(), &batch, 8).unwrap()
     };
     // Directional derivatives along the gradient, over every factor of every layer, and along
     // single factors' own gradients (early and late layers, local and global, A and B).
@@ -134,11 +134,11 @@ fn checkpointed_and_kept_layers_give_the_same_gradients() {
     let lora = random_lora(&model, 5);
     let batch = examples(&model, &[("abc def", "the cat"), ("hello", "in a thin tin")]);
     let layers = model.model.config().n_layers;
-    let (reference, loss, tokens) = gradients_keeping(&model, &lora, &[&batch], KeptGraphs::Layers(0)).unwrap();
+    let (reference, loss, tokens) = gradients_keeping(Trainable::new(&model, &lora).exact(), &[&batch], KeptGraphs::Layers(0)).unwrap();
     let reference_norm = dot(&reference, &reference).sqrt();
     assert!(reference_norm > 1e-4, "gradient norm {reference_norm}");
     for kept in [KeptGraphs::Layers(1), KeptGraphs::Layers(layers / 2), KeptGraphs::Layers(layers), KeptGraphs::WithinBudget] {
-        let (grads, kept_loss, kept_tokens) = gradients_keeping(&model, &lora, &[&batch], kept).unwrap();
+        let (grads, kept_loss, kept_tokens) = gradients_keeping(Trainable::new(&model, &lora).exact(), &[&batch], kept).unwrap();
         assert_eq!(kept_tokens, tokens);
         assert!((kept_loss - loss).abs() <= 1e-6 * loss.abs(), "{kept:?}: loss {kept_loss} vs {loss}");
         let difference: Vec<Tensor> = grads.iter().zip(&reference).map(|(g, r)| (g - r).unwrap()).collect();
@@ -157,7 +157,7 @@ fn training_on_a_few_pairs_drives_the_loss_near_zero() {
     };
     let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, 5).unwrap();
     let batch = examples(&model, &[("abc", "the"), ("xyz", "in a tin"), ("hello", "hat")]);
-    let before = evaluate(&model, &lora, &batch, 8).unwrap();
+    let before = evaluate(Trainable::new(&model, &lora), &batch, 8).unwrap();
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let steps = 40;
     let mut optimizer = AdamW::new(
@@ -175,9 +175,9 @@ fn training_on_a_few_pairs_drives_the_loss_near_zero() {
     )
     .unwrap();
     for _ in 0..steps {
-        train_step(&model, &lora, &mut optimizer, &[&batch]).unwrap();
+        train_step(Trainable::new(&model, &lora), &mut optimizer, &[&batch]).unwrap();
     }
-    let after = evaluate(&model, &lora, &batch, 8).unwrap();
+    let after = evaluate(Trainable::new(&model, &lora), &batch, 8).unwrap();
     eprintln!("loss {before:.3} → {after:.4}");
     assert!(before > 3.0, "the untrained loss is {before}");
     assert!(after < 0.05, "the loss after training is {after}");

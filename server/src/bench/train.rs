@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::bench::{Measurement, BENCH_TEXT};
-use crate::train::gemma3::Example;
+use crate::train::gemma3::{Example, Trainable};
 use crate::train::lora::{LoraParams, LoraSpec};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{train_step, TrainError};
@@ -71,7 +71,7 @@ fn time_steps(model: &Arc<LoadedModel>, load: &TrainLoad, batches: &[Vec<Example
     for (step, batch) in (0..=load.steps).zip(batches.iter().cycle()) {
         let tokens: usize = batch.iter().map(|e| e.tokens.len()).sum();
         let start = Instant::now();
-        let stats = train_step(model, &lora, &mut optimizer, &[batch]).map_err(|e: TrainError| anyhow::anyhow!(e))?;
+        let stats = train_step(Trainable::new(model, &lora), &mut optimizer, &[batch]).map_err(|e: TrainError| anyhow::anyhow!(e))?;
         let seconds = start.elapsed().as_secs_f64();
         eprintln!("step {step}: {tokens} tokens ({} scored), loss {:.3}, {:.2} s", stats.tokens, stats.loss, seconds);
         if step > 0 {

@@ -10,6 +10,7 @@ use candle_core::{Device, Module, Tensor};
 use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::model::int8::Int8Weight;
 use crate::model::packed::{PackedWeight, Workers};
 use crate::model::{with_values, ModelError};
 
@@ -219,6 +220,14 @@ impl QWeight {
 
     pub fn in_features(&self) -> usize {
         self.in_features
+    }
+
+    /// The weight for the int8 kernel, where it is Q8_0 and the CPU runs that kernel.
+    pub fn int8(&self) -> Option<Int8Weight<'_>> {
+        match &self.kernel {
+            Kernel::Packed(packed) => packed.int8(),
+            Kernel::Candle { .. } => None,
+        }
     }
 
     /// `x·W[rows]ᵀ` for `x: [m, in]`: `[m, rows.len()]`, row-major (`rows.start` a multiple of 16).

@@ -3,6 +3,7 @@
 
 pub mod gelu;
 pub mod gemma3;
+pub mod int8;
 pub mod kv_cache;
 pub mod linear;
 pub mod packed;

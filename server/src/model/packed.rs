@@ -21,6 +21,8 @@ use std::ops::Range;
 use candle_core::utils::barrier_pool;
 use half::f16;
 
+use crate::model::int8::{self, Int8Weight};
+
 const BLOCK: usize = 32;
 const TILE_ROWS: usize = 16;
 /// Activation rows sharing each load of a weight tile.
@@ -38,9 +40,10 @@ pub enum Workers {
 /// 16 rows × 32 values of weights, column-major, and the 16 block scales.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Tile {
-    qs: [i8; BLOCK * TILE_ROWS],
-    d: [u16; TILE_ROWS],
+pub(crate) struct Tile {
+    pub(crate) qs: [i8; BLOCK * TILE_ROWS],
+    /// f16 bits.
+    pub(crate) d: [u16; TILE_ROWS],
 }
 
 /// 16 rows × 32 values as w = s·q − o: 8-bit q column-major, a scale per row and half (16
@@ -253,6 +256,14 @@ impl PackedWeight {
             k,
             isa,
         })
+    }
+
+    /// The weight for the int8 kernel: Q8_0 tiles on a CPU that runs it.
+    pub fn int8(&self) -> Option<Int8Weight<'_>> {
+        match &self.tiles {
+            Tiles::Q8_0(tiles) if int8::supported() => Some(Int8Weight::new(tiles, self.n, self.k)),
+            _ => None,
+        }
     }
 
     /// Row `row` of the weight, dequantized into `out` (`k` values): an embedding lookup.

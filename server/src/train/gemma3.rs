@@ -16,7 +16,7 @@ use tessera_adapters::TargetModule;
 use crate::model::gemma3::{attention_mask, rotary_tables, Block, RmsNorm};
 use crate::train::fused;
 use crate::train::lora::LoraParams;
-use crate::train::ops::{FrozenLinear, FrozenWeight, TiedOutputLoss};
+use crate::train::ops::{FrozenLinear, FrozenWeight, OutputLogits, TiedOutputLoss};
 use crate::LoadedModel;
 
 /// One training sequence: its tokens, and for each position whether the next token is scored.
@@ -34,9 +34,30 @@ impl Example {
 }
 
 /// The model's loss on a batch with the adapter factors as they are now.
+#[derive(Clone, Copy)]
 pub struct Trainable<'a> {
     pub model: &'a Arc<LoadedModel>,
     pub lora: &'a LoraParams,
+    pub logits: OutputLogits,
+}
+
+impl<'a> Trainable<'a> {
+    /// The fastest arithmetic this CPU has for the output logits.
+    pub fn new(model: &'a Arc<LoadedModel>, lora: &'a LoraParams) -> Self {
+        Self {
+            model,
+            lora,
+            logits: OutputLogits::Fastest,
+        }
+    }
+
+    /// The output logits in f32: a loss smooth in the adapter factors.
+    pub fn exact(self) -> Self {
+        Self {
+            logits: OutputLogits::Exact,
+            ..self
+        }
+    }
 }
 
 /// How many top layers keep their forward graphs through a training step (the rest are
@@ -208,7 +229,7 @@ impl Trainable<'_> {
     /// The summed loss of the scored rows of the last layer's output.
     fn head(&self, top: &Tensor, p: &Prepared, gradient: bool) -> candle_core::Result<Tensor> {
         let h = rms_norm(&top.index_select(&p.scored_rows, 0)?, self.model.model.output_norm())?.contiguous()?;
-        h.apply_op1(TiedOutputLoss::new(self.model.clone(), p.targets.clone(), gradient))?
+        h.apply_op1(TiedOutputLoss::new(self.model.clone(), p.targets.clone(), gradient, self.logits))?
             .sum_all()
     }
 

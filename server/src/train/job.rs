@@ -21,7 +21,7 @@ use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
 use crate::store::{unix_time, AdapterRow, JobRow, Store, StoreError};
 use crate::train::data::example;
-use crate::train::gemma3::Example;
+use crate::train::gemma3::{Example, Trainable};
 use crate::train::lora::{LoraParams, LoraSpec};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{evaluate, train_step, TrainError};
@@ -524,7 +524,7 @@ impl Tuner {
             // Gradient accumulation: a batch of any size runs as micro-batches, so memory holds
             // one micro-batch's activations.
             let micro_batches: Vec<&[Example]> = batch.chunks(MICRO_BATCH).collect();
-            let stats = train_step(&self.model, &lora, &mut optimizer, &micro_batches)?;
+            let stats = train_step(Trainable::new(&self.model, &lora), &mut optimizer, &micro_batches)?;
             trained_tokens += batch.iter().map(|e| e.tokens.len() as u64).sum::<u64>();
             let data = serde_json::json!({
                 "step": optimizer.step,
@@ -571,13 +571,13 @@ impl Tuner {
         trained_tokens: u64,
     ) -> Result<(), TuneError> {
         let batch = spec.hyperparameters.batch_size;
-        let new_loss = if held_out.is_empty() { None } else { Some(evaluate(&self.model, lora, held_out, batch)?) };
+        let new_loss = if held_out.is_empty() { None } else { Some(evaluate(Trainable::new(&self.model, lora), held_out, batch)?) };
         let current = self.store.adapter(&adapter.name)?.map_or(adapter.version, |a| a.version);
         let promote = match (&spec.data, new_loss) {
             (JobData::Files { .. }, _) | (_, None) => true,
             (JobData::Feedback { .. }, Some(new_loss)) => {
                 let current_params = LoraParams::load_peft(&self.store.version_dir(&adapter.name, current), &self.base_shape())?;
-                let current_loss = evaluate(&self.model, &current_params, held_out, batch)?;
+                let current_loss = evaluate(Trainable::new(&self.model, &current_params), held_out, batch)?;
                 let better = new_loss < current_loss;
                 self.store.add_event(
                     &job.id,

@@ -40,14 +40,10 @@ impl TrainError {
     }
 }
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 
 use crate::train::gemma3::{Example, KeptGraphs, Trainable};
-use crate::train::lora::LoraParams;
 use crate::train::optim::AdamW;
-use crate::LoadedModel;
 
 /// What one optimizer step saw.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,26 +57,21 @@ pub struct StepStats {
 
 /// Gradients of the mean token loss over `micro_batches` (accumulated one micro-batch at a
 /// time, so memory holds one micro-batch's activations), with the mean loss and token count.
-pub fn gradients(
-    model: &Arc<LoadedModel>,
-    lora: &LoraParams,
-    micro_batches: &[&[Example]],
-) -> Result<(Vec<Tensor>, f64, usize), TrainError> {
-    gradients_keeping(model, lora, micro_batches, KeptGraphs::WithinBudget)
+pub fn gradients(trainable: Trainable, micro_batches: &[&[Example]]) -> Result<(Vec<Tensor>, f64, usize), TrainError> {
+    gradients_keeping(trainable, micro_batches, KeptGraphs::WithinBudget)
 }
 
 /// [`gradients`] with the top `kept` layers' forward graphs kept instead of checkpointed.
 pub fn gradients_keeping(
-    model: &Arc<LoadedModel>,
-    lora: &LoraParams,
+    trainable: Trainable,
     micro_batches: &[&[Example]],
     kept: KeptGraphs,
 ) -> Result<(Vec<Tensor>, f64, usize), TrainError> {
-    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in micro_batches {
-        let (sum, n) = Trainable { model, lora }.accumulate_gradients(batch, kept, &vars, &mut sums)?;
+        let (sum, n) = trainable.accumulate_gradients(batch, kept, &vars, &mut sums)?;
         loss += sum;
         tokens += n;
     }
@@ -99,14 +90,9 @@ pub fn gradients_keeping(
 }
 
 /// One optimizer step over the accumulated micro-batches.
-pub fn train_step(
-    model: &Arc<LoadedModel>,
-    lora: &LoraParams,
-    optimizer: &mut AdamW,
-    micro_batches: &[&[Example]],
-) -> Result<StepStats, TrainError> {
-    let (grads, loss, tokens) = gradients(model, lora, micro_batches)?;
-    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+pub fn train_step(trainable: Trainable, optimizer: &mut AdamW, micro_batches: &[&[Example]]) -> Result<StepStats, TrainError> {
+    let (grads, loss, tokens) = gradients(trainable, micro_batches)?;
+    let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let (grad_norm, learning_rate) = optimizer.step(&vars, &grads)?;
     Ok(StepStats {
         loss,
@@ -117,15 +103,10 @@ pub fn train_step(
 }
 
 /// Mean loss per scored token of `examples`, in batches of `batch_size`, without gradients.
-pub fn evaluate(
-    model: &Arc<LoadedModel>,
-    lora: &LoraParams,
-    examples: &[Example],
-    batch_size: usize,
-) -> Result<f64, TrainError> {
+pub fn evaluate(trainable: Trainable, examples: &[Example], batch_size: usize) -> Result<f64, TrainError> {
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in examples.chunks(batch_size.max(1)) {
-        let (sum, n) = Trainable { model, lora }.loss(batch)?;
+        let (sum, n) = trainable.loss(batch)?;
         loss += sum;
         tokens += n;
     }

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use tessera_adapters::TargetModule;
 
+use crate::model::int8::{Int8Weight, QuantizedRows};
 use crate::model::linear::{sgemm_on_this_thread, QWeight, Strided};
 use crate::LoadedModel;
 
@@ -171,6 +172,26 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 /// logits stay in cache between the logits GEMM and the gradient GEMM.
 const VOCAB_CHUNK: usize = 1024;
 
+/// How the output loss computes its 262k logits per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputLogits {
+    /// In int8 where the CPU has AVX-512 VNNI (each row's h rounded as Q8_0, times the Q8_0
+    /// embedding, as llama.cpp computes the output layer), in f32 elsewhere. The gradient is the
+    /// f32 one at the softmax of these logits.
+    #[default]
+    Fastest,
+    /// In f32 against the dequantized embedding: the loss is a smooth function of h, as a
+    /// finite-difference check needs.
+    Exact,
+}
+
+/// The logits GEMM of one vocabulary chunk.
+#[derive(Clone, Copy)]
+enum LogitsKernel<'a> {
+    F32,
+    Int8 { weight: Int8Weight<'a>, h: &'a QuantizedRows },
+}
+
 /// What one thread gathers over its share of the vocabulary: each row's online softmax and, with
 /// the gradient, Σ_v exp(l_v − max)·e_v over that share.
 struct VocabShare {
@@ -183,6 +204,7 @@ impl VocabShare {
     fn gather(
         embedding: &QWeight,
         h: &[f32],
+        kernel: LogitsKernel,
         targets: &[u32],
         vocab: std::ops::Range<usize>,
         gradient: bool,
@@ -192,18 +214,29 @@ impl VocabShare {
             rows: vec![RowSoftmax::default(); rows],
             accumulated: if gradient { vec![0f32; rows * hidden] } else { Vec::new() },
         };
-        let mut weight = vec![0f32; VOCAB_CHUNK * hidden];
+        let dequantized = gradient || matches!(kernel, LogitsKernel::F32);
+        let mut weight = vec![0f32; if dequantized { VOCAB_CHUNK * hidden } else { 0 }];
         let mut logits = vec![0f32; rows * VOCAB_CHUNK];
+        let mut int8_scratch = match kernel {
+            LogitsKernel::Int8 { weight, .. } => Some(weight.scratch()),
+            LogitsKernel::F32 => None,
+        };
         for start in vocab.clone().step_by(VOCAB_CHUNK) {
             let range = start..(start + VOCAB_CHUNK).min(vocab.end);
             let width = range.len();
-            let (weight, logits) = (&mut weight[..width * hidden], &mut logits[..rows * width]);
-            embedding.dequantize_rows_into(range.clone(), weight).map_err(model_error)?;
-            // SAFETY: h is [rows, hidden], the chunk [width, hidden] read as its transpose,
-            // logits [rows, width].
-            unsafe {
-                sgemm_on_this_thread((rows, width, hidden), logits, false, Strided::rows(h, hidden), Strided::transposed(weight, hidden))
-            };
+            let logits = &mut logits[..rows * width];
+            let weight = &mut weight[..if dequantized { width * hidden } else { 0 }];
+            if dequantized {
+                embedding.dequantize_rows_into(range.clone(), weight).map_err(model_error)?;
+            }
+            match (kernel, &mut int8_scratch) {
+                (LogitsKernel::Int8 { weight, h }, Some(scratch)) => weight.matmul_rows_on_this_thread(h, range.clone(), scratch, logits),
+                // SAFETY: h is [rows, hidden], the chunk [width, hidden] read as its transpose,
+                // logits [rows, width].
+                _ => unsafe {
+                    sgemm_on_this_thread((rows, width, hidden), logits, false, Strided::rows(h, hidden), Strided::transposed(weight, hidden))
+                },
+            }
             for (i, row) in logits.chunks_exact_mut(width).enumerate() {
                 let rescale = share.rows[i].absorb(row, range.clone(), targets[i] as usize);
                 if gradient && rescale != 1.0 {
@@ -266,15 +299,17 @@ pub struct TiedOutputLoss {
     pub model: Arc<LoadedModel>,
     pub targets: Vec<u32>,
     pub gradient: bool,
+    pub logits: OutputLogits,
     grad_h: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl TiedOutputLoss {
-    pub fn new(model: Arc<LoadedModel>, targets: Vec<u32>, gradient: bool) -> Self {
+    pub fn new(model: Arc<LoadedModel>, targets: Vec<u32>, gradient: bool, logits: OutputLogits) -> Self {
         Self {
             model,
             targets,
             gradient,
+            logits,
             grad_h: std::sync::Mutex::new(None),
         }
     }
@@ -297,11 +332,19 @@ impl CustomOp1 for TiedOutputLoss {
         // no synchronisation inside the loop, and every share's softmax state joins at the end.
         let threads = rayon::current_num_threads().max(1);
         let per_thread = vocab.div_ceil(threads).div_ceil(VOCAB_CHUNK) * VOCAB_CHUNK;
+        let int8 = match self.logits {
+            OutputLogits::Fastest => embedding.int8().map(|weight| (weight, QuantizedRows::quantize(h, hidden))),
+            OutputLogits::Exact => None,
+        };
+        let kernel = match &int8 {
+            Some((weight, h)) => LogitsKernel::Int8 { weight: *weight, h },
+            None => LogitsKernel::F32,
+        };
         let shares = (0..threads)
             .into_par_iter()
             .map(|t| {
                 let share = (t * per_thread).min(vocab)..((t + 1) * per_thread).min(vocab);
-                VocabShare::gather(embedding, h, &self.targets, share, self.gradient)
+                VocabShare::gather(embedding, h, kernel, &self.targets, share, self.gradient)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let VocabShare { rows: rows_state, mut accumulated } = VocabShare::join(shares, hidden);
