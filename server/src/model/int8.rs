@@ -14,10 +14,8 @@
 
 use std::ops::Range;
 
-use crate::model::packed::Tile;
+use crate::model::packed::{Tile, BLOCK, TILE_ROWS};
 
-const BLOCK: usize = 32;
-const TILE_ROWS: usize = 16;
 /// Activation rows sharing each weight vector load.
 const ROWS_PER_PASS: usize = 8;
 
@@ -76,10 +74,6 @@ impl QuantizedRows {
             start,
         }
     }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
 }
 
 /// A Q8_0 weight `[n, k]` in the tiles of `packed`, on a CPU that runs the int8 kernel.
@@ -114,7 +108,7 @@ impl<'a> Int8Weight<'a> {
         }
     }
 
-    /// `y = x·W[rows]ᵀ`, `y: [x.rows(), rows.len()]` row-major (`rows.start` a multiple of 16),
+    /// `y = x·W[rows]ᵀ`, `y: [rows of x, rows.len()]` row-major (`rows.start` a multiple of 16),
     /// on the calling thread.
     pub fn matmul_rows_on_this_thread(&self, x: &QuantizedRows, weight_rows: Range<usize>, scratch: &mut TileRowScratch, y: &mut [f32]) {
         let (k, m, width) = (self.k, x.rows, weight_rows.len());

@@ -23,8 +23,8 @@ use half::f16;
 
 use crate::model::int8::{self, Int8Weight};
 
-const BLOCK: usize = 32;
-const TILE_ROWS: usize = 16;
+pub(crate) const BLOCK: usize = 32;
+pub(crate) const TILE_ROWS: usize = 16;
 /// Activation rows sharing each load of a weight tile.
 const ROWS_PER_PASS: usize = 8;
 const Q8_0_BLOCK_BYTES: usize = 34;

@@ -214,13 +214,13 @@ impl VocabShare {
             rows: vec![RowSoftmax::default(); rows],
             accumulated: if gradient { vec![0f32; rows * hidden] } else { Vec::new() },
         };
-        let dequantized = gradient || matches!(kernel, LogitsKernel::F32);
-        let mut weight = vec![0f32; if dequantized { VOCAB_CHUNK * hidden } else { 0 }];
-        let mut logits = vec![0f32; rows * VOCAB_CHUNK];
-        let mut int8_scratch = match kernel {
-            LogitsKernel::Int8 { weight, .. } => Some(weight.scratch()),
+        let mut int8 = match kernel {
+            LogitsKernel::Int8 { weight, h } => Some((weight, h, weight.scratch())),
             LogitsKernel::F32 => None,
         };
+        let dequantized = gradient || int8.is_none();
+        let mut weight = vec![0f32; if dequantized { VOCAB_CHUNK * hidden } else { 0 }];
+        let mut logits = vec![0f32; rows * VOCAB_CHUNK];
         for start in vocab.clone().step_by(VOCAB_CHUNK) {
             let range = start..(start + VOCAB_CHUNK).min(vocab.end);
             let width = range.len();
@@ -229,11 +229,11 @@ impl VocabShare {
             if dequantized {
                 embedding.dequantize_rows_into(range.clone(), weight).map_err(model_error)?;
             }
-            match (kernel, &mut int8_scratch) {
-                (LogitsKernel::Int8 { weight, h }, Some(scratch)) => weight.matmul_rows_on_this_thread(h, range.clone(), scratch, logits),
+            match &mut int8 {
+                Some((weight, h, scratch)) => weight.matmul_rows_on_this_thread(h, range.clone(), scratch, logits),
                 // SAFETY: h is [rows, hidden], the chunk [width, hidden] read as its transpose,
                 // logits [rows, width].
-                _ => unsafe {
+                None => unsafe {
                     sgemm_on_this_thread((rows, width, hidden), logits, false, Strided::rows(h, hidden), Strided::transposed(weight, hidden))
                 },
             }
