@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 use tessera::generate::prefill;
-use tessera::model::gemma3::SequenceChunk;
+use tessera::model::decoder::SequenceChunk;
 use tessera::model::{KvCache, LogitsFor};
 use tessera::sampler::log_softmax_at;
 use tessera::LoadedModel;
@@ -125,14 +125,19 @@ impl Step {
 /// Teacher-forced along the reference tokens: |our logprob − the reference's| of each step's
 /// reference token.
 pub fn teacher_forced_errors(case: &GenerationCase, adapters: &AdapterMix) -> Vec<f32> {
-    let model = &real_model().model;
-    let n = case.greedy.len();
-    let mut cache = KvCache::new(model.config(), case.prompt_ids.len() + n).unwrap();
+    teacher_forced_errors_on(&real_model().model, &case.prompt_ids, &case.steps, adapters)
+}
+
+/// [`teacher_forced_errors`] on any model, for a prompt and the reference's steps.
+pub fn teacher_forced_errors_on(model: &tessera::Decoder, prompt_ids: &[u32], steps: &[Step], adapters: &AdapterMix) -> Vec<f32> {
+    let greedy: Vec<u32> = steps.iter().map(|s| s.token).collect();
+    let n = greedy.len();
+    let mut cache = KvCache::new(model.config(), prompt_ids.len() + n).unwrap();
     // Step 0 scores the prompt; steps 1.. score each reference token after its predecessors.
-    let first = prefill(model, &mut cache, &case.prompt_ids, adapters).unwrap();
+    let first = prefill(model, &mut cache, prompt_ids, adapters).unwrap();
     let rest = model
         .forward(&mut [SequenceChunk {
-            tokens: &case.greedy[..n - 1],
+            tokens: &greedy[..n - 1],
             cache: &mut cache,
             logits: LogitsFor::All,
             adapters,
@@ -141,7 +146,7 @@ pub fn teacher_forced_errors(case: &GenerationCase, adapters: &AdapterMix) -> Ve
     (0..n)
         .map(|i| {
             let logits = if i == 0 { &first[..] } else { rest.row(0, i - 1) };
-            (log_softmax_at(logits, [case.steps[i].token])[0] - case.steps[i].logprob).abs()
+            (log_softmax_at(logits, [steps[i].token])[0] - steps[i].logprob).abs()
         })
         .collect()
 }

@@ -5,7 +5,7 @@
 //! computes that layer) where the CPU has AVX-512 VNNI.
 
 use candle_core::{Device, Tensor};
-use tessera::train::gemma3::{Example, Trainable};
+use tessera::train::decoder::{Example, Trainable};
 use tessera::train::lora::{LoraParams, LoraSpec};
 use tessera::train::{evaluate, gradients};
 use tessera_adapters::TargetModule;

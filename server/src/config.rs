@@ -21,6 +21,10 @@ pub struct ServeOptions {
     /// The id clients send as `model` [default: the model file's name without `.gguf`].
     #[arg(long, env = "TESSERA_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// A Jinja chat template file that replaces the model's own `tokenizer.chat_template`
+    /// [default: the model's; Gemma's for a Gemma file without one; otherwise ChatML].
+    #[arg(long, env = "TESSERA_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Longest prompt plus completion, in tokens [default: 8192, at most the model's].
     #[arg(long, env = "TESSERA_CTX_LEN")]
     pub ctx_len: Option<usize>,
@@ -99,6 +103,7 @@ pub struct ServeConfig {
     pub port: u16,
     pub model: Option<PathBuf>,
     pub served_model_name: Option<String>,
+    pub chat_template: Option<PathBuf>,
     pub ctx_len: usize,
     pub max_running_seqs: usize,
     pub max_queue: usize,
@@ -126,6 +131,7 @@ impl ServeOptions {
             port: self.port.or(other.port),
             model: self.model.or(other.model),
             served_model_name: self.served_model_name.or(other.served_model_name),
+            chat_template: self.chat_template.or(other.chat_template),
             ctx_len: self.ctx_len.or(other.ctx_len),
             max_running_seqs: self.max_running_seqs.or(other.max_running_seqs),
             max_queue: self.max_queue.or(other.max_queue),
@@ -174,6 +180,7 @@ impl ServeConfig {
             port: merged.port.unwrap_or(8080),
             model: merged.model,
             served_model_name: merged.served_model_name,
+            chat_template: merged.chat_template,
             ctx_len: positive(merged.ctx_len, 8192, "ctx_len")?,
             max_running_seqs: positive(merged.max_running_seqs, 16, "max_running_seqs")?,
             max_queue: positive(merged.max_queue, 64, "max_queue")?,

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::chat_template::{self, Turn};
+use crate::chat_template::Turn;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
@@ -141,11 +141,23 @@ pub fn parse_record(value: &serde_json::Value) -> Result<Conversation, String> {
     Ok(conversation)
 }
 
-/// A conversation trains only if it follows the chat template and ends with a non-empty
-/// assistant turn.
+/// A conversation trains only if its roles are ones every chat template knows (a system
+/// message first, then user and assistant turns alternating from the user) and it ends with a
+/// non-empty assistant turn. The model's own template renders it when it trains.
 pub fn validate(conversation: &Conversation) -> Result<(), String> {
-    chat_template::render(&conversation.turns()).map_err(|e| e.to_string())?;
-    match conversation.messages.last() {
+    let messages = &conversation.messages;
+    let offset = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    for (index, message) in messages.iter().enumerate().skip(offset) {
+        let expected = if (index - offset) % 2 == 0 { "user" } else { "assistant" };
+        if message.role != expected {
+            return Err(match message.role.as_str() {
+                "system" => format!("messages[{index}]: a system message may only come first"),
+                "user" | "assistant" => format!("messages[{index}]: expected a `{expected}` turn (turns alternate user/assistant, starting with user)"),
+                other => format!("messages[{index}]: unknown role `{other}` (use system, user or assistant)"),
+            });
+        }
+    }
+    match messages.last() {
         Some(last) if last.role == "assistant" && !last.content.is_empty() => Ok(()),
         Some(last) if last.role == "assistant" => Err("the assistant's answer is empty".into()),
         _ => Err("the last message must be the assistant's answer".into()),

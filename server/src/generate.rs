@@ -2,8 +2,8 @@
 
 use tessera_adapters::AdapterMix;
 
-use crate::model::gemma3::SequenceChunk;
-use crate::model::{Gemma3, KvCache, LogitsFor, ModelError};
+use crate::model::decoder::SequenceChunk;
+use crate::model::{Decoder, KvCache, LogitsFor, ModelError};
 use crate::sampler::{top_logprobs, Sampler, SamplingParams};
 
 /// Longest slice of a prompt run through the model at once.
@@ -34,7 +34,7 @@ pub struct Generation {
 
 /// Runs `prompt` through a fresh cache in chunks and returns the last position's logits.
 pub fn prefill(
-    model: &Gemma3,
+    model: &Decoder,
     cache: &mut KvCache,
     prompt: &[u32],
     adapters: &AdapterMix,
@@ -66,7 +66,7 @@ pub fn prefill(
 
 /// Generates up to `max_tokens` after `prompt`, calling `on_token` as each one is chosen.
 pub fn generate(
-    model: &Gemma3,
+    model: &Decoder,
     prompt: &[u32],
     params: &GenerateParams,
     adapters: &AdapterMix,

@@ -20,7 +20,8 @@ pub mod train;
 
 use std::path::Path;
 
-pub use model::{Gemma3, ModelError};
+pub use model::{Decoder, ModelError};
+pub use chat_template::ChatTemplate;
 pub use tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,23 +32,60 @@ pub enum LoadError {
     Tokenizer(#[from] tokenizer::TokenizerError),
     #[error(transparent)]
     Gguf(#[from] gguf::GgufError),
+    #[error("{path}: {source}")]
+    ChatTemplate {
+        path: String,
+        source: chat_template::TemplateError,
+    },
+    #[error("reading the chat template {path}: {source}")]
+    ChatTemplateFile { path: String, source: std::io::Error },
 }
 
-/// A model file's weights and tokenizer, read once.
+/// A model file's weights, tokenizer and chat template, read once.
 pub struct LoadedModel {
-    pub model: Gemma3,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
+    pub chat: ChatTemplate,
+}
+
+/// How to load a model beside its path.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub kernels: model::Kernels,
+    /// A Jinja chat template file that replaces the model's own.
+    pub chat_template: Option<std::path::PathBuf>,
 }
 
 impl LoadedModel {
     pub fn load(path: &Path) -> Result<Self, LoadError> {
-        Self::load_with(path, model::Kernels::Best)
+        Self::load_with(path, &LoadOptions::default())
     }
 
-    pub fn load_with(path: &Path, kernels: model::Kernels) -> Result<Self, LoadError> {
+    pub fn load_with(path: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
         let gguf = gguf::GgufFile::open(path)?;
-        let model = Gemma3::load(&gguf, kernels)?;
+        let model = Decoder::load(&gguf, options.kernels)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        Ok(Self { model, tokenizer })
+        let override_file = match &options.chat_template {
+            Some(file) => Some((
+                file.display().to_string(),
+                std::fs::read_to_string(file).map_err(|source| LoadError::ChatTemplateFile {
+                    path: file.display().to_string(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        let chat = ChatTemplate::select(
+            gguf.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()),
+            override_file,
+            model.config().family == model::config::Family::Gemma3,
+            tokenizer.token_text(tokenizer.bos_id()),
+            tokenizer.token_text(tokenizer.eos_id()),
+        )
+        .map_err(|source| LoadError::ChatTemplate {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { model, tokenizer, chat })
     }
 }

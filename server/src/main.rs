@@ -176,9 +176,13 @@ enum ModelAction {
 
 #[derive(clap::Args)]
 struct ModelArg {
-    /// A GGUF model file (default: the default model, fetched if missing).
+    /// A GGUF model file: gemma3, llama (Llama 2/3, Mistral), qwen2 or qwen3 (default: the
+    /// default model, fetched if missing).
     #[arg(long, env = "TESSERA_MODEL")]
     model: Option<PathBuf>,
+    /// A Jinja chat template file that replaces the model's own.
+    #[arg(long, env = "TESSERA_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
 }
 
 impl ModelArg {
@@ -191,7 +195,11 @@ impl ModelArg {
 
     fn load(&self) -> Result<LoadedModel> {
         let path = self.resolve()?;
-        LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()))
+        let options = tessera::LoadOptions {
+            chat_template: self.chat_template.clone(),
+            ..Default::default()
+        };
+        LoadedModel::load_with(&path, &options).with_context(|| format!("loading {}", path.display()))
     }
 }
 
@@ -259,7 +267,7 @@ fn main() -> Result<()> {
         } => {
             anyhow::ensure!(temperature >= 0.0, "--temperature must be ≥ 0");
             anyhow::ensure!(top_p > 0.0 && top_p <= 1.0, "--top-p must be in (0, 1]");
-            let LoadedModel { model, tokenizer } = model.load()?;
+            let LoadedModel { model, tokenizer, .. } = model.load()?;
             let prompt_ids = tokenizer.encode(&prompt, true, true)?;
             let params = GenerateParams {
                 max_tokens,
@@ -400,8 +408,12 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
         None => model_store::ensure_default_model()?,
     };
     let started = std::time::Instant::now();
+    let options = tessera::LoadOptions {
+        chat_template: config.chat_template.clone(),
+        ..Default::default()
+    };
     let model = std::sync::Arc::new(
-        LoadedModel::load(&path).with_context(|| format!("loading {}", path.display()))?,
+        LoadedModel::load_with(&path, &options).with_context(|| format!("loading {}", path.display()))?,
     );
     let model_id = config.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem()

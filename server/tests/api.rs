@@ -326,6 +326,11 @@ async fn invalid_parameters_name_the_field() {
         assert_error(status, &err, StatusCode::BAD_REQUEST, Some(param), None);
     }
 
+    // The chat template's own refusal is the client's error, with the template's reason.
+    let (status, err) = post(&r, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})).await;
+    assert_error(status, &err, StatusCode::BAD_REQUEST, Some("messages"), None);
+    assert!(err["error"]["message"].as_str().unwrap().contains("messages[1]: turns alternate user/assistant"), "{err}");
+
     // Unknown model, context overflow, malformed JSON and wrong types.
     let (status, err) = post(&r, "/v1/chat/completions", json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})).await;
     assert_error(status, &err, StatusCode::NOT_FOUND, Some("model"), Some("model_not_found"));

@@ -57,9 +57,64 @@ fn corrupt_file() {
 #[test]
 fn unknown_architecture() {
     let mut w = tiny_gemma3(1);
+    w.metadata("general.architecture", Value::String("mamba".into()));
+    let (err, path) = load_error(&w.to_bytes());
+    assert_names(&err, &path, "unsupported architecture `mamba` (supported: gemma3, llama, qwen2, qwen3)");
+
+    // A supported architecture whose keys the file lacks: the key is named.
+    let mut w = tiny_gemma3(1);
     w.metadata("general.architecture", Value::String("llama".into()));
     let (err, path) = load_error(&w.to_bytes());
-    assert_names(&err, &path, "unsupported architecture `llama`");
+    assert_names(&err, &path, "metadata `llama.embedding_length` is missing");
+}
+
+#[test]
+fn shapes_the_decoder_does_not_run() {
+    let mut w = tiny_gemma3(1);
+    w.metadata("gemma3.attention.head_count", Value::U32(3)).metadata("gemma3.attention.head_count_kv", Value::U32(2));
+    let (err, path) = load_error(&w.to_bytes());
+    assert_names(&err, &path, "architecture `gemma3` is not supported in this shape: `gemma3.attention.head_count_kv` = 2 must divide `gemma3.attention.head_count` = 3");
+
+    let mut w = tiny_gemma3(1);
+    w.metadata("gemma3.expert_count", Value::U32(8));
+    let (err, path) = load_error(&w.to_bytes());
+    assert_names(&err, &path, "mixture-of-experts files (`gemma3.expert_count` = 8) are not supported");
+
+    let mut w = tiny_gemma3(1);
+    w.metadata("gemma3.rope.dimension_count", Value::U32(129));
+    let (err, path) = load_error(&w.to_bytes());
+    assert_names(&err, &path, "`gemma3.rope.dimension_count` = 129 must be even");
+}
+
+#[test]
+fn a_missing_tensor_is_named_with_the_architecture() {
+    let bytes = tiny_gemma3(1).to_bytes();
+    // Rename one tensor in place: same length, so the file stays well-formed.
+    let mut patched = bytes.clone();
+    let at = bytes.windows(19).position(|w| w == b"blk.2.ffn_up.weight").unwrap();
+    patched[at + 10..at + 12].copy_from_slice(b"UP");
+    let (err, path) = load_error(&patched);
+    assert_names(&err, &path, "architecture `gemma3` is not supported in this shape: tensor `blk.2.ffn_up.weight` is missing");
+}
+
+#[test]
+fn an_unknown_pre_tokenizer_or_a_broken_chat_template_is_named() {
+    let mut w = tiny_gemma3(1);
+    w.metadata("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .metadata("tokenizer.ggml.pre", Value::String("deepseek-coder".into()))
+        .metadata("tokenizer.ggml.merges", Value::Array(Vec::new()));
+    let (err, path) = load_error(&w.to_bytes());
+    assert_names(&err, &path, "pre-tokenizer `deepseek-coder` (`tokenizer.ggml.pre`) is not supported");
+
+    let mut w = tiny_gemma3(1);
+    w.metadata("tokenizer.ggml.model", Value::String("wordpiece".into()));
+    let (err, path) = load_error(&w.to_bytes());
+    assert_names(&err, &path, "tokenizer model `wordpiece`");
+
+    let mut w = tiny_gemma3(1);
+    w.metadata("tokenizer.chat_template", Value::String("{% for m in messages %}{{ m.content }".into()));
+    let (err, path) = load_error(&w.to_bytes());
+    assert_names(&err, &path, "the chat template (the model's tokenizer.chat_template) does not compile");
 }
 
 #[test]
@@ -79,4 +134,5 @@ fn shape_mismatch() {
     let (err, path) = load_error(&w.to_bytes());
     assert_names(&err, &path, "blk.3.ffn_norm.weight");
     assert!(err.contains("has shape [64], expected [320]"), "{err}");
+    assert!(err.contains("architecture `gemma3`"), "{err}");
 }

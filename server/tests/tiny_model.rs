@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use tessera::generate::{generate, GenerateParams};
-use tessera::model::gemma3::SequenceChunk;
+use tessera::model::decoder::SequenceChunk;
 use tessera::model::synthetic::{self, tiny_gemma3};
 use tessera::model::{KvCache, LogitsFor, ModelError};
 use tessera::sampler::SamplingParams;
@@ -35,8 +35,12 @@ fn loads_with_the_architecture_from_the_metadata() {
     let (_dir, m) = tiny_model();
     let c = m.model.config();
     assert_eq!((c.hidden, c.n_layers, c.n_heads, c.n_kv_heads), (320, 7, 2, 1));
-    assert_eq!((c.head_dim, c.ffn_hidden, c.sliding_window), (128, 512, 4));
-    assert!(c.is_global_layer(5) && !c.is_global_layer(4) && !c.is_global_layer(6));
+    assert_eq!((c.head_dim, c.ffn_hidden, c.sliding_window), (128, 512, Some(4)));
+    assert_eq!(c.window(5), None, "every sixth layer is global");
+    assert_eq!((c.window(4), c.window(6)), (Some(4), Some(4)));
+    assert_eq!(c.family, tessera::model::config::Family::Gemma3);
+    assert_eq!(c.rope.style, tessera::model::config::RopeStyle::NeoX);
+    assert_eq!(c.embedding_scale, Some((320f64).sqrt()));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use tessera::dataset::{Conversation, Message};
 use tessera::model::synthetic::tiny_gemma3;
 use tessera::train::data::example;
-use tessera::train::gemma3::{Example, KeptGraphs, Trainable};
+use tessera::train::decoder::{Example, KeptGraphs, Trainable};
 use tessera::train::lora::{LoraParams, LoraSpec};
 use tessera::train::optim::{AdamW, AdamWConfig};
 use tessera::train::{evaluate, gradients, gradients_keeping, train_step};
@@ -34,7 +34,7 @@ fn pair(user: &str, assistant: &str) -> Conversation {
 fn examples(model: &LoadedModel, pairs: &[(&str, &str)]) -> Vec<Example> {
     pairs
         .iter()
-        .map(|(u, a)| example(&model.tokenizer, &pair(u, a), 64).unwrap().unwrap())
+        .map(|(u, a)| example(&model.tokenizer, &model.chat, &pair(u, a), 64).unwrap().unwrap())
         .collect()
 }
 

@@ -58,7 +58,7 @@ pub async fn chat_completions(
     }
     let (text, adapters, plugin_messages) = match &plugin {
         None => (
-            validate::chat_prompt(&req.messages)?,
+            validate::chat_prompt(&app.model.chat, &req.messages, true)?,
             app.lease_adapters(&req.model, &req.sampling.adapters)?,
             Vec::new(),
         ),
@@ -73,7 +73,7 @@ pub async fn chat_completions(
                     rewritten.insert(0, PluginMessage { role: "system".into(), content: system.clone() });
                 }
             }
-            let text = validate::render_turns(rewritten.iter().map(|m| (m.role.as_str(), m.content.as_str())))?;
+            let text = validate::render_turns(&app.model.chat, rewritten.iter().map(|m| (m.role.as_str(), m.content.as_str())), true)?;
             (text, app.lease_plugin_adapters(plugin, &req.sampling.adapters)?, rewritten)
         }
     };

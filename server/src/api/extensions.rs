@@ -22,7 +22,7 @@ pub async fn tokenize(
     }
     let text = match (&req.prompt, &req.messages) {
         (Some(prompt), None) => prompt.clone(),
-        (None, Some(messages)) => validate::chat_prompt(messages)?,
+        (None, Some(messages)) => validate::chat_prompt(&app.model.chat, messages, req.add_generation_prompt.unwrap_or(true))?,
         _ => {
             return Err(AppError::invalid(
                 "prompt",

@@ -252,9 +252,12 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     /// Text to tokenize (or give `messages`).
     pub prompt: Option<String>,
-    /// Chat messages, rendered through the chat template first.
+    /// Chat messages, rendered through the model's chat template first.
     pub messages: Option<Vec<ChatMessage>>,
-    /// Prepend `<bos>` and parse special-token strings (default true).
+    /// With `messages`: end the prompt with the opening of the assistant's turn (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Prepend the model's BOS token (where its tokenizer adds one) and parse special-token
+    /// strings (default true).
     pub add_special_tokens: Option<bool>,
 }
 

@@ -2,7 +2,7 @@
 
 use crate::api::error::AppError;
 use crate::api::types::{ChatMessage, MessageContent, SamplingFields, StopSpec};
-use crate::chat_template::{self, Turn};
+use crate::chat_template::{ChatTemplate, Turn};
 use crate::sampler::SamplingParams;
 
 /// The most choices one request may ask for.
@@ -112,10 +112,10 @@ pub fn for_choice(params: &SamplingParams, index: usize) -> SamplingParams {
     }
 }
 
-/// Renders chat messages through the template.
-pub fn chat_prompt(messages: &[ChatMessage]) -> Result<String, AppError> {
+/// Renders chat messages through the model's template.
+pub fn chat_prompt(template: &ChatTemplate, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, AppError> {
     let texts = message_texts(messages)?;
-    render_turns(texts.iter().map(|(role, text)| (role.as_str(), text.as_str())))
+    render_turns(template, texts.iter().map(|(role, text)| (role.as_str(), text.as_str())), add_generation_prompt)
 }
 
 /// Each message's role and text (content parts joined; only text parts are accepted).
@@ -146,15 +146,18 @@ pub fn message_texts(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, 
     Ok(out)
 }
 
-/// The chat template over (role, text) turns.
-pub fn render_turns<'a>(turns: impl Iterator<Item = (&'a str, &'a str)>) -> Result<String, AppError> {
+/// The chat template over (role, text) turns; a template that cannot render them is the
+/// request's fault (400 on `messages`).
+pub fn render_turns<'a>(template: &ChatTemplate, turns: impl Iterator<Item = (&'a str, &'a str)>, add_generation_prompt: bool) -> Result<String, AppError> {
     let turns: Vec<Turn> = turns
         .map(|(role, text)| Turn {
             role,
             text: text.to_string(),
         })
         .collect();
-    chat_template::render(&turns).map_err(|e| AppError::invalid("messages", e.to_string()))
+    template
+        .render(&turns, add_generation_prompt)
+        .map_err(|e| AppError::invalid("messages", e.to_string()))
 }
 
 /// Checks that prompt plus completion fit the context.

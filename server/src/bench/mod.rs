@@ -11,7 +11,7 @@ use std::time::Instant;
 use tessera_adapters::AdapterMix;
 
 use crate::generate::prefill;
-use crate::model::gemma3::SequenceChunk;
+use crate::model::decoder::SequenceChunk;
 use crate::model::{KvCache, LogitsFor};
 use crate::sampler::argmax;
 use crate::{LoadError, LoadedModel};
@@ -57,13 +57,13 @@ pub fn run(model_path: &Path, runs: usize, decode_tokens: usize) -> Result<Vec<M
         load.samples.push(start.elapsed().as_secs_f64());
         loaded = Some(m);
     }
-    let Some(LoadedModel { model, tokenizer }) = loaded else {
+    let Some(LoadedModel { model, tokenizer, .. }) = loaded else {
         unreachable!("runs ≥ 1");
     };
     let none = AdapterMix::default();
     let text_ids = tokenizer.encode(&BENCH_TEXT.repeat(40), false, false)?;
     let prompt = |n: usize| -> Vec<u32> {
-        std::iter::once(tokenizer.bos_id())
+        tokenizer.bos_prefix().into_iter()
             .chain(text_ids.iter().copied().cycle())
             .take(n)
             .collect()

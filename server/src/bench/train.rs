@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::bench::{Measurement, BENCH_TEXT};
-use crate::train::gemma3::{Example, Trainable};
+use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{LoraParams, LoraSpec};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{train_step, TrainError};
@@ -39,7 +39,7 @@ fn instruction_examples(model: &LoadedModel, path: &Path, seq_len: usize) -> Res
             None => record.clone(),
         };
         let conversation = crate::dataset::parse_record(&record).map_err(|e| anyhow::anyhow!("{}: record {i}: {e}", path.display()))?;
-        if let Some(example) = crate::train::data::example(&model.tokenizer, &conversation, seq_len)? {
+        if let Some(example) = crate::train::data::example(&model.tokenizer, &model.chat, &conversation, seq_len)? {
             examples.push(example);
         }
     }
@@ -86,7 +86,7 @@ pub fn run(model_path: &Path, load: &TrainLoad) -> Result<Vec<Measurement>, anyh
     let text = model.tokenizer.encode(&BENCH_TEXT.repeat(20), false, false)?;
     let batch: Vec<Example> = (0..load.batch)
         .map(|i| {
-            let tokens: Vec<u32> = std::iter::once(model.tokenizer.bos_id())
+            let tokens: Vec<u32> = model.tokenizer.bos_prefix().into_iter()
                 .chain(text.iter().copied().cycle().skip(i * 17))
                 .take(load.seq_len)
                 .collect();

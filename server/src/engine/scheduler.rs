@@ -11,7 +11,7 @@ use tessera_adapters::AdapterMix;
 use super::sequence::Sequence;
 use super::{EngineConfig, Submission};
 use crate::metrics::Metrics;
-use crate::model::gemma3::SequenceChunk;
+use crate::model::decoder::SequenceChunk;
 use crate::LoadedModel;
 
 /// Prompts are prefilled in chunks ending on multiples of this, whatever else is running.

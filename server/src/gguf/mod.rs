@@ -46,6 +46,12 @@ pub enum GgufError {
         found: String,
         supported: &'static str,
     },
+    #[error("{path}: architecture `{arch}` is not supported in this shape: {reason}")]
+    UnsupportedShape {
+        path: PathBuf,
+        arch: String,
+        reason: String,
+    },
     #[error("{path}: metadata `{key}` is missing or has the wrong type (expected {expected})")]
     Metadata {
         path: PathBuf,
@@ -403,6 +409,14 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn has_key(&self, key: &str) -> bool {
+        self.metadata.contains_key(key)
     }
 
     fn metadata_error(&self, key: &str, expected: &'static str) -> GgufError {

@@ -437,9 +437,12 @@ fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
         });
 }
 
-/// A linear layer of a transformer block: the seam where LoRA deltas join the base matmul.
+/// A linear layer of a transformer block: the seam where LoRA deltas join the base matmul,
+/// `y = x·Wᵀ + b + Σ deltas`, with b where the file has a bias (Qwen 2's q, k and v).
 pub struct QLinear {
     pub(crate) weight: QWeight,
+    /// `[out]`.
+    pub(crate) bias: Option<Tensor>,
     layer: usize,
     module: TargetModule,
 }
@@ -453,8 +456,10 @@ impl QLinear {
         kernels: Kernels,
     ) -> Result<Self, ModelError> {
         let name = format!("blk.{layer}.{}.weight", module.gguf_name());
+        let bias_name = format!("blk.{layer}.{}.bias", module.gguf_name());
         Ok(Self {
             weight: QWeight::load(gguf, &name, shape, kernels)?,
+            bias: gguf.has_tensor(&bias_name).then(|| load_vector(gguf, &bias_name, shape.0)).transpose()?,
             layer,
             module,
         })
@@ -463,6 +468,19 @@ impl QLinear {
     /// `x: [rows, in] → [rows, out]`. The base matmul runs once over every row of the batch;
     /// each segment's adapter delta touches only its own rows.
     pub fn forward(
+        &self,
+        x: &Tensor,
+        segments: &[RowSegment],
+        scratch: &mut Vec<f32>,
+    ) -> Result<Tensor, ModelError> {
+        let y = self.forward_without_bias(x, segments, scratch)?;
+        Ok(match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        })
+    }
+
+    fn forward_without_bias(
         &self,
         x: &Tensor,
         segments: &[RowSegment],

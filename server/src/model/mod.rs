@@ -1,15 +1,20 @@
-//! Model families. One file per architecture; the shared pieces (quantized linear layers with
-//! their LoRA seam, the KV cache) sit beside them.
+//! The decoder and its parts, one file per concern: the per-family configuration read from the
+//! GGUF metadata, attention, RoPE, the quantized linear layers with their LoRA seam, the kernels
+//! and the KV cache.
 
+pub mod attention;
+pub mod config;
+pub mod decoder;
 pub mod gelu;
-pub mod gemma3;
 pub mod int8;
 pub mod kv_cache;
 pub mod linear;
 pub mod packed;
+pub mod rope;
 pub mod synthetic;
 
-pub use gemma3::{Config, Gemma3};
+pub use config::Config;
+pub use decoder::Decoder;
 pub use kv_cache::KvCache;
 pub use linear::Kernels;
 
@@ -29,6 +34,25 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("empty input: a sequence in the batch has no tokens")]
     EmptyInput,
+}
+
+impl ModelError {
+    /// A missing or misshapen tensor, said as what this file's architecture lacks.
+    pub(crate) fn for_architecture(self, gguf: &crate::gguf::GgufFile) -> Self {
+        let arch = gguf.get_str("general.architecture").unwrap_or("unknown").to_string();
+        let reason = match &self {
+            ModelError::Gguf(GgufError::MissingTensor { tensor, .. }) => format!("tensor `{tensor}` is missing"),
+            ModelError::Gguf(GgufError::ShapeMismatch { tensor, found, expected, .. }) => {
+                format!("tensor `{tensor}` has shape {found:?}, expected {expected:?} from the metadata")
+            }
+            _ => return self,
+        };
+        ModelError::Gguf(GgufError::UnsupportedShape {
+            path: gguf.path().to_path_buf(),
+            arch,
+            reason,
+        })
+    }
 }
 
 /// Which positions of a chunk need logits. Computing them costs a 262k-wide matmul per row, so

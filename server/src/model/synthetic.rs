@@ -91,6 +91,8 @@ pub fn tiny_gemma3(seed: u64) -> GgufWriter {
         .metadata("gemma3.attention.sliding_window", Value::U32(SLIDING_WINDOW as u32))
         .metadata("gemma3.rope.freq_base", Value::F32(1_000_000.0))
         .metadata("tokenizer.ggml.model", s("llama"))
+        // As Gemma's own files say: no `▁` before the text.
+        .metadata("tokenizer.ggml.add_space_prefix", Value::Bool(false))
         .metadata(
             "tokenizer.ggml.tokens",
             Value::Array(vocab.iter().map(|t| s(&t.0)).collect()),

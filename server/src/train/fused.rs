@@ -1,9 +1,9 @@
-//! The per-layer elementwise maths of Gemma 3 as single ops with hand-written backward passes,
+//! The per-layer elementwise maths of the decoder as single ops with hand-written backward passes,
 //! instead of chains of generic tensor ops (each of which allocates, and keeps, a tensor):
 //!
 //! - RMSNorm: y = x·r·w, r = 1/√(mean(x²) + ε);  ∂x_j = r·w_j·g_j − x_j·r³·Σ_i(g_i·w_i·x_i)/d
-//! - RoPE (NeoX halves): (x₁, x₂) ↦ (x₁c − x₂s, x₂c + x₁s);  the backward rotates by −θ
-//! - GeGLU: y = gelu(a)·u (tanh form);  ∂a = g·u·gelu′(a), ∂u = g·gelu(a)
+//! - RoPE (either pairing): (x₁, x₂) ↦ (x₁c − x₂s, x₂c + x₁s);  the backward rotates by −θ
+//! - GeGLU / SwiGLU: y = act(a)·u (GELU-tanh or SiLU);  ∂a = g·u·act′(a), ∂u = g·act(a)
 //! - softmax over the last axis: ∂x = y ⊙ (g − Σ g⊙y)
 //! - a frozen linear layer with its LoRA factors: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ;
 //!   ∂B = s·gᵀ·(x·Aᵀ), ∂A = s·(g·B)ᵀ·x, ∂x = g·W + s·(g·B)·A
@@ -15,7 +15,9 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::model::config::Activation;
 use crate::model::linear::{sgemm, Strided};
+use crate::model::rope::RotaryTables;
 use crate::train::ops::{contiguous_f32, exp_nonpositive, model_error, tensor_values, FrozenWeight};
 use crate::LoadedModel;
 
@@ -71,33 +73,22 @@ impl CustomOp1 for RmsNorm {
     }
 }
 
-/// RoPE over `x: [rows, heads, d]` with per-row tables `[rows, d/2]`.
+/// RoPE over `x: [rows, heads, d]` with the rows' tables.
 pub struct Rope {
-    pub cos: Arc<Vec<f32>>,
-    pub sin: Arc<Vec<f32>>,
-    pub head_dim: usize,
+    pub tables: Arc<RotaryTables>,
 }
 
 impl Rope {
     /// Rotates every head of every row by +θ (`sign` 1) or −θ (`sign` −1).
-    fn rotate(&self, x: &[f32], sign: f32) -> Vec<f32> {
-        let (d, half) = (self.head_dim, self.head_dim / 2);
-        let row_width = x.len() / (self.cos.len() / half);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(row_width).zip(x.par_chunks(row_width)).enumerate().for_each(|(row, (y, x))| {
-            let cos = &self.cos[row * half..(row + 1) * half];
-            let sin = &self.sin[row * half..(row + 1) * half];
-            for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let (y1, y2) = y.split_at_mut(half);
-                let (x1, x2) = x.split_at(half);
-                for i in 0..half {
-                    let s = sign * sin[i];
-                    y1[i] = x1[i] * cos[i] - x2[i] * s;
-                    y2[i] = x2[i] * cos[i] + x1[i] * s;
-                }
+    fn rotate(&self, x: &[f32], shape: &Shape, sign: f32) -> candle_core::Result<Vec<f32>> {
+        let (_, heads, d) = shape.dims3()?;
+        let mut y = x.to_vec();
+        y.par_chunks_mut(heads * d).enumerate().for_each(|(row, y)| {
+            for head in y.chunks_exact_mut(d) {
+                self.tables.rotate(row, head, sign);
             }
         });
-        y
+        Ok(y)
     }
 }
 
@@ -108,11 +99,11 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, self.name())?;
-        Ok((CpuStorage::F32(self.rotate(x, 1.0)), layout.shape().clone()))
+        Ok((CpuStorage::F32(self.rotate(x, layout.shape(), 1.0)?), layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(Tensor::from_vec(self.rotate(&tensor_values(g)?, -1.0), x.shape(), &Device::Cpu)?))
+        Ok(Some(Tensor::from_vec(self.rotate(&tensor_values(g)?, x.shape(), -1.0)?, x.shape(), &Device::Cpu)?))
     }
 }
 
@@ -135,12 +126,29 @@ fn gelu_and_slope(a: f32) -> (f32, f32) {
     (gelu, slope)
 }
 
-/// gelu(gate)·up.
-pub struct Geglu;
+/// silu(a) = a·σ(a) and its derivative σ(a)·(1 + a·(1 − σ(a))).
+fn silu_and_slope(a: f32) -> (f32, f32) {
+    let sigmoid = 1.0 / (1.0 + (-a).exp());
+    (a * sigmoid, sigmoid * (1.0 + a * (1.0 - sigmoid)))
+}
 
-impl CustomOp2 for Geglu {
+/// act(gate)·up, with the family's activation (GeGLU or SwiGLU).
+pub struct GatedUnit {
+    pub activation: Activation,
+}
+
+impl GatedUnit {
+    fn act_and_slope(&self, a: f32) -> (f32, f32) {
+        match self.activation {
+            Activation::GeluTanh => gelu_and_slope(a),
+            Activation::Silu => silu_and_slope(a),
+        }
+    }
+}
+
+impl CustomOp2 for GatedUnit {
     fn name(&self) -> &'static str {
-        "geglu"
+        "gated-unit"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -148,7 +156,7 @@ impl CustomOp2 for Geglu {
         let mut y = vec![0f32; gate.len()];
         y.par_chunks_mut(4096).zip(gate.par_chunks(4096).zip(up.par_chunks(4096))).for_each(|(y, (a, u))| {
             for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
-                *y = gelu_and_slope(a).0 * u;
+                *y = self.act_and_slope(a).0 * u;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -164,9 +172,9 @@ impl CustomOp2 for Geglu {
             .zip(a.par_chunks(4096).zip(u.par_chunks(4096)).zip(g.par_chunks(4096)))
             .for_each(|((dg, du), ((a, u), g))| {
                 for i in 0..a.len() {
-                    let (gelu, slope) = gelu_and_slope(a[i]);
+                    let (act, slope) = self.act_and_slope(a[i]);
                     dg[i] = g[i] * u[i] * slope;
-                    du[i] = g[i] * gelu;
+                    du[i] = g[i] * act;
                 }
             });
         Ok((

@@ -21,7 +21,7 @@ use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
 use crate::store::{unix_time, AdapterRow, JobRow, Store, StoreError};
 use crate::train::data::example;
-use crate::train::gemma3::{Example, Trainable};
+use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{LoraParams, LoraSpec};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{evaluate, train_step, TrainError};
@@ -382,7 +382,7 @@ impl Tuner {
         let mut examples = Vec::with_capacity(conversations.len());
         let mut skipped = 0;
         for conversation in conversations {
-            match example(&self.model.tokenizer, conversation, self.settings.max_seq_len)? {
+            match example(&self.model.tokenizer, &self.model.chat, conversation, self.settings.max_seq_len)? {
                 Some(e) => examples.push(e),
                 None => skipped += 1,
             }

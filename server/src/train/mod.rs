@@ -4,7 +4,7 @@
 pub mod data;
 pub mod durable;
 pub mod fused;
-pub mod gemma3;
+pub mod decoder;
 pub mod job;
 pub mod lora;
 pub mod ops;
@@ -42,7 +42,7 @@ impl TrainError {
 
 use candle_core::Tensor;
 
-use crate::train::gemma3::{Example, KeptGraphs, Trainable};
+use crate::train::decoder::{Example, KeptGraphs, Trainable};
 use crate::train::optim::AdamW;
 
 /// What one optimizer step saw.

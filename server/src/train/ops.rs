@@ -3,9 +3,9 @@
 //!
 //! - `FrozenLinear`: y = x·Wᵀ, so ∂L/∂x = ∂L/∂y · W, through W dequantized chunk by chunk. W
 //!   itself gets no gradient: QLoRA trains only the adapter factors beside it.
-//! - `TiedOutputLoss`: the cross-entropy of the tied output projection, ℓᵢ = logsumexp(hᵢ·Eᵀ) −
-//!   hᵢ·e_{yᵢ}, computed over the 262k-token vocabulary in chunks so that the full logits are
-//!   never held: ∂ℓᵢ/∂hᵢ = Σ_v (softmax(hᵢ·Eᵀ)_v − [v = yᵢ])·e_v.
+//! - `OutputLoss`: the cross-entropy of the output projection E (tied to the embedding or the
+//!   file's own `output.weight`), ℓᵢ = logsumexp(hᵢ·Eᵀ) − hᵢ·e_{yᵢ}, computed over the
+//!   vocabulary (262k tokens for Gemma) in chunks so that the full logits are never held: ∂ℓᵢ/∂hᵢ = Σ_v (softmax(hᵢ·Eᵀ)_v − [v = yᵢ])·e_v.
 
 use std::sync::Arc;
 
@@ -14,34 +14,32 @@ use rayon::prelude::*;
 use tessera_adapters::TargetModule;
 
 use crate::model::int8::{Int8Weight, QuantizedRows};
-use crate::model::linear::{sgemm_on_this_thread, QWeight, Strided};
+use crate::model::linear::{sgemm_on_this_thread, QLinear, QWeight, Strided};
 use crate::LoadedModel;
 
-/// Which frozen weight of the served model an op reads.
+/// Which frozen linear layer of the served model an op reads.
 #[derive(Debug, Clone, Copy)]
-pub enum FrozenWeight {
-    Linear { layer: usize, module: TargetModule },
-    Embedding,
+pub struct FrozenWeight {
+    pub layer: usize,
+    pub module: TargetModule,
 }
 
 impl FrozenWeight {
-    pub fn of(self, model: &LoadedModel) -> &QWeight {
-        match self {
-            FrozenWeight::Embedding => model.model.embedding(),
-            FrozenWeight::Linear { layer, module } => {
-                let block = &model.model.blocks()[layer];
-                let linear = match module {
-                    TargetModule::Q => &block.q,
-                    TargetModule::K => &block.k,
-                    TargetModule::V => &block.v,
-                    TargetModule::O => &block.o,
-                    TargetModule::Gate => &block.gate,
-                    TargetModule::Up => &block.up,
-                    TargetModule::Down => &block.down,
-                };
-                &linear.weight
-            }
+    pub fn linear(self, model: &LoadedModel) -> &QLinear {
+        let block = &model.model.blocks()[self.layer];
+        match self.module {
+            TargetModule::Q => &block.q,
+            TargetModule::K => &block.k,
+            TargetModule::V => &block.v,
+            TargetModule::O => &block.o,
+            TargetModule::Gate => &block.gate,
+            TargetModule::Up => &block.up,
+            TargetModule::Down => &block.down,
         }
+    }
+
+    pub fn of(self, model: &LoadedModel) -> &QWeight {
+        &self.linear(model).weight
     }
 }
 
@@ -288,14 +286,14 @@ impl VocabShare {
     }
 }
 
-/// Per-row cross-entropy `[rows]` of the tied output projection for `h: [rows, hidden]` (already
+/// Per-row cross-entropy `[rows]` of the output projection for `h: [rows, hidden]` (already
 /// through the final norm) against `targets`.
 ///
 /// With `gradient`, the same single pass over the vocabulary also accumulates ∂ℓᵢ/∂hᵢ, the
 /// online-softmax way: Σ_v exp(l_v − mᵢ)·e_v with the running maximum mᵢ, rescaled whenever mᵢ
 /// grows, divided by the final Σ_v exp(l_v − mᵢ) at the end. Each row's loss depends on its own
 /// h only, so the backward pass just scales those rows by the incoming gradient.
-pub struct TiedOutputLoss {
+pub struct OutputLoss {
     pub model: Arc<LoadedModel>,
     pub targets: Vec<u32>,
     pub gradient: bool,
@@ -303,7 +301,7 @@ pub struct TiedOutputLoss {
     grad_h: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
-impl TiedOutputLoss {
+impl OutputLoss {
     pub fn new(model: Arc<LoadedModel>, targets: Vec<u32>, gradient: bool, logits: OutputLogits) -> Self {
         Self {
             model,
@@ -315,9 +313,9 @@ impl TiedOutputLoss {
     }
 }
 
-impl CustomOp1 for TiedOutputLoss {
+impl CustomOp1 for OutputLoss {
     fn name(&self) -> &'static str {
-        "tied-output-cross-entropy"
+        "output-cross-entropy"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -326,7 +324,7 @@ impl CustomOp1 for TiedOutputLoss {
         if rows != self.targets.len() {
             candle_core::bail!("{rows} rows for {} targets", self.targets.len());
         }
-        let embedding = self.model.model.embedding();
+        let embedding = self.model.model.output();
         let (vocab, hidden) = (embedding.out_features(), embedding.in_features());
         // One contiguous share of the vocabulary per thread, each streamed on its own thread:
         // no synchronisation inside the loop, and every share's softmax state joins at the end.

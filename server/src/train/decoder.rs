@@ -1,8 +1,8 @@
-//! Gemma 3 once more, differentiable: the same maths as `model::gemma3`, written with candle
-//! tensor ops that carry gradients (RMSNorm, RoPE and softmax in their plain forms, GELU-tanh),
-//! (as fused ops with their own backward passes, `train::fused`), over the served model's frozen
-//! quantized weights, with trainable LoRA factors beside every
-//! targeted linear layer:
+//! The decoder once more, differentiable: the same maths as `model::decoder`, configured by the
+//! same `Config` for every family, written with candle tensor ops that carry gradients (RMSNorm,
+//! RoPE, the gated activation and softmax as fused ops with their own backward passes,
+//! `train::fused`), over the served model's frozen quantized weights, with trainable LoRA
+//! factors beside every targeted linear layer:
 //!
 //!   y = x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ        (W frozen, 8-bit; A, B f32 and trained)
 //!
@@ -13,10 +13,13 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, Var};
 use tessera_adapters::TargetModule;
 
-use crate::model::gemma3::{attention_mask, rotary_tables, Block, RmsNorm};
+use crate::model::attention::attention_mask;
+use crate::model::decoder::{Block, RmsNorm};
+use crate::model::rope::RotaryTables;
+use crate::model::Config;
 use crate::train::fused;
 use crate::train::lora::LoraParams;
-use crate::train::ops::{FrozenLinear, FrozenWeight, OutputLogits, TiedOutputLoss};
+use crate::train::ops::{FrozenLinear, FrozenWeight, OutputLogits, OutputLoss};
 use crate::LoadedModel;
 
 /// One training sequence: its tokens, and for each position whether the next token is scored.
@@ -78,34 +81,41 @@ fn rms_norm(x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
     })
 }
 
-/// The rotary tables of `positions` (see `model::gemma3::rotary_tables`).
-fn rotary(positions: &[usize], base: f64, head_dim: usize) -> Rotary {
-    let (cos, sin) = rotary_tables(positions, base, head_dim);
-    Rotary {
-        cos: Arc::new(cos),
-        sin: Arc::new(sin),
-        head_dim,
+/// RoPE of `x: [rows, heads, d]` at each row's position.
+fn rotate(x: &Tensor, tables: &Arc<RotaryTables>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(fused::Rope { tables: tables.clone() })
+}
+
+/// `x: [rows, heads·d]` through the per-head norm (where the layer has one), then RoPE.
+fn norm_and_rotate_heads(x: &Tensor, heads: usize, head_dim: usize, norm: Option<&RmsNorm>, rope: &Arc<RotaryTables>) -> candle_core::Result<Tensor> {
+    let rows = x.dim(0)?;
+    let mut h = x.reshape((rows, heads, head_dim))?;
+    if let Some(norm) = norm {
+        h = rms_norm(&h, norm)?;
+    }
+    rotate(&h, rope)?.reshape((rows, heads * head_dim))
+}
+
+/// x + post(branch), as in the serving decoder.
+fn residual_add(x: &Tensor, branch: &Tensor, post: Option<&RmsNorm>) -> candle_core::Result<Tensor> {
+    match post {
+        Some(norm) => x + rms_norm(branch, norm)?,
+        None => x + branch,
     }
 }
 
-struct Rotary {
-    cos: Arc<Vec<f32>>,
-    sin: Arc<Vec<f32>>,
-    head_dim: usize,
-}
-
-/// NeoX rotation of `x: [rows, heads, d]`: (x₁, x₂) ↦ (x₁·cos − x₂·sin, x₂·cos + x₁·sin).
-fn rotate(x: &Tensor, rotary: &Rotary) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(fused::Rope {
-        cos: rotary.cos.clone(),
-        sin: rotary.sin.clone(),
-        head_dim: rotary.head_dim,
-    })
-}
-
 impl Trainable<'_> {
+    /// x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for the layer's frozen W (and bias b where it has one).
     fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> candle_core::Result<Tensor> {
-        let weight = FrozenWeight::Linear { layer, module };
+        let y = self.linear_without_bias(x, layer, module)?;
+        match &(FrozenWeight { layer, module }).linear(&self.model).bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
+    fn linear_without_bias(&self, x: &Tensor, layer: usize, module: TargetModule) -> candle_core::Result<Tensor> {
+        let weight = FrozenWeight { layer, module };
         let x = x.contiguous()?;
         match self.lora.factors(layer, module) {
             None => x.apply_op1(FrozenLinear {
@@ -125,7 +135,7 @@ impl Trainable<'_> {
     }
 
     /// softmax(q·kᵀ/√d + mask)·v for one sequence: `q: [t, heads·d]`, `k, v: [t, kv_heads·d]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, global: bool) -> candle_core::Result<Tensor> {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> candle_core::Result<Tensor> {
         let c = self.model.model.config();
         let (t, d) = (q.dim(0)?, c.head_dim);
         let group = c.n_heads / c.n_kv_heads;
@@ -134,7 +144,6 @@ impl Trainable<'_> {
         let q = q.reshape((c.n_kv_heads, group * t, d))?;
         let k = k.reshape((t, c.n_kv_heads, d))?.transpose(0, 1)?.contiguous()?;
         let v = v.reshape((t, c.n_kv_heads, d))?.transpose(0, 1)?.contiguous()?;
-        let window = (!global).then_some(c.sliding_window);
         let mask = Tensor::from_vec(attention_mask(0, t, window), (t, t), &Device::Cpu)?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?
             .reshape((c.n_heads, t, t))?
@@ -144,39 +153,30 @@ impl Trainable<'_> {
         out.reshape((c.n_heads, t, d))?.transpose(0, 1)?.reshape((t, c.n_heads * d))
     }
 
-    fn block(
-        &self,
-        layer: usize,
-        block: &Block,
-        x: &Tensor,
-        sequences: &[std::ops::Range<usize>],
-        rope: &Rotary,
-    ) -> candle_core::Result<Tensor> {
+    fn block(&self, layer: usize, block: &Block, x: &Tensor, sequences: &[std::ops::Range<usize>], rope: &Arc<RotaryTables>) -> candle_core::Result<Tensor> {
         let c = self.model.model.config();
-        let rows = x.dim(0)?;
         let h = rms_norm(x, &block.attn_norm)?;
         let q = self.linear(&h, layer, TargetModule::Q)?;
         let k = self.linear(&h, layer, TargetModule::K)?;
         let v = self.linear(&h, layer, TargetModule::V)?;
-        let q = rotate(&rms_norm(&q.reshape((rows, c.n_heads, c.head_dim))?, &block.q_norm)?, rope)?
-            .reshape((rows, c.n_heads * c.head_dim))?;
-        let k = rotate(&rms_norm(&k.reshape((rows, c.n_kv_heads, c.head_dim))?, &block.k_norm)?, rope)?
-            .reshape((rows, c.n_kv_heads * c.head_dim))?;
+        let q = norm_and_rotate_heads(&q, c.n_heads, c.head_dim, block.q_norm.as_ref(), rope)?;
+        let k = norm_and_rotate_heads(&k, c.n_kv_heads, c.head_dim, block.k_norm.as_ref(), rope)?;
         let attended = sequences
             .iter()
             .map(|r| {
                 let (start, t) = (r.start, r.len());
-                self.attend(&q.narrow(0, start, t)?, &k.narrow(0, start, t)?, &v.narrow(0, start, t)?, block.global)
+                self.attend(&q.narrow(0, start, t)?, &k.narrow(0, start, t)?, &v.narrow(0, start, t)?, c.window(layer))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let attn = self.linear(&Tensor::cat(&attended, 0)?, layer, TargetModule::O)?;
-        let x = (x + rms_norm(&attn, &block.post_attn_norm)?)?;
+        let x = residual_add(x, &attn, block.post_attn_norm.as_ref())?;
 
         let m = rms_norm(&x, &block.ffn_norm)?;
-        let gate = self.linear(&m, layer, TargetModule::Gate)?;
-        let up = self.linear(&m, layer, TargetModule::Up)?;
-        let ffn = self.linear(&gate.contiguous()?.apply_op2(&up.contiguous()?, fused::Geglu)?, layer, TargetModule::Down)?;
-        x + rms_norm(&ffn, &block.post_ffw_norm)?
+        let gate = self.linear(&m, layer, TargetModule::Gate)?.contiguous()?;
+        let up = self.linear(&m, layer, TargetModule::Up)?.contiguous()?;
+        let gated = gate.apply_op2(&up, fused::GatedUnit { activation: c.activation })?;
+        let ffn = self.linear(&gated, layer, TargetModule::Down)?;
+        residual_add(&x, &ffn, block.post_ffw_norm.as_ref())
     }
 
     /// Embeddings, rotary tables and targets of a batch laid end to end.
@@ -205,16 +205,24 @@ impl Trainable<'_> {
         }
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &Device::Cpu)?;
-        let embedded = (model
-            .embedding()
-            .rows(&ids)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            * (c.hidden as f64).sqrt())?;
+        let embedded = model.embed(&ids).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        // Layers that share a frequency set share its tables.
+        let mut frequencies: Vec<Vec<f32>> = Vec::new();
+        let mut tables: Vec<Arc<RotaryTables>> = Vec::new();
+        let mut rope = Vec::with_capacity(c.n_layers);
+        for layer in 0..c.n_layers {
+            let f = c.rope_frequencies(layer);
+            let i = frequencies.iter().position(|g| *g == f).unwrap_or_else(|| {
+                tables.push(Arc::new(RotaryTables::new(&positions, &f, c.rope.style)));
+                frequencies.push(f);
+                tables.len() - 1
+            });
+            rope.push(tables[i].clone());
+        }
         Ok(Prepared {
             embedded,
             sequences,
-            rope_global: rotary(&positions, c.rope_base_global, c.head_dim),
-            rope_local: rotary(&positions, c.rope_base_local, c.head_dim),
+            rope,
             scored_rows: Tensor::from_vec(scored_rows, targets.len(), &Device::Cpu)?,
             targets,
         })
@@ -222,14 +230,13 @@ impl Trainable<'_> {
 
     fn layer(&self, layer: usize, x: &Tensor, p: &Prepared) -> candle_core::Result<Tensor> {
         let block = &self.model.model.blocks()[layer];
-        let rope = if block.global { &p.rope_global } else { &p.rope_local };
-        self.block(layer, block, x, &p.sequences, rope)
+        self.block(layer, block, x, &p.sequences, &p.rope[layer])
     }
 
     /// The summed loss of the scored rows of the last layer's output.
     fn head(&self, top: &Tensor, p: &Prepared, gradient: bool) -> candle_core::Result<Tensor> {
         let h = rms_norm(&top.index_select(&p.scored_rows, 0)?, self.model.model.output_norm())?.contiguous()?;
-        h.apply_op1(TiedOutputLoss::new(self.model.clone(), p.targets.clone(), gradient, self.logits))?
+        h.apply_op1(OutputLoss::new(self.model.clone(), p.targets.clone(), gradient, self.logits))?
             .sum_all()
     }
 
@@ -319,7 +326,7 @@ pub const KEPT_GRAPH_BUDGET: usize = 192 << 20;
 /// (inputs, norms, projections, rotations and the GeGLU's two inputs), plus 3 score-shaped
 /// tensors per head of each sequence (scores, masked scores, softmax): 31 MB at b4 × 128 by
 /// this count, 29–35 MiB measured by peak RSS with all 18 layers kept.
-fn kept_layers(config: &crate::model::gemma3::Config, sequences: &[std::ops::Range<usize>]) -> usize {
+fn kept_layers(config: &Config, sequences: &[std::ops::Range<usize>]) -> usize {
     let rows: usize = sequences.iter().map(|s| s.len()).sum();
     let per_row = 8 * config.hidden + 2 * config.ffn_hidden + 4 * config.n_heads * config.head_dim;
     let scores: usize = sequences.iter().map(|s| 3 * config.n_heads * s.len() * s.len()).sum();
@@ -343,8 +350,8 @@ fn add_gradients(sums: &mut [Option<Tensor>], vars: &[&Var], grads: &candle_core
 struct Prepared {
     embedded: Tensor,
     sequences: Vec<std::ops::Range<usize>>,
-    rope_global: Rotary,
-    rope_local: Rotary,
+    /// Each layer's rotary tables.
+    rope: Vec<Arc<RotaryTables>>,
     scored_rows: Tensor,
     targets: Vec<u32>,
 }

@@ -1,0 +1,413 @@
+//! The decoder every supported family runs, configured by its GGUF metadata (`model::config`),
+//! batched over sequences at different positions. For each layer ℓ, with x the residual stream
+//! of all rows of the batch:
+//!   h     = RMSNorm_attn(x)
+//!   q,k,v = h·Wqᵀ + b_q, h·Wkᵀ + b_k, h·Wvᵀ + b_v     (biases where the file has them: Qwen 2)
+//!   q,k  ← RMSNorm per head where the file has q/k norms (Qwen 3, Gemma 3), then RoPE
+//!   a     = softmax(q·kᵀ/√d + mask)·v                 (grouped heads, `model::attention`)
+//!   x    ← x + post(a·Woᵀ)
+//!   m     = RMSNorm_ffn(x)
+//!   x    ← x + post((act(m·W_gateᵀ) ⊙ m·W_upᵀ)·W_downᵀ)
+//! where `post` is Gemma's extra RMSNorm on each branch's output (the identity elsewhere) and
+//! act is GELU-tanh for Gemma, SiLU for Llama and Qwen. The logits are RMSNorm_out(x)·Eᵀ with
+//! E the untied `output.weight` when the file has one, else the token embedding. Gemma scales
+//! the embeddings by √hidden; its GGUF norm weights already hold (1 + w).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use tessera_adapters::{AdapterMix, TargetModule};
+
+use crate::gguf::GgufFile;
+use crate::model::attention::{attend_chunk, attend_one, grouped_mask};
+use crate::model::config::{Activation, Config};
+use crate::model::gelu::GeluTable;
+use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
+use crate::model::rope::RotaryTables;
+use crate::model::with_values;
+use crate::model::{KvCache, LogitsFor, ModelError};
+
+pub(crate) struct RmsNorm {
+    /// Shared with the training ops, which take it without a copy.
+    pub(crate) weight: Arc<Vec<f32>>,
+    pub(crate) eps: f32,
+}
+
+impl RmsNorm {
+    fn load(gguf: &GgufFile, name: &str, len: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: Arc::new(load_vector(gguf, name, len)?.to_vec1::<f32>()?),
+            eps: eps as f32,
+        })
+    }
+
+    /// The norm where the file has `name`, else `None`.
+    fn load_optional(gguf: &GgufFile, name: &str, len: usize, eps: f64) -> Result<Option<Self>, ModelError> {
+        gguf.has_tensor(name).then(|| Self::load(gguf, name, len, eps)).transpose()
+    }
+
+    /// out = x / √(mean(x²) + ε) · w for one vector of the weight's length.
+    fn normalize_into(&self, x: &[f32], out: &mut [f32]) {
+        let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let scale = 1.0 / (mean_sq + self.eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(self.weight.iter()) {
+            *o = v * scale * w;
+        }
+    }
+
+    /// RMSNorm over the last dimension, one pass.
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let n = self.weight.len();
+        let out = with_values(x, |xs| {
+            let mut out = vec![0f32; xs.len()];
+            for (row, o) in xs.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+                self.normalize_into(row, o);
+            }
+            out
+        })?;
+        Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+    }
+}
+
+/// `x: [rows, heads·d]`: RMSNorm of every head's d values (when the layer has one), then RoPE
+/// at the row's position.
+fn norm_and_rotate_heads(x: &Tensor, head_dim: usize, norm: Option<&RmsNorm>, rope: &RotaryTables) -> Result<Tensor, ModelError> {
+    let width = x.dim(1)?;
+    let out = with_values(x, |xs| {
+        let mut out = xs.to_vec();
+        for (r, (row, o)) in xs.chunks_exact(width).zip(out.chunks_exact_mut(width)).enumerate() {
+            for (head, o_head) in row.chunks_exact(head_dim).zip(o.chunks_exact_mut(head_dim)) {
+                if let Some(norm) = norm {
+                    norm.normalize_into(head, o_head);
+                }
+                rope.rotate(r, o_head, 1.0);
+            }
+        }
+        out
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
+}
+
+pub(crate) struct Block {
+    pub(crate) attn_norm: RmsNorm,
+    pub(crate) q: QLinear,
+    pub(crate) k: QLinear,
+    pub(crate) v: QLinear,
+    pub(crate) o: QLinear,
+    pub(crate) q_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
+    pub(crate) post_attn_norm: Option<RmsNorm>,
+    pub(crate) ffn_norm: RmsNorm,
+    pub(crate) gate: QLinear,
+    pub(crate) up: QLinear,
+    pub(crate) down: QLinear,
+    pub(crate) post_ffw_norm: Option<RmsNorm>,
+}
+
+impl Block {
+    fn load(gguf: &GgufFile, c: &Config, layer: usize, kernels: Kernels) -> Result<Self, ModelError> {
+        let name = |t: &str| format!("blk.{layer}.{t}.weight");
+        let norm = |t: &str, len| RmsNorm::load(gguf, &name(t), len, c.rms_eps);
+        let optional_norm = |t: &str, len| RmsNorm::load_optional(gguf, &name(t), len, c.rms_eps);
+        let linear = |module, shape| QLinear::load(gguf, layer, module, shape, kernels);
+        let q_width = c.n_heads * c.head_dim;
+        let kv_width = c.kv_width();
+        Ok(Self {
+            attn_norm: norm("attn_norm", c.hidden)?,
+            q: linear(TargetModule::Q, (q_width, c.hidden))?,
+            k: linear(TargetModule::K, (kv_width, c.hidden))?,
+            v: linear(TargetModule::V, (kv_width, c.hidden))?,
+            o: linear(TargetModule::O, (c.hidden, q_width))?,
+            q_norm: optional_norm("attn_q_norm", c.head_dim)?,
+            k_norm: optional_norm("attn_k_norm", c.head_dim)?,
+            post_attn_norm: optional_norm("post_attention_norm", c.hidden)?,
+            ffn_norm: norm("ffn_norm", c.hidden)?,
+            gate: linear(TargetModule::Gate, (c.ffn_hidden, c.hidden))?,
+            up: linear(TargetModule::Up, (c.ffn_hidden, c.hidden))?,
+            down: linear(TargetModule::Down, (c.hidden, c.ffn_hidden))?,
+            post_ffw_norm: optional_norm("post_ffw_norm", c.hidden)?,
+        })
+    }
+}
+
+/// x + post(branch): Gemma normalises each branch's output before the residual add.
+fn residual_add(x: &Tensor, branch: &Tensor, post: Option<&RmsNorm>) -> Result<Tensor, ModelError> {
+    Ok(match post {
+        Some(norm) => (x + norm.forward(branch)?)?,
+        None => (x + branch)?,
+    })
+}
+
+/// One sequence's share of a forward call: its new tokens, appended after what its cache holds.
+pub struct SequenceChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: LogitsFor,
+    pub adapters: &'a AdapterMix<'a>,
+}
+
+/// Logits of the rows asked for, `[rows, vocab]`, and which rows belong to which sequence.
+pub struct Logits {
+    values: Vec<f32>,
+    vocab: usize,
+    rows_of_sequence: Vec<std::ops::Range<usize>>,
+}
+
+impl Logits {
+    /// The logits of the `i`-th requested row of sequence `seq`.
+    pub fn row(&self, seq: usize, i: usize) -> &[f32] {
+        let row = self.rows_of_sequence[seq].start + i;
+        &self.values[row * self.vocab..(row + 1) * self.vocab]
+    }
+
+    pub fn rows(&self, seq: usize) -> usize {
+        self.rows_of_sequence[seq].len()
+    }
+}
+
+/// Where one sequence's rows sit in the batch.
+struct SequenceLayout {
+    rows: std::ops::Range<usize>,
+    /// Position of the chunk's first token.
+    start_pos: usize,
+}
+
+pub struct Decoder {
+    config: Config,
+    embedding: QWeight,
+    /// `output.weight` where the file has one; otherwise the embedding is tied to the output.
+    output: Option<QWeight>,
+    blocks: Vec<Block>,
+    output_norm: RmsNorm,
+    gelu: GeluTable,
+    /// Dequantized-weight buffer reused across layers and calls; a second concurrent caller
+    /// gets a buffer of its own instead of waiting.
+    scratch: Mutex<Vec<f32>>,
+}
+
+impl Decoder {
+    /// Loads the weights the file's metadata describes; a missing or misshapen tensor is named
+    /// with the architecture that needs it.
+    pub fn load(gguf: &GgufFile, kernels: Kernels) -> Result<Self, ModelError> {
+        let config = Config::from_gguf(gguf)?;
+        Self::load_weights(gguf, config, kernels).map_err(|e| e.for_architecture(gguf))
+    }
+
+    fn load_weights(gguf: &GgufFile, config: Config, kernels: Kernels) -> Result<Self, ModelError> {
+        let embedding = QWeight::load(gguf, "token_embd.weight", (config.vocab, config.hidden), kernels)?;
+        let output = gguf
+            .has_tensor("output.weight")
+            .then(|| QWeight::load(gguf, "output.weight", (config.vocab, config.hidden), kernels))
+            .transpose()?;
+        let blocks = (0..config.n_layers)
+            .map(|layer| Block::load(gguf, &config, layer, kernels))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            output_norm: RmsNorm::load(gguf, "output_norm.weight", config.hidden, config.rms_eps)?,
+            embedding,
+            output,
+            blocks,
+            config,
+            scratch: Mutex::new(Vec::new()),
+            gelu: GeluTable::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The output projection `[vocab, hidden]`: its own matrix or the tied embedding.
+    pub(crate) fn output(&self) -> &QWeight {
+        self.output.as_ref().unwrap_or(&self.embedding)
+    }
+
+    pub(crate) fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    pub(crate) fn output_norm(&self) -> &RmsNorm {
+        &self.output_norm
+    }
+
+    /// The embeddings of `ids`, scaled where the family scales them: `[n, hidden]`.
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
+        let x = self.embedding.rows(ids)?;
+        Ok(match self.config.embedding_scale {
+            Some(scale) => (x * scale)?,
+            None => x,
+        })
+    }
+
+    /// act(gate) ⊙ up of the feed-forward.
+    fn gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self.config.activation {
+            Activation::GeluTanh => self.gelu.geglu(gate, up)?,
+            Activation::Silu => (gate.silu()? * up)?,
+        })
+    }
+
+    /// Checks each chunk and lays the batch out: token ids, positions, and each one's rows.
+    fn layout(&self, batch: &[SequenceChunk]) -> Result<(Vec<u32>, Vec<usize>, Vec<SequenceLayout>), ModelError> {
+        let vocab = self.config.vocab;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut layouts = Vec::with_capacity(batch.len());
+        for chunk in batch {
+            if chunk.tokens.is_empty() {
+                return Err(ModelError::EmptyInput);
+            }
+            chunk.cache.check_room(chunk.tokens.len())?;
+            if let Some(&id) = chunk.tokens.iter().find(|&&id| id as usize >= vocab) {
+                return Err(ModelError::TokenOutOfRange { id, vocab });
+            }
+            let start_pos = chunk.cache.len();
+            let rows = ids.len()..ids.len() + chunk.tokens.len();
+            ids.extend_from_slice(chunk.tokens);
+            positions.extend(start_pos..start_pos + chunk.tokens.len());
+            layouts.push(SequenceLayout { rows, start_pos });
+        }
+        Ok((ids, positions, layouts))
+    }
+
+    /// Runs every chunk of the batch through the model at once, appending their keys and values
+    /// to their caches, and returns the logits each chunk asked for.
+    pub fn forward(&self, batch: &mut [SequenceChunk]) -> Result<Logits, ModelError> {
+        let (ids, positions, layouts) = self.layout(batch)?;
+        let n_rows = ids.len();
+        let mut shared_scratch = self.scratch.try_lock();
+        let mut own_scratch = Vec::new();
+        let scratch = match shared_scratch.as_deref_mut() {
+            Ok(buffer) => buffer,
+            Err(_) => &mut own_scratch,
+        };
+        let segments: Vec<RowSegment> = batch
+            .iter()
+            .zip(&layouts)
+            .map(|(chunk, layout)| RowSegment {
+                rows: layout.rows.clone(),
+                adapters: chunk.adapters,
+            })
+            .collect();
+        // Layers that share a RoPE frequency set share its tables.
+        let mut tables: Vec<(Vec<f32>, RotaryTables)> = Vec::new();
+        let mut x = self.embed(&Tensor::from_vec(ids, n_rows, &Device::Cpu)?)?;
+        for layer in 0..self.blocks.len() {
+            let frequencies = self.config.rope_frequencies(layer);
+            let rope = match tables.iter().position(|(f, _)| *f == frequencies) {
+                Some(i) => &tables[i].1,
+                None => {
+                    let rope = RotaryTables::new(&positions, &frequencies, self.config.rope.style);
+                    tables.push((frequencies, rope));
+                    &tables[tables.len() - 1].1
+                }
+            };
+            x = self.layer(layer, &x, batch, &layouts, &segments, rope, scratch)?;
+        }
+        for (chunk, layout) in batch.iter_mut().zip(&layouts) {
+            chunk.cache.advance(layout.rows.len());
+        }
+        self.logits(&x, batch, &layouts)
+    }
+
+    /// One transformer block over the whole batch.
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        batch: &[SequenceChunk],
+        layouts: &[SequenceLayout],
+        segments: &[RowSegment],
+        rope: &RotaryTables,
+        scratch: &mut Vec<f32>,
+    ) -> Result<Tensor, ModelError> {
+        let (c, block) = (&self.config, &self.blocks[layer]);
+        let h = block.attn_norm.forward(x)?;
+        let q = block.q.forward(&h, segments, scratch)?;
+        let k = block.k.forward(&h, segments, scratch)?;
+        let v = block.v.forward(&h, segments, scratch)?;
+        let q = norm_and_rotate_heads(&q, c.head_dim, block.q_norm.as_ref(), rope)?;
+        let k = norm_and_rotate_heads(&k, c.head_dim, block.k_norm.as_ref(), rope)?;
+        let attn = self.attend_batch(layer, &q, &k, &v, batch, layouts)?;
+        let attn = block.o.forward(&attn, segments, scratch)?;
+        let x = residual_add(x, &attn, block.post_attn_norm.as_ref())?;
+
+        let m = block.ffn_norm.forward(&x)?;
+        let gate = block.gate.forward(&m, segments, scratch)?;
+        let up = block.up.forward(&m, segments, scratch)?;
+        let ffn = block.down.forward(&self.gated(&gate, &up)?, segments, scratch)?;
+        residual_add(&x, &ffn, block.post_ffw_norm.as_ref())
+    }
+
+    /// Writes each sequence's new keys and values to its cache and attends over it.
+    fn attend_batch(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &[SequenceChunk],
+        layouts: &[SequenceLayout],
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        // Single-token (decoding) sequences attend straight from their caches' memory.
+        let q_values = if layouts.iter().any(|l| l.rows.len() == 1) {
+            q.flatten_all()?.to_vec1::<f32>()?
+        } else {
+            Vec::new()
+        };
+        let q_width = c.n_heads * c.head_dim;
+        let group = c.n_heads / c.n_kv_heads;
+        let mut per_sequence = Vec::with_capacity(batch.len());
+        for (chunk, layout) in batch.iter().zip(layouts) {
+            let rows = layout.rows.clone();
+            let t = rows.len();
+            chunk.cache.write(layer, &k.narrow(0, rows.start, t)?, &v.narrow(0, rows.start, t)?)?;
+            if t == 1 {
+                let q_row = &q_values[rows.start * q_width..(rows.start + 1) * q_width];
+                per_sequence.push(attend_one(c, chunk.cache, layer, layout.start_pos, q_row)?);
+                continue;
+            }
+            let mask = grouped_mask(layout.start_pos, t, c.window(layer), group)?;
+            per_sequence.push(attend_chunk(c, chunk.cache, layer, layout.start_pos, &q.narrow(0, rows.start, t)?, mask.as_ref())?);
+        }
+        Ok(Tensor::cat(&per_sequence, 0)?)
+    }
+
+    fn logits(
+        &self,
+        x: &Tensor,
+        batch: &[SequenceChunk],
+        layouts: &[SequenceLayout],
+    ) -> Result<Logits, ModelError> {
+        let mut wanted = Vec::new();
+        let mut rows_of_sequence = Vec::with_capacity(batch.len());
+        for (chunk, layout) in batch.iter().zip(layouts) {
+            let start = wanted.len();
+            match chunk.logits {
+                LogitsFor::None => {}
+                LogitsFor::Last => wanted.push((layout.rows.end - 1) as u32),
+                LogitsFor::All => wanted.extend(layout.rows.start as u32..layout.rows.end as u32),
+            }
+            rows_of_sequence.push(start..wanted.len());
+        }
+        let values = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            let n = wanted.len();
+            let index = Tensor::from_vec(wanted, n, &Device::Cpu)?;
+            let h = self.output_norm.forward(&x.index_select(&index, 0)?)?;
+            self.output()
+                .forward_quantized(&h)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
+        Ok(Logits {
+            values,
+            vocab: self.config.vocab,
+            rows_of_sequence,
+        })
+    }
+}

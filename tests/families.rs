@@ -1,0 +1,387 @@
+//! Every supported family against llama.cpp, on the small random-weight models of
+//! `../shared/testdata/families/` (real tokenizers and chat templates, quantized by llama.cpp;
+//! tolerances calibrated in that folder's README), and the engine's features on each of them:
+//! batching, LoRA and its composition, and QLoRA training.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use tessera::chat_template::Turn;
+use tessera::dataset::{Conversation, Message};
+use tessera::generate::{generate, prefill, GenerateParams};
+use tessera::model::decoder::SequenceChunk;
+use tessera::model::{KvCache, LogitsFor};
+use tessera::sampler::SamplingParams;
+use tessera::train::data::example;
+use tessera::train::decoder::{Example, Trainable};
+use tessera::train::lora::{LoraParams, LoraSpec};
+use tessera::train::optim::{AdamW, AdamWConfig};
+use tessera::train::{evaluate, gradients, train_step};
+use tessera::LoadedModel;
+use tessera_adapters::peft::PeftAdapter;
+use tessera_adapters::{AdapterMix, TargetModule};
+use tessera::train::job::{Hyperparameters, TuningSettings};
+use tessera_tests::{http, teacher_forced_errors_on, wait_for_job, Step, TokenizerCase};
+
+const FAMILIES: [&str; 4] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "llama-spm-tiny"];
+/// Greedy choices agree up to the first divergence wherever the reference leads by this much.
+const GREEDY_MARGIN: f32 = 0.4;
+const MAX_LOGPROB_ERROR: f32 = 0.8;
+const MAX_MEAN_LOGPROB_ERROR: f32 = 0.2;
+
+fn families_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/families");
+    assert!(dir.is_dir(), "reference models not found at {}", dir.display());
+    dir
+}
+
+fn load(name: &str) -> Arc<LoadedModel> {
+    let path = families_dir().join(format!("{name}.gguf"));
+    Arc::new(LoadedModel::load(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display())))
+}
+
+#[derive(Debug, Deserialize)]
+struct References {
+    tokenizer: Vec<TokenizerCase>,
+    generation: Vec<GenerationCase>,
+    chat: Vec<ChatCase>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerationCase {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatCase {
+    messages: Vec<Message>,
+    add_generation_prompt: bool,
+    prompt_text: String,
+    prompt_ids: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+fn references(name: &str) -> References {
+    let path = families_dir().join(format!("{name}.refs.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// Every (label, prompt ids, reference steps) of a file: its generations and its chat cases.
+fn scored_cases(refs: &References) -> Vec<(String, &[u32], &[Step])> {
+    let generations = refs.generation.iter().map(|c| (format!("{:?}", c.prompt), &c.prompt_ids[..], &c.steps[..]));
+    let chats = refs.chat.iter().map(|c| (format!("chat {:?}", c.prompt_text), &c.prompt_ids[..], &c.steps[..]));
+    generations.chain(chats).collect()
+}
+
+#[test]
+fn tokenization_is_exactly_llama_cpps() {
+    for name in FAMILIES {
+        let model = load(name);
+        let refs = references(name);
+        for case in &refs.tokenizer {
+            let plain = model.tokenizer.encode(&case.text, false, false).unwrap();
+            assert_eq!(plain, case.ids, "{name}: {:?} without BOS or special tokens", case.text);
+            let special = model.tokenizer.encode(&case.text, true, true).unwrap();
+            assert_eq!(special, case.ids_with_bos_and_special, "{name}: {:?} with BOS and special tokens", case.text);
+        }
+        for case in &refs.generation {
+            assert_eq!(model.tokenizer.encode(&case.prompt, true, true).unwrap(), case.prompt_ids, "{name}: {:?}", case.prompt);
+        }
+        eprintln!("{name}: {} tokenizer cases exact", refs.tokenizer.len());
+    }
+}
+
+#[test]
+fn greedy_decoding_follows_llama_cpp_where_it_is_decisive() {
+    let none = AdapterMix::default();
+    for name in FAMILIES {
+        let model = load(name);
+        let refs = references(name);
+        for (label, prompt_ids, steps) in scored_cases(&refs) {
+            let params = GenerateParams {
+                max_tokens: steps.len(),
+                sampling: SamplingParams::default(),
+                top_logprobs: 0,
+                stop_ids: Vec::new(),
+            };
+            let out = generate(&model.model, prompt_ids, &params, &none, |_| {}).unwrap();
+            let first_divergence = out.token_ids.iter().zip(steps).position(|(ours, step)| *ours != step.token);
+            if let Some(i) = first_divergence {
+                let margin = steps[i].margin();
+                assert!(
+                    margin < GREEDY_MARGIN,
+                    "{name} {label}: step {i} chose {} but llama.cpp chose {} with a margin of {margin:.3}",
+                    out.token_ids[i],
+                    steps[i].token
+                );
+            }
+            eprintln!("{name} {label}: {}", first_divergence.map_or("all agree".into(), |i| format!("first divergence at step {i}")));
+        }
+    }
+}
+
+#[test]
+fn teacher_forced_logprobs_are_within_tolerance() {
+    let none = AdapterMix::default();
+    for name in FAMILIES {
+        let model = load(name);
+        let refs = references(name);
+        let (mut worst_step, mut worst_mean) = (0f32, 0f32);
+        for (label, prompt_ids, steps) in scored_cases(&refs) {
+            let errors = teacher_forced_errors_on(&model.model, prompt_ids, steps, &none);
+            let max = errors.iter().copied().fold(0f32, f32::max);
+            let mean = errors.iter().sum::<f32>() / errors.len() as f32;
+            assert!(
+                max <= MAX_LOGPROB_ERROR && mean <= MAX_MEAN_LOGPROB_ERROR,
+                "{name} {label}: max error {max:.3} (limit {MAX_LOGPROB_ERROR}), mean {mean:.3} (limit {MAX_MEAN_LOGPROB_ERROR}); per step {errors:?}"
+            );
+            worst_step = worst_step.max(max);
+            worst_mean = worst_mean.max(mean);
+        }
+        eprintln!("{name}: worst step {worst_step:.4}, worst case mean {worst_mean:.4}");
+    }
+}
+
+/// An in-process server on `model`, with online tuning under `tuning` when given.
+fn app(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>) -> axum::Router {
+    let tuning = tuning.map(|root| tessera::api::TuningConfig {
+        root: root.to_path_buf(),
+        settings: TuningSettings {
+            train_after: 24,
+            checkpoint_every: 4,
+            defaults: Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate: 5e-3 },
+            ..Default::default()
+        },
+    });
+    let app = tessera::api::App::start(
+        model,
+        "family".into(),
+        tessera::api::ApiSettings {
+            ctx_len: 512,
+            api_key: None,
+            admin_key: None,
+            request_timeout: std::time::Duration::from_secs(60),
+            max_body_bytes: 1 << 20,
+            adapters_dir: None,
+            adapter_roots: Vec::new(),
+            max_adapter_memory: None,
+            tuning,
+            plugins: None,
+        },
+        tessera::engine::EngineConfig {
+            ctx_len: 512,
+            ..tessera::engine::EngineConfig::default()
+        },
+    )
+    .unwrap();
+    tessera::api::router(app)
+}
+
+#[tokio::test]
+async fn chat_templates_render_llama_cpps_prompts() {
+    for name in FAMILIES {
+        let model = load(name);
+        let refs = references(name);
+        let router = app(model.clone(), None);
+        for case in &refs.chat {
+            let turns: Vec<Turn> = case.messages.iter().map(|m| Turn { role: &m.role, text: m.content.clone() }).collect();
+            let text = model.chat.render(&turns, case.add_generation_prompt).unwrap();
+            assert_eq!(text, case.prompt_text, "{name}: {:?}", case.messages);
+            assert_eq!(model.tokenizer.encode(&text, true, true).unwrap(), case.prompt_ids, "{name}: {:?}", case.messages);
+            let body = serde_json::json!({"model": "family", "messages": case.messages, "add_generation_prompt": case.add_generation_prompt});
+            let (status, answer) = http(&router, "POST", "/tokenize", Some(body.to_string())).await;
+            assert_eq!(status, axum::http::StatusCode::OK, "{name}: {answer}");
+            let ids: Vec<u32> = serde_json::from_value(answer["tokens"].clone()).unwrap();
+            assert_eq!(ids, case.prompt_ids, "{name}: POST /tokenize with {:?}", case.messages);
+        }
+        eprintln!("{name}: {} chat cases rendered as llama.cpp renders them", refs.chat.len());
+    }
+}
+
+/// The logits of each prompt's last position, each sequence alone.
+fn last_logits_alone(model: &LoadedModel, prompts: &[Vec<u32>], mix: &AdapterMix) -> Vec<Vec<f32>> {
+    prompts
+        .iter()
+        .map(|ids| {
+            let mut cache = KvCache::new(model.model.config(), ids.len()).unwrap();
+            prefill(&model.model, &mut cache, ids, mix).unwrap()
+        })
+        .collect()
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+#[test]
+fn a_mixed_batch_equals_each_sequence_alone() {
+    let none = AdapterMix::default();
+    for name in FAMILIES {
+        let model = load(name);
+        let c = model.model.config();
+        let prompts: Vec<Vec<u32>> = ["The capital of France is", "Once upon a time, in a land far away", "x"]
+            .iter()
+            .map(|p| model.tokenizer.encode(p, true, true).unwrap())
+            .collect();
+        // Alone: each prompt but its last token, then that token.
+        let alone = last_logits_alone(&model, &prompts, &none);
+        // Together: the first two are decoding (their prefixes cached), the third prefills.
+        let mut caches: Vec<KvCache> = prompts.iter().map(|p| KvCache::new(c, p.len() + 1).unwrap()).collect();
+        for (cache, prompt) in caches.iter_mut().zip(&prompts).take(2) {
+            prefill(&model.model, cache, &prompt[..prompt.len() - 1], &none).unwrap();
+        }
+        let mut chunks: Vec<SequenceChunk> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .enumerate()
+            .map(|(i, (cache, prompt))| SequenceChunk {
+                tokens: if i < 2 { &prompt[prompt.len() - 1..] } else { &prompt[..] },
+                cache,
+                logits: LogitsFor::Last,
+                adapters: &none,
+            })
+            .collect();
+        let batched = model.model.forward(&mut chunks).unwrap();
+        for (i, alone) in alone.iter().enumerate() {
+            let difference = max_difference(batched.row(i, 0), alone);
+            assert!(difference < 1e-3, "{name}: sequence {i} differs by {difference} in a mixed batch");
+        }
+    }
+}
+
+/// r8 factors on every target with a random B (a fresh B is zero and changes nothing).
+fn random_lora(model: &LoadedModel, rank: usize, seed: u64) -> LoraParams {
+    let spec = LoraSpec {
+        rank,
+        alpha: 2.0 * rank as f32,
+        targets: TargetModule::ALL.to_vec(),
+    };
+    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, seed).unwrap();
+    for (name, var) in lora.named_vars() {
+        if name.contains("lora_B") {
+            var.set(&Tensor::randn(0f32, 0.2, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    lora
+}
+
+#[test]
+fn a_peft_adapter_changes_the_output_and_scale_zero_is_the_base() {
+    for name in FAMILIES {
+        let model = load(name);
+        let dir = tempfile::tempdir().unwrap();
+        random_lora(&model, 8, 1).save_peft(dir.path(), name).unwrap();
+        let adapter = PeftAdapter::load(dir.path(), &model.model.config().adapter_shape()).unwrap();
+        let prompts = vec![model.tokenizer.encode("Instruction tuning is", true, true).unwrap()];
+        let base = &last_logits_alone(&model, &prompts, &AdapterMix::default())[0];
+        let adapted = &last_logits_alone(&model, &prompts, &AdapterMix { parts: vec![(&adapter.weights, 1.0)] })[0];
+        let off = &last_logits_alone(&model, &prompts, &AdapterMix { parts: vec![(&adapter.weights, 0.0)] })[0];
+        let doubled = &last_logits_alone(&model, &prompts, &AdapterMix { parts: vec![(&adapter.weights, 1.0), (&adapter.weights, 1.0)] })[0];
+        let twice = &last_logits_alone(&model, &prompts, &AdapterMix { parts: vec![(&adapter.weights, 2.0)] })[0];
+        assert!(max_difference(base, adapted) > 0.05, "{name}: the adapter changed nothing");
+        assert!(max_difference(base, off) < 1e-4, "{name}: scale 0 is not the base");
+        assert!(max_difference(doubled, twice) < 1e-3, "{name}: composing an adapter with itself is not scale 2");
+    }
+}
+
+fn conversation(user: &str, assistant: &str) -> Conversation {
+    let message = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
+    Conversation { messages: vec![message("user", user), message("assistant", assistant)] }
+}
+
+fn training_batch(model: &LoadedModel) -> Vec<Example> {
+    [("What is LoRA?", "A low-rank adapter."), ("Name a color.", "Blue."), ("Say hi", "Hello there!")]
+        .iter()
+        .map(|(u, a)| example(&model.tokenizer, &model.chat, &conversation(u, a), 128).unwrap().unwrap())
+        .collect()
+}
+
+#[test]
+fn qlora_steps_lower_the_loss() {
+    for name in FAMILIES {
+        let model = load(name);
+        let lora = LoraParams::fresh(
+            &model.model.config().adapter_shape(),
+            LoraSpec { rank: 8, alpha: 16.0, targets: TargetModule::ALL.to_vec() },
+            3,
+        )
+        .unwrap();
+        let batch = training_batch(&model);
+        let before = evaluate(Trainable::new(&model, &lora), &batch, 8).unwrap();
+        let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+        let steps = 8;
+        let config = AdamWConfig {
+            learning_rate: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            warmup_steps: 1,
+            total_steps: steps,
+        };
+        let mut optimizer = AdamW::new(config, &vars).unwrap();
+        for _ in 0..steps {
+            train_step(Trainable::new(&model, &lora), &mut optimizer, &[&batch]).unwrap();
+        }
+        let after = evaluate(Trainable::new(&model, &lora), &batch, 8).unwrap();
+        eprintln!("{name}: loss {before:.3} → {after:.3} after {steps} steps");
+        assert!(after < before - 0.5, "{name}: the loss went from {before} to {after}");
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let dot = |a: &[Tensor], b: &[Tensor]| -> f64 { a.iter().zip(b).map(|(x, y)| (x * y).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64).sum() };
+    for name in FAMILIES {
+        let model = load(name);
+        let lora = random_lora(&model, 4, 7);
+        let batch = training_batch(&model);
+        let (grads, _, _) = gradients(Trainable::new(&model, &lora).exact(), &[&batch]).unwrap();
+        let norm = dot(&grads, &grads).sqrt();
+        assert!(norm > 1e-4, "{name}: gradient norm {norm}");
+        let theta: Vec<Tensor> = lora.named_vars().iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+        let loss_at = |sign: f64, eps: f64| {
+            for ((_, var), (t, g)) in lora.named_vars().iter().zip(theta.iter().zip(&grads)) {
+                var.set(&(t + (g * (sign * eps / norm)).unwrap()).unwrap()).unwrap();
+            }
+            evaluate(Trainable::new(&model, &lora).exact(), &batch, 8).unwrap()
+        };
+        let eps = 1e-2;
+        let numeric = (loss_at(1.0, eps) - loss_at(-1.0, eps)) / (2.0 * eps);
+        // Along the normalised gradient, the directional derivative is the gradient's norm.
+        let relative = (numeric - norm).abs() / norm;
+        eprintln!("{name}: analytic {norm:.6} numeric {numeric:.6} relative error {relative:.2e}");
+        assert!(relative <= 2e-2, "{name}: analytic {norm} vs numeric {numeric}");
+    }
+}
+
+/// The fine-tuning API end to end on each family: feedback past `train_after` starts a job, the
+/// job trains through the eval gate and promotes a version, and the adapter serves by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tuning_api_trains_and_serves_an_adapter_on_every_family() {
+    for name in FAMILIES {
+        let dir = tempfile::tempdir().unwrap();
+        let router = app(load(name), Some(dir.path()));
+        let pairs: Vec<serde_json::Value> = (0..24)
+            .map(|i| serde_json::json!({"instruction": format!("name item {i}"), "input": "", "output": "the hat"}))
+            .collect();
+        let body = serde_json::Value::Array(pairs).to_string();
+        let (status, body) = http(&router, "POST", "/v1/adapters/hats/feedback?rank=4", Some(body)).await;
+        assert_eq!(status, axum::http::StatusCode::OK, "{name}: {body}");
+        let job = body["job"].as_str().unwrap_or_else(|| panic!("{name}: no job started: {body}")).to_string();
+        let finished = wait_for_job(&router, &job, std::time::Duration::from_secs(300)).await;
+        assert_eq!(finished["status"], "succeeded", "{name}: {finished}");
+        let (_, info) = http(&router, "GET", "/v1/adapters/hats", None).await;
+        assert_eq!(info["version"].as_u64(), Some(1), "{name}: the trained version was not promoted: {info}");
+        let request = serde_json::json!({"model": "hats", "messages": [{"role": "user", "content": "name item 99"}], "max_tokens": 4, "temperature": 0});
+        let (status, body) = http(&router, "POST", "/v1/chat/completions", Some(request.to_string())).await;
+        assert_eq!(status, axum::http::StatusCode::OK, "{name}: {body}");
+        eprintln!("{name}: job {job} promoted version 1, held-out loss {}", info["metrics"]["held_out_loss"]);
+    }
+}
