@@ -149,6 +149,11 @@ fn teacher_forced_logprobs_are_within_tolerance() {
 
 /// An in-process server on `model`, with online tuning under `tuning` when given.
 fn app(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>) -> axum::Router {
+    app_with_plugins(model, tuning, None)
+}
+
+/// [`app`], with the plugins of `plugins` loaded.
+fn app_with_plugins(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>, plugins: Option<&std::path::Path>) -> axum::Router {
     let tuning = tuning.map(|root| tessera::api::TuningConfig {
         root: root.to_path_buf(),
         settings: TuningSettings {
@@ -171,7 +176,7 @@ fn app(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>) -> axum::Route
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
             tuning,
-            plugins: None,
+            plugins: plugins.map(|dir| tessera::api::PluginsConfig { dir: dir.to_path_buf(), allow_sha256: None }),
         },
         tessera::engine::EngineConfig {
             ctx_len: 512,
@@ -383,5 +388,29 @@ async fn the_tuning_api_trains_and_serves_an_adapter_on_every_family() {
         let (status, body) = http(&router, "POST", "/v1/chat/completions", Some(request.to_string())).await;
         assert_eq!(status, axum::http::StatusCode::OK, "{name}: {body}");
         eprintln!("{name}: job {job} promoted version 1, held-out loss {}", info["metrics"]["held_out_loss"]);
+    }
+}
+
+/// The workspace's domain plugins serve on every family: their prompts go through the model's
+/// own chat template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_plugins_serve_on_every_family() {
+    const PLUGINS: [&str; 3] = ["tessera-plugin-intent", "tessera-plugin-arithmetic", "tessera-plugin-extraction"];
+    let profile_dir = tessera_tests::build_plugins(&PLUGINS, &[]);
+    for name in FAMILIES {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins_dir).unwrap();
+        for package in PLUGINS {
+            let file = tessera_tests::library_file(package);
+            std::fs::copy(profile_dir.join(&file), plugins_dir.join(&file)).unwrap();
+        }
+        let router = app_with_plugins(load(name), Some(&dir.path().join("tuning")), Some(&plugins_dir));
+        for plugin in ["intent", "arithmetic", "extraction"] {
+            let request = serde_json::json!({"model": plugin, "messages": [{"role": "user", "content": "what is 2 plus 3"}], "max_tokens": 4, "temperature": 0});
+            let (status, body) = http(&router, "POST", "/v1/chat/completions", Some(request.to_string())).await;
+            assert_eq!(status, axum::http::StatusCode::OK, "{name} with plugin {plugin}: {body}");
+            assert!(body["choices"][0]["message"]["content"].is_string(), "{name} with plugin {plugin}: {body}");
+        }
     }
 }

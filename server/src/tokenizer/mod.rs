@@ -123,6 +123,8 @@ pub struct Tokenizer {
     plain: HfTokenizer,
     bos_id: u32,
     add_bos: bool,
+    /// `add_eos_token`: special-token encoding also appends EOS.
+    add_eos: bool,
     eos_id: u32,
     /// Ids that end a generation.
     stop_ids: Vec<u32>,
@@ -188,6 +190,7 @@ impl Tokenizer {
             .and_then(Value::as_bool)
             .unwrap_or(default_add_bos)
             && bos_id.is_some();
+        let add_eos = gguf.metadata.get("tokenizer.ggml.add_eos_token").and_then(Value::as_bool).unwrap_or(false);
 
         let control_ids: HashSet<u32> = vocabulary.of_type(TOKEN_CONTROL).map(|(id, _)| id).collect();
         let stop_ids = [id_of("tokenizer.ggml.eot_token_id")?, id_of("tokenizer.ggml.eom_token_id")?, Some(eos_id)]
@@ -213,6 +216,7 @@ impl Tokenizer {
             plain,
             bos_id: bos_id.unwrap_or(eos_id),
             add_bos,
+            add_eos,
             eos_id,
             stop_ids,
             vocab_size: vocabulary.pieces.len(),
@@ -224,7 +228,8 @@ impl Tokenizer {
 
     /// Encodes `text`. With `special`, strings such as `<start_of_turn>` become their control
     /// token; without it they are tokenized as ordinary text. `bos` asks for the model's BOS
-    /// token in front, when its metadata adds one (Qwen's does not).
+    /// token in front, when its metadata adds one (Qwen's does not), and EOS after, when its
+    /// metadata says `add_eos_token`.
     pub fn encode(&self, text: &str, special: bool, bos: bool) -> Result<Vec<u32>, TokenizerError> {
         let tok = if special {
             &self.with_special
@@ -235,6 +240,7 @@ impl Tokenizer {
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         ids.extend(self.bos_prefix().filter(|_| bos));
         ids.extend_from_slice(encoding.get_ids());
+        ids.extend(Some(self.eos_id).filter(|_| bos && self.add_eos));
         Ok(ids)
     }
 
