@@ -168,8 +168,7 @@ fn app_with_plugins(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>, p
         "family".into(),
         tessera::api::ApiSettings {
             ctx_len: 512,
-            api_key: None,
-            admin_key: None,
+            keys: Default::default(),
             request_timeout: std::time::Duration::from_secs(60),
             max_body_bytes: 1 << 20,
             adapters_dir: None,

@@ -60,8 +60,7 @@ pub fn real_app_with(
         REAL_MODEL_ID.into(),
         tessera::api::ApiSettings {
             ctx_len,
-            api_key: None,
-            admin_key: None,
+            keys: Default::default(),
             request_timeout: std::time::Duration::from_secs(300),
             max_body_bytes: 1 << 20,
             adapters_dir: with_adapters.then(|| testdata_dir().join("adapters")),

@@ -42,8 +42,7 @@ fn start_app(dir: &Path, allow_sha256: Option<Vec<String>>) -> Arc<App> {
     tiny_gemma3(5).write(&model_path).unwrap();
     let settings = ApiSettings {
         ctx_len: 1024,
-        api_key: None,
-        admin_key: None,
+        keys: Default::default(),
         request_timeout: Duration::from_secs(60),
         max_body_bytes: 1 << 20,
         adapters_dir: None,

@@ -36,6 +36,20 @@ pub enum PeftError {
     },
 }
 
+/// The largest rank an adapter may have.
+pub const MAX_RANK: usize = 256;
+/// The largest `lora_alpha` an adapter may have: beyond it the deltas swamp the base model.
+pub const MAX_ALPHA: f32 = 1024.0;
+
+pub fn rank_is_valid(rank: usize) -> bool {
+    (1..=MAX_RANK).contains(&rank)
+}
+
+/// Finite, above 0 and at most [`MAX_ALPHA`] (NaN is none of these).
+pub fn alpha_is_valid(alpha: f32) -> bool {
+    alpha > 0.0 && alpha <= MAX_ALPHA
+}
+
 /// The shapes an adapter must fit: the base model's layer count and linear layer sizes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseShape {
@@ -203,11 +217,17 @@ impl PeftAdapter {
         if config.fan_in_fan_out {
             return Err(unsupported("`fan_in_fan_out: true`"));
         }
-        if config.r == 0 {
-            return Err(PeftError::Config {
-                path: config_path,
-                message: "`r` must be at least 1".into(),
-            });
+        let config_error = |message: &str| PeftError::Config {
+            path: config_path.clone(),
+            message: message.to_string(),
+        };
+        if !rank_is_valid(config.r) || !config.rank_pattern.values().all(|&r| rank_is_valid(r)) {
+            return Err(config_error(&format!("`r` and every `rank_pattern` value must be between 1 and {MAX_RANK}")));
+        }
+        if !alpha_is_valid(config.lora_alpha) || !config.alpha_pattern.values().all(|&a| alpha_is_valid(a)) {
+            return Err(config_error(&format!(
+                "`lora_alpha` and every `alpha_pattern` value must be finite, above 0 and at most {MAX_ALPHA}"
+            )));
         }
         let names = match config.target_modules {
             Some(TargetModules::List(names)) => names,
@@ -252,6 +272,9 @@ impl PeftAdapter {
             let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
                 tensor_error(&name, format!("dtype {:?} is not supported (f32, f16 or bf16)", view.dtype()))
             })?;
+            if !values.iter().all(|v| v.is_finite()) {
+                return Err(tensor_error(&name, "holds a value that is not finite (NaN or infinity)".into()));
+            }
             let entry = pairs.entry((layer, module)).or_default();
             let slot = if is_b { &mut entry.1 } else { &mut entry.0 };
             *slot = Some((name.clone(), view.shape().to_vec(), values));
@@ -370,6 +393,12 @@ mod tests {
     fn unsupported_features_are_refused_by_name() {
         let cases = [
             (r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj"],"use_dora":true}"#, "DoRA"),
+            (r#"{"r":2,"lora_alpha":1e30,"target_modules":["q_proj"]}"#, "`lora_alpha` and every `alpha_pattern` value must be finite"),
+            (r#"{"r":2,"lora_alpha":0,"target_modules":["q_proj"]}"#, "`lora_alpha` and every"),
+            (r#"{"r":2,"lora_alpha":-1,"target_modules":["q_proj"]}"#, "`lora_alpha` and every"),
+            (r#"{"r":2,"lora_alpha":4,"alpha_pattern":{"q_proj":2000},"target_modules":["q_proj"]}"#, "`lora_alpha` and every"),
+            (r#"{"r":300,"lora_alpha":4,"target_modules":["q_proj"]}"#, "between 1 and 256"),
+            (r#"{"r":0,"lora_alpha":4,"target_modules":["q_proj"]}"#, "between 1 and 256"),
             (r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj"],"modules_to_save":["lm_head"]}"#, "modules_to_save"),
             (r#"{"r":2,"lora_alpha":4,"target_modules":["embed_tokens"]}"#, "embedding"),
             (r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj"],"peft_type":"IA3"}"#, "IA3"),

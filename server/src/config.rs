@@ -34,12 +34,21 @@ pub struct ServeOptions {
     /// Requests that may wait for a place; more get 429 [default: 64].
     #[arg(long, env = "TESSERA_MAX_QUEUE")]
     pub max_queue: Option<usize>,
-    /// Key for inference routes (`Authorization: Bearer …`) [default: none, open].
+    /// Key of the `inference` scope: chat, completions, models, tokenize
+    /// (`Authorization: Bearer …`) [default: none; with no key at all the server is open].
     #[arg(long, env = "TESSERA_API_KEY")]
     pub api_key: Option<String>,
-    /// Key for admin routes (/metrics and adapter management) [default: none].
+    /// Key of the `tune` scope: inference, plus feedback, files, fine-tuning jobs and training
+    /// on the adapters this scope created or the admin opened to tuning [default: none].
+    #[arg(long, env = "TESSERA_TUNE_KEY")]
+    pub tune_key: Option<String>,
+    /// Key of the `admin` scope: every route [default: none].
     #[arg(long, env = "TESSERA_ADMIN_KEY")]
     pub admin_key: Option<String>,
+    /// More keys, one `<inference|tune|admin> <sha256 of the key>` a line (digests only: the
+    /// file holds no key) [default: none].
+    #[arg(long, env = "TESSERA_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
     /// Longest wait for a response to start, in seconds [default: 300].
     #[arg(long, env = "TESSERA_REQUEST_TIMEOUT")]
     pub request_timeout: Option<u64>,
@@ -108,7 +117,9 @@ pub struct ServeConfig {
     pub max_running_seqs: usize,
     pub max_queue: usize,
     pub api_key: Option<String>,
+    pub tune_key: Option<String>,
     pub admin_key: Option<String>,
+    pub keys_file: Option<PathBuf>,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     pub adapters_dir: Option<PathBuf>,
@@ -137,6 +148,8 @@ impl ServeOptions {
             max_queue: self.max_queue.or(other.max_queue),
             api_key: self.api_key.or(other.api_key),
             admin_key: self.admin_key.or(other.admin_key),
+            tune_key: self.tune_key.or(other.tune_key),
+            keys_file: self.keys_file.or(other.keys_file),
             request_timeout: self.request_timeout.or(other.request_timeout),
             max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
             adapters_dir: self.adapters_dir.or(other.adapters_dir),
@@ -186,6 +199,8 @@ impl ServeConfig {
             max_queue: positive(merged.max_queue, 64, "max_queue")?,
             api_key: merged.api_key.filter(|k| !k.is_empty()),
             admin_key: merged.admin_key.filter(|k| !k.is_empty()),
+            tune_key: merged.tune_key.filter(|k| !k.is_empty()),
+            keys_file: merged.keys_file,
             request_timeout: Duration::from_secs(merged.request_timeout.unwrap_or(300).max(1)),
             max_body_bytes: positive(merged.max_body_bytes, 64 << 20, "max_body_bytes")?,
             adapters_dir: merged.adapters_dir,

@@ -437,13 +437,20 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
         path.display(),
         started.elapsed().as_secs_f64()
     );
+    use tessera::api::auth::{Keys, Scope};
+    let mut keys = Keys::default()
+        .with_key(Scope::Inference, config.api_key.as_deref())
+        .with_key(Scope::Tune, config.tune_key.as_deref())
+        .with_key(Scope::Admin, config.admin_key.as_deref());
+    if let Some(file) = &config.keys_file {
+        keys = keys.with_file(file)?;
+    }
     let app = tessera::api::App::start(
         model,
         model_id,
         tessera::api::ApiSettings {
             ctx_len,
-            api_key: config.api_key.clone(),
-            admin_key: config.admin_key.clone(),
+            keys,
             request_timeout: config.request_timeout,
             max_body_bytes: config.max_body_bytes,
             adapters_dir: Some(adapters_dir),

@@ -213,6 +213,32 @@ pub struct PluginHost {
     next_generation: AtomicU64,
 }
 
+/// Where a plugin host keeps its private copies: a fresh folder under the system's temporary
+/// folder, named by process and a random tag. Folders that servers no longer running left
+/// behind (after `kill -9`) are removed first.
+pub fn private_cache_dir() -> PathBuf {
+    const PREFIX: &str = "tessera-plugins-";
+    let temp = std::env::temp_dir();
+    // Whether a process lives is read from /proc: elsewhere nothing is swept.
+    let entries = std::fs::read_dir(&temp).into_iter().flatten().flatten().filter(|_| cfg!(target_os = "linux"));
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    temp.join(format!("{PREFIX}{}-{:016x}", std::process::id(), rand::random::<u64>()))
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.cache);
+    }
+}
+
 fn is_library(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("so" | "dylib" | "dll"))
 }
@@ -432,5 +458,23 @@ impl PluginHost {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_copies_go_with_their_host_and_with_dead_servers() {
+        let stale = std::env::temp_dir().join("tessera-plugins-999999999-0000000000000000");
+        std::fs::create_dir_all(&stale).unwrap();
+        let cache = private_cache_dir();
+        assert!(!stale.exists(), "a folder of a server that is gone is removed");
+        let host = PluginHost::new(None, None, cache.clone());
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(cache.join("copy.so"), b"x").unwrap();
+        drop(host);
+        assert!(!cache.exists(), "the host removes its private copies");
     }
 }

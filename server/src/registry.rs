@@ -129,19 +129,26 @@ impl Registry {
     }
 
     /// Registers every adapter folder (one holding `adapter_config.json`) directly under `dir`;
-    /// their weights load on first use. Returns how many were registered.
+    /// their weights load on first use. Returns how many were registered. A folder (or a link)
+    /// that resolves outside `dir` and the allowed roots is skipped, as `load` would refuse it.
     pub fn scan(&self, dir: &Path) -> Result<usize, RegistryError> {
         let io = |source| RegistryError::Io {
             path: dir.to_path_buf(),
             source,
         };
+        let scanned = dir.canonicalize().map_err(io)?;
         let mut registered = 0;
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
                 continue;
             };
-            if path.join(CONFIG_FILE).is_file() && valid_name(&name) && name != self.base_name {
+            let inside_roots = path.canonicalize().is_ok_and(|resolved| {
+                resolved.starts_with(&scanned) || self.roots.iter().any(|root| resolved.starts_with(root))
+            });
+            if path.join(CONFIG_FILE).is_file() && !inside_roots {
+                tracing::warn!(path = %path.display(), "skipped: the folder resolves outside the allowed adapter roots");
+            } else if path.join(CONFIG_FILE).is_file() && valid_name(&name) && name != self.base_name {
                 self.entries.insert(name, Entry::OnDisk(path));
                 registered += 1;
             } else if path.is_dir() {

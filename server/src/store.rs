@@ -18,9 +18,15 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The database refused a second active job for an adapter.
+    #[error("`{adapter}` already has an active job: {job}")]
+    ActiveJob { adapter: String, job: String },
     #[error("the database at {path} has schema version {found}, newer than this build's {known}")]
     TooNew { path: PathBuf, found: i64, known: i64 },
 }
+
+/// The database's file name under the store's root.
+const DATABASE_FILE: &str = "tessera.sqlite3";
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -90,7 +96,113 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX pairs_by_adapter ON pairs (adapter, id);
      CREATE INDEX events_by_job ON events (job_id, id);",
+    // 2: the job state machine in the schema. A status outside it is refused, and at most one
+    // job per adapter may be active: the database settles races between requests. Earlier
+    // databases may hold two active jobs of one adapter; all but the oldest are cancelled.
+    "UPDATE jobs SET status = 'cancelled', error = 'another job of this adapter was already active', finished_at = CAST(strftime('%s') AS INTEGER)
+        WHERE status IN ('validating_files', 'queued', 'running')
+          AND rowid NOT IN (SELECT MIN(rowid) FROM jobs WHERE status IN ('validating_files', 'queued', 'running') GROUP BY adapter);
+     CREATE TABLE jobs_checked (
+        id TEXT PRIMARY KEY,
+        adapter TEXT NOT NULL,
+        model TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('validating_files', 'queued', 'running', 'succeeded', 'failed', 'cancelled')),
+        fine_tuned_model TEXT,
+        error TEXT,
+        trained_tokens INTEGER,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+     );
+     INSERT INTO jobs_checked SELECT id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at FROM jobs ORDER BY rowid;
+     DROP TABLE jobs;
+     ALTER TABLE jobs_checked RENAME TO jobs;
+     CREATE UNIQUE INDEX one_active_job_per_adapter ON jobs (adapter) WHERE status IN ('validating_files', 'queued', 'running');
+     ALTER TABLE events ADD COLUMN kind TEXT NOT NULL DEFAULT 'message' CHECK (kind IN ('message', 'metrics'));
+     UPDATE events SET kind = 'metrics' WHERE json_extract(data, '$.learning_rate') IS NOT NULL;",
 ];
+
+/// What a job event is: OpenAI's `message` or `metrics` (a step's losses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Message,
+    Metrics,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Message => "message",
+            EventKind::Metrics => "metrics",
+        }
+    }
+}
+
+/// A fine-tuning job's state: `validating_files → queued → running → succeeded | failed |
+/// cancelled`, stored as its OpenAI name under a CHECK constraint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    ValidatingFiles,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    const ALL: [JobStatus; 6] = [
+        JobStatus::ValidatingFiles,
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::ValidatingFiles => "validating_files",
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Queued or running: the adapter's one active job.
+    pub fn is_active(self) -> bool {
+        !self.has_ended()
+    }
+
+    pub fn has_ended(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl rusqlite::types::ToSql for JobStatus {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for JobStatus {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = value.as_str()?;
+        JobStatus::parse(text).ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown job status `{text}`").into()))
+    }
+}
 
 pub fn unix_time() -> i64 {
     std::time::SystemTime::now()
@@ -148,7 +260,7 @@ pub struct JobRow {
     pub model: String,
     /// What the job trains on and how (`train::job::JobSpec`, as JSON).
     pub spec: serde_json::Value,
-    pub status: String,
+    pub status: JobStatus,
     pub fine_tuned_model: Option<String>,
     pub error: Option<String>,
     pub trained_tokens: Option<u64>,
@@ -160,6 +272,7 @@ pub struct JobRow {
 pub struct EventRow {
     pub id: i64,
     pub level: String,
+    pub kind: EventKind,
     pub message: String,
     pub data: Option<serde_json::Value>,
     pub created_at: i64,
@@ -212,7 +325,7 @@ impl Store {
             path: root.to_path_buf(),
             source,
         })?;
-        let path = root.join("tessera.sqlite3");
+        let path = root.join(DATABASE_FILE);
         let mut connection = Connection::open(&path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
@@ -401,13 +514,6 @@ impl Store {
         })
     }
 
-    pub fn reset_pairs_since_training(&self, adapter: &str) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute("UPDATE adapters SET pairs_since_training = 0 WHERE name = ?1", [adapter])?;
-            Ok(())
-        })
-    }
-
     pub fn versions(&self, adapter: &str) -> Result<Vec<VersionRow>, StoreError> {
         self.with(|c| {
             let mut statement = c.prepare(
@@ -500,13 +606,49 @@ impl Store {
         })
     }
 
-    pub fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
+    /// Records a new job, and with `reset_pairs` restarts its adapter's count of pairs since
+    /// training, in one transaction. A second active job of the same adapter is refused by the
+    /// database (`ActiveJob`, naming the one that holds it).
+    pub fn insert_job(&self, job: &JobRow, reset_pairs: bool) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let inserted = tx.execute(
                 "INSERT INTO jobs (id, adapter, model, spec, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![job.id, job.adapter, job.model, job.spec.to_string(), job.status, job.created_at],
-            )?;
+            );
+            match inserted {
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    let active: Option<String> = tx
+                        .query_row(
+                            "SELECT id FROM jobs WHERE adapter = ?1 AND status IN ('validating_files', 'queued', 'running')",
+                            [&job.adapter],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    return Err(match active {
+                        Some(active) => StoreError::ActiveJob { adapter: job.adapter.clone(), job: active },
+                        None => StoreError::Sql(rusqlite::Error::SqliteFailure(e, None)),
+                    });
+                }
+                other => other?,
+            };
+            if reset_pairs {
+                tx.execute("UPDATE adapters SET pairs_since_training = 0 WHERE name = ?1", [&job.adapter])?;
+            }
+            tx.commit()?;
             Ok(())
+        })
+    }
+
+    /// The adapter's active (queued or running) job, if any.
+    pub fn active_job(&self, adapter: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT id FROM jobs WHERE adapter = ?1 AND status IN ('validating_files', 'queued', 'running')",
+                [adapter],
+                |r| r.get(0),
+            )
+            .optional()?)
         })
     }
 
@@ -543,12 +685,12 @@ impl Store {
     pub fn set_job_status(
         &self,
         id: &str,
-        status: &str,
+        status: JobStatus,
         fine_tuned_model: Option<&str>,
         error: Option<&str>,
         trained_tokens: Option<u64>,
     ) -> Result<bool, StoreError> {
-        let finished = matches!(status, "succeeded" | "failed" | "cancelled").then(unix_time);
+        let finished = status.has_ended().then(unix_time);
         self.with(|c| {
             let changed = c.execute(
                 "UPDATE jobs SET status = ?2, fine_tuned_model = COALESCE(?3, fine_tuned_model), error = COALESCE(?4, error),
@@ -560,11 +702,21 @@ impl Store {
         })
     }
 
+    /// A job event of kind `message` (what happened, with optional data).
     pub fn add_event(&self, job: &str, level: &str, message: &str, data: Option<&serde_json::Value>) -> Result<(), StoreError> {
+        self.insert_event(job, level, EventKind::Message, message, data)
+    }
+
+    /// A job event of kind `metrics`: one optimizer step's losses.
+    pub fn add_metrics_event(&self, job: &str, message: &str, data: &serde_json::Value) -> Result<(), StoreError> {
+        self.insert_event(job, "info", EventKind::Metrics, message, Some(data))
+    }
+
+    fn insert_event(&self, job: &str, level: &str, kind: EventKind, message: &str, data: Option<&serde_json::Value>) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO events (job_id, level, message, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![job, level, message, data.map(|d| d.to_string()), unix_time()],
+                "INSERT INTO events (job_id, level, kind, message, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![job, level, kind.as_str(), message, data.map(|d| d.to_string()), unix_time()],
             )?;
             Ok(())
         })
@@ -574,18 +726,19 @@ impl Store {
     pub fn events(&self, job: &str, before: Option<i64>, limit: usize) -> Result<Vec<EventRow>, StoreError> {
         self.with(|c| {
             let mut statement = c.prepare(
-                "SELECT id, level, message, data, created_at FROM events WHERE job_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3",
+                "SELECT id, level, message, data, created_at, kind FROM events WHERE job_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3",
             )?;
             let rows = statement
                 .query_map(params![job, before, limit as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Option<String>>(3)?, r.get(4)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Option<String>>(3)?, r.get(4)?, r.get::<_, String>(5)?))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
-                .map(|(id, level, message, data, created_at)| {
+                .map(|(id, level, message, data, created_at, kind)| {
                     Ok(EventRow {
                         id,
                         level,
+                        kind: if kind == "metrics" { EventKind::Metrics } else { EventKind::Message },
                         message,
                         data: data.map(|d| serde_json::from_str(&d)).transpose()?,
                         created_at,
@@ -644,6 +797,61 @@ mod tests {
                 Message { role: "assistant".into(), content: "a".into() },
             ],
         }
+    }
+
+    fn job(id: &str, adapter: &str, status: JobStatus) -> JobRow {
+        JobRow {
+            id: id.into(),
+            adapter: adapter.into(),
+            model: "m".into(),
+            spec: serde_json::json!({}),
+            status,
+            fine_tuned_model: None,
+            error: None,
+            trained_tokens: None,
+            created_at: 0,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn the_database_holds_one_active_job_per_adapter_and_only_known_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_job(&job("j1", "x", JobStatus::Queued), false).unwrap();
+        match store.insert_job(&job("j2", "x", JobStatus::ValidatingFiles), false) {
+            Err(StoreError::ActiveJob { adapter, job }) => assert_eq!((adapter.as_str(), job.as_str()), ("x", "j1")),
+            other => panic!("a second active job was not refused: {other:?}"),
+        }
+        store.insert_job(&job("j3", "y", JobStatus::Queued), false).unwrap();
+        assert!(store.set_job_status("j1", JobStatus::Cancelled, None, None, None).unwrap());
+        store.insert_job(&job("j2", "x", JobStatus::Queued), false).unwrap();
+        let refused = store.with(|c| Ok(c.execute("UPDATE jobs SET status = 'paused' WHERE id = 'j2'", [])?));
+        assert!(refused.is_err(), "a status outside the state machine is refused");
+    }
+
+    #[test]
+    fn migrating_an_old_database_keeps_one_active_job_and_types_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            for (id, status) in [("old", "running"), ("racer", "queued"), ("done", "succeeded")] {
+                c.execute(
+                    "INSERT INTO jobs (id, adapter, model, spec, status, created_at) VALUES (?1, 'x', 'm', '{}', ?2, 0)",
+                    params![id, status],
+                )
+                .unwrap();
+            }
+            c.execute("INSERT INTO events (job_id, level, message, data, created_at) VALUES ('old', 'info', 'Step 1', '{\"train_loss\": 1.0, \"learning_rate\": 0.1}', 0)", []).unwrap();
+            c.execute("INSERT INTO events (job_id, level, message, data, created_at) VALUES ('old', 'info', 'Checkpoint', '{\"train_loss\": 1.0}', 0)", []).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let status = |id: &str| store.job(id).unwrap().unwrap().status;
+        assert_eq!((status("old"), status("racer"), status("done")), (JobStatus::Running, JobStatus::Cancelled, JobStatus::Succeeded));
+        let kinds: Vec<EventKind> = store.events("old", None, 10).unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::Message, EventKind::Metrics], "newest first: the checkpoint, then the step");
     }
 
     #[test]

@@ -74,8 +74,7 @@ fn fixture(admin_key: Option<&str>) -> Fixture {
         MODEL.into(),
         ApiSettings {
             ctx_len: 128,
-            api_key: None,
-            admin_key: admin_key.map(str::to_string),
+            keys: tessera::api::auth::Keys::default().with_key(tessera::api::auth::Scope::Admin, admin_key),
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
             adapters_dir: Some(adapters),
@@ -469,8 +468,7 @@ async fn thousands_of_adapters_register_without_loading() {
         MODEL.into(),
         ApiSettings {
             ctx_len: 64,
-            api_key: None,
-            admin_key: None,
+            keys: Default::default(),
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
             adapters_dir: Some(adapters),

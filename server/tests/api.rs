@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
+use tessera::api::auth::{Keys, Scope};
 use tessera::api::{router, with_service_layers, ApiSettings, App};
 use tessera::engine::EngineConfig;
 use tessera::model::synthetic::tiny_gemma3;
@@ -18,8 +19,7 @@ const MODEL: &str = "tiny";
 fn settings() -> ApiSettings {
     ApiSettings {
         ctx_len: 128,
-        api_key: None,
-        admin_key: None,
+        keys: Default::default(),
         request_timeout: Duration::from_secs(30),
         max_body_bytes: 64 * 1024,
         adapters_dir: None,
@@ -118,7 +118,8 @@ async fn models_health_metrics_and_openapi() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["status"], "ok");
 
-    post(&r, "/v1/completions", json!({"model": MODEL, "prompt": "the", "max_tokens": 3})).await;
+    // Greedy and past EOS: exactly 3 tokens, whatever the tiny model draws.
+    post(&r, "/v1/completions", json!({"model": MODEL, "prompt": "the", "max_tokens": 3, "temperature": 0, "ignore_eos": true})).await;
     let (status, text) = send(&r, "GET", "/metrics", None, None).await;
     assert_eq!(status, StatusCode::OK);
     for name in [
@@ -362,8 +363,7 @@ async fn invalid_parameters_name_the_field() {
 async fn keys_guard_inference_and_admin_routes() {
     let r = router(app_with(
         ApiSettings {
-            api_key: Some("user-key".into()),
-            admin_key: Some("admin-key".into()),
+            keys: Keys::default().with_key(Scope::Inference, Some("user-key")).with_key(Scope::Admin, Some("admin-key")),
             ..settings()
         },
         engine_config(),

@@ -28,8 +28,7 @@ fn fixture(train_after: usize) -> Fixture {
     let model = Arc::new(LoadedModel::load(&path).unwrap());
     let settings = ApiSettings {
         ctx_len: 128,
-        api_key: None,
-        admin_key: None,
+        keys: Default::default(),
         request_timeout: Duration::from_secs(60),
         max_body_bytes: 1 << 20,
         adapters_dir: None,
@@ -146,6 +145,10 @@ async fn feedback_uploads_are_all_or_nothing_deduplicated_and_train_a_promoted_v
     let (_, events) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{job}/events?limit=1000"), None).await;
     let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert!(messages.iter().any(|m| m.starts_with("Held-out loss") && m.ends_with("promoting")), "{messages:?}");
+    for event in events["data"].as_array().unwrap() {
+        let is_step = event["message"].as_str().unwrap().starts_with("Step ");
+        assert_eq!(event["type"], if is_step { "metrics" } else { "message" }, "{event}");
+    }
     let losses: Vec<f64> = events["data"]
         .as_array()
         .unwrap()

@@ -178,10 +178,34 @@ pub async fn upload_adapter(
     let dir = app.settings.adapters_dir.clone().ok_or_else(|| {
         AppError::invalid("name", "this server has no adapters directory to store uploads in")
     })?;
+    let upload_name = upload.name.clone();
+    let installer_app = app.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), AppError> {
+        let name = upload.name.clone();
+        let (config, weights) = unpack_upload(&installer_app, upload)?;
+        install(&dir, &name, config.as_bytes(), &weights)
+            .map_err(|e| AppError::Internal(format!("storing the adapter failed: {e}")))?;
+        installer_app
+            .registry
+            .load(&name, &dir.join(&name))
+            .map(|_| ())
+            .map_err(registry_error)
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))??;
+    describe(&app, &upload_name)
+        .map(Json)
+        .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
+}
+
+/// The upload's config text and weights, from its two files or its archive, checked against
+/// the base model (on a blocking thread: archives and safetensors are parsed here).
+fn unpack_upload(app: &App, upload: AdapterUpload) -> Result<(String, Vec<u8>), AppError> {
+    let max_bytes = app.settings.max_body_bytes;
     let (config, weights) = match (upload.adapter_config, upload.adapter_model, upload.archive) {
         (Some(config), Some(weights), None) => (config, weights),
-        (None, None, Some(archive)) if archive.starts_with(b"PK\x03\x04") => from_zip(&archive)?,
-        (None, None, Some(archive)) => from_tar(&archive)?,
+        (None, None, Some(archive)) if archive.starts_with(b"PK\x03\x04") => from_zip(&archive, max_bytes)?,
+        (None, None, Some(archive)) => from_tar(&archive, max_bytes)?,
         _ => {
             return Err(AppError::invalid(
                 "archive",
@@ -194,47 +218,63 @@ pub async fn upload_adapter(
     let shape = app.model.model.config().adapter_shape();
     PeftAdapter::from_parts(&config, &weights, std::path::Path::new(&upload.name), &shape)
         .map_err(|e| AppError::invalid("adapter_model.safetensors", e.to_string()))?;
-
-    let name = upload.name.clone();
-    let installer_app = app.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), AppError> {
-        install(&dir, &name, config.as_bytes(), &weights)
-            .map_err(|e| AppError::Internal(format!("storing the adapter failed: {e}")))?;
-        installer_app
-            .registry
-            .load(&name, &dir.join(&name))
-            .map(|_| ())
-            .map_err(registry_error)
-    })
-    .await
-    .map_err(|e| AppError::Internal(e.to_string()))??;
-    describe(&app, &upload.name)
-        .map(Json)
-        .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
+    Ok((config, weights))
 }
 
-/// The two PEFT files among an archive's members, found by file name wherever they sit.
-#[derive(Default)]
+/// The most members an uploaded archive may have (folders included).
+const MAX_ARCHIVE_ENTRIES: usize = 64;
+
+/// The two PEFT files among an archive's members, found by file name wherever they sit. What
+/// the archive unpacks to is bounded: at most `max_bytes` in all and [`MAX_ARCHIVE_ENTRIES`]
+/// members, checked while reading, so a small archive that inflates to gigabytes is refused
+/// before it is held.
 struct PeftFiles {
     config: Option<Vec<u8>>,
     weights: Option<Vec<u8>>,
+    entries: usize,
+    bytes_left: u64,
 }
 
 impl PeftFiles {
-    fn offer(&mut self, file_name: &str, member: &mut impl std::io::Read) -> std::io::Result<()> {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            config: None,
+            weights: None,
+            entries: 0,
+            bytes_left: max_bytes as u64,
+        }
+    }
+
+    fn offer(&mut self, file_name: &str, member: &mut impl std::io::Read) -> Result<(), String> {
+        use std::io::Read;
+        self.entries += 1;
+        if self.entries > MAX_ARCHIVE_ENTRIES {
+            return Err(format!("it has more than {MAX_ARCHIVE_ENTRIES} members"));
+        }
         let slot = match file_name {
             CONFIG_FILE => &mut self.config,
             WEIGHTS_FILE => &mut self.weights,
             _ => return Ok(()),
         };
         let mut data = Vec::new();
-        member.read_to_end(&mut data)?;
+        let read = member
+            .by_ref()
+            .take(self.bytes_left + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| e.to_string())? as u64;
+        if read > self.bytes_left {
+            return Err("it unpacks to more bytes than the request body limit".into());
+        }
+        self.bytes_left -= read;
         *slot = Some(data);
         Ok(())
     }
 
-    fn both(self) -> Option<(Vec<u8>, Vec<u8>)> {
-        Some((self.config?, self.weights?))
+    fn both(self, kind: &str) -> Result<(Vec<u8>, Vec<u8>), AppError> {
+        match (self.config, self.weights) {
+            (Some(config), Some(weights)) => Ok((config, weights)),
+            _ => Err(bad_archive(kind, format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}"))),
+        }
     }
 }
 
@@ -242,35 +282,30 @@ fn bad_archive(kind: &str, problem: impl std::fmt::Display) -> AppError {
     AppError::invalid("archive", format!("not a usable {kind} archive: {problem}"))
 }
 
-fn from_tar(archive: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AppError> {
+fn from_tar(archive: &[u8], max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), AppError> {
     let bad = |e: std::io::Error| bad_archive("zip or tar", e);
-    let mut files = PeftFiles::default();
+    let mut files = PeftFiles::new(max_bytes);
     for entry in tar::Archive::new(archive).entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
         let name = entry.path().map_err(bad)?.file_name().and_then(|n| n.to_str()).map(str::to_string);
-        if let Some(name) = name {
-            files.offer(&name, &mut entry).map_err(bad)?;
-        }
+        let name = name.filter(|_| entry.header().entry_type().is_file()).unwrap_or_default();
+        files.offer(&name, &mut entry).map_err(|e| bad_archive("tar", e))?;
     }
-    files
-        .both()
-        .ok_or_else(|| bad_archive("tar", format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}")))
+    files.both("tar")
 }
 
-fn from_zip(archive: &[u8]) -> Result<(Vec<u8>, Vec<u8>), AppError> {
+fn from_zip(archive: &[u8], max_bytes: usize) -> Result<(Vec<u8>, Vec<u8>), AppError> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).map_err(|e| bad_archive("zip", e))?;
-    let mut files = PeftFiles::default();
+    if zip.len() > MAX_ARCHIVE_ENTRIES {
+        return Err(bad_archive("zip", format!("it has {} members, more than {MAX_ARCHIVE_ENTRIES}", zip.len())));
+    }
+    let mut files = PeftFiles::new(max_bytes);
     for i in 0..zip.len() {
         let mut member = zip.by_index(i).map_err(|e| bad_archive("zip", e))?;
-        let name = member.name().rsplit('/').next().unwrap_or_default().to_string();
+        let name = if member.is_file() { member.name().rsplit('/').next().unwrap_or_default().to_string() } else { String::new() };
         files.offer(&name, &mut member).map_err(|e| bad_archive("zip", e))?;
     }
-    files
-        .both()
-        .ok_or_else(|| bad_archive("zip", format!("it must hold {CONFIG_FILE} and {WEIGHTS_FILE}")))
+    files.both("zip")
 }
 
 /// Writes the files into a staging folder, makes them durable, then renames it to `dir/name`

@@ -37,8 +37,8 @@ pub enum AppError {
     },
     #[error("Incorrect or missing API key. Send it as `Authorization: Bearer <key>`.")]
     Unauthorized,
-    #[error("This route needs the admin key.")]
-    AdminOnly,
+    #[error("This route needs a key of the `{0}` scope.")]
+    InsufficientScope(&'static str),
     #[error("The server is at capacity ({waiting} requests waiting); retry shortly.")]
     Overloaded { waiting: usize },
     #[error("{message}")]
@@ -67,7 +67,7 @@ impl AppError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PluginFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::AdminOnly => StatusCode::FORBIDDEN,
+            Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadBody { status, .. } => *status,
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -95,7 +95,7 @@ impl AppError {
                 Some("context_length_exceeded".into()),
             ),
             Self::Unauthorized => ("invalid_request_error", None, Some("invalid_api_key".into())),
-            Self::AdminOnly => ("invalid_request_error", None, Some("admin_key_required".into())),
+            Self::InsufficientScope(scope) => ("invalid_request_error", None, Some(format!("{scope}_key_required"))),
             Self::Overloaded { .. } => ("rate_limit_exceeded", None, Some("queue_full".into())),
             Self::BadBody { .. } => ("invalid_request_error", None, None),
             Self::Timeout(_) => ("timeout", None, Some("request_timeout".into())),

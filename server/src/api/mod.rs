@@ -4,6 +4,7 @@
 mod adapters;
 mod chat;
 mod completions;
+pub mod auth;
 pub mod error;
 mod extensions;
 mod middleware;
@@ -37,8 +38,8 @@ pub use error::AppError;
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     pub ctx_len: usize,
-    pub api_key: Option<String>,
-    pub admin_key: Option<String>,
+    /// The keys requests must present, by scope (none: the server is open).
+    pub keys: auth::Keys,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     /// Scanned for adapters at startup, and where `load_lora_adapter` may read from.
@@ -118,7 +119,7 @@ impl App {
                 )
             }
         };
-        let plugin_cache = std::env::temp_dir().join(format!("tessera-plugins-{}", std::process::id()));
+        let plugin_cache = crate::plugins::private_cache_dir();
         let plugins = PluginHost::new(
             settings.plugins.as_ref().map(|p| p.dir.as_path()),
             settings.plugins.as_ref().and_then(|p| p.allow_sha256.clone()),
@@ -329,59 +330,68 @@ where
 )]
 struct ApiDoc;
 
-fn api_routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// Every route, grouped by the scope its callers need (`auth`): the layer of each group checks
+/// the key; no rule looks at the path.
+fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
+    let public = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(models::health))
+        .routes(routes!(models::openapi_json));
+    let inference = OpenApiRouter::new()
         .routes(routes!(chat::chat_completions))
         .routes(routes!(completions::completions))
         .routes(routes!(models::list_models))
         .routes(routes!(models::get_model))
         .routes(routes!(extensions::tokenize))
-        .routes(routes!(extensions::detokenize))
-        .routes(routes!(models::health))
-        .routes(routes!(models::metrics))
-        .routes(routes!(models::openapi_json))
-        .routes(routes!(adapters::load_lora_adapter))
-        .routes(routes!(adapters::unload_lora_adapter))
-        .routes(routes!(adapters::list_adapters, adapters::upload_adapter))
-        .routes(routes!(adapters::get_adapter, adapters::delete_adapter))
+        .routes(routes!(extensions::detokenize));
+    let tune = OpenApiRouter::new()
         .routes(routes!(tuning::upload_feedback, tuning::list_feedback, tuning::delete_feedback))
         .routes(routes!(tuning::train_adapter))
-        .routes(routes!(tuning::rollback_adapter))
         .routes(routes!(tuning::upload_file, tuning::list_files))
         .routes(routes!(tuning::get_file))
         .routes(routes!(tuning::create_job, tuning::list_jobs))
         .routes(routes!(tuning::get_job))
         .routes(routes!(tuning::cancel_job))
         .routes(routes!(tuning::list_events))
-        .routes(routes!(tuning::list_checkpoints))
+        .routes(routes!(tuning::list_checkpoints));
+    let admin = OpenApiRouter::new()
+        .routes(routes!(models::metrics))
+        .routes(routes!(adapters::load_lora_adapter))
+        .routes(routes!(adapters::unload_lora_adapter))
+        .routes(routes!(adapters::list_adapters, adapters::upload_adapter))
+        .routes(routes!(adapters::get_adapter, adapters::delete_adapter))
+        .routes(routes!(tuning::rollback_adapter))
         .routes(routes!(plugins::list_plugins))
         .routes(routes!(plugins::load_plugin))
         .routes(routes!(plugins::reload_plugin))
-        .routes(routes!(plugins::unload_plugin))
+        .routes(routes!(plugins::unload_plugin));
+    let guarded = |group: OpenApiRouter<Arc<App>>, scope: auth::Scope| match app {
+        Some(app) => group.route_layer(axum::middleware::from_fn_with_state((app.clone(), scope), auth::require)),
+        None => group,
+    };
+    public
+        .merge(guarded(inference, auth::Scope::Inference))
+        .merge(guarded(tune, auth::Scope::Tune))
+        .merge(guarded(admin, auth::Scope::Admin))
 }
 
 /// The OpenAPI description of every route (what `openapi.yaml` holds).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    api_routes(None).split_for_parts().1
 }
 
 /// The full service: routes, authentication, metrics, timeouts, body limit and panic recovery.
 pub fn router(app: Arc<App>) -> Router {
-    let (routes, _) = api_routes().split_for_parts();
+    let (routes, _) = api_routes(Some(&app)).split_for_parts();
     with_service_layers(app, routes)
 }
 
-/// Wraps `routes` in the layers every route gets: timeout, authentication, metrics, panic
-/// recovery and the body limit; unknown routes get a 404 in OpenAI's shape.
+/// Wraps `routes` in the layers every route gets: timeout, metrics, panic recovery and the body
+/// limit (each route group checks its own keys); unknown routes get a 404 in OpenAI's shape.
 pub fn with_service_layers(app: Arc<App>, routes: Router<Arc<App>>) -> Router {
     routes
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             middleware::timeout,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            middleware::authenticate,
         ))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),

@@ -37,7 +37,7 @@ impl From<StoreError> for AppError {
 impl From<TuneError> for AppError {
     fn from(e: TuneError) -> Self {
         match e {
-            TuneError::Busy(message) => AppError::Conflict(message),
+            busy @ TuneError::Busy { .. } => AppError::Conflict(busy.to_string()),
             TuneError::Invalid(message) => AppError::InvalidParameter {
                 message,
                 param: None,
@@ -99,8 +99,15 @@ fn lora_spec(params: &FeedbackParams) -> Result<Option<LoraSpec>, AppError> {
         return Ok(None);
     }
     let rank = params.rank.unwrap_or(16);
-    if !(1..=256).contains(&rank) {
-        return Err(AppError::invalid("rank", "the rank must be between 1 and 256"));
+    if !tessera_adapters::peft::rank_is_valid(rank) {
+        return Err(AppError::invalid("rank", format!("the rank must be between 1 and {}", tessera_adapters::peft::MAX_RANK)));
+    }
+    let alpha = params.alpha.unwrap_or(2.0 * rank as f32);
+    if !tessera_adapters::peft::alpha_is_valid(alpha) {
+        return Err(AppError::invalid(
+            "alpha",
+            format!("alpha must be finite, above 0 and at most {}", tessera_adapters::peft::MAX_ALPHA),
+        ));
     }
     let targets = match &params.targets {
         None => TargetModule::ALL.to_vec(),
@@ -112,11 +119,7 @@ fn lora_spec(params: &FeedbackParams) -> Result<Option<LoraSpec>, AppError> {
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
-    Ok(Some(LoraSpec {
-        rank,
-        alpha: params.alpha.unwrap_or(2.0 * rank as f32),
-        targets,
-    }))
+    Ok(Some(LoraSpec { rank, alpha, targets }))
 }
 
 /// Stores instruction pairs for an adapter: one JSON record, a JSON list or JSON Lines, each in
@@ -175,10 +178,16 @@ pub async fn upload_feedback(
     blocking(move || {
         tuner.ensure_adapter(&name, spec)?;
         let inserted = tuner.store.insert_pairs(&name, &conversations)?;
-        let mut job = None;
-        if inserted.pairs_since_training >= tuner.settings.train_after && !tuner.is_training(&name)? {
-            job = Some(tuner.start_feedback_job(&name, None)?.id);
-        }
+        // Past `train_after` a job starts, unless one is already active (the database decides).
+        let job = if inserted.pairs_since_training >= tuner.settings.train_after {
+            match tuner.start_feedback_job(&name, None) {
+                Ok(job) => Some(job.id),
+                Err(TuneError::Busy { .. }) => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
         Ok(Json(FeedbackReceipt {
             total_pairs: tuner.store.count_pairs(&name)?,
             adapter: name,
@@ -576,7 +585,7 @@ fn job_view(job: &JobRow) -> FineTuningJob {
         model: job.model.clone(),
         fine_tuned_model: job.fine_tuned_model.clone(),
         organization_id: "tessera",
-        status: job.status.clone(),
+        status: job.status.to_string(),
         training_file,
         validation_file,
         hyperparameters: JobHyperparameters {
@@ -733,7 +742,7 @@ fn event_view(e: EventRow) -> JobEvent {
         object: "fine_tuning.job.event",
         created_at: e.created_at,
         level: e.level,
-        r#type: if e.data.as_ref().is_some_and(|d| d.get("train_loss").is_some()) { "metrics" } else { "message" },
+        r#type: e.kind.as_str(),
         message: e.message,
         data: e.data,
     }

@@ -23,8 +23,7 @@ pub async fn start_local(
         model_id.to_string(),
         crate::api::ApiSettings {
             ctx_len: CTX_LEN,
-            api_key: None,
-            admin_key: None,
+            keys: Default::default(),
             request_timeout: Duration::from_secs(600),
             max_body_bytes: 1 << 20,
             adapters_dir,

@@ -19,7 +19,7 @@ use tessera_adapters::peft::BaseShape;
 
 use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
-use crate::store::{unix_time, AdapterRow, JobRow, Store, StoreError};
+use crate::store::{unix_time, AdapterRow, JobRow, JobStatus, Store, StoreError};
 use crate::train::data::example;
 use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{LoraParams, LoraSpec};
@@ -38,8 +38,8 @@ pub enum TuneError {
     #[error("the job was cancelled")]
     Cancelled,
     /// One job at a time per adapter.
-    #[error("{0}")]
-    Busy(String),
+    #[error("`{adapter}` already has a job queued or running: {job}")]
+    Busy { adapter: String, job: String },
 }
 
 /// Server-wide tuning settings.
@@ -133,6 +133,9 @@ pub struct Tuner {
     pub settings: TuningSettings,
     queue: Mutex<mpsc::Sender<String>>,
     cancelled: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Held while an adapter's version 0 is written and recorded: of two first uploads to a new
+    /// adapter, the second finds the first's adapter instead of writing the same folder.
+    creating: Mutex<()>,
 }
 
 
@@ -161,6 +164,7 @@ impl Tuner {
             settings,
             queue: Mutex::new(sender),
             cancelled: Mutex::new(HashMap::new()),
+            creating: Mutex::new(()),
         });
         let worker = Arc::downgrade(&tuner);
         let threads = tuner.settings.train_threads.max(1);
@@ -184,7 +188,7 @@ impl Tuner {
             })
             .map_err(|e| TuneError::Invalid(format!("trainer thread not started: {e}")))?;
         let mut unfinished = tuner.store.jobs(None)?;
-        unfinished.retain(|j| matches!(j.status.as_str(), "validating_files" | "queued" | "running"));
+        unfinished.retain(|j| j.status.is_active());
         unfinished.sort_by_key(|j| j.created_at);
         for job in unfinished {
             tracing::info!(job = %job.id, status = %job.status, "unfinished job re-queued");
@@ -207,35 +211,47 @@ impl Tuner {
 
     /// Whether `adapter` has a job queued or running.
     pub fn is_training(&self, adapter: &str) -> Result<bool, TuneError> {
-        Ok(self
-            .store
-            .jobs(Some(adapter))?
-            .iter()
-            .any(|j| matches!(j.status.as_str(), "validating_files" | "queued" | "running")))
+        Ok(self.store.active_job(adapter)?.is_some())
     }
 
     /// Makes `name` a tuned adapter at version 0: a fresh LoRA, or a copy of the registry's
-    /// adapter of that name when one exists (training continues from it).
+    /// adapter of that name when one exists (training continues from it). Idempotent: of
+    /// concurrent calls, one creates and the rest get its row. A failed create leaves nothing.
     pub fn ensure_adapter(&self, name: &str, spec: Option<LoraSpec>) -> Result<AdapterRow, TuneError> {
+        if let Some(row) = self.store.adapter(name)? {
+            return Ok(row);
+        }
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(row) = self.store.adapter(name)? {
             return Ok(row);
         }
         self.registry
             .check_new_name(name)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
-        let dir = self.store.version_dir(name, 0);
         let params = match self.registry.describe(name) {
             Some((source, _)) => LoraParams::load_peft(&source, &self.base_shape())?,
             None => LoraParams::fresh(&self.base_shape(), spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
         };
-        params.save_peft(&dir, &self.model_id)?;
         let row = version_zero(name, &params);
-        self.store.create_adapter(&row, &serde_json::json!({"origin": "created"}))?;
+        let dir = self.store.version_dir(name, 0);
+        self.write_version_zero(&params, &row, &dir, serde_json::json!({"origin": "created"}))?;
         self.registry
             .install(name, &dir)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
         tracing::info!(adapter = name, rank = row.rank, "tuned adapter created");
         Ok(row)
+    }
+
+    /// Writes version 0's files and records the adapter; on any failure removes what it wrote.
+    fn write_version_zero(&self, params: &LoraParams, row: &AdapterRow, dir: &std::path::Path, origin: serde_json::Value) -> Result<(), TuneError> {
+        let written = params
+            .save_peft(dir, &self.model_id)
+            .map_err(TuneError::from)
+            .and_then(|()| self.store.create_adapter(row, &origin).map_err(TuneError::from));
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(dir));
+        }
+        written
     }
 
     /// Queues a job on `adapter`'s feedback pairs (all stored so far).
@@ -244,9 +260,6 @@ impl Tuner {
             .store
             .adapter(adapter)?
             .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no feedback pairs")))?;
-        if self.is_training(adapter)? {
-            return Err(TuneError::Busy(format!("`{adapter}` already has a job queued or running")));
-        }
         let last_pair_id = self.store.last_pair_id(adapter)?;
         if last_pair_id == 0 {
             return Err(TuneError::Invalid(format!("`{adapter}` has no feedback pairs")));
@@ -258,8 +271,7 @@ impl Tuner {
             suffix: None,
             start_version: row.version,
         };
-        self.store.reset_pairs_since_training(adapter)?;
-        self.create_job(new_id("ftjob"), adapter, adapter, &spec, "queued")
+        self.create_job(new_id("ftjob"), adapter, adapter, &spec, JobStatus::Queued)
     }
 
     /// Queues an OpenAI fine-tuning job; its adapter (`ft-…`) starts from `model` (the base or
@@ -290,28 +302,32 @@ impl Tuner {
         self.registry
             .check_new_name(&adapter)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
-        params.save_peft(&dir, &self.model_id)?;
-        self.store
-            .create_adapter(&version_zero(&adapter, &params), &serde_json::json!({"origin": model}))?;
-        self.create_job(id, &adapter, model, &spec, "validating_files")
+        self.write_version_zero(&params, &version_zero(&adapter, &params), &dir, serde_json::json!({"origin": model}))?;
+        self.create_job(id, &adapter, model, &spec, JobStatus::ValidatingFiles)
     }
 
-    /// Records a job in its first status and queues it for the worker.
-    fn create_job(&self, id: String, adapter: &str, model: &str, spec: &JobSpec, status: &str) -> Result<JobRow, TuneError> {
+    /// Records a job in its first status and queues it for the worker. The store refuses a
+    /// second active job of one adapter, whatever raced to create it: the loser gets `Busy`
+    /// with the id of the job that holds the adapter.
+    fn create_job(&self, id: String, adapter: &str, model: &str, spec: &JobSpec, status: JobStatus) -> Result<JobRow, TuneError> {
         let job = JobRow {
             id,
             adapter: adapter.to_string(),
             model: model.to_string(),
             spec: serde_json::to_value(spec).map_err(TrainError::from)?,
-            status: status.to_string(),
+            status,
             fine_tuned_model: None,
             error: None,
             trained_tokens: None,
             created_at: unix_time(),
             finished_at: None,
         };
-        self.store.insert_job(&job)?;
-        let first_event = if status == "validating_files" { "Validating training file" } else { "Job queued" };
+        let feedback_job = status == JobStatus::Queued;
+        self.store.insert_job(&job, feedback_job).map_err(|e| match e {
+            StoreError::ActiveJob { adapter, job } => TuneError::Busy { adapter, job },
+            other => other.into(),
+        })?;
+        let first_event = if status == JobStatus::ValidatingFiles { "Validating training file" } else { "Job queued" };
         self.store.add_event(&job.id, "info", first_event, None)?;
         tracing::info!(job = %job.id, adapter, "fine-tuning job queued");
         self.enqueue(&job.id);
@@ -320,7 +336,7 @@ impl Tuner {
 
     /// Cancels a job that has not ended; a running one stops before its next step.
     pub fn cancel(&self, job: &str) -> Result<bool, TuneError> {
-        let changed = self.store.set_job_status(job, "cancelled", None, None, None)?;
+        let changed = self.store.set_job_status(job, JobStatus::Cancelled, None, None, None)?;
         if changed {
             self.store.add_event(job, "info", "Job cancelled", None)?;
             if let Some(flag) = self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
@@ -356,7 +372,7 @@ impl Tuner {
                 tracing::warn!(error = %e, "fine-tuning job failed");
                 self.store
                     .add_event(job_id, "error", &format!("Job failed: {e}"), None)
-                    .and_then(|_| self.store.set_job_status(job_id, "failed", None, Some(&e.to_string()), None).map(|_| ()))
+                    .and_then(|_| self.store.set_job_status(job_id, JobStatus::Failed, None, Some(&e.to_string()), None).map(|_| ()))
             }
         };
         if let Err(e) = result {
@@ -400,7 +416,7 @@ impl Tuner {
 
     fn run_job(&self, job_id: &str) -> Result<(), TuneError> {
         let Some(job) = self.store.job(job_id)? else { return Ok(()) };
-        if matches!(job.status.as_str(), "succeeded" | "failed" | "cancelled") {
+        if job.status.has_ended() {
             return Ok(());
         }
         let spec: JobSpec = serde_json::from_value(job.spec.clone()).map_err(TrainError::from)?;
@@ -449,8 +465,8 @@ impl Tuner {
                 None,
             )?;
         }
-        if job.status == "validating_files" {
-            self.store.set_job_status(job_id, "queued", None, None, None)?;
+        if job.status == JobStatus::ValidatingFiles {
+            self.store.set_job_status(job_id, JobStatus::Queued, None, None, None)?;
         }
         self.check_cancelled(job_id)?;
 
@@ -484,7 +500,7 @@ impl Tuner {
             trained_tokens = c.metrics["trained_tokens"].as_u64().unwrap_or(0);
             self.store.add_event(job_id, "info", &format!("Resumed from the checkpoint at step {}", c.step), None)?;
         }
-        self.store.set_job_status(job_id, "running", None, None, None)?;
+        self.store.set_job_status(job_id, JobStatus::Running, None, None, None)?;
         self.store.add_event(
             job_id,
             "info",
@@ -534,12 +550,8 @@ impl Tuner {
                 "grad_norm": stats.grad_norm,
                 "seconds": started.elapsed().as_secs_f64(),
             });
-            self.store.add_event(
-                job_id,
-                "info",
-                &format!("Step {}/{total_steps}: training loss={:.4}", optimizer.step, stats.loss),
-                Some(&data),
-            )?;
+            self.store
+                .add_metrics_event(job_id, &format!("Step {}/{total_steps}: training loss={:.4}", optimizer.step, stats.loss), &data)?;
             if optimizer.step % self.settings.checkpoint_every.max(1) == 0 && optimizer.step < total_steps {
                 self.checkpoint(job_id, &lora, &optimizer, stats.loss, trained_tokens)?;
             }
@@ -610,7 +622,7 @@ impl Tuner {
             self.store.add_event(&job.id, "info", &format!("Version {version} of {} is now served", adapter.name), Some(&metrics))?;
         }
         self.store
-            .set_job_status(&job.id, "succeeded", Some(&adapter.name), None, Some(trained_tokens))?;
+            .set_job_status(&job.id, JobStatus::Succeeded, Some(&adapter.name), None, Some(trained_tokens))?;
         self.store.add_event(&job.id, "info", "The job has successfully completed", None)?;
         tracing::info!(adapter = %adapter.name, promoted = promote, "fine-tuning job succeeded");
         Ok(())
