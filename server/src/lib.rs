@@ -1,5 +1,6 @@
 //! Tessera: one quantized base model, many LoRA adapters, served over the OpenAI API.
 
+pub mod access;
 pub mod api;
 pub mod bench;
 pub mod chat_template;

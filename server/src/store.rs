@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::access::Scope;
 use crate::dataset::{content_hash, Conversation};
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +121,11 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX one_active_job_per_adapter ON jobs (adapter) WHERE status IN ('validating_files', 'queued', 'running');
      ALTER TABLE events ADD COLUMN kind TEXT NOT NULL DEFAULT 'message' CHECK (kind IN ('message', 'metrics'));
      UPDATE events SET kind = 'metrics' WHERE json_extract(data, '$.learning_rate') IS NOT NULL;",
+    // 3: who created each adapter and job, and the adapters the admin opened to tuning. What
+    // came before scopes counts as the admin's.
+    "ALTER TABLE adapters ADD COLUMN created_by TEXT NOT NULL DEFAULT 'admin' CHECK (created_by IN ('inference', 'tune', 'admin'));
+     ALTER TABLE adapters ADD COLUMN open_to_tuning INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE jobs ADD COLUMN created_by TEXT NOT NULL DEFAULT 'admin' CHECK (created_by IN ('inference', 'tune', 'admin'));",
 ];
 
 /// What a job event is: OpenAI's `message` or `metrics` (a step's losses).
@@ -224,6 +230,18 @@ pub struct AdapterRow {
     pub targets: Vec<String>,
     pub version: u32,
     pub pairs_since_training: usize,
+    /// The scope of the key that created it.
+    pub created_by: Scope,
+    /// Whether keys of other scopes than its creator's (below admin) may tune it.
+    pub open_to_tuning: bool,
+}
+
+impl AdapterRow {
+    /// Whether `scope` may add feedback to, train or read the feedback of this adapter: the
+    /// admin always, its creator's scope, and anyone once the admin opened it.
+    pub fn may_be_tuned_by(&self, scope: Scope) -> bool {
+        scope == Scope::Admin || scope == self.created_by || self.open_to_tuning
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -266,6 +284,8 @@ pub struct JobRow {
     pub trained_tokens: Option<u64>,
     pub created_at: i64,
     pub finished_at: Option<i64>,
+    /// The scope of the key that created it: only that scope or the admin may cancel it.
+    pub created_by: Scope,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -309,14 +329,15 @@ fn job_from_row(row: &rusqlite::Row) -> rusqlite::Result<(JobRow, String)> {
             trained_tokens: row.get::<_, Option<i64>>(7)?.map(|t| t as u64),
             created_at: row.get(8)?,
             finished_at: row.get(9)?,
+            created_by: row.get(10)?,
         },
         row.get::<_, String>(3)?,
     ))
 }
 
-const ADAPTER_COLUMNS: &str = "name, rank, alpha, targets, version, pairs_since_training";
+const ADAPTER_COLUMNS: &str = "name, rank, alpha, targets, version, pairs_since_training, created_by, open_to_tuning";
 
-const JOB_COLUMNS: &str = "id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at";
+const JOB_COLUMNS: &str = "id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at, created_by";
 
 impl Store {
     /// Opens (creating if needed) the store under `root` and brings its schema up to date.
@@ -375,6 +396,8 @@ impl Store {
             targets: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
             version: r.get::<_, i64>(4)? as u32,
             pairs_since_training: r.get::<_, i64>(5)? as usize,
+            created_by: r.get(6)?,
+            open_to_tuning: r.get(7)?,
         })
     }
 
@@ -399,8 +422,9 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO adapters (name, rank, alpha, targets, version, pairs_since_training, created_at) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5)",
-                params![row.name, row.rank as i64, row.alpha as f64, serde_json::to_string(&row.targets)?, unix_time()],
+                "INSERT INTO adapters (name, rank, alpha, targets, version, pairs_since_training, created_at, created_by, open_to_tuning)
+                 VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6, ?7)",
+                params![row.name, row.rank as i64, row.alpha as f64, serde_json::to_string(&row.targets)?, unix_time(), row.created_by, row.open_to_tuning],
             )?;
             tx.execute(
                 "INSERT INTO versions (adapter, version, path, job_id, metrics, created_at) VALUES (?1, 0, ?2, NULL, ?3, ?4)",
@@ -613,8 +637,8 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             let inserted = tx.execute(
-                "INSERT INTO jobs (id, adapter, model, spec, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![job.id, job.adapter, job.model, job.spec.to_string(), job.status, job.created_at],
+                "INSERT INTO jobs (id, adapter, model, spec, status, created_at, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![job.id, job.adapter, job.model, job.spec.to_string(), job.status, job.created_at, job.created_by],
             );
             match inserted {
                 Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -638,6 +662,11 @@ impl Store {
             tx.commit()?;
             Ok(())
         })
+    }
+
+    /// Opens an adapter to tuning by every tuning scope, or closes it to all but its creator's.
+    pub fn set_open_to_tuning(&self, adapter: &str, open: bool) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("UPDATE adapters SET open_to_tuning = ?2 WHERE name = ?1", params![adapter, open])? > 0))
     }
 
     /// The adapter's active (queued or running) job, if any.
@@ -811,6 +840,7 @@ mod tests {
             trained_tokens: None,
             created_at: 0,
             finished_at: None,
+            created_by: Scope::Admin,
         }
     }
 
@@ -866,6 +896,8 @@ mod tests {
                 targets: vec!["q_proj".into()],
                 version: 0,
                 pairs_since_training: 0,
+                created_by: Scope::Tune,
+                open_to_tuning: false,
             };
             store.create_adapter(&row, &serde_json::json!({})).unwrap();
             let first = store.insert_pairs("x", &[pair("a"), pair("b")]).unwrap();

@@ -256,3 +256,54 @@ async fn the_startup_scan_serves_nothing_from_outside_the_adapter_roots() {
     let (status, _) = call(&f.router, "GET", "/v1/adapters/evil", None, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "a link out of the adapters directory is not served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tune_keys_tune_their_own_adapters_and_cancel_their_own_jobs() {
+    let keys = Keys::default()
+        .with_key(Scope::Inference, Some("user"))
+        .with_key(Scope::Tune, Some("tuner"))
+        .with_key(Scope::Admin, Some("root"));
+    let f = fixture(keys, 100_000);
+    let r = &f.router;
+    // The admin's adapter: neither feedback, nor its pairs, nor training for the tune key.
+    let (status, _) = call(r, "POST", "/v1/adapters/house/feedback?rank=2", Some("root"), Some(pairs("h", 3))).await;
+    assert_eq!(status, StatusCode::OK);
+    for (method, uri, body) in [
+        ("POST", "/v1/adapters/house/feedback", Some(pairs("t", 1))),
+        ("GET", "/v1/adapters/house/feedback", None),
+        ("DELETE", "/v1/adapters/house/feedback", None),
+        ("POST", "/v1/adapters/house/train", Some(("application/json", b"{}".to_vec()))),
+    ] {
+        let (status, err) = call(r, method, uri, Some("tuner"), body).await;
+        assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("not_owner")), "{method} {uri}: {err}");
+    }
+    let (_, info) = call(r, "GET", "/v1/adapters/house", Some("root"), None).await;
+    assert_eq!((info["pairs"].as_u64(), info["created_by"].as_str()), (Some(3), Some("admin")), "{info}");
+
+    // The admin's job is the admin's to cancel.
+    let (status, job) = call(r, "POST", "/v1/adapters/house/train", Some("root"), Some(("application/json", b"{}".to_vec()))).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    let cancel = format!("/v1/fine_tuning/jobs/{}/cancel", job["id"].as_str().unwrap());
+    let (status, err) = call(r, "POST", &cancel, Some("tuner"), None).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("not_owner")), "{err}");
+    let (status, _) = call(r, "POST", &cancel, Some("root"), None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Opened by the admin, it takes the tune key's feedback; the tune key's own job is its own.
+    let (status, info) = call(r, "PUT", "/v1/adapters/house/tuning", Some("root"), Some(("application/json", br#"{"open": true}"#.to_vec()))).await;
+    assert_eq!((status, info["open_to_tuning"].as_bool()), (StatusCode::OK, Some(true)), "{info}");
+    let (status, _) = call(r, "PUT", "/v1/adapters/house/tuning", Some("tuner"), Some(("application/json", br#"{"open": false}"#.to_vec()))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "opening and closing is the admin's");
+    let (status, body) = call(r, "POST", "/v1/adapters/house/feedback", Some("tuner"), Some(pairs("t", 2))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, job) = call(r, "POST", "/v1/adapters/house/train", Some("tuner"), Some(("application/json", b"{}".to_vec()))).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    let (status, _) = call(r, "POST", &format!("/v1/fine_tuning/jobs/{}/cancel", job["id"].as_str().unwrap()), Some("tuner"), None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // An adapter the admin uploaded stays the admin's: the tune key cannot adopt it.
+    let (status, _) = call(r, "POST", "/v1/adapters/house-copy/feedback?rank=2", Some("tuner"), Some(pairs("c", 1))).await;
+    assert_eq!(status, StatusCode::OK, "a new name is the tune key's to create");
+    let (_, info) = call(r, "GET", "/v1/adapters/house-copy", Some("root"), None).await;
+    assert_eq!(info["created_by"], "tune");
+}

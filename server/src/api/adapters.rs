@@ -79,6 +79,8 @@ pub fn describe(app: &App, name: &str) -> Option<AdapterInfo> {
         pairs: None,
         metrics: None,
         versions: None,
+        created_by: None,
+        open_to_tuning: None,
     })
     .map(|info| super::tuning::with_tuning_state(app, info))
 }

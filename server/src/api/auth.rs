@@ -22,26 +22,7 @@ use subtle::ConstantTimeEq;
 
 use super::{App, AppError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    Inference,
-    Tune,
-    Admin,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Inference => "inference",
-            Scope::Tune => "tune",
-            Scope::Admin => "admin",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        [Scope::Inference, Scope::Tune, Scope::Admin].into_iter().find(|s| s.as_str() == text)
-    }
-}
+pub use crate::access::Scope;
 
 /// What a request may do: the scope its key grants on the route it called (the route's own
 /// scope where a lower key stands in for a scope nobody holds). Handlers read it to check

@@ -39,6 +39,8 @@ pub enum AppError {
     Unauthorized,
     #[error("This route needs a key of the `{0}` scope.")]
     InsufficientScope(&'static str),
+    #[error("{0}")]
+    NotOwner(String),
     #[error("The server is at capacity ({waiting} requests waiting); retry shortly.")]
     Overloaded { waiting: usize },
     #[error("{message}")]
@@ -67,7 +69,7 @@ impl AppError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PluginFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
+            Self::InsufficientScope(_) | Self::NotOwner(_) => StatusCode::FORBIDDEN,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BadBody { status, .. } => *status,
             Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -96,6 +98,7 @@ impl AppError {
             ),
             Self::Unauthorized => ("invalid_request_error", None, Some("invalid_api_key".into())),
             Self::InsufficientScope(scope) => ("invalid_request_error", None, Some(format!("{scope}_key_required"))),
+            Self::NotOwner(_) => ("invalid_request_error", None, Some("not_owner".into())),
             Self::Overloaded { .. } => ("rate_limit_exceeded", None, Some("queue_full".into())),
             Self::BadBody { .. } => ("invalid_request_error", None, None),
             Self::Timeout(_) => ("timeout", None, Some("request_timeout".into())),

@@ -185,7 +185,8 @@ impl App {
             match &adapter.source {
                 AdapterSource::Tuned => {
                     let tuner = self.tuner.as_ref().ok_or_else(|| bad(format!("adapter `{}` is tuned online, which is off on this server", adapter.name)))?;
-                    tuner.ensure_adapter(&adapter.name, None).map_err(|e| bad(e.to_string()))?;
+                    // Its users' feedback tunes it: open to every tuning scope.
+                    tuner.set_open_to_tuning(&adapter.name, true).map_err(|e| bad(e.to_string()))?;
                 }
                 AdapterSource::Files { dir } => {
                     let base = plugin.path.parent().unwrap_or(std::path::Path::new("."));
@@ -360,6 +361,7 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
         .routes(routes!(adapters::list_adapters, adapters::upload_adapter))
         .routes(routes!(adapters::get_adapter, adapters::delete_adapter))
         .routes(routes!(tuning::rollback_adapter))
+        .routes(routes!(tuning::set_tuning_access))
         .routes(routes!(plugins::list_plugins))
         .routes(routes!(plugins::load_plugin))
         .routes(routes!(plugins::reload_plugin))

@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Multipart, Path, Query, State};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tessera_adapters::TargetModule;
 use utoipa::{IntoParams, ToSchema};
 
+use super::auth::Principal;
 use super::types::AdapterInfo;
 use super::{ApiJson, App, AppError};
 use super::plugins::{contain, fault};
@@ -38,6 +39,7 @@ impl From<TuneError> for AppError {
     fn from(e: TuneError) -> Self {
         match e {
             busy @ TuneError::Busy { .. } => AppError::Conflict(busy.to_string()),
+            TuneError::NotOwner(message) => AppError::NotOwner(message),
             TuneError::Invalid(message) => AppError::InvalidParameter {
                 message,
                 param: None,
@@ -67,6 +69,8 @@ pub fn with_tuning_state(app: &App, mut info: AdapterInfo) -> AdapterInfo {
     info.versions = Some(versions.iter().map(|v| v.version).collect());
     info.rank = info.rank.or(Some(row.rank));
     info.alpha = info.alpha.or(Some(row.alpha));
+    info.created_by = Some(row.created_by.as_str());
+    info.open_to_tuning = Some(row.open_to_tuning);
     info
 }
 
@@ -132,6 +136,7 @@ fn lora_spec(params: &FeedbackParams) -> Result<Option<LoraSpec>, AppError> {
     responses((status = 200, body = FeedbackReceipt), (status = 400, body = super::error::ErrorResponse)))]
 pub async fn upload_feedback(
     State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
     Path(name): Path<String>,
     Query(params): Query<FeedbackParams>,
     body: Bytes,
@@ -176,11 +181,11 @@ pub async fn upload_feedback(
         None => (name, parse_upload(&body).map_err(invalid)?),
     };
     blocking(move || {
-        tuner.ensure_adapter(&name, spec)?;
+        tuner.ensure_adapter(&name, spec, scope)?;
         let inserted = tuner.store.insert_pairs(&name, &conversations)?;
         // Past `train_after` a job starts, unless one is already active (the database decides).
         let job = if inserted.pairs_since_training >= tuner.settings.train_after {
-            match tuner.start_feedback_job(&name, None) {
+            match tuner.start_feedback_job(&name, None, scope) {
                 Ok(job) => Some(job.id),
                 Err(TuneError::Busy { .. }) => None,
                 Err(e) => return Err(e.into()),
@@ -230,14 +235,14 @@ pub struct PairList {
     responses((status = 200, body = PairList), (status = 404, body = super::error::ErrorResponse)))]
 pub async fn list_feedback(
     State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
     Path(name): Path<String>,
     Query(page): Query<PageParams>,
 ) -> Result<Json<PairList>, AppError> {
     let tuner = tuner(&app)?.clone();
     blocking(move || {
         tuner
-            .store
-            .adapter(&name)?
+            .tunable_adapter(&name, scope)?
             .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` has no feedback")))?;
         let limit = page.limit.unwrap_or(100).clamp(1, 1000);
         let mut pairs = tuner.store.pairs(&name, page.after.unwrap_or(0), limit + 1)?;
@@ -278,6 +283,7 @@ pub struct Deleted {
     responses((status = 200, body = Deleted), (status = 400, body = super::error::ErrorResponse)))]
 pub async fn delete_feedback(
     State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
     Path(name): Path<String>,
     Query(params): Query<DeleteParams>,
 ) -> Result<Json<Deleted>, AppError> {
@@ -290,7 +296,11 @@ pub async fn delete_feedback(
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    blocking(move || Ok(Json(Deleted { deleted: tuner.store.delete_pairs(&name, ids.as_deref())? }))).await
+    blocking(move || {
+        tuner.tunable_adapter(&name, scope)?;
+        Ok(Json(Deleted { deleted: tuner.store.delete_pairs(&name, ids.as_deref())? }))
+    })
+    .await
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -305,6 +315,7 @@ pub struct TrainRequest {
     responses((status = 200, body = FineTuningJob), (status = 409, body = super::error::ErrorResponse)))]
 pub async fn train_adapter(
     State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<FineTuningJob>, AppError> {
@@ -319,8 +330,37 @@ pub async fn train_adapter(
         .map(|h| h.resolve(tuner.settings.defaults))
         .transpose()?;
     blocking(move || {
-        let job = tuner.start_feedback_job(&name, hyperparameters)?;
+        let job = tuner.start_feedback_job(&name, hyperparameters, scope)?;
         Ok(Json(job_view(&job)))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TuningAccess {
+    /// Whether keys of every tuning scope may add feedback to and train the adapter (otherwise
+    /// only its creator's scope and the admin).
+    pub open: bool,
+}
+
+/// Opens an adapter to tuning by every scope, or closes it again. An adapter the admin
+/// installed becomes a tuned adapter at version 0 first.
+#[utoipa::path(put, path = "/v1/adapters/{name}/tuning", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter")),
+    request_body = TuningAccess,
+    responses((status = 200, body = AdapterInfo), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn set_tuning_access(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<TuningAccess>,
+) -> Result<Json<AdapterInfo>, AppError> {
+    let tuner = tuner(&app)?.clone();
+    let described = app.clone();
+    blocking(move || {
+        tuner.set_open_to_tuning(&name, request.open)?;
+        super::adapters::describe(&described, &name)
+            .map(Json)
+            .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
     })
     .await
 }
@@ -621,6 +661,7 @@ pub struct JobList {
     responses((status = 200, body = FineTuningJob), (status = 400, body = super::error::ErrorResponse)))]
 pub async fn create_job(
     State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
     ApiJson(request): ApiJson<CreateJobRequest>,
 ) -> Result<Json<FineTuningJob>, AppError> {
     let tuner = tuner(&app)?.clone();
@@ -657,7 +698,7 @@ pub async fn create_job(
             suffix: request.suffix,
             start_version: 0,
         };
-        let job = tuner.start_file_job(&request.model, spec)?;
+        let job = tuner.start_file_job(&request.model, spec, scope)?;
         Ok(Json(job_view(&job)))
     })
     .await
@@ -696,11 +737,15 @@ pub async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Res
 #[utoipa::path(post, path = "/v1/fine_tuning/jobs/{job_id}/cancel", tag = "Fine-tuning",
     params(("job_id" = String, Path, description = "A job id")),
     responses((status = 200, body = FineTuningJob), (status = 404, body = super::error::ErrorResponse)))]
-pub async fn cancel_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<FineTuningJob>, AppError> {
+pub async fn cancel_job(
+    State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<FineTuningJob>, AppError> {
     let tuner = tuner(&app)?.clone();
     blocking(move || {
         let job = find_job(&tuner, &id)?;
-        if !tuner.cancel(&id)? {
+        if !tuner.cancel(&id, scope)? {
             return Err(AppError::invalid("job_id", format!("the job has already ended ({})", job.status)));
         }
         Ok(Json(job_view(&find_job(&tuner, &id)?)))

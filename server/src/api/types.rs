@@ -328,6 +328,10 @@ pub struct AdapterInfo {
     #[schema(value_type = Option<Object>)]
     pub metrics: Option<serde_json::Value>,
     pub versions: Option<Vec<u32>>,
+    /// For adapters tuned online: the scope that created it (`inference`, `tune` or `admin`).
+    pub created_by: Option<&'static str>,
+    /// Whether every tuning scope may tune it (`PUT /v1/adapters/{name}/tuning`).
+    pub open_to_tuning: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -17,6 +17,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tessera_adapters::peft::BaseShape;
 
+use crate::access::Scope;
 use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
 use crate::store::{unix_time, AdapterRow, JobRow, JobStatus, Store, StoreError};
@@ -40,6 +41,9 @@ pub enum TuneError {
     /// One job at a time per adapter.
     #[error("`{adapter}` already has a job queued or running: {job}")]
     Busy { adapter: String, job: String },
+    /// The resource belongs to another scope.
+    #[error("{0}")]
+    NotOwner(String),
 }
 
 /// Server-wide tuning settings.
@@ -217,22 +221,28 @@ impl Tuner {
     /// Makes `name` a tuned adapter at version 0: a fresh LoRA, or a copy of the registry's
     /// adapter of that name when one exists (training continues from it). Idempotent: of
     /// concurrent calls, one creates and the rest get its row. A failed create leaves nothing.
-    pub fn ensure_adapter(&self, name: &str, spec: Option<LoraSpec>) -> Result<AdapterRow, TuneError> {
+    ///
+    /// `scope` is the caller's: it may tune an adapter it created or one the admin opened; an
+    /// adapter the admin installed (uploaded or loaded) only the admin may turn into a tuned one.
+    pub fn ensure_adapter(&self, name: &str, spec: Option<LoraSpec>, scope: Scope) -> Result<AdapterRow, TuneError> {
         if let Some(row) = self.store.adapter(name)? {
-            return Ok(row);
+            return self.check_tunable(row, scope);
         }
         let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(row) = self.store.adapter(name)? {
-            return Ok(row);
+            return self.check_tunable(row, scope);
         }
         self.registry
             .check_new_name(name)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
         let params = match self.registry.describe(name) {
+            Some(_) if scope != Scope::Admin => {
+                return Err(TuneError::NotOwner(format!("the adapter `{name}` belongs to the admin; only the admin may tune it")))
+            }
             Some((source, _)) => LoraParams::load_peft(&source, &self.base_shape())?,
             None => LoraParams::fresh(&self.base_shape(), spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
         };
-        let row = version_zero(name, &params);
+        let row = version_zero(name, &params, scope);
         let dir = self.store.version_dir(name, 0);
         self.write_version_zero(&params, &row, &dir, serde_json::json!({"origin": "created"}))?;
         self.registry
@@ -240,6 +250,33 @@ impl Tuner {
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
         tracing::info!(adapter = name, rank = row.rank, "tuned adapter created");
         Ok(row)
+    }
+
+    /// `row`, if `scope` may tune it.
+    fn check_tunable(&self, row: AdapterRow, scope: Scope) -> Result<AdapterRow, TuneError> {
+        if row.may_be_tuned_by(scope) {
+            Ok(row)
+        } else {
+            Err(TuneError::NotOwner(format!(
+                "the adapter `{}` was created by the {} scope and is not open to tuning by others",
+                row.name, row.created_by
+            )))
+        }
+    }
+
+    /// The tuned adapter `name`, if `scope` may tune it (`None` when it has no tuning record).
+    pub fn tunable_adapter(&self, name: &str, scope: Scope) -> Result<Option<AdapterRow>, TuneError> {
+        self.store.adapter(name)?.map(|row| self.check_tunable(row, scope)).transpose()
+    }
+
+    /// Opens `name` to tuning by every scope, or closes it to all but its creator's (the
+    /// admin's call). An adapter the admin installed gets its tuning record first.
+    pub fn set_open_to_tuning(&self, name: &str, open: bool) -> Result<AdapterRow, TuneError> {
+        self.ensure_adapter(name, None, Scope::Admin)?;
+        self.store.set_open_to_tuning(name, open)?;
+        self.store
+            .adapter(name)?
+            .ok_or_else(|| TuneError::Invalid(format!("the adapter `{name}` vanished")))
     }
 
     /// Writes version 0's files and records the adapter; on any failure removes what it wrote.
@@ -255,10 +292,9 @@ impl Tuner {
     }
 
     /// Queues a job on `adapter`'s feedback pairs (all stored so far).
-    pub fn start_feedback_job(&self, adapter: &str, hyperparameters: Option<Hyperparameters>) -> Result<JobRow, TuneError> {
+    pub fn start_feedback_job(&self, adapter: &str, hyperparameters: Option<Hyperparameters>, scope: Scope) -> Result<JobRow, TuneError> {
         let row = self
-            .store
-            .adapter(adapter)?
+            .tunable_adapter(adapter, scope)?
             .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no feedback pairs")))?;
         let last_pair_id = self.store.last_pair_id(adapter)?;
         if last_pair_id == 0 {
@@ -271,12 +307,12 @@ impl Tuner {
             suffix: None,
             start_version: row.version,
         };
-        self.create_job(new_id("ftjob"), adapter, adapter, &spec, JobStatus::Queued)
+        self.create_job(new_id("ftjob"), adapter, adapter, &spec, JobStatus::Queued, scope)
     }
 
     /// Queues an OpenAI fine-tuning job; its adapter (`ft-…`) starts from `model` (the base or
     /// an adapter).
-    pub fn start_file_job(&self, model: &str, spec: JobSpec) -> Result<JobRow, TuneError> {
+    pub fn start_file_job(&self, model: &str, spec: JobSpec, scope: Scope) -> Result<JobRow, TuneError> {
         let id = new_id("ftjob");
         let short = &id[id.len() - 8..];
         let adapter = match &spec.suffix {
@@ -302,14 +338,14 @@ impl Tuner {
         self.registry
             .check_new_name(&adapter)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
-        self.write_version_zero(&params, &version_zero(&adapter, &params), &dir, serde_json::json!({"origin": model}))?;
-        self.create_job(id, &adapter, model, &spec, JobStatus::ValidatingFiles)
+        self.write_version_zero(&params, &version_zero(&adapter, &params, scope), &dir, serde_json::json!({"origin": model}))?;
+        self.create_job(id, &adapter, model, &spec, JobStatus::ValidatingFiles, scope)
     }
 
     /// Records a job in its first status and queues it for the worker. The store refuses a
     /// second active job of one adapter, whatever raced to create it: the loser gets `Busy`
     /// with the id of the job that holds the adapter.
-    fn create_job(&self, id: String, adapter: &str, model: &str, spec: &JobSpec, status: JobStatus) -> Result<JobRow, TuneError> {
+    fn create_job(&self, id: String, adapter: &str, model: &str, spec: &JobSpec, status: JobStatus, scope: Scope) -> Result<JobRow, TuneError> {
         let job = JobRow {
             id,
             adapter: adapter.to_string(),
@@ -321,6 +357,7 @@ impl Tuner {
             trained_tokens: None,
             created_at: unix_time(),
             finished_at: None,
+            created_by: scope,
         };
         let feedback_job = status == JobStatus::Queued;
         self.store.insert_job(&job, feedback_job).map_err(|e| match e {
@@ -334,8 +371,13 @@ impl Tuner {
         Ok(job)
     }
 
-    /// Cancels a job that has not ended; a running one stops before its next step.
-    pub fn cancel(&self, job: &str) -> Result<bool, TuneError> {
+    /// Cancels a job that has not ended, for its creator's scope or the admin; a running one
+    /// stops before its next step.
+    pub fn cancel(&self, job: &str, scope: Scope) -> Result<bool, TuneError> {
+        let created_by = self.store.job(job)?.map(|j| j.created_by);
+        if created_by.is_some_and(|creator| scope != Scope::Admin && scope != creator) {
+            return Err(TuneError::NotOwner(format!("the job {job} was started by another scope; only it or the admin may cancel it")));
+        }
         let changed = self.store.set_job_status(job, JobStatus::Cancelled, None, None, None)?;
         if changed {
             self.store.add_event(job, "info", "Job cancelled", None)?;
@@ -630,8 +672,10 @@ impl Tuner {
 }
 
 /// The store's row for a new adapter whose version 0 is `params`.
-fn version_zero(name: &str, params: &LoraParams) -> AdapterRow {
+fn version_zero(name: &str, params: &LoraParams, created_by: Scope) -> AdapterRow {
     AdapterRow {
+        created_by,
+        open_to_tuning: false,
         name: name.to_string(),
         rank: params.spec.rank,
         alpha: params.spec.alpha,
