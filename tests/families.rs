@@ -94,6 +94,30 @@ fn tokenization_is_exactly_llama_cpps() {
         }
         eprintln!("{name}: {} tokenizer cases exact", refs.tokenizer.len());
     }
+    // Every token that ends a turn stops chat generation.
+    for (name, ends) in [("llama3-tiny", &["<|eot_id|>", "<|end_of_text|>"][..]), ("qwen2-tiny", &["<|im_end|>", "<|endoftext|>"]), ("llama-spm-tiny", &["</s>"])] {
+        let model = load(name);
+        for end in ends {
+            let id = model.tokenizer.piece_to_id(end).unwrap_or_else(|| panic!("{name}: no {end}"));
+            assert!(model.tokenizer.stop_ids().contains(&id), "{name}: {end} does not stop generation");
+        }
+    }
+}
+
+#[test]
+fn a_template_file_overrides_the_models_and_a_model_without_one_gets_chatml() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain.jinja");
+    std::fs::write(&file, "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}").unwrap();
+    let options = tessera::LoadOptions { chat_template: Some(file.clone()), ..Default::default() };
+    let model = LoadedModel::load_with(&families_dir().join("qwen2-tiny.gguf"), &options).unwrap();
+    let turns = [Turn { role: "user", text: "hi".into() }];
+    assert_eq!(model.chat.render(&turns, true).unwrap(), "[user] hi\n[assistant] ");
+    assert_eq!(model.chat.source(), &tessera::chat_template::TemplateSource::Override(file.display().to_string()));
+
+    let spm = load("llama-spm-tiny");
+    assert_eq!(spm.chat.source(), &tessera::chat_template::TemplateSource::ChatMl);
+    assert_eq!(spm.chat.render(&turns, true).unwrap(), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
 }
 
 #[test]
