@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use axum::extract::multipart::MultipartError;
-use axum::extract::{Multipart, Path, State};
+use axum::extract::{Path, State};
 use axum::Json;
 use tessera_adapters::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 
 use super::types::{
     AdapterInfo, AdapterList, AdapterStatus, AdapterUpload, LoadAdapterRequest, UnloadAdapterRequest,
 };
-use super::{ApiJson, App, AppError};
+use super::{ApiJson, ApiMultipart, App, AppError};
 use crate::registry::RegistryError;
 
 fn registry_error(e: RegistryError) -> AppError {
@@ -148,7 +148,7 @@ pub async fn delete_adapter(
               (status = 401, body = super::error::ErrorResponse), (status = 403, body = super::error::ErrorResponse)))]
 pub async fn upload_adapter(
     State(app): State<Arc<App>>,
-    mut form: Multipart,
+    ApiMultipart(mut form): ApiMultipart,
 ) -> Result<Json<AdapterInfo>, AppError> {
     let bad_form = |e: MultipartError| AppError::BadBody {
         status: e.status(),

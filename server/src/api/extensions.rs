@@ -45,7 +45,8 @@ pub async fn tokenize(
 
 /// The text of token ids (control tokens included verbatim).
 #[utoipa::path(post, path = "/detokenize", tag = "Extensions", request_body = DetokenizeRequest,
-    responses((status = 200, body = DetokenizeResponse), (status = 400, body = super::error::ErrorResponse)))]
+    responses((status = 200, body = DetokenizeResponse), (status = 400, body = super::error::ErrorResponse),
+              (status = 404, description = "Unknown model", body = super::error::ErrorResponse)))]
 pub async fn detokenize(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<DetokenizeRequest>,

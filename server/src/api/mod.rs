@@ -321,6 +321,26 @@ where
     }
 }
 
+/// A multipart form, its rejection in OpenAI's error shape (axum's own is plain text).
+pub struct ApiMultipart(pub axum::extract::Multipart);
+
+impl<S> FromRequest<S> for ApiMultipart
+where
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Multipart::from_request(req, state).await {
+            Ok(form) => Ok(Self(form)),
+            Err(rejection) => Err(AppError::BadBody {
+                status: rejection.status(),
+                message: rejection.body_text(),
+            }),
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -378,7 +398,43 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
 
 /// The OpenAPI description of every route (what `openapi.yaml` holds).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes(None).split_for_parts().1
+    let mut doc = api_routes(None).split_for_parts().1;
+    declare_layer_responses(&mut doc);
+    doc
+}
+
+/// Declares, on each operation, the errors the layers around every handler answer with (in
+/// OpenAI's error shape), besides those the handler itself declares: a panic (500), the
+/// shutdown (503) and the timeout (408) anywhere; a missing or weak key (401, 403) on guarded
+/// routes; a malformed, oversized or mistyped body (400, 413, 415, 422) where there is one; and
+/// a parameter naming nothing (404) or malformed (400) where there are parameters.
+fn declare_layer_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{Ref, ResponseBuilder};
+    const PUBLIC: [&str; 2] = ["/health", "/openapi.json"];
+    let error = || {
+        ResponseBuilder::new()
+            .description("An error, in OpenAI's shape")
+            .content("application/json", utoipa::openapi::ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorResponse"))).build())
+            .build()
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+        for operation in operations.into_iter().flatten() {
+            let mut statuses = vec!["408", "500", "503"];
+            if !PUBLIC.contains(&path.as_str()) {
+                statuses.extend(["401", "403"]);
+            }
+            if operation.request_body.is_some() {
+                statuses.extend(["400", "413", "415", "422"]);
+            }
+            if operation.parameters.as_ref().is_some_and(|ps| !ps.is_empty()) {
+                statuses.extend(["400", "404"]);
+            }
+            for status in statuses {
+                operation.responses.responses.entry(status.to_string()).or_insert_with(|| error().into());
+            }
+        }
+    }
 }
 
 /// The full service: routes, authentication, metrics, timeouts, body limit and panic recovery.

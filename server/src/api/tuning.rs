@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Principal;
 use super::types::AdapterInfo;
-use super::{ApiJson, App, AppError};
+use super::{ApiJson, ApiMultipart, App, AppError};
 use super::plugins::{contain, fault};
 use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
 use crate::plugins::PluginError;
@@ -435,7 +435,7 @@ pub struct FileUpload {
 #[utoipa::path(post, path = "/v1/files", tag = "Files",
     request_body(content = FileUpload, content_type = "multipart/form-data"),
     responses((status = 200, body = FileObject), (status = 400, body = super::error::ErrorResponse)))]
-pub async fn upload_file(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Json<FileObject>, AppError> {
+pub async fn upload_file(State(app): State<Arc<App>>, ApiMultipart(mut form): ApiMultipart) -> Result<Json<FileObject>, AppError> {
     let tuner = tuner(&app)?.clone();
     let (mut purpose, mut file) = (None, None);
     while let Some(field) = form
@@ -658,7 +658,9 @@ pub struct JobList {
 /// `fine_tuned_model` (a new adapter) serves as soon as it succeeds.
 #[utoipa::path(post, path = "/v1/fine_tuning/jobs", tag = "Fine-tuning",
     request_body = CreateJobRequest,
-    responses((status = 200, body = FineTuningJob), (status = 400, body = super::error::ErrorResponse)))]
+    responses((status = 200, body = FineTuningJob), (status = 400, body = super::error::ErrorResponse),
+              (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
+              (status = 409, description = "The adapter already has an active job", body = super::error::ErrorResponse)))]
 pub async fn create_job(
     State(app): State<Arc<App>>,
     Extension(Principal(scope)): Extension<Principal>,
