@@ -10,7 +10,7 @@ use tessera_adapters::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use super::types::{
     AdapterInfo, AdapterList, AdapterStatus, AdapterUpload, LoadAdapterRequest, UnloadAdapterRequest,
 };
-use super::{ApiJson, ApiMultipart, App, AppError};
+use super::{blocking, ApiJson, ApiMultipart, App, AppError};
 use crate::registry::RegistryError;
 
 fn registry_error(e: RegistryError) -> AppError {
@@ -35,10 +35,7 @@ pub async fn load_lora_adapter(
     let path = std::path::PathBuf::from(&req.lora_path);
     let name = req.lora_name.clone();
     let registry_app = app.clone();
-    let generation = tokio::task::spawn_blocking(move || registry_app.registry.load(&name, &path))
-        .await
-        .map_err(|e| AppError::Internal(e.to_string()))?
-        .map_err(registry_error)?;
+    let generation = blocking(move || registry_app.registry.load(&name, &path).map_err(registry_error)).await?;
     Ok(Json(AdapterStatus {
         name: req.lora_name,
         generation: Some(generation.generation),
@@ -88,11 +85,15 @@ pub fn describe(app: &App, name: &str) -> Option<AdapterInfo> {
 /// Every registered adapter, loaded or not.
 #[utoipa::path(get, path = "/v1/adapters", tag = "Adapters",
     responses((status = 200, body = AdapterList), (status = 401, body = super::error::ErrorResponse)))]
-pub async fn list_adapters(State(app): State<Arc<App>>) -> Json<AdapterList> {
-    Json(AdapterList {
-        object: "list",
-        data: app.registry.names().iter().filter_map(|n| describe(&app, n)).collect(),
+pub async fn list_adapters(State(app): State<Arc<App>>) -> Result<Json<AdapterList>, AppError> {
+    // The tuning state of each comes from the store: blocking work.
+    blocking(move || {
+        Ok(Json(AdapterList {
+            object: "list",
+            data: app.registry.names().iter().filter_map(|n| describe(&app, n)).collect(),
+        }))
     })
+    .await
 }
 
 /// One adapter.
@@ -103,9 +104,12 @@ pub async fn get_adapter(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<AdapterInfo>, AppError> {
-    describe(&app, &name)
-        .map(Json)
-        .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
+    blocking(move || {
+        describe(&app, &name)
+            .map(Json)
+            .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
+    })
+    .await
 }
 
 /// Unloads an adapter and, when its files live in the adapters directory, deletes them.
@@ -126,10 +130,10 @@ pub async fn delete_adapter(
         _ => false,
     };
     if owned {
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path))
-            .await
-            .map_err(|e| AppError::Internal(e.to_string()))?
-            .map_err(|e| AppError::Internal(format!("unloaded, but deleting its files failed: {e}")))?;
+        blocking(move || {
+            std::fs::remove_dir_all(&path).map_err(|e| AppError::Internal(format!("unloaded, but deleting its files failed: {e}")))
+        })
+        .await?;
     }
     Ok(Json(AdapterStatus {
         name,
@@ -182,7 +186,7 @@ pub async fn upload_adapter(
     })?;
     let upload_name = upload.name.clone();
     let installer_app = app.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), AppError> {
+    blocking(move || {
         let name = upload.name.clone();
         let (config, weights) = unpack_upload(&installer_app, upload)?;
         install(&dir, &name, config.as_bytes(), &weights)
@@ -193,11 +197,13 @@ pub async fn upload_adapter(
             .map(|_| ())
             .map_err(registry_error)
     })
+    .await?;
+    blocking(move || {
+        describe(&app, &upload_name)
+            .map(Json)
+            .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
+    })
     .await
-    .map_err(|e| AppError::Internal(e.to_string()))??;
-    describe(&app, &upload_name)
-        .map(Json)
-        .ok_or_else(|| AppError::Internal("the adapter vanished while loading".into()))
 }
 
 /// The upload's config text and weights, from its two files or its archive, checked against

@@ -12,9 +12,45 @@ use super::respond::{chat_logprobs, collect, finish_reason, sse_error, sse_strea
 use super::types::*;
 use super::validate::{self, Sampling};
 use super::plugins::contain;
-use super::{unix_time, with_generations, ApiJson, App, AppError};
+use super::{blocking, unix_time, with_generations, ApiJson, App, AppError};
 use tessera_plugin_api::Message as PluginMessage;
 use crate::engine::{Event, GenerationRequest};
+use crate::plugins::Plugin;
+use crate::registry::AdapterGeneration;
+
+/// The prompt's tokens, the adapters leased for it and, for a plugin model, the messages as
+/// its rewrite hook left them.
+fn prepare_prompt(
+    app: &App,
+    plugin: Option<&Arc<Plugin>>,
+    messages: &[ChatMessage],
+    model: &str,
+    extra: &Option<Vec<AdapterRef>>,
+) -> Result<(Vec<u32>, Vec<(Arc<AdapterGeneration>, f32)>, Vec<PluginMessage>), AppError> {
+    let (text, adapters, plugin_messages) = match plugin {
+        None => (validate::chat_prompt(&app.model.chat, messages, true)?, app.lease_adapters(model, extra)?, Vec::new()),
+        Some(plugin) => {
+            let messages = validate::message_texts(messages)?
+                .into_iter()
+                .map(|(role, content)| PluginMessage { role, content })
+                .collect();
+            let mut rewritten = contain(app, plugin, plugin.rewrite(messages))?;
+            if let Some(system) = &plugin.info.system_prompt {
+                if !rewritten.iter().any(|m| m.role == "system") {
+                    rewritten.insert(0, PluginMessage { role: "system".into(), content: system.clone() });
+                }
+            }
+            let text = validate::render_turns(&app.model.chat, rewritten.iter().map(|m| (m.role.as_str(), m.content.as_str())), true)?;
+            (text, app.lease_plugin_adapters(plugin, extra)?, rewritten)
+        }
+    };
+    let prompt = app
+        .model
+        .tokenizer
+        .encode(&text, true, true)
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    Ok((prompt, adapters, plugin_messages))
+}
 
 /// The most alternatives `top_logprobs` may ask for.
 const MAX_TOP_LOGPROBS: u32 = 20;
@@ -56,31 +92,14 @@ pub async fn chat_completions(
     if req.messages.is_empty() {
         return Err(AppError::invalid("messages", "`messages` must not be empty"));
     }
-    let (text, adapters, plugin_messages) = match &plugin {
-        None => (
-            validate::chat_prompt(&app.model.chat, &req.messages, true)?,
-            app.lease_adapters(&req.model, &req.sampling.adapters)?,
-            Vec::new(),
-        ),
-        Some(plugin) => {
-            let messages = validate::message_texts(&req.messages)?
-                .into_iter()
-                .map(|(role, content)| PluginMessage { role, content })
-                .collect();
-            let mut rewritten = contain(&app, plugin, plugin.rewrite(messages))?;
-            if let Some(system) = &plugin.info.system_prompt {
-                if !rewritten.iter().any(|m| m.role == "system") {
-                    rewritten.insert(0, PluginMessage { role: "system".into(), content: system.clone() });
-                }
-            }
-            let text = validate::render_turns(&app.model.chat, rewritten.iter().map(|m| (m.role.as_str(), m.content.as_str())), true)?;
-            (text, app.lease_plugin_adapters(plugin, &req.sampling.adapters)?, rewritten)
-        }
+    // Template, plugin hook, adapter leases (a cold adapter loads from disk) and tokenizing are
+    // blocking work.
+    let (prompt, adapters, plugin_messages) = {
+        let (app, plugin) = (app.clone(), plugin.clone());
+        let (messages, model, extra) = (req.messages.clone(), req.model.clone(), req.sampling.adapters.clone());
+        blocking(move || prepare_prompt(&app, plugin.as_ref(), &messages, &model, &extra)).await?
     };
     let tokenizer = &app.model.tokenizer;
-    let prompt = tokenizer
-        .encode(&text, true, true)
-        .map_err(|e| AppError::Internal(e.to_string()))?;
     let ctx = app.settings.ctx_len;
     let (max_tokens, param) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(m), _) => (m as usize, "max_completion_tokens"),
@@ -124,19 +143,30 @@ pub async fn chat_completions(
 
     let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
     let completion_tokens = results.iter().map(|r| r.finished.completion_tokens).sum();
+    // A plugin validates or normalises each answer, on the generation the request leased (a
+    // plugin call: blocking work).
+    let texts: Vec<String> = results.iter().map(|r| r.text.clone()).collect();
+    let answers = match &plugin {
+        Some(plugin) => {
+            let (app, plugin, id) = (app.clone(), plugin.clone(), id.clone());
+            blocking(move || {
+                texts
+                    .iter()
+                    .map(|text| {
+                        let checked = contain(&app, &plugin, plugin.check(&plugin_messages, text))?;
+                        if !checked.valid {
+                            tracing::info!(%id, plugin = %plugin.info.name, note = ?checked.note, "plugin changed the answer");
+                        }
+                        Ok(checked.answer)
+                    })
+                    .collect::<Result<Vec<_>, AppError>>()
+            })
+            .await?
+        }
+        None => texts,
+    };
     let mut choices = Vec::with_capacity(results.len());
-    for (index, r) in results.into_iter().enumerate() {
-        // A plugin validates or normalises each answer, on the generation the request leased.
-        let content = match &plugin {
-            Some(plugin) => {
-                let checked = contain(&app, plugin, plugin.check(&plugin_messages, &r.text))?;
-                if !checked.valid {
-                    tracing::info!(%id, plugin = %plugin.info.name, note = ?checked.note, "plugin changed the answer");
-                }
-                checked.answer
-            }
-            None => r.text,
-        };
+    for (index, (r, content)) in results.into_iter().zip(answers).enumerate() {
         choices.push(ChatChoice {
             index,
             logprobs: top_logprobs.map(|_| chat_logprobs(tokenizer, &r.tokens)),

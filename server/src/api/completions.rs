@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::respond::{collect, finish_reason, sse_error, sse_stream, token_text};
 use super::types::*;
 use super::validate;
-use super::{unix_time, with_generations, ApiJson, App, AppError};
+use super::{blocking, unix_time, with_generations, ApiJson, App, AppError};
 use crate::engine::{Event, GeneratedToken, GenerationRequest, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 
@@ -37,7 +37,11 @@ pub async fn completions(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
-    let adapters = app.lease_adapters(&req.model, &req.sampling.adapters)?;
+    // Adapter leases (a cold adapter loads from disk) and tokenizing are blocking work.
+    let (adapters, prompts) = {
+        let (app, model, extra, prompt) = (app.clone(), req.model.clone(), req.sampling.adapters.clone(), req.prompt.clone());
+        blocking(move || Ok((app.lease_adapters(&model, &extra)?, prompt_ids(&app.model.tokenizer, &prompt)?))).await?
+    };
     let sampling = validate::sampling(&req.sampling)?;
     let logprobs = match req.logprobs {
         Some(k) if k > MAX_LOGPROBS => {
@@ -55,7 +59,6 @@ pub async fn completions(
         return Err(AppError::invalid("max_tokens", "`max_tokens` must be at least 1"));
     }
     let tokenizer = &app.model.tokenizer;
-    let prompts = prompt_ids(tokenizer, &req.prompt)?;
     for prompt in &prompts {
         validate::check_context(prompt.len(), max_tokens, app.settings.ctx_len, "prompt")?;
     }

@@ -7,7 +7,7 @@ use axum::Json;
 
 use super::types::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 use super::validate;
-use super::{ApiJson, App, AppError};
+use super::{blocking, ApiJson, App, AppError};
 
 /// Token ids of a prompt, or of chat messages rendered through the chat template.
 #[utoipa::path(post, path = "/tokenize", tag = "Extensions", request_body = TokenizeRequest,
@@ -31,11 +31,15 @@ pub async fn tokenize(
         }
     };
     let bos = req.add_special_tokens.unwrap_or(true);
-    let tokens = app
-        .model
-        .tokenizer
-        .encode(&text, true, bos)
-        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let tokenizing = app.clone();
+    let tokens = blocking(move || {
+        tokenizing
+            .model
+            .tokenizer
+            .encode(&text, true, bos)
+            .map_err(|e| AppError::Internal(e.to_string()))
+    })
+    .await?;
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
         tokens,

@@ -321,6 +321,14 @@ where
     }
 }
 
+/// Runs blocking work (SQLite, disk, archives, plugin calls, cold adapter loads, tokenizing)
+/// on the blocking pool, off the async workers: the one way handlers do it.
+pub(crate) async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R, AppError> + Send + 'static) -> Result<R, AppError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::Internal(format!("a blocking task failed: {e}")))?
+}
+
 /// A multipart form, its rejection in OpenAI's error shape (axum's own is plain text).
 pub struct ApiMultipart(pub axum::extract::Multipart);
 

@@ -7,7 +7,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiJson, App, AppError};
+use super::{blocking, ApiJson, App, AppError};
 use crate::plugins::{Plugin, PluginError};
 
 impl From<PluginError> for AppError {
@@ -125,9 +125,7 @@ pub struct LoadPluginRequest {
 }
 
 async fn load(app: Arc<App>, path: std::path::PathBuf) -> Result<Json<PluginView>, AppError> {
-    let plugin = tokio::task::spawn_blocking(move || app.load_plugin(&path))
-        .await
-        .map_err(|e| AppError::Internal(e.to_string()))??;
+    let plugin = blocking(move || Ok(app.load_plugin(&path)?)).await?;
     Ok(Json(view(&plugin)))
 }
 

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Principal;
 use super::types::AdapterInfo;
-use super::{ApiJson, ApiMultipart, App, AppError};
+use super::{blocking, ApiJson, ApiMultipart, App, AppError};
 use super::plugins::{contain, fault};
 use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
 use crate::plugins::PluginError;
@@ -48,13 +48,6 @@ impl From<TuneError> for AppError {
             other => AppError::Internal(other.to_string()),
         }
     }
-}
-
-/// Runs blocking store or training work off the async workers.
-async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R, AppError> + Send + 'static) -> Result<R, AppError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AppError::Internal(e.to_string()))?
 }
 
 /// Adds what the tuning store knows about an adapter to its registry description.
@@ -143,66 +136,75 @@ pub async fn upload_feedback(
 ) -> Result<Json<FeedbackReceipt>, AppError> {
     let tuner = tuner(&app)?.clone();
     let spec = lora_spec(&params)?;
+    // Parsing a large upload and the plugin's converter are blocking work, as is the store.
+    blocking(move || {
+        let (name, conversations) = feedback_conversations(&app, name, &body)?;
+        store_feedback(&tuner, name, &conversations, spec, scope)
+    })
+    .await
+    .map(Json)
+}
+
+/// An upload's records as conversations, and the adapter they are for: the named one, or for a
+/// plugin's domain records the adapter the plugin tunes, through its converter.
+fn feedback_conversations(app: &App, name: String, body: &[u8]) -> Result<(String, Vec<Conversation>), AppError> {
     let invalid = |e: RecordError| AppError::InvalidParameter {
         message: format!("{e}; nothing from this upload was stored"),
         param: Some(format!("records[{}]", e.index)),
         code: Some("invalid_record"),
     };
-    let (name, conversations) = match app.plugins.lease(&name).transpose()? {
-        // A plugin's domain records: its converter turns each into instruction pairs, stored on
-        // the adapter it tunes.
-        Some(plugin) => {
-            let adapter = plugin
-                .info
-                .adapters
-                .iter()
-                .find(|a| a.source == tessera_plugin_api::AdapterSource::Tuned)
-                .map(|a| a.name.clone())
-                .ok_or_else(|| AppError::invalid("name", format!("the plugin `{name}` has no adapter tuned online")))?;
-            let mut conversations = Vec::new();
-            for (index, record) in parse_records(&body).map_err(invalid)?.iter().enumerate() {
-                let converted = match plugin.convert(record) {
-                    Err(PluginError::Refused(reason)) => return Err(invalid(RecordError { index, reason })),
-                    other => contain(&app, &plugin, other)?,
-                };
-                for pair in converted {
-                    let conversation = Conversation {
-                        messages: pair.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
-                    };
-                    if let Err(reason) = validate_conversation(&conversation) {
-                        let error = PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason };
-                        return Err(fault(&app, &plugin, error));
-                    }
-                    conversations.push(conversation);
-                }
-            }
-            (adapter, conversations)
-        }
-        None => (name, parse_upload(&body).map_err(invalid)?),
+    let Some(plugin) = app.plugins.lease(&name).transpose()? else {
+        return Ok((name, parse_upload(body).map_err(invalid)?));
     };
-    blocking(move || {
-        tuner.ensure_adapter(&name, spec, scope)?;
-        let inserted = tuner.store.insert_pairs(&name, &conversations)?;
-        // Past `train_after` a job starts, unless one is already active (the database decides).
-        let job = if inserted.pairs_since_training >= tuner.settings.train_after {
-            match tuner.start_feedback_job(&name, None, scope) {
-                Ok(job) => Some(job.id),
-                Err(TuneError::Busy { .. }) => None,
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            None
+    let adapter = plugin
+        .info
+        .adapters
+        .iter()
+        .find(|a| a.source == tessera_plugin_api::AdapterSource::Tuned)
+        .map(|a| a.name.clone())
+        .ok_or_else(|| AppError::invalid("name", format!("the plugin `{name}` has no adapter tuned online")))?;
+    let mut conversations = Vec::new();
+    for (index, record) in parse_records(body).map_err(invalid)?.iter().enumerate() {
+        let converted = match plugin.convert(record) {
+            Err(PluginError::Refused(reason)) => return Err(invalid(RecordError { index, reason })),
+            other => contain(app, &plugin, other)?,
         };
-        Ok(Json(FeedbackReceipt {
-            total_pairs: tuner.store.count_pairs(&name)?,
-            adapter: name,
-            stored: inserted.stored,
-            duplicates: inserted.duplicates,
-            pairs_since_training: if job.is_some() { 0 } else { inserted.pairs_since_training },
-            job,
-        }))
+        for pair in converted {
+            let conversation = Conversation {
+                messages: pair.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+            };
+            if let Err(reason) = validate_conversation(&conversation) {
+                let error = PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason };
+                return Err(fault(app, &plugin, error));
+            }
+            conversations.push(conversation);
+        }
+    }
+    Ok((adapter, conversations))
+}
+
+/// Stores the pairs (creating the adapter on first feedback) and, past `train_after`, starts
+/// a job unless one is already active (the database decides).
+fn store_feedback(tuner: &Tuner, name: String, conversations: &[Conversation], spec: Option<LoraSpec>, scope: crate::access::Scope) -> Result<FeedbackReceipt, AppError> {
+    tuner.ensure_adapter(&name, spec, scope)?;
+    let inserted = tuner.store.insert_pairs(&name, conversations)?;
+    let job = if inserted.pairs_since_training >= tuner.settings.train_after {
+        match tuner.start_feedback_job(&name, None, scope) {
+            Ok(job) => Some(job.id),
+            Err(TuneError::Busy { .. }) => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    Ok(FeedbackReceipt {
+        total_pairs: tuner.store.count_pairs(&name)?,
+        adapter: name,
+        stored: inserted.stored,
+        duplicates: inserted.duplicates,
+        pairs_since_training: if job.is_some() { 0 } else { inserted.pairs_since_training },
+        job,
     })
-    .await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -381,11 +383,13 @@ pub async fn rollback_adapter(
     ApiJson(request): ApiJson<RollbackRequest>,
 ) -> Result<Json<AdapterInfo>, AppError> {
     let tuner = tuner(&app)?.clone();
-    let adapter = name.clone();
-    blocking(move || Ok(tuner.rollback(&adapter, request.version)?)).await?;
-    super::adapters::describe(&app, &name)
-        .map(Json)
-        .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
+    blocking(move || {
+        tuner.rollback(&name, request.version)?;
+        super::adapters::describe(&app, &name)
+            .map(Json)
+            .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
+    })
+    .await
 }
 
 // OpenAI files.
