@@ -307,3 +307,90 @@ async fn tune_keys_tune_their_own_adapters_and_cancel_their_own_jobs() {
     let (_, info) = call(r, "GET", "/v1/adapters/house-copy", Some("root"), None).await;
     assert_eq!(info["created_by"], "tune");
 }
+
+/// Every route of the spec with every kind of key: each route answers 401 without a valid key
+/// and 403 to a key below its scope, and lets every key of its scope or above through. The
+/// table is the README's; a route missing from it fails the test.
+#[tokio::test]
+async fn the_whole_route_and_key_matrix() {
+    use std::collections::BTreeSet;
+    const PUBLIC: u8 = 0;
+    const INFERENCE: u8 = 1;
+    const TUNE: u8 = 2;
+    const ADMIN: u8 = 3;
+    let expected: &[(&str, &str, u8)] = &[
+        ("get", "/health", PUBLIC),
+        ("get", "/openapi.json", PUBLIC),
+        ("post", "/v1/chat/completions", INFERENCE),
+        ("post", "/v1/completions", INFERENCE),
+        ("get", "/v1/models", INFERENCE),
+        ("get", "/v1/models/{model}", INFERENCE),
+        ("post", "/tokenize", INFERENCE),
+        ("post", "/detokenize", INFERENCE),
+        ("get", "/v1/adapters/{name}/feedback", TUNE),
+        ("post", "/v1/adapters/{name}/feedback", TUNE),
+        ("delete", "/v1/adapters/{name}/feedback", TUNE),
+        ("post", "/v1/adapters/{name}/train", TUNE),
+        ("get", "/v1/files", TUNE),
+        ("post", "/v1/files", TUNE),
+        ("get", "/v1/files/{file_id}", TUNE),
+        ("get", "/v1/fine_tuning/jobs", TUNE),
+        ("post", "/v1/fine_tuning/jobs", TUNE),
+        ("get", "/v1/fine_tuning/jobs/{job_id}", TUNE),
+        ("post", "/v1/fine_tuning/jobs/{job_id}/cancel", TUNE),
+        ("get", "/v1/fine_tuning/jobs/{job_id}/events", TUNE),
+        ("get", "/v1/fine_tuning/jobs/{job_id}/checkpoints", TUNE),
+        ("get", "/metrics", ADMIN),
+        ("post", "/v1/load_lora_adapter", ADMIN),
+        ("post", "/v1/unload_lora_adapter", ADMIN),
+        ("get", "/v1/adapters", ADMIN),
+        ("post", "/v1/adapters", ADMIN),
+        ("get", "/v1/adapters/{name}", ADMIN),
+        ("delete", "/v1/adapters/{name}", ADMIN),
+        ("post", "/v1/adapters/{name}/rollback", ADMIN),
+        ("put", "/v1/adapters/{name}/tuning", ADMIN),
+        ("get", "/v1/plugins", ADMIN),
+        ("post", "/v1/plugins/load", ADMIN),
+        ("post", "/v1/plugins/{name}/reload", ADMIN),
+        ("post", "/v1/plugins/{name}/unload", ADMIN),
+    ];
+    let spec = serde_json::to_value(tessera::api::openapi()).unwrap();
+    let mut in_spec = BTreeSet::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            in_spec.insert((method.clone(), path.clone()));
+        }
+    }
+    let in_table: BTreeSet<(String, String)> = expected.iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(in_spec, in_table, "every route of the spec has its scope in this table, and no other");
+
+    let keys = Keys::default()
+        .with_key(Scope::Inference, Some("user"))
+        .with_key(Scope::Tune, Some("tuner"))
+        .with_key(Scope::Admin, Some("root"));
+    let f = fixture(keys, 100_000);
+    for (method, path, needed) in expected {
+        let uri = path
+            .replace("{name}", "nobody")
+            .replace("{model}", "tiny")
+            .replace("{file_id}", "file-none")
+            .replace("{job_id}", "ftjob-none");
+        for (key, held) in [(None, 0), (Some("wrong"), 0), (Some("user"), INFERENCE), (Some("tuner"), TUNE), (Some("root"), ADMIN)] {
+            let body = (*method != "get").then(|| ("application/json", b"{}".to_vec()));
+            let (status, answer) = call(&f.router, &method.to_uppercase(), &uri, key, body).await;
+            let expected_refusal = match (*needed, key) {
+                (PUBLIC, _) => None,
+                (_, None | Some("wrong")) => Some(StatusCode::UNAUTHORIZED),
+                (needed, _) if held < needed => Some(StatusCode::FORBIDDEN),
+                _ => None,
+            };
+            match expected_refusal {
+                Some(refusal) => assert_eq!(status, refusal, "{method} {uri} with {key:?}: {answer}"),
+                None => assert!(
+                    status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                    "{method} {uri} with {key:?} was refused: {status} {answer}"
+                ),
+            }
+        }
+    }
+}
