@@ -15,6 +15,7 @@ pub mod model_store;
 pub mod plugins;
 pub mod registry;
 pub mod sampler;
+pub mod services;
 pub mod store;
 pub mod tokenizer;
 pub mod train;

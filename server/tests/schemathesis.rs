@@ -37,7 +37,10 @@ fn generated_requests_find_no_server_error_and_no_undeclared_response() {
             .expect("starting tessera serve"),
     );
     wait_for_health(port);
+    // Run in the temporary folder: schemathesis keeps caches (replayed failures, examples) in
+    // its working directory, and each run starts from none.
     let output = Command::new("python3")
+        .current_dir(dir.path())
         .args(["-m", "schemathesis.cli", "run", &format!("http://127.0.0.1:{port}/openapi.json")])
         .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
         .args(["--header", &format!("Authorization: Bearer {ADMIN_KEY}")])

@@ -62,24 +62,7 @@ pub async fn unload_lora_adapter(
 
 /// What the registry (and, for tuned adapters, the tuning store) knows of `name`.
 pub fn describe(app: &App, name: &str) -> Option<AdapterInfo> {
-    let (path, generation) = app.registry.describe(name)?;
-    Some(AdapterInfo {
-        name: name.to_string(),
-        path: path.display().to_string(),
-        loaded: generation.is_some(),
-        generation: generation.as_ref().map(|g| g.generation),
-        rank: generation.as_ref().map(|g| g.rank),
-        alpha: generation.as_ref().map(|g| g.alpha),
-        size_bytes: generation.as_ref().map(|g| g.weights.size_in_bytes()),
-        version: None,
-        training: None,
-        pairs: None,
-        metrics: None,
-        versions: None,
-        created_by: None,
-        open_to_tuning: None,
-    })
-    .map(|info| super::tuning::with_tuning_state(app, info))
+    crate::services::adapters::describe(&app.registry, app.tuner.as_deref(), name).map(AdapterInfo::from)
 }
 
 /// Every registered adapter, loaded or not.
@@ -90,7 +73,10 @@ pub async fn list_adapters(State(app): State<Arc<App>>) -> Result<Json<AdapterLi
     blocking(move || {
         Ok(Json(AdapterList {
             object: "list",
-            data: app.registry.names().iter().filter_map(|n| describe(&app, n)).collect(),
+            data: crate::services::adapters::describe_all(&app.registry, app.tuner.as_deref())
+                .into_iter()
+                .map(AdapterInfo::from)
+                .collect(),
         }))
     })
     .await

@@ -50,23 +50,6 @@ impl From<TuneError> for AppError {
     }
 }
 
-/// Adds what the tuning store knows about an adapter to its registry description.
-pub fn with_tuning_state(app: &App, mut info: AdapterInfo) -> AdapterInfo {
-    let Some(tuner) = &app.tuner else { return info };
-    let Ok(Some(row)) = tuner.store.adapter(&info.name) else { return info };
-    let versions = tuner.store.versions(&info.name).unwrap_or_default();
-    info.version = Some(row.version);
-    info.training = tuner.is_training(&info.name).ok();
-    info.pairs = tuner.store.count_pairs(&info.name).ok();
-    info.metrics = versions.iter().find(|v| v.version == row.version).map(|v| v.metrics.clone());
-    info.versions = Some(versions.iter().map(|v| v.version).collect());
-    info.rank = info.rank.or(Some(row.rank));
-    info.alpha = info.alpha.or(Some(row.alpha));
-    info.created_by = Some(row.created_by.as_str());
-    info.open_to_tuning = Some(row.open_to_tuning);
-    info
-}
-
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct FeedbackParams {
     /// Rank of the LoRA created when the adapter does not exist yet (default 16).
@@ -360,7 +343,8 @@ pub async fn set_tuning_access(
     let described = app.clone();
     blocking(move || {
         tuner.set_open_to_tuning(&name, request.open)?;
-        super::adapters::describe(&described, &name)
+        crate::services::adapters::describe(&described.registry, described.tuner.as_deref(), &name)
+            .map(AdapterInfo::from)
             .map(Json)
             .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
     })
@@ -385,7 +369,8 @@ pub async fn rollback_adapter(
     let tuner = tuner(&app)?.clone();
     blocking(move || {
         tuner.rollback(&name, request.version)?;
-        super::adapters::describe(&app, &name)
+        crate::services::adapters::describe(&app.registry, app.tuner.as_deref(), &name)
+            .map(AdapterInfo::from)
             .map(Json)
             .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
     })

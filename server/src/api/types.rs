@@ -334,6 +334,28 @@ pub struct AdapterInfo {
     pub open_to_tuning: Option<bool>,
 }
 
+impl From<crate::services::adapters::AdapterDescription> for AdapterInfo {
+    fn from(d: crate::services::adapters::AdapterDescription) -> Self {
+        let tuning = d.tuning;
+        Self {
+            name: d.name,
+            path: d.path.display().to_string(),
+            loaded: d.generation.is_some(),
+            generation: d.generation,
+            rank: d.rank.or(tuning.as_ref().map(|t| t.rank)),
+            alpha: d.alpha.or(tuning.as_ref().map(|t| t.alpha)),
+            size_bytes: d.size_bytes,
+            version: tuning.as_ref().map(|t| t.version),
+            training: tuning.as_ref().and_then(|t| t.training),
+            pairs: tuning.as_ref().and_then(|t| t.pairs),
+            metrics: tuning.as_ref().and_then(|t| t.metrics.clone()),
+            versions: tuning.as_ref().map(|t| t.versions.clone()),
+            created_by: tuning.as_ref().map(|t| t.created_by.as_str()),
+            open_to_tuning: tuning.as_ref().map(|t| t.open_to_tuning),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AdapterList {
     pub object: &'static str,
