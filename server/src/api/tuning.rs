@@ -6,12 +6,11 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tessera_adapters::TargetModule;
-use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Principal;
+use super::types::tuning::*;
 use super::types::AdapterInfo;
 use super::{blocking, ApiJson, ApiMultipart, App, AppError};
 use super::plugins::{contain, fault};
@@ -48,30 +47,6 @@ impl From<TuneError> for AppError {
             other => AppError::Internal(other.to_string()),
         }
     }
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct FeedbackParams {
-    /// Rank of the LoRA created when the adapter does not exist yet (default 16).
-    pub rank: Option<usize>,
-    /// Its α (default 2·rank).
-    pub alpha: Option<f32>,
-    /// Its target modules, comma separated (default all seven: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
-    pub targets: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct FeedbackReceipt {
-    pub adapter: String,
-    /// New pairs stored by this upload.
-    pub stored: usize,
-    /// Pairs skipped because the adapter already holds the same content.
-    pub duplicates: usize,
-    pub total_pairs: usize,
-    /// Pairs gathered since the last job started.
-    pub pairs_since_training: usize,
-    /// The job this upload started, when it reached the server's `train_after`.
-    pub job: Option<String>,
 }
 
 fn lora_spec(params: &FeedbackParams) -> Result<Option<LoraSpec>, AppError> {
@@ -190,30 +165,6 @@ fn store_feedback(tuner: &Tuner, name: String, conversations: &[Conversation], s
     })
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct PageParams {
-    /// Return pairs after this id.
-    pub after: Option<i64>,
-    /// At most this many (default 100, at most 1000).
-    pub limit: Option<usize>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct StoredPairView {
-    pub id: i64,
-    pub hash: String,
-    pub messages: Vec<Message>,
-    pub created_at: i64,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct PairList {
-    pub object: &'static str,
-    pub data: Vec<StoredPairView>,
-    pub has_more: bool,
-    pub last_id: Option<i64>,
-}
-
 /// The adapter's stored pairs, oldest first, a page at a time.
 #[utoipa::path(get, path = "/v1/adapters/{name}/feedback", tag = "Tuning",
     params(("name" = String, Path, description = "The adapter"), PageParams),
@@ -251,17 +202,6 @@ pub async fn list_feedback(
     .await
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct DeleteParams {
-    /// Comma-separated pair ids; without it, every pair of the adapter.
-    pub ids: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Deleted {
-    pub deleted: usize,
-}
-
 /// Deletes some (`ids`) or all of an adapter's pairs. Versions already trained stay.
 #[utoipa::path(delete, path = "/v1/adapters/{name}/feedback", tag = "Tuning",
     params(("name" = String, Path, description = "The adapter"), DeleteParams),
@@ -286,11 +226,6 @@ pub async fn delete_feedback(
         Ok(Json(Deleted { deleted: tuner.store.delete_pairs(&name, ids.as_deref())? }))
     })
     .await
-}
-
-#[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct TrainRequest {
-    pub hyperparameters: Option<HyperparametersRequest>,
 }
 
 /// Starts a job on the adapter's pairs now (continuing from its current version).
@@ -321,13 +256,6 @@ pub async fn train_adapter(
     .await
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct TuningAccess {
-    /// Whether keys of every tuning scope may add feedback to and train the adapter (otherwise
-    /// only its creator's scope and the admin).
-    pub open: bool,
-}
-
 /// Opens an adapter to tuning by every scope, or closes it again. An adapter the admin
 /// installed becomes a tuned adapter at version 0 first.
 #[utoipa::path(put, path = "/v1/adapters/{name}/tuning", tag = "Tuning",
@@ -349,11 +277,6 @@ pub async fn set_tuning_access(
             .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
     })
     .await
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct RollbackRequest {
-    pub version: u32,
 }
 
 /// Serves an earlier version of the adapter again.
@@ -379,17 +302,6 @@ pub async fn rollback_adapter(
 
 // OpenAI files.
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct FileObject {
-    pub id: String,
-    pub object: &'static str,
-    pub bytes: usize,
-    pub created_at: i64,
-    pub filename: String,
-    pub purpose: String,
-    pub status: &'static str,
-}
-
 fn file_view(f: &FileRow) -> FileObject {
     FileObject {
         id: f.id.clone(),
@@ -400,23 +312,6 @@ fn file_view(f: &FileRow) -> FileObject {
         purpose: f.purpose.clone(),
         status: "processed",
     }
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct FileList {
-    pub object: &'static str,
-    pub data: Vec<FileObject>,
-    pub has_more: bool,
-}
-
-#[allow(dead_code)] // describes the multipart form in the OpenAPI document only
-/// multipart: `purpose` (`fine-tune`) and `file` (JSONL of `{"messages": …}` or any supported
-/// instruction format).
-#[derive(Debug, ToSchema)]
-pub struct FileUpload {
-    pub purpose: String,
-    #[schema(value_type = String, format = Binary)]
-    pub file: Vec<u8>,
 }
 
 /// Uploads a training file. Every record is checked first; the file is stored (durably) only if
@@ -498,17 +393,6 @@ pub async fn get_file(State(app): State<Arc<App>>, Path(id): Path<String>) -> Re
 
 // OpenAI fine-tuning jobs.
 
-/// Each value is a number or `"auto"` (the server's default).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-pub struct HyperparametersRequest {
-    #[schema(value_type = Option<Object>)]
-    pub n_epochs: Option<Value>,
-    #[schema(value_type = Option<Object>)]
-    pub batch_size: Option<Value>,
-    #[schema(value_type = Option<Object>)]
-    pub learning_rate_multiplier: Option<Value>,
-}
-
 fn number(value: &Option<Value>, param: &str) -> Result<Option<f64>, AppError> {
     match value {
         None | Some(Value::Null) => Ok(None),
@@ -542,57 +426,6 @@ impl HyperparametersRequest {
             learning_rate: defaults.learning_rate * multiplier,
         })
     }
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct CreateJobRequest {
-    /// The base model's id, or an adapter to continue from.
-    pub model: String,
-    pub training_file: String,
-    pub validation_file: Option<String>,
-    pub hyperparameters: Option<HyperparametersRequest>,
-    /// Part of the new adapter's name (`ft-{suffix}-{id}`).
-    pub suffix: Option<String>,
-    pub seed: Option<u64>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobError {
-    pub code: String,
-    pub message: String,
-    pub param: Option<String>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobHyperparameters {
-    pub n_epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate_multiplier: f64,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct FineTuningJob {
-    pub id: String,
-    pub object: &'static str,
-    pub created_at: i64,
-    pub finished_at: Option<i64>,
-    pub model: String,
-    /// The adapter the job trains; servable by this name once the job succeeds.
-    pub fine_tuned_model: Option<String>,
-    pub organization_id: &'static str,
-    /// validating_files, queued, running, succeeded, failed or cancelled.
-    pub status: String,
-    pub training_file: Option<String>,
-    pub validation_file: Option<String>,
-    pub hyperparameters: JobHyperparameters,
-    pub result_files: Vec<String>,
-    pub trained_tokens: Option<u64>,
-    pub error: Option<JobError>,
-    pub seed: u64,
-    pub suffix: Option<String>,
-    pub estimated_finish: Option<i64>,
-    /// The adapter the job trains (for feedback jobs, the one the pairs belong to).
-    pub adapter: String,
 }
 
 fn job_view(job: &JobRow) -> FineTuningJob {
@@ -634,13 +467,6 @@ fn job_view(job: &JobRow) -> FineTuningJob {
         estimated_finish: None,
         adapter: job.adapter.clone(),
     }
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobList {
-    pub object: &'static str,
-    pub data: Vec<FineTuningJob>,
-    pub has_more: bool,
 }
 
 /// Creates a fine-tuning job from uploaded files. It trains in the background; its
@@ -744,34 +570,6 @@ pub async fn cancel_job(
     .await
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobEvent {
-    pub id: String,
-    pub object: &'static str,
-    pub created_at: i64,
-    pub level: String,
-    pub message: String,
-    #[schema(value_type = Option<Object>)]
-    pub data: Option<Value>,
-    /// `metrics` for per-step losses, `message` otherwise.
-    pub r#type: &'static str,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EventList {
-    pub object: &'static str,
-    pub data: Vec<JobEvent>,
-    pub has_more: bool,
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct EventParams {
-    /// Events before this event id (`ftevent-N`).
-    pub after: Option<String>,
-    /// At most this many (default 20, at most 1000).
-    pub limit: Option<usize>,
-}
-
 fn event_view(e: EventRow) -> JobEvent {
     JobEvent {
         id: format!("ftevent-{}", e.id),
@@ -815,25 +613,6 @@ pub async fn list_events(
         }))
     })
     .await
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobCheckpoint {
-    pub id: String,
-    pub object: &'static str,
-    pub created_at: i64,
-    pub fine_tuned_model_checkpoint: String,
-    pub fine_tuning_job_id: String,
-    #[schema(value_type = Object)]
-    pub metrics: Value,
-    pub step_number: usize,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CheckpointList {
-    pub object: &'static str,
-    pub data: Vec<JobCheckpoint>,
-    pub has_more: bool,
 }
 
 fn checkpoint_view(c: CheckpointRow) -> JobCheckpoint {

@@ -1,5 +1,7 @@
 //! The HTTP request and response bodies, in OpenAI's shapes. They are kept apart from the
-//! engine's validated types (see `validate.rs`).
+//! engine's validated types (see `validate.rs`). Online tuning's are in `tuning.rs`.
+
+pub mod tuning;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
