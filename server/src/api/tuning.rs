@@ -7,18 +7,15 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
 use serde_json::Value;
-use tessera_adapters::TargetModule;
 
 use super::auth::Principal;
 use super::types::tuning::*;
 use super::types::AdapterInfo;
 use super::{blocking, ApiJson, ApiMultipart, App, AppError};
-use super::plugins::{contain, fault};
-use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
-use crate::plugins::PluginError;
+use crate::dataset::parse_upload;
+use crate::services::feedback::{self, FeedbackError};
 use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoreError};
 use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, TuneError, Tuner};
-use crate::train::lora::LoraSpec;
 
 fn tuner(app: &App) -> Result<&Arc<Tuner>, AppError> {
     app.tuner.as_ref().ok_or_else(|| AppError::InvalidParameter {
@@ -49,34 +46,6 @@ impl From<TuneError> for AppError {
     }
 }
 
-fn lora_spec(params: &FeedbackParams) -> Result<Option<LoraSpec>, AppError> {
-    if params.rank.is_none() && params.alpha.is_none() && params.targets.is_none() {
-        return Ok(None);
-    }
-    let rank = params.rank.unwrap_or(16);
-    if !tessera_adapters::peft::rank_is_valid(rank) {
-        return Err(AppError::invalid("rank", format!("the rank must be between 1 and {}", tessera_adapters::peft::MAX_RANK)));
-    }
-    let alpha = params.alpha.unwrap_or(2.0 * rank as f32);
-    if !tessera_adapters::peft::alpha_is_valid(alpha) {
-        return Err(AppError::invalid(
-            "alpha",
-            format!("alpha must be finite, above 0 and at most {}", tessera_adapters::peft::MAX_ALPHA),
-        ));
-    }
-    let targets = match &params.targets {
-        None => TargetModule::ALL.to_vec(),
-        Some(list) => list
-            .split(',')
-            .map(|t| {
-                TargetModule::from_peft_name(t.trim())
-                    .ok_or_else(|| AppError::invalid("targets", format!("unknown target module `{t}`")))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    Ok(Some(LoraSpec { rank, alpha, targets }))
-}
-
 /// Stores instruction pairs for an adapter: one JSON record, a JSON list or JSON Lines, each in
 /// the Alpaca, Dolly, ShareGPT or OpenAI `messages` format. All or nothing: an invalid record
 /// rejects the upload with its index. Duplicates are skipped. A missing adapter is created as a
@@ -93,76 +62,27 @@ pub async fn upload_feedback(
     body: Bytes,
 ) -> Result<Json<FeedbackReceipt>, AppError> {
     let tuner = tuner(&app)?.clone();
-    let spec = lora_spec(&params)?;
+    let spec = feedback::lora_spec(params.rank, params.alpha, params.targets.as_deref())?;
     // Parsing a large upload and the plugin's converter are blocking work, as is the store.
-    blocking(move || {
-        let (name, conversations) = feedback_conversations(&app, name, &body)?;
-        store_feedback(&tuner, name, &conversations, spec, scope)
-    })
-    .await
-    .map(Json)
+    let outcome = blocking(move || Ok(feedback::upload(&tuner, &app.plugins, name, &body, spec, scope)?)).await?;
+    Ok(Json(FeedbackReceipt {
+        adapter: outcome.adapter,
+        stored: outcome.stored,
+        duplicates: outcome.duplicates,
+        total_pairs: outcome.total_pairs,
+        pairs_since_training: outcome.pairs_since_training,
+        job: outcome.job,
+    }))
 }
 
-/// An upload's records as conversations, and the adapter they are for: the named one, or for a
-/// plugin's domain records the adapter the plugin tunes, through its converter.
-fn feedback_conversations(app: &App, name: String, body: &[u8]) -> Result<(String, Vec<Conversation>), AppError> {
-    let invalid = |e: RecordError| AppError::InvalidParameter {
-        message: format!("{e}; nothing from this upload was stored"),
-        param: Some(format!("records[{}]", e.index)),
-        code: Some("invalid_record"),
-    };
-    let Some(plugin) = app.plugins.lease(&name).transpose()? else {
-        return Ok((name, parse_upload(body).map_err(invalid)?));
-    };
-    let adapter = plugin
-        .info
-        .adapters
-        .iter()
-        .find(|a| a.source == tessera_plugin_api::AdapterSource::Tuned)
-        .map(|a| a.name.clone())
-        .ok_or_else(|| AppError::invalid("name", format!("the plugin `{name}` has no adapter tuned online")))?;
-    let mut conversations = Vec::new();
-    for (index, record) in parse_records(body).map_err(invalid)?.iter().enumerate() {
-        let converted = match plugin.convert(record) {
-            Err(PluginError::Refused(reason)) => return Err(invalid(RecordError { index, reason })),
-            other => contain(app, &plugin, other)?,
-        };
-        for pair in converted {
-            let conversation = Conversation {
-                messages: pair.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
-            };
-            if let Err(reason) = validate_conversation(&conversation) {
-                let error = PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason };
-                return Err(fault(app, &plugin, error));
-            }
-            conversations.push(conversation);
+impl From<FeedbackError> for AppError {
+    fn from(e: FeedbackError) -> Self {
+        match e {
+            FeedbackError::Invalid { param, message, code } => AppError::InvalidParameter { message, param: Some(param), code },
+            FeedbackError::Tune(e) => e.into(),
+            FeedbackError::Plugin(e) => e.into(),
         }
     }
-    Ok((adapter, conversations))
-}
-
-/// Stores the pairs (creating the adapter on first feedback) and, past `train_after`, starts
-/// a job unless one is already active (the database decides).
-fn store_feedback(tuner: &Tuner, name: String, conversations: &[Conversation], spec: Option<LoraSpec>, scope: crate::access::Scope) -> Result<FeedbackReceipt, AppError> {
-    tuner.ensure_adapter(&name, spec, scope)?;
-    let inserted = tuner.store.insert_pairs(&name, conversations)?;
-    let job = if inserted.pairs_since_training >= tuner.settings.train_after {
-        match tuner.start_feedback_job(&name, None, scope) {
-            Ok(job) => Some(job.id),
-            Err(TuneError::Busy { .. }) => None,
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        None
-    };
-    Ok(FeedbackReceipt {
-        total_pairs: tuner.store.count_pairs(&name)?,
-        adapter: name,
-        stored: inserted.stored,
-        duplicates: inserted.duplicates,
-        pairs_since_training: if job.is_some() { 0 } else { inserted.pairs_since_training },
-        job,
-    })
 }
 
 /// The adapter's stored pairs, oldest first, a page at a time.

@@ -3,3 +3,4 @@
 //! map its answer; services know nothing of HTTP.
 
 pub mod adapters;
+pub mod feedback;

@@ -1,0 +1,157 @@
+//! Feedback on adapters: the rules of an upload, whatever protocol carries it. Records become
+//! conversations (through a plugin's converter for its domain records), the adapter is created
+//! on first feedback, the pairs are stored in one transaction, and past `train_after` a job
+//! starts unless one is already active.
+
+use tessera_adapters::peft::{alpha_is_valid, rank_is_valid, MAX_ALPHA, MAX_RANK};
+use tessera_adapters::TargetModule;
+
+use crate::access::Scope;
+use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
+use crate::plugins::{PluginError, PluginHost};
+use crate::train::job::{TuneError, Tuner};
+use crate::train::lora::LoraSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedbackError {
+    /// A client's value is out of its range; `param` names it.
+    #[error("{message}")]
+    Invalid { param: String, message: String, code: Option<&'static str> },
+    #[error(transparent)]
+    Tune(#[from] TuneError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+fn invalid(param: &str, message: String) -> FeedbackError {
+    FeedbackError::Invalid { param: param.to_string(), message, code: None }
+}
+
+/// The LoRA a first upload creates, from its `rank`, `alpha` and comma-separated `targets`
+/// (each optional: r = 16, α = 2r, all seven modules); `None` when none is given.
+pub fn lora_spec(rank: Option<usize>, alpha: Option<f32>, targets: Option<&str>) -> Result<Option<LoraSpec>, FeedbackError> {
+    if rank.is_none() && alpha.is_none() && targets.is_none() {
+        return Ok(None);
+    }
+    let rank = rank.unwrap_or(16);
+    if !rank_is_valid(rank) {
+        return Err(invalid("rank", format!("the rank must be between 1 and {MAX_RANK}")));
+    }
+    let alpha = alpha.unwrap_or(2.0 * rank as f32);
+    if !alpha_is_valid(alpha) {
+        return Err(invalid("alpha", format!("alpha must be finite, above 0 and at most {MAX_ALPHA}")));
+    }
+    let targets = match targets {
+        None => TargetModule::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|t| TargetModule::from_peft_name(t.trim()).ok_or_else(|| invalid("targets", format!("unknown target module `{t}`"))))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok(Some(LoraSpec { rank, alpha, targets }))
+}
+
+/// What an upload did.
+#[derive(Debug, Clone)]
+pub struct FeedbackOutcome {
+    pub adapter: String,
+    pub stored: usize,
+    pub duplicates: usize,
+    pub total_pairs: usize,
+    pub pairs_since_training: usize,
+    /// The job this upload started.
+    pub job: Option<String>,
+}
+
+/// Stores an upload of records for `name` (an adapter, or a plugin whose tuned adapter takes
+/// them), all or nothing, as `scope`. Blocking: parsing, plugin calls and the store.
+pub fn upload(tuner: &Tuner, plugins: &PluginHost, name: String, body: &[u8], spec: Option<LoraSpec>, scope: Scope) -> Result<FeedbackOutcome, FeedbackError> {
+    let (adapter, conversations) = conversations(plugins, name, body)?;
+    tuner.ensure_adapter(&adapter, spec, scope)?;
+    let inserted = tuner.store.insert_pairs(&adapter, &conversations).map_err(TuneError::from)?;
+    let job = if inserted.pairs_since_training >= tuner.settings.train_after {
+        match tuner.start_feedback_job(&adapter, None, scope) {
+            Ok(job) => Some(job.id),
+            // The database settles it: one job is already active.
+            Err(TuneError::Busy { .. }) => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    Ok(FeedbackOutcome {
+        total_pairs: tuner.store.count_pairs(&adapter).map_err(TuneError::from)?,
+        adapter,
+        stored: inserted.stored,
+        duplicates: inserted.duplicates,
+        pairs_since_training: if job.is_some() { 0 } else { inserted.pairs_since_training },
+        job,
+    })
+}
+
+/// An invalid record: the whole upload is refused, naming it.
+fn refused(e: RecordError) -> FeedbackError {
+    FeedbackError::Invalid {
+        param: format!("records[{}]", e.index),
+        message: format!("{e}; nothing from this upload was stored"),
+        code: Some("invalid_record"),
+    }
+}
+
+/// The upload's records as conversations, and the adapter they are for: the named one, or for a
+/// plugin's domain records the adapter the plugin tunes, through its converter. A plugin that
+/// misbehaves is marked failed.
+fn conversations(plugins: &PluginHost, name: String, body: &[u8]) -> Result<(String, Vec<Conversation>), FeedbackError> {
+    let Some(plugin) = plugins.lease(&name).transpose()? else {
+        return Ok((name, parse_upload(body).map_err(refused)?));
+    };
+    let adapter = plugin
+        .info
+        .adapters
+        .iter()
+        .find(|a| a.source == tessera_plugin_api::AdapterSource::Tuned)
+        .map(|a| a.name.clone())
+        .ok_or_else(|| invalid("name", format!("the plugin `{name}` has no adapter tuned online")))?;
+    let fault = |e: PluginError| {
+        if e.is_plugin_fault() {
+            plugins.mark_failed(&plugin, &e);
+        }
+        FeedbackError::Plugin(e)
+    };
+    let mut conversations = Vec::new();
+    for (index, record) in parse_records(body).map_err(refused)?.iter().enumerate() {
+        let converted = match plugin.convert(record) {
+            Err(PluginError::Refused(reason)) => return Err(refused(RecordError { index, reason })),
+            other => other.map_err(fault)?,
+        };
+        for pair in converted {
+            let conversation = Conversation {
+                messages: pair.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+            };
+            if let Err(reason) = validate_conversation(&conversation) {
+                return Err(fault(PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason }));
+            }
+            conversations.push(conversation);
+        }
+    }
+    Ok((adapter, conversations))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_uploads_lora_is_bounded() {
+        assert_eq!(lora_spec(None, None, None).unwrap(), None);
+        let spec = lora_spec(Some(4), None, Some("q_proj, v_proj")).unwrap().unwrap();
+        assert_eq!((spec.rank, spec.alpha, spec.targets), (4, 8.0, vec![TargetModule::Q, TargetModule::V]));
+        for (rank, alpha, param) in [(Some(0), None, "rank"), (Some(257), None, "rank"), (None, Some(f32::NAN), "alpha"), (None, Some(0.0), "alpha"), (None, Some(1025.0), "alpha")] {
+            match lora_spec(rank, alpha, None) {
+                Err(FeedbackError::Invalid { param: p, .. }) => assert_eq!(p, param),
+                other => panic!("{rank:?} {alpha:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(lora_spec(None, None, Some("lm_head")), Err(FeedbackError::Invalid { .. })));
+    }
+}
