@@ -25,6 +25,14 @@ struct Fixture {
 
 const BODY_LIMIT: usize = 1 << 20;
 
+/// An inference key `user`, a tune key `tuner` and an admin key `root`.
+fn three_keys() -> Keys {
+    Keys::default()
+        .with_key(Scope::Inference, Some("user"))
+        .with_key(Scope::Tune, Some("tuner"))
+        .with_key(Scope::Admin, Some("root"))
+}
+
 fn fixture(keys: Keys, train_after: usize) -> Fixture {
     fixture_in(tempfile::tempdir().unwrap(), keys, train_after)
 }
@@ -209,11 +217,7 @@ async fn an_uploaded_adapter_with_an_absurd_alpha_is_refused() {
 
 #[tokio::test]
 async fn keys_open_their_scope_only_whatever_the_path() {
-    let keys = Keys::default()
-        .with_key(Scope::Inference, Some("user"))
-        .with_key(Scope::Tune, Some("tuner"))
-        .with_key(Scope::Admin, Some("root"));
-    let f = fixture(keys, 100_000);
+    let f = fixture(three_keys(), 100_000);
     let r = &f.router;
     // An adapter named like a feedback route is still an admin resource.
     let (status, _) = call(r, "POST", "/v1/adapters/feedback/feedback?rank=2", Some("root"), Some(pairs("f", 2))).await;
@@ -259,11 +263,7 @@ async fn the_startup_scan_serves_nothing_from_outside_the_adapter_roots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tune_keys_tune_their_own_adapters_and_cancel_their_own_jobs() {
-    let keys = Keys::default()
-        .with_key(Scope::Inference, Some("user"))
-        .with_key(Scope::Tune, Some("tuner"))
-        .with_key(Scope::Admin, Some("root"));
-    let f = fixture(keys, 100_000);
+    let f = fixture(three_keys(), 100_000);
     let r = &f.router;
     // The admin's adapter: neither feedback, nor its pairs, nor training for the tune key.
     let (status, _) = call(r, "POST", "/v1/adapters/house/feedback?rank=2", Some("root"), Some(pairs("h", 3))).await;
@@ -364,11 +364,7 @@ async fn the_whole_route_and_key_matrix() {
     let in_table: BTreeSet<(String, String)> = expected.iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
     assert_eq!(in_spec, in_table, "every route of the spec has its scope in this table, and no other");
 
-    let keys = Keys::default()
-        .with_key(Scope::Inference, Some("user"))
-        .with_key(Scope::Tune, Some("tuner"))
-        .with_key(Scope::Admin, Some("root"));
-    let f = fixture(keys, 100_000);
+    let f = fixture(three_keys(), 100_000);
     for (method, path, needed) in expected {
         let uri = path
             .replace("{name}", "nobody")
