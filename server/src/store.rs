@@ -316,6 +316,16 @@ pub struct Inserted {
     pub pairs_since_training: usize,
 }
 
+/// The id of `adapter`'s active job, if any.
+fn active_job_in(c: &Connection, adapter: &str) -> rusqlite::Result<Option<String>> {
+    c.query_row(
+        "SELECT id FROM jobs WHERE adapter = ?1 AND status IN ('validating_files', 'queued', 'running')",
+        [adapter],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 fn job_from_row(row: &rusqlite::Row) -> rusqlite::Result<(JobRow, String)> {
     Ok((
         JobRow {
@@ -642,13 +652,7 @@ impl Store {
             );
             match inserted {
                 Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    let active: Option<String> = tx
-                        .query_row(
-                            "SELECT id FROM jobs WHERE adapter = ?1 AND status IN ('validating_files', 'queued', 'running')",
-                            [&job.adapter],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
+                    let active = active_job_in(&tx, &job.adapter)?;
                     return Err(match active {
                         Some(active) => StoreError::ActiveJob { adapter: job.adapter.clone(), job: active },
                         None => StoreError::Sql(rusqlite::Error::SqliteFailure(e, None)),
@@ -671,14 +675,7 @@ impl Store {
 
     /// The adapter's active (queued or running) job, if any.
     pub fn active_job(&self, adapter: &str) -> Result<Option<String>, StoreError> {
-        self.with(|c| {
-            Ok(c.query_row(
-                "SELECT id FROM jobs WHERE adapter = ?1 AND status IN ('validating_files', 'queued', 'running')",
-                [adapter],
-                |r| r.get(0),
-            )
-            .optional()?)
-        })
+        self.with(|c| Ok(active_job_in(c, adapter)?))
     }
 
     fn parse_jobs(rows: Vec<(JobRow, String)>) -> Result<Vec<JobRow>, StoreError> {

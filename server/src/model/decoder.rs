@@ -23,7 +23,7 @@ use crate::model::attention::{attend_chunk, attend_one, grouped_mask};
 use crate::model::config::{Activation, Config};
 use crate::model::gelu::GeluTable;
 use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
-use crate::model::rope::RotaryTables;
+use crate::model::rope::{RopePlan, RotaryTables};
 use crate::model::with_values;
 use crate::model::{KvCache, LogitsFor, ModelError};
 
@@ -179,6 +179,8 @@ pub struct Decoder {
     output: Option<QWeight>,
     blocks: Vec<Block>,
     output_norm: RmsNorm,
+    /// Which RoPE frequencies each layer rotates with.
+    rope: RopePlan,
     gelu: GeluTable,
     /// Dequantized-weight buffer reused across layers and calls; a second concurrent caller
     /// gets a buffer of its own instead of waiting.
@@ -207,6 +209,7 @@ impl Decoder {
             embedding,
             output,
             blocks,
+            rope: RopePlan::new(&config),
             config,
             scratch: Mutex::new(Vec::new()),
             gelu: GeluTable::new(),
@@ -228,6 +231,10 @@ impl Decoder {
 
     pub(crate) fn output_norm(&self) -> &RmsNorm {
         &self.output_norm
+    }
+
+    pub(crate) fn rope_plan(&self) -> &RopePlan {
+        &self.rope
     }
 
     /// The embeddings of `ids`, scaled where the family scales them: `[n, hidden]`.
@@ -289,19 +296,10 @@ impl Decoder {
                 adapters: chunk.adapters,
             })
             .collect();
-        // Layers that share a RoPE frequency set share its tables.
-        let mut tables: Vec<(Vec<f32>, RotaryTables)> = Vec::new();
+        let tables = self.rope.tables(&positions);
         let mut x = self.embed(&Tensor::from_vec(ids, n_rows, &Device::Cpu)?)?;
         for layer in 0..self.blocks.len() {
-            let frequencies = self.config.rope_frequencies(layer);
-            let rope = match tables.iter().position(|(f, _)| *f == frequencies) {
-                Some(i) => &tables[i].1,
-                None => {
-                    let rope = RotaryTables::new(&positions, &frequencies, self.config.rope.style);
-                    tables.push((frequencies, rope));
-                    &tables[tables.len() - 1].1
-                }
-            };
+            let rope = &tables[self.rope.set_of(layer)];
             x = self.layer(layer, &x, batch, &layouts, &segments, rope, scratch)?;
         }
         for (chunk, layout) in batch.iter_mut().zip(&layouts) {

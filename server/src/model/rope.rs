@@ -3,7 +3,41 @@
 //! where the pairs are (2i, 2i+1) in the interleaved style and (i, i + dims/2) in NeoX's, for
 //! i < dims/2. Dimensions past `dims` are left as they are.
 
-use crate::model::config::RopeStyle;
+use crate::model::config::{Config, RopeStyle};
+
+/// The distinct frequency sets of a model's layers (Gemma 3: a local and a global one; other
+/// families: one), worked out once at load, so a forward pass builds each set's tables once.
+pub struct RopePlan {
+    sets: Vec<Vec<f32>>,
+    set_of_layer: Vec<usize>,
+    style: RopeStyle,
+}
+
+impl RopePlan {
+    pub fn new(config: &Config) -> Self {
+        let mut sets: Vec<Vec<f32>> = Vec::new();
+        let set_of_layer = (0..config.n_layers)
+            .map(|layer| {
+                let frequencies = config.rope_frequencies(layer);
+                sets.iter().position(|s| *s == frequencies).unwrap_or_else(|| {
+                    sets.push(frequencies);
+                    sets.len() - 1
+                })
+            })
+            .collect();
+        Self { sets, set_of_layer, style: config.rope.style }
+    }
+
+    /// Each frequency set's tables at `positions`, in set order.
+    pub fn tables(&self, positions: &[usize]) -> Vec<RotaryTables> {
+        self.sets.iter().map(|f| RotaryTables::new(positions, f, self.style)).collect()
+    }
+
+    /// Which of [`RopePlan::tables`] `layer` rotates with.
+    pub fn set_of(&self, layer: usize) -> usize {
+        self.set_of_layer[layer]
+    }
+}
 
 /// cos and sin of θ_i·p for each row's position p: `[rows, dims/2]` each.
 pub struct RotaryTables {

@@ -206,19 +206,9 @@ impl Trainable<'_> {
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &Device::Cpu)?;
         let embedded = model.embed(&ids).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        // Layers that share a frequency set share its tables.
-        let mut frequencies: Vec<Vec<f32>> = Vec::new();
-        let mut tables: Vec<Arc<RotaryTables>> = Vec::new();
-        let mut rope = Vec::with_capacity(c.n_layers);
-        for layer in 0..c.n_layers {
-            let f = c.rope_frequencies(layer);
-            let i = frequencies.iter().position(|g| *g == f).unwrap_or_else(|| {
-                tables.push(Arc::new(RotaryTables::new(&positions, &f, c.rope.style)));
-                frequencies.push(f);
-                tables.len() - 1
-            });
-            rope.push(tables[i].clone());
-        }
+        let plan = model.rope_plan();
+        let tables: Vec<Arc<RotaryTables>> = plan.tables(&positions).into_iter().map(Arc::new).collect();
+        let rope = (0..c.n_layers).map(|layer| tables[plan.set_of(layer)].clone()).collect();
         Ok(Prepared {
             embedded,
             sequences,
