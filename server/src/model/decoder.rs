@@ -13,7 +13,7 @@
 //! E the untied `output.weight` when the file has one, else the token embedding. Gemma scales
 //! the embeddings by √hidden; its GGUF norm weights already hold (1 + w).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use tessera_adapters::{AdapterMix, TargetModule};
@@ -182,9 +182,6 @@ pub struct Decoder {
     /// Which RoPE frequencies each layer rotates with.
     rope: RopePlan,
     gelu: GeluTable,
-    /// Dequantized-weight buffer reused across layers and calls; a second concurrent caller
-    /// gets a buffer of its own instead of waiting.
-    scratch: Mutex<Vec<f32>>,
 }
 
 impl Decoder {
@@ -211,7 +208,6 @@ impl Decoder {
             blocks,
             rope: RopePlan::new(&config),
             config,
-            scratch: Mutex::new(Vec::new()),
             gelu: GeluTable::new(),
         })
     }
@@ -282,12 +278,6 @@ impl Decoder {
     pub fn forward(&self, batch: &mut [SequenceChunk]) -> Result<Logits, ModelError> {
         let (ids, positions, layouts) = self.layout(batch)?;
         let n_rows = ids.len();
-        let mut shared_scratch = self.scratch.try_lock();
-        let mut own_scratch = Vec::new();
-        let scratch = match shared_scratch.as_deref_mut() {
-            Ok(buffer) => buffer,
-            Err(_) => &mut own_scratch,
-        };
         let segments: Vec<RowSegment> = batch
             .iter()
             .zip(&layouts)
@@ -300,7 +290,7 @@ impl Decoder {
         let mut x = self.embed(&Tensor::from_vec(ids, n_rows, &Device::Cpu)?)?;
         for layer in 0..self.blocks.len() {
             let rope = &tables[self.rope.set_of(layer)];
-            x = self.layer(layer, &x, batch, &layouts, &segments, rope, scratch)?;
+            x = self.layer(layer, &x, batch, &layouts, &segments, rope)?;
         }
         for (chunk, layout) in batch.iter_mut().zip(&layouts) {
             chunk.cache.advance(layout.rows.len());
@@ -318,23 +308,22 @@ impl Decoder {
         layouts: &[SequenceLayout],
         segments: &[RowSegment],
         rope: &RotaryTables,
-        scratch: &mut Vec<f32>,
     ) -> Result<Tensor, ModelError> {
         let (c, block) = (&self.config, &self.blocks[layer]);
         let h = block.attn_norm.forward(x)?;
-        let q = block.q.forward(&h, segments, scratch)?;
-        let k = block.k.forward(&h, segments, scratch)?;
-        let v = block.v.forward(&h, segments, scratch)?;
+        let q = block.q.forward(&h, segments)?;
+        let k = block.k.forward(&h, segments)?;
+        let v = block.v.forward(&h, segments)?;
         let q = norm_and_rotate_heads(&q, c.head_dim, block.q_norm.as_ref(), rope)?;
         let k = norm_and_rotate_heads(&k, c.head_dim, block.k_norm.as_ref(), rope)?;
         let attn = self.attend_batch(layer, &q, &k, &v, batch, layouts)?;
-        let attn = block.o.forward(&attn, segments, scratch)?;
+        let attn = block.o.forward(&attn, segments)?;
         let x = residual_add(x, &attn, block.post_attn_norm.as_ref())?;
 
         let m = block.ffn_norm.forward(&x)?;
-        let gate = block.gate.forward(&m, segments, scratch)?;
-        let up = block.up.forward(&m, segments, scratch)?;
-        let ffn = block.down.forward(&self.gated(&gate, &up)?, segments, scratch)?;
+        let gate = block.gate.forward(&m, segments)?;
+        let up = block.up.forward(&m, segments)?;
+        let ffn = block.down.forward(&self.gated(&gate, &up)?, segments)?;
         residual_add(&x, &ffn, block.post_ffw_norm.as_ref())
     }
 
@@ -397,7 +386,7 @@ impl Decoder {
             let index = Tensor::from_vec(wanted, n, &Device::Cpu)?;
             let h = self.output_norm.forward(&x.index_select(&index, 0)?)?;
             self.output()
-                .forward_quantized(&h)?
+                .forward(&h)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?

@@ -10,22 +10,13 @@ use candle_core::{Device, Module, Tensor};
 use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::int8::Int8Weight;
-use crate::model::packed::{PackedWeight, Workers};
+use crate::model::quant::{Format, Isa, QuantWeight, Workers};
 use crate::model::{with_values, ModelError};
 
-/// One sequence's rows of the batch: they share an adapter mix and a kernel choice.
+/// One sequence's rows of the batch: they share an adapter mix.
 pub struct RowSegment<'a> {
     pub rows: Range<usize>,
     pub adapters: &'a AdapterMix<'a>,
-}
-
-impl RowSegment<'_> {
-    /// Long chunks (prefill) take the dense path. The choice depends on the sequence's own
-    /// chunk alone, so its results do not change with whatever else shares the batch.
-    fn dense(&self) -> bool {
-        self.rows.len() >= DENSE_MIN_ROWS
-    }
 }
 
 /// Which matrix kernels a model uses.
@@ -34,8 +25,26 @@ pub enum Kernels {
     /// The fastest this CPU supports.
     #[default]
     Best,
-    /// candle's kernels only (what CPUs without AVX2 get).
+    /// AVX2, even where AVX-512 is there (to measure what an AVX2-only CPU gets).
+    Avx2,
+    /// Plain Rust, no vector instructions named.
     Portable,
+}
+
+impl Kernels {
+    /// The instructions to use here: the choice, or the best below it this CPU has.
+    pub fn isa(self) -> Isa {
+        let wanted = match self {
+            Kernels::Best => return Isa::detect(),
+            Kernels::Avx2 => Isa::Avx2,
+            Kernels::Portable => Isa::Portable,
+        };
+        if wanted.runs_here() {
+            wanted
+        } else {
+            Isa::Portable
+        }
+    }
 }
 
 /// A quantized weight `[out, in]` and the matmul `x·Wᵀ` over it.
@@ -46,25 +55,17 @@ pub struct QWeight {
 }
 
 enum Kernel {
-    /// Q8_0, Q4_K or Q6_K repacked for the vector kernels: f32 activations, one exact path for
-    /// any number of rows.
-    Packed(PackedWeight),
-    /// candle's kernels: tiled VNNI for Q4_K and Q6_K, generic dot products otherwise.
+    /// Q8_0, Q5_0, Q4_K and Q6_K, at their file size, through the integer kernels.
+    Integer(QuantWeight),
+    /// Any other type, through candle's kernels.
     Candle {
         matmul: QMatMul,
         tensor: Arc<QTensor>,
-        /// Q8_0 rows that are not whole 256-value superblocks (candle's tiles need those, and
-        /// quantize activations per 256 values, which loses too much on Gemma's outlier
-        /// channels): long chunks dequantize into a reused buffer and run an f32 GEMM.
-        dense_for_many_rows: bool,
-        /// candle runs a single Q6_K row through a different kernel than several; padding lone
-        /// rows keeps a sequence's results independent of how many rows share its batch.
+        /// candle runs a single row through a different kernel than several for some types;
+        /// padding lone rows keeps a sequence's results independent of its batch.
         pad_single_row: bool,
     },
 }
-
-/// From this many rows of one sequence on, dequantize-then-GEMM beats per-row Q8_0 dot products.
-const DENSE_MIN_ROWS: usize = 32;
 
 impl QWeight {
     pub fn load(
@@ -73,26 +74,25 @@ impl QWeight {
         (out_features, in_features): (usize, usize),
         kernels: Kernels,
     ) -> Result<Self, ModelError> {
-        let tensor = load_qtensor(gguf, name, &[out_features, in_features])?;
-        let is_q8_0 = tensor.dtype() == GgmlDType::Q8_0;
-        let packed = match (kernels == Kernels::Best && PackedWeight::supported(), tensor.dtype()) {
-            (false, _) => None,
-            (true, GgmlDType::Q8_0) => PackedWeight::pack(&tensor.data()?, out_features, in_features),
-            (true, dtype @ (GgmlDType::Q4K | GgmlDType::Q6K)) => PackedWeight::pack_k_quant(
-                &tensor.data()?,
-                out_features,
-                in_features,
-                dtype == GgmlDType::Q6K,
-            ),
-            (true, _) => None,
-        };
-        let kernel = match packed {
-            Some(packed) => Kernel::Packed(packed),
+        let info = gguf.tensor_info(name, &[out_features, in_features])?.clone();
+        let bytes = gguf.tensor_bytes(&info);
+        let integer = Format::from_ggml(info.dtype)
+            .and_then(|format| QuantWeight::from_file(format, bytes, out_features, in_features, kernels.isa()));
+        let kernel = match integer {
+            Some(weight) => Kernel::Integer(weight),
             None => {
-                let tensor = Arc::new(tensor);
+                if matches!(info.dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
+                    return Err(gguf.unsupported_tensor_type(name, info.dtype).into());
+                }
+                tracing::info!(
+                    tensor = name,
+                    dtype = ?info.dtype,
+                    "no integer kernel for this tensor's type and shape; it runs on candle's portable kernels"
+                );
+                let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
+                let tensor = Arc::new(QTensor::new(storage, (out_features, in_features))?);
                 Kernel::Candle {
                     matmul: QMatMul::from_arc(tensor.clone())?,
-                    dense_for_many_rows: is_q8_0 && in_features % SUPERBLOCK != 0,
                     pad_single_row: tensor.dtype() == GgmlDType::Q6K,
                     tensor,
                 }
@@ -105,68 +105,23 @@ impl QWeight {
         })
     }
 
-    /// `x: [rows, in] → [rows, out]`, each segment's rows through its own kernel choice (runs
-    /// of neighbouring segments with the same choice go together). `scratch` is reused between
-    /// calls for dequantized weights.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        segments: &[RowSegment],
-        scratch: &mut Vec<f32>,
-    ) -> Result<Tensor, ModelError> {
-        let (tensor, dense_for_many_rows) = match &self.kernel {
-            Kernel::Packed(_) => return self.forward_quantized(x),
-            Kernel::Candle {
-                tensor,
-                dense_for_many_rows,
-                ..
-            } => (tensor, *dense_for_many_rows),
-        };
-        if !dense_for_many_rows || segments.iter().all(|s| !s.dense()) {
-            return self.forward_quantized(x);
-        }
-        let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
-        for segment in segments {
-            match runs.last_mut() {
-                Some((rows, dense)) if *dense == segment.dense() => rows.end = segment.rows.end,
-                _ => runs.push((segment.rows.clone(), segment.dense())),
-            }
-        }
-        let mut dequantized = false;
-        let mut outputs = Vec::with_capacity(runs.len());
-        for (rows, dense) in runs {
-            let x_run = x.narrow(0, rows.start, rows.len())?;
-            if dense {
-                if !dequantized {
-                    scratch.resize(self.out_features * self.in_features, 0.0);
-                    dequantize_q8_0(&tensor.data()?, scratch);
-                    dequantized = true;
-                }
-                outputs.push(self.dense_matmul(&x_run, scratch)?);
-            } else {
-                outputs.push(self.forward_quantized(&x_run)?);
-            }
-        }
-        Ok(Tensor::cat(&outputs, 0)?)
-    }
-
-    /// `x·Wᵀ` as a row-major vector, when the packed kernel runs (no tensor in between).
-    fn forward_packed_values(&self, x: &Tensor) -> Result<Option<Vec<f32>>, ModelError> {
-        let Kernel::Packed(packed) = &self.kernel else {
+    /// `x·Wᵀ` as a row-major vector, when the integer kernels run (no tensor in between).
+    fn forward_integer_values(&self, x: &Tensor) -> Result<Option<Vec<f32>>, ModelError> {
+        let Kernel::Integer(weight) = &self.kernel else {
             return Ok(None);
         };
         let rows = x.dim(0)?;
         let mut y = vec![0f32; rows * self.out_features];
-        with_values(x, |xs| packed.matmul(xs, &mut y))?;
+        with_values(x, |xs| weight.matmul(xs, &mut y, Workers::Serving))?;
         Ok(Some(y))
     }
 
-    /// `x·Wᵀ` through the quantized kernel for every row.
-    pub fn forward_quantized(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    /// `x: [rows, in] → [rows, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         match &self.kernel {
-            Kernel::Packed(_) => {
+            Kernel::Integer(_) => {
                 let rows = x.dim(0)?;
-                let y = self.forward_packed_values(x)?.unwrap_or_default();
+                let y = self.forward_integer_values(x)?.unwrap_or_default();
                 Ok(Tensor::from_vec(y, (rows, self.out_features), &Device::Cpu)?)
             }
             Kernel::Candle {
@@ -183,30 +138,30 @@ impl QWeight {
         }
     }
 
-    /// `x·Wᵀ` in f32 against the weight already dequantized into `weight` (`[out, in]`).
-    fn dense_matmul(&self, x: &Tensor, weight: &[f32]) -> Result<Tensor, ModelError> {
-        let (n, k) = (self.out_features, self.in_features);
-        let rows = x.dim(0)?;
-        let x = x.contiguous()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; rows * n];
-        // SAFETY: x is [rows, k], the weight [n, k] read as its transpose, y [rows, n].
-        unsafe { sgemm((rows, n, k), &mut y, false, Strided::rows(&xs, k), Strided::transposed(weight, k)) };
-        Ok(Tensor::from_vec(y, (rows, n), &Device::Cpu)?)
-    }
-
     /// Rows of the weight, dequantized: `ids: [n] → [n, in]` (an embedding lookup).
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
         match &self.kernel {
-            Kernel::Packed(packed) => {
+            Kernel::Integer(weight) => {
                 let ids = ids.to_vec1::<u32>()?;
                 let mut out = vec![0f32; ids.len() * self.in_features];
                 for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.in_features)) {
-                    packed.dequantize_row(id as usize, row);
+                    let id = id as usize;
+                    if id >= self.out_features {
+                        return Err(ModelError::TokenOutOfRange { id: id as u32, vocab: self.out_features });
+                    }
+                    weight.dequantize_rows_into(id..id + 1, row);
                 }
                 Ok(Tensor::from_vec(out, (ids.len(), self.in_features), &Device::Cpu)?)
             }
             Kernel::Candle { tensor, .. } => Ok(tensor.embedding(ids)?),
+        }
+    }
+
+    /// Bytes the weight holds in memory.
+    pub fn resident_bytes(&self) -> usize {
+        match &self.kernel {
+            Kernel::Integer(weight) => weight.resident_bytes(),
+            Kernel::Candle { tensor, .. } => tensor.storage_size_in_bytes(),
         }
     }
 }
@@ -222,35 +177,43 @@ impl QWeight {
         self.in_features
     }
 
-    /// The weight for the int8 kernel, where it is Q8_0 and the CPU runs that kernel.
-    pub fn int8(&self) -> Option<Int8Weight<'_>> {
+    /// The weight for the integer kernels, where its type has them.
+    pub fn integer(&self) -> Option<&QuantWeight> {
         match &self.kernel {
-            Kernel::Packed(packed) => packed.int8(),
+            Kernel::Integer(weight) => Some(weight),
             Kernel::Candle { .. } => None,
         }
     }
 
-    /// `x·W[rows]ᵀ` for `x: [m, in]`: `[m, rows.len()]`, row-major (`rows.start` a multiple of 16).
+    /// `x·W[rows]ᵀ` for `x: [m, in]`: `[m, rows.len()]`, row-major, in f32 (training needs
+    /// the loss to be smooth in x). Each task dequantizes 256 weight rows into its own scratch
+    /// and multiplies them, so no full-precision copy of the matrix is ever made.
     pub fn matmul_rows_background(&self, x: &[f32], rows: Range<usize>) -> Result<Vec<f32>, ModelError> {
-        let m = x.len() / self.in_features;
-        let mut y = vec![0f32; m * rows.len()];
-        match &self.kernel {
-            Kernel::Packed(packed) if m < DENSE_MIN_ROWS => packed.matmul_rows(x, &mut y, rows, Workers::CurrentRayonPool),
-            // Training's many rows: dequantizing once and an f32 GEMM beat the 8-bit kernel.
-            _ => {
-                let weight = self.dequantize_rows(rows.clone())?;
-                // SAFETY: x is [m, in], the weight [rows, in] read as its transpose, y [m, rows].
-                unsafe {
-                    sgemm(
-                        (m, rows.len(), self.in_features),
-                        &mut y,
-                        false,
-                        Strided::rows(x, self.in_features),
-                        Strided::transposed(&weight, self.in_features),
-                    )
-                };
-            }
-        }
+        use rayon::prelude::*;
+        const ROWS_PER_TASK: usize = 256;
+        let (k, width) = (self.in_features, rows.len());
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * width];
+        let out = SharedOutput(y.as_mut_ptr());
+        (0..width.div_ceil(ROWS_PER_TASK)).into_par_iter().try_for_each(|task| {
+            let start = rows.start + task * ROWS_PER_TASK;
+            let chunk = start..(start + ROWS_PER_TASK).min(rows.end);
+            let mut weight = vec![0f32; chunk.len() * k];
+            self.dequantize_rows_into(chunk.clone(), &mut weight)?;
+            // SAFETY: x is [m, k]; the chunk [len, k] read as its transpose; the task writes
+            // its own columns `start - rows.start..` of y ([m, width]).
+            unsafe {
+                gemm_raw(
+                    (m, chunk.len(), k),
+                    out.at(start - rows.start),
+                    width,
+                    false,
+                    Strided::rows(x, k),
+                    Strided::transposed(&weight, k),
+                )
+            };
+            Ok::<_, ModelError>(())
+        })?;
         Ok(y)
     }
 
@@ -291,11 +254,7 @@ impl QWeight {
         let k = self.in_features;
         assert_eq!(out.len(), rows.len() * k, "output is not [{}, {k}]", rows.len());
         match &self.kernel {
-            Kernel::Packed(packed) => {
-                for (row, values) in rows.zip(out.chunks_exact_mut(k)) {
-                    packed.dequantize_row(row, values);
-                }
-            }
+            Kernel::Integer(weight) => weight.dequantize_rows_into(rows, out),
             Kernel::Candle { tensor, .. } => {
                 // Rows of a quantized tensor are whole blocks: dequantize just their bytes.
                 let dtype = tensor.dtype();
@@ -421,22 +380,6 @@ unsafe fn gemm_raw((m, n, k): (usize, usize, usize), dst: *mut f32, dst_row_stri
     );
 }
 
-/// Q8_0 block: d (f16) | 32 × i8; value i is d·q[i].
-fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
-    use rayon::prelude::*;
-    const ROWS_PER_TASK: usize = 64;
-    out.par_chunks_mut(32 * ROWS_PER_TASK)
-        .zip(blocks.par_chunks(Q8_0_BLOCK_BYTES * ROWS_PER_TASK))
-        .for_each(|(out, blocks)| {
-            for (values, block) in out.chunks_exact_mut(32).zip(blocks.chunks_exact(Q8_0_BLOCK_BYTES)) {
-                let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-                for (v, &q) in values.iter_mut().zip(&block[2..]) {
-                    *v = d * (q as i8) as f32;
-                }
-            }
-        });
-}
-
 /// A linear layer of a transformer block: the seam where LoRA deltas join the base matmul,
 /// `y = x·Wᵀ + b + Σ deltas`, with b where the file has a bias (Qwen 2's q, k and v).
 pub struct QLinear {
@@ -467,33 +410,23 @@ impl QLinear {
 
     /// `x: [rows, in] → [rows, out]`. The base matmul runs once over every row of the batch;
     /// each segment's adapter delta touches only its own rows.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        segments: &[RowSegment],
-        scratch: &mut Vec<f32>,
-    ) -> Result<Tensor, ModelError> {
-        let y = self.forward_without_bias(x, segments, scratch)?;
+    pub fn forward(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
+        let y = self.forward_without_bias(x, segments)?;
         Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         })
     }
 
-    fn forward_without_bias(
-        &self,
-        x: &Tensor,
-        segments: &[RowSegment],
-        scratch: &mut Vec<f32>,
-    ) -> Result<Tensor, ModelError> {
+    fn forward_without_bias(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
         if segments.iter().all(|s| s.adapters.is_empty()) {
-            return self.weight.forward(x, segments, scratch);
+            return self.weight.forward(x);
         }
         let rows = x.dim(0)?;
         let out_features = self.weight.out_features;
-        let mut ys = match self.weight.forward_packed_values(x)? {
+        let mut ys = match self.weight.forward_integer_values(x)? {
             Some(ys) => ys,
-            None => self.weight.forward(x, segments, scratch)?.flatten_all()?.to_vec1::<f32>()?,
+            None => self.weight.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
         };
         with_values(x, |xs| {
             add_batch_deltas(
@@ -507,25 +440,6 @@ impl QLinear {
         Ok(Tensor::from_vec(ys, (rows, out_features), &Device::Cpu)?)
     }
 }
-
-/// Reads a weight `[out, in]`, checked against its expected shape, into a quantized tensor.
-/// Q5_0 is re-laid as Q8_0 (exactly: every Q5_0 value is a small integer times the block
-/// scale), since candle has no vectorised Q5_0 dot product.
-fn load_qtensor(gguf: &GgufFile, name: &str, shape: &[usize; 2]) -> Result<QTensor, ModelError> {
-    let info = gguf.tensor_info(name, shape)?.clone();
-    let bytes = gguf.tensor_bytes(&info);
-    let (dtype, data): (GgmlDType, Cow<[u8]>) = match info.dtype {
-        GgmlDType::Q5_0 => (GgmlDType::Q8_0, Cow::Owned(q5_0_to_q8_0(bytes))),
-        GgmlDType::Q8_1 | GgmlDType::Q8K => {
-            return Err(gguf.unsupported_tensor_type(name, info.dtype).into())
-        }
-        other => (other, Cow::Borrowed(bytes)),
-    };
-    let storage = QStorage::from_data(data, &Device::Cpu, dtype)?;
-    Ok(QTensor::new(storage, (shape[0], shape[1]))?)
-}
-
-const SUPERBLOCK: usize = 256;
 
 /// Reads an F32 (or F16/BF16) vector such as a norm weight.
 pub fn load_vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Tensor, ModelError> {
@@ -558,30 +472,6 @@ pub fn load_vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Tensor, Mo
     Ok(Tensor::from_vec(values, len, &Device::Cpu)?)
 }
 
-const Q5_0_BLOCK_BYTES: usize = 22;
-const Q8_0_BLOCK_BYTES: usize = 34;
-
-/// Q5_0 block: d (f16) | qh (32 high bits) | qs (16 bytes of low nibbles).
-/// Value j < 16 is `d·((qs[j] & 0xF | bit j of qh << 4) − 16)`, value j + 16 uses the high nibble
-/// and bit j + 16. Q8_0 block: d (f16) | 32 × i8, value `d·q`. Same d, q = the 5-bit value − 16.
-fn q5_0_to_q8_0(q5: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(q5.len() / Q5_0_BLOCK_BYTES * Q8_0_BLOCK_BYTES);
-    for block in q5.chunks_exact(Q5_0_BLOCK_BYTES) {
-        out.extend_from_slice(&block[0..2]);
-        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-        let qs = &block[6..22];
-        let mut q8 = [0u8; 32];
-        for j in 0..16 {
-            let low = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
-            let high = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-            q8[j] = (low as i8 - 16) as u8;
-            q8[j + 16] = (high as i8 - 16) as u8;
-        }
-        out.extend_from_slice(&q8);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,18 +499,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn q5_0_repack_to_q8_0_is_exact() {
-        let values: Vec<f32> = (0..64).map(|i| ((i * 37 % 31) as f32 - 15.0) * 0.37).collect();
-        let src = Tensor::from_vec(values, (2, 32), &Device::Cpu).unwrap();
-        let q5 = QTensor::quantize(&src, GgmlDType::Q5_0).unwrap();
-        let expected = q5.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let q8_bytes = q5_0_to_q8_0(&q5.data().unwrap());
-        let storage = QStorage::from_data(Cow::Owned(q8_bytes), &Device::Cpu, GgmlDType::Q8_0).unwrap();
-        let q8 = QTensor::new(storage, (2, 32)).unwrap();
-        let got = q8.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(got, expected);
     }
 }

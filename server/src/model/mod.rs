@@ -6,10 +6,9 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod gelu;
-pub mod int8;
 pub mod kv_cache;
 pub mod linear;
-pub mod packed;
+pub mod quant;
 pub mod rope;
 pub mod synthetic;
 

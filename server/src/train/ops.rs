@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use tessera_adapters::TargetModule;
 
-use crate::model::int8::{Int8Weight, QuantizedRows};
+use crate::model::quant::{QuantWeight, QuantizedRows};
 use crate::model::linear::{sgemm_on_this_thread, QLinear, QWeight, Strided};
 use crate::LoadedModel;
 
@@ -173,8 +173,8 @@ const VOCAB_CHUNK: usize = 1024;
 /// How the output loss computes its 262k logits per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OutputLogits {
-    /// In int8 where the CPU has AVX-512 VNNI (each row's h rounded as Q8_0, times the Q8_0
-    /// embedding, as llama.cpp computes the output layer), in f32 elsewhere. The gradient is the
+    /// In integer arithmetic where the embedding's type has those kernels (each row's h rounded
+    /// to 8 bits per 32, as llama.cpp computes the output layer), in f32 elsewhere. The gradient is the
     /// f32 one at the softmax of these logits.
     #[default]
     Fastest,
@@ -187,7 +187,7 @@ pub enum OutputLogits {
 #[derive(Clone, Copy)]
 enum LogitsKernel<'a> {
     F32,
-    Int8 { weight: Int8Weight<'a>, h: &'a QuantizedRows },
+    Integer { weight: &'a QuantWeight, h: &'a QuantizedRows },
 }
 
 /// What one thread gathers over its share of the vocabulary: each row's online softmax and, with
@@ -212,11 +212,11 @@ impl VocabShare {
             rows: vec![RowSoftmax::default(); rows],
             accumulated: if gradient { vec![0f32; rows * hidden] } else { Vec::new() },
         };
-        let mut int8 = match kernel {
-            LogitsKernel::Int8 { weight, h } => Some((weight, h, weight.scratch())),
+        let integer = match kernel {
+            LogitsKernel::Integer { weight, h } => Some((weight, h)),
             LogitsKernel::F32 => None,
         };
-        let dequantized = gradient || int8.is_none();
+        let dequantized = gradient || integer.is_none();
         let mut weight = vec![0f32; if dequantized { VOCAB_CHUNK * hidden } else { 0 }];
         let mut logits = vec![0f32; rows * VOCAB_CHUNK];
         for start in vocab.clone().step_by(VOCAB_CHUNK) {
@@ -227,8 +227,8 @@ impl VocabShare {
             if dequantized {
                 embedding.dequantize_rows_into(range.clone(), weight).map_err(model_error)?;
             }
-            match &mut int8 {
-                Some((weight, h, scratch)) => weight.matmul_rows_on_this_thread(h, range.clone(), scratch, logits),
+            match integer {
+                Some((weight, h)) => weight.matmul_rows_on_this_thread(h, range.clone(), logits),
                 // SAFETY: h is [rows, hidden], the chunk [width, hidden] read as its transpose,
                 // logits [rows, width].
                 None => unsafe {
@@ -330,12 +330,12 @@ impl CustomOp1 for OutputLoss {
         // no synchronisation inside the loop, and every share's softmax state joins at the end.
         let threads = rayon::current_num_threads().max(1);
         let per_thread = vocab.div_ceil(threads).div_ceil(VOCAB_CHUNK) * VOCAB_CHUNK;
-        let int8 = match self.logits {
-            OutputLogits::Fastest => embedding.int8().map(|weight| (weight, QuantizedRows::quantize(h, hidden))),
+        let integer = match self.logits {
+            OutputLogits::Fastest => embedding.integer().map(|weight| (weight, QuantizedRows::quantize(h, hidden))),
             OutputLogits::Exact => None,
         };
-        let kernel = match &int8 {
-            Some((weight, h)) => LogitsKernel::Int8 { weight: *weight, h },
+        let kernel = match &integer {
+            Some((weight, h)) => LogitsKernel::Integer { weight, h },
             None => LogitsKernel::F32,
         };
         let shares = (0..threads)

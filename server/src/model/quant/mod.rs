@@ -1,0 +1,261 @@
+//! Quantized weights × 8-bit activations in integer arithmetic, as llama.cpp's CPU backend
+//! computes them: each activation row is rounded to 8 bits per run of 32 (`activations`), and
+//!
+//!   y[i,j] = Σ_blocks dx[i,b] · Σ_sub scale[j,s] · Σ_{t∈s} (u[j,t] − zero)·qx[i,t]  − Σ_b min[j,b]·Σ_{t∈b} x̂[i,t]
+//!
+//! with the inner sums exact in 32-bit integers. The weights stay at their file's bits per
+//! weight, re-tiled in rows of 16 (`layout`); a tile row is decoded to bytes 256 values at a
+//! time into a scratch that stays in L1, and up to 64 activation rows pass over it.
+//!
+//! Kernels: AVX-512 VNNI, AVX2, and plain Rust, chosen at run time. Integer sums are exact in
+//! any order, and every kernel then applies the same float operations per lane in the same
+//! order, so all three give the same bits, and a row's result never depends on how many rows
+//! share its batch.
+
+mod activations;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod layout;
+mod portable;
+
+use std::ops::Range;
+
+use candle_core::utils::barrier_pool;
+
+pub use activations::QuantizedRows;
+pub use layout::Format;
+use layout::{Decoded, Planes};
+
+/// Output rows per tile.
+pub(crate) const TILE_ROWS: usize = 16;
+/// Values per activation scale, and per Q8_0/Q5_0 weight block.
+pub(crate) const BLOCK: usize = 32;
+/// Values decoded at a time: one K-quant superblock.
+pub(crate) const CHUNK: usize = 256;
+/// Activation rows sharing each weight load in the AVX-512 kernel.
+const ROWS_PER_PASS: usize = 8;
+/// Activation rows per unit of work: they share each decoded chunk.
+const ROW_GROUP: usize = 64;
+
+/// Which threads run a matmul: the serving engine's pool, or (for background work on a thread
+/// budget of its own) the rayon pool the caller runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Serving,
+    CurrentRayonPool,
+}
+
+/// The instructions a kernel is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The best this CPU runs.
+    pub fn detect() -> Self {
+        [Isa::Avx512Vnni, Isa::Avx2].into_iter().find(|isa| isa.runs_here()).unwrap_or(Isa::Portable)
+    }
+
+    pub fn runs_here(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => avx512::supported(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::supported(),
+            Isa::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// 64 bytes, aligned to a cache line: the unit the tiles are allocated in.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A weight `[n, k]` in one of the integer formats, re-tiled at its file size.
+pub struct QuantWeight {
+    format: Format,
+    n: usize,
+    k: usize,
+    planes: Planes,
+    tiles: Vec<Line>,
+    isa: Isa,
+}
+
+/// One unit of work: activation rows `rows` against one tile row, into 16 (or `lanes`) columns
+/// of y starting at `column`.
+pub(crate) struct Unit<'a> {
+    weight: &'a QuantWeight,
+    x: &'a QuantizedRows,
+    tile_row: usize,
+    rows: Range<usize>,
+    y: *mut f32,
+    stride: usize,
+    column: usize,
+    lanes: usize,
+}
+
+impl Unit<'_> {
+    /// Where the unit's i-th row's outputs go.
+    ///
+    /// # Safety
+    /// `i < rows.len()`; y must hold `[rows.end, stride]` values.
+    unsafe fn output(&self, i: usize) -> *mut f32 {
+        self.y.add((self.rows.start + i) * self.stride + self.column)
+    }
+}
+
+/// y's start, written by several threads at disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOutput(*mut f32);
+
+// SAFETY: each unit writes only its own rows × 16 columns of the output.
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+impl QuantWeight {
+    /// Re-tiles a row-major weight `[n, k]` from the file's blocks, for the given kernels;
+    /// `None` when `k` is not whole blocks of the format or the data does not fit the shape.
+    pub fn from_file(format: Format, data: &[u8], n: usize, k: usize, isa: Isa) -> Option<Self> {
+        let (size, bytes) = format.file_block();
+        if !format.fits(k) || k % BLOCK != 0 || data.len() != n * (k / size) * bytes {
+            return None;
+        }
+        let planes = Planes::new(format, k);
+        let total = n.div_ceil(TILE_ROWS) * planes.tile_row_bytes;
+        let mut tiles = vec![Line([0; 64]); total.div_ceil(64)];
+        // SAFETY: Line is 64 plain bytes.
+        let bytes_view = unsafe { std::slice::from_raw_parts_mut(tiles.as_mut_ptr() as *mut u8, tiles.len() * 64) };
+        layout::retile(format, data, n, k, &mut bytes_view[..total]);
+        Some(Self { format, n, k, planes, tiles, isa })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Bytes held in memory.
+    pub fn resident_bytes(&self) -> usize {
+        self.tiles.len() * 64
+    }
+
+    fn tile_row(&self, index: usize) -> &[u8] {
+        // SAFETY: Line is 64 plain bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(self.tiles.as_ptr() as *const u8, self.tiles.len() * 64) };
+        &bytes[index * self.planes.tile_row_bytes..][..self.planes.tile_row_bytes]
+    }
+
+    /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32], workers: Workers) {
+        let x = match workers {
+            Workers::Serving => QuantizedRows::quantize_on_workers(x, self.k),
+            Workers::CurrentRayonPool => QuantizedRows::quantize(x, self.k),
+        };
+        self.matmul_quantized(&x, y, 0..self.n, workers);
+    }
+
+    /// `y = x·W[rows]ᵀ`, `y: [m, rows.len()]` (`rows.start` a multiple of 16), on the chosen
+    /// workers.
+    pub fn matmul_quantized(&self, x: &QuantizedRows, y: &mut [f32], weight_rows: Range<usize>, workers: Workers) {
+        let (units, groups) = self.units(x, y, &weight_rows);
+        let y = SharedOutput(y.as_mut_ptr());
+        let work = |range: Range<usize>| {
+            let mut decoded = Decoded::new();
+            for unit in range {
+                let tile_row = weight_rows.start / TILE_ROWS + unit / groups;
+                self.run(x, tile_row, unit % groups, &weight_rows, y, &mut decoded);
+            }
+        };
+        match workers {
+            Workers::Serving => barrier_pool().execute_chunked(units, work),
+            Workers::CurrentRayonPool => {
+                use rayon::prelude::*;
+                (0..units).into_par_iter().for_each(|unit| work(unit..unit + 1));
+            }
+        }
+    }
+
+    /// As [`Self::matmul_quantized`], on the calling thread alone.
+    pub fn matmul_rows_on_this_thread(&self, x: &QuantizedRows, weight_rows: Range<usize>, y: &mut [f32]) {
+        let (units, groups) = self.units(x, y, &weight_rows);
+        let y = SharedOutput(y.as_mut_ptr());
+        let mut decoded = Decoded::new();
+        for unit in 0..units {
+            self.run(x, weight_rows.start / TILE_ROWS + unit / groups, unit % groups, &weight_rows, y, &mut decoded);
+        }
+    }
+
+    /// Checks the shapes; the number of units and of row groups per tile row.
+    fn units(&self, x: &QuantizedRows, y: &[f32], weight_rows: &Range<usize>) -> (usize, usize) {
+        assert_eq!(x.k, self.k, "activations have {} columns, the weight {}", x.k, self.k);
+        assert!(
+            weight_rows.start % TILE_ROWS == 0 && weight_rows.end <= self.n,
+            "rows {weight_rows:?} are not tile-aligned within {}",
+            self.n
+        );
+        assert_eq!(y.len(), x.rows * weight_rows.len(), "output is not [{}, {}]", x.rows, weight_rows.len());
+        let groups = x.rows.div_ceil(ROW_GROUP);
+        (weight_rows.len().div_ceil(TILE_ROWS) * groups, groups)
+    }
+
+    /// One unit: row group `group` of x against tile row `tile_row`.
+    fn run(&self, x: &QuantizedRows, tile_row: usize, group: usize, weight_rows: &Range<usize>, y: SharedOutput, decoded: &mut Decoded) {
+        let first_row = tile_row * TILE_ROWS;
+        let unit = Unit {
+            weight: self,
+            x,
+            tile_row,
+            rows: group * ROW_GROUP..((group + 1) * ROW_GROUP).min(x.rows),
+            y: y.0,
+            stride: weight_rows.len(),
+            column: first_row - weight_rows.start,
+            lanes: (weight_rows.end - first_row).min(TILE_ROWS),
+        };
+        match self.isa {
+            // SAFETY: the ISA was checked when the weight was made; units cover disjoint
+            // (rows, 16 columns) regions of y, checked against its shape in `units`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => unsafe { avx512::run(&unit, decoded) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::run(&unit, decoded) },
+            _ => portable::run(&unit, decoded),
+        }
+    }
+
+    /// Rows of the weight dequantized exactly as ggml dequantizes the file, into `out`
+    /// (`[rows.len(), k]`, row-major).
+    pub fn dequantize_rows_into(&self, rows: Range<usize>, out: &mut [f32]) {
+        let k = self.k;
+        assert!(rows.end <= self.n && out.len() == rows.len() * k, "output is not [{}, {k}]", rows.len());
+        let mut row = rows.start;
+        while row < rows.end {
+            let tile_row = row / TILE_ROWS;
+            let within = row % TILE_ROWS..(rows.end - tile_row * TILE_ROWS).min(TILE_ROWS);
+            let out = &mut out[(row - rows.start) * k..][..within.len() * k];
+            layout::dequantize(self.format, &self.planes, self.tile_row(tile_row), k, within.clone(), out);
+            row += within.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

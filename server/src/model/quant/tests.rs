@@ -1,0 +1,123 @@
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::*;
+
+const FORMATS: [(GgmlDType, Format); 4] =
+    [(GgmlDType::Q8_0, Format::Q8_0), (GgmlDType::Q5_0, Format::Q5_0), (GgmlDType::Q4K, Format::Q4K), (GgmlDType::Q6K, Format::Q6K)];
+
+/// A weight `[n, k]` quantized by candle (ggml's reference quantizers): its bytes and its
+/// dequantized values.
+fn quantized(dtype: GgmlDType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    let values: Vec<f32> = (0..n * k).map(|i| (((i * 7919) % 251) as f32 - 110.0) / 300.0 * if i % 37 == 0 { 3.0 } else { 1.0 }).collect();
+    let q = QTensor::quantize(&Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+    let w = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    (q.data().unwrap().into_owned(), w)
+}
+
+/// Gemma-like activations: mostly small, a few large outliers.
+fn activations(m: usize, k: usize) -> Vec<f32> {
+    (0..m * k).map(|i| ((i * 31 % 97) as f32 - 48.0) / 20.0 * if i % 89 == 0 { 300.0 } else { 1.0 }).collect()
+}
+
+fn isas() -> Vec<Isa> {
+    [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable].into_iter().filter(|isa| isa.runs_here()).collect()
+}
+
+#[test]
+fn every_row_dequantizes_to_exactly_what_ggml_makes_of_the_file() {
+    // 37 rows: a partial last tile row.
+    let (n, k) = (37, 512);
+    for (dtype, format) in FORMATS {
+        let (bytes, w) = quantized(dtype, n, k);
+        let weight = QuantWeight::from_file(format, &bytes, n, k, Isa::Portable).unwrap();
+        let mut out = vec![0f32; n * k];
+        weight.dequantize_rows_into(0..n, &mut out);
+        assert_eq!(out, w, "{format:?}");
+        let mut some = vec![0f32; 5 * k];
+        weight.dequantize_rows_into(14..19, &mut some);
+        assert_eq!(some, w[14 * k..19 * k], "{format:?} rows 14..19");
+    }
+}
+
+#[test]
+fn weights_stay_at_the_files_bits_per_weight() {
+    let (n, k) = (256, 1024);
+    for (dtype, format) in FORMATS {
+        let (bytes, _) = quantized(dtype, n, k);
+        let weight = QuantWeight::from_file(format, &bytes, n, k, Isa::Portable).unwrap();
+        let bits = weight.resident_bytes() as f64 * 8.0 / (n * k) as f64;
+        let file_bits = bytes.len() as f64 * 8.0 / (n * k) as f64;
+        assert!(bits <= file_bits * 1.03, "{format:?}: {bits} bits per weight against the file's {file_bits}");
+    }
+}
+
+/// The product equals, to f32 rounding, the exact product of the dequantized weight with the
+/// 8-bit-rounded activations; every kernel this CPU runs gives the same bits, and a row gives
+/// the same bits alone as in a batch of 70 (two row groups, partial passes).
+#[test]
+fn every_kernel_computes_the_product_of_the_quantized_operands_bit_for_bit_alike() {
+    let (n, k, m) = (45, 768, 70);
+    let x = activations(m, k);
+    let quantized_x = QuantizedRows::quantize(&x, k);
+    for (dtype, format) in FORMATS {
+        let (n, k) = if format == Format::Q4K || format == Format::Q6K { (n, k) } else { (n, 640) };
+        let x = activations(m, k);
+        let qx = if k == 768 { &quantized_x } else { &QuantizedRows::quantize(&x, k) };
+        let (bytes, w) = quantized(dtype, n, k);
+        let mut results = Vec::new();
+        for isa in isas() {
+            let weight = QuantWeight::from_file(format, &bytes, n, k, isa).unwrap();
+            let mut y = vec![f32::NAN; m * n];
+            weight.matmul_rows_on_this_thread(qx, 0..n, &mut y);
+            for i in [0, 13, 64, 69] {
+                let alone = QuantizedRows::quantize(&x[i * k..(i + 1) * k], k);
+                let mut y_alone = vec![0f32; n];
+                weight.matmul_rows_on_this_thread(&alone, 0..n, &mut y_alone);
+                assert_eq!(y_alone, y[i * n..(i + 1) * n], "{format:?} {isa:?}: row {i} alone");
+            }
+            results.push((isa, y));
+        }
+        let (_, y) = &results[0];
+        for (isa, other) in &results[1..] {
+            assert_eq!(other, y, "{format:?}: {isa:?} against {:?}", results[0].0);
+        }
+        let kb = k / BLOCK;
+        for i in 0..m {
+            for j in 0..n {
+                let rounded: f64 = (0..k).map(|t| qx.scale[i * kb + t / BLOCK] as f64 * qx.q[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                let magnitude: f64 = (0..k).map(|t| (x[i * k + t] as f64 * w[j * k + t] as f64).abs()).sum();
+                let got = y[i * n + j] as f64;
+                assert!((got - rounded).abs() <= 2e-6 * magnitude + 1e-6, "{format:?} ({i},{j}): {got} vs {rounded}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_range_of_weight_rows_and_a_partial_last_tile_write_only_their_outputs() {
+    let (n, k, m) = (45, 256, 3);
+    let (bytes, _) = quantized(GgmlDType::Q4K, n, k);
+    let x = QuantizedRows::quantize(&activations(m, k), k);
+    for isa in isas() {
+        let weight = QuantWeight::from_file(Format::Q4K, &bytes, n, k, isa).unwrap();
+        let mut all = vec![0f32; m * n];
+        weight.matmul_quantized(&x, &mut all, 0..n, Workers::CurrentRayonPool);
+        // A guard value after y must survive.
+        let rows = 16..n;
+        let mut y = vec![7f32; m * rows.len() + 1];
+        weight.matmul_quantized(&x, &mut y[..m * rows.len()], rows.clone(), Workers::CurrentRayonPool);
+        assert_eq!(y[m * rows.len()], 7.0, "{isa:?}");
+        for i in 0..m {
+            assert_eq!(y[i * rows.len()..(i + 1) * rows.len()], all[i * n + 16..(i + 1) * n], "{isa:?} row {i}");
+        }
+    }
+}
+
+#[test]
+fn data_that_does_not_fit_the_shape_is_refused() {
+    let (bytes, _) = quantized(GgmlDType::Q8_0, 48, 96);
+    assert!(QuantWeight::from_file(Format::Q8_0, &bytes, 40, 96, Isa::Portable).is_none());
+    assert!(QuantWeight::from_file(Format::Q8_0, &bytes[..100], 48, 96, Isa::Portable).is_none());
+    assert!(QuantWeight::from_file(Format::Q6K, &bytes, 48, 96, Isa::Portable).is_none());
+}
