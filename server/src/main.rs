@@ -91,7 +91,32 @@ enum Command {
         /// Tokens generated per decode run.
         #[arg(long, default_value_t = 128)]
         decode_tokens: usize,
+        /// Also run llama.cpp's `llama-bench` (this binary, or the directory holding it) on the
+        /// same model and threads, by turns with Tessera's runs, and print both with ratios.
+        #[arg(long, value_name = "PATH")]
+        compare_llama_bench: Option<PathBuf>,
+        /// Which matrix kernels to run: `best` for this CPU, or `avx2` or `portable` to measure
+        /// what CPUs without AVX-512 (or AVX2) get.
+        #[arg(long, value_enum, default_value_t = KernelChoice::Best)]
+        kernels: KernelChoice,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KernelChoice {
+    Best,
+    Avx2,
+    Portable,
+}
+
+impl From<KernelChoice> for tessera::model::Kernels {
+    fn from(choice: KernelChoice) -> Self {
+        match choice {
+            KernelChoice::Best => Self::Best,
+            KernelChoice::Avx2 => Self::Avx2,
+            KernelChoice::Portable => Self::Portable,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -388,14 +413,27 @@ fn main() -> Result<()> {
             model,
             runs,
             decode_tokens,
+            compare_llama_bench,
+            kernels,
         } => {
             let path = model.resolve()?;
             let threads = cli
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            eprintln!("benchmarking {} on {threads} threads, {runs} runs each…", path.display());
-            let rows = tessera::bench::run(&path, runs, decode_tokens)?;
-            print!("{}", tessera::bench::format_table(&rows));
+            let options = tessera::LoadOptions { kernels: kernels.into(), chat_template: model.chat_template.clone() };
+            let isa = tessera::model::Kernels::from(kernels).isa().name();
+            let cpu = format!("{} ({isa} kernels)", tessera::bench::compare::cpu_model());
+            eprintln!("benchmarking {} on {threads} threads of {cpu}, {runs} runs each…", path.display());
+            match compare_llama_bench {
+                Some(llama_bench) => {
+                    let rows = tessera::bench::compare::run(&path, &options, runs, decode_tokens, threads, &llama_bench)?;
+                    print!("{}", tessera::bench::compare::format_table(&cpu, threads, &rows));
+                }
+                None => {
+                    let rows = tessera::bench::run(&path, &options, runs, decode_tokens)?;
+                    print!("CPU: {cpu}, {threads} threads\n\n{}", tessera::bench::format_table(&rows));
+                }
+            }
         }
     }
     Ok(())

@@ -483,6 +483,25 @@ impl GgufFile {
         &self.map[info.start..info.start + info.len]
     }
 
+    /// Gives back the memory of a tensor's pages once its bytes have been copied: the weights
+    /// live in their re-tiled copy, and the file's pages would otherwise count twice towards
+    /// the process's memory until the file is closed. A later read faults them in again.
+    pub fn release_tensor_pages(&self, info: &TensorInfo) {
+        const PAGE: usize = 4096;
+        // Whole pages inside the tensor only: its neighbours may still be read.
+        let start = info.start.next_multiple_of(PAGE);
+        let end = (info.start + info.len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is read-only and private; dropping its pages loses nothing (they
+            // are read again from the file on the next access), and no slice of them is held
+            // past this call by the caller, which has copied the tensor.
+            let released = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            if let Err(error) = released {
+                tracing::debug!(%error, "madvise(DONTNEED) on a model tensor failed; its pages stay until the file closes");
+            }
+        }
+    }
+
     pub fn unsupported_tensor_type(&self, tensor: &str, dtype: GgmlDType) -> GgufError {
         GgufError::UnsupportedTensorType {
             path: self.path.clone(),

@@ -79,7 +79,10 @@ impl QWeight {
         let integer = Format::from_ggml(info.dtype)
             .and_then(|format| QuantWeight::from_file(format, bytes, out_features, in_features, kernels.isa()));
         let kernel = match integer {
-            Some(weight) => Kernel::Integer(weight),
+            Some(weight) => {
+                gguf.release_tensor_pages(&info);
+                Kernel::Integer(weight)
+            }
             None => {
                 if matches!(info.dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
                     return Err(gguf.unsupported_tensor_type(name, info.dtype).into());
@@ -91,6 +94,7 @@ impl QWeight {
                 );
                 let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
                 let tensor = Arc::new(QTensor::new(storage, (out_features, in_features))?);
+                gguf.release_tensor_pages(&info);
                 Kernel::Candle {
                     matmul: QMatMul::from_arc(tensor.clone())?,
                     pad_single_row: tensor.dtype() == GgmlDType::Q6K,
