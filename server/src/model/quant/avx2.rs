@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::layout::{decode, Decoded, HalfToSingle, GROUP_BYTES};
-use super::{Format, QuantizedRows, Unit, BLOCK, CHUNK, TILE_ROWS};
+use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, CHUNK, TILE_ROWS};
 
 const LANES: usize = 8;
 /// Activation rows per pass: 16 registers hold 4 rows' sums and integer sums, and the operands.
@@ -77,15 +77,6 @@ unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(uni
         _mm256_maskstore_ps(out, mask, _mm256_loadu_ps(sums.as_ptr()));
         _mm256_maskstore_ps(out.add(LANES), mask_high, _mm256_loadu_ps(sums.as_ptr().add(LANES)));
     }
-}
-
-struct Chunk {
-    codes: *const u8,
-    scales: *const f32,
-    mins: *const f32,
-    t0: usize,
-    blocks: usize,
-    zero: i32,
 }
 
 /// Σ of 4 products per 32-bit lane: unsigned codes `w` times the 4 signed activations `x`.

@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::layout::{decode, Decoded, HalfToSingle, GROUP_BYTES};
-use super::{Format, QuantizedRows, Unit, BLOCK, CHUNK, ROWS_PER_PASS, TILE_ROWS};
+use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, CHUNK, ROWS_PER_PASS, TILE_ROWS};
 
 struct Avx512Half;
 
@@ -65,16 +65,6 @@ unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, decoded: &
     for (i, sums) in acc.iter().enumerate() {
         _mm512_mask_storeu_ps(unit.output(i), mask, _mm512_loadu_ps(sums.as_ptr()));
     }
-}
-
-/// A decoded chunk: codes in groups of 64 bytes, scales and minimums in rows of 16 lanes.
-struct Chunk {
-    codes: *const u8,
-    scales: *const f32,
-    mins: *const f32,
-    t0: usize,
-    blocks: usize,
-    zero: i32,
 }
 
 /// Activation rows `row..row + R` against the chunk, into their 16-lane sums. Returns R.

@@ -120,6 +120,19 @@ impl Unit<'_> {
     }
 }
 
+/// A decoded chunk as the vector kernels read it: codes in groups of 64 bytes, scales and
+/// minimums in rows of 16 lanes, the chunk's first value, its blocks of 32, and the zero code
+/// its integer sums start from.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct Chunk {
+    codes: *const u8,
+    scales: *const f32,
+    mins: *const f32,
+    t0: usize,
+    blocks: usize,
+    zero: i32,
+}
+
 /// y's start, written by several threads at disjoint elements.
 #[derive(Clone, Copy)]
 struct SharedOutput(*mut f32);
