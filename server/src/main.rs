@@ -97,26 +97,9 @@ enum Command {
         compare_llama_bench: Option<PathBuf>,
         /// Which matrix kernels to run: `best` for this CPU, or `avx2` or `portable` to measure
         /// what CPUs without AVX-512 (or AVX2) get.
-        #[arg(long, value_enum, default_value_t = KernelChoice::Best)]
-        kernels: KernelChoice,
+        #[arg(long, value_enum, default_value_t = tessera::model::Kernels::Best)]
+        kernels: tessera::model::Kernels,
     },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum KernelChoice {
-    Best,
-    Avx2,
-    Portable,
-}
-
-impl From<KernelChoice> for tessera::model::Kernels {
-    fn from(choice: KernelChoice) -> Self {
-        match choice {
-            KernelChoice::Best => Self::Best,
-            KernelChoice::Avx2 => Self::Avx2,
-            KernelChoice::Portable => Self::Portable,
-        }
-    }
 }
 
 #[derive(Subcommand)]
@@ -420,8 +403,8 @@ fn main() -> Result<()> {
             let threads = cli
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let options = tessera::LoadOptions { kernels: kernels.into(), chat_template: model.chat_template.clone() };
-            let isa = tessera::model::Kernels::from(kernels).isa().name();
+            let options = tessera::LoadOptions { kernels, chat_template: model.chat_template.clone() };
+            let isa = kernels.isa().name();
             let cpu = format!("{} ({isa} kernels)", tessera::bench::compare::cpu_model());
             eprintln!("benchmarking {} on {threads} threads of {cpu}, {runs} runs each…", path.display());
             match compare_llama_bench {

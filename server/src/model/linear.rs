@@ -20,7 +20,7 @@ pub struct RowSegment<'a> {
 }
 
 /// Which matrix kernels a model uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Kernels {
     /// The fastest this CPU supports.
     #[default]
@@ -58,13 +58,7 @@ enum Kernel {
     /// Q8_0, Q5_0, Q4_K and Q6_K, at their file size, through the integer kernels.
     Integer(QuantWeight),
     /// Any other type, through candle's kernels.
-    Candle {
-        matmul: QMatMul,
-        tensor: Arc<QTensor>,
-        /// candle runs a single row through a different kernel than several for some types;
-        /// padding lone rows keeps a sequence's results independent of its batch.
-        pad_single_row: bool,
-    },
+    Candle { matmul: QMatMul, tensor: Arc<QTensor> },
 }
 
 impl QWeight {
@@ -95,11 +89,7 @@ impl QWeight {
                 let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
                 let tensor = Arc::new(QTensor::new(storage, (out_features, in_features))?);
                 gguf.release_tensor_pages(&info);
-                Kernel::Candle {
-                    matmul: QMatMul::from_arc(tensor.clone())?,
-                    pad_single_row: tensor.dtype() == GgmlDType::Q6K,
-                    tensor,
-                }
+                Kernel::Candle { matmul: QMatMul::from_arc(tensor.clone())?, tensor }
             }
         };
         Ok(Self {
@@ -128,17 +118,7 @@ impl QWeight {
                 let y = self.forward_integer_values(x)?.unwrap_or_default();
                 Ok(Tensor::from_vec(y, (rows, self.out_features), &Device::Cpu)?)
             }
-            Kernel::Candle {
-                matmul,
-                pad_single_row,
-                ..
-            } => {
-                if *pad_single_row && x.dim(0)? == 1 {
-                    let padded = x.pad_with_zeros(0, 0, 1)?;
-                    return Ok(matmul.forward(&padded)?.narrow(0, 0, 1)?);
-                }
-                Ok(matmul.forward(x)?)
-            }
+            Kernel::Candle { matmul, .. } => Ok(matmul.forward(x)?),
         }
     }
 
@@ -161,13 +141,6 @@ impl QWeight {
         }
     }
 
-    /// Bytes the weight holds in memory.
-    pub fn resident_bytes(&self) -> usize {
-        match &self.kernel {
-            Kernel::Integer(weight) => weight.resident_bytes(),
-            Kernel::Candle { tensor, .. } => tensor.storage_size_in_bytes(),
-        }
-    }
 }
 
 /// Training's use of a frozen weight: on the caller's rayon pool (its own thread budget), never
@@ -190,18 +163,21 @@ impl QWeight {
     }
 
     /// `x·W[rows]ᵀ` for `x: [m, in]`: `[m, rows.len()]`, row-major, in f32 (training needs
-    /// the loss to be smooth in x). Each task dequantizes 256 weight rows into its own scratch
-    /// and multiplies them, so no full-precision copy of the matrix is ever made.
+    /// the loss to be smooth in x). Each task dequantizes at most 1024 weight rows into its own
+    /// scratch and multiplies them, so no full-precision copy of the matrix is made; there are
+    /// at least as many tasks as threads, and no more than that needs (each GEMM call packs x
+    /// again).
     pub fn matmul_rows_background(&self, x: &[f32], rows: Range<usize>) -> Result<Vec<f32>, ModelError> {
         use rayon::prelude::*;
-        const ROWS_PER_TASK: usize = 256;
+        const MAX_ROWS_PER_TASK: usize = 1024;
         let (k, width) = (self.in_features, rows.len());
         let m = x.len() / k;
+        let per_task = width.div_ceil(rayon::current_num_threads().max(1)).next_multiple_of(16).min(MAX_ROWS_PER_TASK);
         let mut y = vec![0f32; m * width];
         let out = SharedOutput(y.as_mut_ptr());
-        (0..width.div_ceil(ROWS_PER_TASK)).into_par_iter().try_for_each(|task| {
-            let start = rows.start + task * ROWS_PER_TASK;
-            let chunk = start..(start + ROWS_PER_TASK).min(rows.end);
+        (0..width.div_ceil(per_task)).into_par_iter().try_for_each(|task| {
+            let start = rows.start + task * per_task;
+            let chunk = start..(start + per_task).min(rows.end);
             let mut weight = vec![0f32; chunk.len() * k];
             self.dequantize_rows_into(chunk.clone(), &mut weight)?;
             // SAFETY: x is [m, k]; the chunk [len, k] read as its transpose; the task writes

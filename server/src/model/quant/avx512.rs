@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::layout::{decode, Decoded, HalfToSingle, GROUP_BYTES};
+use super::layout::{decode, dequantize as dequantize_with, Decoded, HalfToSingle, Planes, GROUP_BYTES};
 use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, CHUNK, ROWS_PER_PASS, TILE_ROWS};
 
 struct Avx512Half;
@@ -33,6 +33,15 @@ pub(super) unsafe fn run(unit: &Unit, decoded: &mut Decoded) {
         Format::Q4K => run_format::<32, true>(unit, decoded),
         Format::Q6K => run_format::<16, false>(unit, decoded),
     }
+}
+
+/// Rows of a tile row dequantized (see `layout::dequantize`), decoded with these instructions.
+///
+/// # Safety
+/// The CPU must pass [`supported`].
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn dequantize(format: Format, planes: &Planes, tile_row: &[u8], k: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    dequantize_with::<Avx512Half>(format, planes, tile_row, k, rows, out)
 }
 
 #[inline(always)]

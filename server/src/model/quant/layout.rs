@@ -293,14 +293,15 @@ pub(crate) fn retile(format: Format, data: &[u8], n: usize, k: usize, tiles: &mu
 /// block of 32 and lane.
 #[repr(C, align(64))]
 pub(crate) struct Decoded {
-    pub(crate) codes: [u8; CHUNK * TILE_ROWS],
+    /// `[value / 4]`: groups of 16 rows × 4 values.
+    pub(crate) codes: [[u8; GROUP_BYTES]; CHUNK / 4],
     pub(crate) scales: [f32; CHUNK / 16 * TILE_ROWS],
     pub(crate) mins: [f32; CHUNK / BLOCK * TILE_ROWS],
 }
 
 impl Decoded {
     pub(crate) fn new() -> Self {
-        Decoded { codes: [0; CHUNK * TILE_ROWS], scales: [0.0; CHUNK / 16 * TILE_ROWS], mins: [0.0; CHUNK / BLOCK * TILE_ROWS] }
+        Decoded { codes: [[0; GROUP_BYTES]; CHUNK / 4], scales: [0.0; CHUNK / 16 * TILE_ROWS], mins: [0.0; CHUNK / BLOCK * TILE_ROWS] }
     }
 }
 
@@ -345,13 +346,12 @@ pub(crate) unsafe fn decode<H: HalfToSingle>(format: Format, planes: &Planes, ti
         return ChunkView { codes: tile_row[planes.low + t0 * TILE_ROWS..].as_ptr() };
     }
     unpack_nibbles(&tile_row[planes.low + t0 * TILE_ROWS / 2..][..len * TILE_ROWS / 2], &mut out.codes);
-    let high = &tile_row[planes.high..];
+    let (high, _) = tile_row[planes.high..].as_chunks::<GROUP_BYTES>();
     match format {
         Format::Q5_0 => {
             for b in 0..blocks {
-                let bits: &[u8; GROUP_BYTES] = high[(t0 / BLOCK + b) * GROUP_BYTES..][..GROUP_BYTES].try_into().unwrap_unchecked();
-                for i in 0..BLOCK / 4 {
-                    let codes: &mut [u8; GROUP_BYTES] = (&mut out.codes[(b * 8 + i) * GROUP_BYTES..][..GROUP_BYTES]).try_into().unwrap_unchecked();
+                let bits = &high[t0 / BLOCK + b];
+                for (i, codes) in out.codes[b * BLOCK / 4..][..BLOCK / 4].iter_mut().enumerate() {
                     for (c, &h) in codes.iter_mut().zip(bits) {
                         *c |= ((h >> i) & 1) << 4;
                     }
@@ -361,9 +361,8 @@ pub(crate) unsafe fn decode<H: HalfToSingle>(format: Format, planes: &Planes, ti
             }
         }
         Format::Q6K => {
-            for g in 0..len / 4 {
-                let pairs: &[u8; GROUP_BYTES] = high[(t0 / 16 + g / 4) * GROUP_BYTES..][..GROUP_BYTES].try_into().unwrap_unchecked();
-                let codes: &mut [u8; GROUP_BYTES] = (&mut out.codes[g * GROUP_BYTES..][..GROUP_BYTES]).try_into().unwrap_unchecked();
+            for (g, codes) in out.codes[..len / 4].iter_mut().enumerate() {
+                let pairs = &high[t0 / 16 + g / 4];
                 let shift = 2 * (g % 4);
                 for (c, &h) in codes.iter_mut().zip(pairs) {
                     *c |= ((h >> shift) & 3) << 4;
@@ -394,15 +393,15 @@ pub(crate) unsafe fn decode<H: HalfToSingle>(format: Format, planes: &Planes, ti
         }
         Format::Q8_0 => {}
     }
-    ChunkView { codes: out.codes.as_ptr() }
+    ChunkView { codes: out.codes.as_ptr() as *const u8 }
 }
 
 /// A 4-bit plane into bytes: each 64-byte group gives the group of its low nibbles, then that
 /// of its high nibbles.
 #[inline(always)]
-fn unpack_nibbles(plane: &[u8], codes: &mut [u8]) {
-    for (group, out) in plane.chunks_exact(GROUP_BYTES).zip(codes.chunks_exact_mut(2 * GROUP_BYTES)) {
-        let (low, high) = out.split_at_mut(GROUP_BYTES);
+fn unpack_nibbles(plane: &[u8], codes: &mut [[u8; GROUP_BYTES]]) {
+    for (group, out) in plane.chunks_exact(GROUP_BYTES).zip(codes.chunks_exact_mut(2)) {
+        let [low, high] = out else { unreachable!("chunks of 2") };
         for ((l, h), &b) in low.iter_mut().zip(high.iter_mut()).zip(group) {
             *l = b & 0x0F;
             *h = b >> 4;
@@ -411,25 +410,28 @@ fn unpack_nibbles(plane: &[u8], codes: &mut [u8]) {
 }
 
 /// Rows of a tile row dequantized exactly as ggml dequantizes the file: `out` holds `rows`
-/// (indices within the tile row) × k values.
-pub(crate) fn dequantize(format: Format, planes: &Planes, tile_row: &[u8], k: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+/// (indices within the tile row) × k values. Inlined into each kernel's `target_feature`
+/// function, like [`decode`].
+///
+/// # Safety
+/// `H` must be able to run on this CPU.
+#[inline(always)]
+pub(crate) unsafe fn dequantize<H: HalfToSingle>(format: Format, planes: &Planes, tile_row: &[u8], k: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
     let mut decoded = Decoded::new();
-    let zero = format.zero();
-    let sub = format.sub_block();
+    let (zero, sub) = (format.zero(), format.sub_block());
     for t0 in (0..k).step_by(CHUNK) {
         let len = CHUNK.min(k - t0);
-        // SAFETY: the portable conversion runs anywhere.
-        let view = unsafe { decode::<SoftHalf>(format, planes, tile_row, t0, len, &mut decoded) };
-        // SAFETY: the view's codes hold `len` values × 16 rows.
-        let codes = unsafe { std::slice::from_raw_parts(view.codes, len * TILE_ROWS) };
+        let view = decode::<H>(format, planes, tile_row, t0, len, &mut decoded);
+        // SAFETY: the view's codes hold `len / 4` groups.
+        let groups = std::slice::from_raw_parts(view.codes as *const [u8; GROUP_BYTES], len / 4);
         for (i, r) in rows.clone().enumerate() {
             let values = &mut out[i * k + t0..][..len];
-            for (t, v) in values.iter_mut().enumerate() {
-                let code = codes[in_group(t, r)] as i32 - zero;
-                let scale = decoded.scales[t / sub * TILE_ROWS + r];
-                *v = scale * code as f32;
-                if format.has_mins() {
-                    *v -= decoded.mins[t / BLOCK * TILE_ROWS + r];
+            for (g, (four, codes)) in values.chunks_exact_mut(4).zip(groups).enumerate() {
+                let scale = decoded.scales[g * 4 / sub * TILE_ROWS + r];
+                // Zero where the format has no minimums; subtracting it changes nothing.
+                let min = decoded.mins[g * 4 / BLOCK * TILE_ROWS + r];
+                for (v, &code) in four.iter_mut().zip(&codes[r * 4..r * 4 + 4]) {
+                    *v = scale * (code as i32 - zero) as f32 - min;
                 }
             }
         }

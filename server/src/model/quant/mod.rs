@@ -264,7 +264,16 @@ impl QuantWeight {
             let tile_row = row / TILE_ROWS;
             let within = row % TILE_ROWS..(rows.end - tile_row * TILE_ROWS).min(TILE_ROWS);
             let out = &mut out[(row - rows.start) * k..][..within.len() * k];
-            layout::dequantize(self.format, &self.planes, self.tile_row(tile_row), k, within.clone(), out);
+            let (format, planes, tiles) = (self.format, &self.planes, self.tile_row(tile_row));
+            match self.isa {
+                // SAFETY: the ISA was checked when the weight was made.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni => unsafe { avx512::dequantize(format, planes, tiles, k, within.clone(), out) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::dequantize(format, planes, tiles, k, within.clone(), out) },
+                // SAFETY: the portable conversion runs anywhere.
+                _ => unsafe { layout::dequantize::<layout::SoftHalf>(format, planes, tiles, k, within.clone(), out) },
+            }
             row += within.len();
         }
     }

@@ -30,13 +30,15 @@ fn every_row_dequantizes_to_exactly_what_ggml_makes_of_the_file() {
     let (n, k) = (37, 512);
     for (dtype, format) in FORMATS {
         let (bytes, w) = quantized(dtype, n, k);
-        let weight = QuantWeight::from_file(format, &bytes, n, k, Isa::Portable).unwrap();
-        let mut out = vec![0f32; n * k];
-        weight.dequantize_rows_into(0..n, &mut out);
-        assert_eq!(out, w, "{format:?}");
-        let mut some = vec![0f32; 5 * k];
-        weight.dequantize_rows_into(14..19, &mut some);
-        assert_eq!(some, w[14 * k..19 * k], "{format:?} rows 14..19");
+        for isa in isas() {
+            let weight = QuantWeight::from_file(format, &bytes, n, k, isa).unwrap();
+            let mut out = vec![0f32; n * k];
+            weight.dequantize_rows_into(0..n, &mut out);
+            assert_eq!(out, w, "{format:?} {isa:?}");
+            let mut some = vec![0f32; 5 * k];
+            weight.dequantize_rows_into(14..19, &mut some);
+            assert_eq!(some, w[14 * k..19 * k], "{format:?} {isa:?} rows 14..19");
+        }
     }
 }
 
