@@ -10,7 +10,7 @@ use candle_core::{Device, Module, Tensor};
 use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::quant::{Format, Isa, QuantWeight, Workers};
+use crate::model::quant::{Format, Isa, QuantWeight};
 use crate::model::{with_values, ModelError};
 
 /// One sequence's rows of the batch: they share an adapter mix.
@@ -106,7 +106,7 @@ impl QWeight {
         };
         let rows = x.dim(0)?;
         let mut y = vec![0f32; rows * self.out_features];
-        with_values(x, |xs| weight.matmul(xs, &mut y, Workers::Serving))?;
+        with_values(x, |xs| weight.matmul(xs, &mut y))?;
         Ok(Some(y))
     }
 

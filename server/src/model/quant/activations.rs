@@ -87,10 +87,6 @@ impl QuantizedRows {
             *block_sum = d * (sums[0] + sums[1]) as f32;
         }
     }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
 }
 
 /// A pointer to rows being quantized by several threads, each into its own rows.

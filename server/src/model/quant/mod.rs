@@ -39,14 +39,6 @@ const ROWS_PER_PASS: usize = 8;
 /// Activation rows per unit of work: they share each decoded chunk.
 const ROW_GROUP: usize = 64;
 
-/// Which threads run a matmul: the serving engine's pool, or (for background work on a thread
-/// budget of its own) the rayon pool the caller runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Workers {
-    Serving,
-    CurrentRayonPool,
-}
-
 /// The instructions a kernel is written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
@@ -158,14 +150,6 @@ impl QuantWeight {
         Some(Self { format, n, k, planes, tiles, isa })
     }
 
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
-
     /// Bytes held in memory.
     pub fn resident_bytes(&self) -> usize {
         self.tiles.len() * 64
@@ -177,37 +161,21 @@ impl QuantWeight {
         &bytes[index * self.planes.tile_row_bytes..][..self.planes.tile_row_bytes]
     }
 
-    /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major.
-    pub fn matmul(&self, x: &[f32], y: &mut [f32], workers: Workers) {
-        let x = match workers {
-            Workers::Serving => QuantizedRows::quantize_on_workers(x, self.k),
-            Workers::CurrentRayonPool => QuantizedRows::quantize(x, self.k),
-        };
-        self.matmul_quantized(&x, y, 0..self.n, workers);
-    }
-
-    /// `y = x·W[rows]ᵀ`, `y: [m, rows.len()]` (`rows.start` a multiple of 16), on the chosen
-    /// workers.
-    pub fn matmul_quantized(&self, x: &QuantizedRows, y: &mut [f32], weight_rows: Range<usize>, workers: Workers) {
-        let (units, groups) = self.units(x, y, &weight_rows);
+    /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major, on the serving workers.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let x = QuantizedRows::quantize_on_workers(x, self.k);
+        let (units, groups) = self.units(&x, y, &(0..self.n));
         let y = SharedOutput(y.as_mut_ptr());
-        let work = |range: Range<usize>| {
+        barrier_pool().execute_chunked(units, |range| {
             let mut decoded = Decoded::new();
             for unit in range {
-                let tile_row = weight_rows.start / TILE_ROWS + unit / groups;
-                self.run(x, tile_row, unit % groups, &weight_rows, y, &mut decoded);
+                self.run(&x, unit / groups, unit % groups, &(0..self.n), y, &mut decoded);
             }
-        };
-        match workers {
-            Workers::Serving => barrier_pool().execute_chunked(units, work),
-            Workers::CurrentRayonPool => {
-                use rayon::prelude::*;
-                (0..units).into_par_iter().for_each(|unit| work(unit..unit + 1));
-            }
-        }
+        });
     }
 
-    /// As [`Self::matmul_quantized`], on the calling thread alone.
+    /// `y = x·W[rows]ᵀ`, `y: [m, rows.len()]` (`rows.start` a multiple of 16), on the calling
+    /// thread alone (training splits the work across its own threads).
     pub fn matmul_rows_on_this_thread(&self, x: &QuantizedRows, weight_rows: Range<usize>, y: &mut [f32]) {
         let (units, groups) = self.units(x, y, &weight_rows);
         let y = SharedOutput(y.as_mut_ptr());

@@ -104,11 +104,15 @@ fn a_range_of_weight_rows_and_a_partial_last_tile_write_only_their_outputs() {
     for isa in isas() {
         let weight = QuantWeight::from_file(Format::Q4K, &bytes, n, k, isa).unwrap();
         let mut all = vec![0f32; m * n];
-        weight.matmul_quantized(&x, &mut all, 0..n, Workers::CurrentRayonPool);
+        weight.matmul_rows_on_this_thread(&x, 0..n, &mut all);
+        // The serving workers' split gives the same bits.
+        let mut served = vec![0f32; m * n];
+        weight.matmul(&activations(m, k), &mut served);
+        assert_eq!(served, all, "{isa:?}: on the serving workers");
         // A guard value after y must survive.
         let rows = 16..n;
         let mut y = vec![7f32; m * rows.len() + 1];
-        weight.matmul_quantized(&x, &mut y[..m * rows.len()], rows.clone(), Workers::CurrentRayonPool);
+        weight.matmul_rows_on_this_thread(&x, rows.clone(), &mut y[..m * rows.len()]);
         assert_eq!(y[m * rows.len()], 7.0, "{isa:?}");
         for i in 0..m {
             assert_eq!(y[i * rows.len()..(i + 1) * rows.len()], all[i * n + 16..(i + 1) * n], "{isa:?} row {i}");
