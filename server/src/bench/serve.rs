@@ -125,7 +125,12 @@ pub async fn run_level(
     clients: usize,
     load: &ServeLoad,
 ) -> Result<ServeRow, ServeBenchError> {
-    let client = reqwest::Client::new();
+    // A fresh connection per request: llama.cpp's server closes kept-alive connections after a
+    // stream, and a pooled one it has closed fails the next request.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .map_err(|source| ServeBenchError::Http { url: base_url.into(), source })?;
     let url = format!("{}/v1/completions", base_url.trim_end_matches('/'));
     let started = Instant::now();
     let results = futures::future::join_all((0..clients).map(|c| {
