@@ -9,8 +9,8 @@
 
 use std::arch::x86_64::*;
 
-use super::layout::{decode, dequantize as dequantize_with, Decoded, HalfToSingle, Planes, GROUP_BYTES};
-use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, CHUNK, TILE_ROWS};
+use super::layout::{dequantize as dequantize_with, Decoded, HalfToSingle, Planes, GROUP_BYTES};
+use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, TILE_ROWS};
 
 const LANES: usize = 8;
 /// Activation rows per pass: 16 registers hold 4 rows' sums and integer sums, and the operands.
@@ -56,32 +56,24 @@ pub(super) unsafe fn dequantize(format: Format, planes: &Planes, tile_row: &[u8]
 
 #[inline(always)]
 unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(unit: &Unit, decoded: &mut Decoded) {
-    let weight = unit.weight;
-    let k = weight.k;
-    let tile_row = weight.tile_row(unit.tile_row);
-    let mut acc = [[0f32; TILE_ROWS]; super::ROW_GROUP];
-    let acc = &mut acc[..unit.rows.len()];
-    for t0 in (0..k).step_by(CHUNK) {
-        let len = CHUNK.min(k - t0);
-        let view = decode::<F16c>(weight.format, &weight.planes, tile_row, t0, len, decoded);
-        let zero = if SIGNED { 0 } else { weight.format.zero() };
-        let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero };
+    let zero = if SIGNED { 0 } else { unit.weight.format.zero() };
+    let acc = unit.accumulate::<F16c>(decoded, zero, |chunk, acc| {
         for half in 0..2 {
             let mut first = 0;
             while first < acc.len() {
                 let (row, sums) = (unit.rows.start + first, &mut acc[first..]);
                 first += match sums.len().min(ROWS_PER_PASS) {
-                    4 => pass::<4, SUB, MINS, SIGNED>(&chunk, half, unit.x, row, sums),
-                    3 => pass::<3, SUB, MINS, SIGNED>(&chunk, half, unit.x, row, sums),
-                    2 => pass::<2, SUB, MINS, SIGNED>(&chunk, half, unit.x, row, sums),
-                    _ => pass::<1, SUB, MINS, SIGNED>(&chunk, half, unit.x, row, sums),
+                    4 => pass::<4, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
+                    3 => pass::<3, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
+                    2 => pass::<2, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
+                    _ => pass::<1, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
                 };
             }
         }
-    }
+    });
     let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(unit.lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     let mask_high = _mm256_cmpgt_epi32(_mm256_set1_epi32(unit.lanes as i32), _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
-    for (i, sums) in acc.iter().enumerate() {
+    for (i, sums) in acc[..unit.rows.len()].iter().enumerate() {
         let out = unit.output(i);
         _mm256_maskstore_ps(out, mask, _mm256_loadu_ps(sums.as_ptr()));
         _mm256_maskstore_ps(out.add(LANES), mask_high, _mm256_loadu_ps(sums.as_ptr().add(LANES)));

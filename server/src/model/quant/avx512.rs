@@ -6,8 +6,8 @@
 
 use std::arch::x86_64::*;
 
-use super::layout::{decode, dequantize as dequantize_with, Decoded, HalfToSingle, Planes, GROUP_BYTES};
-use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, CHUNK, ROWS_PER_PASS, TILE_ROWS};
+use super::layout::{dequantize as dequantize_with, Decoded, HalfToSingle, Planes, GROUP_BYTES};
+use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, ROWS_PER_PASS, TILE_ROWS};
 
 struct Avx512Half;
 
@@ -46,32 +46,24 @@ pub(super) unsafe fn dequantize(format: Format, planes: &Planes, tile_row: &[u8]
 
 #[inline(always)]
 unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, decoded: &mut Decoded) {
-    let weight = unit.weight;
-    let k = weight.k;
-    let tile_row = weight.tile_row(unit.tile_row);
-    let mut acc = [[0f32; TILE_ROWS]; super::ROW_GROUP];
-    let acc = &mut acc[..unit.rows.len()];
-    for t0 in (0..k).step_by(CHUNK) {
-        let len = CHUNK.min(k - t0);
-        let view = decode::<Avx512Half>(weight.format, &weight.planes, tile_row, t0, len, decoded);
-        let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero: weight.format.zero() };
+    let acc = unit.accumulate::<Avx512Half>(decoded, unit.weight.format.zero(), |chunk, acc| {
         let mut first = 0;
         while first < acc.len() {
             let (row, sums) = (unit.rows.start + first, &mut acc[first..]);
             first += match sums.len().min(ROWS_PER_PASS) {
-                8 => pass::<8, SUB, MINS>(&chunk, unit.x, row, sums),
-                7 => pass::<7, SUB, MINS>(&chunk, unit.x, row, sums),
-                6 => pass::<6, SUB, MINS>(&chunk, unit.x, row, sums),
-                5 => pass::<5, SUB, MINS>(&chunk, unit.x, row, sums),
-                4 => pass::<4, SUB, MINS>(&chunk, unit.x, row, sums),
-                3 => pass::<3, SUB, MINS>(&chunk, unit.x, row, sums),
-                2 => pass::<2, SUB, MINS>(&chunk, unit.x, row, sums),
-                _ => pass::<1, SUB, MINS>(&chunk, unit.x, row, sums),
+                8 => pass::<8, SUB, MINS>(chunk, unit.x, row, sums),
+                7 => pass::<7, SUB, MINS>(chunk, unit.x, row, sums),
+                6 => pass::<6, SUB, MINS>(chunk, unit.x, row, sums),
+                5 => pass::<5, SUB, MINS>(chunk, unit.x, row, sums),
+                4 => pass::<4, SUB, MINS>(chunk, unit.x, row, sums),
+                3 => pass::<3, SUB, MINS>(chunk, unit.x, row, sums),
+                2 => pass::<2, SUB, MINS>(chunk, unit.x, row, sums),
+                _ => pass::<1, SUB, MINS>(chunk, unit.x, row, sums),
             };
         }
-    }
+    });
     let mask: __mmask16 = if unit.lanes >= TILE_ROWS { !0 } else { (1u16 << unit.lanes) - 1 };
-    for (i, sums) in acc.iter().enumerate() {
+    for (i, sums) in acc[..unit.rows.len()].iter().enumerate() {
         _mm512_mask_storeu_ps(unit.output(i), mask, _mm512_loadu_ps(sums.as_ptr()));
     }
 }

@@ -125,6 +125,33 @@ pub(crate) struct Chunk {
     zero: i32,
 }
 
+impl Unit<'_> {
+    /// Walks the unit's tile row 256 values at a time: decodes each chunk with `H` and hands it
+    /// to `passes`, which adds its products into each row's 16 sums. Returns the sums.
+    ///
+    /// # Safety
+    /// `H` must be able to run on this CPU.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    unsafe fn accumulate<H: layout::HalfToSingle>(
+        &self,
+        decoded: &mut Decoded,
+        zero: i32,
+        mut passes: impl FnMut(&Chunk, &mut [[f32; TILE_ROWS]]),
+    ) -> [[f32; TILE_ROWS]; ROW_GROUP] {
+        let weight = self.weight;
+        let tile_row = weight.tile_row(self.tile_row);
+        let mut acc = [[0f32; TILE_ROWS]; ROW_GROUP];
+        for t0 in (0..weight.k).step_by(CHUNK) {
+            let len = CHUNK.min(weight.k - t0);
+            let view = layout::decode::<H>(weight.format, &weight.planes, tile_row, t0, len, decoded);
+            let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero };
+            passes(&chunk, &mut acc[..self.rows.len()]);
+        }
+        acc
+    }
+}
+
 /// y's start, written by several threads at disjoint elements.
 #[derive(Clone, Copy)]
 struct SharedOutput(*mut f32);
