@@ -142,7 +142,13 @@ impl Unit<'_> {
         let weight = self.weight;
         let tile_row = weight.tile_row(self.tile_row);
         let mut acc = [[0f32; TILE_ROWS]; ROW_GROUP];
-        for t0 in (0..weight.k).step_by(CHUNK) {
+        // The next tile row is fetched while this one is multiplied, a share with each chunk:
+        // a tile row is two streams (codes, then scales at its end) that the hardware
+        // prefetcher does not run ahead of, and one-row products wait on every miss.
+        let (next, lines) = (tile_row.as_ptr().wrapping_add(tile_row.len()), tile_row.len() / 64);
+        let chunks = weight.k.div_ceil(CHUNK);
+        for (c, t0) in (0..weight.k).step_by(CHUNK).enumerate() {
+            prefetch_lines(next, lines * c / chunks..lines * (c + 1) / chunks);
             let len = CHUNK.min(weight.k - t0);
             let view = layout::decode::<H>(weight.format, &weight.planes, tile_row, t0, len, decoded);
             let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero };
@@ -150,6 +156,19 @@ impl Unit<'_> {
         }
         acc
     }
+}
+
+/// Asks for 64-byte lines `lines` from `start` into L2. A hint: addresses past the weights
+/// (after the last tile row) are never dereferenced and do not fault.
+#[inline(always)]
+fn prefetch_lines(start: *const u8, lines: Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    for line in lines {
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(start.wrapping_add(line * 64) as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, lines);
 }
 
 /// y's start, written by several threads at disjoint elements.
