@@ -144,8 +144,10 @@ impl Unit<'_> {
         let mut acc = [[0f32; TILE_ROWS]; ROW_GROUP];
         // The next tile row is fetched while this one is multiplied, a share with each chunk:
         // a tile row is two streams (codes, then scales at its end) that the hardware
-        // prefetcher does not run ahead of, and one-row products wait on every miss.
-        let (next, lines) = (tile_row.as_ptr().wrapping_add(tile_row.len()), tile_row.len() / 64);
+        // prefetcher does not run ahead of, and one-row products wait on every miss. Only the
+        // tile row's last group of activation rows asks, the one run just before the next.
+        let last_group = self.rows.end == self.x.rows;
+        let (next, lines) = (tile_row.as_ptr().wrapping_add(tile_row.len()), if last_group { tile_row.len() / 64 } else { 0 });
         let chunks = weight.k.div_ceil(CHUNK);
         for (c, t0) in (0..weight.k).step_by(CHUNK).enumerate() {
             prefetch_lines(next, lines * c / chunks..lines * (c + 1) / chunks);
