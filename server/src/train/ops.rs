@@ -331,7 +331,7 @@ impl CustomOp1 for OutputLoss {
         let threads = rayon::current_num_threads().max(1);
         let per_thread = vocab.div_ceil(threads).div_ceil(VOCAB_CHUNK) * VOCAB_CHUNK;
         let integer = match self.logits {
-            OutputLogits::Fastest => embedding.integer().map(|weight| (weight, QuantizedRows::quantize(h, hidden))),
+            OutputLogits::Fastest => embedding.integer().map(|weight| (weight, QuantizedRows::quantize(h, hidden, weight.activation_format()))),
             OutputLogits::Exact => None,
         };
         let kernel = match &integer {

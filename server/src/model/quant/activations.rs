@@ -1,9 +1,9 @@
-//! Activations quantized to 8 bits per run of 32, as ggml's Q8_0: x ≈ dx·qx with
-//! dx = max|x| / 127 and qx = round(x / dx), ties to even.
-//!
-//! llama.cpp quantizes activations per 256 values for K-quant weights (Q8_K) and per 32 for the
-//! others; one scale per 32 everywhere is never coarser, so a single outlier channel costs the
-//! precision of 31 neighbours, not 255.
+//! Activations quantized to 8 bits, x ≈ dx·qx with qx = round(x · 127 / max|x|), ties to even,
+//! exactly as llama.cpp rounds the activations each weight format meets (its `vec_dot_type`):
+//! - Q8_0 (for Q8_0 and Q5_0 weights): max over each run of 32, dx = max/127 kept as f16;
+//! - Q8_K (for Q4_K and Q6_K weights): max over each run of 256, dx = 1 / (127/max) in f32.
+//! Rounding as the reference does keeps the integer products the same as its own, so what
+//! differs is only the order floats are summed in.
 
 use std::ops::Range;
 
@@ -15,7 +15,25 @@ use super::BLOCK;
 /// integer sum is kept for the formats whose codes carry a zero point.
 pub(crate) const RUN: usize = 16;
 
-/// Rows `[rows, k]` of activations, quantized per run of 32.
+/// How the activations meeting a weight format are rounded (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationFormat {
+    Q8_0,
+    Q8K,
+}
+
+impl ActivationFormat {
+    /// Values sharing one maximum.
+    fn span(self) -> usize {
+        match self {
+            ActivationFormat::Q8_0 => BLOCK,
+            ActivationFormat::Q8K => 256,
+        }
+    }
+}
+
+/// Rows `[rows, k]` of activations, quantized with one scale per block of 32 (blocks of a Q8_K
+/// span share theirs).
 pub struct QuantizedRows {
     pub(crate) k: usize,
     pub(crate) rows: usize,
@@ -30,61 +48,70 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// `x: [rows, k]` row-major, `k` a multiple of 32, on the calling thread. Rows are
-    /// independent, so a row rounds the same whatever else is quantized with it.
-    pub fn quantize(x: &[f32], k: usize) -> Self {
-        let mut out = Self::zeroed(x, k);
+    /// `x: [rows, k]` row-major, `k` a multiple of the format's span, on the calling thread.
+    /// Rows are independent, so a row rounds the same whatever else is quantized with it.
+    pub fn quantize(x: &[f32], k: usize, format: ActivationFormat) -> Self {
+        let mut out = Self::zeroed(x, k, format);
         let rows = out.rows;
-        out.quantize_rows(x, 0..rows);
+        out.quantize_rows(x, 0..rows, format);
         out
     }
 
     /// As [`Self::quantize`], the rows split over the serving workers.
-    pub fn quantize_on_workers(x: &[f32], k: usize) -> Self {
+    pub fn quantize_on_workers(x: &[f32], k: usize, format: ActivationFormat) -> Self {
         /// Rows below which one thread is quicker than waking the others.
         const PARALLEL_ROWS: usize = 16;
-        let mut out = Self::zeroed(x, k);
+        let mut out = Self::zeroed(x, k, format);
         let rows = out.rows;
         if rows < PARALLEL_ROWS {
-            out.quantize_rows(x, 0..rows);
+            out.quantize_rows(x, 0..rows, format);
             return out;
         }
         let shared = SharedRows(&mut out as *mut Self);
         barrier_pool().execute_chunked(rows, |range| {
             // SAFETY: each call writes only the rows of its own range (see `quantize_rows`).
-            unsafe { (*shared.get()).quantize_rows(x, range) }
+            unsafe { (*shared.get()).quantize_rows(x, range, format) }
         });
         out
     }
 
-    fn zeroed(x: &[f32], k: usize) -> Self {
-        assert!(k % BLOCK == 0 && x.len() % k == 0, "activations are not [rows, {k}] in blocks of {BLOCK}");
+    fn zeroed(x: &[f32], k: usize, format: ActivationFormat) -> Self {
+        let span = format.span();
+        assert!(k % span == 0 && x.len() % k == 0, "activations are not [rows, {k}] in blocks of {span}");
         let blocks = x.len() / BLOCK;
         Self { k, rows: x.len() / k, q: vec![0; x.len()], scale: vec![0.0; blocks], run_sum: vec![0; blocks * 2], block_sum: vec![0.0; blocks] }
     }
 
     /// Quantizes `rows` of x into their own parts of the buffers.
-    fn quantize_rows(&mut self, x: &[f32], rows: Range<usize>) {
+    fn quantize_rows(&mut self, x: &[f32], rows: Range<usize>, format: ActivationFormat) {
         let (k, blocks_per_row) = (self.k, self.k / BLOCK);
         let blocks = rows.start * blocks_per_row..rows.end * blocks_per_row;
-        let per_block = x[rows.start * k..rows.end * k]
-            .chunks_exact(BLOCK)
-            .zip(self.q[rows.start * k..rows.end * k].chunks_exact_mut(BLOCK))
-            .zip(&mut self.scale[blocks.clone()])
-            .zip(self.run_sum[blocks.start * 2..blocks.end * 2].chunks_exact_mut(2))
-            .zip(&mut self.block_sum[blocks]);
-        let vectorized = vectorized_block();
-        for ((((values, q), scale), run_sum), block_sum) in per_block {
-            let values: &[f32; BLOCK] = values.try_into().unwrap_or_else(|_| unreachable!("chunks of {BLOCK}"));
-            let q: &mut [i8; BLOCK] = q.try_into().unwrap_or_else(|_| unreachable!("chunks of {BLOCK}"));
-            let (d, sums) = match vectorized {
-                // SAFETY: the function was chosen for this CPU's features.
-                Some(block) => unsafe { block(values, q) },
-                None => quantize_block(values, q),
+        let span = format.span();
+        let per_span = x[rows.start * k..rows.end * k]
+            .chunks_exact(span)
+            .zip(self.q[rows.start * k..rows.end * k].chunks_exact_mut(span))
+            .zip(self.scale[blocks.clone()].chunks_exact_mut(span / BLOCK))
+            .zip(self.run_sum[blocks.start * 2..blocks.end * 2].chunks_exact_mut(2 * span / BLOCK))
+            .zip(self.block_sum[blocks].chunks_exact_mut(span / BLOCK));
+        let encode = vectorized_encoder().unwrap_or(encode_block);
+        for ((((values, q), scales), run_sums), block_sums) in per_span {
+            let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
+            let d = match format {
+                ActivationFormat::Q8_0 => half::f16::from_f32(max / 127.0).to_f32(),
+                ActivationFormat::Q8K if max > 0.0 => 1.0 / inverse,
+                ActivationFormat::Q8K => 0.0,
             };
-            *scale = d;
-            run_sum.copy_from_slice(&sums);
-            *block_sum = d * (sums[0] + sums[1]) as f32;
+            let blocks = values.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(run_sums.chunks_exact_mut(2));
+            for (((values, q), run_sum), (scale, block_sum)) in blocks.zip(scales.iter_mut().zip(block_sums.iter_mut())) {
+                let values: &[f32; BLOCK] = values.try_into().unwrap_or_else(|_| unreachable!("chunks of {BLOCK}"));
+                let q: &mut [i8; BLOCK] = q.try_into().unwrap_or_else(|_| unreachable!("chunks of {BLOCK}"));
+                // SAFETY: a vectorized encoder was chosen for this CPU's features.
+                let sums = unsafe { encode(values, q, inverse) };
+                *scale = d;
+                run_sum.copy_from_slice(&sums);
+                *block_sum = d * (sums[0] + sums[1]) as f32;
+            }
         }
     }
 }
@@ -101,43 +128,40 @@ impl SharedRows {
     }
 }
 
-type BlockQuantizer = unsafe fn(&[f32; BLOCK], &mut [i8; BLOCK]) -> (f32, [i32; 2]);
+type BlockEncoder = unsafe fn(&[f32; BLOCK], &mut [i8; BLOCK], f32) -> [i32; 2];
 
-/// One block: its scale dx and its two runs' sums of codes.
-fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> (f32, [i32; 2]) {
-    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = max / 127.0;
-    let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+/// One block's codes round(x · inverse), ties to even, and its two runs' sums of codes.
+unsafe fn encode_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK], inverse: f32) -> [i32; 2] {
     for (q, &v) in q.iter_mut().zip(values) {
-        *q = (v * inverse).round_ties_even() as i8;
+        *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
     let first = q[..RUN].iter().map(|&v| v as i32).sum();
     let second = q[RUN..].iter().map(|&v| v as i32).sum();
-    (d, [first, second])
+    [first, second]
 }
 
-/// The AVX-512 form of [`quantize_block`] where the CPU has it: the same operations (the
+/// The AVX-512 form of [`encode_block`] where the CPU has it: the same operations (the
 /// conversion rounds to nearest even, as `round_ties_even` does), so the same codes.
-fn vectorized_block() -> Option<BlockQuantizer> {
+fn vectorized_encoder() -> Option<BlockEncoder> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-        return Some(avx512_block);
+        return Some(avx512_encode);
     }
     None
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn avx512_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> (f32, [i32; 2]) {
+unsafe fn avx512_encode(values: &[f32; BLOCK], q: &mut [i8; BLOCK], inverse: f32) -> [i32; 2] {
     use std::arch::x86_64::*;
     let (a, b) = (_mm512_loadu_ps(values.as_ptr()), _mm512_loadu_ps(values.as_ptr().add(RUN)));
-    let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    let d = max / 127.0;
-    let inverse = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-    let (qa, qb) = (_mm512_cvtps_epi32(_mm512_mul_ps(a, inverse)), _mm512_cvtps_epi32(_mm512_mul_ps(b, inverse)));
+    let inverse = _mm512_set1_ps(inverse);
+    let limit = _mm512_set1_epi32(127);
+    let code = |v| _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverse)), limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
+    let (qa, qb) = (code(a), code(b));
     _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
     _mm_storeu_si128(q.as_mut_ptr().add(RUN) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
-    (d, [_mm512_reduce_add_epi32(qa), _mm512_reduce_add_epi32(qb)])
+    [_mm512_reduce_add_epi32(qa), _mm512_reduce_add_epi32(qb)]
 }
 
 #[cfg(test)]
@@ -145,34 +169,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn activations_round_per_block_of_32() {
+    fn q8_0_rounds_per_block_of_32_with_an_f16_scale() {
         let x: Vec<f32> = (0..64).map(|i| if i < 32 { i as f32 - 16.0 } else { 0.0 }).collect();
-        let q = QuantizedRows::quantize(&x, 64);
-        assert_eq!(q.scale, [16.0 / 127.0, 0.0]);
+        let q = QuantizedRows::quantize(&x, 64, ActivationFormat::Q8_0);
+        let d = half::f16::from_f32(16.0 / 127.0).to_f32();
+        assert_ne!(d, 16.0 / 127.0, "the scale is rounded to 16 bits");
+        assert_eq!(q.scale, [d, 0.0]);
         assert_eq!(q.q[0], -127);
         assert_eq!(q.q[16], 0);
-        assert_eq!(q.q[31], (15.0f32 * 127.0 / 16.0).round() as i8);
+        assert_eq!(q.q[31], (15.0f32 * (127.0 / 16.0)).round_ties_even() as i8);
         assert!(q.q[32..].iter().all(|&v| v == 0));
         let first: i32 = q.q[..16].iter().map(|&v| v as i32).sum();
         let second: i32 = q.q[16..32].iter().map(|&v| v as i32).sum();
         assert_eq!(q.run_sum, [first, second, 0, 0]);
-        assert_eq!(q.block_sum, [16.0 / 127.0 * (first + second) as f32, 0.0]);
+        assert_eq!(q.block_sum, [d * (first + second) as f32, 0.0]);
+    }
+
+    #[test]
+    fn q8_k_shares_one_maximum_per_256() {
+        let mut x = vec![0.5f32; 512];
+        x[3] = -8.0;
+        let q = QuantizedRows::quantize(&x, 512, ActivationFormat::Q8K);
+        let inverse = 127.0f32 / 8.0;
+        assert_eq!(q.scale[..8], [1.0 / inverse; 8]);
+        assert_eq!(q.q[3], -127);
+        assert_eq!(q.q[200], (0.5 * inverse).round_ties_even() as i8);
+        // The second span's maximum is its own 0.5.
+        assert_eq!((q.scale[8], q.q[300]), (1.0 / 254.0, 127));
     }
 
     /// The vector form rounds exactly as the scalar one, ties included.
     #[test]
-    fn the_vector_quantizer_gives_the_scalar_codes() {
-        let Some(vectorized) = vectorized_block() else { return };
+    fn the_vector_encoder_gives_the_scalar_codes() {
+        let Some(vectorized) = vectorized_encoder() else { return };
         for seed in 0..200u32 {
             let values: [f32; BLOCK] = std::array::from_fn(|i| {
                 let v = ((seed as usize * 7919 + i * 104729) % 1000) as f32 / 37.0 - 13.0;
                 // Halfway points: 127 and 63.5 times the step.
                 if i == 5 { 12.7 } else if i == 6 { -6.35 } else { v * if seed % 7 == 0 { 40.0 } else { 1.0 } }
             });
+            let inverse = 127.0 / values.iter().fold(0f32, |m, v| m.max(v.abs()));
             let (mut scalar, mut vector) = ([0i8; BLOCK], [0i8; BLOCK]);
-            let expected = quantize_block(&values, &mut scalar);
-            // SAFETY: the function was chosen for this CPU.
-            let got = unsafe { vectorized(&values, &mut vector) };
+            // SAFETY: the vector function was chosen for this CPU.
+            let (expected, got) = unsafe { (encode_block(&values, &mut scalar, inverse), vectorized(&values, &mut vector, inverse)) };
             assert_eq!((got, vector), (expected, scalar), "seed {seed}");
         }
     }

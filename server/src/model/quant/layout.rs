@@ -22,7 +22,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{BLOCK, CHUNK, TILE_ROWS};
+use super::{ActivationFormat, BLOCK, CHUNK, TILE_ROWS};
 
 /// A group: 16 rows × 4 values, one vector register of codes.
 pub(crate) const GROUP_BYTES: usize = 64;
@@ -45,6 +45,14 @@ impl Format {
             GgmlDType::Q6K => Format::Q6K,
             _ => return None,
         })
+    }
+
+    /// How llama.cpp rounds the activations this format is multiplied with.
+    pub fn activation_format(self) -> ActivationFormat {
+        match self {
+            Format::Q8_0 | Format::Q5_0 => ActivationFormat::Q8_0,
+            Format::Q4K | Format::Q6K => ActivationFormat::Q8K,
+        }
     }
 
     /// Values and bytes of one block in the GGUF file.

@@ -1,5 +1,6 @@
 //! Quantized weights × 8-bit activations in integer arithmetic, as llama.cpp's CPU backend
-//! computes them: each activation row is rounded to 8 bits per run of 32 (`activations`), and
+//! computes them: each activation row is rounded to 8 bits as llama.cpp rounds it for the weight's
+//! format (`activations`: per 32, or per 256 for K-quants, stored as one scale per 32), and
 //!
 //!   y[i,j] = Σ_blocks dx[i,b] · Σ_sub scale[j,s] · Σ_{t∈s} (u[j,t] − zero)·qx[i,t]  − Σ_b min[j,b]·Σ_{t∈b} x̂[i,t]
 //!
@@ -24,7 +25,7 @@ use std::ops::Range;
 
 use candle_core::utils::barrier_pool;
 
-pub use activations::QuantizedRows;
+pub use activations::{ActivationFormat, QuantizedRows};
 pub use layout::Format;
 use layout::{Decoded, Planes};
 
@@ -198,6 +199,11 @@ impl QuantWeight {
         Some(Self { format, n, k, planes, tiles, isa })
     }
 
+    /// How the activations this weight meets are rounded.
+    pub fn activation_format(&self) -> ActivationFormat {
+        self.format.activation_format()
+    }
+
     /// Bytes held in memory.
     pub fn resident_bytes(&self) -> usize {
         self.tiles.len() * 64
@@ -211,7 +217,7 @@ impl QuantWeight {
 
     /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major, on the serving workers.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
-        let x = QuantizedRows::quantize_on_workers(x, self.k);
+        let x = QuantizedRows::quantize_on_workers(x, self.k, self.format.activation_format());
         let (units, groups) = self.units(&x, y, &(0..self.n));
         let y = SharedOutput(y.as_mut_ptr());
         barrier_pool().execute_chunked(units, |range| {

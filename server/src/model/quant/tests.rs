@@ -60,12 +60,10 @@ fn weights_stay_at_the_files_bits_per_weight() {
 #[test]
 fn every_kernel_computes_the_product_of_the_quantized_operands_bit_for_bit_alike() {
     let (n, k, m) = (45, 768, 70);
-    let x = activations(m, k);
-    let quantized_x = QuantizedRows::quantize(&x, k);
     for (dtype, format) in FORMATS {
         let (n, k) = if format == Format::Q4K || format == Format::Q6K { (n, k) } else { (n, 640) };
         let x = activations(m, k);
-        let qx = if k == 768 { &quantized_x } else { &QuantizedRows::quantize(&x, k) };
+        let qx = &QuantizedRows::quantize(&x, k, format.activation_format());
         let (bytes, w) = quantized(dtype, n, k);
         let mut results = Vec::new();
         for isa in isas() {
@@ -73,7 +71,7 @@ fn every_kernel_computes_the_product_of_the_quantized_operands_bit_for_bit_alike
             let mut y = vec![f32::NAN; m * n];
             weight.matmul_rows_on_this_thread(qx, 0..n, &mut y);
             for i in [0, 13, 64, 69] {
-                let alone = QuantizedRows::quantize(&x[i * k..(i + 1) * k], k);
+                let alone = QuantizedRows::quantize(&x[i * k..(i + 1) * k], k, format.activation_format());
                 let mut y_alone = vec![0f32; n];
                 weight.matmul_rows_on_this_thread(&alone, 0..n, &mut y_alone);
                 assert_eq!(y_alone, y[i * n..(i + 1) * n], "{format:?} {isa:?}: row {i} alone");
@@ -100,7 +98,7 @@ fn every_kernel_computes_the_product_of_the_quantized_operands_bit_for_bit_alike
 fn a_range_of_weight_rows_and_a_partial_last_tile_write_only_their_outputs() {
     let (n, k, m) = (45, 256, 3);
     let (bytes, _) = quantized(GgmlDType::Q4K, n, k);
-    let x = QuantizedRows::quantize(&activations(m, k), k);
+    let x = QuantizedRows::quantize(&activations(m, k), k, Format::Q4K.activation_format());
     for isa in isas() {
         let weight = QuantWeight::from_file(Format::Q4K, &bytes, n, k, isa).unwrap();
         let mut all = vec![0f32; m * n];
