@@ -327,6 +327,11 @@ impl LoraWeights {
     pub fn is_empty(&self) -> bool {
         self.deltas.is_empty()
     }
+
+    /// The (layer, module) pairs it has a delta for, in no particular order.
+    pub fn targets(&self) -> impl Iterator<Item = (usize, TargetModule)> + '_ {
+        self.deltas.keys().copied()
+    }
 }
 
 /// The adapters applied to one request, each with its composition weight:

@@ -34,6 +34,15 @@ pub struct ServeOptions {
     /// Requests that may wait for a place; more get 429 [default: 64].
     #[arg(long, env = "TESSERA_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// Most bytes of keys and values held at once, running sequences and prefix cache together.
+    /// Taken in 16-token blocks as sequences grow; when it runs out the newest sequence waits
+    /// and is recomputed later [default: a quarter of the memory available at startup].
+    #[arg(long, env = "TESSERA_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<usize>,
+    /// Do not share the keys and values of common prompt prefixes between requests.
+    #[arg(long, env = "TESSERA_NO_PREFIX_CACHE")]
+    #[serde(default)]
+    pub no_prefix_cache: bool,
     /// Key of the `inference` scope: chat, completions, models, tokenize
     /// (`Authorization: Bearer …`) [default: none; with no key at all the server is open].
     #[arg(long, env = "TESSERA_API_KEY")]
@@ -116,6 +125,8 @@ pub struct ServeConfig {
     pub ctx_len: usize,
     pub max_running_seqs: usize,
     pub max_queue: usize,
+    pub kv_cache_bytes: usize,
+    pub prefix_cache: bool,
     pub api_key: Option<String>,
     pub tune_key: Option<String>,
     pub admin_key: Option<String>,
@@ -146,6 +157,8 @@ impl ServeOptions {
             ctx_len: self.ctx_len.or(other.ctx_len),
             max_running_seqs: self.max_running_seqs.or(other.max_running_seqs),
             max_queue: self.max_queue.or(other.max_queue),
+            kv_cache_bytes: self.kv_cache_bytes.or(other.kv_cache_bytes),
+            no_prefix_cache: self.no_prefix_cache || other.no_prefix_cache,
             api_key: self.api_key.or(other.api_key),
             admin_key: self.admin_key.or(other.admin_key),
             tune_key: self.tune_key.or(other.tune_key),
@@ -197,6 +210,8 @@ impl ServeConfig {
             ctx_len: positive(merged.ctx_len, 8192, "ctx_len")?,
             max_running_seqs: positive(merged.max_running_seqs, 16, "max_running_seqs")?,
             max_queue: positive(merged.max_queue, 64, "max_queue")?,
+            kv_cache_bytes: positive(merged.kv_cache_bytes, crate::engine::default_kv_cache_bytes(), "kv_cache_bytes")?,
+            prefix_cache: !merged.no_prefix_cache,
             api_key: merged.api_key.filter(|k| !k.is_empty()),
             admin_key: merged.admin_key.filter(|k| !k.is_empty()),
             tune_key: merged.tune_key.filter(|k| !k.is_empty()),

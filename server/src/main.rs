@@ -499,6 +499,8 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
             ctx_len,
             max_running_seqs: config.max_running_seqs,
             max_queue: config.max_queue,
+            kv_cache_bytes: config.kv_cache_bytes,
+            prefix_cache: config.prefix_cache,
             ..tessera::engine::EngineConfig::default()
         },
     )?;

@@ -11,6 +11,12 @@ pub struct Metrics {
     pub running_sequences: IntGauge,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    pub kv_cache_capacity_bytes: IntGauge,
+    pub kv_cache_used_bytes: IntGauge,
+    pub prefix_cache_bytes: IntGauge,
+    pub prefix_cache_query_tokens: IntCounter,
+    pub prefix_cache_hit_tokens: IntCounter,
+    pub preemptions: IntCounter,
 }
 
 impl Metrics {
@@ -48,6 +54,19 @@ impl Metrics {
             .buckets(latency_buckets),
         )
         .expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let kv_cache_capacity_bytes = gauge("tessera_kv_cache_capacity_bytes", "Bytes the KV block pool may hold");
+        let kv_cache_used_bytes =
+            gauge("tessera_kv_cache_used_bytes", "Bytes of KV blocks allocated (running sequences and prefix cache)");
+        let prefix_cache_bytes =
+            gauge("tessera_prefix_cache_bytes", "Bytes of KV blocks the prefix cache keeps (some shared with running sequences)");
+        let prefix_cache_query_tokens =
+            counter("tessera_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache");
+        let prefix_cache_hit_tokens =
+            counter("tessera_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache (not prefilled)");
+        let preemptions =
+            counter("tessera_preemptions_total", "Sequences preempted to free KV blocks (recomputed later)");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(prompt_tokens.clone()),
@@ -56,6 +75,12 @@ impl Metrics {
             Box::new(running_sequences.clone()),
             Box::new(time_to_first_token.clone()),
             Box::new(inter_token_latency.clone()),
+            Box::new(kv_cache_capacity_bytes.clone()),
+            Box::new(kv_cache_used_bytes.clone()),
+            Box::new(prefix_cache_bytes.clone()),
+            Box::new(prefix_cache_query_tokens.clone()),
+            Box::new(prefix_cache_hit_tokens.clone()),
+            Box::new(preemptions.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -68,6 +93,12 @@ impl Metrics {
             running_sequences,
             time_to_first_token,
             inter_token_latency,
+            kv_cache_capacity_bytes,
+            kv_cache_used_bytes,
+            prefix_cache_bytes,
+            prefix_cache_query_tokens,
+            prefix_cache_hit_tokens,
+            preemptions,
         }
     }
 

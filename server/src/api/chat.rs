@@ -144,6 +144,8 @@ pub async fn chat_completions(
 
     let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
     let completion_tokens = results.iter().map(|r| r.finished.completion_tokens).sum();
+    // The prompt is counted once, so is what of it was cached (the most any choice found).
+    let cached_tokens = results.iter().map(|r| r.finished.cached_tokens).max().unwrap_or(0);
     // A plugin validates or normalises each answer, on the generation the request leased (a
     // plugin call: blocking work).
     let texts: Vec<String> = results.iter().map(|r| r.text.clone()).collect();
@@ -184,11 +186,7 @@ pub async fn chat_completions(
         created,
         model: req.model,
         choices,
-        usage: Usage {
-            prompt_tokens: prompt.len(),
-            completion_tokens,
-            total_tokens: prompt.len() + completion_tokens,
-        },
+        usage: Usage::new(prompt.len(), completion_tokens, cached_tokens),
         system_fingerprint: plugin.as_ref().map(|p| p.fingerprint()),
     };
     let response = if sampling.stream {
@@ -237,6 +235,7 @@ fn whole_answer_events(completion: ChatCompletion, include_usage: bool) -> Vec<R
 #[derive(Default)]
 struct Totals {
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
 }
 
@@ -293,6 +292,7 @@ fn chat_stream(
                 }
                 Event::Finished(f) => {
                     totals.prompt_tokens = f.prompt_tokens;
+                    totals.cached_tokens = totals.cached_tokens.max(f.cached_tokens);
                     totals.completion_tokens += f.completion_tokens;
                     let reason = Some(finish_reason(f.reason));
                     out.push(chunk(vec![choice(None, f.trailing_text, None, reason)], None));
@@ -307,11 +307,7 @@ fn chat_stream(
             }
             vec![end_chunk(
                 Vec::new(),
-                Some(Usage {
-                    prompt_tokens: totals.prompt_tokens,
-                    completion_tokens: totals.completion_tokens,
-                    total_tokens: totals.prompt_tokens + totals.completion_tokens,
-                }),
+                Some(Usage::new(totals.prompt_tokens, totals.completion_tokens, totals.cached_tokens)),
             )]
         },
     )

@@ -112,8 +112,8 @@ pub async fn completions(
         let mut offsets = vec![0usize; receivers.len()];
         let stream = sse_stream(
             receivers,
-            0usize,
-            move |completion_tokens, index, event| {
+            (0usize, vec![0usize; prompts.len()]),
+            move |(completion_tokens, cached), index, event| {
                 let tokenizer = &app2.model.tokenizer;
                 let prompt = &prompts[index / n];
                 let mut out = Vec::new();
@@ -153,6 +153,7 @@ pub async fn completions(
                     }
                     Event::Finished(f) => {
                         *completion_tokens += f.completion_tokens;
+                        cached[index / n] = cached[index / n].max(f.cached_tokens);
                         out.push(chunk(
                             vec![CompletionChoice {
                                 index,
@@ -169,18 +170,12 @@ pub async fn completions(
                 }
                 out
             },
-            move |completion_tokens| {
+            move |(completion_tokens, cached)| {
                 if !include_usage {
                     return Vec::new();
                 }
-                vec![end_chunk(
-                    Vec::new(),
-                    Some(Usage {
-                        prompt_tokens,
-                        completion_tokens: *completion_tokens,
-                        total_tokens: prompt_tokens + *completion_tokens,
-                    }),
-                )]
+                let cached_tokens = cached.iter().sum();
+                vec![end_chunk(Vec::new(), Some(Usage::new(prompt_tokens, *completion_tokens, cached_tokens)))]
             },
         );
         return Ok(with_generations(
@@ -192,9 +187,12 @@ pub async fn completions(
     let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
     let mut choices = Vec::with_capacity(results.len());
     let mut completion_tokens = 0;
+    // Each prompt counts once, with the most of it any of its choices found cached.
+    let mut cached = vec![0usize; prompts.len()];
     for (index, r) in results.into_iter().enumerate() {
         let prompt = &prompts[index / n];
         completion_tokens += r.finished.completion_tokens;
+        cached[index / n] = cached[index / n].max(r.finished.cached_tokens);
         let prompt_text = if echo { decode(tokenizer, prompt) } else { String::new() };
         let lp = logprobs.map(|_| {
             let mut lp = CompletionLogprobs::default();
@@ -223,11 +221,7 @@ pub async fn completions(
         created,
         model: req.model,
         choices,
-        usage: Some(Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        }),
+        usage: Some(Usage::new(prompt_tokens, completion_tokens, cached.iter().sum())),
     })
     .into_response();
     Ok(with_generations(response, &adapters))

@@ -121,6 +121,13 @@ impl From<SubmitError> for AppError {
         match e {
             SubmitError::QueueFull(waiting) => Self::Overloaded { waiting },
             SubmitError::Stopped => Self::Unavailable,
+            SubmitError::ExceedsKvCache { requested, limit, prompt } => Self::ContextLength {
+                limit,
+                requested,
+                prompt,
+                completion: requested - prompt,
+                param: "max_tokens",
+            },
         }
     }
 }

@@ -3,7 +3,8 @@
 //! HTTP handlers turn requests into validated [`GenerationRequest`]s and [`Engine::submit`] them;
 //! each submission gets a channel of [`Event`]s. Between model steps the scheduler admits new
 //! sequences, prefills long prompts in chunks, and decodes every running sequence together.
-//! Dropping the event receiver (a client that went away) cancels the sequence.
+//! Dropping the event receiver (a client that went away) cancels the sequence. Keys and values
+//! live in a paged pool with a byte budget, shared through an automatic prefix cache.
 
 mod scheduler;
 mod sequence;
@@ -16,6 +17,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::model::kv::blocks_for_sequence;
+use crate::model::{Config, KvPool};
 use crate::registry::AdapterGeneration;
 use crate::sampler::SamplingParams;
 use crate::LoadedModel;
@@ -61,6 +64,8 @@ pub struct Finished {
     /// Text held back for a possible stop string and released at the end.
     pub trailing_text: String,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     /// For each prompt position after the first: the prompt token's logprob and the top ones.
     pub prompt_logprobs: Option<Vec<(TokenLogprob, Vec<TokenLogprob>)>>,
@@ -83,6 +88,27 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Prompt tokens prefilled per step across sequences, so decoding streams do not stall.
     pub prefill_tokens_per_step: usize,
+    /// Most bytes of keys and values held at once (blocks of every running sequence and of the
+    /// prefix cache).
+    pub kv_cache_bytes: usize,
+    /// Share the keys and values of common prompt prefixes between requests.
+    pub prefix_cache: bool,
+}
+
+/// Prompts are prefilled in chunks ending on multiples of this, whatever else is running.
+pub(crate) const PREFILL_CHUNK: usize = 256;
+
+/// The default KV budget: a quarter of the memory available now (2 GiB where that cannot be
+/// read). Blocks are taken only as sequences grow, so an idle server holds none of it.
+pub fn default_kv_cache_bytes() -> usize {
+    const FALLBACK: usize = 2 << 30;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        info.lines()
+            .find_map(|line| line.strip_prefix("MemAvailable:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kib| kib * 1024)
+    });
+    available.map_or(FALLBACK, |bytes| bytes / 4)
 }
 
 impl Default for EngineConfig {
@@ -92,6 +118,8 @@ impl Default for EngineConfig {
             max_running_seqs: 16,
             max_queue: 64,
             prefill_tokens_per_step: 512,
+            kv_cache_bytes: default_kv_cache_bytes(),
+            prefix_cache: true,
         }
     }
 }
@@ -102,6 +130,9 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("the engine has stopped")]
     Stopped,
+    /// Prompt plus completion need more KV blocks than the whole pool has.
+    #[error("{requested} tokens need more KV cache than the server has (room for {limit} tokens)")]
+    ExceedsKvCache { requested: usize, limit: usize, prompt: usize },
 }
 
 struct Submission {
@@ -116,6 +147,9 @@ pub struct Engine {
     submissions: std::sync::mpsc::Sender<Submission>,
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
+    pool: KvPool,
+    /// The longest sequence the pool can hold alone.
+    max_sequence_tokens: usize,
 }
 
 impl Engine {
@@ -127,14 +161,18 @@ impl Engine {
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = std::sync::mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
+        let model_config = model.model.config();
+        let pool = KvPool::new(model_config, config.kv_cache_bytes);
         let engine = Self {
             submissions: tx,
             waiting: waiting.clone(),
             max_queue: config.max_queue,
+            max_sequence_tokens: longest_sequence_in(model_config, pool.capacity_blocks(), config.ctx_len),
+            pool: pool.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("tessera-engine".into())
-            .spawn(move || scheduler::Scheduler::new(model, config, metrics, rx, waiting).run())?;
+            .spawn(move || scheduler::Scheduler::new(model, config, pool, metrics, rx, waiting).run())?;
         Ok((engine, thread))
     }
 
@@ -143,6 +181,14 @@ impl Engine {
         &self,
         request: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let requested = request.prompt.len() + request.max_tokens;
+        if requested > self.max_sequence_tokens {
+            return Err(SubmitError::ExceedsKvCache {
+                requested,
+                limit: self.max_sequence_tokens,
+                prompt: request.prompt.len(),
+            });
+        }
         let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.max_queue {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -166,4 +212,32 @@ impl Engine {
     pub fn queue_depth(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
+
+    /// The pool keys and values come from (for its counters).
+    pub fn kv_pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    /// The longest prompt plus completion one request may have.
+    pub fn max_sequence_tokens(&self) -> usize {
+        self.max_sequence_tokens
+    }
+}
+
+/// The most positions (up to `ctx_len`) one sequence can reach in a pool of `blocks` blocks.
+fn longest_sequence_in(config: &Config, blocks: usize, ctx_len: usize) -> usize {
+    if blocks_for_sequence(config, ctx_len, PREFILL_CHUNK) <= blocks {
+        return ctx_len;
+    }
+    // Blocks needed grow with the length: search for the last length that fits.
+    let (mut fits, mut too_long) = (0, ctx_len);
+    while too_long - fits > 1 {
+        let mid = (fits + too_long) / 2;
+        if blocks_for_sequence(config, mid, PREFILL_CHUNK) <= blocks {
+            fits = mid;
+        } else {
+            too_long = mid;
+        }
+    }
+    fits
 }

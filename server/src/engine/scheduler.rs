@@ -1,4 +1,10 @@
 //! The engine thread: admit, batch, step, repeat.
+//!
+//! Keys and values come from one [`KvPool`]: a sequence takes blocks as it grows. When a step
+//! needs more blocks than are free, the prefix cache gives back blocks no sequence uses (least
+//! recently used first); when that is not enough, the most recently admitted sequence is
+//! preempted: it gives back its blocks and waits at the front of the line, to recompute its
+//! prompt and what it generated when there is room again.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -8,14 +14,13 @@ use std::sync::Arc;
 
 use tessera_adapters::AdapterMix;
 
-use super::sequence::Sequence;
-use super::{EngineConfig, Submission};
+use super::sequence::{Sequence, StepInput};
+use super::{EngineConfig, Submission, PREFILL_CHUNK};
 use crate::metrics::Metrics;
 use crate::model::decoder::SequenceChunk;
+use crate::model::kv::prefix::PrefixCache;
+use crate::model::{KvPool, ModelError};
 use crate::LoadedModel;
-
-/// Prompts are prefilled in chunks ending on multiples of this, whatever else is running.
-const PREFILL_CHUNK: usize = 256;
 
 pub(super) struct Scheduler {
     model: Arc<LoadedModel>,
@@ -26,23 +31,25 @@ pub(super) struct Scheduler {
     queue: VecDeque<Submission>,
     waiting: Arc<AtomicUsize>,
     running: Vec<Sequence>,
-    /// KV cache bytes of the running sequences and the most they may hold together.
-    cache_bytes: usize,
-    cache_budget: usize,
+    /// Sequences admitted before that wait for blocks (preempted, or their first chunk did
+    /// not fit). They hold no blocks and go before the queue.
+    paused: VecDeque<Sequence>,
+    pool: KvPool,
+    prefix: Option<PrefixCache>,
 }
 
 impl Scheduler {
     pub(super) fn new(
         model: Arc<LoadedModel>,
         config: EngineConfig,
+        pool: KvPool,
         metrics: Arc<Metrics>,
         submissions: Receiver<Submission>,
         waiting: Arc<AtomicUsize>,
     ) -> Self {
-        let c = model.model.config();
-        // Room for every running sequence at full context.
-        let cache_budget = config.max_running_seqs * config.ctx_len * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4;
+        metrics.kv_cache_capacity_bytes.set((pool.capacity_blocks() * pool.block_bytes()) as i64);
         Self {
+            prefix: config.prefix_cache.then(PrefixCache::new),
             model,
             config,
             metrics,
@@ -50,36 +57,26 @@ impl Scheduler {
             queue: VecDeque::new(),
             waiting,
             running: Vec::new(),
-            cache_bytes: 0,
-            cache_budget,
+            paused: VecDeque::new(),
+            pool,
         }
     }
 
     pub(super) fn run(mut self) {
         loop {
-            if self.running.is_empty() && self.queue.is_empty() {
+            if self.running.is_empty() && self.paused.is_empty() && self.queue.is_empty() {
                 // Idle: block until work arrives, or stop once every handle is gone.
                 match self.submissions.recv() {
                     Ok(s) => self.queue.push_back(s),
                     Err(_) => return,
                 }
             }
-            loop {
-                match self.submissions.try_recv() {
-                    Ok(s) => self.queue.push_back(s),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        if self.running.is_empty() && self.queue.is_empty() {
-                            return;
-                        }
-                        break;
-                    }
-                }
+            if !self.take_submissions() {
+                return;
             }
             self.drop_cancelled();
             self.admit();
-            self.metrics.queue_depth.set(self.waiting.load(Ordering::SeqCst) as i64);
-            self.metrics.running_sequences.set(self.running.len() as i64);
+            self.publish_gauges();
             if self.running.is_empty() {
                 continue;
             }
@@ -94,72 +91,136 @@ impl Scheduler {
                 for seq in self.running.drain(..) {
                     seq.fail(&format!("internal error in the engine: {message}"));
                 }
-                self.cache_bytes = 0;
             }
         }
+    }
+
+    /// Moves what has arrived into the queue. Returns false when every handle is gone and
+    /// nothing is left to do.
+    fn take_submissions(&mut self) -> bool {
+        loop {
+            match self.submissions.try_recv() {
+                Ok(s) => self.queue.push_back(s),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => {
+                    return !(self.running.is_empty() && self.paused.is_empty() && self.queue.is_empty());
+                }
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.queue_depth.set((self.waiting.load(Ordering::SeqCst) + self.paused.len()) as i64);
+        m.running_sequences.set(self.running.len() as i64);
+        m.kv_cache_used_bytes.set((self.pool.allocated_blocks() * self.pool.block_bytes()) as i64);
+        let cached = self.prefix.as_ref().map_or(0, |p| p.len() * self.model.model.config().n_layers);
+        m.prefix_cache_bytes.set((cached * self.pool.block_bytes()) as i64);
     }
 
     fn drop_cancelled(&mut self) {
         let before = self.queue.len();
         self.queue.retain(|s| !s.events.is_closed());
         self.waiting.fetch_sub(before - self.queue.len(), Ordering::SeqCst);
-        let mut freed = 0;
+        self.paused.retain(|seq| !seq.cancelled());
         self.running.retain(|seq| {
             let keep = !seq.cancelled();
             if !keep {
-                freed += seq.cache.size_in_bytes();
                 tracing::debug!("client went away; sequence cancelled");
             }
             keep
         });
-        self.cache_bytes -= freed;
     }
 
+    /// Starts waiting sequences while there are places in the batch and blocks for their first
+    /// chunk (after what the prefix cache already holds of them).
     fn admit(&mut self) {
         let config = self.model.model.config();
         while self.running.len() < self.config.max_running_seqs {
-            let Some(front) = self.queue.front() else {
-                break;
-            };
-            let bytes = Sequence::cache_bytes(&front.request, config);
-            if self.cache_bytes + bytes > self.cache_budget && !self.running.is_empty() {
-                break;
-            }
-            let Some(submission) = self.queue.pop_front() else {
-                break;
-            };
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            let events = submission.events.clone();
-            match Sequence::new(submission, config) {
-                Ok(seq) => {
-                    self.cache_bytes += seq.cache.size_in_bytes();
-                    self.running.push(seq);
+            let (mut seq, new) = match self.paused.pop_front() {
+                Some(seq) => (seq, false),
+                None => {
+                    let Some(submission) = self.queue.pop_front() else { break };
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    (Sequence::new(submission, &self.pool, config), true)
                 }
-                Err(e) => {
-                    let _ = events.send(super::Event::Failed(e.to_string()));
+            };
+            if let Some(prefix) = self.prefix.as_mut() {
+                let found = seq.adopt_cached_prefix(prefix);
+                if new {
+                    self.metrics.prefix_cache_query_tokens.inc_by(seq.prompt_len() as u64);
+                    self.metrics.prefix_cache_hit_tokens.inc_by(found as u64);
                 }
             }
+            let first_chunk = seq.next_input(PREFILL_CHUNK).tokens.len();
+            if make_room(&mut seq, first_chunk, self.prefix.as_mut()) {
+                self.running.push(seq);
+                continue;
+            }
+            seq.preempt(&self.pool, config);
+            if self.running.is_empty() {
+                // Nothing else holds blocks and the prefix cache gave back all it could.
+                seq.fail(&ModelError::KvPoolExhausted { capacity_blocks: self.pool.capacity_blocks() }.to_string());
+                continue;
+            }
+            self.paused.push_front(seq);
+            break;
         }
     }
 
-    /// One model step: a prompt chunk for sequences still prefilling (within the step's prompt
-    /// budget), one token for every decoding sequence.
-    fn step(&mut self) {
-        let mut budget = self.config.prefill_tokens_per_step;
+    /// Each running sequence's input this step, with its blocks reserved: a prompt chunk for
+    /// sequences still prefilling (within the step's prompt budget), one token for every
+    /// decoding sequence. Preempts the newest sequences when the pool runs out.
+    fn plan_step(&mut self) -> Vec<Option<StepInput>> {
+        let full_budget = self.config.prefill_tokens_per_step;
+        let mut budget = full_budget;
         let mut inputs = Vec::with_capacity(self.running.len());
-        for seq in &self.running {
-            let input = seq.next_input(PREFILL_CHUNK);
-            if seq.prefilling() {
-                let first_prefill = budget == self.config.prefill_tokens_per_step;
-                if input.tokens.len() > budget && !first_prefill {
-                    inputs.push(None);
-                    continue;
-                }
+        let mut i = 0;
+        while i < self.running.len() {
+            let input = self.running[i].next_input(PREFILL_CHUNK);
+            let prefilling = self.running[i].prefilling();
+            if prefilling && input.tokens.len() > budget && budget != full_budget {
+                inputs.push(None);
+                i += 1;
+                continue;
+            }
+            if !self.make_room_or_preempt(i, input.tokens.len()) {
+                // Sequence i itself went back to wait; the one after it is now at i.
+                continue;
+            }
+            if prefilling {
                 budget = budget.saturating_sub(input.tokens.len());
             }
             inputs.push(Some(input));
+            i += 1;
         }
+        inputs
+    }
 
+    /// Reserves blocks for `tokens` more positions of running sequence `i`, preempting the
+    /// most recently admitted sequences until they fit. Returns false when `i` itself had to go.
+    fn make_room_or_preempt(&mut self, i: usize, tokens: usize) -> bool {
+        let config = self.model.model.config();
+        while !make_room(&mut self.running[i], tokens, self.prefix.as_mut()) {
+            let victim = self.running.len() - 1;
+            let mut seq = self.running.remove(victim);
+            tracing::debug!(running = self.running.len(), "KV pool full; sequence preempted");
+            self.metrics.preemptions.inc();
+            seq.preempt(&self.pool, config);
+            self.paused.push_front(seq);
+            if victim == i {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// One model step over the planned inputs, then sampling and bookkeeping.
+    fn step(&mut self) {
+        let inputs = self.plan_step();
+        if inputs.iter().all(Option::is_none) {
+            return;
+        }
         let leases: Vec<_> = self.running.iter().map(|seq| seq.leases().to_vec()).collect();
         let mixes: Vec<AdapterMix> = leases
             .iter()
@@ -188,13 +249,14 @@ impl Scheduler {
             Ok(logits) => logits,
             Err(e) => {
                 tracing::error!(error = %e, "model step failed");
-                for (seq, input) in self.running.iter().zip(&inputs) {
-                    if input.is_some() {
+                let mut fed = inputs.iter().map(Option::is_some);
+                self.running.retain(|seq| {
+                    let failed = fed.next().unwrap_or(false);
+                    if failed {
                         seq.fail(&e.to_string());
                     }
-                }
-                self.running.retain(|_| false);
-                self.cache_bytes = 0;
+                    !failed
+                });
                 return;
             }
         };
@@ -203,22 +265,32 @@ impl Scheduler {
         let mut finished = vec![false; self.running.len()];
         for (i, (seq, input)) in self.running.iter_mut().zip(&inputs).enumerate() {
             let Some(input) = input else { continue };
-            let rows: Vec<&[f32]> = (0..logits.rows(batch_index))
-                .map(|r| logits.row(batch_index, r))
-                .collect();
+            let rows: Vec<&[f32]> = (0..logits.rows(batch_index)).map(|r| logits.row(batch_index, r)).collect();
             batch_index += 1;
             finished[i] = seq.advance(input.tokens.len(), &rows, tokenizer, &self.metrics);
-        }
-        let mut index = 0;
-        let mut freed = 0;
-        self.running.retain(|seq| {
-            let done = finished[index];
-            index += 1;
-            if done {
-                freed += seq.cache.size_in_bytes();
+            if let Some(prefix) = self.prefix.as_mut() {
+                seq.register_blocks(prefix);
             }
-            !done
-        });
-        self.cache_bytes -= freed;
+        }
+        let mut done = finished.into_iter();
+        self.running.retain(|_| !done.next().unwrap_or(false));
+    }
+}
+
+/// Reserves blocks for `tokens` more positions of `seq`, evicting unused prefix-cache blocks
+/// while that helps. Returns false when the pool cannot provide them.
+fn make_room(seq: &mut Sequence, tokens: usize, mut prefix: Option<&mut PrefixCache>) -> bool {
+    loop {
+        match seq.cache.reserve(tokens) {
+            Ok(()) => return true,
+            Err(ModelError::KvPoolExhausted { .. }) => {}
+            // Anything else is the step's to report.
+            Err(_) => return true,
+        }
+        let wanted = seq.cache.blocks_to_reserve(tokens);
+        let freed = prefix.as_deref_mut().map_or(0, |p| p.evict(wanted));
+        if freed == 0 {
+            return false;
+        }
     }
 }

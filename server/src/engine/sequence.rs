@@ -1,14 +1,20 @@
 //! One request's life in the engine: its cache, its sampler, and what it has produced.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::text::{IncrementalDecoder, StopMatcher, StopScan};
 use super::{Event, FinishReason, Finished, GeneratedToken, GenerationRequest, Submission, TokenLogprob};
+use tessera_adapters::TargetModule;
+
 use crate::metrics::Metrics;
-use crate::model::{Config, KvCache, LogitsFor, ModelError};
+use crate::registry::AdapterGeneration;
+use crate::model::kv::prefix::{ChainCursor, PrefixCache};
+use crate::model::{Config, KvCache, KvPool, LogitsFor};
 use crate::sampler::{log_softmax_at, top_logprobs, Sampler};
 use crate::tokenizer::Tokenizer;
 
@@ -16,6 +22,7 @@ pub(super) struct Sequence {
     request: GenerationRequest,
     events: UnboundedSender<Event>,
     pub(super) cache: KvCache,
+    /// Leading tokens of `prompt ++ generated` whose keys and values are in the cache.
     prefilled: usize,
     generated: Vec<u32>,
     counts: HashMap<u32, u32>,
@@ -23,6 +30,11 @@ pub(super) struct Sequence {
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     prompt_logprobs: Option<Vec<(TokenLogprob, Vec<TokenLogprob>)>>,
+    /// Prompt tokens found in the prefix cache at admission (reported in the usage).
+    cached_tokens: usize,
+    /// What makes this sequence's keys and values differ from the base model's on the same
+    /// tokens, and how far its blocks are registered in the prefix cache (`None`: not shared).
+    prefix: Option<(u64, ChainCursor)>,
     submitted_at: Instant,
     last_token_at: Option<Instant>,
 }
@@ -34,28 +46,77 @@ pub(super) struct StepInput {
 }
 
 impl Sequence {
-    pub(super) fn new(submission: Submission, config: &Config) -> Result<Self, ModelError> {
+    pub(super) fn new(submission: Submission, pool: &KvPool, config: &Config) -> Self {
         let request = submission.request;
         let capacity = request.prompt.len() + request.max_tokens;
-        Ok(Self {
-            cache: KvCache::new(config, capacity)?,
+        Self {
+            cache: KvCache::in_pool(pool, config, capacity),
             sampler: Sampler::new(request.sampling.clone()),
             stops: StopMatcher::new(request.stop_strings.clone()),
             prompt_logprobs: request.prompt_logprobs.then(Vec::new),
+            // Prompt logprobs need the logits of every prompt position, so nothing is skipped.
+            prefix: (!request.prompt_logprobs).then(|| (kv_salt(&request.adapters, config.n_layers), ChainCursor::EMPTY)),
             request,
             events: submission.events,
             prefilled: 0,
             generated: Vec::new(),
             counts: HashMap::new(),
             decoder: IncrementalDecoder::default(),
+            cached_tokens: 0,
             submitted_at: submission.submitted_at,
             last_token_at: None,
-        })
+        }
     }
 
-    /// Bytes of KV cache a request will hold.
-    pub(super) fn cache_bytes(request: &GenerationRequest, config: &Config) -> usize {
-        (request.prompt.len() + request.max_tokens) * config.n_layers * 2 * config.n_kv_heads * config.head_dim * 4
+    /// `prompt ++ generated`: what the cache holds a prefix of.
+    fn tokens(&self) -> Vec<u32> {
+        let mut tokens = Vec::with_capacity(self.request.prompt.len() + self.generated.len());
+        tokens.extend_from_slice(&self.request.prompt);
+        tokens.extend_from_slice(&self.generated);
+        tokens
+    }
+
+    pub(super) fn prompt_len(&self) -> usize {
+        self.request.prompt.len()
+    }
+
+    fn known_len(&self) -> usize {
+        self.request.prompt.len() + self.generated.len()
+    }
+
+    /// On a fresh cache, adopts the longest run of blocks the prefix cache holds for this
+    /// sequence's tokens and adapters. Returns the positions found.
+    pub(super) fn adopt_cached_prefix(&mut self, prefix: &mut PrefixCache) -> usize {
+        let Some((salt, _)) = self.prefix else { return 0 };
+        if !self.cache.is_empty() {
+            return 0;
+        }
+        let root = prefix.root(salt);
+        let cursor = prefix.adopt_longest_prefix(root, &self.tokens(), &mut self.cache);
+        self.prefilled = cursor.tokens();
+        if self.generated.is_empty() {
+            self.cached_tokens = cursor.tokens();
+        }
+        self.prefix = Some((salt, cursor));
+        cursor.tokens()
+    }
+
+    /// Offers the prefix cache the blocks this sequence has filled since the last call.
+    pub(super) fn register_blocks(&mut self, prefix: &mut PrefixCache) {
+        let Some((salt, cursor)) = self.prefix else { return };
+        let cursor = if cursor.is_empty() { prefix.root(salt) } else { cursor };
+        let cursor = prefix.register(cursor, &self.tokens()[..self.cache.len()], &self.cache);
+        self.prefix = Some((salt, cursor));
+    }
+
+    /// Gives back every block and starts over from nothing; the tokens generated so far are
+    /// kept and recomputed with the prompt when the sequence runs again.
+    pub(super) fn preempt(&mut self, pool: &KvPool, config: &Config) {
+        self.cache = KvCache::in_pool(pool, config, self.cache.capacity());
+        self.prefilled = 0;
+        if let Some((_, cursor)) = self.prefix.as_mut() {
+            *cursor = ChainCursor::EMPTY;
+        }
     }
 
     /// The adapters this sequence leased, with their weights.
@@ -67,30 +128,37 @@ impl Sequence {
         self.events.is_closed()
     }
 
+    /// Whether this step feeds more than the one token decoding feeds.
     pub(super) fn prefilling(&self) -> bool {
-        self.prefilled < self.request.prompt.len()
+        self.prefilled + 1 < self.known_len() || self.generated.is_empty()
     }
 
-    /// The next input: a prompt chunk ending on a multiple of `chunk` (so chunk boundaries
-    /// never depend on the rest of the batch), or the last sampled token.
+    /// The next input: the tokens not yet cached, in chunks ending on multiples of `chunk` (so
+    /// chunk boundaries never depend on the rest of the batch). When decoding that is the last
+    /// sampled token; after a preemption, the prompt and what was generated.
     pub(super) fn next_input(&self, chunk: usize) -> StepInput {
-        if self.prefilling() {
-            let end = ((self.prefilled / chunk + 1) * chunk).min(self.request.prompt.len());
-            let last = end == self.request.prompt.len();
-            StepInput {
-                tokens: self.request.prompt[self.prefilled..end].to_vec(),
-                logits: match (self.request.prompt_logprobs, last) {
-                    (true, _) => LogitsFor::All,
-                    (false, true) => LogitsFor::Last,
-                    (false, false) => LogitsFor::None,
-                },
-            }
-        } else {
-            StepInput {
-                tokens: vec![*self.generated.last().expect("decoding follows a sampled token")],
-                logits: LogitsFor::Last,
-            }
+        let known = self.known_len();
+        let end = ((self.prefilled / chunk + 1) * chunk).min(known);
+        let last = end == known;
+        let in_prompt = self.prefilled < self.request.prompt.len();
+        let tokens = self.tokens_range(self.prefilled..end);
+        StepInput {
+            tokens,
+            logits: match (self.prompt_logprobs.is_some() && in_prompt, last) {
+                (true, _) => LogitsFor::All,
+                (false, true) => LogitsFor::Last,
+                (false, false) => LogitsFor::None,
+            },
         }
+    }
+
+    fn tokens_range(&self, range: std::ops::Range<usize>) -> Vec<u32> {
+        let prompt = self.request.prompt.len();
+        let from_prompt = range.start.min(prompt)..range.end.min(prompt);
+        let from_generated = range.start.max(prompt) - prompt..range.end.max(prompt) - prompt;
+        let mut tokens = self.request.prompt[from_prompt].to_vec();
+        tokens.extend_from_slice(&self.generated[from_generated]);
+        tokens
     }
 
     /// Takes this step's logit rows (`rows[i]` for the i-th requested row). Returns whether the
@@ -102,22 +170,25 @@ impl Sequence {
         tokenizer: &Tokenizer,
         metrics: &Metrics,
     ) -> bool {
-        if self.prefilling() {
-            if let Some(scored) = self.prompt_logprobs.as_mut() {
-                let k = self.request.logprobs.unwrap_or(0);
-                for (i, row) in rows.iter().enumerate() {
-                    let target = self.prefilled + i + 1;
-                    if let Some(&id) = self.request.prompt.get(target) {
-                        let logprob = log_softmax_at(row, [id])[0];
-                        scored.push((TokenLogprob { id, logprob }, to_logprobs(top_logprobs(row, k))));
-                    }
+        if let Some(scored) = self.prompt_logprobs.as_mut() {
+            let k = self.request.logprobs.unwrap_or(0);
+            for (i, row) in rows.iter().enumerate() {
+                // Targets already scored before a preemption are not scored again.
+                let target = self.prefilled + i + 1;
+                if target != scored.len() + 1 {
+                    continue;
+                }
+                if let Some(&id) = self.request.prompt.get(target) {
+                    let logprob = log_softmax_at(row, [id])[0];
+                    scored.push((TokenLogprob { id, logprob }, to_logprobs(top_logprobs(row, k))));
                 }
             }
-            self.prefilled += fed;
-            metrics.prompt_tokens.inc_by(fed as u64);
-            if self.prefilling() {
-                return false;
-            }
+        }
+        let prompt_fed = self.request.prompt.len().saturating_sub(self.prefilled).min(fed);
+        metrics.prompt_tokens.inc_by(prompt_fed as u64);
+        self.prefilled += fed;
+        if self.prefilled < self.known_len() {
+            return false;
         }
         let Some(logits) = rows.last() else {
             return false;
@@ -187,6 +258,7 @@ impl Sequence {
             reason,
             trailing_text: self.stops.flush(),
             prompt_tokens: self.request.prompt.len(),
+            cached_tokens: self.cached_tokens,
             completion_tokens: self.generated.len(),
             prompt_logprobs: self.prompt_logprobs.take(),
         }));
@@ -202,4 +274,23 @@ fn to_logprobs(top: Vec<(u32, f32)>) -> Vec<TokenLogprob> {
     top.into_iter()
         .map(|(id, logprob)| TokenLogprob { id, logprob })
         .collect()
+}
+
+/// Names what, besides the tokens, decides this sequence's keys and values: the adapters (by
+/// generation) and their scales, in the order they are added. An adapter changes the keys and
+/// values of layer ℓ when it has a delta on ℓ's k or v projection or on any module of an
+/// earlier layer (whose output feeds ℓ); one that only touches the last layer past k and v
+/// leaves every cached key and value as the base model's.
+fn kv_salt(adapters: &[(Arc<AdapterGeneration>, f32)], n_layers: usize) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for (generation, scale) in adapters {
+        let changes_kv = generation
+            .weights
+            .targets()
+            .any(|(layer, module)| layer + 1 < n_layers || matches!(module, TargetModule::K | TargetModule::V));
+        if changes_kv {
+            (generation.generation, scale.to_bits()).hash(&mut h);
+        }
+    }
+    h.finish()
 }

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::GgufFile;
-use crate::model::attention::{attend_chunk, attend_one, grouped_mask};
+use crate::model::attention::{attend, AttentionChunk};
 use crate::model::config::{Activation, Config};
 use crate::model::gelu::GeluTable;
 use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
@@ -277,6 +277,9 @@ impl Decoder {
     /// to their caches, and returns the logits each chunk asked for.
     pub fn forward(&self, batch: &mut [SequenceChunk]) -> Result<Logits, ModelError> {
         let (ids, positions, layouts) = self.layout(batch)?;
+        for chunk in batch.iter_mut() {
+            chunk.cache.reserve(chunk.tokens.len())?;
+        }
         let n_rows = ids.len();
         let segments: Vec<RowSegment> = batch
             .iter()
@@ -304,7 +307,7 @@ impl Decoder {
         &self,
         layer: usize,
         x: &Tensor,
-        batch: &[SequenceChunk],
+        batch: &mut [SequenceChunk],
         layouts: &[SequenceLayout],
         segments: &[RowSegment],
         rope: &RotaryTables,
@@ -334,32 +337,30 @@ impl Decoder {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        batch: &[SequenceChunk],
+        batch: &mut [SequenceChunk],
         layouts: &[SequenceLayout],
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
-        // Single-token (decoding) sequences attend straight from their caches' memory.
-        let q_values = if layouts.iter().any(|l| l.rows.len() == 1) {
-            q.flatten_all()?.to_vec1::<f32>()?
-        } else {
-            Vec::new()
-        };
-        let q_width = c.n_heads * c.head_dim;
-        let group = c.n_heads / c.n_kv_heads;
-        let mut per_sequence = Vec::with_capacity(batch.len());
-        for (chunk, layout) in batch.iter().zip(layouts) {
-            let rows = layout.rows.clone();
-            let t = rows.len();
-            chunk.cache.write(layer, &k.narrow(0, rows.start, t)?, &v.narrow(0, rows.start, t)?)?;
-            if t == 1 {
-                let q_row = &q_values[rows.start * q_width..(rows.start + 1) * q_width];
-                per_sequence.push(attend_one(c, chunk.cache, layer, layout.start_pos, q_row)?);
-                continue;
-            }
-            let mask = grouped_mask(layout.start_pos, t, c.window(layer), group)?;
-            per_sequence.push(attend_chunk(c, chunk.cache, layer, layout.start_pos, &q.narrow(0, rows.start, t)?, mask.as_ref())?);
+        let kv_width = c.kv_width();
+        let keys = k.flatten_all()?.to_vec1::<f32>()?;
+        let values = v.flatten_all()?.to_vec1::<f32>()?;
+        for (chunk, layout) in batch.iter_mut().zip(layouts) {
+            let span = layout.rows.start * kv_width..layout.rows.end * kv_width;
+            chunk.cache.write(layer, &keys[span.clone()], &values[span], kv_width)?;
         }
-        Ok(Tensor::cat(&per_sequence, 0)?)
+        let chunks: Vec<AttentionChunk> = batch
+            .iter()
+            .zip(layouts)
+            .map(|(chunk, layout)| AttentionChunk {
+                cache: &*chunk.cache,
+                start_pos: layout.start_pos,
+                rows: layout.rows.clone(),
+            })
+            .collect();
+        let rows = q.dim(0)?;
+        let mut out = vec![0f32; rows * c.n_heads * c.head_dim];
+        with_values(q, |q| attend(c, layer, q, &chunks, &mut out))??;
+        Ok(Tensor::from_vec(out, (rows, c.n_heads * c.head_dim), &Device::Cpu)?)
     }
 
     fn logits(

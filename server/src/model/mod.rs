@@ -1,12 +1,12 @@
 //! The decoder and its parts, one file per concern: the per-family configuration read from the
 //! GGUF metadata, attention, RoPE, the quantized linear layers with their LoRA seam, the kernels
-//! and the KV cache.
+//! and the paged KV cache with its prefix cache.
 
 pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod gelu;
-pub mod kv_cache;
+pub mod kv;
 pub mod linear;
 pub mod quant;
 pub mod rope;
@@ -14,7 +14,7 @@ pub mod synthetic;
 
 pub use config::Config;
 pub use decoder::Decoder;
-pub use kv_cache::KvCache;
+pub use kv::{KvCache, KvPool};
 pub use linear::Kernels;
 
 use crate::gguf::GgufError;
@@ -33,6 +33,10 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("empty input: a sequence in the batch has no tokens")]
     EmptyInput,
+    #[error("the KV cache pool is full: all {capacity_blocks} blocks are in use")]
+    KvPoolExhausted { capacity_blocks: usize },
+    #[error("internal error: no KV block for layer {layer} at position {position}")]
+    KvBlockUnwritable { layer: usize, position: usize },
 }
 
 impl ModelError {

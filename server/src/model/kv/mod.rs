@@ -1,33 +1,44 @@
-//! Per-sequence key/value cache. Each layer's keys and values live in one buffer allocated for
-//! the sequence's whole context up front, so decoding writes in place and never concatenates.
+//! A sequence's keys and values: per layer, a table of blocks from a [`KvPool`], taken as the
+//! sequence grows rather than reserved for the context it might reach. Sliding-window layers
+//! let go of the blocks no later query can see. Full blocks can be shared with other sequences
+//! through the prefix cache (`prefix`), since nothing writes a block once it is full.
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+mod pool;
+pub mod prefix;
+
+use std::sync::Arc;
+
+pub use pool::{blocks_for_layer, blocks_for_sequence, KvBlock, KvPool, BLOCK_TOKENS};
 
 use crate::model::{Config, ModelError};
 
 pub struct KvCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    pool: KvPool,
+    /// `blocks[layer][i]` holds positions `i·BLOCK_TOKENS..(i+1)·BLOCK_TOKENS` of `layer`;
+    /// `None` once it lies behind the layer's window.
+    blocks: Vec<Vec<Option<Arc<KvBlock>>>>,
+    windows: Vec<Option<usize>>,
+    /// Positions written: the position of the next token.
     len: usize,
+    /// Most positions this sequence may reach.
     capacity: usize,
-    /// Values per position: KV heads × head dimension.
-    width: usize,
 }
 
 impl KvCache {
-    /// A cache for up to `capacity` tokens (prompt and generated together).
+    /// A cache of up to `capacity` positions with a pool of its own, large enough for them.
     pub fn new(config: &Config, capacity: usize) -> Result<Self, ModelError> {
-        let width = config.n_kv_heads * config.head_dim;
-        let buffer = || Tensor::zeros((capacity, width), DType::F32, &Device::Cpu);
-        let keys = (0..config.n_layers).map(|_| buffer()).collect::<Result<_, _>>()?;
-        let values = (0..config.n_layers).map(|_| buffer()).collect::<Result<_, _>>()?;
-        Ok(Self {
-            keys,
-            values,
+        Ok(Self::in_pool(&KvPool::for_one_sequence(config, capacity), config, capacity))
+    }
+
+    /// A cache of up to `capacity` positions taking its blocks from `pool` as it grows.
+    pub fn in_pool(pool: &KvPool, config: &Config, capacity: usize) -> Self {
+        Self {
+            pool: pool.clone(),
+            blocks: vec![Vec::new(); config.n_layers],
+            windows: (0..config.n_layers).map(|layer| config.window(layer)).collect(),
             len: 0,
             capacity,
-            width,
-        })
+        }
     }
 
     /// Tokens already cached: the position of the next token.
@@ -43,8 +54,18 @@ impl KvCache {
         self.capacity
     }
 
-    pub fn size_in_bytes(&self) -> usize {
-        2 * self.keys.len() * self.keys.first().map_or(0, |k| k.elem_count()) * 4
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    /// Blocks `layer` holds now.
+    pub fn blocks_held(&self, layer: usize) -> usize {
+        self.blocks[layer].iter().flatten().count()
+    }
+
+    /// Blocks held over all layers (shared ones included).
+    pub fn total_blocks_held(&self) -> usize {
+        (0..self.blocks.len()).map(|layer| self.blocks_held(layer)).sum()
     }
 
     pub(crate) fn check_room(&self, new_tokens: usize) -> Result<(), ModelError> {
@@ -57,53 +78,80 @@ impl KvCache {
         Ok(())
     }
 
-    /// Stores this chunk's keys and values (`[tokens, width]`) for `layer` after the cached ones.
-    pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(), ModelError> {
-        self.keys[layer].slice_set(k, 0, self.len)?;
-        self.values[layer].slice_set(v, 0, self.len)?;
+    /// The first block of `layer` that a chunk starting at `start` still reads.
+    fn first_needed_block(&self, layer: usize, start: usize) -> usize {
+        self.windows[layer].map_or(0, |w| (start + 1).saturating_sub(w) / BLOCK_TOKENS)
+    }
+
+    /// Blocks [`reserve`](Self::reserve) would take from the pool for `new_tokens` more.
+    pub fn blocks_to_reserve(&self, new_tokens: usize) -> usize {
+        let end_blocks = (self.len + new_tokens).div_ceil(BLOCK_TOKENS);
+        self.blocks.iter().map(|table| end_blocks.saturating_sub(table.len())).sum()
+    }
+
+    /// Makes room for `new_tokens` more positions: lets go of the blocks that fall behind each
+    /// sliding window, then takes blocks from the pool for the new positions. On an empty
+    /// pool the blocks taken so far stay (the next try needs fewer).
+    pub fn reserve(&mut self, new_tokens: usize) -> Result<(), ModelError> {
+        self.check_room(new_tokens)?;
+        let end_blocks = (self.len + new_tokens).div_ceil(BLOCK_TOKENS);
+        for layer in 0..self.blocks.len() {
+            let behind = self.first_needed_block(layer, self.len);
+            let table = &mut self.blocks[layer];
+            table.iter_mut().take(behind).for_each(|block| *block = None);
+            while table.len() < end_blocks {
+                let block = self.pool.allocate().ok_or(ModelError::KvPoolExhausted {
+                    capacity_blocks: self.pool.capacity_blocks(),
+                })?;
+                table.push(Some(block));
+            }
+        }
         Ok(())
     }
 
-    /// Keys and values of positions `start..end` for `layer`.
-    pub(crate) fn window(
-        &self,
-        layer: usize,
-        start: usize,
-        end: usize,
-    ) -> Result<(Tensor, Tensor), ModelError> {
-        Ok((
-            self.keys[layer].narrow(0, start, end - start)?,
-            self.values[layer].narrow(0, start, end - start)?,
-        ))
+    /// Stores the keys and values of this chunk's positions (`[tokens, kv_width]` each) on
+    /// `layer`, after the cached ones. The blocks must have been reserved.
+    pub(crate) fn write(&mut self, layer: usize, keys: &[f32], values: &[f32], kv_width: usize) -> Result<(), ModelError> {
+        for (i, (k, v)) in keys.chunks_exact(kv_width).zip(values.chunks_exact(kv_width)).enumerate() {
+            let position = self.len + i;
+            let block = self.blocks[layer]
+                .get_mut(position / BLOCK_TOKENS)
+                .and_then(Option::as_mut)
+                .and_then(Arc::get_mut)
+                .ok_or(ModelError::KvBlockUnwritable { layer, position })?;
+            block.store(position % BLOCK_TOKENS, k, v);
+        }
+        Ok(())
     }
 
-    /// Calls `f` with the keys and values of positions `start..end` for `layer`, read in place
-    /// (`[positions, width]` each).
-    pub(crate) fn with_window_slices<R>(
-        &self,
-        layer: usize,
-        start: usize,
-        end: usize,
-        f: impl FnOnce(&[f32], &[f32]) -> R,
-    ) -> Result<R, ModelError> {
-        let (keys, key_layout) = self.keys[layer].storage_and_layout();
-        let (values, value_layout) = self.values[layer].storage_and_layout();
-        match (&*keys, &*values) {
-            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
-                let span = |offset: usize| offset + start * self.width..offset + end * self.width;
-                Ok(f(
-                    &k[span(key_layout.start_offset())],
-                    &v[span(value_layout.start_offset())],
-                ))
-            }
-            _ => Err(ModelError::Compute(candle_core::Error::Msg(
-                "the KV cache is not f32 on the CPU".into(),
-            ))),
-        }
+    /// `layer`'s block table.
+    pub(crate) fn layer_blocks(&self, layer: usize) -> &[Option<Arc<KvBlock>>] {
+        &self.blocks[layer]
     }
 
     /// Marks `tokens` more positions as cached, once every layer has written them.
     pub(crate) fn advance(&mut self, tokens: usize) {
         self.len += tokens;
+    }
+
+    /// Full block `index` on every layer, or `None` when it is not full yet or a window has
+    /// let go of it on some layer.
+    pub(crate) fn full_block(&self, index: usize) -> Option<Vec<Arc<KvBlock>>> {
+        if (index + 1) * BLOCK_TOKENS > self.len {
+            return None;
+        }
+        self.blocks.iter().map(|table| table.get(index).cloned().flatten()).collect()
+    }
+
+    /// Starts an empty cache on shared full blocks (`blocks[i][layer]`), as if it had
+    /// computed their positions itself.
+    pub(crate) fn adopt_prefix(&mut self, blocks: Vec<Vec<Arc<KvBlock>>>) {
+        debug_assert!(self.is_empty(), "a prefix is adopted before anything is written");
+        self.len = blocks.len() * BLOCK_TOKENS;
+        for block in blocks {
+            for (table, layer_block) in self.blocks.iter_mut().zip(block) {
+                table.push(Some(layer_block));
+            }
+        }
     }
 }
