@@ -65,6 +65,7 @@ fn start_app(dir: &Path, allow_sha256: Option<Vec<String>>) -> Arc<App> {
         max_running_seqs: 8,
         max_queue: 32,
         prefill_tokens_per_step: 128,
+        ..EngineConfig::default()
     };
     App::start(Arc::new(LoadedModel::load(&model_path).unwrap()), "tiny".into(), settings, engine).unwrap()
 }

@@ -150,6 +150,16 @@ enum BenchTarget {
         #[arg(long, default_value_t = 1)]
         requests_per_client: usize,
     },
+    /// The paged KV cache against the previous design (f32, reserved for prompt + max_tokens):
+    /// KV bytes held by 16 chats without max_tokens, time to first token after a cached
+    /// 1,000-token prefix against a cold one, and KV bytes of one sequence at 8,192 positions.
+    Kv {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Prefixes measured cold and warm; the table reports medians.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Drive N concurrent streaming clients (for each N) against the HTTP API and report total
     /// tok/s, time to first token and inter-token latency.
     Serve {
@@ -345,6 +355,10 @@ fn main() -> Result<()> {
                 requests_per_client,
             },
         )?,
+        Command::Bench {
+            target: Some(BenchTarget::Kv { model, runs }),
+            ..
+        } => bench_kv(&model, runs)?,
         Command::Bench {
             target:
                 Some(BenchTarget::Adapters {
@@ -581,6 +595,22 @@ fn bench_serve(
         print!("{}", tessera::bench::serve::format_table(&rows));
         Ok(())
     })
+}
+
+fn bench_kv(model: &ModelArg, runs: usize) -> Result<()> {
+    use tessera::bench::kv;
+    let started = std::time::Instant::now();
+    let loaded = std::sync::Arc::new(LoadedModel::load(&model.resolve()?)?);
+    let ctx_len = loaded.model.config().context_length.min(8192);
+    eprintln!("16 chats without max_tokens…");
+    let chats = kv::concurrent_chats(&loaded, ctx_len)?;
+    eprintln!("shared prefixes, cold and cached ({runs} runs)…");
+    let prefix = kv::shared_prefix_ttft(&loaded, runs.max(1))?;
+    eprintln!("one sequence to {ctx_len} positions…");
+    let sequence = kv::bytes_per_sequence(&loaded, ctx_len)?;
+    let cpu = tessera::bench::compare::cpu_model();
+    print!("{}", kv::format_table(&cpu, &[chats, prefix, sequence], started.elapsed()));
+    Ok(())
 }
 
 fn bench_adapters(

@@ -88,6 +88,7 @@ fn fixture(admin_key: Option<&str>) -> Fixture {
             max_running_seqs: 8,
             max_queue: 32,
             prefill_tokens_per_step: 64,
+            ..EngineConfig::default()
         },
     )
     .unwrap();

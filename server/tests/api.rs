@@ -36,6 +36,7 @@ fn engine_config() -> EngineConfig {
         max_running_seqs: 8,
         max_queue: 32,
         prefill_tokens_per_step: 64,
+        ..EngineConfig::default()
     }
 }
 

@@ -61,7 +61,7 @@ fn fixture_in(dir: tempfile::TempDir, keys: Keys, train_after: usize) -> Fixture
             },
         }),
     };
-    let engine = EngineConfig { ctx_len: 128, max_running_seqs: 4, max_queue: 16, prefill_tokens_per_step: 64 };
+    let engine = EngineConfig { ctx_len: 128, max_running_seqs: 4, max_queue: 16, prefill_tokens_per_step: 64, ..EngineConfig::default() };
     let app = App::start(model, "tiny".into(), settings, engine).unwrap();
     Fixture { dir, router: router(app) }
 }

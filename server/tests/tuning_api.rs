@@ -54,6 +54,7 @@ fn fixture(train_after: usize) -> Fixture {
         max_running_seqs: 4,
         max_queue: 16,
         prefill_tokens_per_step: 64,
+        ..EngineConfig::default()
     };
     let app = App::start(model, "tiny".into(), settings, engine).unwrap();
     Fixture {

@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod compare;
+pub mod kv;
 pub mod serve;
 pub mod train;
 

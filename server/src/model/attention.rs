@@ -251,7 +251,8 @@ fn accumulate_block(scores: &[f32; BLOCK_TOKENS], slots: Range<usize>, max: &mut
 }
 
 /// Updates of a vector held at f16 precision in f32 lanes: each result is rounded to the
-/// nearest f16, eight lanes at a time where the CPU converts in hardware (F16C).
+/// nearest f16, sixteen (AVX-512) or eight (F16C) lanes at a time where the CPU converts in
+/// hardware.
 mod half_precision {
     use half::f16;
 
@@ -265,7 +266,29 @@ mod half_precision {
         update(acc, Some(v), w);
     }
 
-    #[cfg(all(target_arch = "x86_64", target_feature = "f16c", target_feature = "fma"))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    fn update(acc: &mut [f32], v: Option<&[f32]>, w: f32) {
+        use std::arch::x86_64::*;
+        let mut lanes = acc.chunks_exact_mut(16);
+        // SAFETY: the target has AVX-512F (checked at compile time), which converts to and from
+        // f16; loads and stores are unaligned and within the chunks.
+        unsafe {
+            let wv = _mm512_set1_ps(w);
+            for (i, a) in lanes.by_ref().enumerate() {
+                let current = _mm512_loadu_ps(a.as_ptr());
+                let updated = match v {
+                    Some(v) => _mm512_fmadd_ps(_mm512_loadu_ps(v.as_ptr().add(i * 16)), wv, current),
+                    None => _mm512_mul_ps(current, wv),
+                };
+                let rounded = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(updated));
+                _mm512_storeu_ps(a.as_mut_ptr(), rounded);
+            }
+        }
+        let tail = acc.len() - acc.len() % 16;
+        scalar(&mut acc[tail..], v.map(|v| &v[tail..]), w);
+    }
+
+    #[cfg(all(target_arch = "x86_64", not(target_feature = "avx512f"), target_feature = "f16c", target_feature = "fma"))]
     fn update(acc: &mut [f32], v: Option<&[f32]>, w: f32) {
         use std::arch::x86_64::*;
         let mut lanes = acc.chunks_exact_mut(8);
@@ -287,7 +310,7 @@ mod half_precision {
         scalar(&mut acc[tail..], v.map(|v| &v[tail..]), w);
     }
 
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "f16c", target_feature = "fma")))]
+    #[cfg(not(all(target_arch = "x86_64", any(target_feature = "avx512f", all(target_feature = "f16c", target_feature = "fma")))))]
     fn update(acc: &mut [f32], v: Option<&[f32]>, w: f32) {
         scalar(acc, v, w);
     }
