@@ -101,6 +101,10 @@ fn sliding_window_layers_hold_only_their_window() {
 
 /// An in-process server on the real model with the reference adapters and this KV budget.
 fn app_with_kv_bytes(kv_cache_bytes: usize) -> axum::Router {
+    app_with(kv_cache_bytes, true)
+}
+
+fn app_with(kv_cache_bytes: usize, prefix_cache: bool) -> axum::Router {
     let app = tessera::api::App::start(
         real_model().clone(),
         REAL_MODEL_ID.into(),
@@ -115,7 +119,7 @@ fn app_with_kv_bytes(kv_cache_bytes: usize) -> axum::Router {
             tuning: None,
             plugins: None,
         },
-        tessera::engine::EngineConfig { kv_cache_bytes, ..Default::default() },
+        tessera::engine::EngineConfig { kv_cache_bytes, prefix_cache, ..Default::default() },
     )
     .unwrap();
     tessera::api::router(app)
@@ -170,6 +174,11 @@ async fn requests_share_a_prefix_only_with_the_same_adapters_and_scales() {
     assert!(metric(&router, "tessera_prefix_cache_hit_tokens_total").await >= 4.0 * shared as f64);
     assert!(metric(&router, "tessera_prefix_cache_query_tokens_total").await > 0.0);
     assert_eq!(metric(&router, "tessera_kv_cache_capacity_bytes").await as usize / (16 << 10), (256 << 20) / (16 << 10));
+
+    // --no-prefix-cache: nothing is shared.
+    let unshared = app_with(256 << 20, false);
+    complete(&unshared, request(base, Value::Null, "what is my balance")).await;
+    assert_eq!(cached_tokens(&complete(&unshared, request(base, Value::Null, "i lost my card")).await), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

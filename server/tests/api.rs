@@ -181,7 +181,13 @@ async fn chat_plain_and_streamed_agree() {
     assert_eq!(finish, [&json!("length")]);
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"], plain["usage"]);
+    for count in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][count], plain["usage"][count], "{count}");
+    }
+    // The same prompt again: its full blocks (all but the last token's) come from the cache.
+    assert_eq!(plain["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt_tokens = plain["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(last["usage"]["prompt_tokens_details"]["cached_tokens"], (prompt_tokens - 1) / 16 * 16);
 }
 
 #[tokio::test]

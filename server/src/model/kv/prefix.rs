@@ -179,3 +179,62 @@ impl ChainCursor {
         self.blocks * BLOCK_TOKENS
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Config, KvPool};
+
+    /// The tiny synthetic Gemma's configuration with its layers' windows out of the way.
+    fn config() -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::model::synthetic::tiny_gemma3(1).write(&path).unwrap();
+        let mut c = Config::from_gguf(&crate::gguf::GgufFile::open(&path).unwrap()).unwrap();
+        c.sliding_window = None;
+        c
+    }
+
+    /// A sequence of `blocks` full blocks of `tokens` written into `pool` (the values do not
+    /// matter to the cache's bookkeeping).
+    fn filled(pool: &KvPool, c: &Config, tokens: &[u32]) -> KvCache {
+        let mut cache = KvCache::in_pool(pool, c, tokens.len());
+        cache.reserve(tokens.len()).unwrap();
+        cache.advance(tokens.len());
+        cache
+    }
+
+    #[test]
+    fn unused_entries_go_least_recently_used_first_and_a_chain_from_its_end() {
+        let c = config();
+        let pool = KvPool::new(&c, 64 * c.n_layers * KvPool::block_bytes_for(&c));
+        let mut prefix = PrefixCache::new();
+        let old: Vec<u32> = (0..32).collect();
+        let new: Vec<u32> = (100..132).collect();
+        for tokens in [&old, &new] {
+            let cache = filled(&pool, &c, tokens);
+            prefix.register(prefix.root(0), tokens, &cache);
+        }
+        assert_eq!((prefix.len(), pool.allocated_blocks()), (4, 4 * c.n_layers));
+
+        // A sequence holding `new`'s first block keeps that entry from eviction.
+        let mut reader = KvCache::in_pool(&pool, &c, 40);
+        let probe: Vec<u32> = (100..116).chain(500..510).collect();
+        assert_eq!(prefix.adopt_longest_prefix(prefix.root(0), &probe, &mut reader).tokens(), 16);
+        assert_eq!(prefix.evictable_blocks(), 3 * c.n_layers);
+
+        // One entry's worth: the older chain's last block goes first.
+        assert_eq!(prefix.evict(1), c.n_layers);
+        let mut check = KvCache::in_pool(&pool, &c, 40);
+        assert_eq!(prefix.adopt_longest_prefix(prefix.root(0), &[old.clone(), vec![9]].concat(), &mut check).tokens(), 16);
+        drop(check);
+
+        // Everything unused: only the block the reader holds stays.
+        prefix.evict(usize::MAX);
+        assert_eq!(prefix.len(), 1);
+        drop(reader);
+        assert_eq!(pool.allocated_blocks(), c.n_layers, "the cache still holds the entry the reader used");
+        prefix.clear();
+        assert_eq!(pool.allocated_blocks(), 0);
+    }
+}
