@@ -27,14 +27,12 @@ impl Metrics {
             &["route", "status"],
         )
         .expect("valid metric");
-        let prompt_tokens = IntCounter::new("tessera_prompt_tokens_total", "Prompt tokens processed")
-            .expect("valid metric");
-        let generated_tokens =
-            IntCounter::new("tessera_generated_tokens_total", "Tokens generated").expect("valid metric");
-        let queue_depth = IntGauge::new("tessera_queue_depth", "Requests waiting for a batch slot")
-            .expect("valid metric");
-        let running_sequences =
-            IntGauge::new("tessera_running_sequences", "Sequences in the running batch").expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let prompt_tokens = counter("tessera_prompt_tokens_total", "Prompt tokens processed");
+        let generated_tokens = counter("tessera_generated_tokens_total", "Tokens generated");
+        let queue_depth = gauge("tessera_queue_depth", "Requests waiting for a batch slot");
+        let running_sequences = gauge("tessera_running_sequences", "Sequences in the running batch");
         let latency_buckets = vec![
             0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
         ];
@@ -54,8 +52,6 @@ impl Metrics {
             .buckets(latency_buckets),
         )
         .expect("valid metric");
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let kv_cache_capacity_bytes = gauge("tessera_kv_cache_capacity_bytes", "Bytes the KV block pool may hold");
         let kv_cache_used_bytes =
             gauge("tessera_kv_cache_used_bytes", "Bytes of KV blocks allocated (running sequences and prefix cache)");

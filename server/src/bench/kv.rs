@@ -84,17 +84,17 @@ pub fn concurrent_chats(model: &Arc<LoadedModel>, ctx_len: usize) -> Result<KvRo
         let turn = Turn { role: "user", text: format!("Client {client}: write a short story about a lighthouse keeper.") };
         let text = model.chat.render(&[turn], true).map_err(|e| KvBenchError::Engine(e.to_string()))?;
         let prompt = model.tokenizer.encode(&text, true, true).map_err(|e| KvBenchError::Engine(e.to_string()))?;
-        let reserved = ctx_len * reserved_bytes_per_position(model);
         // No max_tokens: the rest of the context is the limit, as the API sets it.
         let max_tokens = ctx_len - prompt.len();
-        streams.push((engine.submit(request(prompt, max_tokens)).map_err(|e| KvBenchError::Engine(e.to_string()))?, reserved));
+        streams.push(engine.submit(request(prompt, max_tokens)).map_err(|e| KvBenchError::Engine(e.to_string()))?);
     }
-    for (events, _) in &mut streams {
+    for events in &mut streams {
         take_tokens(events, 64)?;
     }
     let pool = engine.kv_pool();
     let held = pool.peak_blocks() * pool.block_bytes();
-    let before: usize = streams.iter().map(|(_, reserved)| reserved).sum();
+    // The previous cache reserved prompt + max_tokens, the whole context, for each of them.
+    let before = streams.len() * ctx_len * reserved_bytes_per_position(model);
     Ok(KvRow { measure: "KV bytes, 16 chats without max_tokens (MiB)", tessera: mib(held), before: mib(before), unit: "MiB", target: "≤ 0.05×" })
 }
 

@@ -14,6 +14,7 @@ use tessera_adapters::TargetModule;
 use crate::metrics::Metrics;
 use crate::registry::AdapterGeneration;
 use crate::model::kv::prefix::{ChainCursor, PrefixCache};
+use crate::model::kv::BLOCK_TOKENS;
 use crate::model::{Config, KvCache, KvPool, LogitsFor};
 use crate::sampler::{log_softmax_at, top_logprobs, Sampler};
 use crate::tokenizer::Tokenizer;
@@ -104,6 +105,10 @@ impl Sequence {
     /// Offers the prefix cache the blocks this sequence has filled since the last call.
     pub(super) fn register_blocks(&mut self, prefix: &mut PrefixCache) {
         let Some((salt, cursor)) = self.prefix else { return };
+        // Decoding fills a block every 16 steps; the steps between have nothing to offer.
+        if self.cache.len() / BLOCK_TOKENS <= cursor.tokens() / BLOCK_TOKENS {
+            return;
+        }
         let cursor = if cursor.is_empty() { prefix.root(salt) } else { cursor };
         let cursor = prefix.register(cursor, &self.tokens()[..self.cache.len()], &self.cache);
         self.prefix = Some((salt, cursor));

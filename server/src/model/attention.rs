@@ -335,10 +335,7 @@ mod tests {
     /// The tiny synthetic Gemma's configuration, reshaped: `head_dim` 24 (not a multiple of
     /// 16), 4 query heads on 2 KV heads.
     fn config(window: Option<usize>) -> Config {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        crate::model::synthetic::tiny_gemma3(1).write(&path).unwrap();
-        let mut c = Config::from_gguf(&crate::gguf::GgufFile::open(&path).unwrap()).unwrap();
+        let mut c = crate::model::synthetic::tiny_config();
         (c.n_heads, c.n_kv_heads, c.head_dim, c.sliding_window) = (4, 2, 24, window);
         c
     }

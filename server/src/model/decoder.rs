@@ -260,7 +260,6 @@ impl Decoder {
             if chunk.tokens.is_empty() {
                 return Err(ModelError::EmptyInput);
             }
-            chunk.cache.check_room(chunk.tokens.len())?;
             if let Some(&id) = chunk.tokens.iter().find(|&&id| id as usize >= vocab) {
                 return Err(ModelError::TokenOutOfRange { id, vocab });
             }

@@ -145,3 +145,14 @@ pub fn tiny_gemma3(seed: u64) -> GgufWriter {
     }
     w
 }
+
+/// The tiny model's configuration, read back from a written file, for unit tests that reshape
+/// it.
+#[cfg(test)]
+pub(crate) fn tiny_config() -> crate::model::Config {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tiny.gguf");
+    tiny_gemma3(1).write(&path).expect("the tiny model is written");
+    let gguf = crate::gguf::GgufFile::open(&path).expect("the tiny model reads back");
+    crate::model::Config::from_gguf(&gguf).expect("the tiny model's metadata is complete")
+}

@@ -187,10 +187,7 @@ mod tests {
 
     /// The tiny synthetic Gemma's configuration with its layers' windows out of the way.
     fn config() -> Config {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        crate::model::synthetic::tiny_gemma3(1).write(&path).unwrap();
-        let mut c = Config::from_gguf(&crate::gguf::GgufFile::open(&path).unwrap()).unwrap();
+        let mut c = crate::model::synthetic::tiny_config();
         c.sliding_window = None;
         c
     }
