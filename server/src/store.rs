@@ -26,6 +26,9 @@ pub enum StoreError {
     TooNew { path: PathBuf, found: i64, known: i64 },
 }
 
+/// Where files wait, under the store's root, for the transaction that records them.
+const STAGING_DIR: &str = "staging";
+
 /// The database's file name under the store's root.
 const DATABASE_FILE: &str = "tessera.sqlite3";
 
@@ -316,6 +319,38 @@ pub struct Inserted {
     pub pairs_since_training: usize,
 }
 
+/// Stores the pairs of `conversations` not already held for `adapter` (by content hash) and
+/// counts them towards its next job, inside the caller's transaction.
+fn insert_pairs_in(tx: &rusqlite::Transaction, adapter: &str, conversations: &[Conversation]) -> Result<Inserted, StoreError> {
+    let now = unix_time();
+    let mut stored = 0;
+    {
+        let mut insert = tx.prepare("INSERT OR IGNORE INTO pairs (adapter, hash, conversation, created_at) VALUES (?1, ?2, ?3, ?4)")?;
+        for conversation in conversations {
+            stored += insert.execute(params![adapter, content_hash(conversation), serde_json::to_string(conversation)?, now])?;
+        }
+    }
+    tx.execute(
+        "UPDATE adapters SET pairs_since_training = pairs_since_training + ?2 WHERE name = ?1",
+        params![adapter, stored as i64],
+    )?;
+    let pairs_since_training: i64 = tx.query_row("SELECT pairs_since_training FROM adapters WHERE name = ?1", [adapter], |r| r.get(0))?;
+    Ok(Inserted {
+        stored,
+        duplicates: conversations.len() - stored,
+        pairs_since_training: pairs_since_training as usize,
+    })
+}
+
+/// What [`Store::insert_or_get_adapter`] did.
+#[derive(Debug)]
+pub enum Adoption {
+    /// The pairs are stored; `created` when this call created the adapter.
+    Stored { created: bool, inserted: Inserted },
+    /// The adapter exists and the caller's scope may not tune it; nothing was stored.
+    Refused(AdapterRow),
+}
+
 /// The id of `adapter`'s active job, if any.
 fn active_job_in(c: &Connection, adapter: &str) -> rusqlite::Result<Option<String>> {
     c.query_row(
@@ -374,6 +409,8 @@ impl Store {
             tx.commit()?;
             tracing::info!(version = i + 1, "store schema migrated");
         }
+        // Staged files of a create that was interrupted were never recorded: nothing uses them.
+        let _ = std::fs::remove_dir_all(root.join(STAGING_DIR));
         Ok(Self {
             connection: Mutex::new(connection),
             root: root.to_path_buf(),
@@ -387,6 +424,11 @@ impl Store {
     /// Where version `version` of `adapter` lives (a PEFT folder).
     pub fn version_dir(&self, adapter: &str, version: u32) -> PathBuf {
         self.root.join("adapters").join(adapter).join(format!("v{version}"))
+    }
+
+    /// A fresh folder name for files written before the transaction that records them.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join(STAGING_DIR).join(format!("{:016x}", rand::random::<u64>()))
     }
 
     pub fn job_dir(&self, job: &str) -> PathBuf {
@@ -426,59 +468,60 @@ impl Store {
         })
     }
 
-    /// Records a new adapter at version 0, whose files the caller has already written.
-    pub fn create_adapter(&self, row: &AdapterRow, v0_metrics: &serde_json::Value) -> Result<(), StoreError> {
-        let path = self.version_dir(&row.name, 0);
-        self.with(|c| {
+    /// Stores `conversations` for the adapter named `new.name`, creating it at version 0 from
+    /// `new` when the name is free, all in one transaction: of concurrent first uploads one
+    /// creates and the rest store their pairs on its adapter. `place_files` runs inside the
+    /// transaction, only for the call that creates; it puts version 0's files at
+    /// [`Store::version_dir`], and if it or the commit fails nothing is recorded and the
+    /// adapter's folder is removed. An existing adapter that `new.created_by` may not tune is
+    /// returned untouched.
+    pub fn insert_or_get_adapter(
+        &self,
+        new: &AdapterRow,
+        v0_metrics: &serde_json::Value,
+        conversations: &[Conversation],
+        place_files: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<Adoption, StoreError> {
+        let v0 = self.version_dir(&new.name, 0);
+        let mut placed = false;
+        let outcome = self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
+            let created = tx.execute(
                 "INSERT INTO adapters (name, rank, alpha, targets, version, pairs_since_training, created_at, created_by, open_to_tuning)
-                 VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6, ?7)",
-                params![row.name, row.rank as i64, row.alpha as f64, serde_json::to_string(&row.targets)?, unix_time(), row.created_by, row.open_to_tuning],
-            )?;
-            tx.execute(
-                "INSERT INTO versions (adapter, version, path, job_id, metrics, created_at) VALUES (?1, 0, ?2, NULL, ?3, ?4)",
-                params![row.name, path.display().to_string(), v0_metrics.to_string(), unix_time()],
-            )?;
+                 VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6, ?7) ON CONFLICT (name) DO NOTHING",
+                params![new.name, new.rank as i64, new.alpha as f64, serde_json::to_string(&new.targets)?, unix_time(), new.created_by, new.open_to_tuning],
+            )? == 1;
+            if created {
+                tx.execute(
+                    "INSERT INTO versions (adapter, version, path, job_id, metrics, created_at) VALUES (?1, 0, ?2, NULL, ?3, ?4)",
+                    params![new.name, v0.display().to_string(), v0_metrics.to_string(), unix_time()],
+                )?;
+                placed = true;
+                place_files(&v0).map_err(|source| StoreError::Io { path: v0.clone(), source })?;
+            }
+            let row = tx.query_row(&format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE name = ?1"), [&new.name], Self::adapter_from_row)?;
+            if !row.may_be_tuned_by(new.created_by) {
+                return Ok(Adoption::Refused(row));
+            }
+            let inserted = insert_pairs_in(&tx, &new.name, conversations)?;
             tx.commit()?;
-            Ok(())
-        })
+            Ok(Adoption::Stored { created, inserted })
+        });
+        if outcome.is_err() && placed {
+            if let Some(folder) = v0.parent() {
+                let _ = std::fs::remove_dir_all(folder);
+            }
+        }
+        outcome
     }
 
     /// Stores the pairs not already held for `adapter`, in one transaction.
     pub fn insert_pairs(&self, adapter: &str, conversations: &[Conversation]) -> Result<Inserted, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let now = unix_time();
-            let mut stored = 0;
-            {
-                let mut insert = tx.prepare(
-                    "INSERT OR IGNORE INTO pairs (adapter, hash, conversation, created_at) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for conversation in conversations {
-                    stored += insert.execute(params![
-                        adapter,
-                        content_hash(conversation),
-                        serde_json::to_string(conversation)?,
-                        now
-                    ])?;
-                }
-            }
-            tx.execute(
-                "UPDATE adapters SET pairs_since_training = pairs_since_training + ?2 WHERE name = ?1",
-                params![adapter, stored as i64],
-            )?;
-            let pairs_since_training: i64 = tx.query_row(
-                "SELECT pairs_since_training FROM adapters WHERE name = ?1",
-                [adapter],
-                |r| r.get(0),
-            )?;
+            let inserted = insert_pairs_in(&tx, adapter, conversations)?;
             tx.commit()?;
-            Ok(Inserted {
-                stored,
-                duplicates: conversations.len() - stored,
-                pairs_since_training: pairs_since_training as usize,
-            })
+            Ok(inserted)
         })
     }
 
@@ -896,7 +939,8 @@ mod tests {
                 created_by: Scope::Tune,
                 open_to_tuning: false,
             };
-            store.create_adapter(&row, &serde_json::json!({})).unwrap();
+            let created = store.insert_or_get_adapter(&row, &serde_json::json!({}), &[], |dir| std::fs::create_dir_all(dir)).unwrap();
+            assert!(matches!(created, Adoption::Stored { created: true, .. }));
             let first = store.insert_pairs("x", &[pair("a"), pair("b")]).unwrap();
             assert_eq!((first.stored, first.duplicates), (2, 0));
             let second = store.insert_pairs("x", &[pair("b"), pair("c")]).unwrap();
@@ -908,5 +952,38 @@ mod tests {
         assert_eq!(store.adapter("x").unwrap().unwrap().pairs_since_training, 3);
         assert_eq!(store.delete_pairs("x", Some(&[pairs[0].id])).unwrap(), 1);
         assert_eq!(store.count_pairs("x").unwrap(), 2);
+    }
+
+    #[test]
+    fn a_first_upload_creates_the_adapter_once_and_a_failed_create_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let row = |created_by| AdapterRow {
+            name: "new".into(),
+            rank: 4,
+            alpha: 8.0,
+            targets: vec!["q_proj".into()],
+            version: 0,
+            pairs_since_training: 0,
+            created_by,
+            open_to_tuning: false,
+        };
+        let refused = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), &[pair("a")], |v0| {
+            std::fs::create_dir_all(v0)?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(refused.is_err());
+        assert!(store.adapter("new").unwrap().is_none(), "nothing recorded");
+        assert!(!store.version_dir("new", 0).parent().unwrap().exists(), "nothing left on disk");
+        assert_eq!(store.count_pairs("new").unwrap(), 0);
+
+        let place = |v0: &Path| std::fs::create_dir_all(v0);
+        let first = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), &[pair("a")], place).unwrap();
+        assert!(matches!(first, Adoption::Stored { created: true, inserted: Inserted { stored: 1, .. } }));
+        let second = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), &[pair("b")], |_| panic!("created twice")).unwrap();
+        assert!(matches!(second, Adoption::Stored { created: false, inserted: Inserted { stored: 1, pairs_since_training: 2, .. } }));
+        let other = store.insert_or_get_adapter(&row(Scope::Inference), &serde_json::json!({}), &[pair("c")], |_| panic!("created twice")).unwrap();
+        assert!(matches!(other, Adoption::Refused(AdapterRow { created_by: Scope::Tune, .. })));
+        assert_eq!(store.count_pairs("new").unwrap(), 2, "a refused upload stores nothing");
     }
 }

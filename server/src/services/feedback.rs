@@ -67,8 +67,7 @@ pub struct FeedbackOutcome {
 /// them), all or nothing, as `scope`. Blocking: parsing, plugin calls and the store.
 pub fn upload(tuner: &Tuner, plugins: &PluginHost, name: String, body: &[u8], spec: Option<LoraSpec>, scope: Scope) -> Result<FeedbackOutcome, FeedbackError> {
     let (adapter, conversations) = conversations(plugins, name, body)?;
-    tuner.ensure_adapter(&adapter, spec, scope)?;
-    let inserted = tuner.store.insert_pairs(&adapter, &conversations).map_err(TuneError::from)?;
+    let inserted = tuner.store_feedback(&adapter, spec, scope, &conversations)?;
     let job = if inserted.pairs_since_training >= tuner.settings.train_after {
         match tuner.start_feedback_job(&adapter, None, scope) {
             Ok(job) => Some(job.id),

@@ -20,7 +20,7 @@ use tessera_adapters::peft::BaseShape;
 use crate::access::Scope;
 use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
-use crate::store::{unix_time, AdapterRow, JobRow, JobStatus, Store, StoreError};
+use crate::store::{unix_time, AdapterRow, Adoption, Inserted, JobRow, JobStatus, Store, StoreError};
 use crate::train::data::example;
 use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{LoraParams, LoraSpec};
@@ -137,9 +137,6 @@ pub struct Tuner {
     pub settings: TuningSettings,
     queue: Mutex<mpsc::Sender<String>>,
     cancelled: Mutex<HashMap<String, Arc<AtomicBool>>>,
-    /// Held while an adapter's version 0 is written and recorded: of two first uploads to a new
-    /// adapter, the second finds the first's adapter instead of writing the same folder.
-    creating: Mutex<()>,
 }
 
 
@@ -168,7 +165,6 @@ impl Tuner {
             settings,
             queue: Mutex::new(sender),
             cancelled: Mutex::new(HashMap::new()),
-            creating: Mutex::new(()),
         });
         let worker = Arc::downgrade(&tuner);
         let threads = tuner.settings.train_threads.max(1);
@@ -218,19 +214,18 @@ impl Tuner {
         Ok(self.store.active_job(adapter)?.is_some())
     }
 
-    /// Makes `name` a tuned adapter at version 0: a fresh LoRA, or a copy of the registry's
-    /// adapter of that name when one exists (training continues from it). Idempotent: of
-    /// concurrent calls, one creates and the rest get its row. A failed create leaves nothing.
+    /// Stores `conversations` as feedback on `name`, first making it a tuned adapter at version
+    /// 0 when it is not one yet: a fresh LoRA (`spec`, else the default), or a copy of the
+    /// registry's adapter of that name (training continues from it). Creating the adapter and
+    /// storing the pairs are one transaction: of concurrent first uploads one creates and the
+    /// rest add to its adapter. A failed create leaves nothing.
     ///
     /// `scope` is the caller's: it may tune an adapter it created or one the admin opened; an
     /// adapter the admin installed (uploaded or loaded) only the admin may turn into a tuned one.
-    pub fn ensure_adapter(&self, name: &str, spec: Option<LoraSpec>, scope: Scope) -> Result<AdapterRow, TuneError> {
+    pub fn store_feedback(&self, name: &str, spec: Option<LoraSpec>, scope: Scope, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
         if let Some(row) = self.store.adapter(name)? {
-            return self.check_tunable(row, scope);
-        }
-        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(row) = self.store.adapter(name)? {
-            return self.check_tunable(row, scope);
+            self.check_tunable(row, scope)?;
+            return Ok(self.store.insert_pairs(name, conversations)?);
         }
         self.registry
             .check_new_name(name)
@@ -242,14 +237,34 @@ impl Tuner {
             Some((source, _)) => LoraParams::load_peft(&source, &self.base_shape())?,
             None => LoraParams::fresh(&self.base_shape(), spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
         };
-        let row = version_zero(name, &params, scope);
-        let dir = self.store.version_dir(name, 0);
-        self.write_version_zero(&params, &row, &dir, serde_json::json!({"origin": "created"}))?;
-        self.registry
-            .install(name, &dir)
-            .map_err(|e| TuneError::Invalid(e.to_string()))?;
-        tracing::info!(adapter = name, rank = row.rank, "tuned adapter created");
-        Ok(row)
+        self.adopt(name, &params, scope, serde_json::json!({"origin": "created"}), conversations)
+    }
+
+    /// Records `params` as `name`'s version 0 with `conversations` as its first pairs, unless
+    /// `name` is already a tuned adapter: then the pairs go to that one (if `scope` may tune
+    /// it) and `params` are dropped. Version 0's files are written to a staging folder first and
+    /// moved into place inside the store's transaction.
+    fn adopt(&self, name: &str, params: &LoraParams, scope: Scope, origin: serde_json::Value, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
+        let staging = self.store.staging_dir();
+        let staged = params.save_peft(&staging, &self.model_id);
+        let adopted = staged.map_err(TuneError::from).and_then(|()| {
+            let row = version_zero(name, params, scope);
+            Ok(self.store.insert_or_get_adapter(&row, &origin, conversations, |v0| move_into_place(&staging, v0))?)
+        });
+        // What was not moved into place (a lost race, a failure) is nobody's.
+        let _ = std::fs::remove_dir_all(&staging);
+        match adopted? {
+            Adoption::Refused(row) => Err(not_tunable(&row)),
+            Adoption::Stored { created, inserted } => {
+                if created {
+                    self.registry
+                        .install(name, &self.store.version_dir(name, 0))
+                        .map_err(|e| TuneError::Invalid(e.to_string()))?;
+                    tracing::info!(adapter = name, rank = params.spec.rank, "tuned adapter created");
+                }
+                Ok(inserted)
+            }
+        }
     }
 
     /// `row`, if `scope` may tune it.
@@ -257,10 +272,7 @@ impl Tuner {
         if row.may_be_tuned_by(scope) {
             Ok(row)
         } else {
-            Err(TuneError::NotOwner(format!(
-                "the adapter `{}` was created by the {} scope and is not open to tuning by others",
-                row.name, row.created_by
-            )))
+            Err(not_tunable(&row))
         }
     }
 
@@ -272,23 +284,11 @@ impl Tuner {
     /// Opens `name` to tuning by every scope, or closes it to all but its creator's (the
     /// admin's call). An adapter the admin installed gets its tuning record first.
     pub fn set_open_to_tuning(&self, name: &str, open: bool) -> Result<AdapterRow, TuneError> {
-        self.ensure_adapter(name, None, Scope::Admin)?;
+        self.store_feedback(name, None, Scope::Admin, &[])?;
         self.store.set_open_to_tuning(name, open)?;
         self.store
             .adapter(name)?
             .ok_or_else(|| TuneError::Invalid(format!("the adapter `{name}` vanished")))
-    }
-
-    /// Writes version 0's files and records the adapter; on any failure removes what it wrote.
-    fn write_version_zero(&self, params: &LoraParams, row: &AdapterRow, dir: &std::path::Path, origin: serde_json::Value) -> Result<(), TuneError> {
-        let written = params
-            .save_peft(dir, &self.model_id)
-            .map_err(TuneError::from)
-            .and_then(|()| self.store.create_adapter(row, &origin).map_err(TuneError::from));
-        if written.is_err() {
-            let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(dir));
-        }
-        written
     }
 
     /// Queues a job on `adapter`'s feedback pairs (all stored so far).
@@ -320,7 +320,6 @@ impl Tuner {
             None => format!("ft-{short}"),
         };
         // A copy of the starting adapter, or a fresh one, becomes the new adapter's version 0.
-        let dir = self.store.version_dir(&adapter, 0);
         let params = if model == self.model_id {
             LoraParams::fresh(&self.base_shape(), self.settings.default_lora.clone(), spec.seed)?
         } else {
@@ -338,7 +337,7 @@ impl Tuner {
         self.registry
             .check_new_name(&adapter)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
-        self.write_version_zero(&params, &version_zero(&adapter, &params, scope), &dir, serde_json::json!({"origin": model}))?;
+        self.adopt(&adapter, &params, scope, serde_json::json!({"origin": model}), &[])?;
         self.create_job(id, &adapter, model, &spec, JobStatus::ValidatingFiles, scope)
     }
 
@@ -672,6 +671,26 @@ impl Tuner {
 }
 
 /// The store's row for a new adapter whose version 0 is `params`.
+fn not_tunable(row: &AdapterRow) -> TuneError {
+    TuneError::NotOwner(format!(
+        "the adapter `{}` was created by the {} scope and is not open to tuning by others",
+        row.name, row.created_by
+    ))
+}
+
+/// Moves the durable folder `staged` to `v0` and makes the rename durable. A folder already at
+/// `v0` is what a create that never committed left behind (the caller's transaction found no
+/// adapter of that name), so it goes first.
+fn move_into_place(staged: &std::path::Path, v0: &std::path::Path) -> std::io::Result<()> {
+    if v0.exists() {
+        std::fs::remove_dir_all(v0)?;
+    }
+    let folder = v0.parent().ok_or_else(|| std::io::Error::other("version folder without a parent"))?;
+    std::fs::create_dir_all(folder)?;
+    std::fs::rename(staged, v0)?;
+    std::fs::File::open(folder)?.sync_all()
+}
+
 fn version_zero(name: &str, params: &LoraParams, created_by: Scope) -> AdapterRow {
     AdapterRow {
         created_by,
