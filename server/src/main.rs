@@ -637,9 +637,9 @@ fn bench_adapters(
         .build()?;
     let (app, url) = runtime.block_on(serve::start_local(loaded, "base", Some(dir.clone()), max_running_seqs, None))?;
     let r16 = dir.join(&names[1.min(names.len() - 1)]);
-    let cold = adapters::cold_loads(&app.registry, &r16, 5)?;
+    let cold = adapters::cold_loads(app.adapters.registry(), &r16, 5)?;
     for name in &names {
-        app.registry.lease(name)?;
+        app.adapters.registry().lease(name)?;
     }
     let rows = runtime.block_on(async {
         let warm = serve::ServeLoad { max_tokens: 4, requests_per_client: 1 };

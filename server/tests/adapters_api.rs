@@ -216,7 +216,7 @@ async fn load_replace_and_unload_at_runtime_behind_the_admin_key() {
     assert_eq!(status, StatusCode::NOT_FOUND, "unloaded adapters refuse new requests at once");
     let (status, _) = call(r, "POST", "/v1/unload_lora_adapter", Some(json!({"lora_name": "b"})), Some("admin")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(!f.app.registry.contains("b"));
+    assert!(!f.app.adapters.registry().contains("b"));
 }
 
 /// A streamed completion from `model`: the generations header and the streamed tokens with
@@ -481,14 +481,14 @@ async fn thousands_of_adapters_register_without_loading() {
         EngineConfig::default(),
     )
     .unwrap();
-    assert_eq!(app.registry.names().len(), 2001);
-    assert_eq!(app.registry.loaded_bytes(), 0, "registering reads no weights");
+    assert_eq!(app.adapters.registry().names().len(), 2001);
+    assert_eq!(app.adapters.registry().loaded_bytes(), 0, "registering reads no weights");
     let r = router(app.clone());
     let (status, list) = call(&r, "GET", "/v1/models", None, None).await;
     assert_eq!((status, list["data"].as_array().unwrap().len()), (StatusCode::OK, 2002));
     let (status, _) = tokens(&r, "real", Value::Null).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(app.registry.loaded_bytes() > 0);
+    assert!(app.adapters.registry().loaded_bytes() > 0);
     // One whose weights are missing fails clearly when first used, and the server goes on.
     let (status, err) = call(&r, "POST", "/v1/completions", Some(json!({"model": "a0001", "prompt": "a"})), None).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);

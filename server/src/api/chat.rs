@@ -11,46 +11,8 @@ use futures::Stream;
 use super::respond::{chat_logprobs, collect, finish_reason, sse_error, sse_stream};
 use super::types::*;
 use super::validate::{self, Sampling};
-use super::plugins::contain;
-use super::{blocking, unix_time, with_generations, ApiJson, App, AppError};
-use tessera_plugin_api::Message as PluginMessage;
-use crate::engine::{Event, GenerationRequest};
-use crate::plugins::Plugin;
-use crate::registry::AdapterGeneration;
-
-/// The prompt's tokens, the adapters leased for it and, for a plugin model, the messages as
-/// its rewrite hook left them.
-fn prepare_prompt(
-    app: &App,
-    plugin: Option<&Arc<Plugin>>,
-    messages: &[ChatMessage],
-    model: &str,
-    extra: &Option<Vec<AdapterRef>>,
-) -> Result<(Vec<u32>, Vec<(Arc<AdapterGeneration>, f32)>, Vec<PluginMessage>), AppError> {
-    let (text, adapters, plugin_messages) = match plugin {
-        None => (validate::chat_prompt(&app.model.chat, messages, true)?, app.lease_adapters(model, extra)?, Vec::new()),
-        Some(plugin) => {
-            let messages = validate::message_texts(messages)?
-                .into_iter()
-                .map(|(role, content)| PluginMessage { role, content })
-                .collect();
-            let mut rewritten = contain(app, plugin, plugin.rewrite(messages))?;
-            if let Some(system) = &plugin.info.system_prompt {
-                if !rewritten.iter().any(|m| m.role == "system") {
-                    rewritten.insert(0, PluginMessage { role: "system".into(), content: system.clone() });
-                }
-            }
-            let text = validate::render_turns(&app.model.chat, rewritten.iter().map(|m| (m.role.as_str(), m.content.as_str())), true)?;
-            (text, app.lease_plugin_adapters(plugin, extra)?, rewritten)
-        }
-    };
-    let prompt = app
-        .model
-        .tokenizer
-        .encode(&text, true, true)
-        .map_err(|e| AppError::Internal(e.to_string()))?;
-    Ok((prompt, adapters, plugin_messages))
-}
+use super::{unix_time, with_generations, ApiJson, App, AppError};
+use crate::engine::Event;
 
 /// The most alternatives `top_logprobs` may ask for.
 const MAX_TOP_LOGPROBS: u32 = 20;
@@ -74,8 +36,6 @@ pub async fn chat_completions(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, AppError> {
-    // A plugin model: its generation is leased for the whole request.
-    let plugin = app.plugins.lease(&req.model).transpose()?;
     let sampling = validate::sampling(&req.sampling)?;
     let top_logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
@@ -93,79 +53,34 @@ pub async fn chat_completions(
     if req.messages.is_empty() {
         return Err(AppError::invalid("messages", "`messages` must not be empty"));
     }
-    // Template, plugin hook, adapter leases (a cold adapter loads from disk) and tokenizing are
-    // blocking work.
-    let (prompt, adapters, plugin_messages) = {
-        let (app, plugin) = (app.clone(), plugin.clone());
-        let (messages, model, extra) = (req.messages.clone(), req.model.clone(), req.sampling.adapters.clone());
-        blocking(move || prepare_prompt(&app, plugin.as_ref(), &messages, &model, &extra)).await?
+    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(0), _) => return Err(AppError::invalid("max_completion_tokens", "`max_completion_tokens` must be at least 1")),
+        (None, Some(0)) => return Err(AppError::invalid("max_tokens", "`max_tokens` must be at least 1")),
+        (m, t) => m.or(t).map(|m| m as usize),
     };
-    let tokenizer = &app.model.tokenizer;
-    let ctx = app.settings.ctx_len;
-    let (max_tokens, param) = match (req.max_completion_tokens, req.max_tokens) {
-        (Some(m), _) => (m as usize, "max_completion_tokens"),
-        (None, Some(m)) => (m as usize, "max_tokens"),
-        (None, None) => (ctx.saturating_sub(prompt.len()).max(1), "messages"),
-    };
-    if max_tokens == 0 {
-        return Err(AppError::invalid(param, format!("`{param}` must be at least 1")));
-    }
-    validate::check_context(prompt.len(), max_tokens, ctx, "messages")?;
-
-    let stop_ids = if sampling.ignore_eos {
-        Vec::new()
-    } else {
-        tokenizer.stop_ids().to_vec()
-    };
-    let mut receivers = Vec::with_capacity(sampling.n);
-    for i in 0..sampling.n {
-        receivers.push(app.engine.submit(GenerationRequest {
-            prompt: prompt.clone(),
-            max_tokens,
-            sampling: validate::for_choice(&sampling.params, i),
-            stop_ids: stop_ids.clone(),
-            stop_strings: sampling.stop_strings.clone(),
-            logprobs: top_logprobs,
-            prompt_logprobs: false,
-            adapters: adapters.clone(),
-        })?);
-    }
+    let turns = validate::message_texts(&req.messages)?;
+    let generation = validate::generation(&sampling, max_tokens, top_logprobs, false);
+    let run = app.inference.chat(req.model.clone(), turns, validate::adapters(&req.sampling), generation).await?;
+    let prompt_tokens: usize = run.prompts.iter().map(Vec::len).sum();
+    let (adapters, receivers, max_tokens) = (&run.leases, run.receivers, run.max_tokens);
+    let tokenizer = app.inference.tokenizer();
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
     let created = unix_time();
-    tracing::info!(%id, prompt_tokens = prompt.len(), max_tokens, n = sampling.n, stream = sampling.stream, "chat completion");
+    tracing::info!(%id, prompt_tokens, max_tokens, n = sampling.n, stream = sampling.stream, "chat completion");
 
-    if sampling.stream && plugin.is_none() {
+    if sampling.stream && run.plugin.is_none() {
         let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling);
-        return Ok(with_generations(
-            Sse::new(stream).keep_alive(KeepAlive::default()).into_response(),
-            &adapters,
-        ));
+        return Ok(with_generations(Sse::new(stream).keep_alive(KeepAlive::default()).into_response(), adapters));
     }
 
     let results = futures::future::try_join_all(receivers.into_iter().map(collect)).await?;
     let completion_tokens = results.iter().map(|r| r.finished.completion_tokens).sum();
     // The prompt is counted once, so is what of it was cached (the most any choice found).
     let cached_tokens = results.iter().map(|r| r.finished.cached_tokens).max().unwrap_or(0);
-    // A plugin validates or normalises each answer, on the generation the request leased (a
-    // plugin call: blocking work).
+    // A plugin validates or normalises each answer.
     let texts: Vec<String> = results.iter().map(|r| r.text.clone()).collect();
-    let answers = match &plugin {
-        Some(plugin) => {
-            let (app, plugin, id) = (app.clone(), plugin.clone(), id.clone());
-            blocking(move || {
-                texts
-                    .iter()
-                    .map(|text| {
-                        let checked = contain(&app, &plugin, plugin.check(&plugin_messages, text))?;
-                        if !checked.valid {
-                            tracing::info!(%id, plugin = %plugin.info.name, note = ?checked.note, "plugin changed the answer");
-                        }
-                        Ok(checked.answer)
-                    })
-                    .collect::<Result<Vec<_>, AppError>>()
-            })
-            .await?
-        }
+    let answers = match &run.plugin {
+        Some(turn) => app.inference.check_answers(turn.clone(), texts).await?,
         None => texts,
     };
     let mut choices = Vec::with_capacity(results.len());
@@ -186,15 +101,15 @@ pub async fn chat_completions(
         created,
         model: req.model,
         choices,
-        usage: Usage::new(prompt.len(), completion_tokens, cached_tokens),
-        system_fingerprint: plugin.as_ref().map(|p| p.fingerprint()),
+        usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
+        system_fingerprint: run.plugin.as_ref().map(|turn| turn.plugin.fingerprint()),
     };
     let response = if sampling.stream {
         Sse::new(futures::stream::iter(whole_answer_events(completion, sampling.include_usage))).into_response()
     } else {
         axum::Json(completion).into_response()
     };
-    Ok(with_generations(response, &adapters))
+    Ok(with_generations(response, adapters))
 }
 
 /// A finished completion as a chat stream: for plugin models, whose answers are only final once
@@ -287,7 +202,7 @@ fn chat_stream(
                     let logprobs = t
                         .logprob
                         .is_some()
-                        .then(|| chat_logprobs(&app.model.tokenizer, std::slice::from_ref(&t)));
+                        .then(|| chat_logprobs(app.inference.tokenizer(), std::slice::from_ref(&t)));
                     out.push(chunk(vec![choice(None, t.text, logprobs, None)], None));
                 }
                 Event::Finished(f) => {

@@ -10,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use super::respond::{collect, finish_reason, sse_error, sse_stream, token_text};
 use super::types::*;
 use super::validate;
-use super::{blocking, unix_time, with_generations, ApiJson, App, AppError};
-use crate::engine::{Event, GeneratedToken, GenerationRequest, TokenLogprob};
+use super::{unix_time, with_generations, ApiJson, App, AppError};
+use crate::services::inference::Prompt;
+use crate::engine::{Event, GeneratedToken, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 
 /// OpenAI's limit on `logprobs` for completions.
@@ -38,18 +39,16 @@ pub async fn completions(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, AppError> {
-    // Adapter leases (a cold adapter loads from disk) and tokenizing are blocking work.
-    let (adapters, prompts) = {
-        let (app, model, extra, prompt) = (app.clone(), req.model.clone(), req.sampling.adapters.clone(), req.prompt.clone());
-        blocking(move || Ok((app.lease_adapters(&model, &extra)?, prompt_ids(&app.model.tokenizer, &prompt)?))).await?
+    let prompts = match &req.prompt {
+        PromptInput::Text(text) => vec![Prompt::Text(text.clone())],
+        PromptInput::Texts(texts) => texts.iter().cloned().map(Prompt::Text).collect(),
+        PromptInput::Tokens(ids) => vec![Prompt::Tokens(ids.clone())],
+        PromptInput::TokenLists(lists) => lists.iter().cloned().map(Prompt::Tokens).collect(),
     };
     let sampling = validate::sampling(&req.sampling)?;
     let logprobs = match req.logprobs {
         Some(k) if k > MAX_LOGPROBS => {
-            return Err(AppError::invalid(
-                "logprobs",
-                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
-            ))
+            return Err(AppError::invalid("logprobs", format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}")))
         }
         k => k.map(|k| k as usize),
     };
@@ -59,32 +58,10 @@ pub async fn completions(
     if max_tokens == 0 {
         return Err(AppError::invalid("max_tokens", "`max_tokens` must be at least 1"));
     }
-    let tokenizer = &app.model.tokenizer;
-    for prompt in &prompts {
-        validate::check_context(prompt.len(), max_tokens, app.settings.ctx_len, "prompt")?;
-    }
-    let stop_ids = if sampling.ignore_eos {
-        Vec::new()
-    } else {
-        vec![tokenizer.eos_id()]
-    };
-
-    // Choice p·n + j is the j-th sample of prompt p.
-    let mut receivers = Vec::with_capacity(prompts.len() * sampling.n);
-    for prompt in &prompts {
-        for j in 0..sampling.n {
-            receivers.push(app.engine.submit(GenerationRequest {
-                prompt: prompt.clone(),
-                max_tokens,
-                sampling: validate::for_choice(&sampling.params, j),
-                stop_ids: stop_ids.clone(),
-                stop_strings: sampling.stop_strings.clone(),
-                logprobs,
-                prompt_logprobs: echo && logprobs.is_some(),
-                adapters: adapters.clone(),
-            })?);
-        }
-    }
+    let generation = validate::generation(&sampling, Some(max_tokens), logprobs, echo && logprobs.is_some());
+    let run = app.inference.complete(req.model.clone(), validate::adapters(&req.sampling), prompts, generation).await?;
+    let (prompts, adapters, receivers) = (run.prompts, run.leases, run.receivers);
+    let tokenizer = app.inference.tokenizer();
     let id = format!("cmpl-{:016x}", rand::random::<u64>());
     let created = unix_time();
     let n = sampling.n;
@@ -114,7 +91,7 @@ pub async fn completions(
             receivers,
             (0usize, vec![0usize; prompts.len()]),
             move |(completion_tokens, cached), index, event| {
-                let tokenizer = &app2.model.tokenizer;
+                let tokenizer = app2.inference.tokenizer();
                 let prompt = &prompts[index / n];
                 let mut out = Vec::new();
                 if !std::mem::replace(&mut opened[index], true) && (echo || return_token_ids) {
@@ -225,36 +202,6 @@ pub async fn completions(
     })
     .into_response();
     Ok(with_generations(response, &adapters))
-}
-
-/// Token ids of each prompt: texts get `<bos>` and parsed special tokens; ids are used as given.
-fn prompt_ids(tokenizer: &Tokenizer, prompt: &PromptInput) -> Result<Vec<Vec<u32>>, AppError> {
-    let encode = |text: &str| {
-        tokenizer
-            .encode(text, true, true)
-            .map_err(|e| AppError::Internal(e.to_string()))
-    };
-    let prompts = match prompt {
-        PromptInput::Text(t) => vec![encode(t)?],
-        PromptInput::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-        PromptInput::Tokens(ids) => vec![ids.clone()],
-        PromptInput::TokenLists(lists) => lists.clone(),
-    };
-    if prompts.is_empty() {
-        return Err(AppError::invalid("prompt", "`prompt` must not be empty"));
-    }
-    for (i, ids) in prompts.iter().enumerate() {
-        if ids.is_empty() {
-            return Err(AppError::invalid("prompt", format!("prompt {i} has no tokens")));
-        }
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= tokenizer.vocab_size()) {
-            return Err(AppError::invalid(
-                "prompt",
-                format!("token id {bad} in prompt {i} is outside the vocabulary ({} tokens)", tokenizer.vocab_size()),
-            ));
-        }
-    }
-    Ok(prompts)
 }
 
 fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> String {

@@ -7,6 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::engine::SubmitError;
+use crate::services::ServiceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -128,6 +129,29 @@ impl From<SubmitError> for AppError {
                 completion: requested - prompt,
                 param: "max_tokens",
             },
+        }
+    }
+}
+
+impl From<ServiceError> for AppError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Invalid { param, message, code } => Self::InvalidParameter { message, param, code },
+            ServiceError::ModelNotFound(model) => Self::ModelNotFound(model),
+            ServiceError::NotFound(message) => Self::NotFound(message),
+            ServiceError::Conflict(message) => Self::Conflict(message),
+            ServiceError::NotOwner(message) => Self::NotOwner(message),
+            ServiceError::PluginFailed(message) => Self::PluginFailed(message),
+            ServiceError::ContextLength { limit, requested, prompt, completion, param } => {
+                Self::ContextLength { limit, requested, prompt, completion, param }
+            }
+            ServiceError::Submit(e) => e.into(),
+            disabled @ ServiceError::TuningDisabled => Self::InvalidParameter {
+                message: disabled.to_string(),
+                param: None,
+                code: Some("tuning_disabled"),
+            },
+            ServiceError::Internal(message) => Self::Internal(message),
         }
     }
 }

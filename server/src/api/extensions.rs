@@ -7,7 +7,7 @@ use axum::Json;
 
 use super::types::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 use super::validate;
-use super::{blocking, ApiJson, App, AppError};
+use super::{ApiJson, App, AppError};
 
 /// Token ids of a prompt, or of chat messages rendered through the chat template.
 #[utoipa::path(post, path = "/tokenize", tag = "Extensions", request_body = TokenizeRequest,
@@ -18,33 +18,18 @@ pub async fn tokenize(
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, AppError> {
     if let Some(model) = &req.model {
-        app.check_model(model)?;
+        app.inference.check_model(model)?;
     }
-    let text = match (&req.prompt, &req.messages) {
-        (Some(prompt), None) => prompt.clone(),
-        (None, Some(messages)) => validate::chat_prompt(&app.model.chat, messages, req.add_generation_prompt.unwrap_or(true))?,
-        _ => {
-            return Err(AppError::invalid(
-                "prompt",
-                "give exactly one of `prompt` and `messages`",
-            ))
-        }
-    };
     let bos = req.add_special_tokens.unwrap_or(true);
-    let tokenizing = app.clone();
-    let tokens = blocking(move || {
-        tokenizing
-            .model
-            .tokenizer
-            .encode(&text, true, bos)
-            .map_err(|e| AppError::Internal(e.to_string()))
-    })
-    .await?;
-    Ok(Json(TokenizeResponse {
-        count: tokens.len(),
-        tokens,
-        max_model_len: app.settings.ctx_len,
-    }))
+    let tokens = match (req.prompt, &req.messages) {
+        (Some(prompt), None) => app.inference.tokenize(prompt, bos).await?,
+        (None, Some(messages)) => {
+            let turns = validate::message_texts(messages)?;
+            app.inference.tokenize_chat(turns, req.add_generation_prompt.unwrap_or(true), bos).await?
+        }
+        _ => return Err(AppError::invalid("prompt", "give exactly one of `prompt` and `messages`")),
+    };
+    Ok(Json(TokenizeResponse { count: tokens.len(), tokens, max_model_len: app.inference.ctx_len() }))
 }
 
 /// The text of token ids (control tokens included verbatim).
@@ -56,12 +41,8 @@ pub async fn detokenize(
     ApiJson(req): ApiJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, AppError> {
     if let Some(model) = &req.model {
-        app.check_model(model)?;
+        app.inference.check_model(model)?;
     }
-    let prompt = app
-        .model
-        .tokenizer
-        .decode(&req.tokens, false)
-        .map_err(|e| AppError::invalid("tokens", e.to_string()))?;
+    let prompt = app.inference.detokenize(&req.tokens)?;
     Ok(Json(DetokenizeResponse { prompt }))
 }

@@ -27,8 +27,12 @@ use utoipa_axum::routes;
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::registry::{AdapterGeneration, Registry, RegistryError};
-use crate::plugins::{Plugin, PluginError, PluginHost};
+use crate::plugins::PluginHost;
+use crate::registry::Registry;
+use crate::services::adapters::Adapters;
+use crate::services::inference::{Inference, Leases};
+use crate::services::plugins::Plugins;
+use crate::services::tuning::Tuning;
 use crate::store::Store;
 use crate::train::job::Tuner;
 use crate::LoadedModel;
@@ -69,23 +73,21 @@ pub struct TuningConfig {
     pub settings: crate::train::job::TuningSettings,
 }
 
-/// Shared application state: `State<Arc<App>>` in every handler.
+/// Shared application state: `State<Arc<App>>` in every handler. Handlers reach the model,
+/// adapters, tuning and plugins only through their services.
 pub struct App {
-    pub engine: Engine,
-    pub model: Arc<LoadedModel>,
-    /// The id clients pass as `model`.
-    pub model_id: String,
     pub created: u64,
     pub settings: ApiSettings,
     pub metrics: Arc<Metrics>,
-    pub registry: Arc<Registry>,
-    pub tuner: Option<Arc<Tuner>>,
-    pub plugins: PluginHost,
+    pub inference: Arc<Inference>,
+    pub adapters: Arc<Adapters>,
+    pub tuning: Tuning,
+    pub plugins: Arc<Plugins>,
 }
 
 impl App {
-    /// Starts an engine on `model` and wraps it for the HTTP layer. The engine thread ends when
-    /// the last handle to the app is dropped and its work is done.
+    /// Starts an engine on `model` and the services over it. The engine thread ends when the
+    /// last handle to the app is dropped and its work is done.
     pub fn start(
         model: Arc<LoadedModel>,
         model_id: String,
@@ -93,18 +95,9 @@ impl App {
         engine: crate::engine::EngineConfig,
     ) -> std::io::Result<Arc<Self>> {
         let metrics = Arc::new(Metrics::new());
-        let roots: Vec<_> = settings
-            .adapters_dir
-            .iter()
-            .chain(&settings.adapter_roots)
-            .cloned()
-            .collect();
-        let registry = Arc::new(Registry::new(
-            model.model.config().adapter_shape(),
-            &model_id,
-            &roots,
-            settings.max_adapter_memory,
-        ));
+        let roots: Vec<_> = settings.adapters_dir.iter().chain(&settings.adapter_roots).cloned().collect();
+        let base = model.model.config().adapter_shape();
+        let registry = Arc::new(Registry::new(base.clone(), &model_id, &roots, settings.max_adapter_memory));
         if let Some(dir) = &settings.adapters_dir {
             let found = registry.scan(dir).map_err(std::io::Error::other)?;
             tracing::info!(dir = %dir.display(), found, "adapters registered");
@@ -119,161 +112,26 @@ impl App {
                 )
             }
         };
-        let plugin_cache = crate::plugins::private_cache_dir();
-        let plugins = PluginHost::new(
+        let host = PluginHost::new(
             settings.plugins.as_ref().map(|p| p.dir.as_path()),
             settings.plugins.as_ref().and_then(|p| p.allow_sha256.clone()),
-            plugin_cache,
+            crate::plugins::private_cache_dir(),
         );
+        let plugins = Arc::new(Plugins::new(host, registry.clone(), tuner.clone()));
+        let adapters = Arc::new(Adapters::new(registry.clone(), tuner.clone(), settings.adapters_dir.clone(), base, settings.max_body_bytes));
+        let tuning = Tuning::new(tuner, adapters.clone(), plugins.clone(), model_id.clone());
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
+        let inference = Arc::new(Inference::new(engine, model, model_id, settings.ctx_len, registry, plugins.clone()));
+        plugins.load_dir();
         Ok(Arc::new(Self {
-            engine,
-            model,
-            model_id,
             created: unix_time(),
             settings,
             metrics,
-            registry,
-            tuner,
+            inference,
+            adapters,
+            tuning,
             plugins,
-        })
-        .load_plugins_dir())
-    }
-
-    /// Loads every library in the plugins directory; failures are recorded, not fatal.
-    fn load_plugins_dir(self: Arc<Self>) -> Arc<Self> {
-        for path in self.plugins.discover() {
-            let _ = self.load_plugin(&path);
-        }
-        self
-    }
-
-    /// Loads (or reloads) the plugin at `path`, sets up its adapters and serves it to new
-    /// requests. A failure is recorded against the plugin and returned.
-    pub fn load_plugin(&self, path: &std::path::Path) -> Result<Arc<Plugin>, PluginError> {
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
-        let resolved = self.plugins.resolve(path)?;
-        let plugin = match self.plugins.open(&resolved) {
-            Ok(plugin) => plugin,
-            Err(e) => {
-                let name = stem.trim_start_matches("lib").to_string();
-                self.plugins.record_failure(&name, &resolved, &e);
-                return Err(e);
-            }
-        };
-        match self.install_plugin_adapters(&plugin) {
-            Ok(()) => {
-                self.plugins.publish(plugin.clone());
-                Ok(plugin)
-            }
-            Err(e) => {
-                self.plugins.record_failure(&plugin.info.name, &resolved, &e);
-                Err(e)
-            }
-        }
-    }
-
-    /// Registers the adapters a plugin declares: shipped beside it, embedded in it, or tuned
-    /// online (created fresh when new).
-    fn install_plugin_adapters(&self, plugin: &Plugin) -> Result<(), PluginError> {
-        use tessera_plugin_api::AdapterSource;
-        let bad = |message: String| PluginError::BadInfo {
-            plugin: plugin.info.name.clone(),
-            message,
-        };
-        for adapter in &plugin.info.adapters {
-            match &adapter.source {
-                AdapterSource::Tuned => {
-                    let tuner = self.tuner.as_ref().ok_or_else(|| bad(format!("adapter `{}` is tuned online, which is off on this server", adapter.name)))?;
-                    // Its users' feedback tunes it: open to every tuning scope.
-                    tuner.set_open_to_tuning(&adapter.name, true).map_err(|e| bad(e.to_string()))?;
-                }
-                AdapterSource::Files { dir } => {
-                    let base = plugin.path.parent().unwrap_or(std::path::Path::new("."));
-                    self.registry.install(&adapter.name, &base.join(dir)).map_err(|e| bad(e.to_string()))?;
-                }
-                AdapterSource::Embedded => {
-                    let dir = self
-                        .plugins
-                        .cache_dir()
-                        .join(format!("{}-{}", plugin.info.name, plugin.generation))
-                        .join(&adapter.name);
-                    std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
-                    for file in [tessera_adapters::peft::CONFIG_FILE, tessera_adapters::peft::WEIGHTS_FILE] {
-                        let bytes = plugin.call_raw(
-                            crate::plugins::Hook::AdapterFile,
-                            &tessera_plugin_api::AdapterFileRequest {
-                                adapter: adapter.name.clone(),
-                                file: file.to_string(),
-                            },
-                        )?;
-                        std::fs::write(dir.join(file), bytes).map_err(|e| bad(e.to_string()))?;
-                    }
-                    self.registry.install(&adapter.name, &dir).map_err(|e| bad(e.to_string()))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn check_model(&self, requested: &str) -> Result<(), AppError> {
-        if requested == self.model_id || self.registry.contains(requested) || self.plugins.contains(requested) {
-            Ok(())
-        } else {
-            Err(AppError::ModelNotFound(requested.to_string()))
-        }
-    }
-
-    /// The adapters a request runs with, leased now: `model` itself when it names an adapter
-    /// (weight 1), then the `adapters` composition.
-    fn lease_adapters(
-        &self,
-        model: &str,
-        extra: &Option<Vec<types::AdapterRef>>,
-    ) -> Result<Vec<(Arc<AdapterGeneration>, f32)>, AppError> {
-        let own = if model == self.model_id { Vec::new() } else { vec![(model.to_string(), 1.0)] };
-        self.lease_mix(&own, extra)
-    }
-
-    /// A plugin's adapters at their default scales, then the request's own composition.
-    fn lease_plugin_adapters(
-        &self,
-        plugin: &Plugin,
-        extra: &Option<Vec<types::AdapterRef>>,
-    ) -> Result<Vec<(Arc<AdapterGeneration>, f32)>, AppError> {
-        let own: Vec<(String, f32)> = plugin.info.adapters.iter().map(|a| (a.name.clone(), a.scale)).collect();
-        self.lease_mix(&own, extra)
-    }
-
-    /// Leases `own` (adapters a model stands for, with their weights), then `extra`.
-    fn lease_mix(
-        &self,
-        own: &[(String, f32)],
-        extra: &Option<Vec<types::AdapterRef>>,
-    ) -> Result<Vec<(Arc<AdapterGeneration>, f32)>, AppError> {
-        let mut leases = Vec::new();
-        for (name, scale) in own {
-            leases.push((self.registry.lease(name).map_err(|e| match e {
-                RegistryError::NotFound(_) => AppError::ModelNotFound(name.to_string()),
-                other => AppError::Internal(other.to_string()),
-            })?, *scale));
-        }
-        for (i, adapter) in extra.iter().flatten().enumerate() {
-            let scale = adapter.scale.unwrap_or(1.0);
-            if !scale.is_finite() {
-                return Err(AppError::invalid(&format!("adapters[{i}].scale"), "the scale must be a finite number"));
-            }
-            let generation = self.registry.lease(&adapter.name).map_err(|e| match e {
-                RegistryError::NotFound(name) => AppError::InvalidParameter {
-                    message: format!("the adapter `{name}` does not exist"),
-                    param: Some(format!("adapters[{i}].name")),
-                    code: Some("adapter_not_found"),
-                },
-                other => AppError::Internal(other.to_string()),
-            })?;
-            leases.push((generation, scale));
-        }
-        Ok(leases)
+        }))
     }
 }
 
@@ -282,10 +140,7 @@ impl App {
 pub const ADAPTER_GENERATIONS_HEADER: &str = "x-tessera-adapter-generations";
 
 /// Adds [`ADAPTER_GENERATIONS_HEADER`] to a response when the request used adapters.
-fn with_generations(
-    mut response: axum::response::Response,
-    leases: &[(Arc<AdapterGeneration>, f32)],
-) -> axum::response::Response {
+fn with_generations(mut response: axum::response::Response, leases: &Leases) -> axum::response::Response {
     if leases.is_empty() {
         return response;
     }
@@ -319,14 +174,6 @@ where
             }),
         }
     }
-}
-
-/// Runs blocking work (SQLite, disk, archives, plugin calls, cold adapter loads, tokenizing)
-/// on the blocking pool, off the async workers: the one way handlers do it.
-pub(crate) async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R, AppError> + Send + 'static) -> Result<R, AppError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AppError::Internal(format!("a blocking task failed: {e}")))?
 }
 
 /// A multipart form, its rejection in OpenAI's error shape (axum's own is plain text).

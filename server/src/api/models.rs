@@ -12,19 +12,19 @@ use super::{App, AppError};
 
 fn base_model(app: &App) -> Model {
     Model {
-        id: app.model_id.clone(),
+        id: app.inference.model_id().to_string(),
         object: "model",
         created: app.created,
         owned_by: "tessera".into(),
         parent: None,
-        max_model_len: app.settings.ctx_len,
+        max_model_len: app.inference.ctx_len(),
     }
 }
 
 fn adapter_model(app: &App, name: &str) -> Model {
     Model {
         id: name.to_string(),
-        parent: Some(app.model_id.clone()),
+        parent: Some(app.inference.model_id().to_string()),
         ..base_model(app)
     }
 }
@@ -34,7 +34,7 @@ fn adapter_model(app: &App, name: &str) -> Model {
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
     responses((status = 200, body = ModelList), (status = 401, body = super::error::ErrorResponse)))]
 pub async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
-    let adapters = app.registry.names().into_iter().map(|name| adapter_model(&app, &name));
+    let adapters = app.adapters.registry().names().into_iter().map(|name| adapter_model(&app, &name));
     Json(ModelList {
         object: "list",
         data: std::iter::once(base_model(&app)).chain(adapters).collect(),
@@ -49,8 +49,8 @@ pub async fn get_model(
     State(app): State<Arc<App>>,
     Path(model): Path<String>,
 ) -> Result<Json<Model>, AppError> {
-    app.check_model(&model)?;
-    if model == app.model_id {
+    app.inference.check_model(&model)?;
+    if model == app.inference.model_id() {
         Ok(Json(base_model(&app)))
     } else {
         Ok(Json(adapter_model(&app, &model)))
@@ -62,8 +62,8 @@ pub async fn get_model(
 pub async fn health(State(app): State<Arc<App>>) -> Json<Health> {
     Json(Health {
         status: "ok",
-        model: app.model_id.clone(),
-        queue_depth: app.engine.queue_depth(),
+        model: app.inference.model_id().to_string(),
+        queue_depth: app.inference.queue_depth(),
     })
 }
 

@@ -1,4 +1,4 @@
-//! Runtime plugin management (admin), and the plugin side of a chat request.
+//! Runtime plugin management, for the admin. Each handler calls the plugins service once.
 
 use std::sync::Arc;
 
@@ -7,42 +7,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{blocking, ApiJson, App, AppError};
-use crate::plugins::{Plugin, PluginError};
-
-impl From<PluginError> for AppError {
-    fn from(e: PluginError) -> Self {
-        match e {
-            PluginError::NotFound(_) => AppError::NotFound(e.to_string()),
-            PluginError::Refused(message) => AppError::InvalidParameter {
-                message,
-                param: None,
-                code: Some("plugin_refused"),
-            },
-            PluginError::Panicked { .. } | PluginError::Garbage { .. } | PluginError::Failed { .. } => {
-                AppError::PluginFailed(e.to_string())
-            }
-            other => AppError::InvalidParameter {
-                message: other.to_string(),
-                param: Some("path".into()),
-                code: Some("plugin_load_failed"),
-            },
-        }
-    }
-}
-
-/// A plugin call on behalf of a request: a misbehaving plugin is marked failed.
-pub fn contain<T>(app: &App, plugin: &Plugin, result: Result<T, PluginError>) -> Result<T, AppError> {
-    result.map_err(|e| fault(app, plugin, e))
-}
-
-/// The request's error for `e`; a plugin at fault is marked failed first.
-pub fn fault(app: &App, plugin: &Plugin, e: PluginError) -> AppError {
-    if e.is_plugin_fault() {
-        app.plugins.mark_failed(plugin, &e);
-    }
-    AppError::from(e)
-}
+use super::{ApiJson, App, AppError};
+use crate::plugins::Plugin;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PluginAdapter {
@@ -124,16 +90,12 @@ pub struct LoadPluginRequest {
     pub path: String,
 }
 
-async fn load(app: Arc<App>, path: std::path::PathBuf) -> Result<Json<PluginView>, AppError> {
-    let plugin = blocking(move || Ok(app.load_plugin(&path)?)).await?;
-    Ok(Json(view(&plugin)))
-}
-
 /// Loads a plugin library: a new generation when its name is already served.
 #[utoipa::path(post, path = "/v1/plugins/load", tag = "Plugins", request_body = LoadPluginRequest,
     responses((status = 200, body = PluginView), (status = 400, body = super::error::ErrorResponse)))]
 pub async fn load_plugin(State(app): State<Arc<App>>, ApiJson(req): ApiJson<LoadPluginRequest>) -> Result<Json<PluginView>, AppError> {
-    load(app, std::path::PathBuf::from(req.path)).await
+    let plugin = app.plugins.load(req.path.into()).await?;
+    Ok(Json(view(&plugin)))
 }
 
 /// Loads the plugin's file again (a rebuilt library becomes a new generation; requests in
@@ -142,8 +104,8 @@ pub async fn load_plugin(State(app): State<Arc<App>>, ApiJson(req): ApiJson<Load
     params(("name" = String, Path, description = "A plugin name")),
     responses((status = 200, body = PluginView), (status = 404, body = super::error::ErrorResponse)))]
 pub async fn reload_plugin(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Json<PluginView>, AppError> {
-    let path = app.plugins.path_of(&name).ok_or_else(|| AppError::from(PluginError::NotFound(name)))?;
-    load(app, path).await
+    let plugin = app.plugins.reload(name).await?;
+    Ok(Json(view(&plugin)))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

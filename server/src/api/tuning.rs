@@ -1,5 +1,6 @@
 //! Online tuning over HTTP: feedback pairs on an adapter (which train it in the background),
-//! version rollback, and OpenAI's files and fine-tuning jobs.
+//! version rollback, and OpenAI's files and fine-tuning jobs. Each handler parses, calls the
+//! tuning service once, and shapes its answer.
 
 use std::sync::Arc;
 
@@ -11,40 +12,10 @@ use serde_json::Value;
 use super::auth::Principal;
 use super::types::tuning::*;
 use super::types::AdapterInfo;
-use super::{blocking, ApiJson, ApiMultipart, App, AppError};
-use crate::dataset::parse_upload;
-use crate::services::feedback::{self, FeedbackError};
-use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoreError};
-use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, TuneError, Tuner};
-
-fn tuner(app: &App) -> Result<&Arc<Tuner>, AppError> {
-    app.tuner.as_ref().ok_or_else(|| AppError::InvalidParameter {
-        message: "Online tuning is off on this server (start it with a tuning directory).".into(),
-        param: None,
-        code: Some("tuning_disabled"),
-    })
-}
-
-impl From<StoreError> for AppError {
-    fn from(e: StoreError) -> Self {
-        AppError::Internal(e.to_string())
-    }
-}
-
-impl From<TuneError> for AppError {
-    fn from(e: TuneError) -> Self {
-        match e {
-            busy @ TuneError::Busy { .. } => AppError::Conflict(busy.to_string()),
-            TuneError::NotOwner(message) => AppError::NotOwner(message),
-            TuneError::Invalid(message) => AppError::InvalidParameter {
-                message,
-                param: None,
-                code: None,
-            },
-            other => AppError::Internal(other.to_string()),
-        }
-    }
-}
+use super::{ApiJson, ApiMultipart, App, AppError};
+use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice};
+use crate::store::{CheckpointRow, EventRow, FileRow, JobRow};
+use crate::train::job::{Hyperparameters, JobData, JobSpec};
 
 /// Stores instruction pairs for an adapter: one JSON record, a JSON list or JSON Lines, each in
 /// the Alpaca, Dolly, ShareGPT or OpenAI `messages` format. All or nothing: an invalid record
@@ -61,10 +32,8 @@ pub async fn upload_feedback(
     Query(params): Query<FeedbackParams>,
     body: Bytes,
 ) -> Result<Json<FeedbackReceipt>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    let spec = feedback::lora_spec(params.rank, params.alpha, params.targets.as_deref())?;
-    // Parsing a large upload and the plugin's converter are blocking work, as is the store.
-    let outcome = blocking(move || Ok(feedback::upload(&tuner, &app.plugins, name, &body, spec, scope)?)).await?;
+    let lora = LoraChoice { rank: params.rank, alpha: params.alpha, targets: params.targets };
+    let outcome = app.tuning.upload_feedback(name, body.to_vec(), lora, scope).await?;
     Ok(Json(FeedbackReceipt {
         adapter: outcome.adapter,
         stored: outcome.stored,
@@ -73,16 +42,6 @@ pub async fn upload_feedback(
         pairs_since_training: outcome.pairs_since_training,
         job: outcome.job,
     }))
-}
-
-impl From<FeedbackError> for AppError {
-    fn from(e: FeedbackError) -> Self {
-        match e {
-            FeedbackError::Invalid { param, message, code } => AppError::InvalidParameter { message, param: Some(param), code },
-            FeedbackError::Tune(e) => e.into(),
-            FeedbackError::Plugin(e) => e.into(),
-        }
-    }
 }
 
 /// The adapter's stored pairs, oldest first, a page at a time.
@@ -95,31 +54,18 @@ pub async fn list_feedback(
     Path(name): Path<String>,
     Query(page): Query<PageParams>,
 ) -> Result<Json<PairList>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || {
-        tuner
-            .tunable_adapter(&name, scope)?
-            .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` has no feedback")))?;
-        let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-        let mut pairs = tuner.store.pairs(&name, page.after.unwrap_or(0), limit + 1)?;
-        let has_more = pairs.len() > limit;
-        pairs.truncate(limit);
-        Ok(Json(PairList {
-            object: "list",
-            has_more,
-            last_id: pairs.last().map(|p| p.id),
-            data: pairs
-                .into_iter()
-                .map(|p| StoredPairView {
-                    id: p.id,
-                    hash: p.hash,
-                    messages: p.conversation.messages,
-                    created_at: p.created_at,
-                })
-                .collect(),
-        }))
-    })
-    .await
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    let pairs = app.tuning.list_feedback(name, scope, page.after.unwrap_or(0), limit).await?;
+    Ok(Json(PairList {
+        object: "list",
+        has_more: pairs.has_more,
+        last_id: pairs.items.last().map(|p| p.id),
+        data: pairs
+            .items
+            .into_iter()
+            .map(|p| StoredPairView { id: p.id, hash: p.hash, messages: p.conversation.messages, created_at: p.created_at })
+            .collect(),
+    }))
 }
 
 /// Deletes some (`ids`) or all of an adapter's pairs. Versions already trained stay.
@@ -132,7 +78,6 @@ pub async fn delete_feedback(
     Path(name): Path<String>,
     Query(params): Query<DeleteParams>,
 ) -> Result<Json<Deleted>, AppError> {
-    let tuner = tuner(&app)?.clone();
     let ids = params
         .ids
         .map(|ids| {
@@ -141,11 +86,7 @@ pub async fn delete_feedback(
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    blocking(move || {
-        tuner.tunable_adapter(&name, scope)?;
-        Ok(Json(Deleted { deleted: tuner.store.delete_pairs(&name, ids.as_deref())? }))
-    })
-    .await
+    Ok(Json(Deleted { deleted: app.tuning.delete_feedback(name, scope, ids).await? }))
 }
 
 /// Starts a job on the adapter's pairs now (continuing from its current version).
@@ -159,21 +100,13 @@ pub async fn train_adapter(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<FineTuningJob>, AppError> {
-    let tuner = tuner(&app)?.clone();
     let request: TrainRequest = if body.is_empty() {
         TrainRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| AppError::invalid("body", e.to_string()))?
     };
-    let hyperparameters = request
-        .hyperparameters
-        .map(|h| h.resolve(tuner.settings.defaults))
-        .transpose()?;
-    blocking(move || {
-        let job = tuner.start_feedback_job(&name, hyperparameters, scope)?;
-        Ok(Json(job_view(&job)))
-    })
-    .await
+    let hyperparameters = request.hyperparameters.as_ref().map(HyperparametersRequest::choice).transpose()?;
+    Ok(Json(job_view(&app.tuning.train(name, hyperparameters, scope).await?)))
 }
 
 /// Opens an adapter to tuning by every scope, or closes it again. An adapter the admin
@@ -187,16 +120,7 @@ pub async fn set_tuning_access(
     Path(name): Path<String>,
     ApiJson(request): ApiJson<TuningAccess>,
 ) -> Result<Json<AdapterInfo>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    let described = app.clone();
-    blocking(move || {
-        tuner.set_open_to_tuning(&name, request.open)?;
-        crate::services::adapters::describe(&described.registry, described.tuner.as_deref(), &name)
-            .map(AdapterInfo::from)
-            .map(Json)
-            .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
-    })
-    .await
+    Ok(Json(app.tuning.set_open_to_tuning(name, request.open).await?.into()))
 }
 
 /// Serves an earlier version of the adapter again.
@@ -209,15 +133,7 @@ pub async fn rollback_adapter(
     Path(name): Path<String>,
     ApiJson(request): ApiJson<RollbackRequest>,
 ) -> Result<Json<AdapterInfo>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || {
-        tuner.rollback(&name, request.version)?;
-        crate::services::adapters::describe(&app.registry, app.tuner.as_deref(), &name)
-            .map(AdapterInfo::from)
-            .map(Json)
-            .ok_or_else(|| AppError::NotFound(format!("the adapter `{name}` does not exist")))
-    })
-    .await
+    Ok(Json(app.tuning.rollback(name, request.version).await?.into()))
 }
 
 // OpenAI files.
@@ -240,7 +156,6 @@ fn file_view(f: &FileRow) -> FileObject {
     request_body(content = FileUpload, content_type = "multipart/form-data"),
     responses((status = 200, body = FileObject), (status = 400, body = super::error::ErrorResponse)))]
 pub async fn upload_file(State(app): State<Arc<App>>, ApiMultipart(mut form): ApiMultipart) -> Result<Json<FileObject>, AppError> {
-    let tuner = tuner(&app)?.clone();
     let (mut purpose, mut file) = (None, None);
     while let Some(field) = form
         .next_field()
@@ -258,57 +173,22 @@ pub async fn upload_file(State(app): State<Arc<App>>, ApiMultipart(mut form): Ap
         }
     }
     let purpose = purpose.ok_or_else(|| AppError::invalid("purpose", "`purpose` is required"))?;
-    if purpose != "fine-tune" {
-        return Err(AppError::invalid("purpose", format!("only `fine-tune` files are accepted, not `{purpose}`")));
-    }
     let (filename, bytes) = file.ok_or_else(|| AppError::invalid("file", "`file` is required"))?;
-    let records = parse_upload(&bytes).map_err(|e| AppError::InvalidParameter {
-        message: format!("{filename}: {e}"),
-        param: Some("file".into()),
-        code: Some("invalid_record"),
-    })?;
-    blocking(move || {
-        let row = FileRow {
-            id: new_id("file"),
-            filename,
-            purpose,
-            bytes: bytes.len(),
-            records: records.len(),
-            created_at: unix_time(),
-        };
-        tuner.store.insert_file(&row, &bytes)?;
-        Ok(Json(file_view(&row)))
-    })
-    .await
+    Ok(Json(file_view(&app.tuning.upload_file(filename, purpose, bytes.to_vec()).await?)))
 }
 
 /// Uploaded files, newest first.
 #[utoipa::path(get, path = "/v1/files", tag = "Files", responses((status = 200, body = FileList)))]
 pub async fn list_files(State(app): State<Arc<App>>) -> Result<Json<FileList>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || {
-        Ok(Json(FileList {
-            object: "list",
-            data: tuner.store.files()?.iter().map(file_view).collect(),
-            has_more: false,
-        }))
-    })
-    .await
+    let files = app.tuning.list_files().await?;
+    Ok(Json(FileList { object: "list", data: files.iter().map(file_view).collect(), has_more: false }))
 }
 
 #[utoipa::path(get, path = "/v1/files/{file_id}", tag = "Files",
     params(("file_id" = String, Path, description = "A file id")),
     responses((status = 200, body = FileObject), (status = 404, body = super::error::ErrorResponse)))]
 pub async fn get_file(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<FileObject>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || {
-        tuner
-            .store
-            .file(&id)?
-            .map(|f| Json(file_view(&f)))
-            .ok_or_else(|| AppError::NotFound(format!("No such file: {id}")))
-    })
-    .await
+    Ok(Json(file_view(&app.tuning.get_file(id).await?)))
 }
 
 // OpenAI fine-tuning jobs.
@@ -323,27 +203,12 @@ fn number(value: &Option<Value>, param: &str) -> Result<Option<f64>, AppError> {
 }
 
 impl HyperparametersRequest {
-    fn resolve(&self, defaults: Hyperparameters) -> Result<Hyperparameters, AppError> {
-        let n_epochs = number(&self.n_epochs, "hyperparameters.n_epochs")?;
-        let batch_size = number(&self.batch_size, "hyperparameters.batch_size")?;
-        let multiplier = number(&self.learning_rate_multiplier, "hyperparameters.learning_rate_multiplier")?;
-        let whole = |v: Option<f64>, param: &str, max: f64| match v {
-            Some(v) if v.fract() != 0.0 || !(1.0..=max).contains(&v) => {
-                Err(AppError::invalid(param, format!("must be a whole number from 1 to {max}")))
-            }
-            Some(v) => Ok(Some(v as usize)),
-            None => Ok(None),
-        };
-        let n_epochs = whole(n_epochs, "hyperparameters.n_epochs", 50.0)?.unwrap_or(defaults.n_epochs);
-        let batch_size = whole(batch_size, "hyperparameters.batch_size", 64.0)?.unwrap_or(defaults.batch_size);
-        let multiplier = multiplier.unwrap_or(1.0);
-        if !(multiplier > 0.0 && multiplier <= 100.0) {
-            return Err(AppError::invalid("hyperparameters.learning_rate_multiplier", "must be in (0, 100]"));
-        }
-        Ok(Hyperparameters {
-            n_epochs,
-            batch_size,
-            learning_rate: defaults.learning_rate * multiplier,
+    /// Each field as a number, or `None` for "auto" or absent.
+    fn choice(&self) -> Result<HyperparameterChoice, AppError> {
+        Ok(HyperparameterChoice {
+            n_epochs: number(&self.n_epochs, "hyperparameters.n_epochs")?,
+            batch_size: number(&self.batch_size, "hyperparameters.batch_size")?,
+            learning_rate_multiplier: number(&self.learning_rate_multiplier, "hyperparameters.learning_rate_multiplier")?,
         })
     }
 }
@@ -401,73 +266,29 @@ pub async fn create_job(
     Extension(Principal(scope)): Extension<Principal>,
     ApiJson(request): ApiJson<CreateJobRequest>,
 ) -> Result<Json<FineTuningJob>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    app.check_model(&request.model)?;
-    let hyperparameters = request
-        .hyperparameters
-        .clone()
-        .unwrap_or_default()
-        .resolve(tuner.settings.defaults)?;
-    if let Some(suffix) = &request.suffix {
-        if suffix.is_empty() || suffix.len() > 40 || !crate::registry::valid_name(suffix) {
-            return Err(AppError::invalid("suffix", "the suffix must be 1 to 40 characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
-        }
-    }
-    blocking(move || {
-        for (param, file) in [("training_file", Some(&request.training_file)), ("validation_file", request.validation_file.as_ref())] {
-            if let Some(file) = file {
-                if tuner.store.file(file)?.is_none() {
-                    return Err(AppError::InvalidParameter {
-                        message: format!("No such file: {file}"),
-                        param: Some(param.into()),
-                        code: Some("file_not_found"),
-                    });
-                }
-            }
-        }
-        let spec = JobSpec {
-            data: JobData::Files {
-                training_file: request.training_file,
-                validation_file: request.validation_file,
-            },
-            hyperparameters,
-            seed: request.seed.unwrap_or(42),
-            suffix: request.suffix,
-            start_version: 0,
-        };
-        let job = tuner.start_file_job(&request.model, spec, scope)?;
-        Ok(Json(job_view(&job)))
-    })
-    .await
+    let job = JobRequest {
+        hyperparameters: request.hyperparameters.as_ref().map(HyperparametersRequest::choice).transpose()?.unwrap_or_default(),
+        model: request.model,
+        training_file: request.training_file,
+        validation_file: request.validation_file,
+        suffix: request.suffix,
+        seed: request.seed,
+    };
+    Ok(Json(job_view(&app.tuning.create_job(job, scope).await?)))
 }
 
 /// Every job (file jobs and feedback jobs), newest first.
 #[utoipa::path(get, path = "/v1/fine_tuning/jobs", tag = "Fine-tuning", responses((status = 200, body = JobList)))]
 pub async fn list_jobs(State(app): State<Arc<App>>) -> Result<Json<JobList>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || {
-        Ok(Json(JobList {
-            object: "list",
-            data: tuner.store.jobs(None)?.iter().map(job_view).collect(),
-            has_more: false,
-        }))
-    })
-    .await
-}
-
-fn find_job(tuner: &Tuner, id: &str) -> Result<JobRow, AppError> {
-    tuner
-        .store
-        .job(id)?
-        .ok_or_else(|| AppError::NotFound(format!("No such fine-tuning job: {id}")))
+    let jobs = app.tuning.list_jobs().await?;
+    Ok(Json(JobList { object: "list", data: jobs.iter().map(job_view).collect(), has_more: false }))
 }
 
 #[utoipa::path(get, path = "/v1/fine_tuning/jobs/{job_id}", tag = "Fine-tuning",
     params(("job_id" = String, Path, description = "A job id")),
     responses((status = 200, body = FineTuningJob), (status = 404, body = super::error::ErrorResponse)))]
 pub async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<FineTuningJob>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || Ok(Json(job_view(&find_job(&tuner, &id)?)))).await
+    Ok(Json(job_view(&app.tuning.get_job(id).await?)))
 }
 
 /// Cancels a job that has not ended; a running one stops before its next step.
@@ -479,15 +300,7 @@ pub async fn cancel_job(
     Extension(Principal(scope)): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<FineTuningJob>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || {
-        let job = find_job(&tuner, &id)?;
-        if !tuner.cancel(&id, scope)? {
-            return Err(AppError::invalid("job_id", format!("the job has already ended ({})", job.status)));
-        }
-        Ok(Json(job_view(&find_job(&tuner, &id)?)))
-    })
-    .await
+    Ok(Json(job_view(&app.tuning.cancel_job(id, scope).await?)))
 }
 
 fn event_view(e: EventRow) -> JobEvent {
@@ -511,7 +324,6 @@ pub async fn list_events(
     Path(id): Path<String>,
     Query(params): Query<EventParams>,
 ) -> Result<Json<EventList>, AppError> {
-    let tuner = tuner(&app)?.clone();
     let before = params
         .after
         .map(|a| {
@@ -521,18 +333,8 @@ pub async fn list_events(
         })
         .transpose()?;
     let limit = params.limit.unwrap_or(20).clamp(1, 1000);
-    blocking(move || {
-        find_job(&tuner, &id)?;
-        let mut events = tuner.store.events(&id, before, limit + 1)?;
-        let has_more = events.len() > limit;
-        events.truncate(limit);
-        Ok(Json(EventList {
-            object: "list",
-            data: events.into_iter().map(event_view).collect(),
-            has_more,
-        }))
-    })
-    .await
+    let events = app.tuning.events(id, before, limit).await?;
+    Ok(Json(EventList { object: "list", data: events.items.into_iter().map(event_view).collect(), has_more: events.has_more }))
 }
 
 fn checkpoint_view(c: CheckpointRow) -> JobCheckpoint {
@@ -552,14 +354,6 @@ fn checkpoint_view(c: CheckpointRow) -> JobCheckpoint {
     params(("job_id" = String, Path, description = "A job id")),
     responses((status = 200, body = CheckpointList), (status = 404, body = super::error::ErrorResponse)))]
 pub async fn list_checkpoints(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<CheckpointList>, AppError> {
-    let tuner = tuner(&app)?.clone();
-    blocking(move || {
-        find_job(&tuner, &id)?;
-        Ok(Json(CheckpointList {
-            object: "list",
-            data: tuner.store.checkpoints(&id)?.into_iter().map(checkpoint_view).collect(),
-            has_more: false,
-        }))
-    })
-    .await
+    let checkpoints = app.tuning.checkpoints(id).await?;
+    Ok(Json(CheckpointList { object: "list", data: checkpoints.into_iter().map(checkpoint_view).collect(), has_more: false }))
 }

@@ -2,8 +2,8 @@
 
 use crate::api::error::AppError;
 use crate::api::types::{ChatMessage, MessageContent, SamplingFields, StopSpec};
-use crate::chat_template::{ChatTemplate, Turn};
 use crate::sampler::SamplingParams;
+use crate::services::inference::{AdapterChoice, Generation};
 
 /// The most choices one request may ask for.
 pub const MAX_N: u32 = 8;
@@ -103,19 +103,18 @@ pub fn sampling(f: &SamplingFields) -> Result<Sampling, AppError> {
     })
 }
 
-/// The same parameters for choice `index` of `n`: its own seed, so every choice differs and
-/// each one repeats for a given request seed.
-pub fn for_choice(params: &SamplingParams, index: usize) -> SamplingParams {
-    SamplingParams {
-        seed: params.seed.wrapping_add(index as u64),
-        ..params.clone()
+/// How each choice generates: the checked sampling settings, with `max_tokens` (`None`: what
+/// the context leaves) and the logprobs asked for.
+pub fn generation(sampling: &Sampling, max_tokens: Option<usize>, logprobs: Option<usize>, prompt_logprobs: bool) -> Generation {
+    Generation {
+        max_tokens,
+        n: sampling.n,
+        sampling: sampling.params.clone(),
+        stop_strings: sampling.stop_strings.clone(),
+        ignore_eos: sampling.ignore_eos,
+        logprobs,
+        prompt_logprobs,
     }
-}
-
-/// Renders chat messages through the model's template.
-pub fn chat_prompt(template: &ChatTemplate, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, AppError> {
-    let texts = message_texts(messages)?;
-    render_turns(template, texts.iter().map(|(role, text)| (role.as_str(), text.as_str())), add_generation_prompt)
 }
 
 /// Each message's role and text (content parts joined; only text parts are accepted).
@@ -146,35 +145,7 @@ pub fn message_texts(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, 
     Ok(out)
 }
 
-/// The chat template over (role, text) turns; a template that cannot render them is the
-/// request's fault (400 on `messages`).
-pub fn render_turns<'a>(template: &ChatTemplate, turns: impl Iterator<Item = (&'a str, &'a str)>, add_generation_prompt: bool) -> Result<String, AppError> {
-    let turns: Vec<Turn> = turns
-        .map(|(role, text)| Turn {
-            role,
-            text: text.to_string(),
-        })
-        .collect();
-    template
-        .render(&turns, add_generation_prompt)
-        .map_err(|e| AppError::invalid("messages", e.to_string()))
-}
-
-/// Checks that prompt plus completion fit the context.
-pub fn check_context(
-    prompt: usize,
-    completion: usize,
-    limit: usize,
-    param: &'static str,
-) -> Result<(), AppError> {
-    if prompt + completion > limit {
-        return Err(AppError::ContextLength {
-            limit,
-            requested: prompt + completion,
-            prompt,
-            completion,
-            param,
-        });
-    }
-    Ok(())
+/// The request's own adapter composition (`adapters`), each scale defaulting to 1.
+pub fn adapters(f: &SamplingFields) -> Vec<AdapterChoice> {
+    f.adapters.iter().flatten().map(|a| AdapterChoice { name: a.name.clone(), scale: a.scale.unwrap_or(1.0) }).collect()
 }

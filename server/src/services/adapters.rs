@@ -1,12 +1,15 @@
-//! Adapters as a whole: what the registry serves, joined with what the tuning store knows of
-//! the ones tuned online.
+//! Adapters as a whole: loading, uploading and deleting what the registry serves, and describing
+//! each with what the tuning store knows of the ones tuned online.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use tessera_adapters::peft::{BaseShape, PeftAdapter};
+
+use super::{archive, blocking, ServiceError};
 use crate::access::Scope;
-use crate::registry::Registry;
+use crate::registry::{AdapterGeneration, Registry, RegistryError};
 use crate::train::job::Tuner;
-
 /// One adapter, as the registry and the tuning store know it.
 #[derive(Debug, Clone)]
 pub struct AdapterDescription {
@@ -39,24 +42,132 @@ pub struct TuningState {
     pub open_to_tuning: bool,
 }
 
-/// `name` as the registry serves it, with its tuning state where it is tuned online; `None`
-/// when the registry does not hold it. Reads the store: call it off the async workers.
-pub fn describe(registry: &Registry, tuner: Option<&Tuner>, name: &str) -> Option<AdapterDescription> {
-    let (path, generation) = registry.describe(name)?;
-    Some(AdapterDescription {
-        name: name.to_string(),
-        path,
-        generation: generation.as_ref().map(|g| g.generation),
-        rank: generation.as_ref().map(|g| g.rank),
-        alpha: generation.as_ref().map(|g| g.alpha),
-        size_bytes: generation.as_ref().map(|g| g.weights.size_in_bytes()),
-        tuning: tuner.and_then(|t| tuning_state(t, name)),
-    })
+/// An adapter upload: its name, and either both PEFT files or one zip or tar archive of them.
+#[derive(Debug, Default)]
+pub struct AdapterFiles {
+    pub name: String,
+    pub config: Option<Vec<u8>>,
+    pub weights: Option<Vec<u8>>,
+    pub archive: Option<Vec<u8>>,
 }
 
-/// Every adapter the registry holds, by name.
-pub fn describe_all(registry: &Registry, tuner: Option<&Tuner>) -> Vec<AdapterDescription> {
-    registry.names().iter().filter_map(|name| describe(registry, tuner, name)).collect()
+/// The adapters service.
+pub struct Adapters {
+    registry: Arc<Registry>,
+    tuner: Option<Arc<Tuner>>,
+    /// Scanned at startup; where uploads are stored and what delete may remove.
+    dir: Option<PathBuf>,
+    base: BaseShape,
+    /// The most bytes an uploaded archive may unpack to.
+    max_upload_bytes: usize,
+}
+
+/// A registry error on a load or unload, named by the field that caused it.
+fn registry_error(e: RegistryError) -> ServiceError {
+    match e {
+        RegistryError::InvalidName(_) | RegistryError::ReservedName(_) => ServiceError::invalid("lora_name", e.to_string()),
+        RegistryError::NotFound(_) => ServiceError::NotFound(e.to_string()),
+        RegistryError::OutsideRoots { .. } | RegistryError::Io { .. } | RegistryError::Peft(_) => ServiceError::invalid("lora_path", e.to_string()),
+    }
+}
+
+fn missing(name: &str) -> ServiceError {
+    ServiceError::NotFound(format!("the adapter `{name}` does not exist"))
+}
+
+impl Adapters {
+    pub fn new(registry: Arc<Registry>, tuner: Option<Arc<Tuner>>, dir: Option<PathBuf>, base: BaseShape, max_upload_bytes: usize) -> Self {
+        Self { registry, tuner, dir, base, max_upload_bytes }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Loads the PEFT folder at `path` (under the allowed roots) as `name`; replacing a name
+    /// makes a new generation, and requests already running finish on the one they leased.
+    pub async fn load(self: &Arc<Self>, name: String, path: PathBuf) -> Result<Arc<AdapterGeneration>, ServiceError> {
+        let this = self.clone();
+        blocking(move || this.registry.load(&name, &path).map_err(registry_error)).await
+    }
+
+    /// Refuses `name` to new requests at once; its memory is freed when the last lease ends.
+    pub fn unload(&self, name: &str) -> Result<(), ServiceError> {
+        self.registry.unload(name).map_err(registry_error)
+    }
+
+    /// Every registered adapter, loaded or not, with its tuning state.
+    pub async fn list(self: &Arc<Self>) -> Result<Vec<AdapterDescription>, ServiceError> {
+        let this = self.clone();
+        blocking(move || Ok(this.registry.names().iter().filter_map(|name| this.describe(name)).collect())).await
+    }
+
+    pub async fn get(self: &Arc<Self>, name: String) -> Result<AdapterDescription, ServiceError> {
+        let this = self.clone();
+        blocking(move || this.describe(&name).ok_or_else(|| missing(&name))).await
+    }
+
+    /// Unloads `name` and, when its files live in the adapters directory, deletes them.
+    pub async fn delete(self: &Arc<Self>, name: String) -> Result<(), ServiceError> {
+        let (path, _) = self.registry.describe(&name).ok_or_else(|| missing(&name))?;
+        self.unload(&name)?;
+        let owned = match (&self.dir, path.canonicalize()) {
+            (Some(dir), Ok(path)) => dir.canonicalize().is_ok_and(|dir| path.starts_with(dir)),
+            _ => false,
+        };
+        if owned {
+            blocking(move || std::fs::remove_dir_all(&path).map_err(|e| ServiceError::Internal(format!("unloaded, but deleting its files failed: {e}")))).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks an uploaded adapter against the base model, stores its files durably in the
+    /// adapters directory and loads it.
+    pub async fn upload(self: &Arc<Self>, upload: AdapterFiles) -> Result<AdapterDescription, ServiceError> {
+        self.registry.check_new_name(&upload.name).map_err(|e| ServiceError::invalid("name", e.to_string()))?;
+        let dir = self
+            .dir
+            .clone()
+            .ok_or_else(|| ServiceError::invalid("name", "this server has no adapters directory to store uploads in"))?;
+        let this = self.clone();
+        blocking(move || {
+            let name = upload.name.clone();
+            let (config, weights) = this.unpack(upload)?;
+            archive::install(&dir, &name, config.as_bytes(), &weights).map_err(|e| ServiceError::Internal(format!("storing the adapter failed: {e}")))?;
+            this.registry.load(&name, &dir.join(&name)).map_err(registry_error)?;
+            this.describe(&name).ok_or_else(|| ServiceError::Internal("the adapter vanished while loading".into()))
+        })
+        .await
+    }
+
+    /// The upload's config text and weights, from its two files or its archive, checked against
+    /// the base model.
+    fn unpack(&self, upload: AdapterFiles) -> Result<(String, Vec<u8>), ServiceError> {
+        let (config, weights) = match (upload.config, upload.weights, upload.archive) {
+            (Some(config), Some(weights), None) => (config, weights),
+            (None, None, Some(archive)) => archive::peft_files(&archive, self.max_upload_bytes)?,
+            _ => return Err(ServiceError::invalid("archive", "send both adapter_config.json and adapter_model.safetensors, or one zip or tar archive")),
+        };
+        let config = String::from_utf8(config).map_err(|_| ServiceError::invalid("adapter_config.json", "the config is not UTF-8"))?;
+        PeftAdapter::from_parts(&config, &weights, std::path::Path::new(&upload.name), &self.base)
+            .map_err(|e| ServiceError::invalid("adapter_model.safetensors", e.to_string()))?;
+        Ok((config, weights))
+    }
+
+    /// `name` as the registry serves it, with its tuning state where it is tuned online;
+    /// `None` when the registry does not hold it. Reads the store: blocking.
+    pub fn describe(&self, name: &str) -> Option<AdapterDescription> {
+        let (path, generation) = self.registry.describe(name)?;
+        Some(AdapterDescription {
+            name: name.to_string(),
+            path,
+            generation: generation.as_ref().map(|g| g.generation),
+            rank: generation.as_ref().map(|g| g.rank),
+            alpha: generation.as_ref().map(|g| g.alpha),
+            size_bytes: generation.as_ref().map(|g| g.weights.size_in_bytes()),
+            tuning: self.tuner.as_deref().and_then(|t| tuning_state(t, name)),
+        })
+    }
 }
 
 fn tuning_state(tuner: &Tuner, name: &str) -> Option<TuningState> {

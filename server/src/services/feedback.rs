@@ -8,28 +8,19 @@ use tessera_adapters::TargetModule;
 
 use crate::access::Scope;
 use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
-use crate::plugins::{PluginError, PluginHost};
+use super::plugins::Plugins;
+use super::ServiceError;
+use crate::plugins::PluginError;
 use crate::train::job::{TuneError, Tuner};
 use crate::train::lora::LoraSpec;
 
-#[derive(Debug, thiserror::Error)]
-pub enum FeedbackError {
-    /// A client's value is out of its range; `param` names it.
-    #[error("{message}")]
-    Invalid { param: String, message: String, code: Option<&'static str> },
-    #[error(transparent)]
-    Tune(#[from] TuneError),
-    #[error(transparent)]
-    Plugin(#[from] PluginError),
-}
-
-fn invalid(param: &str, message: String) -> FeedbackError {
-    FeedbackError::Invalid { param: param.to_string(), message, code: None }
+fn invalid(param: &str, message: String) -> ServiceError {
+    ServiceError::invalid(param, message)
 }
 
 /// The LoRA a first upload creates, from its `rank`, `alpha` and comma-separated `targets`
 /// (each optional: r = 16, α = 2r, all seven modules); `None` when none is given.
-pub fn lora_spec(rank: Option<usize>, alpha: Option<f32>, targets: Option<&str>) -> Result<Option<LoraSpec>, FeedbackError> {
+pub fn lora_spec(rank: Option<usize>, alpha: Option<f32>, targets: Option<&str>) -> Result<Option<LoraSpec>, ServiceError> {
     if rank.is_none() && alpha.is_none() && targets.is_none() {
         return Ok(None);
     }
@@ -65,7 +56,7 @@ pub struct FeedbackOutcome {
 
 /// Stores an upload of records for `name` (an adapter, or a plugin whose tuned adapter takes
 /// them), all or nothing, as `scope`. Blocking: parsing, plugin calls and the store.
-pub fn upload(tuner: &Tuner, plugins: &PluginHost, name: String, body: &[u8], spec: Option<LoraSpec>, scope: Scope) -> Result<FeedbackOutcome, FeedbackError> {
+pub fn upload(tuner: &Tuner, plugins: &Plugins, name: String, body: &[u8], spec: Option<LoraSpec>, scope: Scope) -> Result<FeedbackOutcome, ServiceError> {
     let (adapter, conversations) = conversations(plugins, name, body)?;
     let inserted = tuner.store_feedback(&adapter, spec, scope, &conversations)?;
     let job = if inserted.pairs_since_training >= tuner.settings.train_after {
@@ -79,7 +70,7 @@ pub fn upload(tuner: &Tuner, plugins: &PluginHost, name: String, body: &[u8], sp
         None
     };
     Ok(FeedbackOutcome {
-        total_pairs: tuner.store.count_pairs(&adapter).map_err(TuneError::from)?,
+        total_pairs: tuner.store.count_pairs(&adapter)?,
         adapter,
         stored: inserted.stored,
         duplicates: inserted.duplicates,
@@ -89,9 +80,9 @@ pub fn upload(tuner: &Tuner, plugins: &PluginHost, name: String, body: &[u8], sp
 }
 
 /// An invalid record: the whole upload is refused, naming it.
-fn refused(e: RecordError) -> FeedbackError {
-    FeedbackError::Invalid {
-        param: format!("records[{}]", e.index),
+fn refused(e: RecordError) -> ServiceError {
+    ServiceError::Invalid {
+        param: Some(format!("records[{}]", e.index)),
         message: format!("{e}; nothing from this upload was stored"),
         code: Some("invalid_record"),
     }
@@ -100,7 +91,7 @@ fn refused(e: RecordError) -> FeedbackError {
 /// The upload's records as conversations, and the adapter they are for: the named one, or for a
 /// plugin's domain records the adapter the plugin tunes, through its converter. A plugin that
 /// misbehaves is marked failed.
-fn conversations(plugins: &PluginHost, name: String, body: &[u8]) -> Result<(String, Vec<Conversation>), FeedbackError> {
+fn conversations(plugins: &Plugins, name: String, body: &[u8]) -> Result<(String, Vec<Conversation>), ServiceError> {
     let Some(plugin) = plugins.lease(&name).transpose()? else {
         return Ok((name, parse_upload(body).map_err(refused)?));
     };
@@ -111,12 +102,7 @@ fn conversations(plugins: &PluginHost, name: String, body: &[u8]) -> Result<(Str
         .find(|a| a.source == tessera_plugin_api::AdapterSource::Tuned)
         .map(|a| a.name.clone())
         .ok_or_else(|| invalid("name", format!("the plugin `{name}` has no adapter tuned online")))?;
-    let fault = |e: PluginError| {
-        if e.is_plugin_fault() {
-            plugins.mark_failed(&plugin, &e);
-        }
-        FeedbackError::Plugin(e)
-    };
+    let fault = |e: PluginError| plugins.fault(&plugin, e);
     let mut conversations = Vec::new();
     for (index, record) in parse_records(body).map_err(refused)?.iter().enumerate() {
         let converted = match plugin.convert(record) {
@@ -147,10 +133,10 @@ mod tests {
         assert_eq!((spec.rank, spec.alpha, spec.targets), (4, 8.0, vec![TargetModule::Q, TargetModule::V]));
         for (rank, alpha, param) in [(Some(0), None, "rank"), (Some(257), None, "rank"), (None, Some(f32::NAN), "alpha"), (None, Some(0.0), "alpha"), (None, Some(1025.0), "alpha")] {
             match lora_spec(rank, alpha, None) {
-                Err(FeedbackError::Invalid { param: p, .. }) => assert_eq!(p, param),
+                Err(ServiceError::Invalid { param: p, .. }) => assert_eq!(p.as_deref(), Some(param)),
                 other => panic!("{rank:?} {alpha:?}: {other:?}"),
             }
         }
-        assert!(matches!(lora_spec(None, None, Some("lm_head")), Err(FeedbackError::Invalid { .. })));
+        assert!(matches!(lora_spec(None, None, Some("lm_head")), Err(ServiceError::Invalid { .. })));
     }
 }
