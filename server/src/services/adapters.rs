@@ -104,7 +104,7 @@ impl Adapters {
 
     pub async fn get(self: &Arc<Self>, name: String) -> Result<AdapterDescription, ServiceError> {
         let this = self.clone();
-        blocking(move || this.describe(&name).ok_or_else(|| missing(&name))).await
+        blocking(move || this.describe_existing(&name)).await
     }
 
     /// Unloads `name` and, when its files live in the adapters directory, deletes them.
@@ -152,6 +152,11 @@ impl Adapters {
         PeftAdapter::from_parts(&config, &weights, std::path::Path::new(&upload.name), &self.base)
             .map_err(|e| ServiceError::invalid("adapter_model.safetensors", e.to_string()))?;
         Ok((config, weights))
+    }
+
+    /// [`Adapters::describe`], with a missing adapter as an error.
+    pub fn describe_existing(&self, name: &str) -> Result<AdapterDescription, ServiceError> {
+        self.describe(name).ok_or_else(|| missing(name))
     }
 
     /// `name` as the registry serves it, with its tuning state where it is tuned online;

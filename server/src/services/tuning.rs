@@ -118,7 +118,7 @@ impl Tuning {
         let (tuner, adapters) = (self.tuner()?, self.adapters.clone());
         blocking(move || {
             tuner.set_open_to_tuning(&name, open)?;
-            adapters.describe(&name).ok_or_else(|| ServiceError::NotFound(format!("the adapter `{name}` does not exist")))
+            adapters.describe_existing(&name)
         })
         .await
     }
@@ -128,7 +128,7 @@ impl Tuning {
         let (tuner, adapters) = (self.tuner()?, self.adapters.clone());
         blocking(move || {
             tuner.rollback(&name, version)?;
-            adapters.describe(&name).ok_or_else(|| ServiceError::NotFound(format!("the adapter `{name}` does not exist")))
+            adapters.describe_existing(&name)
         })
         .await
     }
