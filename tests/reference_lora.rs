@@ -1,8 +1,11 @@
-//! PEFT LoRA adapters against llama.cpp's generations with the same adapters
-//! (`lora_cases.json`), with the LoRA tolerances calibrated in the reference README.
+//! LoRA adapters, as PEFT folders and as llama.cpp GGUF-LoRA files, against llama.cpp's
+//! generations with the same adapters (`lora_cases.json`), with the LoRA tolerances calibrated in
+//! the reference README; and conversions between the two formats, which change no output.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
+use tessera::adapter_files;
 use tessera::generate::{generate, prefill, GenerateParams};
 use tessera::model::KvCache;
 use tessera::sampler::SamplingParams;
@@ -15,8 +18,8 @@ const GREEDY_MARGIN: f32 = 0.6;
 const MAX_LOGPROB_ERROR: f32 = 1.2;
 const MAX_MEAN_LOGPROB_ERROR: f32 = 0.2;
 
-#[test]
-fn every_lora_case_matches_the_reference() {
+/// Every case of `lora_cases.json` with the adapters as `path_of` names their files.
+fn check_every_case(path_of: impl Fn(&str) -> PathBuf) {
     let model = &real_model().model;
     let shape = model.config().adapter_shape();
     let cases: GenerationCases = read_json("lora_cases.json");
@@ -24,9 +27,8 @@ fn every_lora_case_matches_the_reference() {
     let mut adapters: HashMap<String, PeftAdapter> = HashMap::new();
     for name in cases.cases.iter().flat_map(|c| c.adapters.keys()) {
         if !adapters.contains_key(name) {
-            let dir = testdata_dir().join("adapters").join(name);
-            let adapter = PeftAdapter::load(&dir, &shape)
-                .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+            let path = path_of(name);
+            let adapter = adapter_files::load(&path, &shape).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
             adapters.insert(name.clone(), adapter);
         }
     }
@@ -74,6 +76,62 @@ fn every_lora_case_matches_the_reference() {
         }
     }
     eprintln!("worst step {worst_step:.4}, worst case mean {worst_mean:.4}");
+}
+
+#[test]
+fn every_lora_case_matches_the_reference() {
+    check_every_case(|name| testdata_dir().join("adapters").join(name));
+}
+
+#[test]
+fn every_lora_case_matches_the_reference_with_gguf_lora_files() {
+    check_every_case(|name| testdata_dir().join("adapters-gguf").join(format!("{name}.gguf")));
+}
+
+/// The last position's logits of a fixed prompt with the adapter at `path` at weight 1.
+fn logits_with(path: &Path) -> Vec<f32> {
+    let model = &real_model().model;
+    let adapter = adapter_files::load(path, &model.config().adapter_shape()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let ids = real_model().tokenizer.encode("Name three primary colours:", true, true).unwrap();
+    let mut cache = KvCache::new(model.config(), ids.len()).unwrap();
+    prefill(model, &mut cache, &ids, &AdapterMix { parts: vec![(&adapter.weights, 1.0)] }).unwrap()
+}
+
+/// Writes `factors` in both formats under `dir` and returns the two paths.
+fn write_both(factors: &adapter_files::AdapterFactors, dir: &Path) -> (PathBuf, PathBuf) {
+    let shape = real_model().model.config().adapter_shape();
+    let gguf = dir.join("adapter.gguf");
+    std::fs::write(&gguf, adapter_files::to_gguf(factors, &shape)).unwrap();
+    let peft = dir.join("peft");
+    let (config, weights) = adapter_files::to_peft(factors, "gemma-3-270m").unwrap();
+    std::fs::create_dir_all(&peft).unwrap();
+    std::fs::write(peft.join(tessera_adapters::peft::CONFIG_FILE), config).unwrap();
+    std::fs::write(peft.join(tessera_adapters::peft::WEIGHTS_FILE), weights).unwrap();
+    (gguf, peft)
+}
+
+#[test]
+fn converting_between_peft_and_gguf_changes_no_output() {
+    let shape = real_model().model.config().adapter_shape();
+    for name in ["alpha-r8", "beta-r16", "gamma-r4"] {
+        let dir = tempfile::tempdir().unwrap();
+        let peft = testdata_dir().join("adapters").join(name);
+        let reference = logits_with(&peft);
+        // PEFT → GGUF and PEFT → PEFT, then GGUF → both again: the same bits at every step.
+        let factors = adapter_files::read(&peft, &shape).unwrap();
+        let (gguf, peft_again) = write_both(&factors, dir.path());
+        assert_eq!(adapter_files::read(&gguf, &shape).unwrap(), factors, "{name}: the GGUF form holds other factors");
+        for path in [&gguf, &peft_again] {
+            assert_eq!(logits_with(path), reference, "{name}: {} answers differently", path.display());
+        }
+        let from_gguf = tempfile::tempdir().unwrap();
+        let (gguf_twice, peft_from_gguf) = write_both(&adapter_files::read(&gguf, &shape).unwrap(), from_gguf.path());
+        assert_eq!(std::fs::read(&gguf_twice).unwrap(), std::fs::read(&gguf).unwrap(), "{name}: GGUF → GGUF is not byte-identical");
+        assert_eq!(logits_with(&peft_from_gguf), reference, "{name}: GGUF → PEFT answers differently");
+        // llama.cpp's own conversion of the same adapter holds the same numbers.
+        let theirs = testdata_dir().join("adapters-gguf").join(format!("{name}.gguf"));
+        assert_eq!(logits_with(&theirs), reference, "{name}: llama.cpp's GGUF file answers differently");
+    }
 }
 
 #[test]

@@ -53,6 +53,8 @@ pub fn alpha_is_valid(alpha: f32) -> bool {
 /// The shapes an adapter must fit: the base model's layer count and linear layer sizes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseShape {
+    /// The GGUF architecture name (`gemma3`, `llama`, …), which a GGUF-LoRA file must repeat.
+    pub architecture: String,
     pub n_layers: usize,
     pub hidden: usize,
     /// Query projection width: heads × head dimension.
@@ -129,7 +131,7 @@ fn pattern_value<T: Copy>(patterns: &HashMap<String, T>, module_path: &str) -> O
 }
 
 /// Which adapter tensor a name is: (layer, module, is_b).
-fn parse_tensor_name(name: &str) -> Result<(usize, TargetModule, bool), String> {
+pub fn parse_tensor_name(name: &str) -> Result<(usize, TargetModule, bool), String> {
     let parts: Vec<&str> = name.split('.').collect();
     if parts.iter().any(|p| p.starts_with("lora_embedding")) {
         return Err("embedding LoRA is not supported".into());
@@ -326,7 +328,7 @@ impl PeftAdapter {
 }
 
 /// The module's path inside a decoder layer, as Hugging Face names it.
-fn module_path(module: TargetModule) -> String {
+pub fn module_path(module: TargetModule) -> String {
     let block = match module {
         TargetModule::Q | TargetModule::K | TargetModule::V | TargetModule::O => "self_attn",
         TargetModule::Gate | TargetModule::Up | TargetModule::Down => "mlp",
@@ -341,6 +343,7 @@ mod tests {
 
     fn base() -> BaseShape {
         BaseShape {
+            architecture: "gemma3".into(),
             n_layers: 2,
             hidden: 8,
             q_width: 8,

@@ -1,6 +1,7 @@
 //! Tessera: one quantized base model, many LoRA adapters, served over the OpenAI API.
 
 pub mod access;
+pub mod adapter_files;
 pub mod api;
 pub mod bench;
 pub mod chat_template;

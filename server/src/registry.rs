@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use tessera_adapters::peft::{BaseShape, PeftAdapter, PeftError, CONFIG_FILE};
+use tessera_adapters::peft::{BaseShape, CONFIG_FILE};
 use tessera_adapters::LoraWeights;
+
+use crate::adapter_files::{self, AdapterFileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -26,7 +28,7 @@ pub enum RegistryError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Peft(#[from] PeftError),
+    File(#[from] AdapterFileError),
 }
 
 /// One immutable version of an adapter.
@@ -128,9 +130,10 @@ impl Registry {
         }
     }
 
-    /// Registers every adapter folder (one holding `adapter_config.json`) directly under `dir`;
-    /// their weights load on first use. Returns how many were registered. A folder (or a link)
-    /// that resolves outside `dir` and the allowed roots is skipped, as `load` would refuse it.
+    /// Registers every adapter directly under `dir`: PEFT folders (holding `adapter_config.json`)
+    /// by their name, GGUF-LoRA files by their name without `.gguf`. Their weights load on first
+    /// use. Returns how many were registered. One (or a link) that resolves outside `dir` and
+    /// the allowed roots is skipped, as `load` would refuse it.
     pub fn scan(&self, dir: &Path) -> Result<usize, RegistryError> {
         let io = |source| RegistryError::Io {
             path: dir.to_path_buf(),
@@ -140,15 +143,18 @@ impl Registry {
         let mut registered = 0;
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            let gguf = path.extension().is_some_and(|e| e == "gguf") && path.is_file();
+            let named = if gguf { path.file_stem() } else { path.file_name() };
+            let Some(name) = named.and_then(|n| n.to_str()).map(str::to_string) else {
                 continue;
             };
             let inside_roots = path.canonicalize().is_ok_and(|resolved| {
                 resolved.starts_with(&scanned) || self.roots.iter().any(|root| resolved.starts_with(root))
             });
-            if path.join(CONFIG_FILE).is_file() && !inside_roots {
-                tracing::warn!(path = %path.display(), "skipped: the folder resolves outside the allowed adapter roots");
-            } else if path.join(CONFIG_FILE).is_file() && valid_name(&name) && name != self.base_name {
+            let adapter = gguf || path.join(CONFIG_FILE).is_file();
+            if adapter && !inside_roots {
+                tracing::warn!(path = %path.display(), "skipped: the adapter resolves outside the allowed adapter roots");
+            } else if adapter && valid_name(&name) && name != self.base_name {
                 self.entries.insert(name, Entry::OnDisk(path));
                 registered += 1;
             } else if path.is_dir() {
@@ -169,7 +175,7 @@ impl Registry {
     }
 
     fn read(&self, name: &str, path: &Path) -> Result<Arc<AdapterGeneration>, RegistryError> {
-        let adapter = PeftAdapter::load(path, &self.base)?;
+        let adapter = adapter_files::load(path, &self.base)?;
         Ok(Arc::new(AdapterGeneration {
             name: name.to_string(),
             generation: self.next_generation.fetch_add(1, Ordering::SeqCst),

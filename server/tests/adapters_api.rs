@@ -419,6 +419,7 @@ fn least_recently_used_unleased_adapters_leave_memory_past_the_budget() {
         write_adapter(&dir.path().join(name), seed);
     }
     let shape = BaseShape {
+        architecture: "gemma3".into(),
         n_layers: synthetic::LAYERS,
         hidden: synthetic::HIDDEN,
         q_width: synthetic::HEADS * synthetic::HEAD_DIM,

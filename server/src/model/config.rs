@@ -172,6 +172,7 @@ impl Config {
     /// The shapes a LoRA adapter for this model must have.
     pub fn adapter_shape(&self) -> tessera_adapters::peft::BaseShape {
         tessera_adapters::peft::BaseShape {
+            architecture: self.family.architecture().to_string(),
             n_layers: self.n_layers,
             hidden: self.hidden,
             q_width: self.n_heads * self.head_dim,

@@ -67,7 +67,7 @@ fn registry_error(e: RegistryError) -> ServiceError {
     match e {
         RegistryError::InvalidName(_) | RegistryError::ReservedName(_) => ServiceError::invalid("lora_name", e.to_string()),
         RegistryError::NotFound(_) => ServiceError::NotFound(e.to_string()),
-        RegistryError::OutsideRoots { .. } | RegistryError::Io { .. } | RegistryError::Peft(_) => ServiceError::invalid("lora_path", e.to_string()),
+        RegistryError::OutsideRoots { .. } | RegistryError::Io { .. } | RegistryError::File(_) => ServiceError::invalid("lora_path", e.to_string()),
     }
 }
 
