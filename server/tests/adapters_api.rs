@@ -51,6 +51,18 @@ fn write_adapter(dir: &Path, seed: u32) {
     std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
+/// The shapes the tiny model's adapters have.
+fn tiny_shape() -> tessera_adapters::peft::BaseShape {
+    tessera_adapters::peft::BaseShape {
+        architecture: "gemma3".into(),
+        n_layers: synthetic::LAYERS,
+        hidden: synthetic::HIDDEN,
+        q_width: synthetic::HEADS * synthetic::HEAD_DIM,
+        kv_width: synthetic::HEAD_DIM,
+        ffn: synthetic::FFN,
+    }
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
     root: std::path::PathBuf,
@@ -413,19 +425,11 @@ async fn upload_list_replace_and_delete_adapters() {
 #[test]
 fn least_recently_used_unleased_adapters_leave_memory_past_the_budget() {
     use tessera::registry::Registry;
-    use tessera_adapters::peft::BaseShape;
     let dir = tempfile::tempdir().unwrap();
     for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
         write_adapter(&dir.path().join(name), seed);
     }
-    let shape = BaseShape {
-        architecture: "gemma3".into(),
-        n_layers: synthetic::LAYERS,
-        hidden: synthetic::HIDDEN,
-        q_width: synthetic::HEADS * synthetic::HEAD_DIM,
-        kv_width: synthetic::HEAD_DIM,
-        ffn: synthetic::FFN,
-    };
+    let shape = tiny_shape();
     let one = {
         let probe = Registry::new(shape.clone(), "tiny", &[], None);
         probe.scan(dir.path()).unwrap();
@@ -494,4 +498,66 @@ async fn thousands_of_adapters_register_without_loading() {
     let (status, err) = call(&r, "POST", "/v1/completions", Some(json!({"model": "a0001", "prompt": "a"})), None).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(err["error"]["message"].as_str().unwrap().contains("adapter_model.safetensors"), "{err}");
+}
+
+/// `GET uri`'s status, content type and body bytes.
+async fn download(router: &Router, uri: &str, key: Option<&str>) -> (StatusCode, String, Vec<u8>) {
+    let mut req = Request::get(uri);
+    if let Some(key) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let response = router.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    (status, content_type, axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn adapters_go_out_as_peft_or_gguf_and_come_back_answering_the_same() {
+    let f = fixture(Some("admin"));
+    let r = &f.router;
+    let key = Some("admin");
+    let (_, original) = tokens(r, "tiny-a", json!(null)).await;
+    assert!(original["token_ids"].as_array().is_some_and(|t| !t.is_empty()), "{original}");
+
+    // PEFT folder → GGUF → uploaded as `from-gguf`; PEFT folder → zip → uploaded as `from-zip`.
+    let (status, content_type, gguf) = download(r, "/v1/adapters/tiny-a/download?format=gguf", key).await;
+    assert_eq!((status, content_type.as_str()), (StatusCode::OK, "application/octet-stream"));
+    assert_eq!(&gguf[..4], b"GGUF");
+    let (status, content_type, zip) = download(r, "/v1/adapters/tiny-a/download", key).await;
+    assert_eq!((status, content_type.as_str()), (StatusCode::OK, "application/zip"));
+    let (status, body) = upload(r, &[("name", b"from-gguf".to_vec()), ("gguf", gguf.clone())], key).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = upload(r, &[("name", b"from-zip".to_vec()), ("archive", zip)], key).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for name in ["from-gguf", "from-zip"] {
+        let (_, again) = tokens(r, name, json!(null)).await;
+        assert_eq!(again, original, "{name} answers differently from tiny-a");
+    }
+    // A GGUF adapter goes out as it is stored, and as PEFT holds the same factors.
+    let (_, _, gguf_again) = download(r, "/v1/adapters/from-gguf/download?format=gguf", key).await;
+    assert_eq!(gguf_again, gguf, "a stored GGUF file is not sent as it is");
+    let (_, _, zip_of_gguf) = download(r, "/v1/adapters/from-gguf/download?format=peft", key).await;
+    let (status, body) = upload(r, &[("name", b"from-gguf-zip".to_vec()), ("archive", zip_of_gguf)], key).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(tokens(r, "from-gguf-zip", json!(null)).await.1, original);
+    // The adapters directory holds the GGUF upload as a file, registered by its name on restart.
+    assert!(f.root.join("adapters/from-gguf.gguf").is_file());
+    let rescanned = tessera::registry::Registry::new(tiny_shape(), MODEL, &[], None);
+    rescanned.scan(&f.root.join("adapters")).unwrap();
+    assert!(rescanned.lease("from-gguf").is_ok(), "a restarted server does not serve the GGUF upload");
+
+    // Refusals name their reason.
+    let (status, _, body) = download(r, "/v1/adapters/tiny-a/download?format=onnx", key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body) = download(r, "/v1/adapters/tiny-a/download?version=2", key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("not tuned online"));
+    let (status, _, _) = download(r, "/v1/adapters/nobody/download", key).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = upload(r, &[("name", b"bad".to_vec()), ("gguf", b"GGUF-but-not-really".to_vec())], key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "gguf");
+    assert!(!body["error"]["message"].as_str().unwrap().contains(".upload-"), "the message shows a server path: {body}");
+    assert!(!f.root.join("adapters/bad.gguf").exists());
 }

@@ -273,6 +273,7 @@ async fn tune_keys_tune_their_own_adapters_and_cancel_their_own_jobs() {
         ("GET", "/v1/adapters/house/feedback", None),
         ("DELETE", "/v1/adapters/house/feedback", None),
         ("POST", "/v1/adapters/house/train", Some(("application/json", b"{}".to_vec()))),
+        ("GET", "/v1/adapters/house/download?format=gguf", None),
     ] {
         let (status, err) = call(r, method, uri, Some("tuner"), body).await;
         assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("not_owner")), "{method} {uri}: {err}");
@@ -306,6 +307,13 @@ async fn tune_keys_tune_their_own_adapters_and_cancel_their_own_jobs() {
     assert_eq!(status, StatusCode::OK, "a new name is the tune key's to create");
     let (_, info) = call(r, "GET", "/v1/adapters/house-copy", Some("root"), None).await;
     assert_eq!(info["created_by"], "tune");
+    // What a tune key may tune, it may take away, in either format and at any version.
+    for uri in ["/v1/adapters/house-copy/download?format=gguf&version=0", "/v1/adapters/house/download?format=peft"] {
+        let (status, _) = call(r, "GET", uri, Some("tuner"), None).await;
+        assert_eq!(status, StatusCode::OK, "{uri}");
+    }
+    let (status, err) = call(r, "GET", "/v1/adapters/house-copy/download?version=3", Some("tuner"), None).await;
+    assert_eq!((status, err["error"]["message"].as_str()), (StatusCode::BAD_REQUEST, Some("`house-copy` has no version 3 (it has 0)")));
 }
 
 /// Every route of the spec with every kind of key: each route answers 401 without a valid key
@@ -331,6 +339,7 @@ async fn the_whole_route_and_key_matrix() {
         ("post", "/v1/adapters/{name}/feedback", TUNE),
         ("delete", "/v1/adapters/{name}/feedback", TUNE),
         ("post", "/v1/adapters/{name}/train", TUNE),
+        ("get", "/v1/adapters/{name}/download", TUNE),
         ("get", "/v1/files", TUNE),
         ("post", "/v1/files", TUNE),
         ("get", "/v1/files/{file_id}", TUNE),

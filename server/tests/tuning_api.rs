@@ -166,6 +166,17 @@ async fn feedback_uploads_are_all_or_nothing_deduplicated_and_train_a_promoted_v
     assert!(info["metrics"]["held_out_loss"].as_f64().is_some(), "{info}");
     let generation = info["generation"].as_u64();
 
+    // Each version downloads in either format; the trained one differs from version 0.
+    let mut downloads = Vec::new();
+    for (version, format, magic) in [(0, "gguf", &b"GGUF"[..]), (1, "gguf", b"GGUF"), (1, "peft", b"PK\x03\x04")] {
+        let response = router.clone().oneshot(Request::get(format!("/v1/adapters/hats/download?format={format}&version={version}")).body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        assert!(bytes.starts_with(magic), "version {version} as {format}");
+        downloads.push(bytes);
+    }
+    assert_ne!(downloads[0], downloads[1], "versions 0 and 1 download the same factors");
+
     // The adapter answers by name, then rolls back to version 0 as a new generation.
     let (status, body) = json_call(&router, "POST", "/v1/chat/completions", json!({"model": "hats", "messages": [{"role": "user", "content": "name item 77"}], "max_tokens": 4, "temperature": 0})).await;
     assert_eq!(status, StatusCode::OK, "{body}");

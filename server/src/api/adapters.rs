@@ -5,13 +5,17 @@ use std::sync::Arc;
 
 use axum::extract::multipart::MultipartError;
 use axum::extract::{Path, State};
-use axum::Json;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 
-use super::types::{AdapterInfo, AdapterList, AdapterStatus, AdapterUpload, LoadAdapterRequest, UnloadAdapterRequest};
-use super::{ApiJson, ApiMultipart, App, AppError};
+use super::auth::Principal;
+use super::types::{AdapterInfo, AdapterList, AdapterStatus, AdapterUpload, DownloadFormat, DownloadParams, LoadAdapterRequest, UnloadAdapterRequest};
+use super::{ApiJson, ApiMultipart, ApiQuery, App, AppError};
+use crate::adapter_files::AdapterFormat;
 use crate::services::adapters::AdapterFiles;
 
-/// Loads a PEFT adapter from the server's disk as `lora_name`. Replacing a name makes a new
+/// Loads an adapter (a PEFT folder or a GGUF-LoRA file) from the server's disk as `lora_name`. Replacing a name makes a new
 /// generation: requests already running finish on the one they started with.
 #[utoipa::path(post, path = "/v1/load_lora_adapter", tag = "Adapters", request_body = LoadAdapterRequest,
     responses((status = 200, body = AdapterStatus), (status = 400, body = super::error::ErrorResponse),
@@ -108,10 +112,11 @@ pub async fn upload_adapter(
             "adapter_config.json" | "adapter_config" => upload.adapter_config = Some(data),
             "adapter_model.safetensors" | "adapter_model" => upload.adapter_model = Some(data),
             "archive" => upload.archive = Some(data),
+            "gguf" | "adapter.gguf" => upload.gguf = Some(data),
             other => {
                 return Err(AppError::invalid(
                     other,
-                    format!("unknown form field `{other}` (expected name, adapter_config.json, adapter_model.safetensors or archive)"),
+                    format!("unknown form field `{other}` (expected name, adapter_config.json, adapter_model.safetensors, archive or gguf)"),
                 ))
             }
         }
@@ -121,6 +126,32 @@ pub async fn upload_adapter(
 
 impl From<AdapterUpload> for AdapterFiles {
     fn from(upload: AdapterUpload) -> Self {
-        Self { name: upload.name, config: upload.adapter_config, weights: upload.adapter_model, archive: upload.archive }
+        Self { name: upload.name, config: upload.adapter_config, weights: upload.adapter_model, archive: upload.archive, gguf: upload.gguf }
     }
+}
+
+/// Downloads an adapter, any version of one tuned online: a zip of its PEFT files, or one
+/// GGUF-LoRA file that llama.cpp's `--lora` loads. Both hold the same factors, so either form,
+/// uploaded again, answers exactly as the original. A `tune` key may download the tuned
+/// adapters it may tune.
+#[utoipa::path(get, path = "/v1/adapters/{name}/download", tag = "Adapters",
+    params(("name" = String, Path, description = "An adapter name"), DownloadParams),
+    responses((status = 200, description = "The adapter", content(
+                  (Vec<u8> = "application/zip"), (Vec<u8> = "application/octet-stream"))),
+              (status = 400, body = super::error::ErrorResponse),
+              (status = 403, description = "Not an adapter this key may tune", body = super::error::ErrorResponse),
+              (status = 404, body = super::error::ErrorResponse)))]
+pub async fn download_adapter(
+    State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<DownloadParams>,
+) -> Result<Response, AppError> {
+    let format = match params.format.unwrap_or(DownloadFormat::Peft) {
+        DownloadFormat::Peft => AdapterFormat::Peft,
+        DownloadFormat::Gguf => AdapterFormat::Gguf,
+    };
+    let export = app.adapters.download(name, format, params.version, scope).await?;
+    let disposition = format!("attachment; filename=\"{}\"", export.filename);
+    Ok(([(header::CONTENT_TYPE, export.content_type.to_string()), (header::CONTENT_DISPOSITION, disposition)], export.bytes).into_response())
 }

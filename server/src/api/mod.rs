@@ -18,7 +18,7 @@ mod validate;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
@@ -118,7 +118,7 @@ impl App {
             crate::plugins::private_cache_dir(),
         );
         let plugins = Arc::new(Plugins::new(host, registry.clone(), tuner.clone()));
-        let adapters = Arc::new(Adapters::new(registry.clone(), tuner.clone(), settings.adapters_dir.clone(), base, settings.max_body_bytes));
+        let adapters = Arc::new(Adapters::new(registry.clone(), tuner.clone(), settings.adapters_dir.clone(), base, model_id.clone(), settings.max_body_bytes));
         let tuning = Tuning::new(tuner, adapters.clone(), plugins.clone(), model_id.clone());
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
         let inference = Arc::new(Inference::new(engine, model, model_id, settings.ctx_len, registry, plugins.clone()));
@@ -176,6 +176,25 @@ where
     }
 }
 
+/// `axum::extract::Query`, with its rejection (a malformed or mistyped parameter) in OpenAI's
+/// error shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(AppError::BadBody { status: rejection.status(), message: rejection.body_text() }),
+        }
+    }
+}
+
 /// A multipart form, its rejection in OpenAI's error shape (axum's own is plain text).
 pub struct ApiMultipart(pub axum::extract::Multipart);
 
@@ -222,6 +241,7 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
     let tune = OpenApiRouter::new()
         .routes(routes!(tuning::upload_feedback, tuning::list_feedback, tuning::delete_feedback))
         .routes(routes!(tuning::train_adapter))
+        .routes(routes!(adapters::download_adapter))
         .routes(routes!(tuning::upload_file, tuning::list_files))
         .routes(routes!(tuning::get_file))
         .routes(routes!(tuning::create_job, tuning::list_jobs))

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use serde_json::Value;
 
 use super::auth::Principal;
 use super::types::tuning::*;
 use super::types::AdapterInfo;
-use super::{ApiJson, ApiMultipart, App, AppError};
+use super::{ApiJson, ApiMultipart, ApiQuery, App, AppError};
 use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice};
 use crate::store::{CheckpointRow, EventRow, FileRow, JobRow};
 use crate::train::job::{Hyperparameters, JobData, JobSpec};
@@ -29,7 +29,7 @@ pub async fn upload_feedback(
     State(app): State<Arc<App>>,
     Extension(Principal(scope)): Extension<Principal>,
     Path(name): Path<String>,
-    Query(params): Query<FeedbackParams>,
+    ApiQuery(params): ApiQuery<FeedbackParams>,
     body: Bytes,
 ) -> Result<Json<FeedbackReceipt>, AppError> {
     let lora = LoraChoice { rank: params.rank, alpha: params.alpha, targets: params.targets };
@@ -52,7 +52,7 @@ pub async fn list_feedback(
     State(app): State<Arc<App>>,
     Extension(Principal(scope)): Extension<Principal>,
     Path(name): Path<String>,
-    Query(page): Query<PageParams>,
+    ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<Json<PairList>, AppError> {
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
     let pairs = app.tuning.list_feedback(name, scope, page.after.unwrap_or(0), limit).await?;
@@ -76,7 +76,7 @@ pub async fn delete_feedback(
     State(app): State<Arc<App>>,
     Extension(Principal(scope)): Extension<Principal>,
     Path(name): Path<String>,
-    Query(params): Query<DeleteParams>,
+    ApiQuery(params): ApiQuery<DeleteParams>,
 ) -> Result<Json<Deleted>, AppError> {
     let ids = params
         .ids
@@ -322,7 +322,7 @@ fn event_view(e: EventRow) -> JobEvent {
 pub async fn list_events(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-    Query(params): Query<EventParams>,
+    ApiQuery(params): ApiQuery<EventParams>,
 ) -> Result<Json<EventList>, AppError> {
     let before = params
         .after

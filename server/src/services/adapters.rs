@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tessera_adapters::peft::{BaseShape, PeftAdapter};
+use tessera_adapters::peft::{BaseShape, PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 
 use super::{archive, blocking, ServiceError};
 use crate::access::Scope;
+use crate::adapter_files::{self, AdapterFormat};
 use crate::registry::{AdapterGeneration, Registry, RegistryError};
 use crate::train::job::Tuner;
 /// One adapter, as the registry and the tuning store know it.
@@ -42,13 +43,22 @@ pub struct TuningState {
     pub open_to_tuning: bool,
 }
 
-/// An adapter upload: its name, and either both PEFT files or one zip or tar archive of them.
+/// An adapter upload: its name, and either both PEFT files, one zip or tar archive of them, or
+/// one GGUF-LoRA file.
 #[derive(Debug, Default)]
 pub struct AdapterFiles {
     pub name: String,
     pub config: Option<Vec<u8>>,
     pub weights: Option<Vec<u8>>,
     pub archive: Option<Vec<u8>>,
+    pub gguf: Option<Vec<u8>>,
+}
+
+/// An adapter written out for download.
+pub struct Export {
+    pub filename: String,
+    pub content_type: &'static str,
+    pub bytes: Vec<u8>,
 }
 
 /// The adapters service.
@@ -58,6 +68,8 @@ pub struct Adapters {
     /// Scanned at startup; where uploads are stored and what delete may remove.
     dir: Option<PathBuf>,
     base: BaseShape,
+    /// The base model's id, which exported PEFT configs name.
+    base_model: String,
     /// The most bytes an uploaded archive may unpack to.
     max_upload_bytes: usize,
 }
@@ -76,8 +88,8 @@ fn missing(name: &str) -> ServiceError {
 }
 
 impl Adapters {
-    pub fn new(registry: Arc<Registry>, tuner: Option<Arc<Tuner>>, dir: Option<PathBuf>, base: BaseShape, max_upload_bytes: usize) -> Self {
-        Self { registry, tuner, dir, base, max_upload_bytes }
+    pub fn new(registry: Arc<Registry>, tuner: Option<Arc<Tuner>>, dir: Option<PathBuf>, base: BaseShape, base_model: String, max_upload_bytes: usize) -> Self {
+        Self { registry, tuner, dir, base, base_model, max_upload_bytes }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -116,7 +128,8 @@ impl Adapters {
             _ => false,
         };
         if owned {
-            blocking(move || std::fs::remove_dir_all(&path).map_err(|e| ServiceError::Internal(format!("unloaded, but deleting its files failed: {e}")))).await?;
+            let removed = move || if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            blocking(move || removed().map_err(|e| ServiceError::Internal(format!("unloaded, but deleting its files failed: {e}")))).await?;
         }
         Ok(())
     }
@@ -132,12 +145,87 @@ impl Adapters {
         let this = self.clone();
         blocking(move || {
             let name = upload.name.clone();
-            let (config, weights) = this.unpack(upload)?;
-            archive::install(&dir, &name, config.as_bytes(), &weights).map_err(|e| ServiceError::Internal(format!("storing the adapter failed: {e}")))?;
-            this.registry.load(&name, &dir.join(&name)).map_err(registry_error)?;
+            let installed = match upload.gguf {
+                Some(gguf) if upload.config.is_none() && upload.weights.is_none() && upload.archive.is_none() => this.install_gguf(&dir, &name, &gguf)?,
+                Some(_) => return Err(ServiceError::invalid("gguf", "send a GGUF-LoRA file alone, without PEFT files or an archive")),
+                None => {
+                    let (config, weights) = this.unpack(upload)?;
+                    archive::install(&dir, &name, config.as_bytes(), &weights).map_err(|e| ServiceError::Internal(format!("storing the adapter failed: {e}")))?
+                }
+            };
+            this.registry.load(&name, &installed).map_err(registry_error)?;
             this.describe(&name).ok_or_else(|| ServiceError::Internal("the adapter vanished while loading".into()))
         })
         .await
+    }
+
+    /// Checks an uploaded GGUF-LoRA file against the base, then stores it durably as
+    /// `dir/name.gguf`.
+    fn install_gguf(&self, dir: &std::path::Path, name: &str, gguf: &[u8]) -> Result<PathBuf, ServiceError> {
+        let stored = |e: std::io::Error| ServiceError::Internal(format!("storing the adapter failed: {e}"));
+        let staged = archive::stage_file(dir, gguf).map_err(stored)?;
+        if let Err(e) = adapter_files::load(&staged, &self.base) {
+            let _ = std::fs::remove_file(&staged);
+            return Err(ServiceError::invalid("gguf", e.to_string().replace(&staged.display().to_string(), "the upload")));
+        }
+        archive::publish_file(&staged, dir, name).map_err(stored)
+    }
+
+    /// `name` (its current version, or `version` of an adapter tuned online) as a PEFT zip or a
+    /// GGUF-LoRA file. A file already in the asked format goes out as it is stored; the other
+    /// format holds the same factors. A `tune` scope may download the tuned adapters it may
+    /// tune; the admin any.
+    pub async fn download(self: &Arc<Self>, name: String, format: AdapterFormat, version: Option<u32>, scope: Scope) -> Result<Export, ServiceError> {
+        let this = self.clone();
+        blocking(move || {
+            let source = this.source(&name, version, scope)?;
+            let unreadable = |e: adapter_files::AdapterFileError| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
+            let stored = |e: std::io::Error| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
+            let suffix = version.map(|v| format!("-v{v}")).unwrap_or_default();
+            match format {
+                AdapterFormat::Gguf => {
+                    let bytes = match AdapterFormat::of(&source) {
+                        AdapterFormat::Gguf => std::fs::read(&source).map_err(stored)?,
+                        AdapterFormat::Peft => adapter_files::to_gguf(&adapter_files::read(&source, &this.base).map_err(unreadable)?, &this.base),
+                    };
+                    Ok(Export { filename: format!("{name}{suffix}.gguf"), content_type: "application/octet-stream", bytes })
+                }
+                AdapterFormat::Peft => {
+                    let (config, weights) = match AdapterFormat::of(&source) {
+                        AdapterFormat::Peft => (std::fs::read(source.join(CONFIG_FILE)).map_err(stored)?, std::fs::read(source.join(WEIGHTS_FILE)).map_err(stored)?),
+                        AdapterFormat::Gguf => adapter_files::to_peft(&adapter_files::read(&source, &this.base).map_err(unreadable)?, &this.base_model).map_err(unreadable)?,
+                    };
+                    let bytes = archive::zip_peft(&format!("{name}{suffix}"), &config, &weights).map_err(ServiceError::internal)?;
+                    Ok(Export { filename: format!("{name}{suffix}.zip"), content_type: "application/zip", bytes })
+                }
+            }
+        })
+        .await
+    }
+
+    /// Where `name`'s current version, or its `version`, is stored, if `scope` may read it.
+    fn source(&self, name: &str, version: Option<u32>, scope: Scope) -> Result<PathBuf, ServiceError> {
+        let (current, _) = self.registry.describe(name).ok_or_else(|| missing(name))?;
+        let tuned = match &self.tuner {
+            Some(tuner) => tuner.store.adapter(name)?,
+            None => None,
+        };
+        if scope != Scope::Admin && !tuned.as_ref().is_some_and(|row| row.may_be_tuned_by(scope)) {
+            return Err(ServiceError::NotOwner(format!("the adapter `{name}` is not one this key may tune, so it may not download it either")));
+        }
+        let Some(version) = version else {
+            return Ok(current);
+        };
+        let (Some(tuner), Some(_)) = (&self.tuner, &tuned) else {
+            return Err(ServiceError::invalid("version", format!("`{name}` is not tuned online, so it has only its current version")));
+        };
+        let versions = tuner.store.versions(name)?;
+        let listed = versions.iter().map(|v| v.version.to_string()).collect::<Vec<_>>().join(", ");
+        versions
+            .into_iter()
+            .find(|v| v.version == version)
+            .map(|v| v.path)
+            .ok_or_else(|| ServiceError::invalid("version", format!("`{name}` has no version {version} (it has {listed})")))
     }
 
     /// The upload's config text and weights, from its two files or its archive, checked against

@@ -3,7 +3,7 @@
 //! members, so a small archive that inflates to gigabytes is refused before it is held.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tessera_adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
 
@@ -96,25 +96,70 @@ fn from_zip(archive: &[u8], max_bytes: usize) -> Result<PeftPair, ServiceError> 
 }
 
 /// Writes the files into a staging folder, makes them durable, then renames it to `dir/name`
-/// (replacing any earlier folder of that name).
-pub fn install(dir: &Path, name: &str, config: &[u8], weights: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+/// (replacing any earlier adapter of that name, folder or GGUF file). Returns the folder.
+pub fn install(dir: &Path, name: &str, config: &[u8], weights: &[u8]) -> std::io::Result<PathBuf> {
     let staging = dir.join(format!(".upload-{:016x}", rand::random::<u64>()));
     std::fs::create_dir_all(&staging)?;
     for (file, data) in [(CONFIG_FILE, config), (WEIGHTS_FILE, weights)] {
-        let mut f = std::fs::File::create(staging.join(file))?;
-        f.write_all(data)?;
-        f.sync_all()?;
+        write_durably(&staging.join(file), data)?;
     }
     std::fs::File::open(&staging)?.sync_all()?;
     let target = dir.join(name);
-    if target.exists() {
-        let old = dir.join(format!(".replaced-{:016x}", rand::random::<u64>()));
-        std::fs::rename(&target, &old)?;
-        std::fs::rename(&staging, &target)?;
-        std::fs::remove_dir_all(&old)?;
-    } else {
-        std::fs::rename(&staging, &target)?;
+    replace_with(dir, &staging, &target)?;
+    remove_if_present(&dir.join(format!("{name}.gguf")))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(target)
+}
+
+/// Writes `bytes` durably to a fresh hidden file in `dir`, to be checked before it is published.
+pub fn stage_file(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    let staged = dir.join(format!(".upload-{:016x}.gguf", rand::random::<u64>()));
+    write_durably(&staged, bytes)?;
+    Ok(staged)
+}
+
+/// Moves a staged GGUF file to `dir/name.gguf`, replacing any earlier adapter of that name.
+pub fn publish_file(staged: &Path, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let target = dir.join(format!("{name}.gguf"));
+    std::fs::rename(staged, &target)?;
+    remove_if_present(&dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(target)
+}
+
+/// A zip of a PEFT adapter's two files in a folder `folder`.
+pub fn zip_peft(folder: &str, config: &[u8], weights: &[u8]) -> zip::result::ZipResult<Vec<u8>> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (file, data) in [(CONFIG_FILE, config), (WEIGHTS_FILE, weights)] {
+        zip.start_file(format!("{folder}/{file}"), options)?;
+        std::io::Write::write_all(&mut zip, data)?;
     }
-    std::fs::File::open(dir)?.sync_all()
+    Ok(zip.finish()?.into_inner())
+}
+
+fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Renames `staging` to `target`, moving an earlier `target` aside first and deleting it after.
+fn replace_with(dir: &Path, staging: &Path, target: &Path) -> std::io::Result<()> {
+    if !target.exists() {
+        return std::fs::rename(staging, target);
+    }
+    let old = dir.join(format!(".replaced-{:016x}", rand::random::<u64>()));
+    std::fs::rename(target, &old)?;
+    std::fs::rename(staging, target)?;
+    remove_if_present(&old)
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+    match removed {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }

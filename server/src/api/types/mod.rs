@@ -310,7 +310,7 @@ pub struct Health {
 pub struct LoadAdapterRequest {
     /// `[A-Za-z0-9._-]{1,64}`; loading an existing name replaces it with a new generation.
     pub lora_name: String,
-    /// A PEFT adapter folder under one of the server's allowed adapter roots.
+    /// A PEFT adapter folder, or a llama.cpp GGUF-LoRA file, under one of the server's allowed adapter roots.
     pub lora_path: String,
 }
 
@@ -382,8 +382,8 @@ pub struct AdapterList {
     pub data: Vec<AdapterInfo>,
 }
 
-/// `POST /v1/adapters` form: `name`, and either both PEFT files or one zip or tar archive
-/// holding them.
+/// `POST /v1/adapters` form: `name`, and either both PEFT files, one zip or tar archive holding
+/// them, or one llama.cpp GGUF-LoRA file (`gguf`).
 #[derive(Debug, Default, ToSchema)]
 pub struct AdapterUpload {
     pub name: String,
@@ -393,4 +393,27 @@ pub struct AdapterUpload {
     pub adapter_model: Option<Vec<u8>>,
     #[schema(value_type = Option<String>, format = Binary)]
     pub archive: Option<Vec<u8>>,
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub gguf: Option<Vec<u8>>,
+}
+
+/// The format of a downloaded adapter.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DownloadFormat {
+    /// A zip of `adapter_config.json` and `adapter_model.safetensors` (Hugging Face PEFT).
+    Peft,
+    /// One GGUF-LoRA file, as llama.cpp's `--lora` loads it.
+    Gguf,
+}
+
+/// `GET /v1/adapters/{name}/download` parameters.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DownloadParams {
+    /// `peft` (default) or `gguf`.
+    #[param(inline)]
+    pub format: Option<DownloadFormat>,
+    /// A version of an adapter tuned online (default: the one served).
+    pub version: Option<u32>,
 }
