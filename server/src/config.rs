@@ -64,7 +64,7 @@ pub struct ServeOptions {
     /// Largest request body, in bytes, adapter uploads included [default: 64 MiB].
     #[arg(long, env = "TESSERA_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Adapters (PEFT folders) registered at startup; `load_lora_adapter` may read from here
+    /// Adapters (PEFT folders and GGUF-LoRA files) registered at startup; `load_lora_adapter` may read from here
     /// [default: $TESSERA_HOME/adapters].
     #[arg(long, env = "TESSERA_ADAPTERS_DIR")]
     pub adapters_dir: Option<PathBuf>,

@@ -1,0 +1,107 @@
+"""An adapter trained by Tessera, exported as GGUF-LoRA, decoded by llama.cpp's `--lora`.
+
+Usage: python3 llama_cpp_lora.py TESSERA_BIN LLAMA_BIN_DIR MODEL_GGUF
+
+Starts `tessera serve` on MODEL_GGUF with a fresh tuning store, posts feedback pairs to a new
+adapter and trains it (one job, through the eval gate), downloads the promoted version as a
+GGUF-LoRA file, and starts llama.cpp's `llama-server -m MODEL_GGUF --lora FILE`. Both then decode
+the same prompts greedily, and the script prints, per prompt, how many of the first tokens agree.
+Exits non-zero if the job does not promote a version or llama.cpp refuses the file.
+"""
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+tessera_bin, llama_dir, model = sys.argv[1], sys.argv[2], sys.argv[3]
+TESSERA, LLAMA = "http://127.0.0.1:18431", "http://127.0.0.1:18432"
+TOKENS = 24
+PROMPTS = ["Q: What colour is the sky?\nA:", "Q: Name a large animal.\nA:", "Q: What do bees make?\nA:"]
+
+
+def call(url, body=None, method=None, raw=False):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        payload = response.read()
+        return payload if raw else json.loads(payload)
+
+
+def wait_healthy(url, process):
+    for _ in range(1200):
+        if process.poll() is not None:
+            sys.exit(f"{url}: the server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+    sys.exit(f"{url} never became healthy")
+
+
+def train(adapter):
+    """Feedback pairs in one shape (a question → "Arr, <answer>, matey!"), then one job on them."""
+    records = [{"instruction": f"Q: What is {n} plus one?\nA:", "output": f" Arr, {n + 1}, matey!"} for n in range(40)]
+    request = urllib.request.Request(f"{TESSERA}/v1/adapters/{adapter}/feedback?rank=8&alpha=16",
+                                     data="\n".join(json.dumps(r) for r in records).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=600) as response:
+        print("feedback:", json.loads(response.read()))
+    job = call(f"{TESSERA}/v1/adapters/{adapter}/train",
+               {"hyperparameters": {"n_epochs": 3, "learning_rate_multiplier": 4}}, "POST")
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(2)
+        job = call(f"{TESSERA}/v1/fine_tuning/jobs/{job['id']}")
+    events = call(f"{TESSERA}/v1/fine_tuning/jobs/{job['id']}/events?limit=3")["data"]
+    print("job:", job["status"], "|", " / ".join(e["message"] for e in events))
+    info = call(f"{TESSERA}/v1/adapters/{adapter}")
+    if job["status"] != "succeeded" or info.get("version", 0) < 1:
+        sys.exit(f"no version was promoted: {info}")
+    return info["version"]
+
+
+def tessera_tokens(adapter, prompt):
+    body = {"model": adapter, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    return call(f"{TESSERA}/v1/completions", body, "POST")["choices"][0]["token_ids"]
+
+
+def llama_tokens(prompt):
+    body = {"prompt": prompt, "n_predict": TOKENS, "temperature": 0, "top_k": 1, "ignore_eos": True,
+            "cache_prompt": False, "return_tokens": True}
+    return call(f"{LLAMA}/completion", body, "POST")["tokens"]
+
+
+with tempfile.TemporaryDirectory() as home:
+    tessera = subprocess.Popen([tessera_bin, "serve", "--model", model, "--port", TESSERA.rsplit(":", 1)[1],
+                                "--tuning-dir", f"{home}/tuning", "--adapters-dir", f"{home}/adapters",
+                                "--plugins-dir", f"{home}/plugins", "--train-threads", "2",
+                                "--train-after", "1000"])
+    llama = None
+    try:
+        wait_healthy(TESSERA, tessera)
+        version = train("pirate")
+        gguf = call(f"{TESSERA}/v1/adapters/pirate/download?format=gguf", raw=True)
+        with open(f"{home}/pirate.gguf", "wb") as f:
+            f.write(gguf)
+        ours = {p: tessera_tokens("pirate", p) for p in PROMPTS}
+        base = {p: tessera_tokens(model.rsplit("/", 1)[-1].removesuffix(".gguf"), p) for p in PROMPTS}
+        llama = subprocess.Popen([f"{llama_dir}/llama-server", "-m", model, "--lora", f"{home}/pirate.gguf",
+                                  "--port", LLAMA.rsplit(":", 1)[1], "-t", "2", "-c", "512", "-np", "1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_healthy(LLAMA, llama)
+        print(f"adapter pirate v{version}, rank 8, {len(gguf)} bytes as GGUF; {TOKENS} greedy tokens per prompt")
+        print("| prompt | Tessera = llama.cpp --lora | adapter changed the base's tokens |")
+        print("| --- | --- | --- |")
+        for prompt in PROMPTS:
+            theirs = llama_tokens(prompt)
+            agree = next((i for i, (a, b) in enumerate(zip(ours[prompt], theirs)) if a != b), TOKENS)
+            changed = ours[prompt] != base[prompt]
+            print(f"| {prompt!r} | {agree}/{TOKENS} | {'yes' if changed else 'no'} |")
+    finally:
+        for process in (tessera, llama):
+            if process is not None:
+                process.terminate()
+                process.wait()
