@@ -5,6 +5,7 @@ pub mod adapter_files;
 pub mod api;
 pub mod bench;
 pub mod chat_template;
+pub mod client;
 pub mod config;
 pub mod dataset;
 pub mod engine;

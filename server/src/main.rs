@@ -77,6 +77,8 @@ enum Command {
     },
     /// Print the OpenAPI document (YAML) of the HTTP API.
     Openapi,
+    #[command(flatten)]
+    Client(tessera::client::commands::ClientCommand),
     /// Measure prefill and decode throughput, load time and peak memory; `bench serve` measures
     /// the HTTP server under concurrent clients.
     #[command(args_conflicts_with_subcommands = true)]
@@ -249,6 +251,14 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve { options, config } => serve(options, config.as_deref(), cli.threads)?,
         Command::Openapi => print!("{}", tessera::api::openapi().to_yaml()?),
+        Command::Client(command) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // The server's own message is the whole story: no error chain or backtrace.
+            if let Err(e) = runtime.block_on(tessera::client::commands::run(command)) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
         Command::Model { action } => match action {
             ModelAction::Fetch => {
                 let path = model_store::fetch(

@@ -63,15 +63,59 @@ def train(adapter):
 
 
 def tessera_tokens(adapter, prompt):
+    """Greedy token ids, and at each step the margin between the two likeliest tokens."""
     body = {"model": adapter, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True}
-    return call(f"{TESSERA}/v1/completions", body, "POST")["choices"][0]["token_ids"]
+            "return_token_ids": True, "logprobs": 2}
+    choice = call(f"{TESSERA}/v1/completions", body, "POST")["choices"][0]
+    return choice["token_ids"], [margin(top) for top in choice["logprobs"]["top_logprobs"]]
+
+
+def margin(top):
+    best = sorted(top.values(), reverse=True)
+    return best[0] - best[1] if len(best) > 1 else float("inf")
 
 
 def llama_tokens(prompt):
-    body = {"prompt": prompt, "n_predict": TOKENS, "temperature": 0, "top_k": 1, "ignore_eos": True,
+    body = {"prompt": prompt, "n_predict": TOKENS, "temperature": 0, "top_k": 1,
             "cache_prompt": False, "return_tokens": True}
     return call(f"{LLAMA}/completion", body, "POST")["tokens"]
+
+
+END_OF_GENERATION = {1, 106}  # Gemma's <eos> and <end_of_turn>: llama.cpp stops at either
+
+
+def until_end(ids):
+    return next((ids[:i] for i, t in enumerate(ids) if t in END_OF_GENERATION), ids)
+
+
+def agreement(ours, theirs):
+    """Leading tokens that agree (up to the end of generation), of how many, and the margin of
+    Tessera's choice where they first differ."""
+    (ids, margins), theirs = ours, until_end(theirs)
+    ids = until_end(ids)
+    same = next((i for i, (a, b) in enumerate(zip(ids, theirs)) if a != b), None)
+    if same is None and len(ids) == len(theirs):
+        return f"{len(ids)}/{len(ids)}"
+    same = min(len(ids), len(theirs)) if same is None else same
+    return f"{same}/{max(len(ids), len(theirs))}, then margin {margins[same]:.3f}"
+
+
+def detokenize(ids):
+    return call(f"{TESSERA}/detokenize", {"tokens": ids}, "POST")["prompt"]
+
+
+def llama_run(model, lora, prompts):
+    """Greedy tokens of each prompt from llama.cpp's server, with `lora` when given."""
+    command = [f"{llama_dir}/llama-server", "-m", model, "--port", LLAMA.rsplit(":", 1)[1], "-t", "2", "-c", "512", "-np", "1"]
+    if lora:
+        command += ["--lora", lora]
+    llama = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(LLAMA, llama)
+        return {p: llama_tokens(p) for p in prompts}
+    finally:
+        llama.terminate()
+        llama.wait()
 
 
 with tempfile.TemporaryDirectory() as home:
@@ -79,7 +123,6 @@ with tempfile.TemporaryDirectory() as home:
                                 "--tuning-dir", f"{home}/tuning", "--adapters-dir", f"{home}/adapters",
                                 "--plugins-dir", f"{home}/plugins", "--train-threads", "2",
                                 "--train-after", "1000"])
-    llama = None
     try:
         wait_healthy(TESSERA, tessera)
         version = train("pirate")
@@ -87,21 +130,18 @@ with tempfile.TemporaryDirectory() as home:
         with open(f"{home}/pirate.gguf", "wb") as f:
             f.write(gguf)
         ours = {p: tessera_tokens("pirate", p) for p in PROMPTS}
-        base = {p: tessera_tokens(model.rsplit("/", 1)[-1].removesuffix(".gguf"), p) for p in PROMPTS}
-        llama = subprocess.Popen([f"{llama_dir}/llama-server", "-m", model, "--lora", f"{home}/pirate.gguf",
-                                  "--port", LLAMA.rsplit(":", 1)[1], "-t", "2", "-c", "512", "-np", "1"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_healthy(LLAMA, llama)
+        base_id = model.rsplit("/", 1)[-1].removesuffix(".gguf")
+        base = {p: tessera_tokens(base_id, p) for p in PROMPTS}
+        their_base = llama_run(model, None, PROMPTS)
+        theirs = llama_run(model, f"{home}/pirate.gguf", PROMPTS)
         print(f"adapter pirate v{version}, rank 8, {len(gguf)} bytes as GGUF; {TOKENS} greedy tokens per prompt")
-        print("| prompt | Tessera = llama.cpp --lora | adapter changed the base's tokens |")
-        print("| --- | --- | --- |")
+        print("| prompt | base: Tessera = llama.cpp | with the adapter: Tessera = llama.cpp `--lora` | the adapter changed the tokens |")
+        print("| --- | --- | --- | --- |")
         for prompt in PROMPTS:
-            theirs = llama_tokens(prompt)
-            agree = next((i for i, (a, b) in enumerate(zip(ours[prompt], theirs)) if a != b), TOKENS)
-            changed = ours[prompt] != base[prompt]
-            print(f"| {prompt!r} | {agree}/{TOKENS} | {'yes' if changed else 'no'} |")
+            print(f"| {prompt!r} | {agreement(base[prompt], their_base[prompt])} "
+                  f"| {agreement(ours[prompt], theirs[prompt])} | {'yes' if ours[prompt][0] != base[prompt][0] else 'no'} |")
+        for prompt in PROMPTS:
+            print(f"{prompt!r}\n  Tessera:   {detokenize(ours[prompt][0])!r}\n  llama.cpp: {detokenize(theirs[prompt])!r}")
     finally:
-        for process in (tessera, llama):
-            if process is not None:
-                process.terminate()
-                process.wait()
+        tessera.terminate()
+        tessera.wait()
