@@ -76,9 +76,12 @@ def margin(top):
 
 
 def llama_tokens(prompt):
+    """Greedy token ids from llama.cpp, and its margin between the two likeliest at each step."""
     body = {"prompt": prompt, "n_predict": TOKENS, "temperature": 0, "top_k": 1,
-            "cache_prompt": False, "return_tokens": True}
-    return call(f"{LLAMA}/completion", body, "POST")["tokens"]
+            "cache_prompt": False, "return_tokens": True, "n_probs": 2}
+    answer = call(f"{LLAMA}/completion", body, "POST")
+    margins = [margin({t["id"]: t["logprob"] for t in step["top_logprobs"]}) for step in answer.get("completion_probabilities", [])]
+    return answer["tokens"], margins
 
 
 END_OF_GENERATION = {1, 106}  # Gemma's <eos> and <end_of_turn>: llama.cpp stops at either
@@ -89,15 +92,16 @@ def until_end(ids):
 
 
 def agreement(ours, theirs):
-    """Leading tokens that agree (up to the end of generation), of how many, and the margin of
-    Tessera's choice where they first differ."""
-    (ids, margins), theirs = ours, until_end(theirs)
-    ids = until_end(ids)
+    """Leading tokens that agree (up to the end of generation), of how many, and the margins of
+    both choices where they first differ."""
+    (ids, margins), (theirs, their_margins) = ours, theirs
+    ids, theirs = until_end(ids), until_end(theirs)
     same = next((i for i, (a, b) in enumerate(zip(ids, theirs)) if a != b), None)
     if same is None and len(ids) == len(theirs):
         return f"{len(ids)}/{len(ids)}"
     same = min(len(ids), len(theirs)) if same is None else same
-    return f"{same}/{max(len(ids), len(theirs))}, then margin {margins[same]:.3f}"
+    their_margin = their_margins[same] if same < len(their_margins) else float("nan")
+    return f"{same}/{max(len(ids), len(theirs))}, then margins {margins[same]:.3f} / {their_margin:.3f}"
 
 
 def detokenize(ids):
@@ -141,7 +145,7 @@ with tempfile.TemporaryDirectory() as home:
             print(f"| {prompt!r} | {agreement(base[prompt], their_base[prompt])} "
                   f"| {agreement(ours[prompt], theirs[prompt])} | {'yes' if ours[prompt][0] != base[prompt][0] else 'no'} |")
         for prompt in PROMPTS:
-            print(f"{prompt!r}\n  Tessera:   {detokenize(ours[prompt][0])!r}\n  llama.cpp: {detokenize(theirs[prompt])!r}")
+            print(f"{prompt!r}\n  Tessera:   {detokenize(ours[prompt][0])!r}\n  llama.cpp: {detokenize(theirs[prompt][0])!r}")
     finally:
         tessera.terminate()
         tessera.wait()

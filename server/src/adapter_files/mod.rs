@@ -95,7 +95,7 @@ pub struct FactorPair {
 
 impl FactorPair {
     pub fn rank(&self) -> usize {
-        self.a.dims[0]
+        self.a.dims.first().copied().unwrap_or(0)
     }
 
     /// This pair as a format that multiplies its B·A by `scale` must hold it: unchanged when
