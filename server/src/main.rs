@@ -79,6 +79,14 @@ enum Command {
     Openapi,
     #[command(flatten)]
     Client(tessera::client::commands::ClientCommand),
+    /// Train a LoRA on instruction pairs without a server: the server's own trainer, progress
+    /// bar and held-out evaluation; writes OUT/peft/ (PEFT) and OUT/adapter.gguf (GGUF-LoRA).
+    TrainLocal {
+        #[command(flatten)]
+        model: ModelArg,
+        #[command(flatten)]
+        options: TrainLocalArgs,
+    },
     /// Measure prefill and decode throughput, load time and peak memory; `bench serve` measures
     /// the HTTP server under concurrent clients.
     #[command(args_conflicts_with_subcommands = true)]
@@ -102,6 +110,42 @@ enum Command {
         #[arg(long, value_enum, default_value_t = tessera::model::Kernels::Best)]
         kernels: tessera::model::Kernels,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainLocalArgs {
+    /// Instruction pairs: JSON, a JSON list or JSON Lines in the Alpaca, Dolly, ShareGPT or OpenAI
+    /// `messages` format.
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out pairs for the evaluation [default: one pair in ten of --data, by content hash].
+    #[arg(long)]
+    validation: Option<PathBuf>,
+    /// Where the adapter goes.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// [default: 2 × rank]
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Comma-separated target modules [default: all seven].
+    #[arg(long)]
+    targets: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    learning_rate: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Longest training sequence in tokens; longer ones keep their start.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Print the result as one JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -251,6 +295,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve { options, config } => serve(options, config.as_deref(), cli.threads)?,
         Command::Openapi => print!("{}", tessera::api::openapi().to_yaml()?),
+        Command::TrainLocal { model, options } => train_local(&model, options, cli.threads)?,
         Command::Client(command) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             // The server's own message is the whole story: no error chain or backtrace.
@@ -676,5 +721,48 @@ fn bench_adapters(
     }
     let all: Vec<String> = cold.iter().map(|ms| format!("{ms:.1}")).collect();
     println!("\ncold load of an r16 adapter (7 targets): median {:.1} ms (runs: {} ms)", median(&cold), all.join(", "));
+    Ok(())
+}
+
+/// `tessera train-local`: the server's trainer on a private store, with a progress bar.
+fn train_local(model: &ModelArg, args: TrainLocalArgs, threads: Option<usize>) -> Result<()> {
+    use tessera::client::{progress::JobProgress, Output};
+    use tessera::train::local::{train_local, LocalTraining};
+    let path = model.resolve()?;
+    let model_id = path.file_stem().and_then(|s| s.to_str()).unwrap_or("base").to_string();
+    let loaded = std::sync::Arc::new(model.load()?);
+    let spec = tessera::services::feedback::lora_spec(Some(args.rank), args.alpha, args.targets.as_deref())?.unwrap_or_default();
+    let options = LocalTraining {
+        lora: spec,
+        hyperparameters: tessera::train::job::Hyperparameters { n_epochs: args.epochs, batch_size: args.batch_size, learning_rate: args.learning_rate },
+        seed: args.seed,
+        max_seq_len: args.max_seq_len,
+        threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    let data = std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let validation = args.validation.as_ref().map(|v| std::fs::read(v).with_context(|| format!("reading {}", v.display()))).transpose()?;
+    let output = Output::new(args.json);
+    let mut progress = JobProgress::new(output);
+    let mut losses = Vec::new();
+    let trained = train_local(loaded, &model_id, &data, validation.as_deref(), &args.out, &options, |event| {
+        let data = event.data.clone().unwrap_or_default();
+        losses.extend(data["train_loss"].as_f64().filter(|_| data["total_steps"].is_u64()));
+        progress.take(&event.message, &data);
+    })?;
+    progress.finish();
+    let result = serde_json::json!({
+        "peft": trained.peft_dir, "gguf": trained.gguf, "examples": trained.examples, "held_out": trained.held_out,
+        "first_loss": losses.first(), "last_loss": losses.last(), "steps": progress.step, "decision": progress.decision,
+    });
+    output.print(&result, |_| {
+        let loss = match (losses.first(), losses.last()) {
+            (Some(first), Some(last)) => format!("training loss {first:.4} → {last:.4}"),
+            _ => "no step ran".into(),
+        };
+        format!(
+            "{} steps on {} pairs ({} held out), {loss}; {}\nwrote {} and {}",
+            progress.step, trained.examples, trained.held_out, progress.describe(), trained.peft_dir.display(), trained.gguf.display()
+        )
+    });
     Ok(())
 }

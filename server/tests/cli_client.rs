@@ -143,3 +143,35 @@ async fn the_client_drives_feedback_training_adapters_jobs_and_chat() {
         assert!(stderr.contains(message), "tessera {args:?} said {stderr:?}, not {message:?}");
     }
 }
+
+#[test]
+fn train_local_lowers_the_loss_and_writes_peft_and_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    tiny_gemma3(5).write(&model).unwrap();
+    let data = pairs(dir.path(), 24);
+    let out = dir.path().join("out");
+    let run = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train-local", "--model", model.to_str().unwrap(), "--data", &data, "--out", out.to_str().unwrap()])
+        .args(["--rank", "4", "--epochs", "3", "--learning-rate", "5e-3", "--json"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let result: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let (first, last) = (result["first_loss"].as_f64().unwrap(), result["last_loss"].as_f64().unwrap());
+    assert!(last < first, "the loss did not go down: {result}");
+    let (examples, held_out) = (result["examples"].as_u64().unwrap(), result["held_out"].as_u64().unwrap());
+    assert!(examples + held_out == 24 && held_out >= 1, "{result}");
+    assert!(result["decision"].to_string().contains("is now served"), "{result}");
+    let shape = LoadedModel::load(&model).unwrap().model.config().adapter_shape();
+    let peft = tessera::adapter_files::read(&out.join("peft"), &shape).unwrap();
+    let gguf = tessera::adapter_files::read(&out.join("adapter.gguf"), &shape).unwrap();
+    assert_eq!(peft, gguf, "the two forms hold different factors");
+    assert!(!out.join(".train-local").exists(), "the scratch store stays behind");
+    let bad = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["train-local", "--model", model.to_str().unwrap(), "--data", model.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("the data"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

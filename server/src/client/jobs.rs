@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use super::progress::JobProgress;
 use super::{segment, Client, ClientError, Output};
 
 /// Hyperparameters a command line sets (`None`: the server's default).
@@ -87,74 +87,31 @@ pub async fn cancel(client: &Client, id: &str, output: Output) -> Result<(), Cli
     Ok(())
 }
 
-/// What a job's events have said so far.
-#[derive(Default)]
-struct Progress {
-    /// The newest event seen (events are numbered in order).
-    last_event: i64,
-    step: u64,
-    total_steps: u64,
-    train_loss: Option<f64>,
-    held_out_loss: Option<f64>,
-    /// The promotion decision and its reason, once made.
-    decision: Vec<String>,
-}
-
-impl Progress {
-    fn take(&mut self, event: &Value) {
-        let data = &event["data"];
-        if let (Some(step), Some(total)) = (data["step"].as_u64(), data["total_steps"].as_u64()) {
-            (self.step, self.total_steps) = (step, total);
-        }
-        if let Some(loss) = data["train_loss"].as_f64() {
-            self.train_loss = Some(loss);
-        }
-        if let Some(loss) = data["held_out_loss"].as_f64() {
-            self.held_out_loss = Some(loss);
-        }
-        let message = event["message"].as_str().unwrap_or_default();
-        if message.starts_with("Held-out loss") || message.starts_with("Version ") || message.starts_with("Job failed") {
-            self.decision.push(message.to_string());
-        }
-    }
-
-    fn describe(&self) -> String {
-        let loss = self.train_loss.map(|l| format!("loss {l:.4}")).unwrap_or_else(|| "waiting for the first step".into());
-        let held_out = self.held_out_loss.map(|l| format!(", held-out {l:.4}")).unwrap_or_default();
-        format!("{loss}{held_out}")
-    }
-}
-
 /// The job's events newer than `after`, oldest first.
 async fn new_events(client: &Client, id: &str, after: i64) -> Result<Vec<Value>, ClientError> {
     let page = client.get(&format!("/v1/fine_tuning/jobs/{}/events?limit=1000", segment(id))).await?;
-    let number = |e: &Value| e["id"].as_str().and_then(|s| s.trim_start_matches("ftevent-").parse::<i64>().ok()).unwrap_or(0);
-    let mut events: Vec<Value> = page["data"].as_array().into_iter().flatten().filter(|e| number(e) > after).cloned().collect();
-    events.sort_by_key(number);
+    let mut events: Vec<Value> = page["data"].as_array().into_iter().flatten().filter(|e| event_number(e) > after).cloned().collect();
+    events.sort_by_key(event_number);
     Ok(events)
+}
+
+/// An event's place in its job's order (`ftevent-N`).
+fn event_number(event: &Value) -> i64 {
+    event["id"].as_str().and_then(|s| s.trim_start_matches("ftevent-").parse().ok()).unwrap_or(0)
 }
 
 /// Follows a job to its end: a progress bar of steps with the training and held-out loss and an
 /// ETA, then the promotion decision. Ctrl-C stops following; the job goes on.
 pub async fn follow(client: &Client, id: &str, output: Output) -> Result<(), ClientError> {
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (ETA {eta})")
-            .map_err(|e| ClientError::Invalid(e.to_string()))?
-            .progress_chars("=> "),
-    );
-    if output == Output::Json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let mut progress = Progress::default();
+    let mut progress = JobProgress::new(output);
     let job = tokio::select! {
-        job = poll_until_done(client, id, &bar, &mut progress) => job?,
+        job = poll_until_done(client, id, &mut progress) => job?,
         _ = tokio::signal::ctrl_c() => {
-            bar.abandon_with_message("stopped following; the job goes on on the server");
+            progress.abandon("stopped following; the job goes on on the server");
             return Err(ClientError::Invalid(format!("interrupted: `tessera jobs follow {id}` picks it up again")));
         }
     };
-    bar.finish_and_clear();
+    progress.finish();
     output.print(&json!({"job": job, "decision": progress.decision}), |_| {
         let mut lines = vec![format!("{} after {} steps, {}", job_line(&job), progress.step, progress.describe())];
         lines.extend(progress.decision.iter().cloned());
@@ -166,18 +123,14 @@ pub async fn follow(client: &Client, id: &str, output: Output) -> Result<(), Cli
     }
 }
 
-async fn poll_until_done(client: &Client, id: &str, bar: &ProgressBar, progress: &mut Progress) -> Result<Value, ClientError> {
+async fn poll_until_done(client: &Client, id: &str, progress: &mut JobProgress) -> Result<Value, ClientError> {
+    let mut last_event = 0;
     loop {
         let job = client.get(&format!("/v1/fine_tuning/jobs/{}", segment(id))).await?;
-        for event in new_events(client, id, progress.last_event).await? {
-            progress.take(&event);
-            if let Some(n) = event["id"].as_str().and_then(|s| s.trim_start_matches("ftevent-").parse().ok()) {
-                progress.last_event = n;
-            }
+        for event in new_events(client, id, last_event).await? {
+            progress.take(event["message"].as_str().unwrap_or_default(), &event["data"]);
+            last_event = event_number(&event);
         }
-        bar.set_length(progress.total_steps);
-        bar.set_position(progress.step);
-        bar.set_message(progress.describe());
         if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
             return Ok(job);
         }

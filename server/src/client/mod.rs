@@ -6,6 +6,7 @@ pub mod adapters;
 pub mod chat;
 pub mod commands;
 pub mod jobs;
+pub mod progress;
 
 use reqwest::StatusCode;
 use serde_json::Value;

@@ -6,6 +6,7 @@ pub mod durable;
 pub mod fused;
 pub mod decoder;
 pub mod job;
+pub mod local;
 pub mod lora;
 pub mod ops;
 pub mod optim;
