@@ -18,7 +18,8 @@ import urllib.request
 tessera_bin, llama_dir, model = sys.argv[1], sys.argv[2], sys.argv[3]
 TESSERA, LLAMA = "http://127.0.0.1:18431", "http://127.0.0.1:18432"
 TOKENS = 24
-PROMPTS = ["Q: What colour is the sky?\nA:", "Q: Name a large animal.\nA:", "Q: What do bees make?\nA:"]
+PROMPTS = ["Q: What colour is the sky?\nA:", "Q: Name a large animal.\nA:", "Q: What do bees make?\nA:",
+           "Q: What is 3 plus one?\nA:", "Hello, my name is", "The capital of France is"]
 
 
 def call(url, body=None, method=None, raw=False):
@@ -65,9 +66,10 @@ def train(adapter):
 def tessera_tokens(adapter, prompt):
     """Greedy token ids, and at each step the margin between the two likeliest tokens."""
     body = {"model": adapter, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0,
-            "return_token_ids": True, "logprobs": 2}
+            "return_token_ids": True, "logprobs": 5}
     choice = call(f"{TESSERA}/v1/completions", body, "POST")["choices"][0]
-    return choice["token_ids"], [margin(top) for top in choice["logprobs"]["top_logprobs"]]
+    tops = choice["logprobs"]["top_logprobs"]
+    return choice["token_ids"], [margin(top) for top in tops], tops[0]
 
 
 def margin(top):
@@ -78,13 +80,22 @@ def margin(top):
 def llama_tokens(prompt):
     """Greedy token ids from llama.cpp, and its margin between the two likeliest at each step."""
     body = {"prompt": prompt, "n_predict": TOKENS, "temperature": 0, "top_k": 1,
-            "cache_prompt": False, "return_tokens": True, "n_probs": 2}
+            "cache_prompt": False, "return_tokens": True, "n_probs": 5}
     answer = call(f"{LLAMA}/completion", body, "POST")
-    margins = [margin({t["id"]: t["logprob"] for t in step["top_logprobs"]}) for step in answer.get("completion_probabilities", [])]
-    return answer["tokens"], margins
+    steps = answer.get("completion_probabilities", [])
+    margins = [margin({t["id"]: t["logprob"] for t in step["top_logprobs"]}) for step in steps]
+    first = {t["token"]: t["logprob"] for t in steps[0]["top_logprobs"]} if steps else {}
+    return answer["tokens"], margins, first
 
 
 END_OF_GENERATION = {1, 106}  # Gemma's <eos> and <end_of_turn>: llama.cpp stops at either
+
+
+def first_step_error(ours, theirs):
+    """The largest |Δ logprob| at the first step over the tokens both rank among their top 5."""
+    (_, _, mine), (_, _, their) = ours, theirs
+    shared = set(mine) & set(their)
+    return max(abs(mine[t] - their[t]) for t in shared) if shared else float("nan")
 
 
 def until_end(ids):
@@ -94,7 +105,7 @@ def until_end(ids):
 def agreement(ours, theirs):
     """Leading tokens that agree (up to the end of generation), of how many, and the margins of
     both choices where they first differ."""
-    (ids, margins), (theirs, their_margins) = ours, theirs
+    (ids, margins, _), (theirs, their_margins, _) = ours, theirs
     ids, theirs = until_end(ids), until_end(theirs)
     same = next((i for i, (a, b) in enumerate(zip(ids, theirs)) if a != b), None)
     if same is None and len(ids) == len(theirs):
@@ -139,11 +150,12 @@ with tempfile.TemporaryDirectory() as home:
         their_base = llama_run(model, None, PROMPTS)
         theirs = llama_run(model, f"{home}/pirate.gguf", PROMPTS)
         print(f"adapter pirate v{version}, rank 8, {len(gguf)} bytes as GGUF; {TOKENS} greedy tokens per prompt")
-        print("| prompt | base: Tessera = llama.cpp | with the adapter: Tessera = llama.cpp `--lora` | the adapter changed the tokens |")
-        print("| --- | --- | --- | --- |")
+        print("| prompt | base: Tessera = llama.cpp | first-step max abs Δlogprob | with the adapter: Tessera = llama.cpp `--lora` | first-step max abs Δlogprob | the adapter changed the tokens |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for prompt in PROMPTS:
-            print(f"| {prompt!r} | {agreement(base[prompt], their_base[prompt])} "
-                  f"| {agreement(ours[prompt], theirs[prompt])} | {'yes' if ours[prompt][0] != base[prompt][0] else 'no'} |")
+            print(f"| {prompt!r} | {agreement(base[prompt], their_base[prompt])} | {first_step_error(base[prompt], their_base[prompt]):.3f} "
+                  f"| {agreement(ours[prompt], theirs[prompt])} | {first_step_error(ours[prompt], theirs[prompt]):.3f} "
+                  f"| {'yes' if ours[prompt][0] != base[prompt][0] else 'no'} |")
         for prompt in PROMPTS:
             print(f"{prompt!r}\n  Tessera:   {detokenize(ours[prompt][0])!r}\n  llama.cpp: {detokenize(theirs[prompt][0])!r}")
     finally:
