@@ -6,9 +6,12 @@ Starts `tessera serve` on MODEL_GGUF with a fresh tuning store, posts feedback p
 adapter and trains it (one job, through the eval gate), downloads the promoted version as a
 GGUF-LoRA file, and starts llama.cpp's `llama-server -m MODEL_GGUF --lora FILE`. Both then decode
 the same prompts greedily, and the script prints, per prompt, how many of the first tokens agree.
-Exits non-zero if the job does not promote a version or llama.cpp refuses the file.
+Exits non-zero if the job does not promote a version or llama.cpp refuses the file. With
+KEEP_GGUF=PATH set, the exported adapter is kept there.
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,8 +53,9 @@ def train(adapter):
                                      data="\n".join(json.dumps(r) for r in records).encode(), method="POST")
     with urllib.request.urlopen(request, timeout=600) as response:
         print("feedback:", json.loads(response.read()))
-    job = call(f"{TESSERA}/v1/adapters/{adapter}/train",
-               {"hyperparameters": {"n_epochs": 3, "learning_rate_multiplier": 4}}, "POST")
+    # SHARP=1 trains 3 epochs at 4× the learning rate, to a far lower loss than the defaults.
+    hyperparameters = {"n_epochs": 3, "learning_rate_multiplier": 4} if os.environ.get("SHARP") else {}
+    job = call(f"{TESSERA}/v1/adapters/{adapter}/train", {"hyperparameters": hyperparameters}, "POST")
     while job["status"] not in ("succeeded", "failed", "cancelled"):
         time.sleep(2)
         job = call(f"{TESSERA}/v1/fine_tuning/jobs/{job['id']}")
@@ -144,6 +148,8 @@ with tempfile.TemporaryDirectory() as home:
         gguf = call(f"{TESSERA}/v1/adapters/pirate/download?format=gguf", raw=True)
         with open(f"{home}/pirate.gguf", "wb") as f:
             f.write(gguf)
+        if os.environ.get("KEEP_GGUF"):
+            shutil.copy(f"{home}/pirate.gguf", os.environ["KEEP_GGUF"])
         ours = {p: tessera_tokens("pirate", p) for p in PROMPTS}
         base_id = model.rsplit("/", 1)[-1].removesuffix(".gguf")
         base = {p: tessera_tokens(base_id, p) for p in PROMPTS}
