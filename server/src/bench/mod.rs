@@ -52,7 +52,7 @@ pub(crate) struct Bench {
 
 impl Bench {
     pub(crate) fn new(model: LoadedModel) -> Result<Self, LoadError> {
-        let text_ids = model.tokenizer.encode(&BENCH_TEXT.repeat(40), false, false)?;
+        let text_ids = model.tokenizer.encode(&BENCH_TEXT.repeat(40), true, false)?;
         Ok(Self { model, text_ids })
     }
 

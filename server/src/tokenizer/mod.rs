@@ -12,6 +12,7 @@ mod bpe;
 mod spm;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::OnceLock;
 
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
@@ -119,8 +120,9 @@ enum PieceText {
 pub struct Tokenizer {
     /// Splits special-token strings out of the text (`<start_of_turn>` → one id).
     with_special: HfTokenizer,
-    /// Treats special-token strings as plain text.
-    plain: HfTokenizer,
+    /// Treats special-token strings as plain text. Built on first use: serving always parses
+    /// special tokens, and a second copy of a 262k-token vocabulary costs tens of MiB.
+    plain: OnceLock<HfTokenizer>,
     bos_id: u32,
     add_bos: bool,
     /// `add_eos_token`: special-token encoding also appends EOS.
@@ -162,8 +164,6 @@ impl Tokenizer {
         };
         hf.add_special_tokens(&added(TOKEN_CONTROL, true));
         hf.add_tokens(&added(TOKEN_USER_DEFINED, false));
-        let mut plain = hf.clone();
-        plain.set_encode_special_tokens(true);
 
         let id_of = |key: &str| -> Result<Option<u32>, TokenizerError> {
             if !gguf.has_key(key) {
@@ -213,7 +213,7 @@ impl Tokenizer {
             .collect();
         Ok(Self {
             with_special: hf,
-            plain,
+            plain: OnceLock::new(),
             bos_id: bos_id.unwrap_or(eos_id),
             add_bos,
             add_eos,
@@ -234,7 +234,11 @@ impl Tokenizer {
         let tok = if special {
             &self.with_special
         } else {
-            &self.plain
+            self.plain.get_or_init(|| {
+                let mut plain = self.with_special.clone();
+                plain.set_encode_special_tokens(true);
+                plain
+            })
         };
         let encoding = tok.encode_fast(text, false).map_err(library)?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
