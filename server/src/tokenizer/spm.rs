@@ -89,39 +89,31 @@ pub(super) fn piece_bytes(piece: &str) -> Vec<u8> {
 /// BPE merges from SentencePiece scores, as Hugging Face's `generate_merges` derives them:
 /// every split of a piece into two in-vocabulary halves is a merge; merges sort by the piece's
 /// score (descending), then by the lengths of the halves, and within a piece by the halves' ids.
+/// A large vocabulary has hundreds of thousands of merges (Gemma's 262k pieces give 515k), so
+/// they are sorted as 16-byte keys and become strings only at the end.
 fn merges_from_scores(
     pieces: &[&str],
     scores: &[f32],
     vocab: &HashMap<String, u32>,
 ) -> Vec<(String, String)> {
-    struct Merge<'a> {
-        left: &'a str,
-        right: &'a str,
+    struct Merge {
         score: f32,
-        left_chars: usize,
-        right_chars: usize,
+        left_chars: u16,
+        right_chars: u16,
+        left: u32,
+        right: u32,
     }
+    let chars = |s: &str| u16::try_from(s.chars().count()).unwrap_or(u16::MAX);
     let mut merges: Vec<Merge> = Vec::new();
     for (piece, &score) in pieces.iter().zip(scores) {
-        let mut local: Vec<(u32, u32, Merge)> = Vec::new();
+        let first = merges.len();
         for (split, _) in piece.char_indices().skip(1) {
             let (left, right) = piece.split_at(split);
             if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
-                local.push((
-                    l,
-                    r,
-                    Merge {
-                        left,
-                        right,
-                        score,
-                        left_chars: left.chars().count(),
-                        right_chars: right.chars().count(),
-                    },
-                ));
+                merges.push(Merge { score, left_chars: chars(left), right_chars: chars(right), left: l, right: r });
             }
         }
-        local.sort_by_key(|&(l, r, _)| (l, r));
-        merges.extend(local.into_iter().map(|(_, _, m)| m));
+        merges[first..].sort_by_key(|m| (m.left, m.right));
     }
     // A stable sort, like Python's `sorted(..., reverse=True)` on (score, len(left), len(right)).
     merges.sort_by(|a, b| {
@@ -130,8 +122,6 @@ fn merges_from_scores(
             .then(b.left_chars.cmp(&a.left_chars))
             .then(b.right_chars.cmp(&a.right_chars))
     });
-    merges
-        .into_iter()
-        .map(|m| (m.left.to_string(), m.right.to_string()))
-        .collect()
+    let text = |id: u32| pieces.get(id as usize).map_or_else(String::new, |p| p.to_string());
+    merges.into_iter().map(|m| (text(m.left), text(m.right))).collect()
 }
