@@ -487,10 +487,15 @@ impl GgufFile {
     /// live in their re-tiled copy, and the file's pages would otherwise count twice towards
     /// the process's memory until the file is closed. A later read faults them in again.
     pub fn release_tensor_pages(&self, info: &TensorInfo) {
+        self.release_pages(info.start, info.len);
+    }
+
+    /// The same for `len` bytes of the file from `offset`, once they have been copied.
+    pub fn release_pages(&self, offset: usize, len: usize) {
         const PAGE: usize = 4096;
-        // Whole pages inside the tensor only: its neighbours may still be read.
-        let start = info.start.next_multiple_of(PAGE);
-        let end = (info.start + info.len) / PAGE * PAGE;
+        // Whole pages inside the range only: its neighbours may still be read.
+        let start = offset.next_multiple_of(PAGE);
+        let end = (offset + len) / PAGE * PAGE;
         if end > start {
             // SAFETY: the map is read-only and private; dropping its pages loses nothing (they
             // are read again from the file on the next access), and no slice of them is held

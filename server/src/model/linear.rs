@@ -71,12 +71,9 @@ impl QWeight {
         let info = gguf.tensor_info(name, &[out_features, in_features])?.clone();
         let bytes = gguf.tensor_bytes(&info);
         let integer = Format::from_ggml(info.dtype)
-            .and_then(|format| QuantWeight::from_file(format, bytes, out_features, in_features, kernels.isa()));
+            .and_then(|format| QuantWeight::from_file(format, bytes, out_features, in_features, kernels.isa(), |read| gguf.release_pages(info.start + read.start, read.len())));
         let kernel = match integer {
-            Some(weight) => {
-                gguf.release_tensor_pages(&info);
-                Kernel::Integer(weight)
-            }
+            Some(weight) => Kernel::Integer(weight),
             None => {
                 if matches!(info.dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
                     return Err(gguf.unsupported_tensor_type(name, info.dtype).into());

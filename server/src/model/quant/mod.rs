@@ -185,7 +185,13 @@ unsafe impl Sync for SharedOutput {}
 impl QuantWeight {
     /// Re-tiles a row-major weight `[n, k]` from the file's blocks, for the given kernels;
     /// `None` when `k` is not whole blocks of the format or the data does not fit the shape.
-    pub fn from_file(format: Format, data: &[u8], n: usize, k: usize, isa: Isa) -> Option<Self> {
+    /// The weight re-tiled from the file's bytes, a slab of rows at a time; after each slab
+    /// `release` gets the range of `data` it read, so the caller can give those file pages back
+    /// at once and a large matrix (the 262k-row embedding) never holds its file pages and its
+    /// copy whole at the same time.
+    pub fn from_file(format: Format, data: &[u8], n: usize, k: usize, isa: Isa, mut release: impl FnMut(std::ops::Range<usize>)) -> Option<Self> {
+        /// Rows re-tiled between two releases: a few MiB of file bytes.
+        const SLAB_ROWS: usize = TILE_ROWS * 512;
         let (size, bytes) = format.file_block();
         if !format.fits(k) || k % BLOCK != 0 || data.len() != n * (k / size) * bytes {
             return None;
@@ -195,7 +201,14 @@ impl QuantWeight {
         let mut tiles = vec![Line([0; 64]); total.div_ceil(64)];
         // SAFETY: Line is 64 plain bytes.
         let bytes_view = unsafe { std::slice::from_raw_parts_mut(tiles.as_mut_ptr() as *mut u8, tiles.len() * 64) };
-        layout::retile(format, data, n, k, &mut bytes_view[..total]);
+        let row_bytes = k / size * bytes;
+        for first in (0..n).step_by(SLAB_ROWS) {
+            let rows = SLAB_ROWS.min(n - first);
+            let out = &mut bytes_view[first / TILE_ROWS * planes.tile_row_bytes..(first + rows).div_ceil(TILE_ROWS) * planes.tile_row_bytes];
+            let read = first * row_bytes..(first + rows) * row_bytes;
+            layout::retile(format, &data[read.clone()], rows, k, out);
+            release(read);
+        }
         Some(Self { format, n, k, planes, tiles, isa })
     }
 
