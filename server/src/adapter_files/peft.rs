@@ -6,7 +6,7 @@ use std::path::Path;
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use tessera_adapters::peft::{alpha_is_valid, module_path, parse_tensor_name, BaseShape, PeftAdapter, PeftError, WEIGHTS_FILE};
+use tessera_adapters::peft::{alpha_is_valid, module_path, parse_tensor_name, BaseShape, PeftAdapter, PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use tessera_adapters::TargetModule;
 
 use super::{AdapterFactors, Factor, FactorPair, FloatType};
@@ -17,9 +17,12 @@ fn weights_error(path: &Path, message: String) -> PeftError {
 
 /// The factors of the PEFT folder `dir`, checked against `base` as loading checks them.
 pub fn read(dir: &Path, base: &BaseShape) -> Result<AdapterFactors, PeftError> {
-    let adapter = PeftAdapter::load(dir, base)?;
+    let io = |path: std::path::PathBuf| move |source| PeftError::Io { path, source };
+    let config = std::fs::read_to_string(dir.join(CONFIG_FILE)).map_err(io(dir.join(CONFIG_FILE)))?;
     let path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&path).map_err(|source| PeftError::Io { path: path.clone(), source })?;
+    let bytes = std::fs::read(&path).map_err(io(path.clone()))?;
+    // The same bytes, checked and scaled as loading does, then read as stored.
+    let adapter = PeftAdapter::from_parts(&config, &bytes, dir, base)?;
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| weights_error(&path, e.to_string()))?;
     let mut halves: BTreeMap<(usize, TargetModule), (Option<Factor>, Option<Factor>)> = BTreeMap::new();
     for (name, view) in tensors.tensors() {
