@@ -111,7 +111,7 @@ fn a_template_file_overrides_the_models_and_a_model_without_one_gets_chatml() {
     std::fs::write(&file, "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}").unwrap();
     let options = tessera::LoadOptions { chat_template: Some(file.clone()), ..Default::default() };
     let model = LoadedModel::load_with(&families_dir().join("qwen2-tiny.gguf"), &options).unwrap();
-    let turns = [Turn { role: "user", text: "hi".into() }];
+    let turns = [Turn { role: "user", text: "hi".into(), ..Default::default() }];
     assert_eq!(model.chat.render(&turns, true).unwrap(), "[user] hi\n[assistant] ");
     assert_eq!(model.chat.source(), &tessera::chat_template::TemplateSource::Override(file.display().to_string()));
 
@@ -217,7 +217,7 @@ async fn chat_templates_render_llama_cpps_prompts() {
         let refs = references(name);
         let router = app(model.clone(), None);
         for case in &refs.chat {
-            let turns: Vec<Turn> = case.messages.iter().map(|m| Turn { role: &m.role, text: m.content.clone() }).collect();
+            let turns: Vec<Turn> = case.messages.iter().map(|m| Turn { role: &m.role, text: m.content.clone(), ..Default::default() }).collect();
             let text = model.chat.render(&turns, case.add_generation_prompt).unwrap();
             assert_eq!(text, case.prompt_text, "{name}: {:?}", case.messages);
             assert_eq!(model.tokenizer.encode(&text, true, true).unwrap(), case.prompt_ids, "{name}: {:?}", case.messages);

@@ -77,11 +77,18 @@ impl std::fmt::Display for TemplateSource {
 }
 
 /// One message as the template sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Turn<'a> {
     pub role: &'a str,
     #[serde(rename = "content")]
     pub text: String,
+    /// An assistant turn's calls, in OpenAI's shape with `function.arguments` as an object
+    /// (templates write it with `tojson`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 pub struct ChatTemplate {
@@ -89,6 +96,9 @@ pub struct ChatTemplate {
     source: TemplateSource,
     bos_token: String,
     eos_token: String,
+    /// Whether the template renders `tools` (otherwise they are shown by a fallback prompt).
+    renders_tools: bool,
+    tool_syntax: crate::tool_calls::ToolSyntax,
 }
 
 const NAME: &str = "chat";
@@ -110,6 +120,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        let renders_tools = text.contains("tools");
+        let tool_syntax = crate::tool_calls::ToolSyntax::of_template(&text);
         env.add_template_owned(NAME, text).map_err(|e| TemplateError::Compile {
             source_name: source.to_string(),
             reason: describe(&e),
@@ -119,6 +131,8 @@ impl ChatTemplate {
             source,
             bos_token,
             eos_token,
+            renders_tools,
+            tool_syntax,
         })
     }
 
@@ -141,9 +155,25 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Whether the template itself shows the model `tools`.
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    /// The call syntax the template teaches (Hermes where it teaches none).
+    pub fn tool_syntax(&self) -> crate::tool_calls::ToolSyntax {
+        if self.renders_tools { self.tool_syntax } else { crate::tool_calls::ToolSyntax::Hermes }
+    }
+
     /// The prompt text of `turns`; with `add_generation_prompt`, ending with the opening of the
     /// assistant's turn. A `developer` message is a `system` one. Without the leading BOS text.
     pub fn render(&self, turns: &[Turn], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_with_tools(turns, add_generation_prompt, &[])
+    }
+
+    /// [`render`](Self::render) with `tools` (OpenAI's tool objects) for templates that show
+    /// them; an empty list is no tools.
+    pub fn render_with_tools(&self, turns: &[Turn], add_generation_prompt: bool, tools: &[serde_json::Value]) -> Result<String, TemplateError> {
         if turns.is_empty() {
             return Err(TemplateError::Empty);
         }
@@ -151,14 +181,16 @@ impl ChatTemplate {
             .iter()
             .map(|t| Turn {
                 role: if t.role == "developer" { "system" } else { t.role },
-                text: t.text.clone(),
+                ..t.clone()
             })
             .collect();
+        let tools = (!tools.is_empty()).then(|| Value::from(minijinja::value::Serde(tools)));
         let template = self.env.get_template(NAME).map_err(|e| TemplateError::Render(describe(&e)))?;
         let text = template
             .render(minijinja::context! {
                 messages => Value::from(minijinja::value::Serde(&messages)),
                 add_generation_prompt => add_generation_prompt,
+                tools => tools,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
@@ -281,6 +313,7 @@ mod tests {
         Turn {
             role,
             text: text.to_string(),
+            ..Default::default()
         }
     }
 

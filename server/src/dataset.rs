@@ -27,6 +27,7 @@ impl Conversation {
             .map(|m| Turn {
                 role: &m.role,
                 text: m.content.clone(),
+                ..Default::default()
             })
             .collect()
     }

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod engine;
 pub mod metrics;
 pub mod generate;
+pub mod grammar;
 pub mod gguf;
 pub mod model;
 pub mod model_store;
@@ -20,6 +21,7 @@ pub mod sampler;
 pub mod services;
 pub mod store;
 pub mod tokenizer;
+pub mod tool_calls;
 pub mod train;
 
 use std::path::Path;

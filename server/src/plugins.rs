@@ -19,6 +19,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tessera_plugin_api as abi;
 
+use crate::grammar::ConstraintSpec;
 use crate::registry::valid_name;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +38,7 @@ pub enum PluginError {
     MissingSymbol { path: PathBuf },
     #[error("{path}: wrong magic value {found:#x}: not a Tessera plugin")]
     BadMagic { path: PathBuf, found: u64 },
-    #[error("{path}: built for plugin ABI version {found}, this server speaks version {expected}")]
+    #[error("{path}: built for plugin ABI version {found}, this server speaks versions {} to {expected}", abi::MIN_ABI_VERSION)]
     AbiMismatch { path: PathBuf, found: u32, expected: u32 },
     #[error("plugin `{plugin}`: {message}")]
     BadInfo { plugin: String, message: String },
@@ -120,10 +121,23 @@ fn take_output(root: &abi::PluginRoot, output: abi::OutputBytes) -> Vec<u8> {
     bytes
 }
 
+fn constraint_spec(answer: &abi::AnswerConstraint) -> ConstraintSpec {
+    match answer {
+        abi::AnswerConstraint::JsonSchema { schema } => ConstraintSpec::JsonSchema(schema.to_string()),
+        abi::AnswerConstraint::Choice { choices } => ConstraintSpec::Choice(choices.clone()),
+        abi::AnswerConstraint::Regex { pattern } => ConstraintSpec::Regex(pattern.clone()),
+    }
+}
+
 impl Plugin {
     fn root(&self) -> &abi::PluginRoot {
         // SAFETY: see the `Send`/`Sync` impls.
         unsafe { &*self.root }
+    }
+
+    /// The shape the plugin declares for its answers, as a grammar's spec.
+    pub fn answer_constraint(&self) -> Option<ConstraintSpec> {
+        self.info.answer.as_ref().map(constraint_spec)
     }
 
     /// Calls a hook with `input` as JSON; its raw output bytes on success.
@@ -171,9 +185,11 @@ impl Plugin {
         })
     }
 
-    pub fn rewrite(&self, messages: Vec<abi::Message>) -> Result<Vec<abi::Message>, PluginError> {
+    /// The messages the model sees, and this request's answer shape when the plugin narrows
+    /// its declared one.
+    pub fn rewrite(&self, messages: Vec<abi::Message>) -> Result<(Vec<abi::Message>, Option<ConstraintSpec>), PluginError> {
         let response: abi::RewriteResponse = self.call(Hook::Rewrite, &abi::RewriteRequest { messages })?;
-        Ok(response.messages)
+        Ok((response.messages, response.answer.as_ref().map(constraint_spec)))
     }
 
     pub fn check(&self, messages: &[abi::Message], answer: &str) -> Result<abi::CheckResponse, PluginError> {
@@ -326,14 +342,14 @@ impl PluginHost {
         if magic != abi::MAGIC {
             return Err(PluginError::BadMagic { path: path.to_path_buf(), found: magic });
         }
-        if abi_version != abi::ABI_VERSION {
+        if !(abi::MIN_ABI_VERSION..=abi::ABI_VERSION).contains(&abi_version) {
             return Err(PluginError::AbiMismatch {
                 path: path.to_path_buf(),
                 found: abi_version,
                 expected: abi::ABI_VERSION,
             });
         }
-        // SAFETY: the ABI version matches, so the root has this layout.
+        // SAFETY: every version from MIN_ABI_VERSION has this root layout.
         let root_ref = unsafe { &*root };
         let mut output = abi::OutputBytes::EMPTY;
         // SAFETY: as above.

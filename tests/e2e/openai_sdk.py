@@ -7,7 +7,10 @@ import sys
 import time
 import urllib.request
 
+import json
+
 import openai
+import pydantic
 
 base_url, model = sys.argv[1], sys.argv[2]
 
@@ -120,5 +123,50 @@ check("the fine-tuned model serves by name", tuned.choices[0].message.content is
 long_job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, hyperparameters={"n_epochs": 50})
 cancelled = client.fine_tuning.jobs.cancel(long_job.id)
 check("job cancelled", cancelled.status == "cancelled", cancelled)
+
+
+# Structured outputs: a Pydantic model as the response format, parsed by the SDK.
+class Reading(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=30)
+    celsius: int = pydantic.Field(ge=-60, le=60)
+    sky: str = pydantic.Field(json_schema_extra={"enum": ["clear", "cloudy", "rain"]})
+
+
+parsed = client.chat.completions.parse(
+    model=model, max_tokens=120, temperature=0.7, seed=11, response_format=Reading,
+    messages=[{"role": "user", "content": "Give a weather reading for Lisbon as JSON."}])
+reading = parsed.choices[0].message.parsed
+check("parse() returns the Pydantic object", isinstance(reading, Reading) and reading.sky in ("clear", "cloudy", "rain"), parsed)
+
+# Tools: a required call, parsed; its result sent back as a `tool` message; an answer comes.
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+called = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                        max_tokens=60, temperature=0)
+call = called.choices[0].message.tool_calls[0] if called.choices[0].message.tool_calls else None
+check("a required call comes back parsed", called.choices[0].finish_reason == "tool_calls" and call is not None
+      and call.function.name == "get_weather" and "city" in json.loads(call.function.arguments), called)
+reply = client.chat.completions.create(
+    model=model, max_tokens=30, temperature=0, tools=tools,
+    messages=ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 21, "sky": "clear"})}])
+check("the tool's result gets an answer", reply.choices[0].message.content, reply)
+
+# Streamed, the call's deltas reassemble into the same call.
+name, arguments, ids = None, "", set()
+finish = None
+for chunk in client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                            max_tokens=60, temperature=0, stream=True):
+    choice = chunk.choices[0]
+    for delta in choice.delta.tool_calls or []:
+        ids.update([delta.id] if delta.id else [])
+        name = delta.function.name or name
+        arguments += delta.function.arguments or ""
+    finish = choice.finish_reason or finish
+check("streamed call deltas reassemble into the call", (name, json.loads(arguments), finish, len(ids))
+      == (call.function.name, json.loads(call.function.arguments), "tool_calls", 1), (name, arguments, finish))
 
 print("all SDK checks passed")

@@ -15,7 +15,13 @@ use serde::{Deserialize, Serialize};
 /// "TESSERA\x01": first field of every root.
 pub const MAGIC: u64 = 0x5445_5353_4552_4101;
 /// Bumped on any change to [`PluginRoot`] or the payloads' meaning.
-pub const ABI_VERSION: u32 = 1;
+///
+/// - 1: the hooks.
+/// - 2: [`PluginInfo::answer`], the shape of the plugin's answers. The root is unchanged, so a
+///   host of version 2 loads plugins of version 1 (which declare no shape).
+pub const ABI_VERSION: u32 = 2;
+/// The oldest version a host of this version still loads.
+pub const MIN_ABI_VERSION: u32 = 1;
 /// The exported symbol: `extern "C" fn() -> *const PluginRoot`.
 pub const ROOT_SYMBOL: &[u8] = b"tessera_plugin_root\0";
 
@@ -107,6 +113,19 @@ pub struct AdapterSpec {
     pub source: AdapterSource,
 }
 
+/// The shape every answer of a plugin has; the server enforces it while decoding and checks
+/// feedback against it (ABI 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AnswerConstraint {
+    /// A JSON value valid under this JSON Schema.
+    JsonSchema { schema: serde_json::Value },
+    /// Exactly one of these strings.
+    Choice { choices: Vec<String> },
+    /// A whole-answer match of this regular expression.
+    Regex { pattern: String },
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginInfo {
     /// Also the `model` clients use.
@@ -116,6 +135,9 @@ pub struct PluginInfo {
     /// Prepended as the system message when the rewritten messages have none.
     pub system_prompt: Option<String>,
     pub adapters: Vec<AdapterSpec>,
+    /// The shape of every answer (absent from version-1 plugins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerConstraint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +148,9 @@ pub struct RewriteRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RewriteResponse {
     pub messages: Vec<Message>,
+    /// This request's answer shape, narrower than [`PluginInfo::answer`] (ABI 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerConstraint>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +193,13 @@ pub trait DomainPlugin: Send + Sync + 'static {
     /// The messages as the client sent them → the messages the model sees.
     fn rewrite_request(&self, messages: Vec<Message>) -> Result<Vec<Message>, String> {
         Ok(messages)
+    }
+
+    /// The shape of the answer to these (rewritten) messages, when narrower than the one in
+    /// [`PluginInfo::answer`]: for example the exact fields an extraction asks for.
+    fn answer_shape(&self, messages: &[Message]) -> Option<AnswerConstraint> {
+        let _ = messages;
+        None
     }
 
     fn check_response(&self, messages: &[Message], answer: &str) -> Result<CheckResponse, String> {
@@ -281,8 +313,10 @@ macro_rules! export_plugin {
         unsafe extern "C" fn __tessera_rewrite(input: $crate::InputBytes, output: *mut $crate::OutputBytes) -> $crate::Status {
             $crate::export::call(Some(input), output, |bytes| {
                 $crate::export::json(bytes, |r: $crate::RewriteRequest| {
-                    $crate::DomainPlugin::rewrite_request(__tessera_plugin(), r.messages)
-                        .map(|messages| $crate::RewriteResponse { messages })
+                    $crate::DomainPlugin::rewrite_request(__tessera_plugin(), r.messages).map(|messages| $crate::RewriteResponse {
+                        answer: $crate::DomainPlugin::answer_shape(__tessera_plugin(), &messages),
+                        messages,
+                    })
                 })
             })
         }

@@ -2,9 +2,17 @@
 //! the model's result by computing it, and corrects it when wrong; `{a, op, b}` records become
 //! pairs.
 
-use tessera_plugin_api::{export_plugin, last_user_text, AdapterSource, AdapterSpec, CheckResponse, Conversation, DomainPlugin, Message, PluginInfo};
+use tessera_plugin_api::{export_plugin, last_user_text, AdapterSource, AnswerConstraint, AdapterSpec, CheckResponse, Conversation, DomainPlugin, Message, PluginInfo};
 
 pub struct Arithmetic;
+
+/// An integer result, with " R r" for the remainder of an inexact division.
+const RESULT: &str = "-?[0-9]{1,40}( R -?[0-9]{1,40})?";
+
+/// `text` as a regular expression that matches only itself.
+fn regex_literal(text: &str) -> String {
+    text.chars().map(|c| if "\\.+*?()|[]{}^$".contains(c) { format!("\\{c}") } else { c.to_string() }).collect()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Problem {
@@ -71,6 +79,9 @@ impl DomainPlugin for Arithmetic {
                 scale: 1.0,
                 source: AdapterSource::Tuned,
             }],
+            // "a op b = c": the problem, then an integer (with its remainder for an inexact
+            // division). Each request narrows it to its own problem (`answer_shape`).
+            answer: Some(AnswerConstraint::Regex { pattern: format!(r"-?[0-9]+ [-+*/] -?[0-9]+ = {RESULT}") }),
         }
     }
 
@@ -78,6 +89,12 @@ impl DomainPlugin for Arithmetic {
         let text = last_user_text(&messages).ok_or("no user message with a problem")?;
         let problem = Problem::find(text).ok_or("no `a op b` problem (integers, + - * /) in the message")?;
         Ok(vec![Message { role: "user".into(), content: problem.question() }])
+    }
+
+    fn answer_shape(&self, messages: &[Message]) -> Option<AnswerConstraint> {
+        let problem = last_user_text(messages).and_then(Problem::find)?;
+        let stated = format!("{} {} {} = ", problem.a, problem.op, problem.b);
+        Some(AnswerConstraint::Regex { pattern: format!("{}{RESULT}", regex_literal(&stated)) })
     }
 
     fn check_response(&self, messages: &[Message], answer: &str) -> Result<CheckResponse, String> {

@@ -5,7 +5,7 @@
 //! The fields come from a system message `fields: a, b, c`, else the defaults.
 
 use serde_json::{Map, Value};
-use tessera_plugin_api::{export_plugin, last_user_text, AdapterSource, AdapterSpec, CheckResponse, Conversation, DomainPlugin, Message, PluginInfo};
+use tessera_plugin_api::{export_plugin, last_user_text, AdapterSource, AnswerConstraint, AdapterSpec, CheckResponse, Conversation, DomainPlugin, Message, PluginInfo};
 
 pub const DEFAULT_FIELDS: [&str; 4] = ["person", "organization", "location", "date"];
 const FIELDS_PREFIX: &str = "Fields: ";
@@ -23,6 +23,12 @@ pub fn prompt(fields: &[String], text: &str) -> String {
 fn fields_of_prompt(prompt: &str) -> Option<Vec<String>> {
     let line = prompt.lines().find_map(|l| l.strip_prefix(FIELDS_PREFIX))?;
     Some(line.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect())
+}
+
+/// An object with exactly `fields`, each a string or null.
+pub fn fields_schema(fields: &[String]) -> Value {
+    let properties: Map<String, Value> = fields.iter().map(|f| (f.clone(), serde_json::json!({"type": ["string", "null"], "maxLength": 200}))).collect();
+    serde_json::json!({"type": "object", "properties": properties, "required": fields, "additionalProperties": false})
 }
 
 /// The answer's first JSON object, reduced to `fields` (missing ones null, values as strings).
@@ -64,6 +70,11 @@ impl DomainPlugin for Extraction {
                 scale: 1.0,
                 source: AdapterSource::Tuned,
             }],
+            // Any field list: an object of strings and nulls. Each request narrows it to its
+            // own fields (`answer_shape`).
+            answer: Some(AnswerConstraint::JsonSchema {
+                schema: serde_json::json!({"type": "object", "additionalProperties": {"type": ["string", "null"]}}),
+            }),
         }
     }
 
@@ -76,6 +87,11 @@ impl DomainPlugin for Extraction {
             .unwrap_or_else(|| DEFAULT_FIELDS.iter().map(|f| f.to_string()).collect());
         let text = last_user_text(&messages).ok_or("no user message with a text")?;
         Ok(vec![Message { role: "user".into(), content: prompt(&fields, text) }])
+    }
+
+    fn answer_shape(&self, messages: &[Message]) -> Option<AnswerConstraint> {
+        let fields = last_user_text(messages).and_then(fields_of_prompt)?;
+        Some(AnswerConstraint::JsonSchema { schema: fields_schema(&fields) })
     }
 
     fn check_response(&self, messages: &[Message], answer: &str) -> Result<CheckResponse, String> {

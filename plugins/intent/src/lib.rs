@@ -1,7 +1,7 @@
 //! Intent classification for the banking domain (CLINC150's banking intents): the prompt lists
 //! the label set, answers are normalised onto it, and `{text, intent}` records become pairs.
 
-use tessera_plugin_api::{export_plugin, last_user_text, AdapterSource, AdapterSpec, CheckResponse, Conversation, DomainPlugin, Message, PluginInfo};
+use tessera_plugin_api::{export_plugin, last_user_text, AdapterSource, AnswerConstraint, AdapterSpec, CheckResponse, Conversation, DomainPlugin, Message, PluginInfo};
 
 pub const LABELS: [&str; 15] = [
     "freeze_account",
@@ -82,6 +82,9 @@ impl DomainPlugin for Intent {
                 scale: 1.0,
                 source: AdapterSource::Tuned,
             }],
+            // Answers are decoded onto the label set; the check hook still guards what
+            // older servers, which do not enforce this, return.
+            answer: Some(AnswerConstraint::Choice { choices: LABELS.iter().map(|l| l.to_string()).collect() }),
         }
     }
 

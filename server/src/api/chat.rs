@@ -13,6 +13,7 @@ use super::types::*;
 use super::validate::{self, Sampling};
 use super::{unix_time, with_generations, ApiJson, App, AppError};
 use crate::engine::Event;
+use crate::tool_calls::{self, CallStream, ParsedCall, StreamPiece, ToolSyntax};
 
 /// The most alternatives `top_logprobs` may ask for.
 const MAX_TOP_LOGPROBS: u32 = 20;
@@ -58,9 +59,10 @@ pub async fn chat_completions(
         (None, Some(0)) => return Err(AppError::invalid("max_tokens", "`max_tokens` must be at least 1")),
         (m, t) => m.or(t).map(|m| m as usize),
     };
-    let turns = validate::message_texts(&req.messages)?;
+    let turns = validate::chat_turns(&req.messages)?;
+    let tools = validate::tools(&req, sampling.constraint.as_ref())?;
     let generation = validate::generation(&sampling, max_tokens, top_logprobs, false);
-    let run = app.inference.chat(req.model.clone(), turns, validate::adapters(&req.sampling), generation).await?;
+    let run = app.inference.chat(req.model.clone(), turns, validate::adapters(&req.sampling), tools, generation).await?;
     let prompt_tokens: usize = run.prompts.iter().map(Vec::len).sum();
     let (adapters, receivers, max_tokens) = (&run.leases, run.receivers, run.max_tokens);
     let tokenizer = app.inference.tokenizer();
@@ -69,7 +71,7 @@ pub async fn chat_completions(
     tracing::info!(%id, prompt_tokens, max_tokens, n = sampling.n, stream = sampling.stream, "chat completion");
 
     if sampling.stream && run.plugin.is_none() {
-        let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling);
+        let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling, run.tool_syntax);
         return Ok(with_generations(Sse::new(stream).keep_alive(KeepAlive::default()).into_response(), adapters));
     }
 
@@ -84,15 +86,13 @@ pub async fn chat_completions(
         None => texts,
     };
     let mut choices = Vec::with_capacity(results.len());
-    for (index, (r, content)) in results.into_iter().zip(answers).enumerate() {
+    for (index, (r, answer)) in results.into_iter().zip(answers).enumerate() {
+        let (message, called) = assistant_message(answer, run.tool_syntax);
         choices.push(ChatChoice {
             index,
             logprobs: top_logprobs.map(|_| chat_logprobs(tokenizer, &r.tokens)),
-            finish_reason: finish_reason(r.finished.reason),
-            message: AssistantMessage {
-                role: "assistant",
-                content,
-            },
+            finish_reason: if called { "tool_calls" } else { finish_reason(r.finished.reason) },
+            message,
         });
     }
     let completion = ChatCompletion {
@@ -131,12 +131,12 @@ fn whole_answer_events(completion: ChatCompletion, include_usage: bool) -> Vec<R
     for choice in &completion.choices {
         let delta = |role, content: Option<String>, finish| ChatChunkChoice {
             index: choice.index,
-            delta: ChatDelta { role, content },
+            delta: ChatDelta { role, content, tool_calls: None },
             logprobs: None,
             finish_reason: finish,
         };
         events.push(chunk(vec![delta(Some("assistant"), Some(String::new()), None)], None));
-        events.push(chunk(vec![delta(None, Some(choice.message.content.clone()), None)], None));
+        events.push(chunk(vec![delta(None, choice.message.content.clone(), None)], None));
         events.push(chunk(vec![delta(None, None, Some(choice.finish_reason))], None));
     }
     if include_usage {
@@ -144,6 +144,47 @@ fn whole_answer_events(completion: ChatCompletion, include_usage: bool) -> Vec<R
     }
     events.push(Ok(SseEvent::default().data("[DONE]")));
     events
+}
+
+/// An answer as the assistant's message: with tools offered, the calls it wrote are parsed out
+/// of its text. Returns whether it made any.
+fn assistant_message(answer: String, syntax: Option<ToolSyntax>) -> (AssistantMessage, bool) {
+    let Some(syntax) = syntax else {
+        return (AssistantMessage { role: "assistant", content: Some(answer), tool_calls: None }, false);
+    };
+    let (content, calls) = tool_calls::parse(syntax, &answer);
+    if calls.is_empty() {
+        return (AssistantMessage { role: "assistant", content: Some(content), tool_calls: None }, false);
+    }
+    let calls = calls.into_iter().map(|c| ToolCall { id: call_id(), r#type: "function".into(), function: FunctionCall { name: c.name, arguments: c.arguments } }).collect();
+    (AssistantMessage { role: "assistant", content: (!content.is_empty()).then_some(content), tool_calls: Some(calls) }, true)
+}
+
+fn call_id() -> String {
+    format!("call_{:024x}", rand::random::<u128>() >> 32)
+}
+
+/// Bytes of `function.arguments` per streamed delta.
+const ARGUMENT_PIECE: usize = 16;
+
+/// A parsed call as OpenAI streams one: a delta naming it, then its arguments in pieces.
+fn call_deltas(index: usize, call: ParsedCall) -> Vec<ToolCallDelta> {
+    let mut deltas = vec![ToolCallDelta {
+        index,
+        id: Some(call_id()),
+        r#type: Some("function"),
+        function: FunctionCallDelta { name: Some(call.name), arguments: String::new() },
+    }];
+    let mut rest = call.arguments.as_str();
+    while !rest.is_empty() {
+        let mut cut = ARGUMENT_PIECE.min(rest.len());
+        while !rest.is_char_boundary(cut) {
+            cut += 1;
+        }
+        deltas.push(ToolCallDelta { index, id: None, r#type: None, function: FunctionCallDelta { name: None, arguments: rest[..cut].to_string() } });
+        rest = &rest[cut..];
+    }
+    deltas
 }
 
 /// Token counts summed over a stream's choices.
@@ -154,8 +195,58 @@ struct Totals {
     completion_tokens: usize,
 }
 
-/// The streamed response: a role chunk per choice, content chunks as tokens arrive, a chunk with
-/// each choice's `finish_reason`, the usage chunk if asked, then `[DONE]`.
+/// One streamed choice: whether its role chunk went out, and with tools, the text-or-calls
+/// splitter and how many calls it has sent.
+struct ChoiceStream {
+    opened: bool,
+    calls: Option<CallStream>,
+    sent_calls: usize,
+}
+
+impl ChoiceStream {
+    /// The deltas for a piece of the answer's text.
+    fn deltas(&mut self, text: String) -> Vec<ChatDelta> {
+        let pieces = match self.calls.as_mut() {
+            None => vec![StreamPiece::Content(text)],
+            Some(calls) => calls.feed(&text),
+        };
+        self.to_deltas(pieces)
+    }
+
+    /// The deltas for the answer's end.
+    fn finish(&mut self, trailing: String) -> Vec<ChatDelta> {
+        let mut pieces = match self.calls.as_mut() {
+            None => vec![StreamPiece::Content(trailing)],
+            Some(calls) => {
+                let mut pieces = calls.feed(&trailing);
+                pieces.extend(calls.finish());
+                pieces
+            }
+        };
+        pieces.retain(|p| !matches!(p, StreamPiece::Content(t) if t.is_empty()));
+        self.to_deltas(pieces)
+    }
+
+    fn to_deltas(&mut self, pieces: Vec<StreamPiece>) -> Vec<ChatDelta> {
+        pieces
+            .into_iter()
+            .flat_map(|piece| match piece {
+                StreamPiece::Content(text) => vec![ChatDelta { role: None, content: Some(text), tool_calls: None }],
+                StreamPiece::Call(call) => {
+                    self.sent_calls += 1;
+                    call_deltas(self.sent_calls - 1, call)
+                        .into_iter()
+                        .map(|d| ChatDelta { role: None, content: None, tool_calls: Some(vec![d]) })
+                        .collect()
+                }
+            })
+            .collect()
+    }
+}
+
+/// The streamed response: a role chunk per choice, content chunks as tokens arrive (with tools,
+/// each call as its own chunks once it is complete), a chunk with each choice's
+/// `finish_reason`, the usage chunk if asked, then `[DONE]`.
 fn chat_stream(
     app: Arc<App>,
     receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>,
@@ -163,6 +254,7 @@ fn chat_stream(
     created: u64,
     model: String,
     sampling: &Sampling,
+    tool_syntax: Option<ToolSyntax>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let n = receivers.len();
     let include_usage = sampling.include_usage;
@@ -179,38 +271,35 @@ fn chat_stream(
         SseEvent::default().json_data(body).unwrap_or_default()
     };
     let end_chunk = chunk.clone();
-    let mut opened = vec![false; n];
+    let mut choices: Vec<ChoiceStream> = (0..n).map(|_| ChoiceStream { opened: false, calls: tool_syntax.map(CallStream::new), sent_calls: 0 }).collect();
     sse_stream(
         receivers,
         Totals::default(),
         move |totals, index, event| {
-            let choice = |role, content: String, logprobs, finish| ChatChunkChoice {
-                index,
-                delta: ChatDelta {
-                    role,
-                    content: Some(content),
-                },
-                logprobs,
-                finish_reason: finish,
-            };
+            let choice = |delta, logprobs, finish| ChatChunkChoice { index, delta, logprobs, finish_reason: finish };
+            let state = &mut choices[index];
             let mut out = Vec::new();
-            if !std::mem::replace(&mut opened[index], true) {
-                out.push(chunk(vec![choice(Some("assistant"), String::new(), None, None)], None));
+            if !std::mem::replace(&mut state.opened, true) {
+                let role = ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
+                out.push(chunk(vec![choice(role, None, None)], None));
             }
             match event {
                 Event::Token(t) => {
-                    let logprobs = t
-                        .logprob
-                        .is_some()
-                        .then(|| chat_logprobs(app.inference.tokenizer(), std::slice::from_ref(&t)));
-                    out.push(chunk(vec![choice(None, t.text, logprobs, None)], None));
+                    let mut logprobs = t.logprob.is_some().then(|| chat_logprobs(app.inference.tokenizer(), std::slice::from_ref(&t)));
+                    for delta in state.deltas(t.text) {
+                        out.push(chunk(vec![choice(delta, logprobs.take(), None)], None));
+                    }
                 }
                 Event::Finished(f) => {
                     totals.prompt_tokens = f.prompt_tokens;
                     totals.cached_tokens = totals.cached_tokens.max(f.cached_tokens);
                     totals.completion_tokens += f.completion_tokens;
-                    let reason = Some(finish_reason(f.reason));
-                    out.push(chunk(vec![choice(None, f.trailing_text, None, reason)], None));
+                    for delta in state.finish(f.trailing_text) {
+                        out.push(chunk(vec![choice(delta, None, None)], None));
+                    }
+                    let reason = if state.sent_calls > 0 { "tool_calls" } else { finish_reason(f.reason) };
+                    let empty = ChatDelta { role: None, content: None, tool_calls: None };
+                    out.push(chunk(vec![choice(empty, None, Some(reason))], None));
                 }
                 Event::Failed(message) => out.push(sse_error(message)),
             }

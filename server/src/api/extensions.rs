@@ -24,7 +24,7 @@ pub async fn tokenize(
     let tokens = match (req.prompt, &req.messages) {
         (Some(prompt), None) => app.inference.tokenize(prompt, bos).await?,
         (None, Some(messages)) => {
-            let turns = validate::message_texts(messages)?;
+            let turns = validate::chat_turns(messages)?;
             app.inference.tokenize_chat(turns, req.add_generation_prompt.unwrap_or(true), bos).await?
         }
         _ => return Err(AppError::invalid("prompt", "give exactly one of `prompt` and `messages`")),

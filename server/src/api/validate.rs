@@ -1,9 +1,11 @@
 //! From HTTP bodies to the engine's validated requests. Every check names the offending field.
 
 use crate::api::error::AppError;
-use crate::api::types::{ChatMessage, MessageContent, SamplingFields, StopSpec};
+use crate::api::types::{ChatCompletionRequest, ChatMessage, MessageContent, ResponseFormat, SamplingFields, StopSpec, ToolChoiceSpec};
+use crate::grammar::ConstraintSpec;
 use crate::sampler::SamplingParams;
-use crate::services::inference::{AdapterChoice, Generation};
+use crate::services::inference::{AdapterChoice, CallRecord, ChatTurn, Generation, RequestedConstraint, Tools};
+use crate::tool_calls::{ToolChoice, ToolDefinition};
 
 /// The most choices one request may ask for.
 pub const MAX_N: u32 = 8;
@@ -13,6 +15,7 @@ pub const MAX_STOP: usize = 4;
 /// Sampling settings common to both endpoints, checked.
 pub struct Sampling {
     pub params: SamplingParams,
+    pub constraint: Option<RequestedConstraint>,
     pub n: usize,
     pub stop_strings: Vec<String>,
     pub ignore_eos: bool,
@@ -85,6 +88,7 @@ pub fn sampling(f: &SamplingFields) -> Result<Sampling, AppError> {
         None => rand::random(),
     };
     Ok(Sampling {
+        constraint: constraint(f)?,
         params: SamplingParams {
             temperature: f.temperature.unwrap_or(1.0),
             top_p: f.top_p.unwrap_or(1.0),
@@ -114,14 +118,16 @@ pub fn generation(sampling: &Sampling, max_tokens: Option<usize>, logprobs: Opti
         ignore_eos: sampling.ignore_eos,
         logprobs,
         prompt_logprobs,
+        constraint: sampling.constraint.clone(),
     }
 }
 
-/// Each message's role and text (content parts joined; only text parts are accepted).
-pub fn message_texts(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, AppError> {
+/// Each message's role, text (content parts joined; only text parts are accepted), calls and
+/// the call a tool message answers.
+pub fn chat_turns(messages: &[ChatMessage]) -> Result<Vec<ChatTurn>, AppError> {
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        let text = match &m.content {
+        let content = match &m.content {
             None => String::new(),
             Some(MessageContent::Text(t)) => t.clone(),
             Some(MessageContent::Parts(parts)) => {
@@ -140,9 +146,119 @@ pub fn message_texts(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, 
                 text
             }
         };
-        out.push((m.role.clone(), text));
+        if m.role == "tool" && m.tool_call_id.is_none() {
+            return Err(AppError::invalid(&format!("messages[{i}].tool_call_id"), "a `tool` message needs the `tool_call_id` of the call it answers"));
+        }
+        let calls = m.tool_calls.iter().flatten();
+        if m.role != "assistant" && calls.clone().next().is_some() {
+            return Err(AppError::invalid(&format!("messages[{i}].tool_calls"), "only assistant messages carry `tool_calls`"));
+        }
+        out.push(ChatTurn {
+            role: m.role.clone(),
+            content,
+            tool_calls: calls.map(|c| CallRecord { id: c.id.clone(), name: c.function.name.clone(), arguments: c.function.arguments.clone() }).collect(),
+            tool_call_id: m.tool_call_id.clone(),
+        });
     }
     Ok(out)
+}
+
+/// The shape asked for by `response_format` or one of the `guided_*` fields (at most one).
+fn constraint(f: &SamplingFields) -> Result<Option<RequestedConstraint>, AppError> {
+    let mut asked = Vec::new();
+    match &f.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => asked.push(("response_format", ConstraintSpec::JsonObject)),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let schema = json_schema.schema.clone().unwrap_or_else(|| serde_json::json!({}));
+            asked.push(("response_format", ConstraintSpec::JsonSchema(schema.to_string())));
+        }
+    }
+    if let Some(schema) = &f.guided_json {
+        asked.push(("guided_json", ConstraintSpec::JsonSchema(schema.to_string())));
+    }
+    if let Some(choices) = &f.guided_choice {
+        if choices.is_empty() || choices.iter().any(String::is_empty) {
+            return Err(AppError::invalid("guided_choice", "`guided_choice` needs at least one choice, and no empty ones"));
+        }
+        asked.push(("guided_choice", ConstraintSpec::Choice(choices.clone())));
+    }
+    if let Some(regex) = &f.guided_regex {
+        asked.push(("guided_regex", ConstraintSpec::Regex(regex.clone())));
+    }
+    if let Some(grammar) = &f.guided_grammar {
+        asked.push(("guided_grammar", ConstraintSpec::Lark(grammar.clone())));
+    }
+    match asked.len() {
+        0 => Ok(None),
+        1 => Ok(asked.pop().map(|(param, spec)| RequestedConstraint { spec, param })),
+        _ => Err(AppError::invalid(
+            asked[1].0,
+            format!("`{}` and `{}` both constrain the answer; send one", asked[0].0, asked[1].0),
+        )),
+    }
+}
+
+/// The longest function name OpenAI accepts.
+const MAX_FUNCTION_NAME: usize = 64;
+
+/// `tools` and `tool_choice`, checked: function names valid and unique, parameters a JSON
+/// Schema object, a named choice one of the tools, and no forced call together with another
+/// constraint on the answer.
+pub fn tools(req: &ChatCompletionRequest, constraint: Option<&RequestedConstraint>) -> Result<Option<Tools>, AppError> {
+    let definitions = match &req.tools {
+        None => Vec::new(),
+        Some(tools) => tool_definitions(tools)?,
+    };
+    let choice = match &req.tool_choice {
+        None if definitions.is_empty() => return Ok(None),
+        None => ToolChoice::Auto,
+        Some(ToolChoiceSpec::Mode(mode)) => match mode.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => return Err(AppError::invalid("tool_choice", format!("`tool_choice` must be `none`, `auto`, `required` or a named function, got `{other}`"))),
+        },
+        Some(ToolChoiceSpec::Named(named)) => {
+            if named.r#type != "function" || !definitions.iter().any(|d| d.name == named.function.name) {
+                return Err(AppError::invalid("tool_choice", format!("`tool_choice` names `{}`, which is not one of `tools`", named.function.name)));
+            }
+            ToolChoice::Function(named.function.name.clone())
+        }
+    };
+    if definitions.is_empty() {
+        return match choice {
+            ToolChoice::None => Ok(None),
+            _ => Err(AppError::invalid("tool_choice", "`tool_choice` needs `tools`")),
+        };
+    }
+    if let (Some(c), ToolChoice::Required | ToolChoice::Function(_)) = (constraint, &choice) {
+        return Err(AppError::invalid("tool_choice", format!("a required tool call and `{}` both constrain the answer; send one", c.param)));
+    }
+    Ok(Some(Tools { definitions, choice }))
+}
+
+fn tool_definitions(tools: &[crate::api::types::ToolSpec]) -> Result<Vec<ToolDefinition>, AppError> {
+    let mut definitions: Vec<ToolDefinition> = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        let name = &tool.function.name;
+        if tool.r#type != "function" {
+            return Err(AppError::invalid(&format!("tools[{i}].type"), format!("only `function` tools are supported, got `{}`", tool.r#type)));
+        }
+        let valid_name = !name.is_empty() && name.len() <= MAX_FUNCTION_NAME && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name {
+            return Err(AppError::invalid(&format!("tools[{i}].function.name"), format!("a function name is 1 to {MAX_FUNCTION_NAME} of a-z, A-Z, 0-9, _ and -, got `{name}`")));
+        }
+        if definitions.iter().any(|d| &d.name == name) {
+            return Err(AppError::invalid(&format!("tools[{i}].function.name"), format!("the function `{name}` is defined twice")));
+        }
+        let parameters = tool.function.parameters.clone().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+        if !parameters.is_object() {
+            return Err(AppError::invalid(&format!("tools[{i}].function.parameters"), "`parameters` must be a JSON Schema object"));
+        }
+        definitions.push(ToolDefinition { name: name.clone(), description: tool.function.description.clone(), parameters });
+    }
+    Ok(definitions)
 }
 
 /// The request's own adapter composition (`adapters`), each scale defaulting to 1.

@@ -53,6 +53,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         logprobs: None,
         prompt_logprobs: false,
         adapters: Vec::new(),
+        constraint: None,
     }
 }
 
@@ -81,7 +82,7 @@ pub fn concurrent_chats(model: &Arc<LoadedModel>, ctx_len: usize) -> Result<KvRo
     let engine = start(model, ctx_len)?;
     let mut streams = Vec::new();
     for client in 0..16 {
-        let turn = Turn { role: "user", text: format!("Client {client}: write a short story about a lighthouse keeper.") };
+        let turn = Turn { role: "user", text: format!("Client {client}: write a short story about a lighthouse keeper."), ..Default::default() };
         let text = model.chat.render(&[turn], true).map_err(|e| KvBenchError::Engine(e.to_string()))?;
         let prompt = model.tokenizer.encode(&text, true, true).map_err(|e| KvBenchError::Engine(e.to_string()))?;
         // No max_tokens: the rest of the context is the limit, as the API sets it.

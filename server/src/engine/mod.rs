@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use crate::grammar::Constraint;
 use crate::metrics::Metrics;
 use crate::model::kv::blocks_for_sequence;
 use crate::model::{Config, KvPool};
@@ -40,6 +41,8 @@ pub struct GenerationRequest {
     pub prompt_logprobs: bool,
     /// Adapters and their composition weights, leased for the whole generation.
     pub adapters: Vec<(Arc<AdapterGeneration>, f32)>,
+    /// The shape the answer must have, enforced on every sampled token.
+    pub constraint: Option<Constraint>,
 }
 
 /// One candidate token with its log-probability under the raw logits.

@@ -11,6 +11,7 @@ use super::text::{IncrementalDecoder, StopMatcher, StopScan};
 use super::{Event, FinishReason, Finished, GeneratedToken, GenerationRequest, Submission, TokenLogprob};
 use tessera_adapters::TargetModule;
 
+use crate::grammar::{Accepted, ConstrainedDecoder};
 use crate::metrics::Metrics;
 use crate::registry::AdapterGeneration;
 use crate::model::kv::prefix::{ChainCursor, PrefixCache};
@@ -28,6 +29,8 @@ pub(super) struct Sequence {
     generated: Vec<u32>,
     counts: HashMap<u32, u32>,
     sampler: Sampler,
+    /// The answer's shape, when the request has one.
+    grammar: Option<ConstrainedDecoder>,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     prompt_logprobs: Option<Vec<(TokenLogprob, Vec<TokenLogprob>)>>,
@@ -53,6 +56,7 @@ impl Sequence {
         Self {
             cache: KvCache::in_pool(pool, config, capacity),
             sampler: Sampler::new(request.sampling.clone()),
+            grammar: request.constraint.clone().map(ConstrainedDecoder::start),
             stops: StopMatcher::new(request.stop_strings.clone()),
             prompt_logprobs: request.prompt_logprobs.then(Vec::new),
             // Prompt logprobs need the logits of every prompt position, so nothing is skipped.
@@ -202,14 +206,12 @@ impl Sequence {
     }
 
     fn sample(&mut self, logits: &[f32], tokenizer: &Tokenizer, metrics: &Metrics) -> bool {
-        let params = &self.request.sampling;
-        let token = if params.has_penalties() {
-            let mut penalised = logits.to_vec();
-            let seen = self.request.prompt.iter().chain(&self.generated).copied();
-            params.apply_penalties(&mut penalised, &self.counts, seen);
-            self.sampler.sample(&penalised)
-        } else {
-            self.sampler.sample(logits)
+        let token = match self.draw(logits) {
+            Ok(token) => token,
+            Err(message) => {
+                self.fail(&message);
+                return true;
+            }
         };
         let now = Instant::now();
         match self.last_token_at {
@@ -226,6 +228,14 @@ impl Sequence {
         if self.request.stop_ids.contains(&token) {
             return self.finish(FinishReason::Stop);
         }
+        let complete = match self.grammar.as_mut().map(|g| g.accept(token)) {
+            None | Some(Ok(Accepted::Continue)) => false,
+            Some(Ok(Accepted::Complete)) => true,
+            Some(Err(e)) => {
+                self.fail(&e.to_string());
+                return true;
+            }
+        };
         let (logprob, top) = match self.request.logprobs {
             Some(k) => (
                 Some(TokenLogprob {
@@ -247,13 +257,37 @@ impl Sequence {
             logprob,
             top_logprobs: top,
         }));
-        if stopped {
+        if stopped || complete {
             return self.finish(FinishReason::Stop);
         }
         if self.generated.len() >= self.request.max_tokens {
             return self.finish(FinishReason::Length);
         }
         false
+    }
+
+    /// The next token: the grammar's mask, then the penalties, then the sampler. Logprobs are
+    /// reported under the raw logits.
+    fn draw(&mut self, logits: &[f32]) -> Result<u32, String> {
+        let params = &self.request.sampling;
+        let mask = match self.grammar.as_mut() {
+            Some(grammar) => Some(grammar.mask().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        if mask.is_none() && !params.has_penalties() {
+            return Ok(self.sampler.sample(logits));
+        }
+        let mut adjusted = logits.to_vec();
+        if let Some(mask) = &mask {
+            if !mask.apply(&mut adjusted, &self.request.stop_ids) {
+                return Err("the answer's grammar allows no token here".into());
+            }
+        }
+        if params.has_penalties() {
+            let seen = self.request.prompt.iter().chain(&self.generated).copied();
+            params.apply_penalties(&mut adjusted, &self.counts, seen);
+        }
+        Ok(self.sampler.sample(&adjusted))
     }
 
     fn finish(&mut self, reason: FinishReason) -> bool {

@@ -10,6 +10,7 @@ use crate::access::Scope;
 use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
 use super::plugins::Plugins;
 use super::ServiceError;
+use crate::grammar::Grammars;
 use crate::plugins::PluginError;
 use crate::train::job::{TuneError, Tuner};
 use crate::train::lora::LoraSpec;
@@ -56,8 +57,10 @@ pub struct FeedbackOutcome {
 
 /// Stores an upload of records for `name` (an adapter, or a plugin whose tuned adapter takes
 /// them), all or nothing, as `scope`. Blocking: parsing, plugin calls and the store.
-pub fn upload(tuner: &Tuner, plugins: &Plugins, name: String, body: &[u8], spec: Option<LoraSpec>, scope: Scope) -> Result<FeedbackOutcome, ServiceError> {
+pub fn upload(tuner: &Tuner, plugins: &Plugins, grammars: &Grammars, name: String, body: &[u8], spec: Option<LoraSpec>, scope: Scope) -> Result<FeedbackOutcome, ServiceError> {
     let (adapter, conversations) = conversations(plugins, name, body)?;
+    keeps_shape(plugins, grammars, &adapter, &conversations)?;
+    let conversations: Vec<Conversation> = conversations.into_iter().map(|(_, c)| c).collect();
     let inserted = tuner.store_feedback(&adapter, spec, scope, &conversations)?;
     let job = if inserted.pairs_since_training >= tuner.settings.train_after {
         match tuner.start_feedback_job(&adapter, None, scope) {
@@ -79,6 +82,20 @@ pub fn upload(tuner: &Tuner, plugins: &Plugins, name: String, body: &[u8], spec:
     })
 }
 
+/// Refuses an upload for an adapter a plugin tunes when a record's answer (its conversation's
+/// last assistant message) breaks the shape the plugin declares.
+fn keeps_shape(plugins: &Plugins, grammars: &Grammars, adapter: &str, conversations: &[(usize, Conversation)]) -> Result<(), ServiceError> {
+    let Some((plugin, shape)) = plugins.shape_of_tuned(adapter) else { return Ok(()) };
+    for (index, conversation) in conversations {
+        let Some(answer) = conversation.messages.iter().rev().find(|m| m.role == "assistant") else { continue };
+        if !grammars.accepts(&shape, &answer.content).map_err(ServiceError::internal)? {
+            let reason = format!("the answer `{}` does not have the shape the plugin `{plugin}` declares for its answers", answer.content);
+            return Err(refused(RecordError { index: *index, reason }));
+        }
+    }
+    Ok(())
+}
+
 /// An invalid record: the whole upload is refused, naming it.
 fn refused(e: RecordError) -> ServiceError {
     ServiceError::Invalid {
@@ -91,9 +108,10 @@ fn refused(e: RecordError) -> ServiceError {
 /// The upload's records as conversations, and the adapter they are for: the named one, or for a
 /// plugin's domain records the adapter the plugin tunes, through its converter. A plugin that
 /// misbehaves is marked failed.
-fn conversations(plugins: &Plugins, name: String, body: &[u8]) -> Result<(String, Vec<Conversation>), ServiceError> {
+/// Each conversation comes with the index of the record it came from.
+fn conversations(plugins: &Plugins, name: String, body: &[u8]) -> Result<(String, Vec<(usize, Conversation)>), ServiceError> {
     let Some(plugin) = plugins.lease(&name).transpose()? else {
-        return Ok((name, parse_upload(body).map_err(refused)?));
+        return Ok((name, parse_upload(body).map_err(refused)?.into_iter().enumerate().collect()));
     };
     let adapter = plugin
         .info
@@ -116,7 +134,7 @@ fn conversations(plugins: &Plugins, name: String, body: &[u8]) -> Result<(String
             if let Err(reason) = validate_conversation(&conversation) {
                 return Err(fault(PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason }));
             }
-            conversations.push(conversation);
+            conversations.push((index, conversation));
         }
     }
     Ok((adapter, conversations))

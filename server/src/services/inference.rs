@@ -12,10 +12,12 @@ use super::plugins::Plugins;
 use super::{blocking, ServiceError};
 use crate::chat_template::Turn;
 use crate::engine::{Engine, Event, GenerationRequest};
+use crate::grammar::{Constraint, ConstraintSpec, Grammars};
 use crate::plugins::Plugin;
 use crate::registry::{AdapterGeneration, Registry, RegistryError};
 use crate::sampler::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use crate::tool_calls::{self, ToolChoice, ToolDefinition, ToolSyntax};
 use crate::LoadedModel;
 
 /// The adapters one request runs with, leased for its whole life, with their weights.
@@ -35,12 +37,49 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+/// One message of a conversation.
+#[derive(Debug, Clone, Default)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+    /// An assistant message's calls.
+    pub tool_calls: Vec<CallRecord>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A call an assistant made earlier in the conversation.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub id: String,
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    pub arguments: String,
+}
+
+/// The functions a chat offers the model, and whether it must call one.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub definitions: Vec<ToolDefinition>,
+    pub choice: ToolChoice,
+}
+
+/// A shape the client asked the answer to have, with the field that asked.
+#[derive(Debug, Clone)]
+pub struct RequestedConstraint {
+    pub spec: ConstraintSpec,
+    /// `response_format`, `guided_choice`, `guided_regex` or `guided_grammar`.
+    pub param: &'static str,
+}
+
 /// A plugin model's side of a chat request: the plugin generation leased for the whole request,
 /// and the messages as its rewrite hook left them (what its check hook is shown).
 #[derive(Clone)]
 pub struct PluginTurn {
     pub plugin: Arc<Plugin>,
     messages: Vec<PluginMessage>,
+    /// The answer's shape: the one the rewrite hook gave this request, else the plugin's.
+    answer: Option<ConstraintSpec>,
 }
 
 /// A chat request ready for the engine.
@@ -48,6 +87,7 @@ struct PreparedChat {
     prompt: Vec<u32>,
     leases: Leases,
     plugin: Option<PluginTurn>,
+    constraint: Option<Constraint>,
 }
 
 /// How every choice of a request samples and stops.
@@ -66,6 +106,8 @@ pub struct Generation {
     pub logprobs: Option<usize>,
     /// Score the prompt's tokens too.
     pub prompt_logprobs: bool,
+    /// The shape every answer must have.
+    pub constraint: Option<RequestedConstraint>,
 }
 
 /// A request the engine is running.
@@ -78,6 +120,8 @@ pub struct Running {
     pub max_tokens: usize,
     /// One per choice: choice `p·n + j` is the `j`-th sample of prompt `p`.
     pub receivers: Vec<UnboundedReceiver<Event>>,
+    /// How the answers write tool calls, when the request offered tools.
+    pub tool_syntax: Option<ToolSyntax>,
 }
 
 /// The inference service.
@@ -88,11 +132,12 @@ pub struct Inference {
     ctx_len: usize,
     registry: Arc<Registry>,
     plugins: Arc<Plugins>,
+    grammars: Arc<Grammars>,
 }
 
 impl Inference {
-    pub fn new(engine: Engine, model: Arc<LoadedModel>, model_id: String, ctx_len: usize, registry: Arc<Registry>, plugins: Arc<Plugins>) -> Self {
-        Self { engine, model, model_id, ctx_len, registry, plugins }
+    pub fn new(engine: Engine, model: Arc<LoadedModel>, model_id: String, ctx_len: usize, registry: Arc<Registry>, plugins: Arc<Plugins>, grammars: Arc<Grammars>) -> Self {
+        Self { engine, model, model_id, ctx_len, registry, plugins, grammars }
     }
 
     /// The id clients pass as `model` for the base.
@@ -124,23 +169,30 @@ impl Inference {
     }
 
     /// Runs a chat on `model` (the base, an adapter or a plugin) with the request's own
-    /// `adapters`; it stops at the model's end-of-turn tokens.
-    pub async fn chat(self: &Arc<Self>, model: String, turns: Vec<(String, String)>, adapters: Vec<AdapterChoice>, generation: Generation) -> Result<Running, ServiceError> {
-        let chat = self.prepare_chat(model, turns, adapters).await?;
+    /// `adapters`; it stops at the model's end-of-turn tokens. With `tools`, the model is shown
+    /// them and its calls are parsed (a required call is enforced by grammar).
+    pub async fn chat(self: &Arc<Self>, model: String, turns: Vec<ChatTurn>, adapters: Vec<AdapterChoice>, tools: Option<Tools>, mut generation: Generation) -> Result<Running, ServiceError> {
+        let requested = generation.constraint.take();
+        let chat = self.prepare_chat(model, turns, adapters, tools.clone(), requested).await?;
         let stop_ids = self.model.tokenizer.stop_ids().to_vec();
-        self.run(vec![chat.prompt], chat.leases, chat.plugin, generation, "messages", stop_ids)
+        let tool_syntax = tools.filter(|t| t.choice != ToolChoice::None).map(|_| self.model.chat.tool_syntax());
+        let mut running = self.run(vec![chat.prompt], chat.leases, chat.plugin, generation, "messages", stop_ids, chat.constraint)?;
+        running.tool_syntax = tool_syntax;
+        Ok(running)
     }
 
     /// Runs a completion of each prompt on `model` with the request's own `adapters`; it stops
     /// at end-of-text.
-    pub async fn complete(self: &Arc<Self>, model: String, adapters: Vec<AdapterChoice>, prompts: Vec<Prompt>, generation: Generation) -> Result<Running, ServiceError> {
-        let (leases, prompts) = self.prepare_completion(model, adapters, prompts).await?;
+    pub async fn complete(self: &Arc<Self>, model: String, adapters: Vec<AdapterChoice>, prompts: Vec<Prompt>, mut generation: Generation) -> Result<Running, ServiceError> {
+        let requested = generation.constraint.take();
+        let (leases, prompts, constraint) = self.prepare_completion(model, adapters, prompts, requested).await?;
         let stop_ids = vec![self.model.tokenizer.eos_id()];
-        self.run(prompts, leases, None, generation, "prompt", stop_ids)
+        self.run(prompts, leases, None, generation, "prompt", stop_ids, constraint)
     }
 
     /// Checks each prompt against the context and queues `n` choices of it.
-    fn run(&self, prompts: Vec<Vec<u32>>, leases: Leases, plugin: Option<PluginTurn>, g: Generation, param: &'static str, stop_ids: Vec<u32>) -> Result<Running, ServiceError> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, prompts: Vec<Vec<u32>>, leases: Leases, plugin: Option<PluginTurn>, g: Generation, param: &'static str, stop_ids: Vec<u32>, constraint: Option<Constraint>) -> Result<Running, ServiceError> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let max_tokens = g.max_tokens.unwrap_or_else(|| self.ctx_len.saturating_sub(longest)).max(1);
         for prompt in &prompts {
@@ -159,42 +211,61 @@ impl Inference {
                     logprobs: g.logprobs,
                     prompt_logprobs: g.prompt_logprobs,
                     adapters: leases.clone(),
+                    constraint: constraint.clone(),
                 })?);
             }
         }
-        Ok(Running { prompts, leases, plugin, max_tokens, receivers })
+        Ok(Running { prompts, leases, plugin, max_tokens, receivers, tool_syntax: None })
     }
 
-    /// Leases, templates and tokenizes a chat. A plugin model's rewrite hook sees the turns
-    /// first, and its system prompt is added when the conversation has none.
-    async fn prepare_chat(self: &Arc<Self>, model: String, turns: Vec<(String, String)>, adapters: Vec<AdapterChoice>) -> Result<PreparedChat, ServiceError> {
+    /// Leases, templates and tokenizes a chat, and compiles the shape of its answer. A plugin
+    /// model's rewrite hook sees the turns first, and its system prompt is added when the
+    /// conversation has none.
+    async fn prepare_chat(self: &Arc<Self>, model: String, turns: Vec<ChatTurn>, adapters: Vec<AdapterChoice>, tools: Option<Tools>, requested: Option<RequestedConstraint>) -> Result<PreparedChat, ServiceError> {
         let plugin = self.plugins.lease(&model).transpose()?;
+        if plugin.is_some() && tools.is_some() {
+            return Err(ServiceError::invalid("tools", format!("`{model}` is a plugin model, which answers in its own shape; it takes no `tools`")));
+        }
         let this = self.clone();
-        // Plugin hooks, cold adapter loads, the template and tokenizing are blocking work.
+        // Plugin hooks, cold adapter loads, the template, tokenizing and grammars are blocking work.
         blocking(move || {
             let (turns, leases, plugin) = match plugin {
                 None => (turns, this.lease(&model, &adapters)?, None),
                 Some(plugin) => {
-                    let messages = turns.into_iter().map(|(role, content)| PluginMessage { role, content }).collect();
-                    let mut rewritten = this.plugins.contain(&plugin, plugin.rewrite(messages))?;
-                    if let Some(system) = &plugin.info.system_prompt {
-                        if !rewritten.iter().any(|m| m.role == "system") {
-                            rewritten.insert(0, PluginMessage { role: "system".into(), content: system.clone() });
-                        }
-                    }
-                    let turns = rewritten.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
-                    let own: Vec<AdapterChoice> = plugin.info.adapters.iter().map(|a| AdapterChoice { name: a.name.clone(), scale: a.scale }).collect();
-                    (turns, this.lease_mix(&own, &adapters)?, Some(PluginTurn { plugin, messages: rewritten }))
+                    let (turns, leases, turn) = this.plugin_turns(plugin, turns, &adapters)?;
+                    (turns, leases, Some(turn))
                 }
             };
-            let text = this.render(&turns, true)?;
-            Ok(PreparedChat { prompt: this.encode(&text, true)?, leases, plugin })
+            let text = this.render(&turns, true, tools.as_ref())?;
+            let forced = tools.as_ref().and_then(|t| tool_calls::forced_call(this.model.chat.tool_syntax(), &t.definitions, &t.choice));
+            let forced = forced.map(|spec| RequestedConstraint { spec, param: "tool_choice" });
+            let plugin_shape = plugin.as_ref().and_then(|p| p.answer.clone()).map(|spec| RequestedConstraint { spec, param: "model" });
+            let constraint = this.compile(requested.or(forced).or(plugin_shape))?;
+            Ok(PreparedChat { prompt: this.encode(&text, true)?, leases, plugin, constraint })
         })
         .await
     }
 
-    /// Leases the adapters of a completion on `model` and tokenizes its prompts.
-    async fn prepare_completion(self: &Arc<Self>, model: String, adapters: Vec<AdapterChoice>, prompts: Vec<Prompt>) -> Result<(Leases, Vec<Vec<u32>>), ServiceError> {
+    /// A plugin model's conversation after its rewrite hook (and with its system prompt), and
+    /// the adapters it stands for with the request's.
+    fn plugin_turns(&self, plugin: Arc<Plugin>, turns: Vec<ChatTurn>, adapters: &[AdapterChoice]) -> Result<(Vec<ChatTurn>, Leases, PluginTurn), ServiceError> {
+        let messages = turns.into_iter().map(|t| PluginMessage { role: t.role, content: t.content }).collect();
+        let (mut rewritten, answer) = self.plugins.contain(&plugin, plugin.rewrite(messages))?;
+        let answer = answer.or_else(|| plugin.answer_constraint());
+        if let Some(system) = &plugin.info.system_prompt {
+            if !rewritten.iter().any(|m| m.role == "system") {
+                rewritten.insert(0, PluginMessage { role: "system".into(), content: system.clone() });
+            }
+        }
+        let turns = rewritten.iter().map(|m| ChatTurn { role: m.role.clone(), content: m.content.clone(), ..Default::default() }).collect();
+        let own: Vec<AdapterChoice> = plugin.info.adapters.iter().map(|a| AdapterChoice { name: a.name.clone(), scale: a.scale }).collect();
+        let leases = self.lease_mix(&own, adapters)?;
+        Ok((turns, leases, PluginTurn { plugin, messages: rewritten, answer }))
+    }
+
+    /// Leases the adapters of a completion on `model`, tokenizes its prompts and compiles the
+    /// shape of its answers.
+    async fn prepare_completion(self: &Arc<Self>, model: String, adapters: Vec<AdapterChoice>, prompts: Vec<Prompt>, requested: Option<RequestedConstraint>) -> Result<(Leases, Vec<Vec<u32>>, Option<Constraint>), ServiceError> {
         if prompts.is_empty() {
             return Err(ServiceError::invalid("prompt", "`prompt` must not be empty"));
         }
@@ -202,9 +273,21 @@ impl Inference {
         blocking(move || {
             let leases = this.lease(&model, &adapters)?;
             let ids = prompts.iter().enumerate().map(|(i, p)| this.prompt_ids(i, p)).collect::<Result<_, _>>()?;
-            Ok((leases, ids))
+            Ok((leases, ids, this.compile(requested)?))
         })
         .await
+    }
+
+    /// The compiled grammar of a requested shape; one the engine cannot compile is the field's
+    /// fault.
+    fn compile(&self, requested: Option<RequestedConstraint>) -> Result<Option<Constraint>, ServiceError> {
+        let Some(requested) = requested else { return Ok(None) };
+        self.grammars.compile(&requested.spec).map(Some).map_err(|e| match e {
+            crate::grammar::GrammarError::Invalid(reason) => {
+                ServiceError::Invalid { param: Some(requested.param.to_string()), message: format!("the grammar engine cannot use this constraint: {reason}"), code: Some("invalid_constraint") }
+            }
+            engine => ServiceError::internal(engine),
+        })
     }
 
     /// Token ids of text, with `<bos>` when `bos` (special tokens are parsed).
@@ -214,9 +297,9 @@ impl Inference {
     }
 
     /// Token ids of a conversation rendered through the chat template.
-    pub async fn tokenize_chat(self: &Arc<Self>, turns: Vec<(String, String)>, add_generation_prompt: bool, bos: bool) -> Result<Vec<u32>, ServiceError> {
+    pub async fn tokenize_chat(self: &Arc<Self>, turns: Vec<ChatTurn>, add_generation_prompt: bool, bos: bool) -> Result<Vec<u32>, ServiceError> {
         let this = self.clone();
-        blocking(move || this.encode(&this.render(&turns, add_generation_prompt)?, bos)).await
+        blocking(move || this.encode(&this.render_turns(&turns, add_generation_prompt)?, bos)).await
     }
 
     /// The text of token ids, control tokens included verbatim.
@@ -286,11 +369,26 @@ impl Inference {
         Ok(leases)
     }
 
-    /// The chat template over (role, text) turns; a template that cannot render them is the
-    /// request's fault.
-    fn render(&self, turns: &[(String, String)], add_generation_prompt: bool) -> Result<String, ServiceError> {
-        let turns: Vec<Turn> = turns.iter().map(|(role, text)| Turn { role, text: text.clone() }).collect();
-        self.model.chat.render(&turns, add_generation_prompt).map_err(|e| ServiceError::invalid("messages", e.to_string()))
+    /// The chat template over the turns, without tools.
+    fn render_turns(&self, turns: &[ChatTurn], add_generation_prompt: bool) -> Result<String, ServiceError> {
+        self.render(turns, add_generation_prompt, None)
+    }
+
+    /// The chat template over the turns and the offered tools (unless `tool_choice` is `none`);
+    /// a template that cannot render them is the request's fault. A template that does not
+    /// show tools gets them in a fallback system prompt, and the conversation's calls and tool
+    /// results as Hermes-syntax text.
+    fn render(&self, turns: &[ChatTurn], add_generation_prompt: bool, tools: Option<&Tools>) -> Result<String, ServiceError> {
+        let template = &self.model.chat;
+        let tools = tools.filter(|t| t.choice != ToolChoice::None).map(|t| t.definitions.as_slice()).unwrap_or_default();
+        let has_tool_turns = turns.iter().any(|t| t.role == "tool" || !t.tool_calls.is_empty());
+        let rendered = if template.renders_tools() || (tools.is_empty() && !has_tool_turns) {
+            let openai: Vec<serde_json::Value> = tools.iter().map(ToolDefinition::to_openai).collect();
+            template.render_with_tools(&native_turns(turns), add_generation_prompt, &openai)
+        } else {
+            template.render(&fallback_turns(turns, tools), add_generation_prompt)
+        };
+        rendered.map_err(|e| ServiceError::invalid("messages", e.to_string()))
     }
 
     fn encode(&self, text: &str, bos: bool) -> Result<Vec<u32>, ServiceError> {
@@ -312,4 +410,62 @@ impl Inference {
         }
         Ok(ids)
     }
+}
+
+/// Turns as a tool-aware template takes them: calls in OpenAI's shape with their arguments as
+/// objects (templates write them with `tojson`).
+fn native_turns(turns: &[ChatTurn]) -> Vec<Turn<'_>> {
+    turns
+        .iter()
+        .map(|t| Turn {
+            role: &t.role,
+            text: t.content.clone(),
+            tool_calls: t
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let arguments = serde_json::from_str(&c.arguments).unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                    serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+                })
+                .collect(),
+            tool_call_id: t.tool_call_id.clone(),
+        })
+        .collect()
+}
+
+/// Turns for a template without tools: the tools in the system message, each call as
+/// `<tool_call>` text in its assistant turn, and each run of tool results as one user turn.
+fn fallback_turns<'a>(turns: &'a [ChatTurn], tools: &[ToolDefinition]) -> Vec<Turn<'a>> {
+    let mut out: Vec<Turn<'a>> = Vec::with_capacity(turns.len() + 1);
+    if !tools.is_empty() {
+        let prompt = tool_calls::fallback_system_prompt(tools);
+        match turns.first().filter(|t| t.role == "system" || t.role == "developer") {
+            Some(system) => out.push(Turn { role: "system", text: format!("{}\n\n{prompt}", system.content), ..Default::default() }),
+            None => out.push(Turn { role: "system", text: prompt, ..Default::default() }),
+        }
+    }
+    let skip = usize::from(!tools.is_empty() && turns.first().is_some_and(|t| t.role == "system" || t.role == "developer"));
+    for turn in &turns[skip..] {
+        if turn.role == "tool" {
+            let response = tool_calls::hermes_response_text(&turn.content);
+            match out.last_mut() {
+                Some(previous) if previous.role == "user" && previous.text.ends_with("</tool_response>") => {
+                    previous.text.push('\n');
+                    previous.text.push_str(&response);
+                }
+                _ => out.push(Turn { role: "user", text: response, ..Default::default() }),
+            }
+            continue;
+        }
+        let mut text = turn.content.clone();
+        for call in &turn.tool_calls {
+            let arguments = serde_json::from_str(&call.arguments).unwrap_or_else(|_| serde_json::Value::String(call.arguments.clone()));
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(&tool_calls::hermes_call_text(&call.name, &arguments));
+        }
+        out.push(Turn { role: &turn.role, text, ..Default::default() });
+    }
+    out
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tessera_plugin_api::AdapterSource;
 
 use super::{blocking, ServiceError};
+use crate::grammar::ConstraintSpec;
 use crate::plugins::{Hook, Plugin, PluginError, PluginHost};
 use crate::registry::Registry;
 use crate::train::job::Tuner;
@@ -63,6 +64,16 @@ impl Plugins {
 
     pub fn contains(&self, name: &str) -> bool {
         self.host.contains(name)
+    }
+
+    /// The answer shape a ready plugin declares for the adapter it tunes online, with the
+    /// plugin's name: feedback for that adapter must keep it.
+    pub fn shape_of_tuned(&self, adapter: &str) -> Option<(String, ConstraintSpec)> {
+        self.list().into_iter().find_map(|(name, state)| {
+            let plugin = state.ok()?;
+            let tunes = plugin.info.adapters.iter().any(|a| a.name == adapter && a.source == AdapterSource::Tuned);
+            Some((name, plugin.answer_constraint().filter(|_| tunes)?))
+        })
     }
 
     /// The outcome of a call to `plugin` on behalf of a request: a plugin at fault (it panicked

@@ -11,6 +11,7 @@ use super::plugins::Plugins;
 use super::{blocking, ServiceError};
 use crate::access::Scope;
 use crate::dataset::parse_upload;
+use crate::grammar::Grammars;
 use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoredPair};
 use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, Tuner};
 
@@ -62,12 +63,14 @@ pub struct Tuning {
     tuner: Option<Arc<Tuner>>,
     adapters: Arc<Adapters>,
     plugins: Arc<Plugins>,
+    /// Checks feedback for a plugin's adapter against the plugin's answer shape.
+    grammars: Arc<Grammars>,
     model_id: String,
 }
 
 impl Tuning {
-    pub fn new(tuner: Option<Arc<Tuner>>, adapters: Arc<Adapters>, plugins: Arc<Plugins>, model_id: String) -> Self {
-        Self { tuner, adapters, plugins, model_id }
+    pub fn new(tuner: Option<Arc<Tuner>>, adapters: Arc<Adapters>, plugins: Arc<Plugins>, grammars: Arc<Grammars>, model_id: String) -> Self {
+        Self { tuner, adapters, plugins, grammars, model_id }
     }
 
     fn tuner(&self) -> Result<Arc<Tuner>, ServiceError> {
@@ -79,8 +82,8 @@ impl Tuning {
     pub async fn upload_feedback(&self, name: String, body: Vec<u8>, lora: LoraChoice, scope: Scope) -> Result<FeedbackOutcome, ServiceError> {
         let tuner = self.tuner()?;
         let spec = feedback::lora_spec(lora.rank, lora.alpha, lora.targets.as_deref())?;
-        let plugins = self.plugins.clone();
-        blocking(move || feedback::upload(&tuner, &plugins, name, &body, spec, scope)).await
+        let (plugins, grammars) = (self.plugins.clone(), self.grammars.clone());
+        blocking(move || feedback::upload(&tuner, &plugins, &grammars, name, &body, spec, scope)).await
     }
 
     /// Up to `limit` of the adapter's pairs with ids above `after`, oldest first.

@@ -21,6 +21,7 @@ impl DomainPlugin for Embedded {
                     source: AdapterSource::Files { dir: "shipped-q".into() },
                 },
             ],
+            answer: None,
         }
     }
 

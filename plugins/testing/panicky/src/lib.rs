@@ -13,6 +13,7 @@ impl DomainPlugin for Panicky {
             description: "Panics on every request (containment test)".into(),
             system_prompt: None,
             adapters: vec![AdapterSpec { name: "panicky".into(), scale: 1.0, source: AdapterSource::Tuned }],
+            answer: None,
         }
     }
 

@@ -51,6 +51,114 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f32>,
     /// Extension: keep generating past end-of-sequence tokens.
     pub ignore_eos: Option<bool>,
+    /// The answer's shape: `{"type": "text"}` (free), `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`, enforced while
+    /// decoding.
+    pub response_format: Option<ResponseFormat>,
+    /// Extension (vLLM's): the answer is exactly one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// Extension (vLLM's): the whole answer matches this regular expression.
+    pub guided_regex: Option<String>,
+    /// Extension (vLLM's): the answer follows this grammar, in llguidance's Lark dialect
+    /// (which may embed JSON Schemas with `%json {…}`).
+    pub guided_grammar: Option<String>,
+    /// Extension (vLLM's): the answer is JSON valid under this schema.
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<serde_json::Value>,
+}
+
+/// `response_format`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    pub description: Option<String>,
+    /// The JSON Schema; absent means any JSON value.
+    #[schema(value_type = Option<Object>)]
+    pub schema: Option<serde_json::Value>,
+    /// Accepted for compatibility: the schema is always enforced.
+    pub strict: Option<bool>,
+}
+
+/// A function the model may call (`tools[i]`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ToolSpec {
+    /// `function`.
+    pub r#type: String,
+    pub function: FunctionSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct FunctionSpec {
+    /// `[A-Za-z0-9_-]{1,64}`.
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON Schema of the arguments object (default: any object).
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted for compatibility: forced calls always follow the schema.
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `none`, `auto`, `required`, or `{"type": "function", "function": {"name"}}`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoiceSpec {
+    Mode(String),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct NamedToolChoice {
+    pub r#type: String,
+    pub function: FunctionName,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FunctionName {
+    pub name: String,
+}
+
+/// A call in a message: what the model returned, sent back in the conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    /// `function`.
+    pub r#type: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
+}
+
+/// A piece of a streamed call: the first names it (`id`, `type`, `function.name`), the rest
+/// carry pieces of `function.arguments`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub r#type: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -68,9 +176,15 @@ pub struct ContentPart {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessage {
-    /// `system`, `developer`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
     pub content: Option<MessageContent>,
+    /// An assistant message's calls.
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+    /// Accepted for compatibility (a participant's or function's name).
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -83,6 +197,12 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`: how many alternatives per position (0–20).
     pub top_logprobs: Option<u32>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<ToolSpec>>,
+    /// `auto` (the default with tools), `none`, `required`, or a named function.
+    pub tool_choice: Option<ToolChoiceSpec>,
+    /// Accepted for compatibility; several calls may always come back under `auto`.
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -141,7 +261,10 @@ impl Usage {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -169,7 +292,7 @@ pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: &'static str,
 }
 
@@ -192,6 +315,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -1,0 +1,240 @@
+//! Constrained decoding: the answer's shape (a JSON Schema, a list of choices, a regular
+//! expression or a Lark grammar) enforced token by token while sampling, with `llguidance`.
+//!
+//! A request's constraint is compiled once into a parser (compiled parsers are cached by their
+//! spec); each sequence gets its own [`ConstrainedDecoder`], which computes the mask of allowed
+//! tokens for the next step on a grammar thread while the model's forward pass runs, and
+//! applies it to the logits before sampling.
+//!
+//! JSON is generated compact, with `", "` and `": "` as separators and no other whitespace, so
+//! a model cannot wander off into blank lines; a schema may choose otherwise with llguidance's
+//! `"x-guidance"` options (for example `{"whitespace_flexible": true}`).
+
+mod decoder;
+mod vocabulary;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::TokEnv;
+use llguidance::{Matcher, ParserFactory, TokenParser};
+use serde_json::{json, Value};
+
+pub use decoder::{Accepted, ConstrainedDecoder, Mask};
+pub use vocabulary::{token_env, Encode};
+
+/// The shape an answer must have.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ConstraintSpec {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// A value valid under this JSON Schema, as compact JSON text.
+    JsonSchema(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A whole-answer match of this regular expression.
+    Regex(String),
+    /// A grammar in llguidance's Lark dialect (which may embed `%json {…}` schemas).
+    Lark(String),
+}
+
+/// How a grammar lays out JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Layout {
+    /// What the model generates: compact, one space after `,` and `:`.
+    Generate,
+    /// What a stored answer may look like: any JSON whitespace.
+    Check,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrammarError {
+    /// The constraint itself is wrong (the client's fault).
+    #[error("{0}")]
+    Invalid(String),
+    /// The grammar engine failed on a constraint it had accepted.
+    #[error("the grammar engine failed: {0}")]
+    Engine(String),
+}
+
+impl ConstraintSpec {
+    fn grammar(&self, layout: Layout) -> Result<TopLevelGrammar, GrammarError> {
+        Ok(match self {
+            ConstraintSpec::JsonObject => TopLevelGrammar::from_json_schema(with_layout(json!({"type": "object"}), layout)),
+            ConstraintSpec::JsonSchema(text) => {
+                let schema: Value = serde_json::from_str(text).map_err(|e| GrammarError::Invalid(format!("the schema is not JSON: {e}")))?;
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(GrammarError::Invalid("a JSON Schema must be an object".into()));
+                }
+                TopLevelGrammar::from_json_schema(with_layout(schema, layout))
+            }
+            ConstraintSpec::Choice(choices) => {
+                // Lark string literals share JSON's escapes.
+                let alternatives: Vec<String> = choices.iter().map(|c| Value::String(c.clone()).to_string()).collect();
+                TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
+            }
+            ConstraintSpec::Regex(regex) => TopLevelGrammar::from_regex(regex),
+            ConstraintSpec::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
+        })
+    }
+}
+
+/// The schema with the layout's separators, unless it chose its own (`"x-guidance"`).
+fn with_layout(mut schema: Value, layout: Layout) -> Value {
+    if let Some(object) = schema.as_object_mut() {
+        if !object.contains_key("x-guidance") {
+            let options = match layout {
+                Layout::Generate => json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+                Layout::Check => json!({"whitespace_flexible": true}),
+            };
+            object.insert("x-guidance".into(), options);
+        }
+    }
+    schema
+}
+
+/// How many compiled parsers are kept.
+const CACHED_PARSERS: usize = 128;
+
+/// Compiled parsers by spec, the least recently used dropped first.
+#[derive(Default)]
+struct ParserCache {
+    entries: HashMap<(ConstraintSpec, Layout), (TokenParser, u64)>,
+    clock: u64,
+}
+
+impl ParserCache {
+    fn get(&mut self, key: &(ConstraintSpec, Layout)) -> Option<TokenParser> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(key).map(|(parser, used)| {
+            *used = clock;
+            parser.clone()
+        })
+    }
+
+    fn insert(&mut self, key: (ConstraintSpec, Layout), parser: TokenParser) {
+        if self.entries.len() >= CACHED_PARSERS {
+            if let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.entries.insert(key, (parser, self.clock));
+    }
+}
+
+/// The grammar engine of one model: its vocabulary (built once, on first use or by
+/// [`Grammars::warm_up`]), the compiled-parser cache, and the thread masks are computed on.
+pub struct Grammars {
+    make_env: Mutex<Option<Box<dyn FnOnce() -> TokEnv + Send>>>,
+    factory: OnceLock<Result<ParserFactory, String>>,
+    cache: Mutex<ParserCache>,
+    workers: Arc<rayon::ThreadPool>,
+}
+
+/// A compiled constraint, ready to start a sequence with.
+#[derive(Clone)]
+pub struct Constraint {
+    parser: TokenParser,
+    workers: Arc<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Constraint")
+    }
+}
+
+impl Grammars {
+    /// `make_env` builds the vocabulary (it walks every token, so it runs once, off the
+    /// request path where possible).
+    pub fn new(make_env: impl FnOnce() -> TokEnv + Send + 'static) -> std::io::Result<Self> {
+        let workers = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "tessera-grammar".into())
+            .build()
+            .map_err(std::io::Error::other)?;
+        Ok(Self {
+            make_env: Mutex::new(Some(Box::new(make_env))),
+            factory: OnceLock::new(),
+            cache: Mutex::new(ParserCache::default()),
+            workers: Arc::new(workers),
+        })
+    }
+
+    /// The grammar engine of a loaded model, its vocabulary the model's logit rows.
+    pub fn for_model(model: Arc<crate::LoadedModel>) -> std::io::Result<Self> {
+        Self::new(move || {
+            let tokenizer = &model.tokenizer;
+            let n_vocab = model.model.config().vocab;
+            let encoder = model.clone();
+            let encode: Encode = Box::new(move |text| encoder.tokenizer.encode(text, false, false).unwrap_or_default());
+            token_env(tokenizer, n_vocab, tokenizer.stop_ids(), encode)
+        })
+    }
+
+    /// Builds the vocabulary on a background thread, so the first constrained request does not
+    /// wait for it.
+    pub fn warm_up(self: &Arc<Self>) {
+        let this = self.clone();
+        let spawned = std::thread::Builder::new().name("tessera-grammar-init".into()).spawn(move || {
+            let _ = this.factory();
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not build the grammar vocabulary in the background");
+        }
+    }
+
+    fn factory(&self) -> Result<&ParserFactory, GrammarError> {
+        self.factory
+            .get_or_init(|| {
+                let make_env = self.make_env.lock().map_err(|_| "a grammar thread panicked".to_string())?.take();
+                let env = make_env.ok_or("the vocabulary was already taken")?();
+                let started = std::time::Instant::now();
+                let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+                factory.set_stderr_log_level(0);
+                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "grammar vocabulary ready");
+                Ok(factory)
+            })
+            .as_ref()
+            .map_err(|e| GrammarError::Engine(e.clone()))
+    }
+
+    /// Compiles `spec` for generation (or takes it from the cache). Blocking: call it off the
+    /// async workers.
+    pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint, GrammarError> {
+        Ok(Constraint { parser: self.parser(spec, Layout::Generate)?, workers: self.workers.clone() })
+    }
+
+    /// Whether `text`, tokenized as the model would, is a whole answer of the shape `spec`
+    /// (with any JSON whitespace). Blocking.
+    pub fn accepts(&self, spec: &ConstraintSpec, text: &str) -> Result<bool, GrammarError> {
+        let parser = self.parser(spec, Layout::Check)?;
+        let tokens = parser.token_env.tokenize_bytes(text.as_bytes());
+        let mut matcher = Matcher::new(Ok(parser));
+        let valid = matcher.validate_tokens(&tokens).map_err(|e| GrammarError::Engine(e.to_string()))?;
+        if valid < tokens.len() {
+            return Ok(false);
+        }
+        matcher.consume_tokens(&tokens).map_err(|e| GrammarError::Engine(e.to_string()))?;
+        matcher.is_accepting().map_err(|e| GrammarError::Engine(e.to_string()))
+    }
+
+    fn parser(&self, spec: &ConstraintSpec, layout: Layout) -> Result<TokenParser, GrammarError> {
+        let key = (spec.clone(), layout);
+        if let Some(parser) = self.lock_cache().get(&key) {
+            return Ok(parser);
+        }
+        let grammar = spec.grammar(layout)?;
+        let parser = self.factory()?.create_parser(grammar).map_err(|e| GrammarError::Invalid(e.to_string()))?;
+        self.lock_cache().insert(key, parser.clone());
+        Ok(parser)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, ParserCache> {
+        // The cache holds no invariant a panic could break half-way.
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
