@@ -267,3 +267,54 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
     let (status, body) = chat(&router, "nope", user("x"), 2).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_answer_shapes_are_decoded_onto_and_keep_feedback_in_shape_and_abi_1_plugins_still_load() {
+    let packages = ["tessera-plugin-test-shaped", "tessera-plugin-test-abi-v1", "tessera-plugin-extraction", "tessera-plugin-arithmetic"];
+    let profile_dir = build_plugins(&packages, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins_dir = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins_dir).unwrap();
+    for package in packages {
+        copy_plugin(&profile_dir, package, &plugins_dir);
+    }
+    let router = tessera::api::router(start_app(dir.path(), None));
+    let (_, list) = call(&router, "GET", "/v1/plugins", None).await;
+    for name in ["shaped", "old", "extraction", "arithmetic"] {
+        assert_eq!(plugin(&list, name)["status"], "ready", "{list}");
+    }
+
+    // The tiny random model never says yes or no by itself; the shaped plugin never repairs.
+    for i in 0..6 {
+        let (status, body) = call(&router, "POST", "/v1/chat/completions", Some(json!({
+            "model": "shaped", "messages": user(&format!("is {i} even?")), "max_tokens": 8, "temperature": 1.0, "seed": i,
+        }))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let answer = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(answer == "yes" || answer == "no", "{answer}");
+        assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    }
+    // A version-1 plugin serves, unconstrained.
+    let (status, body) = chat(&router, "old", user("hello"), 4).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+    // A request's narrowed shape (here, the problem as asked, then an integer) compiles and serves.
+    let (status, body) = chat(&router, "arithmetic", user("What is 12 + 30?"), 20).await;
+    assert_eq!((status, body["choices"][0]["message"]["content"].as_str()), (StatusCode::OK, Some("12 + 30 = 42")), "{body}");
+
+    // Feedback keeps the shape: through the plugin's converter and straight to its adapter.
+    let (status, body) = call(&router, "POST", "/v1/adapters/shaped/feedback", Some(json!([
+        {"text": "is the sky blue?", "answer": "yes"}, {"text": "is ice hot?", "answer": "maybe"},
+    ]))).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("records[1]")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("does not have the shape the plugin `shaped` declares"), "{body}");
+    let pair = |answer: &str| json!({"messages": [{"role": "user", "content": "is ice cold?"}, {"role": "assistant", "content": answer}]});
+    let (status, body) = call(&router, "POST", "/v1/adapters/shaped-answers/feedback", Some(json!([pair("yes"), pair("no"), pair("Yes.")]))).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("records[2]")), "{body}");
+    let (_, pairs) = call(&router, "GET", "/v1/adapters/shaped-answers/feedback", None).await;
+    assert_eq!(pairs["data"].as_array().map(Vec::len), Some(0), "a refused upload stores nothing: {pairs}");
+    let (status, body) = call(&router, "POST", "/v1/adapters/shaped-answers/feedback", Some(json!([pair("yes"), pair("no")]))).await;
+    assert_eq!((status, body["stored"].as_u64()), (StatusCode::OK, Some(2)), "{body}");
+    let (status, body) = call(&router, "POST", "/v1/adapters/extraction/feedback", Some(json!({"text": "Ada in 1843", "fields": {"person": "Ada", "date": 1843}}))).await;
+    assert_eq!(status, StatusCode::OK, "the converter's repaired object has the shape: {body}");
+}
