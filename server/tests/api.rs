@@ -367,6 +367,89 @@ async fn invalid_parameters_name_the_field() {
 }
 
 #[tokio::test]
+async fn constraints_and_tools_are_checked_then_enforced_under_every_sampling_setting() {
+    // Room for the tools' fallback prompt.
+    let r = router(app_with(ApiSettings { ctx_len: 1024, ..settings() }, EngineConfig { ctx_len: 1024, ..engine_config() }));
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let weather = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}]);
+    let refused = [
+        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}}), "response_format", Some("invalid_constraint")),
+        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}), "response_format", Some("invalid_constraint")),
+        (json!({"guided_regex": "(unclosed"}), "guided_regex", Some("invalid_constraint")),
+        (json!({"guided_grammar": "start: nothing_defined"}), "guided_grammar", Some("invalid_constraint")),
+        (json!({"guided_choice": []}), "guided_choice", None),
+        (json!({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}), "guided_choice", None),
+        (json!({"tools": weather, "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice", None),
+        (json!({"tools": weather, "tool_choice": "sometimes"}), "tool_choice", None),
+        (json!({"tool_choice": "required"}), "tool_choice", None),
+        (json!({"tools": weather, "tool_choice": "required", "guided_regex": "a+"}), "tool_choice", None),
+        (json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}), "tools[0].function.name", None),
+        (json!({"tools": [{"type": "retrieval", "function": {"name": "x"}}]}), "tools[0].type", None),
+        (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}), "messages[1].tool_call_id", None),
+    ];
+    for (extra, param, code) in refused {
+        let mut body = chat(user.clone(), extra.clone());
+        body.as_object_mut().unwrap().entry("max_tokens").or_insert(json!(4));
+        let (status, err) = post(&r, "/v1/chat/completions", body).await;
+        assert_error(status, &err, StatusCode::BAD_REQUEST, Some(param), code);
+    }
+    let (status, err) = post(&r, "/v1/chat/completions", chat(user.clone(), json!({"response_format": {"type": "yaml"}}))).await;
+    assert_error(status, &err, StatusCode::BAD_REQUEST, Some("response_format"), None);
+    assert!(err["error"]["message"].as_str().unwrap().contains("unknown variant `yaml`"), "{err}");
+
+    // The tiny random model writes noise; every sampling knob still lands on the shape.
+    let knobs = [
+        json!({"temperature": 0}),
+        json!({"temperature": 1.5, "top_k": 3, "seed": 1}),
+        json!({"temperature": 1.0, "top_p": 0.3, "min_p": 0.1, "seed": 2}),
+        json!({"temperature": 1.0, "frequency_penalty": 2, "presence_penalty": 1, "repetition_penalty": 1.5, "seed": 3}),
+    ];
+    for knob in knobs {
+        let mut body = chat(user.clone(), json!({"guided_choice": ["north", "south", "east west"], "max_tokens": 8}));
+        body.as_object_mut().unwrap().extend(knob.as_object().unwrap().clone());
+        let (status, answer) = post(&r, "/v1/chat/completions", body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(["north", "south", "east west"].contains(&text), "{knob}: {text}");
+        let schema = json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 5}, "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": false});
+        let mut body = json!({"model": MODEL, "prompt": "the", "max_tokens": 40, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}});
+        body.as_object_mut().unwrap().extend(knob.as_object().unwrap().clone());
+        let (status, answer) = post(&r, "/v1/completions", body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let value: Value = serde_json::from_str(answer["choices"][0]["text"].as_str().unwrap()).unwrap();
+        assert!(value["n"].as_i64().is_some_and(|n| (-5..=5).contains(&n)) && value["ok"].is_boolean(), "{knob}: {value}");
+    }
+    let (status, answer) = post(&r, "/v1/completions", json!({"model": MODEL, "prompt": "the", "max_tokens": 30, "guided_regex": "[0-9]{3}-[a-c]{2}"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    assert!(text.len() == 6 && text.as_bytes()[3] == b'-', "{text}");
+    // A Lark grammar, and a grammar cut short by max_tokens: `length`, not a false `stop`.
+    let (status, answer) = post(&r, "/v1/completions", json!({"model": MODEL, "prompt": "the", "max_tokens": 20, "guided_grammar": "start: \"(\" num (\",\" num)* \")\"\nnum: /[1-9]/"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with('(') && text.chars().all(|c| "(),123456789".contains(c)), "{text}");
+    let at_least_20 = json!({"type": "json_schema", "json_schema": {"name": "long", "schema": {"type": "array", "minItems": 20, "items": {"type": "integer"}}}});
+    let (_, cut) = post(&r, "/v1/completions", json!({"model": MODEL, "prompt": "the", "max_tokens": 3, "response_format": at_least_20})).await;
+    assert_eq!(cut["choices"][0]["finish_reason"], "length", "{cut}");
+
+    // Tools on a template without them: the fallback prompt, and a forced call parsed back.
+    let (status, answer) = post(&r, "/v1/chat/completions", chat(user.clone(), json!({"tools": weather, "tool_choice": "required", "max_tokens": 120, "temperature": 0}))).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let choice = &answer["choices"][0];
+    assert_eq!((choice["finish_reason"].as_str(), choice["message"]["content"].as_str()), (Some("tool_calls"), None), "{answer}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!((call["type"].as_str(), call["function"]["name"].as_str()), (Some("function"), Some("get_weather")));
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    let arguments: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+    // `none` hides the tools: nothing is parsed, and the prompt is the plain one.
+    let (_, plain) = post(&r, "/v1/chat/completions", chat(user.clone(), json!({"max_tokens": 4, "temperature": 0}))).await;
+    let (_, hidden) = post(&r, "/v1/chat/completions", chat(user.clone(), json!({"tools": weather, "tool_choice": "none", "max_tokens": 4, "temperature": 0}))).await;
+    assert_eq!(hidden["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"], "{hidden}");
+    assert!(hidden["choices"][0]["message"].get("tool_calls").is_none());
+}
+
+#[tokio::test]
 async fn keys_guard_inference_and_admin_routes() {
     let r = router(app_with(
         ApiSettings {

@@ -166,7 +166,13 @@ pub fn chat_turns(messages: &[ChatMessage]) -> Result<Vec<ChatTurn>, AppError> {
 /// The shape asked for by `response_format` or one of the `guided_*` fields (at most one).
 fn constraint(f: &SamplingFields) -> Result<Option<RequestedConstraint>, AppError> {
     let mut asked = Vec::new();
-    match &f.response_format {
+    let format = f
+        .response_format
+        .clone()
+        .map(serde_json::from_value::<ResponseFormat>)
+        .transpose()
+        .map_err(|e| AppError::invalid("response_format", format!("`response_format` is not one OpenAI defines: {e}")))?;
+    match &format {
         None | Some(ResponseFormat::Text) => {}
         Some(ResponseFormat::JsonObject) => asked.push(("response_format", ConstraintSpec::JsonObject)),
         Some(ResponseFormat::JsonSchema { json_schema }) => {

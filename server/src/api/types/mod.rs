@@ -53,8 +53,9 @@ pub struct SamplingFields {
     pub ignore_eos: Option<bool>,
     /// The answer's shape: `{"type": "text"}` (free), `{"type": "json_object"}` or
     /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`, enforced while
-    /// decoding.
-    pub response_format: Option<ResponseFormat>,
+    /// decoding. (Read as JSON first, so that a malformed one is reported as this field's.)
+    #[schema(value_type = Option<ResponseFormat>)]
+    pub response_format: Option<serde_json::Value>,
     /// Extension (vLLM's): the answer is exactly one of these strings.
     pub guided_choice: Option<Vec<String>>,
     /// Extension (vLLM's): the whole answer matches this regular expression.
