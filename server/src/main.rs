@@ -196,6 +196,22 @@ enum BenchTarget {
         #[arg(long, default_value_t = 1)]
         requests_per_client: usize,
     },
+    /// What enforcing a JSON Schema while decoding costs: decode throughput of concurrent
+    /// requests under a schema against the same load unconstrained, and time to first token
+    /// for a new schema against a cached one.
+    Structured {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Concurrent requests.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Tokens each request generates.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Runs per measurement, alternating constrained and free; the table reports medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The paged KV cache against the previous design (f32, reserved for prompt + max_tokens):
     /// KV bytes held by 16 chats without max_tokens, time to first token after a cached
     /// 1,000-token prefix against a cold one, and KV bytes of one sequence at 8,192 positions.
@@ -414,6 +430,18 @@ fn main() -> Result<()> {
             target: Some(BenchTarget::Kv { model, runs }),
             ..
         } => bench_kv(&model, runs)?,
+        Command::Bench {
+            target: Some(BenchTarget::Structured { model, clients, max_tokens, runs }),
+            ..
+        } => {
+            use tessera::bench::structured;
+            let started = std::time::Instant::now();
+            let loaded = std::sync::Arc::new(LoadedModel::load(&model.resolve()?)?);
+            eprintln!("{clients} clients × {max_tokens} tokens, constrained and free by turns ({runs} runs); then first tokens…");
+            let rows = structured::run(&loaded, &structured::StructuredLoad { clients, max_tokens, runs })?;
+            let cpu = tessera::bench::compare::cpu_model();
+            print!("{}", structured::format_table(&cpu, &rows, started.elapsed()));
+        }
         Command::Bench {
             target:
                 Some(BenchTarget::Adapters {

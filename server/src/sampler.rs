@@ -89,25 +89,30 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Candidates by descending probability; top-k and top-p only ever keep a prefix.
+        // Weights relative to the most likely token (whose weight is exp(0) = 1).
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .map(|(id, &l)| (id as u32, ((l - max) * inv_t).exp()))
             .filter(|&(_, p)| p > 0.0)
             .collect();
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
+        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Only top-k and top-p need an order, and only top-p over more than k tokens needs it
+        // over everything: a full sort of a 262k vocabulary costs more than the step's sampling
+        // is worth, so the rest draw in id order.
+        if let Some(k) = self.params.top_k.filter(|&k| k > 0 && k < candidates.len()) {
+            candidates.select_nth_unstable_by(k - 1, by_weight);
             candidates.truncate(k);
         }
         if self.params.min_p > 0.0 {
-            // Relative to the top candidate, whose weight is exp(0) = 1.
-            let floor = self.params.min_p * candidates.first().map_or(0.0, |c| c.1);
-            let keep = candidates.iter().take_while(|c| c.1 >= floor).count().max(1);
-            candidates.truncate(keep);
+            let floor = self.params.min_p;
+            candidates.retain(|c| c.1 >= floor);
         }
-        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        if self.params.top_p < 1.0 || self.params.top_k.is_some() {
+            candidates.sort_unstable_by(by_weight);
+        }
         if self.params.top_p < 1.0 {
+            let total: f32 = candidates.iter().map(|c| c.1).sum();
             let mut kept_mass = 0.0;
             let mut keep = candidates.len();
             for (i, c) in candidates.iter().enumerate() {
@@ -200,6 +205,24 @@ mod tests {
             ..params
         };
         assert!(draws(&top1).iter().all(|&t| t == argmax(&logits)));
+    }
+
+    #[test]
+    fn draws_follow_the_softmax_with_and_without_an_order() {
+        // Weights 1 : 2 : 3 : 4 at temperature 1; top-p 1 draws in id order, top-k 4 in
+        // weight order: both land on the same frequencies.
+        let logits: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|w| w.ln()).collect();
+        for top_k in [None, Some(4)] {
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k, seed: 9, ..Default::default() });
+            let mut counts = [0usize; 4];
+            for _ in 0..40_000 {
+                counts[s.sample(&logits) as usize] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                let expected = (i + 1) as f64 / 10.0;
+                assert!((c as f64 / 40_000.0 - expected).abs() < 0.01, "{top_k:?}: {counts:?}");
+            }
+        }
     }
 
     #[test]

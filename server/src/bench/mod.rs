@@ -5,6 +5,7 @@ pub mod adapters;
 pub mod compare;
 pub mod kv;
 pub mod serve;
+pub mod structured;
 pub mod train;
 
 use std::path::Path;

@@ -233,8 +233,52 @@ impl Grammars {
         Ok(parser)
     }
 
+    /// How many compiled parsers the cache holds.
+    pub fn cached(&self) -> usize {
+        self.lock_cache().entries.len()
+    }
+
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, ParserCache> {
         // The cache holds no invariant a panic could break half-way.
         self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_grammars() -> Grammars {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::model::synthetic::tiny_gemma3(5).write(&path).unwrap();
+        Grammars::for_model(Arc::new(crate::LoadedModel::load(&path).unwrap())).unwrap()
+    }
+
+    #[test]
+    fn parsers_are_compiled_once_per_spec_and_bad_specs_say_why() {
+        let grammars = tiny_grammars();
+        let schema = ConstraintSpec::JsonSchema(r#"{"type": "object", "properties": {"a": {"type": "integer"}}}"#.into());
+        grammars.compile(&schema).unwrap();
+        grammars.compile(&schema).unwrap();
+        grammars.compile(&ConstraintSpec::Choice(vec!["x".into(), "y".into()])).unwrap();
+        assert_eq!(grammars.cached(), 2);
+        let Err(GrammarError::Invalid(reason)) = grammars.compile(&ConstraintSpec::Regex("(".into())) else { panic!("an unclosed group compiled") };
+        assert!(!reason.is_empty());
+        assert!(matches!(grammars.compile(&ConstraintSpec::JsonSchema("[1]".into())), Err(GrammarError::Invalid(_))));
+    }
+
+    #[test]
+    fn stored_answers_are_checked_whole_with_any_json_whitespace() {
+        let grammars = tiny_grammars();
+        let schema = ConstraintSpec::JsonSchema(r#"{"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"]}"#.into());
+        assert!(grammars.accepts(&schema, r#"{"n": 3}"#).unwrap());
+        assert!(grammars.accepts(&schema, "{\n  \"n\":3\n}").unwrap());
+        assert!(!grammars.accepts(&schema, r#"{"n": 30}"#).unwrap());
+        assert!(!grammars.accepts(&schema, r#"{"n": 3"#).unwrap(), "a prefix is not an answer");
+        let choice = ConstraintSpec::Choice(vec!["yes".into(), "no".into()]);
+        assert!(grammars.accepts(&choice, "no").unwrap());
+        assert!(!grammars.accepts(&choice, "nope").unwrap());
+        assert!(grammars.accepts(&ConstraintSpec::Regex("[0-9]+ apples".into()), "12 apples").unwrap());
     }
 }
