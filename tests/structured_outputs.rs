@@ -217,3 +217,59 @@ async fn qwen_templates_show_the_tools_and_a_forced_call_comes_back_parsed() {
         assert!(text.contains("<tool_call>\n{\"name\": \"lookup\", \"arguments\": {\"word\": ") && text.contains("<tool_response>\na small tile\n</tool_response>"), "{name}: {text}");
     }
 }
+
+/// A template with Llama 3.1's tool contract (written for this test): the functions as JSON in
+/// the first user turn, calls answered as `{"name": …, "parameters": …}`, results in `ipython`
+/// turns.
+const LLAMA_31_STYLE: &str = r#"{{- bos_token }}
+{%- for message in messages %}
+    {%- if loop.first and tools is not none %}
+        {{- '<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, respond with a JSON for a function call. Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\n\n' }}
+        {%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\n\n" }}{%- endfor %}
+        {{- message.content | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + message.tool_calls[0].function.name + '", "parameters": ' + message.tool_calls[0].function.arguments | tojson + '}<|eot_id|>' }}
+    {%- elif message.role == 'tool' %}
+        {{- '<|start_header_id|>ipython<|end_header_id|>\n\n' + message.content + '<|eot_id|>' }}
+    {%- else %}
+        {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_llama_31_style_template_gets_json_calls_with_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("llama-3.1-style.jinja");
+    std::fs::write(&template, LLAMA_31_STYLE).unwrap();
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/families/llama3-tiny.gguf");
+    let options = tessera::LoadOptions { chat_template: Some(template), ..Default::default() };
+    let model = Arc::new(tessera::LoadedModel::load_with(&path, &options).unwrap());
+    assert!(model.chat.renders_tools());
+    assert_eq!(model.chat.tool_syntax(), tessera::tool_calls::ToolSyntax::Llama31Json);
+    let settings = tessera::api::ApiSettings {
+        ctx_len: 1024,
+        keys: Default::default(),
+        request_timeout: std::time::Duration::from_secs(60),
+        max_body_bytes: 1 << 20,
+        adapters_dir: None,
+        adapter_roots: Vec::new(),
+        max_adapter_memory: None,
+        tuning: None,
+        plugins: None,
+    };
+    let app = tessera::api::App::start(model, "llama".into(), settings, tessera::engine::EngineConfig { ctx_len: 1024, ..Default::default() }).unwrap();
+    let router = tessera::api::router(app);
+    let tools = json!([{"type": "function", "function": {"name": "convert", "parameters": {"type": "object",
+        "properties": {"amount": {"type": "integer", "minimum": 0, "maximum": 999}, "to": {"enum": ["EUR", "USD"]}}, "required": ["amount", "to"], "additionalProperties": false}}}]);
+    let (status, body) = post(&router, "/v1/chat/completions", json!({
+        "model": "llama", "max_tokens": 60, "temperature": 0, "tools": tools, "tool_choice": "required",
+        "messages": [{"role": "user", "content": "10 dollars in euros?"}],
+    })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls", "{body}");
+    let call = &body["choices"][0]["message"]["tool_calls"][0];
+    let arguments: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(call["function"]["name"], "convert");
+    assert!(arguments["amount"].as_u64().is_some_and(|a| a <= 999) && (arguments["to"] == "EUR" || arguments["to"] == "USD"), "{arguments}");
+}

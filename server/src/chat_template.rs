@@ -247,7 +247,13 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// `tojson` as Python's `json.dumps(value, ensure_ascii=False)` writes it: keys in their order,
 /// `", "` and `": "` separators, which templates rely on for tool definitions; `indent` is
 /// honoured.
-fn tojson(value: Value, indent: Option<usize>) -> Result<Value, Error> {
+fn tojson(value: Value, indent: Option<usize>, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+    // Llama 3.1's template writes `tojson(indent=4)`.
+    let indent = match indent {
+        Some(indent) => Some(indent),
+        None => kwargs.get::<Option<usize>>("indent")?,
+    };
+    kwargs.assert_all_used()?;
     let mut out = String::new();
     write_json(&value, indent, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -363,6 +369,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.render(&[turn("user", " hi ")], false).unwrap(), r#"HI![{"role": "user", "content": " hi "}]"#);
+        let indented = ChatTemplate::new("{{ messages[0] | tojson(indent=2) }}|{{ messages[0] | tojson(2) }}".into(), TemplateSource::Model, String::new(), String::new()).unwrap();
+        let block = "{\n  \"role\": \"user\",\n  \"content\": \"x\"\n}";
+        assert_eq!(indented.render(&[turn("user", "x")], false).unwrap(), format!("{block}|{block}"));
         let failing = ChatTemplate::new("{{ raise_exception('no tools here') }}".into(), TemplateSource::Model, String::new(), String::new()).unwrap();
         assert_eq!(failing.render(&[turn("user", "x")], true).unwrap_err().to_string(), "the chat template could not render these messages: no tools here");
         assert!(matches!(
