@@ -187,27 +187,8 @@ fn app_with_plugins(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>, p
             ..Default::default()
         },
     });
-    let app = tessera::api::App::start(
-        model,
-        "family".into(),
-        tessera::api::ApiSettings {
-            ctx_len: 512,
-            keys: Default::default(),
-            request_timeout: std::time::Duration::from_secs(60),
-            max_body_bytes: 1 << 20,
-            adapters_dir: None,
-            adapter_roots: Vec::new(),
-            max_adapter_memory: None,
-            tuning,
-            plugins: plugins.map(|dir| tessera::api::PluginsConfig { dir: dir.to_path_buf(), allow_sha256: None }),
-        },
-        tessera::engine::EngineConfig {
-            ctx_len: 512,
-            ..tessera::engine::EngineConfig::default()
-        },
-    )
-    .unwrap();
-    tessera::api::router(app)
+    let plugins = plugins.map(|dir| tessera::api::PluginsConfig { dir: dir.to_path_buf(), allow_sha256: None });
+    tessera_tests::app_on(model, "family", 512, None, tuning, plugins)
 }
 
 #[tokio::test]

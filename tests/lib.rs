@@ -55,15 +55,29 @@ pub fn real_app_with(
     tuning: Option<tessera::api::TuningConfig>,
     plugins: Option<tessera::api::PluginsConfig>,
 ) -> axum::Router {
+    let adapters_dir = with_adapters.then(|| testdata_dir().join("adapters"));
+    app_on(real_model().clone(), REAL_MODEL_ID, ctx_len, adapters_dir, tuning, plugins)
+}
+
+/// An in-process server on `model`, answering to `model_id`, with registered adapters, online
+/// tuning and plugins when given.
+pub fn app_on(
+    model: Arc<LoadedModel>,
+    model_id: &str,
+    ctx_len: usize,
+    adapters_dir: Option<PathBuf>,
+    tuning: Option<tessera::api::TuningConfig>,
+    plugins: Option<tessera::api::PluginsConfig>,
+) -> axum::Router {
     let app = tessera::api::App::start(
-        real_model().clone(),
-        REAL_MODEL_ID.into(),
+        model,
+        model_id.into(),
         tessera::api::ApiSettings {
             ctx_len,
             keys: Default::default(),
             request_timeout: std::time::Duration::from_secs(300),
             max_body_bytes: 1 << 20,
-            adapters_dir: with_adapters.then(|| testdata_dir().join("adapters")),
+            adapters_dir,
             adapter_roots: Vec::new(),
             max_adapter_memory: None,
             tuning,

@@ -214,8 +214,10 @@ async fn plugins_load_serve_contain_failures_and_reload_under_load() {
         .map(|i| {
             let router = router.clone();
             tokio::spawn(async move {
+                // The request's own shape replaces the plugin's label list, which would end the
+                // answer within a few tokens.
                 let body = json!({"model": "intent", "messages": user(&format!("move money to savings {i}")),
-                    "max_tokens": 300, "temperature": 0, "ignore_eos": true, "stream": true});
+                    "max_tokens": 300, "temperature": 0, "ignore_eos": true, "stream": true, "guided_regex": "[a-z_ ]+"});
                 let req = Request::post("/v1/chat/completions")
                     .header(header::CONTENT_TYPE, "application/json")
                     .body(Body::from(body.to_string()))

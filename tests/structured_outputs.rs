@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tessera::api::{PluginsConfig, TuningConfig};
 use tessera::train::job::TuningSettings;
 use tessera_plugin_intent::LABELS;
-use tessera_tests::{build_plugins, clinc, http, library_file, real_app, real_app_with, REAL_MODEL_ID};
+use tessera_tests::{app_on, build_plugins, clinc, http, library_file, real_app, real_app_with, REAL_MODEL_ID};
 
 /// Objects in objects, an array of objects, enums, bounded integers, booleans, required fields.
 fn task_schema() -> Value {
@@ -172,24 +172,7 @@ async fn qwen_templates_show_the_tools_and_a_forced_call_comes_back_parsed() {
     for name in ["qwen2-tiny", "qwen3-tiny"] {
         let model = families_model(name);
         assert!(model.chat.renders_tools(), "{name}'s template renders tools");
-        let app = tessera::api::App::start(
-            model,
-            name.into(),
-            tessera::api::ApiSettings {
-                ctx_len: 1024,
-                keys: Default::default(),
-                request_timeout: std::time::Duration::from_secs(60),
-                max_body_bytes: 1 << 20,
-                adapters_dir: None,
-                adapter_roots: Vec::new(),
-                max_adapter_memory: None,
-                tuning: None,
-                plugins: None,
-            },
-            tessera::engine::EngineConfig { ctx_len: 1024, ..Default::default() },
-        )
-        .unwrap();
-        let router = tessera::api::router(app);
+        let router = app_on(model, name, 1024, None, None, None);
         let tools = json!([{"type": "function", "function": {"name": "lookup", "description": "Find a word",
             "parameters": {"type": "object", "properties": {"word": {"type": "string", "maxLength": 12}}, "required": ["word"], "additionalProperties": false}}}]);
         let (status, body) = post(&router, "/v1/chat/completions", json!({
@@ -247,19 +230,7 @@ async fn a_llama_31_style_template_gets_json_calls_with_parameters() {
     let model = Arc::new(tessera::LoadedModel::load_with(&path, &options).unwrap());
     assert!(model.chat.renders_tools());
     assert_eq!(model.chat.tool_syntax(), tessera::tool_calls::ToolSyntax::Llama31Json);
-    let settings = tessera::api::ApiSettings {
-        ctx_len: 1024,
-        keys: Default::default(),
-        request_timeout: std::time::Duration::from_secs(60),
-        max_body_bytes: 1 << 20,
-        adapters_dir: None,
-        adapter_roots: Vec::new(),
-        max_adapter_memory: None,
-        tuning: None,
-        plugins: None,
-    };
-    let app = tessera::api::App::start(model, "llama".into(), settings, tessera::engine::EngineConfig { ctx_len: 1024, ..Default::default() }).unwrap();
-    let router = tessera::api::router(app);
+    let router = app_on(model, "llama", 1024, None, None, None);
     let tools = json!([{"type": "function", "function": {"name": "convert", "parameters": {"type": "object",
         "properties": {"amount": {"type": "integer", "minimum": 0, "maximum": 999}, "to": {"enum": ["EUR", "USD"]}}, "required": ["amount", "to"], "additionalProperties": false}}}]);
     let (status, body) = post(&router, "/v1/chat/completions", json!({
@@ -272,4 +243,23 @@ async fn a_llama_31_style_template_gets_json_calls_with_parameters() {
     let arguments: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert_eq!(call["function"]["name"], "convert");
     assert!(arguments["amount"].as_u64().is_some_and(|a| a <= 999) && (arguments["to"] == "EUR" || arguments["to"] == "USD"), "{arguments}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_vocabulary_spells_the_choices_exactly() {
+    // SentencePiece vocabularies hold "▁port" beside "port": a forced "port" must never be
+    // spelled with the space (as the tokenizer would spell it at the start of a text).
+    let labels = ["report_fraud", "routing", "freeze_account", "pin change"];
+    for name in ["llama-spm-tiny", "llama3-tiny", "qwen2-tiny", "qwen3-tiny"] {
+        let router = app_on(families_model(name), name, 512, None, None, None);
+        for seed in 0..8 {
+            let (status, body) = post(&router, "/v1/chat/completions", json!({
+                "model": name, "max_tokens": 16, "temperature": 1.0, "seed": seed, "guided_choice": labels,
+                "messages": [{"role": "user", "content": "Which intent?"}],
+            })).await;
+            assert_eq!(status, StatusCode::OK, "{name}: {body}");
+            let answer = body["choices"][0]["message"]["content"].as_str().unwrap();
+            assert!(labels.contains(&answer), "{name}, seed {seed}: {answer}");
+        }
+    }
 }

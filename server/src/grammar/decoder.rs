@@ -52,10 +52,6 @@ impl Mask {
         }
         any
     }
-
-    pub fn allows(&self, token: u32) -> bool {
-        self.allowed.is_allowed(token)
-    }
 }
 
 /// What a sampled token did to the constraint.

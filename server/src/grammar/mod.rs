@@ -22,7 +22,7 @@ use llguidance::{Matcher, ParserFactory, TokenParser};
 use serde_json::{json, Value};
 
 pub use decoder::{Accepted, ConstrainedDecoder, Mask};
-pub use vocabulary::{token_env, Encode};
+pub use vocabulary::token_env;
 
 /// The shape an answer must have.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -168,10 +168,7 @@ impl Grammars {
     pub fn for_model(model: Arc<crate::LoadedModel>) -> std::io::Result<Self> {
         Self::new(move || {
             let tokenizer = &model.tokenizer;
-            let n_vocab = model.model.config().vocab;
-            let encoder = model.clone();
-            let encode: Encode = Box::new(move |text| encoder.tokenizer.encode(text, false, false).unwrap_or_default());
-            token_env(tokenizer, n_vocab, tokenizer.stop_ids(), encode)
+            token_env(tokenizer, model.model.config().vocab, tokenizer.stop_ids())
         })
     }
 
@@ -208,10 +205,11 @@ impl Grammars {
         Ok(Constraint { parser: self.parser(spec, Layout::Generate)?, workers: self.workers.clone() })
     }
 
-    /// Whether `text`, tokenized as the model would, is a whole answer of the shape `spec`
-    /// (with any JSON whitespace). Blocking.
+    /// Whether `text` is a whole answer of the shape `spec` (with any JSON whitespace).
+    /// Blocking.
     pub fn accepts(&self, spec: &ConstraintSpec, text: &str) -> Result<bool, GrammarError> {
         let parser = self.parser(spec, Layout::Check)?;
+        // The grammar reads bytes, so any spelling of them checks the same.
         let tokens = parser.token_env.tokenize_bytes(text.as_bytes());
         let mut matcher = Matcher::new(Ok(parser));
         let valid = matcher.validate_tokens(&tokens).map_err(|e| GrammarError::Engine(e.to_string()))?;

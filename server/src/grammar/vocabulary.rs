@@ -11,13 +11,8 @@ use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 use crate::tokenizer::Tokenizer;
 
-/// Turns text into token ids the way the model's tokenizer does (no BOS, special tokens not
-/// parsed).
-pub type Encode = Box<dyn Fn(&str) -> Vec<u32> + Send + Sync>;
-
 struct ModelVocabulary {
     trie: TokTrie,
-    encode: Encode,
 }
 
 impl TokenizerEnv for ModelVocabulary {
@@ -26,16 +21,17 @@ impl TokenizerEnv for ModelVocabulary {
     }
 
     fn tokenize_bytes(&self, bytes: &[u8]) -> Vec<TokenId> {
-        // llguidance only asks this of text it was given or built, which is UTF-8; a cut
-        // through a character is tokenized with its replacement, as the tokenizer itself would.
-        (self.encode)(&String::from_utf8_lossy(bytes))
+        // llguidance spells the bytes a grammar forces with this, so it must give exactly those
+        // bytes: the model's tokenizer would not (a SentencePiece one puts a space before the
+        // text), while the trie's longest matches always do, every byte having a token.
+        self.trie.greedy_tokenize(bytes)
     }
 }
 
 /// The trie of `tokenizer`'s `n_vocab` ids (the model's logit rows may be longer than the
 /// tokenizer's list: ids past it stand for no bytes and are never allowed). `stop_ids` are the
 /// ends of a chat turn; the first that is not `<eos>` is the trie's end-of-turn token.
-pub fn token_env(tokenizer: &Tokenizer, n_vocab: usize, stop_ids: &[u32], encode: Encode) -> TokEnv {
+pub fn token_env(tokenizer: &Tokenizer, n_vocab: usize, stop_ids: &[u32]) -> TokEnv {
     let words: Vec<Vec<u8>> = (0..n_vocab as u32)
         .map(|id| {
             if id as usize >= tokenizer.vocab_size() {
@@ -52,5 +48,5 @@ pub fn token_env(tokenizer: &Tokenizer, n_vocab: usize, stop_ids: &[u32], encode
     let mut info = TokRxInfo::new(n_vocab as u32, tokenizer.eos_id());
     info.tok_bos = Some(tokenizer.bos_id());
     info.tok_end_of_turn = stop_ids.iter().copied().find(|&id| id != tokenizer.eos_id());
-    Arc::new(ModelVocabulary { trie: TokTrie::from(&info, &words), encode })
+    Arc::new(ModelVocabulary { trie: TokTrie::from(&info, &words) })
 }
