@@ -17,6 +17,7 @@ pub struct Metrics {
     pub prefix_cache_query_tokens: IntCounter,
     pub prefix_cache_hit_tokens: IntCounter,
     pub preemptions: IntCounter,
+    pub resident_memory_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -63,6 +64,7 @@ impl Metrics {
             counter("tessera_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache (not prefilled)");
         let preemptions =
             counter("tessera_preemptions_total", "Sequences preempted to free KV blocks (recomputed later)");
+        let resident_memory_bytes = gauge("tessera_resident_memory_bytes", "The process's resident memory, read at each scrape");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(prompt_tokens.clone()),
@@ -77,6 +79,7 @@ impl Metrics {
             Box::new(prefix_cache_query_tokens.clone()),
             Box::new(prefix_cache_hit_tokens.clone()),
             Box::new(preemptions.clone()),
+            Box::new(resident_memory_bytes.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -95,11 +98,15 @@ impl Metrics {
             prefix_cache_query_tokens,
             prefix_cache_hit_tokens,
             preemptions,
+            resident_memory_bytes,
         }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        if let Some(bytes) = resident_bytes() {
+            self.resident_memory_bytes.set(bytes as i64);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -111,4 +118,13 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Resident pages (the second field of `/proc/self/statm`) in bytes; `None` off Linux.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }

@@ -329,6 +329,7 @@ async fn the_whole_route_and_key_matrix() {
     let expected: &[(&str, &str, u8)] = &[
         ("get", "/health", PUBLIC),
         ("get", "/openapi.json", PUBLIC),
+        ("get", "/v1/scope", PUBLIC),
         ("post", "/v1/chat/completions", INFERENCE),
         ("post", "/v1/completions", INFERENCE),
         ("get", "/v1/models", INFERENCE),

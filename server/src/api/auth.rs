@@ -123,12 +123,25 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// The highest scope `presented` opens (with the stand-ins of [`Keys::authorize`]), or
+    /// `None` when it opens nothing.
+    pub fn effective_scope(&self, presented: Option<&str>) -> Option<Scope> {
+        [Scope::Admin, Scope::Tune, Scope::Inference].into_iter().find(|&scope| self.authorize(scope, presented).is_ok())
+    }
+}
+
 /// The key of `Authorization: Bearer <key>`; the scheme's case does not matter (RFC 9110).
-fn bearer(request: &Request) -> Option<&str> {
-    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?.trim_start();
+pub fn bearer_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim_start();
     let (scheme, key) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
+
+fn bearer(request: &Request) -> Option<&str> {
+    bearer_key(request.headers())
+}
+
 
 /// The route layer of a route group that needs `needed`: checks the key and hands the
 /// handlers its [`Principal`].
@@ -176,6 +189,18 @@ mod tests {
         assert_eq!(only_admin.authorize(Scope::Inference, None).unwrap(), Principal(Scope::Inference));
         assert!(matches!(only_admin.authorize(Scope::Tune, None), Err(AppError::Unauthorized)));
         assert_eq!(only_admin.authorize(Scope::Tune, Some("root")).unwrap(), Principal(Scope::Admin));
+    }
+
+    #[test]
+    fn the_effective_scope_is_the_highest_a_key_opens() {
+        assert_eq!(Keys::default().effective_scope(None), Some(Scope::Admin));
+        assert_eq!(keys().effective_scope(Some("tuner")), Some(Scope::Tune));
+        assert_eq!(keys().effective_scope(Some("wrong")), None);
+        assert_eq!(keys().effective_scope(None), None);
+        let only_api = Keys::default().with_key(Scope::Inference, Some("user"));
+        assert_eq!(only_api.effective_scope(Some("user")), Some(Scope::Admin), "a lone key stands in for every scope");
+        let only_admin = Keys::default().with_key(Scope::Admin, Some("root"));
+        assert_eq!(only_admin.effective_scope(None), Some(Scope::Inference), "inference stays open");
     }
 
     #[test]

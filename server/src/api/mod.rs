@@ -4,6 +4,7 @@
 mod adapters;
 mod chat;
 mod completions;
+mod console;
 pub mod auth;
 pub mod error;
 mod extensions;
@@ -232,6 +233,7 @@ struct ApiDoc;
 fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
     let public = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(models::health))
+        .routes(routes!(models::scope))
         .routes(routes!(models::openapi_json));
     let inference = OpenApiRouter::new()
         .routes(routes!(chat::chat_completions))
@@ -317,7 +319,7 @@ fn declare_layer_responses(doc: &mut utoipa::openapi::OpenApi) {
 /// The full service: routes, authentication, metrics, timeouts, body limit and panic recovery.
 pub fn router(app: Arc<App>) -> Router {
     let (routes, _) = api_routes(Some(&app)).split_for_parts();
-    with_service_layers(app, routes)
+    with_service_layers(app, routes.merge(console::routes()))
 }
 
 /// Wraps `routes` in the layers every route gets: timeout, metrics, panic recovery and the body

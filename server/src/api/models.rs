@@ -7,7 +7,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 
-use super::types::{Health, Model, ModelList};
+use super::types::{Health, Model, ModelList, ScopeInfo};
 use super::{App, AppError};
 
 fn base_model(app: &App) -> Model {
@@ -29,15 +29,20 @@ fn adapter_model(app: &App, name: &str) -> Model {
     }
 }
 
-/// Lists the models that can be used as `model`: the base, then every adapter (with `parent`
-/// set to the base).
+/// Lists the models that can be used as `model`: the base, every adapter (with `parent` set to
+/// the base), then every plugin that serves (`owned_by: "plugin"`).
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
     responses((status = 200, body = ModelList), (status = 401, body = super::error::ErrorResponse)))]
 pub async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
     let adapters = app.adapters.registry().names().into_iter().map(|name| adapter_model(&app, &name));
+    let plugins = app.plugins.list().into_iter().filter(|(_, state)| state.is_ok()).map(|(name, _)| Model {
+        id: name,
+        owned_by: "plugin".into(),
+        ..base_model(&app)
+    });
     Json(ModelList {
         object: "list",
-        data: std::iter::once(base_model(&app)).chain(adapters).collect(),
+        data: std::iter::once(base_model(&app)).chain(adapters).chain(plugins).collect(),
     })
 }
 
@@ -52,9 +57,22 @@ pub async fn get_model(
     app.inference.check_model(&model)?;
     if model == app.inference.model_id() {
         Ok(Json(base_model(&app)))
+    } else if app.plugins.contains(&model) {
+        Ok(Json(Model { id: model, owned_by: "plugin".into(), ..base_model(&app) }))
     } else {
         Ok(Json(adapter_model(&app, &model)))
     }
+}
+
+/// The scope the presented key opens (`null`: none, so a key is needed), and whether the server
+/// asks for keys at all. Public, so a client can tell what to offer before it calls anything.
+#[utoipa::path(get, path = "/v1/scope", tag = "Operations", responses((status = 200, body = ScopeInfo)))]
+pub async fn scope(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) -> Json<ScopeInfo> {
+    let keys = &app.settings.keys;
+    Json(ScopeInfo {
+        scope: keys.effective_scope(super::auth::bearer_key(&headers)).map(|s| s.as_str()),
+        keys_required: !keys.is_empty(),
+    })
 }
 
 /// Liveness: the engine is up and accepting work.

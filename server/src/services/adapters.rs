@@ -35,8 +35,8 @@ pub struct TuningState {
     pub pairs: Option<usize>,
     /// The served version's metrics.
     pub metrics: Option<serde_json::Value>,
-    /// The versions on disk.
-    pub versions: Vec<u32>,
+    /// The versions on disk, oldest first.
+    pub versions: Vec<crate::store::VersionRow>,
     pub rank: usize,
     pub alpha: f32,
     pub created_by: Scope,
@@ -271,7 +271,7 @@ fn tuning_state(tuner: &Tuner, name: &str) -> Option<TuningState> {
         training: tuner.is_training(name).ok(),
         pairs: tuner.store.count_pairs(name).ok(),
         metrics: versions.iter().find(|v| v.version == row.version).map(|v| v.metrics.clone()),
-        versions: versions.iter().map(|v| v.version).collect(),
+        versions,
         rank: row.rank,
         alpha: row.alpha,
         created_by: row.created_by,

@@ -426,6 +426,26 @@ pub struct DetokenizeResponse {
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScopeInfo {
+    /// `inference`, `tune` or `admin`; `null` when the key (or its absence) opens nothing.
+    pub scope: Option<&'static str>,
+    /// Whether the server was started with any key.
+    pub keys_required: bool,
+}
+
+/// One version of an adapter tuned online.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VersionInfo {
+    pub version: u32,
+    /// Held-out loss, trained tokens, … as its job recorded them.
+    #[schema(value_type = Object)]
+    pub metrics: serde_json::Value,
+    /// The job that made it (none for an upload).
+    pub job_id: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Health {
     pub status: &'static str,
     pub model: String,
@@ -474,6 +494,8 @@ pub struct AdapterInfo {
     #[schema(value_type = Option<Object>)]
     pub metrics: Option<serde_json::Value>,
     pub versions: Option<Vec<u32>>,
+    /// Each version on disk with its metrics, oldest first.
+    pub history: Option<Vec<VersionInfo>>,
     /// For adapters tuned online: the scope that created it (`inference`, `tune` or `admin`).
     pub created_by: Option<&'static str>,
     /// Whether every tuning scope may tune it (`PUT /v1/adapters/{name}/tuning`).
@@ -495,7 +517,13 @@ impl From<crate::services::adapters::AdapterDescription> for AdapterInfo {
             training: tuning.as_ref().and_then(|t| t.training),
             pairs: tuning.as_ref().and_then(|t| t.pairs),
             metrics: tuning.as_ref().and_then(|t| t.metrics.clone()),
-            versions: tuning.as_ref().map(|t| t.versions.clone()),
+            versions: tuning.as_ref().map(|t| t.versions.iter().map(|v| v.version).collect()),
+            history: tuning.as_ref().map(|t| {
+                t.versions
+                    .iter()
+                    .map(|v| VersionInfo { version: v.version, metrics: v.metrics.clone(), job_id: v.job_id.clone(), created_at: v.created_at })
+                    .collect()
+            }),
             created_by: tuning.as_ref().map(|t| t.created_by.as_str()),
             open_to_tuning: tuning.as_ref().map(|t| t.open_to_tuning),
         }
