@@ -33,30 +33,43 @@ fn the_console_walks_the_feedback_loop_in_a_real_browser() {
             std::fs::copy(adapter.join(file), to.join(file)).unwrap();
         }
     }
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console");
+    let keyed = serve(&model, dir.path(), &["--admin-key", "console-admin", "--api-key", "console-user"]);
+    run_browser(keyed.1, &["console-admin", "console-user"], &shots);
+    drop(keyed);
+    let open = serve(&model, dir.path(), &[]);
+    run_browser(open.1, &["-", "-"], &shots);
+}
+
+/// `tessera serve` on `model` with the adapters, tuning and plugins under `dir`, and `keys`.
+fn serve(model: &Path, dir: &Path, keys: &[&str]) -> (KillOnDrop, u16) {
     let port = free_port();
-    let _server = KillOnDrop(
+    let server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--ctx-len", "1024"])
-            .args(["--admin-key", "console-admin", "--api-key", "console-user", "--train-after", "100000"])
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--ctx-len", "1024", "--train-after", "100000"])
+            .args(keys)
             .arg("--model")
-            .arg(&model)
+            .arg(model)
             .arg("--adapters-dir")
-            .arg(dir.path().join("adapters"))
+            .arg(dir.join("adapters"))
             .arg("--tuning-dir")
-            .arg(dir.path().join("tuning"))
+            .arg(dir.join("tuning"))
             .arg("--plugins-dir")
-            .arg(dir.path().join("plugins"))
+            .arg(dir.join("plugins"))
             .spawn()
             .expect("starting tessera serve"),
     );
     wait_healthy(port);
-    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console");
+    (server, port)
+}
+
+fn run_browser(port: u16, keys: &[&str], shots: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/console.py");
     let status = Command::new("python3")
         .arg(&script)
         .arg(format!("http://127.0.0.1:{port}"))
-        .args(["console-admin", "console-user"])
-        .arg(&shots)
+        .args(keys)
+        .arg(shots)
         .status()
         .expect("running python3 (selenium comes from `pip install selenium`, Chromium from Debian's chromium and chromium-driver)");
     assert!(status.success(), "the browser checks failed (see the output above; screenshots in {})", shots.display());
