@@ -227,13 +227,8 @@ async function sendFeedback(reply) {
 async function refreshAdapters() {
   const { data } = await api("GET", "/v1/adapters");
   const rows = data.data.map((a) => {
-    const row = document.createElement("tr");
     const loss = a.metrics && a.metrics.held_out_loss != null ? Number(a.metrics.held_out_loss).toFixed(4) : "–";
-    for (const text of [a.name, a.version ?? "–", a.pairs ?? "–", a.training ? "training" : "idle", loss]) {
-      const cell = document.createElement("td");
-      cell.textContent = text;
-      row.append(cell);
-    }
+    const row = tableRow([a.name, a.version ?? "–", a.pairs ?? "–", a.training ? "training" : "idle", loss]);
     const actions = document.createElement("td");
     actions.append(button(`Details of ${a.name}`, "Details", () => showAdapter(a.name)),
       button(`Delete ${a.name}`, "Delete", () => deleteAdapter(a.name)));
@@ -241,6 +236,17 @@ async function refreshAdapters() {
     return row;
   });
   $("adapters-table").tBodies[0].replaceChildren(...rows);
+}
+
+/** A table row of text cells. */
+function tableRow(texts) {
+  const row = document.createElement("tr");
+  for (const text of texts) {
+    const cell = document.createElement("td");
+    cell.textContent = text;
+    row.append(cell);
+  }
+  return row;
 }
 
 function button(label, text, onClick) {
@@ -258,13 +264,8 @@ async function showAdapter(name) {
   $("adapter-detail").dataset.adapter = name;
   $("detail-title").textContent = `${name}: version ${data.version ?? "–"} served`;
   const versions = (data.history || []).map((v) => {
-    const row = document.createElement("tr");
     const m = v.metrics || {};
-    for (const text of [v.version, m.held_out_loss != null ? Number(m.held_out_loss).toFixed(4) : "–", m.trained_tokens ?? "–", v.version === data.version ? "yes" : ""]) {
-      const cell = document.createElement("td");
-      cell.textContent = text;
-      row.append(cell);
-    }
+    const row = tableRow([v.version, m.held_out_loss != null ? Number(m.held_out_loss).toFixed(4) : "–", m.trained_tokens ?? "–", v.version === data.version ? "yes" : ""]);
     const action = document.createElement("td");
     if (v.version !== data.version) action.append(button(`Serve version ${v.version}`, "Roll back to this", () => rollback(name, v.version)));
     row.append(action);
@@ -347,12 +348,7 @@ async function uploadAdapter(event) {
 async function refreshJobs() {
   const { data } = await api("GET", "/v1/fine_tuning/jobs");
   $("jobs-table").tBodies[0].replaceChildren(...data.data.map((j) => {
-    const row = document.createElement("tr");
-    for (const text of [j.id, j.fine_tuned_model || j.model, j.status]) {
-      const cell = document.createElement("td");
-      cell.textContent = text;
-      row.append(cell);
-    }
+    const row = tableRow([j.id, j.fine_tuned_model || j.model, j.status]);
     const action = document.createElement("td");
     action.append(button(`Follow job ${j.id}`, "Follow", () => follow(j.id)));
     row.append(action);
@@ -476,12 +472,7 @@ async function cancelJob() {
 async function refreshPlugins() {
   const { data } = await api("GET", "/v1/plugins");
   $("plugins-table").tBodies[0].replaceChildren(...data.data.map((p) => {
-    const row = document.createElement("tr");
-    for (const text of [p.name, p.version || "–", p.status === "ready" ? "ready" : `failed: ${p.error}`]) {
-      const cell = document.createElement("td");
-      cell.textContent = text;
-      row.append(cell);
-    }
+    const row = tableRow([p.name, p.version || "–", p.status === "ready" ? "ready" : `failed: ${p.error}`]);
     const actions = document.createElement("td");
     actions.append(button(`Reload ${p.name}`, "Reload", () => pluginAction(p.name, "reload")),
       button(`Unload ${p.name}`, "Unload", () => pluginAction(p.name, "unload")));
