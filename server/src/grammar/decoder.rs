@@ -20,7 +20,13 @@ impl Mask {
     /// turn's ends) stay allowed with the end-of-sequence token. Returns whether any token is
     /// left.
     pub fn apply(&self, logits: &mut [f32], stop_ids: &[u32]) -> bool {
+        // The turn's ends keep the model's own logits where the grammar may end here.
         let may_end = self.allowed.is_allowed(self.eos);
+        let ends: Vec<(usize, f32)> = if may_end {
+            stop_ids.iter().filter_map(|&id| logits.get(id as usize).map(|&l| (id as usize, l))).collect()
+        } else {
+            Vec::new()
+        };
         let mut any = false;
         for (word_index, &word) in self.allowed.as_slice().iter().enumerate() {
             let start = word_index * 32;
@@ -40,15 +46,9 @@ impl Mask {
                 }
             }
         }
-        if may_end {
-            // Their logits were masked above unless one of them is the trie's own end.
-            for &id in stop_ids {
-                if let Some(logit) = logits.get_mut(id as usize) {
-                    if *logit == f32::NEG_INFINITY && id != self.eos {
-                        *logit = 0.0;
-                    }
-                }
-            }
+        for (id, logit) in ends {
+            logits[id] = logit;
+            any = true;
         }
         any
     }
@@ -130,4 +130,33 @@ impl ConstrainedDecoder {
 
 fn eos_token(matcher: &Matcher) -> TokenId {
     matcher.tok_env().map_or(TokenId::MAX, |env| env.tok_trie().eos_token())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask(allowed: &[u32], eos: u32) -> Mask {
+        let mut vob = SimpleVob::alloc(70);
+        for &t in allowed {
+            vob.allow_token(t);
+        }
+        Mask { allowed: vob, eos }
+    }
+
+    #[test]
+    fn disallowed_logits_fall_away_and_the_turns_ends_keep_their_own_where_the_grammar_may_end() {
+        let raw: Vec<f32> = (0..70).map(|i| i as f32 * 0.1).collect();
+        let mut logits = raw.clone();
+        assert!(mask(&[3, 40, 1], 1).apply(&mut logits, &[5, 1]));
+        for (i, (&l, &r)) in logits.iter().zip(&raw).enumerate() {
+            let kept = [1, 3, 5, 40].contains(&i);
+            assert_eq!(l, if kept { r } else { f32::NEG_INFINITY }, "token {i}");
+        }
+        // Where the grammar may not end, neither may the turn.
+        let mut logits = raw.clone();
+        assert!(mask(&[3], 1).apply(&mut logits, &[5, 1]));
+        assert_eq!((logits[5], logits[1], logits[3]), (f32::NEG_INFINITY, f32::NEG_INFINITY, raw[3]));
+        assert!(!mask(&[], 1).apply(&mut raw.clone(), &[5]));
+    }
 }
