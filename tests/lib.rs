@@ -201,6 +201,18 @@ pub fn build_plugins(packages: &[&str], env: &[(&str, &str)]) -> PathBuf {
 }
 
 /// The file name cargo gives a cdylib package's library on this platform.
+/// Builds `packages` and copies their libraries into `<dir>/plugins`, which it returns.
+pub fn install_plugins(packages: &[&str], dir: &std::path::Path) -> PathBuf {
+    let profile_dir = build_plugins(packages, &[]);
+    let plugins_dir = dir.join("plugins");
+    std::fs::create_dir_all(&plugins_dir).expect("creating the plugins directory");
+    for package in packages {
+        let file = library_file(package);
+        std::fs::copy(profile_dir.join(&file), plugins_dir.join(&file)).unwrap_or_else(|e| panic!("copying {file}: {e}"));
+    }
+    plugins_dir
+}
+
 pub fn library_file(package: &str) -> String {
     format!(
         "{}{}{}",

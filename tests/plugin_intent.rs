@@ -10,7 +10,7 @@ use serde_json::json;
 use tessera::api::{PluginsConfig, TuningConfig};
 use tessera::train::job::TuningSettings;
 use tessera_plugin_intent::LABELS;
-use tessera_tests::{build_plugins, chat_accuracy, clinc, http, library_file, real_app_with, wait_for_job};
+use tessera_tests::{chat_accuracy, clinc, http, install_plugins, real_app_with, wait_for_job};
 
 const TRAIN_PER_INTENT: usize = 16;
 const VAL_PER_INTENT: usize = 6;
@@ -25,12 +25,8 @@ fn pick(data: &[(String, String)], per: usize) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_intent_plugin_trains_on_its_own_records_and_classifies_held_out_utterances() {
-    let profile_dir = build_plugins(&["tessera-plugin-intent"], &[]);
     let dir = tempfile::tempdir().unwrap();
-    let plugins_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins_dir).unwrap();
-    let file = library_file("tessera-plugin-intent");
-    std::fs::copy(profile_dir.join(&file), plugins_dir.join(&file)).unwrap();
+    let plugins_dir = install_plugins(&["tessera-plugin-intent"], dir.path());
     let router = real_app_with(
         1024,
         false,

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tessera::api::{PluginsConfig, TuningConfig};
 use tessera::train::job::TuningSettings;
 use tessera_plugin_intent::LABELS;
-use tessera_tests::{app_on, build_plugins, clinc, http, library_file, real_app, real_app_with, REAL_MODEL_ID};
+use tessera_tests::{app_on, clinc, http, install_plugins, real_app, real_app_with, REAL_MODEL_ID};
 
 /// Objects in objects, an array of objects, enums, bounded integers, booleans, required fields.
 fn task_schema() -> Value {
@@ -124,12 +124,8 @@ async fn free_sequences_in_a_batch_with_constrained_ones_keep_their_solo_tokens(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guided_choice_holds_the_intent_plugin_to_its_labels() {
-    let profile_dir = build_plugins(&["tessera-plugin-intent"], &[]);
     let dir = tempfile::tempdir().unwrap();
-    let plugins_dir = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins_dir).unwrap();
-    let file = library_file("tessera-plugin-intent");
-    std::fs::copy(profile_dir.join(&file), plugins_dir.join(&file)).unwrap();
+    let plugins_dir = install_plugins(&["tessera-plugin-intent"], dir.path());
     let router = real_app_with(
         1024,
         false,

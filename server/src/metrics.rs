@@ -104,7 +104,7 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        if let Some(bytes) = resident_bytes() {
+        if let Some(bytes) = process_status_bytes("VmRSS") {
             self.resident_memory_bytes.set(bytes as i64);
         }
         let mut out = Vec::new();
@@ -120,11 +120,10 @@ impl Default for Metrics {
     }
 }
 
-/// Resident pages (the second field of `/proc/self/statm`) in bytes; `None` off Linux.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+/// A `/proc/self/status` field given in kB (`VmRSS`, `VmHWM`, …), in bytes; `None` off Linux.
+pub fn process_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let kib: u64 = line.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
 }

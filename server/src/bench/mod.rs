@@ -128,10 +128,7 @@ pub fn run(model_path: &Path, options: &LoadOptions, runs: usize, decode_tokens:
 
 /// The process's peak resident set size (`VmHWM`), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    crate::metrics::process_status_bytes("VmHWM").map(|bytes| bytes as f64 / (1 << 20) as f64)
 }
 
 pub fn format_table(rows: &[Measurement]) -> String {

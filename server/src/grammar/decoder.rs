@@ -9,13 +9,13 @@ use llguidance::Matcher;
 
 use super::{Constraint, GrammarError};
 
-/// Which tokens may come next.
-pub struct Mask {
-    allowed: SimpleVob,
+/// Which tokens may come next (borrowed from the decoder: a mask is a bit per vocabulary entry).
+pub struct Mask<'a> {
+    allowed: &'a SimpleVob,
     eos: TokenId,
 }
 
-impl Mask {
+impl Mask<'_> {
     /// Sets every disallowed logit to −∞. Where the grammar may end here, `stop_ids` (the
     /// turn's ends) stay allowed with the end-of-sequence token. Returns whether any token is
     /// left.
@@ -95,7 +95,7 @@ impl ConstrainedDecoder {
     }
 
     /// The mask for the next token, waiting for the grammar thread if it is still at work.
-    pub fn mask(&mut self) -> Result<Mask, GrammarError> {
+    pub fn mask(&mut self) -> Result<Mask<'_>, GrammarError> {
         if let State::Computing(result) = &self.state {
             self.state = match result.recv() {
                 Ok((matcher, Ok(mask))) => State::Ready(matcher, mask),
@@ -104,7 +104,7 @@ impl ConstrainedDecoder {
             };
         }
         match &self.state {
-            State::Ready(matcher, mask) => Ok(Mask { allowed: mask.clone(), eos: eos_token(matcher) }),
+            State::Ready(matcher, mask) => Ok(Mask { allowed: mask, eos: eos_token(matcher) }),
             State::Failed(e) => Err(GrammarError::Engine(e.clone())),
             State::Computing(_) => Err(GrammarError::Engine("the mask is not ready".into())),
         }
@@ -136,27 +136,27 @@ fn eos_token(matcher: &Matcher) -> TokenId {
 mod tests {
     use super::*;
 
-    fn mask(allowed: &[u32], eos: u32) -> Mask {
+    fn vob(allowed: &[u32]) -> SimpleVob {
         let mut vob = SimpleVob::alloc(70);
         for &t in allowed {
             vob.allow_token(t);
         }
-        Mask { allowed: vob, eos }
+        vob
     }
 
     #[test]
     fn disallowed_logits_fall_away_and_the_turns_ends_keep_their_own_where_the_grammar_may_end() {
         let raw: Vec<f32> = (0..70).map(|i| i as f32 * 0.1).collect();
         let mut logits = raw.clone();
-        assert!(mask(&[3, 40, 1], 1).apply(&mut logits, &[5, 1]));
+        assert!(Mask { allowed: &vob(&[3, 40, 1]), eos: 1 }.apply(&mut logits, &[5, 1]));
         for (i, (&l, &r)) in logits.iter().zip(&raw).enumerate() {
             let kept = [1, 3, 5, 40].contains(&i);
             assert_eq!(l, if kept { r } else { f32::NEG_INFINITY }, "token {i}");
         }
         // Where the grammar may not end, neither may the turn.
         let mut logits = raw.clone();
-        assert!(mask(&[3], 1).apply(&mut logits, &[5, 1]));
+        assert!(Mask { allowed: &vob(&[3]), eos: 1 }.apply(&mut logits, &[5, 1]));
         assert_eq!((logits[5], logits[1], logits[3]), (f32::NEG_INFINITY, f32::NEG_INFINITY, raw[3]));
-        assert!(!mask(&[], 1).apply(&mut raw.clone(), &[5]));
+        assert!(!Mask { allowed: &vob(&[]), eos: 1 }.apply(&mut raw.clone(), &[5]));
     }
 }

@@ -14,7 +14,7 @@ mod decoder;
 mod vocabulary;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::TokEnv;
@@ -128,8 +128,7 @@ impl ParserCache {
 /// The grammar engine of one model: its vocabulary (built once, on first use or by
 /// [`Grammars::warm_up`]), the compiled-parser cache, and the thread masks are computed on.
 pub struct Grammars {
-    make_env: Mutex<Option<Box<dyn FnOnce() -> TokEnv + Send>>>,
-    factory: OnceLock<Result<ParserFactory, String>>,
+    factory: LazyLock<Result<ParserFactory, String>, Box<dyn FnOnce() -> Result<ParserFactory, String> + Send>>,
     cache: Mutex<ParserCache>,
     workers: Arc<rayon::ThreadPool>,
 }
@@ -156,9 +155,15 @@ impl Grammars {
             .thread_name(|_| "tessera-grammar".into())
             .build()
             .map_err(std::io::Error::other)?;
+        let build = move || {
+            let started = std::time::Instant::now();
+            let mut factory = ParserFactory::new_simple(&make_env()).map_err(|e| e.to_string())?;
+            factory.set_stderr_log_level(0);
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "grammar vocabulary ready");
+            Ok(factory)
+        };
         Ok(Self {
-            make_env: Mutex::new(Some(Box::new(make_env))),
-            factory: OnceLock::new(),
+            factory: LazyLock::new(Box::new(build)),
             cache: Mutex::new(ParserCache::default()),
             workers: Arc::new(workers),
         })
@@ -185,18 +190,7 @@ impl Grammars {
     }
 
     fn factory(&self) -> Result<&ParserFactory, GrammarError> {
-        self.factory
-            .get_or_init(|| {
-                let make_env = self.make_env.lock().map_err(|_| "a grammar thread panicked".to_string())?.take();
-                let env = make_env.ok_or("the vocabulary was already taken")?();
-                let started = std::time::Instant::now();
-                let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
-                factory.set_stderr_log_level(0);
-                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "grammar vocabulary ready");
-                Ok(factory)
-            })
-            .as_ref()
-            .map_err(|e| GrammarError::Engine(e.clone()))
+        self.factory.as_ref().map_err(|e| GrammarError::Engine(e.clone()))
     }
 
     /// Compiles `spec` for generation (or takes it from the cache). Blocking: call it off the

@@ -299,7 +299,7 @@ impl Inference {
     /// Token ids of a conversation rendered through the chat template.
     pub async fn tokenize_chat(self: &Arc<Self>, turns: Vec<ChatTurn>, add_generation_prompt: bool, bos: bool) -> Result<Vec<u32>, ServiceError> {
         let this = self.clone();
-        blocking(move || this.encode(&this.render_turns(&turns, add_generation_prompt)?, bos)).await
+        blocking(move || this.encode(&this.render(&turns, add_generation_prompt, None)?, bos)).await
     }
 
     /// The text of token ids, control tokens included verbatim.
@@ -367,11 +367,6 @@ impl Inference {
             leases.push((generation, choice.scale));
         }
         Ok(leases)
-    }
-
-    /// The chat template over the turns, without tools.
-    fn render_turns(&self, turns: &[ChatTurn], add_generation_prompt: bool) -> Result<String, ServiceError> {
-        self.render(turns, add_generation_prompt, None)
     }
 
     /// The chat template over the turns and the offered tools (unless `tool_choice` is `none`);
