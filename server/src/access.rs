@@ -29,16 +29,3 @@ impl std::fmt::Display for Scope {
         f.write_str(self.as_str())
     }
 }
-
-impl rusqlite::types::ToSql for Scope {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
-}
-
-impl rusqlite::types::FromSql for Scope {
-    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        let text = value.as_str()?;
-        Scope::parse(text).ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown scope `{text}`").into()))
-    }
-}
