@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::StateLocation;
+
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeOptions {
@@ -79,6 +81,16 @@ pub struct ServeOptions {
     /// [default: $TESSERA_HOME/tuning].
     #[arg(long, env = "TESSERA_TUNING_DIR")]
     pub tuning_dir: Option<PathBuf>,
+    /// Where online tuning's rows live: `sqlite:PATH`, one server's own file, or a
+    /// `postgres://user:password@host/db` URL that a group of servers shares; those servers
+    /// then share one `--tuning-dir` too (a shared filesystem) for adapter versions and
+    /// checkpoints [default: sqlite:TUNING_DIR/tessera.sqlite3].
+    #[arg(long, env = "TESSERA_STATE")]
+    pub state: Option<String>,
+    /// `both` serves and runs fine-tuning jobs; `serve` leaves jobs to other servers sharing
+    /// its `--state`; `train` is a server meant for jobs (it answers requests too) [default: both].
+    #[arg(long, env = "TESSERA_ROLE")]
+    pub role: Option<Role>,
     /// Threads the background trainer uses; serving keeps the others [default: 1].
     #[arg(long, env = "TESSERA_TRAIN_THREADS")]
     pub train_threads: Option<usize>,
@@ -112,6 +124,27 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("`{key}` must be at least 1")]
     Zero { key: &'static str },
+    #[error("`{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// What a server does among a group sharing one store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serve requests and run fine-tuning jobs.
+    #[default]
+    Both,
+    /// Serve requests only.
+    Serve,
+    /// Run fine-tuning jobs (and answer requests).
+    Train,
+}
+
+impl Role {
+    pub fn trains(self) -> bool {
+        self != Role::Serve
+    }
 }
 
 /// Settings with every default filled in.
@@ -137,6 +170,8 @@ pub struct ServeConfig {
     pub adapter_roots: Vec<PathBuf>,
     pub max_adapter_memory: usize,
     pub tuning_dir: Option<PathBuf>,
+    pub state: Option<StateLocation>,
+    pub role: Role,
     pub train_threads: usize,
     pub train_after: usize,
     pub train_max_seq_len: usize,
@@ -169,6 +204,8 @@ impl ServeOptions {
             adapter_roots: self.adapter_roots.or(other.adapter_roots),
             max_adapter_memory: self.max_adapter_memory.or(other.max_adapter_memory),
             tuning_dir: self.tuning_dir.or(other.tuning_dir),
+            state: self.state.or(other.state),
+            role: self.role.or(other.role),
             train_threads: self.train_threads.or(other.train_threads),
             train_after: self.train_after.or(other.train_after),
             train_max_seq_len: self.train_max_seq_len.or(other.train_max_seq_len),
@@ -222,6 +259,8 @@ impl ServeConfig {
             adapter_roots: merged.adapter_roots.unwrap_or_default(),
             max_adapter_memory: merged.max_adapter_memory.unwrap_or(1 << 30),
             tuning_dir: merged.tuning_dir,
+            state: merged.state.map(|s| s.parse().map_err(|message| ConfigError::Invalid { key: "state", message })).transpose()?,
+            role: merged.role.unwrap_or_default(),
             train_threads: positive(merged.train_threads, 1, "train_threads")?,
             train_after: positive(merged.train_after, 32, "train_after")?,
             train_max_seq_len: positive(merged.train_max_seq_len, 512, "train_max_seq_len")?,

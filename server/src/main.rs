@@ -583,11 +583,13 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
                     Some(dir) => dir.clone(),
                     None => model_store::tessera_home()?.join("tuning"),
                 },
+                state: config.state.clone(),
                 settings: tessera::train::job::TuningSettings {
                     train_threads: config.train_threads,
                     train_after: config.train_after,
                     max_seq_len: config.train_max_seq_len,
                     checkpoint_every: config.checkpoint_every,
+                    trains: config.role.trains(),
                     ..Default::default()
                 },
             }),

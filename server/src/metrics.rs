@@ -102,6 +102,13 @@ impl Metrics {
         }
     }
 
+    /// Adds a metric that another part of the server owns (the store's latency, say).
+    pub fn register(&self, collector: impl prometheus::core::Collector + 'static) {
+        if let Err(e) = self.registry.register(Box::new(collector)) {
+            tracing::warn!(error = %e, "metric not registered");
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         if let Some(bytes) = process_status_bytes("VmRSS") {

@@ -34,7 +34,7 @@ use crate::services::adapters::Adapters;
 use crate::services::inference::{Inference, Leases};
 use crate::services::plugins::Plugins;
 use crate::services::tuning::Tuning;
-use crate::store::Store;
+use crate::store::{StateLocation, Store};
 use crate::train::job::Tuner;
 use crate::LoadedModel;
 pub use error::AppError;
@@ -70,7 +70,11 @@ pub struct PluginsConfig {
 
 #[derive(Debug, Clone)]
 pub struct TuningConfig {
+    /// Adapter versions and checkpoints (shared by the servers of a group), and the SQLite
+    /// database unless `state` says otherwise.
     pub root: std::path::PathBuf,
+    /// Where the rows live [default: SQLite under `root`].
+    pub state: Option<crate::store::StateLocation>,
     pub settings: crate::train::job::TuningSettings,
 }
 
@@ -106,11 +110,13 @@ impl App {
         let tuner = match &settings.tuning {
             None => None,
             Some(tuning) => {
-                let store = Arc::new(Store::open(&tuning.root).map_err(std::io::Error::other)?);
-                Some(
-                    Tuner::start(store, model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
-                        .map_err(std::io::Error::other)?,
-                )
+                let state = tuning.state.clone().unwrap_or_else(|| StateLocation::sqlite_under(&tuning.root));
+                let store = Arc::new(Store::open_at(&state, &tuning.root).map_err(std::io::Error::other)?);
+                metrics.register(store.latency().clone());
+                let tuner = Tuner::start(store, model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
+                    .map_err(std::io::Error::other)?;
+                metrics.register(tuner.sync().notification_lag.clone());
+                Some(tuner)
             }
         };
         let host = PluginHost::new(

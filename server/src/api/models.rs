@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 
@@ -75,14 +75,19 @@ pub async fn scope(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) 
     })
 }
 
-/// Liveness: the engine is up and accepting work.
-#[utoipa::path(get, path = "/health", tag = "Operations", responses((status = 200, body = Health)))]
-pub async fn health(State(app): State<Arc<App>>) -> Json<Health> {
-    Json(Health {
-        status: "ok",
+/// Readiness: the engine is up and accepting work, and the server serves what its tuning store
+/// says (it reconciled its adapters with it).
+#[utoipa::path(get, path = "/health", tag = "Operations",
+    responses((status = 200, body = Health), (status = 503, description = "Not reconciled with the store", body = Health)))]
+pub async fn health(State(app): State<Arc<App>>) -> (StatusCode, Json<Health>) {
+    let ready = app.tuning.is_ready();
+    let health = Health {
+        status: if ready { "ok" } else { "unavailable" },
+        ready,
         model: app.inference.model_id().to_string(),
         queue_depth: app.inference.queue_depth(),
-    })
+    };
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(health))
 }
 
 /// Prometheus metrics: requests by status, tokens in and out, queue depth, running batch size,

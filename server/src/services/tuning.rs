@@ -73,6 +73,11 @@ impl Tuning {
         Self { tuner, adapters, plugins, grammars, model_id }
     }
 
+    /// Whether this server has reconciled its adapters with the store (always, without one).
+    pub fn is_ready(&self) -> bool {
+        self.tuner.as_ref().is_none_or(|t| t.sync().is_ready())
+    }
+
     fn tuner(&self) -> Result<Arc<Tuner>, ServiceError> {
         self.tuner.clone().ok_or(ServiceError::TuningDisabled)
     }

@@ -5,8 +5,9 @@
 //! A job's life: `validating_files → queued → running → succeeded | failed | cancelled`. Every
 //! `checkpoint_every` steps it writes the adapter, the optimizer state and its position (the step;
 //! the data order is a pure function of the seed and epoch) in a fresh folder, then records it in
-//! the store. After a crash the server re-queues unfinished jobs, which resume from their last
-//! recorded checkpoint.
+//! the store. Jobs are claimed from the store (`train::worker`): after a crash, this server or
+//! another that shares the store takes the job over and resumes it from its last recorded
+//! checkpoint.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +21,9 @@ use tessera_adapters::peft::BaseShape;
 use crate::access::Scope;
 use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
-use crate::store::{unix_time, AdapterRow, Adoption, Inserted, JobRow, JobStatus, Store, StoreError};
+use crate::store::{unix_time, AdapterRow, Adoption, Claim, Inserted, JobRow, JobStatus, Store, StoreError};
+use crate::train::sync::{self, SyncState};
+use crate::train::worker;
 use crate::train::data::example;
 use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{LoraParams, LoraSpec};
@@ -55,6 +58,8 @@ pub struct TuningSettings {
     pub train_after: usize,
     pub max_seq_len: usize,
     pub checkpoint_every: usize,
+    /// Whether this server claims and runs jobs (`--role train` or `both`), or only serves.
+    pub trains: bool,
     pub default_lora: LoraSpec,
     pub defaults: Hyperparameters,
 }
@@ -66,6 +71,7 @@ impl Default for TuningSettings {
             train_after: 32,
             max_seq_len: 512,
             checkpoint_every: 10,
+            trains: true,
             default_lora: LoraSpec::default(),
             defaults: Hyperparameters::default(),
         }
@@ -135,14 +141,18 @@ pub struct Tuner {
     model_id: String,
     registry: Arc<Registry>,
     pub settings: TuningSettings,
-    queue: Mutex<mpsc::Sender<String>>,
+    /// This process's name in job claims.
+    trainer: String,
+    wake: Mutex<mpsc::Sender<()>>,
+    /// Stop flags of the jobs this server is running.
     cancelled: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    sync: Arc<SyncState>,
 }
 
 
 impl Tuner {
-    /// Opens the store, registers every stored adapter's current version with the registry,
-    /// starts the worker and re-queues unfinished jobs.
+    /// Serves every stored adapter's current version and keeps them in step with the store,
+    /// and, where this server trains, starts the worker that claims jobs from the store.
     pub fn start(
         store: Arc<Store>,
         model: Arc<LoadedModel>,
@@ -150,59 +160,35 @@ impl Tuner {
         registry: Arc<Registry>,
         settings: TuningSettings,
     ) -> Result<Arc<Self>, TuneError> {
-        for adapter in store.adapters()? {
-            let path = store.version_dir(&adapter.name, adapter.version);
-            if let Err(e) = registry.register(&adapter.name, &path) {
-                tracing::warn!(adapter = %adapter.name, error = %e, "stored adapter not registered");
-            }
-        }
-        let (sender, receiver) = mpsc::channel::<String>();
+        let sync = Arc::new(SyncState::new().map_err(StoreError::from)?);
+        sync::start(&store, &registry, &sync).map_err(|e| TuneError::Invalid(format!("adapter sync not started: {e}")))?;
+        let (wake, woken) = mpsc::channel::<()>();
         let tuner = Arc::new(Self {
             store,
             model,
             model_id,
             registry,
             settings,
-            queue: Mutex::new(sender),
+            trainer: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
+            wake: Mutex::new(wake),
             cancelled: Mutex::new(HashMap::new()),
+            sync,
         });
-        let worker = Arc::downgrade(&tuner);
-        let threads = tuner.settings.train_threads.max(1);
-        std::thread::Builder::new()
-            .name("tessera-trainer".into())
-            .spawn(move || {
-                let pool = match rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("tessera-train-{i}"))
-                    .start_handler(|_| lower_priority())
-                    .build()
-                {
-                    Ok(pool) => pool,
-                    Err(e) => return tracing::error!(error = %e, "trainer thread pool not started"),
-                };
-                lower_priority();
-                while let Ok(job) = receiver.recv() {
-                    let Some(tuner) = worker.upgrade() else { return };
-                    pool.install(|| tuner.run(&job));
-                }
-            })
-            .map_err(|e| TuneError::Invalid(format!("trainer thread not started: {e}")))?;
-        let mut unfinished = tuner.store.jobs(None)?;
-        unfinished.retain(|j| j.status.is_active());
-        unfinished.sort_by_key(|j| j.created_at);
-        for job in unfinished {
-            tracing::info!(job = %job.id, status = %job.status, "unfinished job re-queued");
-            tuner.enqueue(&job.id);
+        if tuner.settings.trains {
+            worker::start(Arc::downgrade(&tuner), woken, tuner.settings.train_threads.max(1))
+                .map_err(|e| TuneError::Invalid(format!("trainer thread not started: {e}")))?;
         }
         Ok(tuner)
     }
 
-    fn enqueue(&self, job: &str) {
-        self.cancelled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(job.to_string(), Arc::new(AtomicBool::new(false)));
-        let _ = self.queue.lock().unwrap_or_else(|p| p.into_inner()).send(job.to_string());
+    /// Wakes the worker to claim a job now rather than at its next poll.
+    fn wake(&self) {
+        let _ = self.wake.lock().unwrap_or_else(|p| p.into_inner()).send(());
+    }
+
+    /// Whether this server serves what the store says (the last reconcile succeeded).
+    pub fn sync(&self) -> &SyncState {
+        &self.sync
     }
 
     pub fn base_shape(&self) -> BaseShape {
@@ -366,7 +352,7 @@ impl Tuner {
         let first_event = if status == JobStatus::ValidatingFiles { "Validating training file" } else { "Job queued" };
         self.store.add_event(&job.id, "info", first_event, None)?;
         tracing::info!(job = %job.id, adapter, "fine-tuning job queued");
-        self.enqueue(&job.id);
+        self.wake();
         Ok(job)
     }
 
@@ -402,6 +388,22 @@ impl Tuner {
         Ok(())
     }
 
+    /// Runs a job this server claimed, renewing the claim while it runs. When the claim
+    /// cannot be renewed (the job was cancelled on another server, or another trainer took it
+    /// over) the job stops before its next step.
+    pub(crate) fn run_claimed(&self, claim: &Claim) {
+        let stop = Arc::new(AtomicBool::new(false));
+        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(claim.job.clone(), stop.clone());
+        let heartbeat = worker::Heartbeat::start(self.store.clone(), claim.clone(), stop);
+        self.run(&claim.job);
+        drop(heartbeat);
+        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(&claim.job);
+    }
+
+    pub(crate) fn trainer(&self) -> &str {
+        &self.trainer
+    }
+
     fn run(&self, job_id: &str) {
         let span = tracing::info_span!("fine_tuning_job", job = job_id);
         let _entered = span.enter();
@@ -419,7 +421,6 @@ impl Tuner {
         if let Err(e) = result {
             tracing::error!(error = %e, "job outcome not recorded");
         }
-        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(job_id);
     }
 
     fn check_cancelled(&self, job_id: &str) -> Result<(), TuneError> {
@@ -701,15 +702,5 @@ fn version_zero(name: &str, params: &LoraParams, created_by: Scope) -> AdapterRo
         targets: params.spec.targets.iter().map(|t| t.peft_name().to_string()).collect(),
         version: 0,
         pairs_since_training: 0,
-    }
-}
-
-/// Training threads yield to serving: the lowest CPU priority (nice 19) for the calling thread.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on the calling thread's own id has no memory effects.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
     }
 }

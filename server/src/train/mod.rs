@@ -10,6 +10,8 @@ pub mod local;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod sync;
+pub mod worker;
 
 use std::path::Path;
 
