@@ -12,10 +12,18 @@ use rusqlite::types::ValueRef;
 pub enum DbError {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    #[error(transparent)]
+    #[error("{}", postgres_message(.0))]
     Postgres(#[from] postgres::Error),
     #[error("column {column}: expected {expected}, found {found}")]
     Type { column: usize, expected: &'static str, found: &'static str },
+}
+
+/// PostgreSQL's own message where the server sent one (the error's Display says only "db error").
+fn postgres_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
 }
 
 impl DbError {

@@ -721,7 +721,7 @@ impl Store {
     pub fn jobs(&self, adapter: Option<&str>) -> Result<Vec<JobRow>, StoreError> {
         self.with(|s| {
             s.query(
-                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE ?1 IS NULL OR adapter = ?1 ORDER BY created_at DESC, rowid DESC"),
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE CAST(?1 AS TEXT) IS NULL OR adapter = ?1 ORDER BY created_at DESC, rowid DESC"),
                 sql_params![adapter],
             )?
             .iter()
@@ -810,7 +810,7 @@ impl Store {
     pub fn events(&self, job: &str, before: Option<i64>, limit: usize) -> Result<Vec<EventRow>, StoreError> {
         self.with(|s| {
             s.query(
-                "SELECT id, level, message, data, created_at, kind FROM events WHERE job_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3",
+                "SELECT id, level, message, data, created_at, kind FROM events WHERE job_id = ?1 AND (CAST(?2 AS BIGINT) IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3",
                 sql_params![job, before, limit as i64],
             )?
             .iter()
@@ -933,6 +933,30 @@ mod tests {
             store.insert_job(&job("j2", "x", JobStatus::Queued), false).unwrap();
             let refused = store.with(|s| Ok(s.execute("UPDATE jobs SET status = 'paused' WHERE id = 'j2'", &[])?));
             assert!(refused.is_err(), "{location}: a status outside the state machine is refused");
+        }
+    }
+
+    #[test]
+    fn jobs_events_files_versions_and_checkpoints_round_trip() {
+        for (store, location, dir) in stores() {
+            store.insert_job(&job("j1", "x", JobStatus::Queued), false).unwrap();
+            store.insert_job(&job("j2", "y", JobStatus::Queued), false).unwrap();
+            assert_eq!(store.jobs(None).unwrap().len(), 2, "{location}");
+            assert_eq!(store.jobs(Some("y")).unwrap()[0].id, "j2", "{location}");
+            store.add_event("j1", "info", "first", None).unwrap();
+            store.add_metrics_event("j1", "Step 1", &serde_json::json!({"train_loss": 1.5})).unwrap();
+            let events = store.events("j1", None, 10).unwrap();
+            assert_eq!(events.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["Step 1", "first"], "{location}");
+            assert_eq!(store.events("j1", Some(events[0].id), 10).unwrap().len(), 1, "{location}");
+            let file = FileRow { id: "file-1".into(), filename: "a.jsonl".into(), purpose: "fine-tune".into(), bytes: 3, records: 1, created_at: 7 };
+            store.insert_file(&file, b"abc").unwrap();
+            assert_eq!((store.file("file-1").unwrap(), store.file_content("file-1").unwrap()), (Some(file), Some(b"abc".to_vec())), "{location}");
+            let checkpoint = dir.path().join("jobs/j1/step-000002");
+            store.add_checkpoint("j1", 2, &checkpoint, &serde_json::json!({"step": 2})).unwrap();
+            assert_eq!(store.checkpoints("j1").unwrap()[0].path, checkpoint, "{location}: recorded relative, read back whole");
+            assert!(store.set_job_status("j1", JobStatus::Succeeded, Some("x:v1"), None, Some(99)).unwrap());
+            let done = store.job("j1").unwrap().unwrap();
+            assert_eq!((done.fine_tuned_model.as_deref(), done.trained_tokens, done.finished_at.is_some()), (Some("x:v1"), Some(99), true), "{location}");
         }
     }
 

@@ -14,9 +14,16 @@ pub fn fresh_database() -> Result<Option<String>, String> {
         eprintln!("{SERVER_VARIABLE} is not set: PostgreSQL cases not run (`.ci/postgres start` starts a server)");
         return Ok(None);
     };
-    let server = server.trim_end_matches('/');
+    let server = server.trim_end_matches('/').to_string();
     let name = format!("tessera_test_{:016x}", rand::random::<u64>());
-    let mut admin = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls).map_err(|e| format!("{server}: {e}"))?;
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).map_err(|e| e.to_string())?;
+    // The blocking client runs a runtime of its own, which may not start inside an async test's.
+    let create = format!("CREATE DATABASE {name}");
+    let admin = format!("{server}/postgres");
+    std::thread::spawn(move || {
+        let mut admin = postgres::Client::connect(&admin, postgres::NoTls).map_err(|e| format!("{admin}: {e}"))?;
+        admin.batch_execute(&create).map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "creating the test database panicked".to_string())??;
     Ok(Some(format!("{server}/{name}")))
 }

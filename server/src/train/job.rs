@@ -395,6 +395,10 @@ impl Tuner {
         let stop = Arc::new(AtomicBool::new(false));
         self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).insert(claim.job.clone(), stop.clone());
         let heartbeat = worker::Heartbeat::start(self.store.clone(), claim.clone(), stop);
+        let claimed = serde_json::json!({ "trainer": claim.trainer });
+        if let Err(e) = self.store.add_event(&claim.job, "info", &format!("Claimed by trainer {}", claim.trainer), Some(&claimed)) {
+            tracing::warn!(job = %claim.job, error = %e, "claim event not recorded");
+        }
         self.run(&claim.job);
         drop(heartbeat);
         self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).remove(&claim.job);

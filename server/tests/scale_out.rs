@@ -1,0 +1,247 @@
+//! A group of servers as one service: three `tessera serve` processes on the tiny model share
+//! one PostgreSQL database (`--state`, the server `.ci/run` starts) and one tuning folder (the
+//! shared-filesystem blob store). Feedback posted to one trains on another and is served by
+//! the third; a rollback anywhere reaches everyone; a trainer killed with SIGKILL has its job
+//! taken over from the checkpoint; racing trainers run each job once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tessera::model::synthetic::tiny_gemma3;
+use tessera::store::testing::fresh_database;
+
+mod common;
+
+use common::{free_port, KillOnDrop};
+
+struct Group {
+    dir: tempfile::TempDir,
+    state: String,
+}
+
+struct Server {
+    process: KillOnDrop,
+    port: u16,
+}
+
+impl Group {
+    /// A fresh database and shared folder; `None` where no PostgreSQL test server runs (outside
+    /// CI: under CI a missing server fails the test).
+    fn new() -> Option<Self> {
+        let state = fresh_database().unwrap()?;
+        let dir = tempfile::tempdir().unwrap();
+        tiny_gemma3(5).write(&dir.path().join("tiny.gguf")).unwrap();
+        Some(Self { dir, state })
+    }
+
+    fn shared(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    /// Starts a server named `name` (its own home folder) in `role`, ready once /health says so.
+    async fn start(&self, name: &str, role: &str) -> Server {
+        let port = free_port();
+        let home = self.dir.path().join(name);
+        let process = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_tessera"))
+                .env("TESSERA_HOME", &home)
+                .env("RUST_LOG", "info")
+                .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--ctx-len", "128"])
+                .args(["--train-after", "100000", "--checkpoint-every", "2", "--role", role, "--state", &self.state])
+                .arg("--model")
+                .arg(self.dir.path().join("tiny.gguf"))
+                .arg("--tuning-dir")
+                .arg(self.shared())
+                .stderr(std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap())
+                .spawn()
+                .expect("starting tessera serve"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = reqwest::get(format!("http://127.0.0.1:{port}/health")).await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} did not become ready: {}", self.log(name));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Server { process, port }
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        reqwest::get(self.url(path)).await.unwrap().json().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let response = reqwest::Client::new().post(self.url(path)).json(&body).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    async fn feedback(&self, adapter: &str, pairs: std::ops::Range<usize>) -> Value {
+        let lines: Vec<String> = pairs.map(|i| json!({"instruction": format!("name item {i}"), "output": "the hat"}).to_string()).collect();
+        let response = reqwest::Client::new().post(self.url(&format!("/v1/adapters/{adapter}/feedback"))).body(lines.join("\n")).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// The folder this server serves `adapter` from.
+    async fn served_path(&self, adapter: &str) -> String {
+        self.get(&format!("/v1/adapters/{adapter}")).await["path"].as_str().unwrap_or_default().to_string()
+    }
+
+    async fn job_when_ended(&self, id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let job = self.get(&format!("/v1/fine_tuning/jobs/{id}")).await;
+            if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "the job did not end within {within:?}: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn event_messages(&self, job: &str) -> Vec<Value> {
+        self.get(&format!("/v1/fine_tuning/jobs/{job}/events?limit=1000")).await["data"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Polls until every server serves `adapter` from a folder ending in `suffix`; the seconds each
+/// took from the call.
+async fn until_served(servers: &[&Server], adapter: &str, suffix: &str, within: Duration) -> Vec<f64> {
+    let started = Instant::now();
+    let mut took = vec![None; servers.len()];
+    while took.iter().any(Option::is_none) {
+        for (i, server) in servers.iter().enumerate() {
+            if took[i].is_none() && server.served_path(adapter).await.ends_with(suffix) {
+                took[i] = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        assert!(started.elapsed() < within, "not every server serves {adapter} {suffix} within {within:?}: {took:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    took.into_iter().flatten().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_posted_to_one_server_trains_on_another_and_is_served_by_the_third_and_rollbacks_reach_all() {
+    let Some(group) = Group::new() else { return };
+    let a = group.start("a", "serve").await;
+    let b = group.start("b", "train").await;
+    let c = group.start("c", "serve").await;
+
+    let receipt = a.feedback("shop", 0..40).await;
+    assert_eq!(receipt["stored"], 40, "{receipt}");
+    // The adapter A created is served by all at version 0.
+    until_served(&[&a, &b, &c], "shop", "v0", Duration::from_secs(2)).await;
+    assert_eq!(c.get("/v1/adapters/shop").await["pairs"], 40, "C reads the pairs A stored");
+
+    let job = a.post("/v1/adapters/shop/train", json!({"hyperparameters": {"n_epochs": 2}})).await;
+    let id = job["id"].as_str().unwrap_or_else(|| panic!("no job: {job}")).to_string();
+    // Only B trains: it serves version 1 first (it promotes), and C follows within 2 s.
+    let took = until_served(&[&b, &c], "shop", "v1", Duration::from_secs(120)).await;
+    let lag = took[1] - took[0];
+    assert!(lag <= 2.0, "C served version 1 {lag:.2} s after B promoted it");
+    let finished = c.job_when_ended(&id, Duration::from_secs(30)).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let events = c.event_messages(&id).await;
+    let claimed: Vec<&Value> = events.iter().filter(|e| e["message"].as_str().is_some_and(|m| m.starts_with("Claimed by trainer"))).collect();
+    assert_eq!(claimed.len(), 1, "one claim: {events:?}");
+    let trainer = claimed[0]["data"]["trainer"].as_str().unwrap_or_default();
+    assert!(trainer.starts_with(&format!("{}-", b.process.0.id())), "B ({}) ran it, not {trainer}", b.process.0.id());
+    until_served(&[&a], "shop", "v1", Duration::from_secs(2)).await;
+
+    // A rollback on C reaches A.
+    let rolled = c.post("/v1/adapters/shop/rollback", json!({"version": 0})).await;
+    assert_eq!(rolled["version"], 0, "{rolled}");
+    let took = until_served(&[&a, &b], "shop", "v0", Duration::from_secs(2)).await;
+    println!("promotion reached C in {lag:.3} s; rollback on C reached A and B in {took:?} s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_trainer_is_killed_is_resumed_by_another_from_its_checkpoint_and_keeps_every_pair() {
+    let Some(group) = Group::new() else { return };
+    let a = group.start("a", "serve").await;
+    let mut b = group.start("b", "train").await;
+    assert_eq!(a.feedback("crash", 0..200).await["stored"], 200);
+    let job = a.post("/v1/adapters/crash/train", json!({"hyperparameters": {"n_epochs": 3}})).await;
+    let id = job["id"].as_str().unwrap_or_else(|| panic!("no job: {job}")).to_string();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await["data"].as_array().is_none_or(|c| c.is_empty()) {
+        assert!(Instant::now() < deadline, "no checkpoint within 60 s: {}", group.log("b"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = group.start("c", "train").await;
+    b.process.0.kill().unwrap();
+    b.process.0.wait().unwrap();
+    let killed = Instant::now();
+    // Feedback keeps arriving while the trainer is gone; every acknowledged pair stays.
+    assert_eq!(a.feedback("crash", 200..230).await["stored"], 30);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resumed_at = loop {
+        let events = a.event_messages(&id).await;
+        let resumed = events.iter().find_map(|e| e["message"].as_str().filter(|m| m.starts_with("Resumed from the checkpoint at step")).map(str::to_string));
+        if let Some(message) = resumed {
+            break message;
+        }
+        assert!(Instant::now() < deadline, "no trainer resumed the job within 30 s of the kill: {}", group.log("c"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let taken_over = killed.elapsed().as_secs_f64();
+    let finished = c.job_when_ended(&id, Duration::from_secs(120)).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let step: usize = resumed_at.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(step >= 2, "resumed at step {step}");
+    let trainers: Vec<String> = c
+        .event_messages(&id)
+        .await
+        .iter()
+        .filter_map(|e| e["data"]["trainer"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(trainers.len(), 2, "claimed by B, then by C: {trainers:?}");
+    assert!(trainers.iter().any(|t| t.starts_with(&format!("{}-", c.process.0.id()))), "C took it over: {trainers:?}");
+    assert_eq!(c.get("/v1/adapters/crash").await["pairs"], 230, "no acknowledged pair lost");
+    println!("the job was taken over {taken_over:.1} s after the kill, {resumed_at}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_trainers_racing_for_twenty_queued_jobs_run_each_exactly_once() {
+    let Some(group) = Group::new() else { return };
+    let a = group.start("a", "serve").await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let adapter = format!("race{i}");
+        assert_eq!(a.feedback(&adapter, 0..4).await["stored"], 4);
+        let job = a.post(&format!("/v1/adapters/{adapter}/train"), json!({"hyperparameters": {"n_epochs": 1}})).await;
+        ids.push(job["id"].as_str().unwrap_or_else(|| panic!("no job: {job}")).to_string());
+    }
+    let (b, c) = (group.start("b", "train").await, group.start("c", "train").await);
+    let mut runs_by_trainer: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        let job = a.job_when_ended(id, Duration::from_secs(180)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let events = a.event_messages(id).await;
+        let trainers: Vec<&str> = events.iter().filter_map(|e| e["data"]["trainer"].as_str()).collect();
+        assert_eq!(trainers.len(), 1, "{id} claimed once: {events:?}");
+        let started = events.iter().filter(|e| e["message"].as_str().is_some_and(|m| m.starts_with("Training on "))).count();
+        assert!(started <= 1, "{id} started once: {events:?}");
+        let server = if trainers[0].starts_with(&format!("{}-", b.process.0.id())) { "b" } else { "c" };
+        *runs_by_trainer.entry(server.to_string()).or_default() += 1;
+    }
+    println!("jobs run by each trainer: {runs_by_trainer:?}");
+    drop(c);
+}
