@@ -21,6 +21,49 @@ struct Cli {
     command: Command,
 }
 
+/// Which tuning store a command works on, as `tessera serve` names it.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// `sqlite:PATH` or a `postgres://` URL [default: sqlite:TUNING_DIR/tessera.sqlite3].
+    #[arg(long, env = "TESSERA_STATE")]
+    state: Option<String>,
+    /// The tuning folder: adapter versions and checkpoints [default: $TESSERA_HOME/tuning].
+    #[arg(long, env = "TESSERA_TUNING_DIR")]
+    tuning_dir: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn open(&self) -> anyhow::Result<tessera::store::Store> {
+        let root = match &self.tuning_dir {
+            Some(dir) => dir.clone(),
+            None => model_store::tessera_home()?.join("tuning"),
+        };
+        let state = match &self.state {
+            Some(text) => text.parse().map_err(anyhow::Error::msg)?,
+            None => tessera::store::StateLocation::sqlite_under(&root),
+        };
+        Ok(tessera::store::Store::open_at(&state, &root)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Write every row of the store as JSON lines (stdout, or --output).
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Read a dump from `state export` (stdin, or --input) into an empty store, all or nothing.
+    Import {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, short)]
+        input: Option<PathBuf>,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Manage the default model.
@@ -77,6 +120,19 @@ enum Command {
     },
     /// Print the OpenAPI document (YAML) of the HTTP API.
     Openapi,
+    /// Bring a tuning store's schema up to date now. Servers also migrate when they start (one
+    /// at a time on a shared PostgreSQL); this lets an operator do it before a rollout.
+    Migrate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Move online tuning's rows between databases: `tessera state export > dump.jsonl` on the
+    /// single server, then `tessera state import --state postgres://… < dump.jsonl`, and copy
+    /// the tuning folder's `adapters/` and `jobs/` into the folder the group shares.
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     #[command(flatten)]
     Client(tessera::client::commands::ClientCommand),
     /// Train a LoRA on instruction pairs without a server: the server's own trainer, progress
@@ -311,6 +367,12 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve { options, config } => serve(options, config.as_deref(), cli.threads)?,
         Command::Openapi => print!("{}", tessera::api::openapi().to_yaml()?),
+        Command::Migrate { store } => {
+            // Opening migrates; the schema version is what it reached.
+            let opened = store.open()?;
+            eprintln!("{}: schema version {}", opened.dialect_name(), tessera::store::schema::latest());
+        }
+        Command::State { action } => state(action)?,
         Command::TrainLocal { model, options } => train_local(&model, options, cli.threads)?,
         Command::Client(command) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -794,5 +856,33 @@ fn train_local(model: &ModelArg, args: TrainLocalArgs, threads: Option<usize>) -
             progress.step, trained.examples, trained.held_out, progress.describe(), trained.peft_dir.display(), trained.gguf.display()
         )
     });
+    Ok(())
+}
+
+fn state(action: StateAction) -> anyhow::Result<()> {
+    use tessera::store::transfer;
+    let counts = match action {
+        StateAction::Export { store, output } => {
+            let store = store.open()?;
+            let mut out: Box<dyn std::io::Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let counts = transfer::export(store.database(), store.root(), &mut out)?;
+            out.flush()?;
+            counts
+        }
+        StateAction::Import { store, input } => {
+            let store = store.open()?;
+            let reader: Box<dyn std::io::BufRead> = match &input {
+                Some(path) => Box::new(std::io::BufReader::new(std::fs::File::open(path)?)),
+                None => Box::new(std::io::stdin().lock()),
+            };
+            transfer::import(store.database(), reader)?
+        }
+    };
+    for (table, rows) in counts {
+        eprintln!("{table:>12}: {rows} rows");
+    }
     Ok(())
 }

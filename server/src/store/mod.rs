@@ -13,6 +13,7 @@ use crate::dataset::{content_hash, Conversation};
 pub mod database;
 pub mod schema;
 pub mod testing;
+pub mod transfer;
 
 use database::{Database, DbError, Dialect, Row, Session};
 
@@ -406,10 +407,7 @@ impl Store {
         // Several servers share a root beside PostgreSQL, so each stages under its own name.
         let latency = prometheus::Histogram::with_opts(
             prometheus::HistogramOpts::new("tessera_state_seconds", "Seconds per call to the state backend (one transaction).")
-                .const_label("backend", match db.dialect() {
-                    Dialect::Sqlite => "sqlite",
-                    Dialect::Postgres => "postgres",
-                })
+                .const_label("backend", dialect_name(db.dialect()))
                 .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]),
         )?;
         let store = Self {
@@ -430,6 +428,11 @@ impl Store {
 
     pub fn dialect(&self) -> Dialect {
         self.db.dialect()
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn dialect_name(&self) -> &'static str {
+        dialect_name(self.db.dialect())
     }
 
     /// The histogram of store call latencies, for `/metrics`.
@@ -858,6 +861,13 @@ impl Store {
             })
             .collect()
         })
+    }
+}
+
+fn dialect_name(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => "sqlite",
+        Dialect::Postgres => "postgres",
     }
 }
 
