@@ -180,7 +180,7 @@ fn app(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>) -> axum::Route
 fn app_with_plugins(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>, plugins: Option<&std::path::Path>) -> axum::Router {
     let tuning = tuning.map(|root| tessera::api::TuningConfig {
         root: root.to_path_buf(),
-        state: None,
+        state: None, blobs: None,
         settings: TuningSettings {
             train_after: 24,
             checkpoint_every: 4,

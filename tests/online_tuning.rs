@@ -48,7 +48,7 @@ async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances
         false,
         Some(TuningConfig {
             root: dir.path().to_path_buf(),
-            state: None,
+            state: None, blobs: None,
             // Nothing else runs meanwhile: the trainer may have both cores.
             settings: TuningSettings {
                 train_threads: 2,

@@ -32,7 +32,7 @@ async fn the_intent_plugin_trains_on_its_own_records_and_classifies_held_out_utt
         false,
         Some(TuningConfig {
             root: dir.path().join("tuning"),
-            state: None,
+            state: None, blobs: None,
             settings: TuningSettings {
                 train_threads: 2,
                 ..Default::default()

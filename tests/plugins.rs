@@ -50,7 +50,7 @@ fn start_app(dir: &Path, allow_sha256: Option<Vec<String>>) -> Arc<App> {
         max_adapter_memory: None,
         tuning: Some(TuningConfig {
             root: dir.join("tuning"),
-            state: None,
+            state: None, blobs: None,
             settings: TuningSettings {
                 train_after: 100_000,
                 ..Default::default()

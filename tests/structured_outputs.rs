@@ -129,7 +129,7 @@ async fn guided_choice_holds_the_intent_plugin_to_its_labels() {
     let router = real_app_with(
         1024,
         false,
-        Some(TuningConfig { root: dir.path().join("tuning"), state: None, settings: TuningSettings { train_after: 100_000, ..Default::default() } }),
+        Some(TuningConfig { root: dir.path().join("tuning"), state: None, blobs: None, settings: TuningSettings { train_after: 100_000, ..Default::default() } }),
         Some(PluginsConfig { dir: plugins_dir, allow_sha256: None }),
     );
     let utterances: Vec<String> = clinc("val.jsonl").into_iter().map(|(text, _)| text).take(12).collect();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::blobs::BlobLocation;
 use crate::store::StateLocation;
 
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -87,6 +88,12 @@ pub struct ServeOptions {
     /// checkpoints [default: sqlite:TUNING_DIR/tessera.sqlite3].
     #[arg(long, env = "TESSERA_STATE")]
     pub state: Option<String>,
+    /// Where adapter versions and checkpoints live: `file:DIR` (a folder, shared by a group of
+    /// servers) or `s3://bucket/prefix` (an S3-compatible store; endpoint and credentials from
+    /// the AWS_* environment variables, `--tuning-dir` then being this server's cache)
+    /// [default: file:TUNING_DIR].
+    #[arg(long, env = "TESSERA_BLOBS")]
+    pub blobs: Option<String>,
     /// `both` serves and runs fine-tuning jobs; `serve` leaves jobs to other servers sharing
     /// its `--state`; `train` is a server meant for jobs (it answers requests too) [default: both].
     #[arg(long, env = "TESSERA_ROLE")]
@@ -171,6 +178,7 @@ pub struct ServeConfig {
     pub max_adapter_memory: usize,
     pub tuning_dir: Option<PathBuf>,
     pub state: Option<StateLocation>,
+    pub blobs: Option<BlobLocation>,
     pub role: Role,
     pub train_threads: usize,
     pub train_after: usize,
@@ -205,6 +213,7 @@ impl ServeOptions {
             max_adapter_memory: self.max_adapter_memory.or(other.max_adapter_memory),
             tuning_dir: self.tuning_dir.or(other.tuning_dir),
             state: self.state.or(other.state),
+            blobs: self.blobs.or(other.blobs),
             role: self.role.or(other.role),
             train_threads: self.train_threads.or(other.train_threads),
             train_after: self.train_after.or(other.train_after),
@@ -260,6 +269,7 @@ impl ServeConfig {
             max_adapter_memory: merged.max_adapter_memory.unwrap_or(1 << 30),
             tuning_dir: merged.tuning_dir,
             state: merged.state.map(|s| s.parse().map_err(|message| ConfigError::Invalid { key: "state", message })).transpose()?,
+            blobs: merged.blobs.map(|s| s.parse().map_err(|message| ConfigError::Invalid { key: "blobs", message })).transpose()?,
             role: merged.role.unwrap_or_default(),
             train_threads: positive(merged.train_threads, 1, "train_threads")?,
             train_after: positive(merged.train_after, 32, "train_after")?,

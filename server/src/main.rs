@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use tessera::store::blobs::BlobLocation;
 use tessera::generate::{generate, GenerateParams};
 use tessera::model_store;
 use tessera::sampler::SamplingParams;
@@ -278,6 +279,27 @@ enum BenchTarget {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Servers sharing one PostgreSQL database, each a process of this binary on one thread:
+    /// each server's throughput as servers are added (against the share of the cores it may
+    /// expect), and how long a rollback on one takes to be served by all the others.
+    ScaleOut {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The `postgres://` database the servers share (`.ci/postgres start` starts one).
+        #[arg(long, env = "TESSERA_STATE")]
+        state: String,
+        #[arg(long, default_value_t = 3)]
+        servers: usize,
+        /// Streaming clients on each server under load.
+        #[arg(long, default_value_t = 4)]
+        clients_per_server: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Rollbacks timed until every other server serves them.
+        #[arg(long, default_value_t = 40)]
+        rollbacks: usize,
+    },
     /// Drive N concurrent streaming clients (for each N) against the HTTP API and report total
     /// tok/s, time to first token and inter-token latency.
     Serve {
@@ -493,6 +515,25 @@ fn main() -> Result<()> {
             ..
         } => bench_kv(&model, runs)?,
         Command::Bench {
+            target: Some(BenchTarget::ScaleOut { model, state, servers, clients_per_server, max_tokens, rollbacks }),
+            ..
+        } => {
+            let options = tessera::bench::scale_out::ScaleOutOptions {
+                binary: std::env::current_exe()?,
+                model: model.resolve()?,
+                state,
+                servers: servers.max(2),
+                clients_per_server: clients_per_server.max(1),
+                max_tokens,
+                rollbacks: rollbacks.max(1),
+            };
+            let work = tempfile::tempdir()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let report = runtime.block_on(tessera::bench::scale_out::run(&options, work.path()))?;
+            println!("{}, {} servers on one thread each, {} cores", tessera::bench::compare::cpu_model(), options.servers, report.cores);
+            print!("{}", tessera::bench::scale_out::format_report(&report));
+        }
+        Command::Bench {
             target: Some(BenchTarget::Structured { model, clients, max_tokens, runs }),
             ..
         } => {
@@ -641,11 +682,15 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
                 allow_sha256: config.plugin_sha256.clone(),
             }),
             tuning: Some(tessera::api::TuningConfig {
-                root: match &config.tuning_dir {
-                    Some(dir) => dir.clone(),
-                    None => model_store::tessera_home()?.join("tuning"),
+                // Folders in place live where `--blobs file:DIR` says; in an object store, the
+                // tuning folder caches them.
+                root: match (&config.blobs, &config.tuning_dir) {
+                    (Some(BlobLocation::File(dir)), _) => dir.clone(),
+                    (_, Some(dir)) => dir.clone(),
+                    (_, None) => model_store::tessera_home()?.join("tuning"),
                 },
                 state: config.state.clone(),
+                blobs: config.blobs.clone().filter(|b| matches!(b, BlobLocation::S3(_))),
                 settings: tessera::train::job::TuningSettings {
                     train_threads: config.train_threads,
                     train_after: config.train_after,

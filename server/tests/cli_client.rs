@@ -37,7 +37,7 @@ async fn start_server(dir: &Path) -> String {
         adapter_roots: Vec::new(),
         max_adapter_memory: None,
         plugins: None,
-        tuning: Some(TuningConfig { root: dir.join("tuning"), state: None, settings: tuning }),
+        tuning: Some(TuningConfig { root: dir.join("tuning"), state: None, blobs: None, settings: tuning }),
     };
     std::fs::create_dir_all(dir.join("adapters")).unwrap();
     let engine = EngineConfig { ctx_len: 128, max_running_seqs: 4, max_queue: 16, prefill_tokens_per_step: 64, ..EngineConfig::default() };

@@ -53,7 +53,7 @@ fn fixture_in(dir: tempfile::TempDir, keys: Keys, train_after: usize) -> Fixture
         plugins: None,
         tuning: Some(TuningConfig {
             root: dir.path().join("tuning"),
-            state: None,
+            state: None, blobs: None,
             settings: TuningSettings {
                 train_after,
                 // Jobs last long enough that a racing request meets them active.

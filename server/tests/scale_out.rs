@@ -1,8 +1,9 @@
 //! A group of servers as one service: three `tessera serve` processes on the tiny model share
-//! one PostgreSQL database (`--state`, the server `.ci/run` starts) and one tuning folder (the
-//! shared-filesystem blob store). Feedback posted to one trains on another and is served by
-//! the third; a rollback anywhere reaches everyone; a trainer killed with SIGKILL has its job
-//! taken over from the checkpoint; racing trainers run each job once.
+//! one PostgreSQL database (`--state`, the server `.ci/run` starts) and their folders, either one
+//! shared tuning folder (the shared-filesystem backend) or an S3 bucket on moto's server, each
+//! server then caching in a folder of its own. Feedback posted to one trains on another and is
+//! served by the third; a rollback anywhere reaches everyone; a trainer killed with SIGKILL has
+//! its job taken over from the checkpoint; racing trainers run each job once.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,6 +21,42 @@ use common::{free_port, KillOnDrop};
 struct Group {
     dir: tempfile::TempDir,
     state: String,
+    /// moto's S3 server and the bucket URL, when the folders live there.
+    s3: Option<(KillOnDrop, u16)>,
+}
+
+/// Where the group keeps its folders.
+#[derive(Clone, Copy, PartialEq)]
+enum Folders {
+    Shared,
+    S3,
+}
+
+/// moto's S3 server (`python3 -m moto.server`, installed by `.ci/run`) on a free port, with the
+/// bucket `tessera` created. `None` where moto is not installed, except under CI.
+async fn start_moto() -> Option<(KillOnDrop, u16)> {
+    let installed = Command::new("python3").args(["-c", "import moto.server"]).status().is_ok_and(|s| s.success());
+    if !installed {
+        assert!(std::env::var_os("CI").is_none(), "moto is not installed: `.ci/run` installs it for these tests");
+        eprintln!("moto is not installed (pip install 'moto[server]'): S3 cases not run");
+        return None;
+    }
+    let port = free_port();
+    let server = KillOnDrop(
+        Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting moto"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // moto does not check signatures: a plain PUT creates the bucket.
+    while !reqwest::Client::new().put(format!("http://127.0.0.1:{port}/tessera")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "moto did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Some((server, port))
 }
 
 struct Server {
@@ -30,23 +67,45 @@ struct Server {
 impl Group {
     /// A fresh database and shared folder; `None` where no PostgreSQL test server runs (outside
     /// CI: under CI a missing server fails the test).
-    fn new() -> Option<Self> {
+    async fn new(folders: Folders) -> Option<Self> {
         let state = fresh_database().unwrap()?;
+        let s3 = match folders {
+            Folders::Shared => None,
+            Folders::S3 => Some(start_moto().await?),
+        };
         let dir = tempfile::tempdir().unwrap();
         tiny_gemma3(5).write(&dir.path().join("tiny.gguf")).unwrap();
-        Some(Self { dir, state })
+        Some(Self { dir, state, s3 })
     }
 
-    fn shared(&self) -> PathBuf {
-        self.dir.path().join("shared")
+    /// The tuning folder of server `name`: the shared one, or its own cache beside S3.
+    fn tuning_dir(&self, name: &str) -> PathBuf {
+        match self.s3 {
+            None => self.dir.path().join("shared"),
+            Some(_) => self.dir.path().join(name).join("cache"),
+        }
+    }
+
+    fn configure(&self, command: &mut Command) {
+        if let Some((_, port)) = &self.s3 {
+            command
+                .env("TESSERA_BLOBS", "s3://tessera/group")
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
+                .env("AWS_ALLOW_HTTP", "true");
+        }
     }
 
     /// Starts a server named `name` (its own home folder) in `role`, ready once /health says so.
     async fn start(&self, name: &str, role: &str) -> Server {
         let port = free_port();
         let home = self.dir.path().join(name);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        self.configure(&mut command);
         let process = KillOnDrop(
-            Command::new(env!("CARGO_BIN_EXE_tessera"))
+            command
                 .env("TESSERA_HOME", &home)
                 .env("RUST_LOG", "info")
                 .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--ctx-len", "128"])
@@ -54,7 +113,7 @@ impl Group {
                 .arg("--model")
                 .arg(self.dir.path().join("tiny.gguf"))
                 .arg("--tuning-dir")
-                .arg(self.shared())
+                .arg(self.tuning_dir(name))
                 .stderr(std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap())
                 .spawn()
                 .expect("starting tessera serve"),
@@ -136,8 +195,19 @@ async fn until_served(servers: &[&Server], adapter: &str, suffix: &str, within: 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn feedback_posted_to_one_server_trains_on_another_and_is_served_by_the_third_and_rollbacks_reach_all() {
-    let Some(group) = Group::new() else { return };
+async fn on_a_shared_folder_feedback_posted_to_one_server_trains_on_another_and_is_served_by_the_third() {
+    feedback_trains_elsewhere_and_is_served_everywhere(Folders::Shared).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_feedback_posted_to_one_server_trains_on_another_and_is_served_by_the_third() {
+    feedback_trains_elsewhere_and_is_served_everywhere(Folders::S3).await;
+}
+
+/// Feedback on A trains on B (the one trainer) and is served by C within 2 s of B's promotion;
+/// a rollback on C reaches A and B within 2 s.
+async fn feedback_trains_elsewhere_and_is_served_everywhere(folders: Folders) {
+    let Some(group) = Group::new(folders).await else { return };
     let a = group.start("a", "serve").await;
     let b = group.start("b", "train").await;
     let c = group.start("c", "serve").await;
@@ -162,6 +232,10 @@ async fn feedback_posted_to_one_server_trains_on_another_and_is_served_by_the_th
     let trainer = claimed[0]["data"]["trainer"].as_str().unwrap_or_default();
     assert!(trainer.starts_with(&format!("{}-", b.process.0.id())), "B ({}) ran it, not {trainer}", b.process.0.id());
     until_served(&[&a], "shop", "v1", Duration::from_secs(2)).await;
+    if let Some((_, port)) = &group.s3 {
+        let listing = reqwest::get(format!("http://127.0.0.1:{port}/tessera?list-type=2&prefix=group/adapters/shop/v1/")).await.unwrap().text().await.unwrap();
+        assert!(listing.contains("group/adapters/shop/v1/adapter_model.safetensors"), "version 1 is in the bucket: {listing}");
+    }
 
     // A rollback on C reaches A.
     let rolled = c.post("/v1/adapters/shop/rollback", json!({"version": 0})).await;
@@ -172,7 +246,8 @@ async fn feedback_posted_to_one_server_trains_on_another_and_is_served_by_the_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_trainer_is_killed_is_resumed_by_another_from_its_checkpoint_and_keeps_every_pair() {
-    let Some(group) = Group::new() else { return };
+    // On S3, so the second trainer must fetch the first one's checkpoint.
+    let Some(group) = Group::new(Folders::S3).await else { return };
     let a = group.start("a", "serve").await;
     let mut b = group.start("b", "train").await;
     assert_eq!(a.feedback("crash", 0..200).await["stored"], 200);
@@ -220,7 +295,7 @@ async fn a_job_whose_trainer_is_killed_is_resumed_by_another_from_its_checkpoint
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trainers_racing_for_twenty_queued_jobs_run_each_exactly_once() {
-    let Some(group) = Group::new() else { return };
+    let Some(group) = Group::new(Folders::Shared).await else { return };
     let a = group.start("a", "serve").await;
     let mut ids = Vec::new();
     for i in 0..20 {

@@ -37,7 +37,7 @@ fn fixture(train_after: usize) -> Fixture {
         plugins: None,
         tuning: Some(TuningConfig {
             root: dir.path().join("tuning"),
-            state: None,
+            state: None, blobs: None,
             settings: TuningSettings {
                 train_after,
                 checkpoint_every: 3,

@@ -34,6 +34,7 @@ use crate::services::adapters::Adapters;
 use crate::services::inference::{Inference, Leases};
 use crate::services::plugins::Plugins;
 use crate::services::tuning::Tuning;
+use crate::store::blobs::Blobs;
 use crate::store::{StateLocation, Store};
 use crate::train::job::Tuner;
 use crate::LoadedModel;
@@ -75,6 +76,9 @@ pub struct TuningConfig {
     pub root: std::path::PathBuf,
     /// Where the rows live [default: SQLite under `root`].
     pub state: Option<crate::store::StateLocation>,
+    /// An object store for the folders, `root` then being this server's cache [default: the
+    /// folders in place under `root`].
+    pub blobs: Option<crate::store::blobs::BlobLocation>,
     pub settings: crate::train::job::TuningSettings,
 }
 
@@ -111,7 +115,11 @@ impl App {
             None => None,
             Some(tuning) => {
                 let state = tuning.state.clone().unwrap_or_else(|| StateLocation::sqlite_under(&tuning.root));
-                let store = Arc::new(Store::open_at(&state, &tuning.root).map_err(std::io::Error::other)?);
+                let mut store = Store::open_at(&state, &tuning.root).map_err(std::io::Error::other)?;
+                if let Some(blobs) = &tuning.blobs {
+                    store = store.with_blobs(Blobs::open(blobs).map_err(std::io::Error::other)?);
+                }
+                let store = Arc::new(store);
                 metrics.register(store.latency().clone());
                 let tuner = Tuner::start(store, model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
                     .map_err(std::io::Error::other)?;

@@ -4,6 +4,7 @@
 pub mod adapters;
 pub mod compare;
 pub mod kv;
+pub mod scale_out;
 pub mod serve;
 pub mod structured;
 pub mod train;

@@ -143,7 +143,7 @@ pub fn serving_under_training(
     let tuning_dir = tempfile_dir()?;
     let tuning = crate::api::TuningConfig {
         root: tuning_dir.clone(),
-        state: None,
+        state: None, blobs: None,
         settings: crate::train::job::TuningSettings {
             train_threads,
             train_after: usize::MAX,

@@ -221,11 +221,12 @@ impl Adapters {
         };
         let versions = tuner.store.versions(name)?;
         let listed = versions.iter().map(|v| v.version.to_string()).collect::<Vec<_>>().join(", ");
-        versions
+        let path = versions
             .into_iter()
             .find(|v| v.version == version)
             .map(|v| v.path)
-            .ok_or_else(|| ServiceError::invalid("version", format!("`{name}` has no version {version} (it has {listed})")))
+            .ok_or_else(|| ServiceError::invalid("version", format!("`{name}` has no version {version} (it has {listed})")))?;
+        Ok(tuner.store.fetch(&path)?)
     }
 
     /// The upload's config text and weights, from its two files or its archive, checked against

@@ -10,11 +10,13 @@ use crate::sql_params;
 use crate::access::Scope;
 use crate::dataset::{content_hash, Conversation};
 
+pub mod blobs;
 pub mod database;
 pub mod schema;
 pub mod testing;
 pub mod transfer;
 
+use blobs::{BlobError, Blobs};
 use database::{Database, DbError, Dialect, Row, Session};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,8 @@ pub enum StoreError {
     ActiveJob { adapter: String, job: String },
     #[error("the {location} database has schema version {found}, newer than this build's {known}")]
     TooNew { location: String, found: i64, known: i64 },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
     #[error("metric: {0}")]
     Metric(#[from] prometheus::Error),
     #[error("stored {what} `{value}` is unknown to this build")]
@@ -126,6 +130,8 @@ pub struct Store {
     staging: String,
     /// Seconds each store call took, database round trips included.
     latency: prometheus::Histogram,
+    /// Where the root's folders are published and fetched from (nothing to do in place).
+    blobs: Blobs,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -415,6 +421,7 @@ impl Store {
             root: root.to_path_buf(),
             staging: format!("{:016x}", rand::random::<u64>()),
             latency,
+            blobs: Blobs::local(),
         };
         if store.db.dialect() == Dialect::Sqlite {
             let _ = std::fs::remove_dir_all(root.join(STAGING_DIR));
@@ -422,8 +429,31 @@ impl Store {
         Ok(store)
     }
 
+    /// The store with its folders in `blobs` (an object store); its root is then a cache.
+    pub fn with_blobs(self, blobs: Blobs) -> Self {
+        Self { blobs, ..self }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The folder at `path` (a version or checkpoint folder under the root, as the store
+    /// names them), fetched from the object store first if this server lacks it.
+    pub fn fetch(&self, path: &Path) -> Result<PathBuf, StoreError> {
+        match path.strip_prefix(&self.root) {
+            Ok(key) => Ok(self.blobs.fetch(&self.root, key)?),
+            Err(_) => Ok(path.to_path_buf()),
+        }
+    }
+
+    /// Puts the folder at `path` under the root into the object store, before the database
+    /// records it, so that no server reads a row whose files are not there yet.
+    fn publish(&self, path: &Path) -> Result<(), StoreError> {
+        match path.strip_prefix(&self.root) {
+            Ok(key) => Ok(self.blobs.publish(&self.root, key)?),
+            Err(_) => Ok(()),
+        }
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -529,6 +559,7 @@ impl Store {
                 )?;
                 placed = true;
                 place_files(&v0).map_err(|source| StoreError::Io { path: v0.clone(), source })?;
+                self.publish(&v0)?;
                 self.notify_adapter(s, &new.name)?;
             }
             let row = adapter_from_row(&s.query_one(&format!("SELECT {ADAPTER_COLUMNS} FROM adapters WHERE name = ?1"), sql_params![&new.name])?)?;
@@ -632,6 +663,7 @@ impl Store {
     /// Records a version whose files are written and makes it current.
     pub fn promote(&self, adapter: &str, version: u32, job_id: &str, metrics: &serde_json::Value) -> Result<(), StoreError> {
         let path = self.version_dir(adapter, version);
+        self.publish(&path)?;
         self.with(|s| {
             s.execute(
                 "INSERT INTO versions (adapter, version, path, job_id, metrics, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -832,6 +864,7 @@ impl Store {
     }
 
     pub fn add_checkpoint(&self, job: &str, step: usize, path: &Path, metrics: &serde_json::Value) -> Result<(), StoreError> {
+        self.publish(path)?;
         self.with(|s| {
             s.execute(
                 "INSERT INTO checkpoints (job_id, step, path, metrics, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",

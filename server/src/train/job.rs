@@ -310,7 +310,7 @@ impl Tuner {
             LoraParams::fresh(&self.base_shape(), self.settings.default_lora.clone(), spec.seed)?
         } else {
             let source = match self.store.adapter(model)? {
-                Some(row) => self.store.version_dir(model, row.version),
+                Some(row) => self.store.fetch(&self.store.version_dir(model, row.version))?,
                 None => {
                     self.registry
                         .describe(model)
@@ -381,7 +381,7 @@ impl Tuner {
             .find(|v| v.version == version)
             .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no version {version}")))?;
         self.registry
-            .install(adapter, &target.path)
+            .install(adapter, &self.store.fetch(&target.path)?)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
         self.store.set_current_version(adapter, version)?;
         tracing::info!(adapter, version, "adapter rolled back");
@@ -518,10 +518,14 @@ impl Tuner {
 
         // Weights and optimizer: from the last checkpoint, else from the starting version.
         let shape = self.base_shape();
-        let checkpoint = self.store.checkpoints(job_id)?.into_iter().next();
+        let mut checkpoint = self.store.checkpoints(job_id)?.into_iter().next();
+        if let Some(c) = &mut checkpoint {
+            // Written by whichever trainer ran the job before: fetched if it ran elsewhere.
+            c.path = self.store.fetch(&c.path)?;
+        }
         let lora = match &checkpoint {
             Some(c) => LoraParams::load_peft(&c.path, &shape)?,
-            None => LoraParams::load_peft(&self.store.version_dir(&job.adapter, spec.start_version), &shape)?,
+            None => LoraParams::load_peft(&self.store.fetch(&self.store.version_dir(&job.adapter, spec.start_version))?, &shape)?,
         };
         let h = spec.hyperparameters;
         let steps_per_epoch = train.len().div_ceil(h.batch_size.max(1));
@@ -634,7 +638,7 @@ impl Tuner {
         let promote = match (&spec.data, new_loss) {
             (JobData::Files { .. }, _) | (_, None) => true,
             (JobData::Feedback { .. }, Some(new_loss)) => {
-                let current_params = LoraParams::load_peft(&self.store.version_dir(&adapter.name, current), &self.base_shape())?;
+                let current_params = LoraParams::load_peft(&self.store.fetch(&self.store.version_dir(&adapter.name, current))?, &self.base_shape())?;
                 let current_loss = evaluate(Trainable::new(&self.model, &current_params), held_out, batch)?;
                 let better = new_loss < current_loss;
                 self.store.add_event(

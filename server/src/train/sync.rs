@@ -56,8 +56,16 @@ impl SyncState {
 pub fn reconcile_adapter(store: &Store, registry: &Registry, name: &str) -> Result<bool, StoreError> {
     let Some(row) = store.adapter(name)? else { return Ok(false) };
     let current = store.version_dir(name, row.version);
+    if registry.describe(name).is_some_and(|(source, _)| source == current) {
+        return Ok(false);
+    }
+    // A version this server lacks comes from the object store first; one that cannot be
+    // fetched now is tried again at the next reconcile.
+    if let Err(e) = store.fetch(&current) {
+        tracing::warn!(adapter = name, version = row.version, error = %e, "adapter version not fetched");
+        return Ok(false);
+    }
     let changed = match registry.describe(name) {
-        Some((source, _)) if source == current => false,
         Some((_, Some(_))) => install(registry, name, &current),
         _ => registry
             .register(name, &current)
