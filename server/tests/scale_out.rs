@@ -242,6 +242,25 @@ async fn feedback_trains_elsewhere_and_is_served_everywhere(folders: Folders) {
     assert_eq!(rolled["version"], 0, "{rolled}");
     let took = until_served(&[&a, &b], "shop", "v0", Duration::from_secs(2)).await;
     println!("promotion reached C in {lag:.3} s; rollback on C reached A and B in {took:?} s");
+
+    // An adapter uploaded to A is served by B and C; deleting one on B stops it everywhere.
+    let zip = reqwest::get(c.url("/v1/adapters/shop/download?version=1")).await.unwrap().bytes().await.unwrap();
+    let form = reqwest::multipart::Form::new()
+        .text("name", "copy")
+        .part("archive", reqwest::multipart::Part::bytes(zip.to_vec()).file_name("copy.zip"));
+    let uploaded = reqwest::Client::new().post(a.url("/v1/adapters")).multipart(form).send().await.unwrap();
+    assert!(uploaded.status().is_success(), "{}", uploaded.text().await.unwrap());
+    until_served(&[&b, &c], "copy", "v0", Duration::from_secs(2)).await;
+    let deleted = reqwest::Client::new().delete(b.url("/v1/adapters/shop")).send().await.unwrap();
+    assert!(deleted.status().is_success(), "{}", deleted.text().await.unwrap());
+    let started = Instant::now();
+    for server in [&a, &c] {
+        while reqwest::get(server.url("/v1/adapters/shop")).await.unwrap().status() != reqwest::StatusCode::NOT_FOUND {
+            assert!(started.elapsed() < Duration::from_secs(2), "a delete on B did not reach every server within 2 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(a.get("/v1/adapters/copy").await["pairs"], 0, "the upload is the store's, with no pairs yet");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ use super::{archive, blocking, ServiceError};
 use crate::access::Scope;
 use crate::adapter_files::{self, AdapterFormat};
 use crate::registry::{AdapterGeneration, Registry, RegistryError};
+use crate::store::database::Dialect;
 use crate::train::job::Tuner;
 /// One adapter, as the registry and the tuning store know it.
 #[derive(Debug, Clone)]
@@ -119,9 +120,16 @@ impl Adapters {
         blocking(move || this.describe_existing(&name)).await
     }
 
-    /// Unloads `name` and, when its files live in the adapters directory, deletes them.
+    /// Unloads `name` and, when its files live in the adapters directory, deletes them. A tuned
+    /// adapter loses its record, versions and pairs too, on every server sharing the store.
     pub async fn delete(self: &Arc<Self>, name: String) -> Result<(), ServiceError> {
         let (path, _) = self.registry.describe(&name).ok_or_else(|| missing(&name))?;
+        if let Some(tuner) = self.tuner.clone() {
+            let forgotten = name.clone();
+            if blocking(move || Ok(tuner.delete_adapter(&forgotten)?)).await? {
+                return Ok(());
+            }
+        }
         self.unload(&name)?;
         let owned = match (&self.dir, path.canonicalize()) {
             (Some(dir), Ok(path)) => dir.canonicalize().is_ok_and(|dir| path.starts_with(dir)),
@@ -138,6 +146,15 @@ impl Adapters {
     /// adapters directory and loads it.
     pub async fn upload(self: &Arc<Self>, upload: AdapterFiles) -> Result<AdapterDescription, ServiceError> {
         self.registry.check_new_name(&upload.name).map_err(|e| ServiceError::invalid("name", e.to_string()))?;
+        if let Some(tuner) = self.tuner.clone().filter(|t| t.store.dialect() == Dialect::Postgres) {
+            let name = upload.name.clone();
+            if blocking(move || Ok(tuner.store.adapter(&name)?)).await?.is_some() {
+                return Err(ServiceError::Conflict(format!(
+                    "`{}` is a tuned adapter of the store this group shares: delete it first, or train it",
+                    upload.name
+                )));
+            }
+        }
         let dir = self
             .dir
             .clone()
@@ -154,9 +171,22 @@ impl Adapters {
                 }
             };
             this.registry.load(&name, &installed).map_err(registry_error)?;
+            this.share_upload(&name)?;
             this.describe(&name).ok_or_else(|| ServiceError::Internal("the adapter vanished while loading".into()))
         })
         .await
+    }
+
+    /// In a group of servers sharing a PostgreSQL store, an upload becomes the store's version 0
+    /// of the adapter (the admin's), so that every server serves it, as they serve trained ones.
+    fn share_upload(&self, name: &str) -> Result<(), ServiceError> {
+        match &self.tuner {
+            Some(tuner) if tuner.store.dialect() == Dialect::Postgres => {
+                tuner.store_feedback(name, None, Scope::Admin, &[])?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks an uploaded GGUF-LoRA file against the base, then stores it durably as

@@ -147,6 +147,36 @@ impl Blobs {
     }
 }
 
+impl Blobs {
+    /// Removes the folder `root/key` and, in an object store, every object under `key/`.
+    pub fn remove(&self, root: &Path, key: &Path) -> Result<(), BlobError> {
+        if let Some(remote) = &self.remote {
+            let prefix = object_key(key, "");
+            let objects: Vec<_> = remote.runtime.block_on(remote.objects.list(Some(&prefix)).try_collect())?;
+            for meta in objects {
+                remote.runtime.block_on(remote.objects.delete(&meta.location))?;
+            }
+        }
+        remove_folder(&root.join(key))
+    }
+
+    /// Drops this server's cached copy of `root/key`; in place, the folder is the shared one and
+    /// stays (whoever deleted its record removed it).
+    pub fn forget(&self, root: &Path, key: &Path) -> Result<(), BlobError> {
+        match self.remote {
+            Some(_) => remove_folder(&root.join(key)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn remove_folder(folder: &Path) -> Result<(), BlobError> {
+    match std::fs::remove_dir_all(folder) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BlobError::Io { path: folder.to_path_buf(), source: e }),
+        _ => Ok(()),
+    }
+}
+
 fn object_key(folder: &Path, file: &str) -> Key {
     let mut parts: Vec<String> = folder.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     if !file.is_empty() {

@@ -674,6 +674,32 @@ impl Store {
         })
     }
 
+    /// Deletes a tuned adapter's record: its versions and pairs (its jobs stay, as history), and
+    /// then its folders. Refused while a job of it is active. False if there was none.
+    pub fn delete_adapter(&self, adapter: &str) -> Result<bool, StoreError> {
+        let deleted = self.with(|s| {
+            if let Some(job) = active_job_in(s, adapter)? {
+                return Err(StoreError::ActiveJob { adapter: adapter.to_string(), job });
+            }
+            s.execute("DELETE FROM pairs WHERE adapter = ?1", sql_params![adapter])?;
+            s.execute("DELETE FROM versions WHERE adapter = ?1", sql_params![adapter])?;
+            let deleted = s.execute("DELETE FROM adapters WHERE name = ?1", sql_params![adapter])? > 0;
+            if deleted {
+                self.notify_adapter(s, adapter)?;
+            }
+            Ok(deleted)
+        })?;
+        if deleted {
+            self.blobs.remove(&self.root, &Path::new("adapters").join(adapter))?;
+        }
+        Ok(deleted)
+    }
+
+    /// Drops this server's copy of a deleted adapter's folders (another server deleted it).
+    pub fn forget_adapter(&self, adapter: &str) -> Result<(), StoreError> {
+        Ok(self.blobs.forget(&self.root, &Path::new("adapters").join(adapter))?)
+    }
+
     /// Makes an existing version current again.
     pub fn set_current_version(&self, adapter: &str, version: u32) -> Result<(), StoreError> {
         self.with(|s| {

@@ -373,6 +373,20 @@ impl Tuner {
         Ok(changed)
     }
 
+    /// Deletes the tuned adapter `name` (its versions and pairs; refused while it trains) and
+    /// stops serving it; the other servers sharing the store follow. False if it has no record.
+    pub fn delete_adapter(&self, name: &str) -> Result<bool, TuneError> {
+        let deleted = self.store.delete_adapter(name).map_err(|e| match e {
+            StoreError::ActiveJob { adapter, job } => TuneError::Busy { adapter, job },
+            other => TuneError::Store(other),
+        })?;
+        if deleted {
+            let _ = self.registry.unload(name);
+            tracing::info!(adapter = name, "tuned adapter deleted");
+        }
+        Ok(deleted)
+    }
+
     /// Makes `version` of `adapter` current again and serves it.
     pub fn rollback(&self, adapter: &str, version: u32) -> Result<(), TuneError> {
         let versions = self.store.versions(adapter)?;

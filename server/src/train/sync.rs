@@ -54,7 +54,7 @@ impl SyncState {
 /// Brings one adapter in the registry to the store's current version: a loaded adapter is
 /// swapped now, one only registered is re-pointed and loads on first use. True if it changed.
 pub fn reconcile_adapter(store: &Store, registry: &Registry, name: &str) -> Result<bool, StoreError> {
-    let Some(row) = store.adapter(name)? else { return Ok(false) };
+    let Some(row) = store.adapter(name)? else { return forget(store, registry, name) };
     let current = store.version_dir(name, row.version);
     if registry.describe(name).is_some_and(|(source, _)| source == current) {
         return Ok(false);
@@ -78,6 +78,19 @@ pub fn reconcile_adapter(store: &Store, registry: &Registry, name: &str) -> Resu
     Ok(changed)
 }
 
+/// An adapter whose record is gone (deleted on some server) stops being served here, if this
+/// server served it from the store's folders. True if it did.
+fn forget(store: &Store, registry: &Registry, name: &str) -> Result<bool, StoreError> {
+    let from_store = registry.describe(name).is_some_and(|(source, _)| source.starts_with(store.root()));
+    if !from_store {
+        return Ok(false);
+    }
+    let _ = registry.unload(name);
+    store.forget_adapter(name)?;
+    tracing::info!(adapter = name, "adapter deleted from the store: no longer served");
+    Ok(true)
+}
+
 fn install(registry: &Registry, name: &str, path: &Path) -> bool {
     registry
         .install(name, path)
@@ -85,11 +98,16 @@ fn install(registry: &Registry, name: &str, path: &Path) -> bool {
         .is_ok()
 }
 
-/// Reconciles every stored adapter; how many changed.
+/// Reconciles every stored adapter, and every served one that came from the store; how many
+/// changed.
 pub fn reconcile(store: &Store, registry: &Registry) -> Result<usize, StoreError> {
+    let mut names: Vec<String> = store.adapters()?.into_iter().map(|row| row.name).collect();
+    names.extend(registry.names().into_iter().filter(|name| registry.describe(name).is_some_and(|(source, _)| source.starts_with(store.root()))));
+    names.sort();
+    names.dedup();
     let mut changed = 0;
-    for row in store.adapters()? {
-        changed += usize::from(reconcile_adapter(store, registry, &row.name)?);
+    for name in names {
+        changed += usize::from(reconcile_adapter(store, registry, &name)?);
     }
     Ok(changed)
 }
