@@ -261,6 +261,22 @@ async fn feedback_trains_elsewhere_and_is_served_everywhere(folders: Folders) {
         }
     }
     assert_eq!(a.get("/v1/adapters/copy").await["pairs"], 0, "the upload is the store's, with no pairs yet");
+
+    // A training file uploaded to A trains a job created on C, which B runs.
+    let lines: Vec<String> = (0..12).map(|i| json!({"messages": [{"role": "user", "content": format!("item {i}")}, {"role": "assistant", "content": "the hat"}]}).to_string()).collect();
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part("file", reqwest::multipart::Part::bytes(lines.join("\n").into_bytes()).file_name("train.jsonl"));
+    let file: Value = reqwest::Client::new().post(a.url("/v1/files")).multipart(form).send().await.unwrap().json().await.unwrap();
+    let file_id = file["id"].as_str().unwrap_or_else(|| panic!("no file: {file}")).to_string();
+    let job = c.post("/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 1}})).await;
+    let id = job["id"].as_str().unwrap_or_else(|| panic!("no job: {job}")).to_string();
+    let finished = a.job_when_ended(&id, Duration::from_secs(60)).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    if let Some((_, port)) = &group.s3 {
+        let listing = reqwest::get(format!("http://127.0.0.1:{port}/tessera?list-type=2&prefix=group/files/")).await.unwrap().text().await.unwrap();
+        assert!(listing.contains(&format!("group/files/{file_id}")), "the file's content is in the bucket: {listing}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,4 +354,40 @@ async fn two_trainers_racing_for_twenty_queued_jobs_run_each_exactly_once() {
     }
     println!("jobs run by each trainer: {runs_by_trainer:?}");
     drop(c);
+}
+
+/// Runs `sql` on the test server's maintenance database (a thread of its own: the blocking
+/// client starts a runtime, which may not start inside the test's).
+fn as_admin(database_url: &str, sql: String) {
+    let (server, _) = database_url.rsplit_once('/').unwrap();
+    let admin = format!("{server}/postgres");
+    std::thread::spawn(move || postgres::Client::connect(&admin, postgres::NoTls).unwrap().batch_execute(&sql).unwrap()).join().unwrap();
+}
+
+async fn until_health(server: &Server, status: reqwest::StatusCode, within: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let response = reqwest::get(server.url("/health")).await.unwrap();
+        if response.status() == status {
+            return response.json().await.unwrap();
+        }
+        assert!(started.elapsed() < within, "/health did not answer {status} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_cannot_reach_its_database_is_not_ready_until_it_reconciles_again() {
+    let Some(group) = Group::new(Folders::Shared).await else { return };
+    let a = group.start("a", "serve").await;
+    let name = group.state.rsplit('/').next().unwrap().to_string();
+    as_admin(
+        &group.state,
+        format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"),
+    );
+    let health = until_health(&a, reqwest::StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)).await;
+    assert_eq!((health["ready"].as_bool(), health["status"].as_str()), (Some(false), Some("unavailable")), "{health}");
+    as_admin(&group.state, format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true;"));
+    let health = until_health(&a, reqwest::StatusCode::OK, Duration::from_secs(15)).await;
+    assert_eq!(health["ready"], true, "{health}");
 }

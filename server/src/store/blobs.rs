@@ -170,6 +170,23 @@ impl Blobs {
     }
 }
 
+impl Blobs {
+    /// Puts one whole object under `key` (an uploaded file); `false` when the files are in
+    /// place and the caller keeps the bytes itself.
+    pub fn put_object(&self, key: &str, bytes: &[u8]) -> Result<bool, BlobError> {
+        let Some(remote) = &self.remote else { return Ok(false) };
+        remote.runtime.block_on(remote.objects.put(&Key::from(key), bytes.to_vec().into()))?;
+        Ok(true)
+    }
+
+    /// The object under `key`.
+    pub fn get_object(&self, key: &str) -> Result<Vec<u8>, BlobError> {
+        let Some(remote) = &self.remote else { return Err(BlobError::Missing(key.to_string())) };
+        let bytes = remote.runtime.block_on(async { remote.objects.get(&Key::from(key)).await?.bytes().await })?;
+        Ok(bytes.to_vec())
+    }
+}
+
 fn remove_folder(folder: &Path) -> Result<(), BlobError> {
     match std::fs::remove_dir_all(folder) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BlobError::Io { path: folder.to_path_buf(), source: e }),

@@ -708,11 +708,15 @@ impl Store {
         })
     }
 
+    /// Records an uploaded file. Its content goes where the folders go: into the object store
+    /// when there is one (put before the row that names it), else into its row.
     pub fn insert_file(&self, row: &FileRow, content: &[u8]) -> Result<(), StoreError> {
+        let in_blobs = self.blobs.put_object(&file_key(&row.id), content)?;
+        let (stored, kept): (&str, &[u8]) = if in_blobs { ("blobs", &[]) } else { ("database", content) };
         self.with(|s| {
             s.execute(
-                "INSERT INTO files (id, filename, purpose, bytes, records, content, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                sql_params![&row.id, &row.filename, &row.purpose, row.bytes as i64, row.records as i64, content, row.created_at],
+                "INSERT INTO files (id, filename, purpose, bytes, records, content, created_at, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                sql_params![&row.id, &row.filename, &row.purpose, row.bytes as i64, row.records as i64, kept, row.created_at, stored],
             )?;
             Ok(())
         })
@@ -728,7 +732,12 @@ impl Store {
     }
 
     pub fn file_content(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.with(|s| Ok(s.query_opt("SELECT content FROM files WHERE id = ?1", sql_params![id])?.map(|r| r.blob(0)).transpose()?))
+        let row = self.with(|s| Ok(s.query_opt("SELECT content, stored FROM files WHERE id = ?1", sql_params![id])?))?;
+        let Some(row) = row else { return Ok(None) };
+        match row.text(1)?.as_str() {
+            "blobs" => Ok(Some(self.blobs.get_object(&file_key(id))?)),
+            _ => Ok(Some(row.blob(0)?)),
+        }
     }
 
     pub fn files(&self) -> Result<Vec<FileRow>, StoreError> {
@@ -930,6 +939,11 @@ fn dialect_name(dialect: Dialect) -> &'static str {
     }
 }
 
+/// The object-store key of an uploaded file's content.
+fn file_key(id: &str) -> String {
+    format!("files/{id}")
+}
+
 /// Where version `version` of `adapter` lives under a store's root.
 fn version_key(adapter: &str, version: u32) -> PathBuf {
     Path::new("adapters").join(adapter).join(format!("v{version}"))
@@ -950,7 +964,7 @@ mod tests {
     use super::*;
     use crate::dataset::Message;
 
-    fn pair(q: &str) -> Conversation {
+    pub(super) fn pair(q: &str) -> Conversation {
         Conversation {
             messages: vec![
                 Message { role: "user".into(), content: q.into() },
@@ -959,7 +973,21 @@ mod tests {
         }
     }
 
-    fn job(id: &str, adapter: &str, status: JobStatus) -> JobRow {
+    /// A fresh r4 adapter's record.
+    pub(super) fn adapter(name: &str, created_by: Scope) -> AdapterRow {
+        AdapterRow {
+            name: name.into(),
+            rank: 4,
+            alpha: 8.0,
+            targets: vec!["q_proj".into()],
+            version: 0,
+            pairs_since_training: 0,
+            created_by,
+            open_to_tuning: false,
+        }
+    }
+
+    pub(super) fn job(id: &str, adapter: &str, status: JobStatus) -> JobRow {
         JobRow {
             id: id.into(),
             adapter: adapter.into(),
@@ -1104,16 +1132,7 @@ mod tests {
     #[test]
     fn pairs_survive_reopening_and_duplicates_are_skipped() {
         for (store, location, dir) in stores() {
-            let row = AdapterRow {
-                name: "x".into(),
-                rank: 16,
-                alpha: 32.0,
-                targets: vec!["q_proj".into()],
-                version: 0,
-                pairs_since_training: 0,
-                created_by: Scope::Tune,
-                open_to_tuning: false,
-            };
+            let row = adapter("x", Scope::Tune);
             let created = store.insert_or_get_adapter(&row, &serde_json::json!({}), &[], |dir| std::fs::create_dir_all(dir)).unwrap();
             assert!(matches!(created, Adoption::Stored { created: true, .. }));
             let first = store.insert_pairs("x", &[pair("a"), pair("b")]).unwrap();
@@ -1133,16 +1152,7 @@ mod tests {
     #[test]
     fn a_first_upload_creates_the_adapter_once_and_a_failed_create_leaves_nothing() {
         for (store, location, _dir) in stores() {
-            let row = |created_by| AdapterRow {
-                name: "new".into(),
-                rank: 4,
-                alpha: 8.0,
-                targets: vec!["q_proj".into()],
-                version: 0,
-                pairs_since_training: 0,
-                created_by,
-                open_to_tuning: false,
-            };
+            let row = |created_by| adapter("new", created_by);
             let refused = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), &[pair("a")], |v0| {
                 std::fs::create_dir_all(v0)?;
                 Err(std::io::Error::other("disk full"))

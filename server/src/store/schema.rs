@@ -105,6 +105,9 @@ pub const SQLITE: &[&str] = &[
     // seconds) unless its heartbeat renews it; an expired claim may be taken by another trainer.
     "ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
      ALTER TABLE jobs ADD COLUMN lease_until INTEGER;",
+    // 5: an uploaded file's content may live in the object store (`files/<id>`) rather than
+    // in its row, which then holds no bytes.
+    "ALTER TABLE files ADD COLUMN stored TEXT NOT NULL DEFAULT 'database' CHECK (stored IN ('database', 'blobs'));",
 ];
 
 
@@ -188,6 +191,7 @@ pub const POSTGRES: &[&str] = &[
     "",
     "ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
      ALTER TABLE jobs ADD COLUMN lease_until BIGINT;",
+    "ALTER TABLE files ADD COLUMN stored TEXT NOT NULL DEFAULT 'database' CHECK (stored IN ('database', 'blobs'));",
 ];
 
 /// The tables and columns both schemas share, in an order where no row refers to a later
@@ -196,7 +200,7 @@ pub const TABLES: &[(&str, &str)] = &[
     ("adapters", "name, rank, alpha, targets, version, pairs_since_training, created_at, created_by, open_to_tuning"),
     ("pairs", "id, adapter, hash, conversation, created_at"),
     ("versions", "adapter, version, path, job_id, metrics, created_at"),
-    ("files", "id, filename, purpose, bytes, records, content, created_at"),
+    ("files", "id, filename, purpose, bytes, records, content, created_at, stored"),
     ("jobs", "id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at, created_by, claimed_by, lease_until"),
     ("events", "id, job_id, level, message, data, created_at, kind"),
     ("checkpoints", "id, job_id, step, path, metrics, created_at"),

@@ -163,42 +163,14 @@ pub fn rows(database: &Database) -> Result<Vec<(&'static str, Vec<Row>)>, DbErro
 mod tests {
     use super::*;
     use crate::access::Scope;
-    use crate::dataset::{Conversation, Message};
-    use crate::store::{AdapterRow, FileRow, JobRow, JobStatus, StateLocation, Store};
-
-    fn pair(q: &str) -> Conversation {
-        Conversation {
-            messages: vec![Message { role: "user".into(), content: q.into() }, Message { role: "assistant".into(), content: "a".into() }],
-        }
-    }
+    use crate::store::tests::{adapter, job, pair};
+    use crate::store::{FileRow, JobStatus, StateLocation, Store};
 
     /// A single server's store with a row in every table.
     fn filled(root: &std::path::Path) -> Store {
         let store = Store::open(root).unwrap();
-        let adapter = AdapterRow {
-            name: "x".into(),
-            rank: 8,
-            alpha: 16.0,
-            targets: vec!["q_proj".into()],
-            version: 0,
-            pairs_since_training: 0,
-            created_by: Scope::Tune,
-            open_to_tuning: false,
-        };
-        store.insert_or_get_adapter(&adapter, &json!({"eval_loss": 1.25}), &[pair("a"), pair("b")], |v0| std::fs::create_dir_all(v0)).unwrap();
-        let job = JobRow {
-            id: "ftjob-1".into(),
-            adapter: "x".into(),
-            model: "m".into(),
-            spec: json!({"seed": 1}),
-            status: JobStatus::Running,
-            fine_tuned_model: None,
-            error: None,
-            trained_tokens: None,
-            created_at: 5,
-            finished_at: None,
-            created_by: Scope::Tune,
-        };
+        store.insert_or_get_adapter(&adapter("x", Scope::Tune), &json!({"eval_loss": 1.25}), &[pair("a"), pair("b")], |v0| std::fs::create_dir_all(v0)).unwrap();
+        let job = job("ftjob-1", "x", JobStatus::Running);
         store.insert_job(&job, true).unwrap();
         store.add_metrics_event("ftjob-1", "Step 1", &json!({"train_loss": 2.5})).unwrap();
         store.add_checkpoint("ftjob-1", 2, &store.job_dir("ftjob-1").join("step-000002"), &json!({"step": 2})).unwrap();
