@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use tessera_adapters::peft::{BaseShape, CONFIG_FILE};
@@ -59,7 +59,13 @@ pub struct Registry {
     /// Most bytes of adapter weights kept in memory while not in use.
     budget: Option<usize>,
     clock: AtomicU64,
+    /// Brings a folder onto this machine before it is read, where the tuning store keeps its
+    /// versions in an object store: registered adapters then download on first use too.
+    fetch: OnceLock<SourceFetch>,
 }
+
+/// Makes the folder at a path present locally (a no-op for paths it does not manage).
+pub type SourceFetch = Box<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
 
 /// `[A-Za-z0-9._-]{1,64}`, and not a path component such as `.` or `..`.
 pub fn valid_name(name: &str) -> bool {
@@ -83,7 +89,13 @@ impl Registry {
             roots: roots.iter().filter_map(|r| r.canonicalize().ok()).collect(),
             budget,
             clock: AtomicU64::new(0),
+            fetch: OnceLock::new(),
         }
+    }
+
+    /// Sets how sources are fetched before they are read (once; later calls are ignored).
+    pub fn fetch_sources_with(&self, fetch: SourceFetch) {
+        let _ = self.fetch.set(fetch);
     }
 
     fn tick(&self) -> u64 {
@@ -175,6 +187,9 @@ impl Registry {
     }
 
     fn read(&self, name: &str, path: &Path) -> Result<Arc<AdapterGeneration>, RegistryError> {
+        if let Some(fetch) = self.fetch.get() {
+            fetch(path).map_err(|e| RegistryError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
+        }
         let adapter = adapter_files::load(path, &self.base)?;
         Ok(Arc::new(AdapterGeneration {
             name: name.to_string(),

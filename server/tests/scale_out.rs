@@ -226,6 +226,11 @@ async fn feedback_trains_elsewhere_and_is_served_everywhere(folders: Folders) {
     assert!(lag <= 2.0, "C served version 1 {lag:.2} s after B promoted it");
     let finished = c.job_when_ended(&id, Duration::from_secs(30)).await;
     assert_eq!(finished["status"], "succeeded", "{finished}");
+    // C answers with version 1 (loading it, from the bucket on S3), exactly as B does.
+    let request = json!({"model": "shop", "prompt": "name item 3", "max_tokens": 6, "temperature": 0});
+    let (from_b, from_c) = (b.post("/v1/completions", request.clone()).await, c.post("/v1/completions", request).await);
+    assert!(from_c["choices"][0]["text"].is_string(), "{from_c}");
+    assert_eq!(from_b["choices"][0]["text"], from_c["choices"][0]["text"], "B and C serve the same version");
     let events = c.event_messages(&id).await;
     let claimed: Vec<&Value> = events.iter().filter(|e| e["message"].as_str().is_some_and(|m| m.starts_with("Claimed by trainer"))).collect();
     assert_eq!(claimed.len(), 1, "one claim: {events:?}");

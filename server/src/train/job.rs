@@ -160,6 +160,11 @@ impl Tuner {
         registry: Arc<Registry>,
         settings: TuningSettings,
     ) -> Result<Arc<Self>, TuneError> {
+        let source_store = Arc::downgrade(&store);
+        registry.fetch_sources_with(Box::new(move |path| match source_store.upgrade() {
+            Some(store) => store.fetch(path).map(drop).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }));
         let sync = Arc::new(SyncState::new().map_err(StoreError::from)?);
         sync::start(&store, &registry, &sync).map_err(|e| TuneError::Invalid(format!("adapter sync not started: {e}")))?;
         let (wake, woken) = mpsc::channel::<()>();

@@ -52,17 +52,12 @@ impl SyncState {
 }
 
 /// Brings one adapter in the registry to the store's current version: a loaded adapter is
-/// swapped now, one only registered is re-pointed and loads on first use. True if it changed.
+/// swapped now, one only registered is re-pointed and loads (and, from an object store,
+/// downloads) on first use. True if it changed.
 pub fn reconcile_adapter(store: &Store, registry: &Registry, name: &str) -> Result<bool, StoreError> {
     let Some(row) = store.adapter(name)? else { return forget(store, registry, name) };
     let current = store.version_dir(name, row.version);
     if registry.describe(name).is_some_and(|(source, _)| source == current) {
-        return Ok(false);
-    }
-    // A version this server lacks comes from the object store first; one that cannot be
-    // fetched now is tried again at the next reconcile.
-    if let Err(e) = store.fetch(&current) {
-        tracing::warn!(adapter = name, version = row.version, error = %e, "adapter version not fetched");
         return Ok(false);
     }
     let changed = match registry.describe(name) {
