@@ -247,6 +247,10 @@ async fn feedback_trains_elsewhere_and_is_served_everywhere(folders: Folders) {
     assert_eq!(rolled["version"], 0, "{rolled}");
     let took = until_served(&[&a, &b], "shop", "v0", Duration::from_secs(2)).await;
     println!("promotion reached C in {lag:.3} s; rollback on C reached A and B in {took:?} s");
+    let metrics = reqwest::get(a.url("/metrics")).await.unwrap().text().await.unwrap();
+    let heard = metrics.lines().find_map(|l| l.strip_prefix("tessera_notification_lag_seconds_count ")).and_then(|n| n.parse::<u64>().ok());
+    assert!(heard.is_some_and(|n| n >= 2), "A heard the promotion and the rollback: {heard:?}");
+    assert!(metrics.contains("tessera_state_seconds_count{backend=\"postgres\"}"), "the store's latency is measured");
 
     // An adapter uploaded to A is served by B and C; deleting one on B stops it everywhere.
     let zip = reqwest::get(c.url("/v1/adapters/shop/download?version=1")).await.unwrap().bytes().await.unwrap();
@@ -395,4 +399,50 @@ async fn a_server_that_cannot_reach_its_database_is_not_ready_until_it_reconcile
     as_admin(&group.state, format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true;"));
     let health = until_health(&a, reqwest::StatusCode::OK, Duration::from_secs(15)).await;
     assert_eq!(health["ready"], true, "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_servers_store_moves_into_postgres_with_state_export_and_import_and_serves_there() {
+    let Some(group) = Group::new(Folders::Shared).await else { return };
+    // A single server with its own SQLite store and an adapter with pairs.
+    let home = group.dir.path().join("single");
+    let single_dir = home.join("tuning");
+    let port = free_port();
+    let single = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .env("TESSERA_HOME", &home)
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string(), "--ctx-len", "128", "--train-after", "100000", "--model"])
+            .arg(group.dir.path().join("tiny.gguf"))
+            .arg("--tuning-dir")
+            .arg(&single_dir)
+            .spawn()
+            .unwrap(),
+    );
+    let single = Server { process: single, port };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(single.url("/health")).await.is_err() {
+        assert!(Instant::now() < deadline, "the single server did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(single.feedback("moved", 0..7).await["stored"], 7);
+    drop(single);
+
+    let tessera = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().unwrap();
+        assert!(output.status.success(), "tessera {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        output
+    };
+    let dump = group.dir.path().join("dump.jsonl");
+    tessera(&["state", "export", "--tuning-dir", single_dir.to_str().unwrap(), "-o", dump.to_str().unwrap()]);
+    tessera(&["migrate", "--state", &group.state, "--tuning-dir", group.tuning_dir("a").to_str().unwrap()]);
+    tessera(&["state", "import", "--state", &group.state, "--tuning-dir", group.tuning_dir("a").to_str().unwrap(), "-i", dump.to_str().unwrap()]);
+    // The folders move by copy, as the README says.
+    let copied = Command::new("cp").arg("-r").arg(single_dir.join("adapters")).arg(group.tuning_dir("a")).status().unwrap();
+    assert!(copied.success());
+
+    let a = group.start("a", "serve").await;
+    let info = a.get("/v1/adapters/moved").await;
+    assert_eq!((info["pairs"].as_u64(), info["version"].as_u64()), (Some(7), Some(0)), "{info}");
+    let answer = a.post("/v1/completions", json!({"model": "moved", "prompt": "item", "max_tokens": 2})).await;
+    assert!(answer["choices"][0]["text"].is_string(), "{answer}");
 }
