@@ -84,8 +84,8 @@ pub struct ServeOptions {
     pub tuning_dir: Option<PathBuf>,
     /// Where online tuning's rows live: `sqlite:PATH`, one server's own file, or a
     /// `postgres://user:password@host/db` URL that a group of servers shares; those servers
-    /// then share one `--tuning-dir` too (a shared filesystem) for adapter versions and
-    /// checkpoints [default: sqlite:TUNING_DIR/tessera.sqlite3].
+    /// then share their adapter versions and checkpoints too (`--blobs`)
+    /// [default: sqlite:TUNING_DIR/tessera.sqlite3].
     #[arg(long, env = "TESSERA_STATE")]
     pub state: Option<String>,
     /// Where adapter versions and checkpoints live: `file:DIR` (a folder, shared by a group of

@@ -21,6 +21,7 @@ use tessera_adapters::peft::BaseShape;
 use crate::access::Scope;
 use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
+use crate::store::database::Dialect;
 use crate::store::{unix_time, AdapterRow, Adoption, Claim, Inserted, JobRow, JobStatus, Store, StoreError};
 use crate::train::sync::{self, SyncState};
 use crate::train::worker;
@@ -179,6 +180,9 @@ impl Tuner {
             cancelled: Mutex::new(HashMap::new()),
             sync,
         });
+        if !tuner.settings.trains && tuner.store.dialect() == Dialect::Sqlite {
+            tracing::warn!("--role serve on a store of its own: no server will run this server's fine-tuning jobs");
+        }
         if tuner.settings.trains {
             worker::start(Arc::downgrade(&tuner), woken, tuner.settings.train_threads.max(1))
                 .map_err(|e| TuneError::Invalid(format!("trainer thread not started: {e}")))?;
