@@ -43,6 +43,9 @@ pub fn prefill(
         return Err(ModelError::EmptyInput);
     }
     cache.check_room(prompt.len())?;
+    if cache.is_empty() {
+        cache.set_prompt_len(prompt.len());
+    }
     let mut last = Vec::new();
     let n_chunks = prompt.len().div_ceil(PREFILL_CHUNK);
     for (i, tokens) in prompt.chunks(PREFILL_CHUNK).enumerate() {

@@ -53,8 +53,10 @@ impl Sequence {
     pub(super) fn new(submission: Submission, pool: &KvPool, config: &Config) -> Self {
         let request = submission.request;
         let capacity = request.prompt.len() + request.max_tokens;
+        let mut cache = KvCache::in_pool(pool, config, capacity);
+        cache.set_prompt_len(request.prompt.len());
         Self {
-            cache: KvCache::in_pool(pool, config, capacity),
+            cache,
             sampler: Sampler::new(request.sampling.clone()),
             grammar: request.constraint.clone().map(ConstrainedDecoder::start),
             stops: StopMatcher::new(request.stop_strings.clone()),
@@ -121,7 +123,10 @@ impl Sequence {
     /// Gives back every block and starts over from nothing; the tokens generated so far are
     /// kept and recomputed with the prompt when the sequence runs again.
     pub(super) fn preempt(&mut self, pool: &KvPool, config: &Config) {
+        let prompt_len = self.cache.prompt_len();
         self.cache = KvCache::in_pool(pool, config, self.cache.capacity());
+        // Recomputed, the generated tokens are still folded as when they were decoded.
+        self.cache.set_prompt_len(prompt_len);
         self.prefilled = 0;
         if let Some((_, cursor)) = self.prefix.as_mut() {
             *cursor = ChainCursor::EMPTY;

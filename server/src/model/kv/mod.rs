@@ -22,6 +22,10 @@ pub struct KvCache {
     len: usize,
     /// Most positions this sequence may reach.
     capacity: usize,
+    /// Positions below this are the prompt's, which attention folds in f32 over key blocks (as
+    /// llama.cpp's tiled CPU flash attention does for a batch of prompt rows); later ones, the
+    /// generated tokens, it folds one key at a time at f16 precision (as llama.cpp decodes).
+    prompt_len: usize,
 }
 
 impl KvCache {
@@ -38,7 +42,17 @@ impl KvCache {
             windows: (0..config.n_layers).map(|layer| config.window(layer)).collect(),
             len: 0,
             capacity,
+            prompt_len: 0,
         }
+    }
+
+    /// Marks the first `tokens` positions as the prompt's (see `prompt_len`).
+    pub fn set_prompt_len(&mut self, tokens: usize) {
+        self.prompt_len = tokens;
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
     }
 
     /// Tokens already cached: the position of the next token.
