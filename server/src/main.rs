@@ -392,7 +392,7 @@ fn main() -> Result<()> {
         Command::Migrate { store } => {
             // Opening migrates; the schema version is what it reached.
             let opened = store.open()?;
-            eprintln!("{}: schema version {}", opened.dialect_name(), tessera::store::schema::latest());
+            eprintln!("{}: schema version {}", opened.dialect().name(), tessera::store::schema::latest());
         }
         Command::State { action } => state(action)?,
         Command::TrainLocal { model, options } => train_local(&model, options, cli.threads)?,

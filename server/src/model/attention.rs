@@ -278,10 +278,10 @@ fn accumulate_block_f32(scores: &[f32; BLOCK_TOKENS], slots: Range<usize>, max: 
 /// order (the same sums on every path), sixteen dimensions at a time held in a register across
 /// the block where the CPU has AVX-512.
 fn weighted_sum(weights: &[f32; BLOCK_TOKENS], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) {
-    let vectorised = d - d % 16;
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     if values.len() >= slots.end * d {
         use std::arch::x86_64::*;
+        let vectorised = d - d % 16;
         for lane in (0..vectorised).step_by(16) {
             // SAFETY: AVX-512F is enabled at compile time; lanes lane..lane+16 lie within `acc`
             // and within each row j < slots.end of `values` (checked above).
@@ -312,13 +312,6 @@ fn weighted_sum_scalar(weights: &[f32; BLOCK_TOKENS], slots: Range<usize>, value
 /// precision, rounded after every key, and rescaled only when a key raises the maximum. Keeping
 /// its roundings keeps the logits within the reference's own noise.
 fn accumulate_block(scores: &[f32; BLOCK_TOKENS], slots: Range<usize>, max: &mut f32, sum: &mut f32, values: &[f32], acc: &mut [f32]) {
-    if !half_precision::accumulate_in_registers(scores, slots.clone(), max, sum, values, acc) {
-        accumulate_each_key(scores, slots, max, sum, values, acc);
-    }
-}
-
-/// [`accumulate_block`] one key at a time through memory, for any head size.
-fn accumulate_each_key(scores: &[f32; BLOCK_TOKENS], slots: Range<usize>, max: &mut f32, sum: &mut f32, values: &[f32], acc: &mut [f32]) {
     let d = acc.len();
     for j in slots {
         let s = scores[j];
@@ -340,101 +333,6 @@ fn accumulate_each_key(scores: &[f32; BLOCK_TOKENS], slots: Range<usize>, max: &
 /// hardware.
 mod half_precision {
     use half::f16;
-
-    use std::ops::Range;
-
-    use crate::model::kv::BLOCK_TOKENS;
-
-    /// [`super::accumulate_block`] with the row's accumulator held in registers across the
-    /// block's keys (AVX-512, head sizes 64, 128 and 256): the same operations in the same
-    /// order, so the same bits, without storing and reloading the accumulator at every key.
-    /// False where it does not apply.
-    pub(super) fn accumulate_in_registers(
-        scores: &[f32; BLOCK_TOKENS],
-        slots: Range<usize>,
-        max: &mut f32,
-        sum: &mut f32,
-        values: &[f32],
-        acc: &mut [f32],
-    ) -> bool {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        {
-            let fold = match acc.len() {
-                64 => registers::fold::<4>,
-                128 => registers::fold::<8>,
-                256 => registers::fold::<16>,
-                _ => return false,
-            };
-            if values.len() < slots.end * acc.len() {
-                return false;
-            }
-            // SAFETY: the target has AVX-512F (checked at compile time); `fold` reads `values`
-            // rows `slots` (in bounds, checked above) and the `acc.len()` floats of `acc`.
-            unsafe { fold(scores, slots, max, sum, values, acc) };
-            true
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-        {
-            let _ = (scores, slots, max, sum, values, acc);
-            false
-        }
-    }
-
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    mod registers {
-        use std::arch::x86_64::*;
-        use std::ops::Range;
-
-        use crate::model::kv::BLOCK_TOKENS;
-
-        /// x rounded to the nearest f16, kept in f32 lanes.
-        #[inline(always)]
-        unsafe fn round(x: __m512) -> __m512 {
-            _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
-        }
-
-        /// The per-key fold of `accumulate_block` over `L`·16 lanes held in registers.
-        ///
-        /// # Safety
-        /// AVX-512F; `acc` holds `L`·16 floats and `values` rows up to `slots.end` of that width.
-        pub(super) unsafe fn fold<const L: usize>(
-            scores: &[f32; BLOCK_TOKENS],
-            slots: Range<usize>,
-            max: &mut f32,
-            sum: &mut f32,
-            values: &[f32],
-            acc: &mut [f32],
-        ) {
-            let d = L * 16;
-            let mut lanes = [_mm512_setzero_ps(); L];
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                *lane = _mm512_loadu_ps(acc.as_ptr().add(l * 16));
-            }
-            for j in slots {
-                let s = scores[j];
-                let (mut rescale, mut weight) = (1.0f32, 1.0f32);
-                if s > *max {
-                    rescale = (*max - s).exp();
-                    *max = s;
-                    let c = _mm512_set1_ps(rescale);
-                    for lane in lanes.iter_mut() {
-                        *lane = round(_mm512_mul_ps(*lane, c));
-                    }
-                } else {
-                    weight = (s - *max).exp();
-                }
-                let w = _mm512_set1_ps(weight);
-                let v = values.as_ptr().add(j * d);
-                for (l, lane) in lanes.iter_mut().enumerate() {
-                    *lane = round(_mm512_fmadd_ps(_mm512_loadu_ps(v.add(l * 16)), w, *lane));
-                }
-                *sum = sum.mul_add(rescale, weight);
-            }
-            for (l, lane) in lanes.iter().enumerate() {
-                _mm512_storeu_ps(acc.as_mut_ptr().add(l * 16), *lane);
-            }
-        }
-    }
 
     /// acc ← f16(acc · c)
     pub(super) fn scale(acc: &mut [f32], c: f32) {
@@ -619,26 +517,6 @@ mod tests {
 
     fn visible(mask: &[f32], keys: usize) -> Vec<Vec<bool>> {
         mask.chunks(keys).map(|row| row.iter().map(|&m| m == 0.0).collect()).collect()
-    }
-
-    #[test]
-    fn the_accumulator_in_registers_gives_the_same_bits_as_the_one_in_memory() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for d in [64, 128, 256] {
-            let values = random(&mut rng, BLOCK_TOKENS * d);
-            let mut scores = [0f32; BLOCK_TOKENS];
-            scores.iter_mut().for_each(|s| *s = rng.random_range(-4.0..4.0));
-            for slots in [0..BLOCK_TOKENS, 3..11, 5..6] {
-                let start: Vec<f32> = random(&mut rng, d).iter().map(|x| f16::from_f32(*x).to_f32()).collect();
-                let (mut max_a, mut sum_a, mut acc_a) = (0.5f32, 1.25f32, start.clone());
-                let (mut max_b, mut sum_b, mut acc_b) = (0.5f32, 1.25f32, start);
-                accumulate_block(&scores, slots.clone(), &mut max_a, &mut sum_a, &values, &mut acc_a);
-                accumulate_each_key(&scores, slots.clone(), &mut max_b, &mut sum_b, &values, &mut acc_b);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!((max_a.to_bits(), sum_a.to_bits()), (max_b.to_bits(), sum_b.to_bits()), "d {d}, keys {slots:?}");
-                assert_eq!(bits(&acc_a), bits(&acc_b), "d {d}, keys {slots:?}");
-            }
-        }
     }
 
     #[test]

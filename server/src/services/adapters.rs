@@ -10,7 +10,6 @@ use super::{archive, blocking, ServiceError};
 use crate::access::Scope;
 use crate::adapter_files::{self, AdapterFormat};
 use crate::registry::{AdapterGeneration, Registry, RegistryError};
-use crate::store::database::Dialect;
 use crate::train::job::Tuner;
 /// One adapter, as the registry and the tuning store know it.
 #[derive(Debug, Clone)]
@@ -146,7 +145,7 @@ impl Adapters {
     /// adapters directory and loads it.
     pub async fn upload(self: &Arc<Self>, upload: AdapterFiles) -> Result<AdapterDescription, ServiceError> {
         self.registry.check_new_name(&upload.name).map_err(|e| ServiceError::invalid("name", e.to_string()))?;
-        if let Some(tuner) = self.tuner.clone().filter(|t| t.store.dialect() == Dialect::Postgres) {
+        if let Some(tuner) = self.tuner.clone().filter(|t| t.store.is_shared()) {
             let name = upload.name.clone();
             if blocking(move || Ok(tuner.store.adapter(&name)?)).await?.is_some() {
                 return Err(ServiceError::Conflict(format!(
@@ -181,7 +180,7 @@ impl Adapters {
     /// of the adapter (the admin's), so that every server serves it, as they serve trained ones.
     fn share_upload(&self, name: &str) -> Result<(), ServiceError> {
         match &self.tuner {
-            Some(tuner) if tuner.store.dialect() == Dialect::Postgres => {
+            Some(tuner) if tuner.store.is_shared() => {
                 tuner.store_feedback(name, None, Scope::Admin, &[])?;
                 Ok(())
             }

@@ -92,10 +92,6 @@ impl Blobs {
         Ok(Self { remote: Some(Remote { objects, runtime }) })
     }
 
-    pub fn is_remote(&self) -> bool {
-        self.remote.is_some()
-    }
-
     /// Puts every file of the folder `root/key` under `key/`. Nothing to do for files in place.
     pub fn publish(&self, root: &Path, key: &Path) -> Result<(), BlobError> {
         let Some(remote) = &self.remote else { return Ok(()) };
@@ -145,9 +141,7 @@ impl Blobs {
         }
         Ok(folder)
     }
-}
 
-impl Blobs {
     /// Removes the folder `root/key` and, in an object store, every object under `key/`.
     pub fn remove(&self, root: &Path, key: &Path) -> Result<(), BlobError> {
         if let Some(remote) = &self.remote {
@@ -168,9 +162,7 @@ impl Blobs {
             None => Ok(()),
         }
     }
-}
 
-impl Blobs {
     /// Puts one whole object under `key` (an uploaded file); `false` when the files are in
     /// place and the caller keeps the bytes itself.
     pub fn put_object(&self, key: &str, bytes: &[u8]) -> Result<bool, BlobError> {
@@ -183,7 +175,7 @@ impl Blobs {
     pub fn get_object(&self, key: &str) -> Result<Vec<u8>, BlobError> {
         let Some(remote) = &self.remote else { return Err(BlobError::Missing(key.to_string())) };
         let bytes = remote.runtime.block_on(async { remote.objects.get(&Key::from(key)).await?.bytes().await })?;
-        Ok(bytes.to_vec())
+        Ok(bytes.into())
     }
 }
 

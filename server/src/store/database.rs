@@ -160,9 +160,10 @@ impl Row {
         }
     }
 
-    pub fn blob(&self, column: usize) -> Result<Vec<u8>, DbError> {
-        match self.at(column) {
-            Value::Blob(v) => Ok(v.clone()),
+    /// The blob in `column`, taken out of the row (a file's content is not copied).
+    pub fn into_blob(mut self, column: usize) -> Result<Vec<u8>, DbError> {
+        match self.0.get_mut(column) {
+            Some(Value::Blob(v)) => Ok(std::mem::take(v)),
             _ => Err(self.mismatch(column, "a blob")),
         }
     }
@@ -192,6 +193,16 @@ pub trait Session {
 pub enum Dialect {
     Sqlite,
     Postgres,
+}
+
+impl Dialect {
+    /// `sqlite` or `postgres`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
 }
 
 pub enum Database {
@@ -263,17 +274,17 @@ fn postgres_transaction<R, E: From<DbError>>(
 
 struct SqliteSession<'c>(rusqlite::Transaction<'c>);
 
-fn sqlite_params(params: &[Value]) -> Vec<rusqlite::types::Value> {
-    params
-        .iter()
-        .map(|v| match v {
-            Value::Null => rusqlite::types::Value::Null,
-            Value::Int(i) => rusqlite::types::Value::Integer(*i),
-            Value::Real(r) => rusqlite::types::Value::Real(*r),
-            Value::Text(t) => rusqlite::types::Value::Text(t.clone()),
-            Value::Blob(b) => rusqlite::types::Value::Blob(b.clone()),
-        })
-        .collect()
+/// Parameters bind to SQLite borrowed, without copying a text or blob.
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Int(i) => ValueRef::Integer(*i),
+            Value::Real(r) => ValueRef::Real(*r),
+            Value::Text(t) => ValueRef::Text(t.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
 }
 
 fn sqlite_value(value: ValueRef<'_>) -> Value {
@@ -289,14 +300,14 @@ fn sqlite_value(value: ValueRef<'_>) -> Value {
 impl Session for SqliteSession<'_> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<usize, DbError> {
         let mut statement = self.0.prepare_cached(sql)?;
-        Ok(statement.execute(rusqlite::params_from_iter(sqlite_params(params)))?)
+        Ok(statement.execute(rusqlite::params_from_iter(params))?)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
         let mut statement = self.0.prepare_cached(sql)?;
         let columns = statement.column_count();
         let rows = statement
-            .query_map(rusqlite::params_from_iter(sqlite_params(params)), |r| {
+            .query_map(rusqlite::params_from_iter(params), |r| {
                 (0..columns).map(|i| Ok(sqlite_value(r.get_ref(i)?))).collect::<rusqlite::Result<Vec<_>>>().map(Row)
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -1,7 +1,9 @@
-//! Durable state of online tuning, in one embedded SQLite database (WAL, `synchronous=FULL`):
-//! feedback pairs, uploaded files, fine-tuning jobs and their events and checkpoints, and every
-//! adapter version. A write returns only after its transaction commits, so whatever the API
-//! acknowledged survives a crash.
+//! Durable state of online tuning: feedback pairs, uploaded files, fine-tuning jobs and their
+//! events and checkpoints, and every adapter version. Rows live in one server's SQLite file (WAL,
+//! `synchronous=FULL`) or in a PostgreSQL database a group of servers shares (`database.rs`);
+//! version and checkpoint folders live under the root, or in an object store (`blobs.rs`). A
+//! write returns only after its transaction commits, so whatever the API acknowledged survives
+//! a crash.
 
 use std::path::{Path, PathBuf};
 
@@ -271,7 +273,7 @@ pub struct Claim {
 /// The id of `adapter`'s active job, if any.
 fn active_job_in(s: &mut dyn Session, adapter: &str) -> Result<Option<String>, StoreError> {
     let row = s.query_opt(
-        "SELECT id FROM jobs WHERE adapter = ?1 AND status IN ('validating_files', 'queued', 'running')",
+        &format!("SELECT id FROM jobs WHERE adapter = ?1 AND status IN {ACTIVE}"),
         sql_params![adapter],
     )?;
     Ok(row.map(|r| r.text(0)).transpose()?)
@@ -409,11 +411,9 @@ impl Store {
             // One process owns a SQLite store: claims of an earlier process died with it.
             db.transaction(|s| s.execute("UPDATE jobs SET claimed_by = NULL, lease_until = NULL", &[]))?;
         }
-        // Staged files of a create that was interrupted were never recorded: nothing uses them.
-        // Several servers share a root beside PostgreSQL, so each stages under its own name.
         let latency = prometheus::Histogram::with_opts(
             prometheus::HistogramOpts::new("tessera_state_seconds", "Seconds per call to the state backend (one transaction).")
-                .const_label("backend", dialect_name(db.dialect()))
+                .const_label("backend", db.dialect().name())
                 .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]),
         )?;
         let store = Self {
@@ -423,6 +423,8 @@ impl Store {
             latency,
             blobs: Blobs::local(),
         };
+        // Staged files of a create that was interrupted were never recorded: nothing uses them.
+        // Several servers share a root beside PostgreSQL, so there each stages under its own name.
         if store.db.dialect() == Dialect::Sqlite {
             let _ = std::fs::remove_dir_all(root.join(STAGING_DIR));
         }
@@ -460,9 +462,9 @@ impl Store {
         self.db.dialect()
     }
 
-    /// `sqlite` or `postgres`.
-    pub fn dialect_name(&self) -> &'static str {
-        dialect_name(self.db.dialect())
+    /// Whether a group of servers shares this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.db.dialect() == Dialect::Postgres
     }
 
     /// The histogram of store call latencies, for `/metrics`.
@@ -478,6 +480,12 @@ impl Store {
     /// Where version `version` of `adapter` lives (a PEFT folder).
     pub fn version_dir(&self, adapter: &str, version: u32) -> PathBuf {
         self.root.join(version_key(adapter, version))
+    }
+
+    /// Version `version` of `adapter`, fetched from the object store first if this server
+    /// lacks it.
+    pub fn fetch_version(&self, adapter: &str, version: u32) -> Result<PathBuf, StoreError> {
+        self.fetch(&self.version_dir(adapter, version))
     }
 
     /// A fresh folder name for files written before the transaction that records them.
@@ -690,14 +698,14 @@ impl Store {
             Ok(deleted)
         })?;
         if deleted {
-            self.blobs.remove(&self.root, &Path::new("adapters").join(adapter))?;
+            self.blobs.remove(&self.root, &adapter_key(adapter))?;
         }
         Ok(deleted)
     }
 
     /// Drops this server's copy of a deleted adapter's folders (another server deleted it).
     pub fn forget_adapter(&self, adapter: &str) -> Result<(), StoreError> {
-        Ok(self.blobs.forget(&self.root, &Path::new("adapters").join(adapter))?)
+        Ok(self.blobs.forget(&self.root, &adapter_key(adapter))?)
     }
 
     /// Makes an existing version current again.
@@ -736,7 +744,7 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         match row.text(1)?.as_str() {
             "blobs" => Ok(Some(self.blobs.get_object(&file_key(id))?)),
-            _ => Ok(Some(row.blob(0)?)),
+            _ => Ok(Some(row.into_blob(0)?)),
         }
     }
 
@@ -932,21 +940,19 @@ impl Store {
     }
 }
 
-fn dialect_name(dialect: Dialect) -> &'static str {
-    match dialect {
-        Dialect::Sqlite => "sqlite",
-        Dialect::Postgres => "postgres",
-    }
-}
-
 /// The object-store key of an uploaded file's content.
 fn file_key(id: &str) -> String {
     format!("files/{id}")
 }
 
+/// Where `adapter`'s versions live under a store's root.
+fn adapter_key(adapter: &str) -> PathBuf {
+    Path::new("adapters").join(adapter)
+}
+
 /// Where version `version` of `adapter` lives under a store's root.
 fn version_key(adapter: &str, version: u32) -> PathBuf {
-    Path::new("adapters").join(adapter).join(format!("v{version}"))
+    adapter_key(adapter).join(format!("v{version}"))
 }
 
 /// The PostgreSQL channel on which servers announce adapter changes; the payload is the

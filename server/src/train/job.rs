@@ -21,7 +21,6 @@ use tessera_adapters::peft::BaseShape;
 use crate::access::Scope;
 use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
-use crate::store::database::Dialect;
 use crate::store::{unix_time, AdapterRow, Adoption, Claim, Inserted, JobRow, JobStatus, Store, StoreError};
 use crate::train::sync::{self, SyncState};
 use crate::train::worker;
@@ -180,7 +179,7 @@ impl Tuner {
             cancelled: Mutex::new(HashMap::new()),
             sync,
         });
-        if !tuner.settings.trains && tuner.store.dialect() == Dialect::Sqlite {
+        if !tuner.settings.trains && !tuner.store.is_shared() {
             tracing::warn!("--role serve on a store of its own: no server will run this server's fine-tuning jobs");
         }
         if tuner.settings.trains {
@@ -319,7 +318,7 @@ impl Tuner {
             LoraParams::fresh(&self.base_shape(), self.settings.default_lora.clone(), spec.seed)?
         } else {
             let source = match self.store.adapter(model)? {
-                Some(row) => self.store.fetch(&self.store.version_dir(model, row.version))?,
+                Some(row) => self.store.fetch_version(model, row.version)?,
                 None => {
                     self.registry
                         .describe(model)
@@ -404,7 +403,7 @@ impl Tuner {
             .find(|v| v.version == version)
             .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no version {version}")))?;
         self.registry
-            .install(adapter, &self.store.fetch(&target.path)?)
+            .install(adapter, &target.path)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
         self.store.set_current_version(adapter, version)?;
         tracing::info!(adapter, version, "adapter rolled back");
@@ -548,7 +547,7 @@ impl Tuner {
         }
         let lora = match &checkpoint {
             Some(c) => LoraParams::load_peft(&c.path, &shape)?,
-            None => LoraParams::load_peft(&self.store.fetch(&self.store.version_dir(&job.adapter, spec.start_version))?, &shape)?,
+            None => LoraParams::load_peft(&self.store.fetch_version(&job.adapter, spec.start_version)?, &shape)?,
         };
         let h = spec.hyperparameters;
         let steps_per_epoch = train.len().div_ceil(h.batch_size.max(1));
@@ -661,7 +660,7 @@ impl Tuner {
         let promote = match (&spec.data, new_loss) {
             (JobData::Files { .. }, _) | (_, None) => true,
             (JobData::Feedback { .. }, Some(new_loss)) => {
-                let current_params = LoraParams::load_peft(&self.store.fetch(&self.store.version_dir(&adapter.name, current))?, &self.base_shape())?;
+                let current_params = LoraParams::load_peft(&self.store.fetch_version(&adapter.name, current)?, &self.base_shape())?;
                 let current_loss = evaluate(Trainable::new(&self.model, &current_params), held_out, batch)?;
                 let better = new_loss < current_loss;
                 self.store.add_event(

@@ -55,12 +55,16 @@ impl SyncState {
 /// swapped now, one only registered is re-pointed and loads (and, from an object store,
 /// downloads) on first use. True if it changed.
 pub fn reconcile_adapter(store: &Store, registry: &Registry, name: &str) -> Result<bool, StoreError> {
-    let Some(row) = store.adapter(name)? else { return forget(store, registry, name) };
-    let current = store.version_dir(name, row.version);
-    if registry.describe(name).is_some_and(|(source, _)| source == current) {
-        return Ok(false);
-    }
+    let version = store.adapter(name)?.map(|row| row.version);
+    follow_version(store, registry, name, version)
+}
+
+/// Serves `name` at `version`, the store's current one; `None` when its record is gone.
+fn follow_version(store: &Store, registry: &Registry, name: &str, version: Option<u32>) -> Result<bool, StoreError> {
+    let Some(version) = version else { return forget(store, registry, name) };
+    let current = store.version_dir(name, version);
     let changed = match registry.describe(name) {
+        Some((source, _)) if source == current => false,
         Some((_, Some(_))) => install(registry, name, &current),
         _ => registry
             .register(name, &current)
@@ -68,16 +72,20 @@ pub fn reconcile_adapter(store: &Store, registry: &Registry, name: &str) -> Resu
             .is_ok(),
     };
     if changed {
-        tracing::info!(adapter = name, version = row.version, "adapter brought to the store's version");
+        tracing::info!(adapter = name, version, "adapter brought to the store's version");
     }
     Ok(changed)
+}
+
+/// Whether this server serves `name` from the store's folders.
+fn served_from_store(store: &Store, registry: &Registry, name: &str) -> bool {
+    registry.describe(name).is_some_and(|(source, _)| source.starts_with(store.root()))
 }
 
 /// An adapter whose record is gone (deleted on some server) stops being served here, if this
 /// server served it from the store's folders. True if it did.
 fn forget(store: &Store, registry: &Registry, name: &str) -> Result<bool, StoreError> {
-    let from_store = registry.describe(name).is_some_and(|(source, _)| source.starts_with(store.root()));
-    if !from_store {
+    if !served_from_store(store, registry, name) {
         return Ok(false);
     }
     let _ = registry.unload(name);
@@ -93,16 +101,19 @@ fn install(registry: &Registry, name: &str, path: &Path) -> bool {
         .is_ok()
 }
 
-/// Reconciles every stored adapter, and every served one that came from the store; how many
-/// changed.
+/// Reconciles every stored adapter, and every served one that came from the store, against one
+/// read of the adapters' rows; how many changed.
 pub fn reconcile(store: &Store, registry: &Registry) -> Result<usize, StoreError> {
-    let mut names: Vec<String> = store.adapters()?.into_iter().map(|row| row.name).collect();
-    names.extend(registry.names().into_iter().filter(|name| registry.describe(name).is_some_and(|(source, _)| source.starts_with(store.root()))));
-    names.sort();
-    names.dedup();
+    let mut versions: std::collections::BTreeMap<String, Option<u32>> =
+        store.adapters()?.into_iter().map(|row| (row.name, Some(row.version))).collect();
+    for name in registry.names() {
+        if served_from_store(store, registry, &name) {
+            versions.entry(name).or_insert(None);
+        }
+    }
     let mut changed = 0;
-    for name in names {
-        changed += usize::from(reconcile_adapter(store, registry, &name)?);
+    for (name, version) in versions {
+        changed += usize::from(follow_version(store, registry, &name, version)?);
     }
     Ok(changed)
 }
