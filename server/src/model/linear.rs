@@ -101,10 +101,7 @@ impl QWeight {
         let Kernel::Integer(weight) = &self.kernel else {
             return Ok(None);
         };
-        let rows = x.dim(0)?;
-        let mut y = vec![0f32; rows * self.out_features];
-        with_values(x, |xs| weight.matmul(xs, &mut y))?;
-        Ok(Some(y))
+        Ok(Some(with_values(x, |xs| weight.matmul(xs))?))
     }
 
     /// `x: [rows, in] → [rows, out]`.

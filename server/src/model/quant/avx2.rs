@@ -9,8 +9,8 @@
 
 use std::arch::x86_64::*;
 
-use super::layout::{dequantize as dequantize_with, Decoded, HalfToSingle, Planes, GROUP_BYTES};
-use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, TILE_ROWS};
+use super::layout::{dequantize as dequantize_with, HalfToSingle, Planes, GROUP_BYTES};
+use super::{Chunk, Scratch, Format, QuantizedRows, Unit, BLOCK, TILE_ROWS};
 
 const LANES: usize = 8;
 /// Activation rows per pass: 16 registers hold 4 rows' sums and integer sums, and the operands.
@@ -36,12 +36,12 @@ pub(super) fn supported() -> bool {
 /// # Safety
 /// The CPU must pass [`supported`]; the unit's output must be its own.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn run(unit: &Unit, decoded: &mut Decoded) {
+pub(super) unsafe fn run(unit: &Unit, scratch: &mut Scratch) {
     match unit.weight.format {
-        Format::Q8_0 => run_format::<32, false, true>(unit, decoded),
-        Format::Q5_0 => run_format::<32, false, false>(unit, decoded),
-        Format::Q4K => run_format::<32, true, false>(unit, decoded),
-        Format::Q6K => run_format::<16, false, false>(unit, decoded),
+        Format::Q8_0 => run_format::<32, false, true>(unit, scratch),
+        Format::Q5_0 => run_format::<32, false, false>(unit, scratch),
+        Format::Q4K => run_format::<32, true, false>(unit, scratch),
+        Format::Q6K => run_format::<16, false, false>(unit, scratch),
     }
 }
 
@@ -55,9 +55,9 @@ pub(super) unsafe fn dequantize(format: Format, planes: &Planes, tile_row: &[u8]
 }
 
 #[inline(always)]
-unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(unit: &Unit, decoded: &mut Decoded) {
+unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(unit: &Unit, scratch: &mut Scratch) {
     let zero = if SIGNED { 0 } else { unit.weight.format.zero() };
-    let acc = unit.accumulate::<F16c>(decoded, zero, |chunk, acc| {
+    let acc = unit.accumulate::<F16c>(scratch, zero, |chunk, acc| {
         for half in 0..2 {
             let mut first = 0;
             while first < acc.len() {
@@ -73,7 +73,7 @@ unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(uni
     });
     let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(unit.lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     let mask_high = _mm256_cmpgt_epi32(_mm256_set1_epi32(unit.lanes as i32), _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
-    for (i, sums) in acc[..unit.rows.len()].iter().enumerate() {
+    for (i, sums) in acc.iter().enumerate() {
         let out = unit.output(i);
         _mm256_maskstore_ps(out, mask, _mm256_loadu_ps(sums.as_ptr()));
         _mm256_maskstore_ps(out.add(LANES), mask_high, _mm256_loadu_ps(sums.as_ptr().add(LANES)));
@@ -103,7 +103,7 @@ unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool, const SIGNED:
 ) -> usize {
     let (k, blocks_per_row) = (x.k, x.k / BLOCK);
     let lanes = half * LANES;
-    let mut sums: [__m256; R] = std::array::from_fn(|r| _mm256_loadu_ps(acc[r].as_ptr().add(lanes)));
+    let mut sums: [__m256; R] = std::array::from_fn(|r| if chunk.first { _mm256_setzero_ps() } else { _mm256_loadu_ps(acc[r].as_ptr().add(lanes)) });
     let q = x.q.as_ptr();
     for b in 0..chunk.blocks {
         let kb = chunk.t0 / BLOCK + b;

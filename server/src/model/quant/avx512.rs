@@ -6,8 +6,8 @@
 
 use std::arch::x86_64::*;
 
-use super::layout::{dequantize as dequantize_with, Decoded, HalfToSingle, Planes, GROUP_BYTES};
-use super::{Chunk, Format, QuantizedRows, Unit, BLOCK, ROWS_PER_PASS, TILE_ROWS};
+use super::layout::{dequantize as dequantize_with, HalfToSingle, Planes, GROUP_BYTES};
+use super::{Chunk, Scratch, Format, QuantizedRows, Unit, BLOCK, ROWS_PER_PASS, TILE_ROWS};
 
 struct Avx512Half;
 
@@ -27,11 +27,11 @@ pub(super) fn supported() -> bool {
 /// # Safety
 /// The CPU must pass [`supported`]; the unit's output must be its own.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn run(unit: &Unit, decoded: &mut Decoded) {
+pub(super) unsafe fn run(unit: &Unit, scratch: &mut Scratch) {
     match unit.weight.format {
-        Format::Q8_0 | Format::Q5_0 => run_format::<32, false>(unit, decoded),
-        Format::Q4K => run_format::<32, true>(unit, decoded),
-        Format::Q6K => run_format::<16, false>(unit, decoded),
+        Format::Q8_0 | Format::Q5_0 => run_format::<32, false>(unit, scratch),
+        Format::Q4K => run_format::<32, true>(unit, scratch),
+        Format::Q6K => run_format::<16, false>(unit, scratch),
     }
 }
 
@@ -45,8 +45,8 @@ pub(super) unsafe fn dequantize(format: Format, planes: &Planes, tile_row: &[u8]
 }
 
 #[inline(always)]
-unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, decoded: &mut Decoded) {
-    let acc = unit.accumulate::<Avx512Half>(decoded, unit.weight.format.zero(), |chunk, acc| {
+unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, scratch: &mut Scratch) {
+    let acc = unit.accumulate::<Avx512Half>(scratch, unit.weight.format.zero(), |chunk, acc| {
         let mut first = 0;
         while first < acc.len() {
             let (row, sums) = (unit.rows.start + first, &mut acc[first..]);
@@ -63,7 +63,7 @@ unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, decoded: &
         }
     });
     let mask: __mmask16 = if unit.lanes >= TILE_ROWS { !0 } else { (1u16 << unit.lanes) - 1 };
-    for (i, sums) in acc[..unit.rows.len()].iter().enumerate() {
+    for (i, sums) in acc.iter().enumerate() {
         _mm512_mask_storeu_ps(unit.output(i), mask, _mm512_loadu_ps(sums.as_ptr()));
     }
 }
@@ -72,7 +72,7 @@ unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, decoded: &
 #[inline(always)]
 unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool>(chunk: &Chunk, x: &QuantizedRows, row: usize, acc: &mut [[f32; TILE_ROWS]]) -> usize {
     let (k, blocks_per_row) = (x.k, x.k / BLOCK);
-    let mut sums: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(acc[r].as_ptr()));
+    let mut sums: [__m512; R] = std::array::from_fn(|r| if chunk.first { _mm512_setzero_ps() } else { _mm512_loadu_ps(acc[r].as_ptr()) });
     let q = x.q.as_ptr();
     for b in 0..chunk.blocks {
         let kb = chunk.t0 / BLOCK + b;

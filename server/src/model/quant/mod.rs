@@ -114,8 +114,9 @@ impl Unit<'_> {
 }
 
 /// A decoded chunk as the vector kernels read it: codes in groups of 64 bytes, scales and
-/// minimums in rows of 16 lanes, the chunk's first value, its blocks of 32, and the zero code
-/// its integer sums start from.
+/// minimums in rows of 16 lanes, the chunk's first value, its blocks of 32, the zero code its
+/// integer sums start from, and whether it is the tile row's first (its rows' sums start at
+/// zero rather than from the scratch, which is never cleared).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Chunk {
     codes: *const u8,
@@ -124,6 +125,7 @@ pub(crate) struct Chunk {
     t0: usize,
     blocks: usize,
     zero: i32,
+    first: bool,
 }
 
 impl Unit<'_> {
@@ -134,15 +136,16 @@ impl Unit<'_> {
     /// `H` must be able to run on this CPU.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     #[inline(always)]
-    unsafe fn accumulate<H: layout::HalfToSingle>(
+    unsafe fn accumulate<'s, H: layout::HalfToSingle>(
         &self,
-        decoded: &mut Decoded,
+        scratch: &'s mut Scratch,
         zero: i32,
         mut passes: impl FnMut(&Chunk, &mut [[f32; TILE_ROWS]]),
-    ) -> [[f32; TILE_ROWS]; ROW_GROUP] {
+    ) -> &'s [[f32; TILE_ROWS]] {
         let weight = self.weight;
         let tile_row = weight.tile_row(self.tile_row);
-        let mut acc = [[0f32; TILE_ROWS]; ROW_GROUP];
+        let Scratch { decoded, sums } = scratch;
+        let acc = &mut sums[..self.rows.len()];
         // The next tile row is fetched while this one is multiplied, a share with each chunk:
         // a tile row is two streams (codes, then scales at its end) that the hardware
         // prefetcher does not run ahead of, and one-row products wait on every miss. Only the
@@ -154,10 +157,24 @@ impl Unit<'_> {
             prefetch_lines(next, lines * c / chunks..lines * (c + 1) / chunks);
             let len = CHUNK.min(weight.k - t0);
             let view = layout::decode::<H>(weight.format, &weight.planes, tile_row, t0, len, decoded);
-            let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero };
-            passes(&chunk, &mut acc[..self.rows.len()]);
+            let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero, first: t0 == 0 };
+            passes(&chunk, acc);
         }
         acc
+    }
+}
+
+/// A worker's buffers, reused from unit to unit: the chunk being decoded, and the running sums
+/// of a unit's rows (never cleared: a unit's first chunk starts its sums at zero, so a
+/// one-row product touches 64 bytes of them, not 4 KiB).
+pub(crate) struct Scratch {
+    decoded: Decoded,
+    sums: [[f32; TILE_ROWS]; ROW_GROUP],
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self { decoded: Decoded::new(), sums: [[0.0; TILE_ROWS]; ROW_GROUP] }
     }
 }
 
@@ -228,45 +245,54 @@ impl QuantWeight {
         &bytes[index * self.planes.tile_row_bytes..][..self.planes.tile_row_bytes]
     }
 
-    /// `y = x·Wᵀ` for `x: [m, k]`, `y: [m, n]`, row-major, on the serving workers.
-    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+    /// `y = x·Wᵀ` for `x: [m, k]`: `y: [m, n]`, row-major, computed on the serving workers.
+    pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
         let x = QuantizedRows::quantize_on_workers(x, self.k, self.format.activation_format());
-        let (units, groups) = self.units(&x, y, &(0..self.n));
-        let y = SharedOutput(y.as_mut_ptr());
+        let len = x.rows * self.n;
+        // Every element is written by exactly one unit, so y is never zeroed first (for a
+        // 512-token prompt that would be megabytes of stores per matrix).
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let (units, groups) = self.units(&x, len, &(0..self.n));
+        let out = SharedOutput(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
         barrier_pool().execute_chunked(units, |range| {
-            let mut decoded = Decoded::new();
+            let mut scratch = Scratch::new();
             for unit in range {
-                self.run(&x, unit / groups, unit % groups, &(0..self.n), y, &mut decoded);
+                self.run(&x, unit / groups, unit % groups, &(0..self.n), out, &mut scratch);
             }
         });
+        // SAFETY: the units cover every (row, column) of [m, n] (see `units`), each storing its
+        // rows' `lanes` columns, and all have returned.
+        unsafe { y.set_len(len) };
+        y
     }
 
     /// `y = x·W[rows]ᵀ`, `y: [m, rows.len()]` (`rows.start` a multiple of 16), on the calling
     /// thread alone (training splits the work across its own threads).
     pub fn matmul_rows_on_this_thread(&self, x: &QuantizedRows, weight_rows: Range<usize>, y: &mut [f32]) {
-        let (units, groups) = self.units(x, y, &weight_rows);
+        let (units, groups) = self.units(x, y.len(), &weight_rows);
         let y = SharedOutput(y.as_mut_ptr());
-        let mut decoded = Decoded::new();
+        let mut scratch = Scratch::new();
         for unit in 0..units {
-            self.run(x, weight_rows.start / TILE_ROWS + unit / groups, unit % groups, &weight_rows, y, &mut decoded);
+            self.run(x, weight_rows.start / TILE_ROWS + unit / groups, unit % groups, &weight_rows, y, &mut scratch);
         }
     }
 
-    /// Checks the shapes; the number of units and of row groups per tile row.
-    fn units(&self, x: &QuantizedRows, y: &[f32], weight_rows: &Range<usize>) -> (usize, usize) {
+    /// Checks the shapes (`y_len`: the output's length); the number of units and of row groups
+    /// per tile row. The units cover every row of x against every tile row of `weight_rows`.
+    fn units(&self, x: &QuantizedRows, y_len: usize, weight_rows: &Range<usize>) -> (usize, usize) {
         assert_eq!(x.k, self.k, "activations have {} columns, the weight {}", x.k, self.k);
         assert!(
             weight_rows.start % TILE_ROWS == 0 && weight_rows.end <= self.n,
             "rows {weight_rows:?} are not tile-aligned within {}",
             self.n
         );
-        assert_eq!(y.len(), x.rows * weight_rows.len(), "output is not [{}, {}]", x.rows, weight_rows.len());
+        assert_eq!(y_len, x.rows * weight_rows.len(), "output is not [{}, {}]", x.rows, weight_rows.len());
         let groups = x.rows.div_ceil(ROW_GROUP);
         (weight_rows.len().div_ceil(TILE_ROWS) * groups, groups)
     }
 
     /// One unit: row group `group` of x against tile row `tile_row`.
-    fn run(&self, x: &QuantizedRows, tile_row: usize, group: usize, weight_rows: &Range<usize>, y: SharedOutput, decoded: &mut Decoded) {
+    fn run(&self, x: &QuantizedRows, tile_row: usize, group: usize, weight_rows: &Range<usize>, y: SharedOutput, scratch: &mut Scratch) {
         let first_row = tile_row * TILE_ROWS;
         let unit = Unit {
             weight: self,
@@ -282,10 +308,10 @@ impl QuantWeight {
             // SAFETY: the ISA was checked when the weight was made; units cover disjoint
             // (rows, 16 columns) regions of y, checked against its shape in `units`.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => unsafe { avx512::run(&unit, decoded) },
+            Isa::Avx512Vnni => unsafe { avx512::run(&unit, scratch) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::run(&unit, decoded) },
-            _ => portable::run(&unit, decoded),
+            Isa::Avx2 => unsafe { avx2::run(&unit, scratch) },
+            _ => portable::run(&unit, scratch),
         }
     }
 

@@ -1,15 +1,17 @@
 //! The kernels in plain Rust, for CPUs without AVX2: lane by lane, the same integer sums and
 //! the same float operations in the same order as the vector kernels, so all agree bit for bit.
 
-use super::layout::{decode, Decoded, SoftHalf};
-use super::{Unit, BLOCK, CHUNK, TILE_ROWS};
+use super::layout::{decode, SoftHalf};
+use super::{Scratch, Unit, BLOCK, CHUNK, TILE_ROWS};
 
-pub(super) fn run(unit: &Unit, decoded: &mut Decoded) {
+pub(super) fn run(unit: &Unit, scratch: &mut Scratch) {
     let (weight, x) = (unit.weight, unit.x);
     let (format, k) = (weight.format, weight.k);
     let (sub, zero, blocks_per_row) = (format.sub_block(), format.zero(), k / BLOCK);
     let tile_row = weight.tile_row(unit.tile_row);
-    let mut acc = vec![[0f32; TILE_ROWS]; unit.rows.len()];
+    let Scratch { decoded, sums } = scratch;
+    let acc = &mut sums[..unit.rows.len()];
+    acc.fill([0.0; TILE_ROWS]);
     for t0 in (0..k).step_by(CHUNK) {
         let len = CHUNK.min(k - t0);
         // SAFETY: the portable conversion runs anywhere.

@@ -119,8 +119,7 @@ fn a_range_of_weight_rows_and_a_partial_last_tile_write_only_their_outputs() {
         let mut all = vec![0f32; m * n];
         weight.matmul_rows_on_this_thread(&x, 0..n, &mut all);
         // The serving workers' split gives the same bits.
-        let mut served = vec![0f32; m * n];
-        weight.matmul(&activations(m, k), &mut served);
+        let served = weight.matmul(&activations(m, k));
         assert_eq!(served, all, "{isa:?}: on the serving workers");
         // A guard value after y must survive.
         let rows = 16..n;
