@@ -279,7 +279,8 @@ fn a_mixed_batch_equals_each_sequence_alone() {
     }
 }
 
-/// r8 factors on every target with a random B (a fresh B is zero and changes nothing).
+/// r8 factors on every target with a random B (a fresh B is zero and changes nothing), the same
+/// for the same seed so that a test sees the same adapter on every run.
 fn random_lora(model: &LoadedModel, rank: usize, seed: u64) -> LoraParams {
     let spec = LoraSpec {
         rank,
@@ -287,9 +288,20 @@ fn random_lora(model: &LoadedModel, rank: usize, seed: u64) -> LoraParams {
         targets: TargetModule::ALL.to_vec(),
     };
     let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, seed).unwrap();
+    // SplitMix64 → uniform on (−0.35, 0.35): a standard deviation of 0.2.
+    let mut state = seed;
+    let mut uniform = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 0.7 - 0.35
+    };
     for (name, var) in lora.named_vars() {
         if name.contains("lora_B") {
-            var.set(&Tensor::randn(0f32, 0.2, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+            let dims = var.as_tensor().dims().to_vec();
+            let values: Vec<f32> = (0..dims.iter().product::<usize>()).map(|_| uniform()).collect();
+            var.set(&Tensor::from_vec(values, dims, &Device::Cpu).unwrap()).unwrap();
         }
     }
     lora
