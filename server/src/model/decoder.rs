@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use tessera_adapters::{AdapterMix, TargetModule};
 
 use crate::gguf::GgufFile;
@@ -385,11 +385,7 @@ impl Decoder {
             let n = wanted.len();
             let index = Tensor::from_vec(wanted, n, &Device::Cpu)?;
             let h = self.output_norm.forward(&x.index_select(&index, 0)?)?;
-            self.output()
-                .forward(&h)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
+            self.output().forward_values(&h)?
         };
         Ok(Logits {
             values,

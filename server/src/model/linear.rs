@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
@@ -102,6 +102,15 @@ impl QWeight {
             return Ok(None);
         };
         Ok(Some(with_values(x, |xs| weight.matmul(xs))?))
+    }
+
+    /// `x: [rows, in] → [rows, out]` as a row-major vector: the integer kernels' own output,
+    /// never copied out of a tensor (the LM head's is 1 MiB a row).
+    pub fn forward_values(&self, x: &Tensor) -> Result<Vec<f32>, ModelError> {
+        match self.forward_integer_values(x)? {
+            Some(y) => Ok(y),
+            None => Ok(self.forward(x)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        }
     }
 
     /// `x: [rows, in] → [rows, out]`.
