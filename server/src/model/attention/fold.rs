@@ -80,7 +80,7 @@ fn exp_non_positive(x: [f32; BLOCK_TOKENS]) -> [f32; BLOCK_TOKENS] {
 /// acc[r][i] ← acc[r][i] + Σ_{j ∈ slots} weights[r][j]·values[j][i], for each (r, i) one chain of
 /// fused multiply-adds over the keys in order, so every path gives the same bits. With AVX-512,
 /// 64 dimensions of up to four rows stay in registers across the block and each value vector is
-/// loaded once for all of them.
+/// loaded once for all of them; with AVX2, 32 dimensions of two rows.
 fn weighted_sum(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) {
     assert!(values.len() >= slots.end * d && acc.len() == weights.len() * d, "weighted sum over a block of the wrong size");
     // SAFETY: AVX-512F is enabled at compile time; the kernel reads rows j < slots.end of
@@ -94,7 +94,10 @@ fn weighted_sum(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[
             _ => avx512::weighted_sum::<ROWS_PER_PASS>(weights, slots.clone(), values, acc, d),
         }
     };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    // SAFETY: AVX2 and FMA are enabled at compile time; the same bounds as above.
+    #[cfg(all(target_arch = "x86_64", not(target_feature = "avx512f"), target_feature = "avx2", target_feature = "fma"))]
+    let done = unsafe { avx2::weighted_sum(weights, slots.clone(), values, acc, d) };
+    #[cfg(not(all(target_arch = "x86_64", any(target_feature = "avx512f", all(target_feature = "avx2", target_feature = "fma")))))]
     let done = 0;
     for (w, a) in weights.iter().zip(acc.chunks_exact_mut(d)) {
         for j in slots.clone() {
@@ -143,6 +146,56 @@ mod avx512 {
             for (r, o) in o.iter().enumerate() {
                 for (c, &o) in o.iter().enumerate() {
                     _mm512_storeu_ps(out.add(r * d + lane + 16 * c), o);
+                }
+            }
+        }
+        vectorised
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_feature = "avx512f"), target_feature = "avx2", target_feature = "fma"))]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::BLOCK_TOKENS;
+
+    /// Dimensions per pass: four registers of 8 lanes per row, two rows at a time (16 registers
+    /// in all, accumulators and values).
+    const LANES: usize = 32;
+
+    /// [`super::weighted_sum`] over the dimensions below the last multiple of 32; returns how many
+    /// dimensions it did.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `acc` holds `weights.len()` rows of `d`, and `values` rows
+    /// `j < slots.end` of `d`.
+    pub(super) unsafe fn weighted_sum(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) -> usize {
+        let vectorised = d - d % LANES;
+        let (values, out) = (values.as_ptr(), acc.as_mut_ptr());
+        for first in (0..weights.len()).step_by(2) {
+            let rows = &weights[first..(first + 2).min(weights.len())];
+            let out = out.add(first * d);
+            for lane in (0..vectorised).step_by(LANES) {
+                let mut o = [[_mm256_setzero_ps(); 4]; 2];
+                for (r, o) in o.iter_mut().take(rows.len()).enumerate() {
+                    for (c, o) in o.iter_mut().enumerate() {
+                        *o = _mm256_loadu_ps(out.add(r * d + lane + 8 * c));
+                    }
+                }
+                for j in slots.clone() {
+                    let v: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(values.add(j * d + lane + 8 * c)));
+                    for (o, w) in o.iter_mut().zip(rows) {
+                        let w = _mm256_set1_ps(w[j]);
+                        for (o, &v) in o.iter_mut().zip(&v) {
+                            *o = _mm256_fmadd_ps(v, w, *o);
+                        }
+                    }
+                }
+                for (r, o) in o.iter().take(rows.len()).enumerate() {
+                    for (c, &o) in o.iter().enumerate() {
+                        _mm256_storeu_ps(out.add(r * d + lane + 8 * c), o);
+                    }
                 }
             }
         }

@@ -5,11 +5,13 @@
 //! The softmax is computed online (as FlashAttention does): each query row keeps its running
 //! maximum m, denominator l and weighted sum o, and a key with score s updates them as
 //!   m' = max(m, s),   l' = l·e^(m−m') + e^(s−m'),   o' = o·e^(m−m') + e^(s−m')·v,
-//! with a = o/l at the end, in the order and at the precision of llama.cpp's CPU kernel (queries
-//! and the running o rounded to f16). Nothing of size keys × queries is ever stored, so prefill
-//! cost grows only with the keys each query sees. Work is split over (sequence, KV head, tile of
-//! query rows) on the serving workers; the keys and values of a block are widened from 16 bits
-//! once per tile, and a tile's scores against a block's keys are one small matrix product.
+//! with a = o/l at the end, at the precision of llama.cpp's CPU kernel for the same rows (`fold`):
+//! a generated token's row folds key by key with its query and o rounded to f16; a long prompt's
+//! rows fold a block of keys at once in f32. Nothing of size keys × queries is ever stored, so
+//! prefill cost grows only with the keys each query sees. Work is split over (sequence, KV head,
+//! tile of query rows) on the serving workers; the keys and values of a block are widened from
+//! 16 bits once per tile, and a tile's scores against a block's keys, and a prompt token's
+//! weighted sums over its values, are small matrix products.
 //!
 //! A row's result depends only on its own query, its position and the blocks it sees, visited
 //! in order: never on which other rows share its tile or batch. So a sequence decoded token by
@@ -222,7 +224,8 @@ fn attend_tile(c: &Config, layer: usize, q: &[f32], chunk: &AttentionChunk, tile
 /// `[d][BLOCK_TOKENS]`). Each score sums over i in order, whatever rows share the call.
 fn block_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, scores: &mut [[f32; BLOCK_TOKENS]]) {
     // Eight rows at a time share each loaded row of keys: eight independent chains keep both
-    // FMA pipes busy.
+    // FMA pipes busy. (Without AVX-512 a row of keys is two registers, and four rows fill the
+    // sixteen.)
     let whole = scores.len() - scores.len() % 8;
     for (q, scores) in q[..whole * d].chunks_exact(8 * d).zip(scores[..whole].chunks_exact_mut(8)) {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
@@ -232,7 +235,9 @@ fn block_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, scores: &mut [[f3
             rows_scores_avx512(q, keys, d, scale, scores)
         };
         #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-        rows_scores::<8>(q, keys, d, scale, scores);
+        for (q, scores) in q.chunks_exact(4 * d).zip(scores.chunks_exact_mut(4)) {
+            rows_scores::<4>(q, keys, d, scale, scores);
+        }
     }
     for (q, scores) in q[whole * d..].chunks_exact(d).zip(scores[whole..].chunks_exact_mut(1)) {
         rows_scores::<1>(q, keys, d, scale, scores);

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use candle_core::utils::barrier_pool;
 
-use super::BLOCK;
+use super::{Isa, BLOCK};
 
 /// Runs of 16 activations: the finest scale any weight format has (Q6_K's), so each run's
 /// integer sum is kept for the formats whose codes carry a zero point.
@@ -53,24 +53,25 @@ impl QuantizedRows {
     pub fn quantize(x: &[f32], k: usize, format: ActivationFormat) -> Self {
         let mut out = Self::zeroed(x, k, format);
         let rows = out.rows;
-        out.quantize_rows(x, 0..rows, format);
+        out.quantize_rows(x, 0..rows, format, Isa::detect());
         out
     }
 
-    /// As [`Self::quantize`], the rows split over the serving workers.
-    pub fn quantize_on_workers(x: &[f32], k: usize, format: ActivationFormat) -> Self {
+    /// As [`Self::quantize`], the rows split over the serving workers, with the instructions of
+    /// `isa` (the kernels the weight was made for).
+    pub fn quantize_on_workers(x: &[f32], k: usize, format: ActivationFormat, isa: Isa) -> Self {
         /// Rows below which one thread is quicker than waking the others.
         const PARALLEL_ROWS: usize = 16;
         let mut out = Self::zeroed(x, k, format);
         let rows = out.rows;
         if rows < PARALLEL_ROWS {
-            out.quantize_rows(x, 0..rows, format);
+            out.quantize_rows(x, 0..rows, format, isa);
             return out;
         }
         let shared = SharedRows(&mut out as *mut Self);
         barrier_pool().execute_chunked(rows, |range| {
             // SAFETY: each call writes only the rows of its own range (see `quantize_rows`).
-            unsafe { (*shared.get()).quantize_rows(x, range, format) }
+            unsafe { (*shared.get()).quantize_rows(x, range, format, isa) }
         });
         out
     }
@@ -83,7 +84,7 @@ impl QuantizedRows {
     }
 
     /// Quantizes `rows` of x into their own parts of the buffers.
-    fn quantize_rows(&mut self, x: &[f32], rows: Range<usize>, format: ActivationFormat) {
+    fn quantize_rows(&mut self, x: &[f32], rows: Range<usize>, format: ActivationFormat, isa: Isa) {
         let (k, blocks_per_row) = (self.k, self.k / BLOCK);
         let blocks = rows.start * blocks_per_row..rows.end * blocks_per_row;
         let span = format.span();
@@ -93,7 +94,7 @@ impl QuantizedRows {
             .zip(self.scale[blocks.clone()].chunks_exact_mut(span / BLOCK))
             .zip(self.run_sum[blocks.start * 2..blocks.end * 2].chunks_exact_mut(2 * span / BLOCK))
             .zip(self.block_sum[blocks].chunks_exact_mut(span / BLOCK));
-        let encode = vectorized_encoder().unwrap_or(encode_block);
+        let encode = vectorized_encoder(isa).unwrap_or(encode_block);
         for ((((values, q), scales), run_sums), block_sums) in per_span {
             let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
             let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
@@ -140,11 +141,11 @@ unsafe fn encode_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK], inverse: f32)
     [first, second]
 }
 
-/// The AVX-512 form of [`encode_block`] where the CPU has it: the same operations (the
+/// The AVX-512 form of [`encode_block`] with the AVX-512 kernels: the same operations (the
 /// conversion rounds to nearest even, as `round_ties_even` does), so the same codes.
-fn vectorized_encoder() -> Option<BlockEncoder> {
+fn vectorized_encoder(isa: Isa) -> Option<BlockEncoder> {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+    if isa == Isa::Avx512Vnni && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
         return Some(avx512_encode);
     }
     None
@@ -201,7 +202,7 @@ mod tests {
     /// The vector form rounds exactly as the scalar one, ties included.
     #[test]
     fn the_vector_encoder_gives_the_scalar_codes() {
-        let Some(vectorized) = vectorized_encoder() else { return };
+        let Some(vectorized) = vectorized_encoder(Isa::Avx512Vnni) else { return };
         for seed in 0..200u32 {
             let values: [f32; BLOCK] = std::array::from_fn(|i| {
                 let v = ((seed as usize * 7919 + i * 104729) % 1000) as f32 / 37.0 - 13.0;

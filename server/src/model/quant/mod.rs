@@ -247,7 +247,7 @@ impl QuantWeight {
 
     /// `y = x·Wᵀ` for `x: [m, k]`: `y: [m, n]`, row-major, computed on the serving workers.
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
-        let x = QuantizedRows::quantize_on_workers(x, self.k, self.format.activation_format());
+        let x = QuantizedRows::quantize_on_workers(x, self.k, self.format.activation_format(), self.isa);
         let len = x.rows * self.n;
         // Every element is written by exactly one unit, so y is never zeroed first (for a
         // 512-token prompt that would be megabytes of stores per matrix).
