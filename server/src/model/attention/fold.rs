@@ -136,10 +136,12 @@ mod avx512 {
             }
             for j in slots.clone() {
                 let v: [__m512; 4] = std::array::from_fn(|c| _mm512_loadu_ps(values.add(j * d + lane + 16 * c)));
-                for (o, w) in o.iter_mut().zip(weights) {
-                    let w = _mm512_set1_ps(w[j]);
-                    for (o, &v) in o.iter_mut().zip(&v) {
-                        *o = _mm512_fmadd_ps(v, w, *o);
+                // Indexed by the constant R (not zipped with `weights`), so that the loop
+                // unrolls and `o` stays in registers.
+                for r in 0..R {
+                    let w = _mm512_set1_ps(weights.get_unchecked(r)[j]);
+                    for c in 0..4 {
+                        o[r][c] = _mm512_fmadd_ps(v[c], w, o[r][c]);
                     }
                 }
             }
@@ -172,34 +174,42 @@ mod avx2 {
     /// `j < slots.end` of `d`.
     pub(super) unsafe fn weighted_sum(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) -> usize {
         let vectorised = d - d % LANES;
-        let (values, out) = (values.as_ptr(), acc.as_mut_ptr());
         for first in (0..weights.len()).step_by(2) {
-            let rows = &weights[first..(first + 2).min(weights.len())];
-            let out = out.add(first * d);
-            for lane in (0..vectorised).step_by(LANES) {
-                let mut o = [[_mm256_setzero_ps(); 4]; 2];
-                for (r, o) in o.iter_mut().take(rows.len()).enumerate() {
-                    for (c, o) in o.iter_mut().enumerate() {
-                        *o = _mm256_loadu_ps(out.add(r * d + lane + 8 * c));
-                    }
-                }
-                for j in slots.clone() {
-                    let v: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(values.add(j * d + lane + 8 * c)));
-                    for (o, w) in o.iter_mut().zip(rows) {
-                        let w = _mm256_set1_ps(w[j]);
-                        for (o, &v) in o.iter_mut().zip(&v) {
-                            *o = _mm256_fmadd_ps(v, w, *o);
-                        }
-                    }
-                }
-                for (r, o) in o.iter().take(rows.len()).enumerate() {
-                    for (c, &o) in o.iter().enumerate() {
-                        _mm256_storeu_ps(out.add(r * d + lane + 8 * c), o);
-                    }
-                }
+            let out = acc.as_mut_ptr().add(first * d);
+            match weights.len() - first {
+                1 => rows::<1>(&weights[first..], slots.clone(), values.as_ptr(), out, d, vectorised),
+                _ => rows::<2>(&weights[first..], slots.clone(), values.as_ptr(), out, d, vectorised),
             }
         }
         vectorised
+    }
+
+    /// `R` rows of [`weighted_sum`], their accumulators in registers (the loops over the
+    /// constant R and 4 unroll).
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: *const f32, out: *mut f32, d: usize, vectorised: usize) {
+        for lane in (0..vectorised).step_by(LANES) {
+            let mut o = [[_mm256_setzero_ps(); 4]; R];
+            for r in 0..R {
+                for c in 0..4 {
+                    o[r][c] = _mm256_loadu_ps(out.add(r * d + lane + 8 * c));
+                }
+            }
+            for j in slots.clone() {
+                let v: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(values.add(j * d + lane + 8 * c)));
+                for r in 0..R {
+                    let w = _mm256_set1_ps(weights.get_unchecked(r)[j]);
+                    for c in 0..4 {
+                        o[r][c] = _mm256_fmadd_ps(v[c], w, o[r][c]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..4 {
+                    _mm256_storeu_ps(out.add(r * d + lane + 8 * c), o[r][c]);
+                }
+            }
+        }
     }
 }
 
