@@ -63,7 +63,7 @@ fn pairwise(mut lanes: [f32; BLOCK_TOKENS], op: impl Fn(f32, f32) -> f32) -> f32
 fn exp_non_positive(x: [f32; BLOCK_TOKENS]) -> [f32; BLOCK_TOKENS] {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
     let mut out = [0f32; BLOCK_TOKENS];
     for (o, &x) in out.iter_mut().zip(&x) {
         let n = (x * std::f32::consts::LOG2_E).round_ties_even();
@@ -124,6 +124,7 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512F; `weights.len() ≥ R`, `acc` holds R rows of `d`, and `values` rows
     /// `j < slots.end` of `d`.
+    #[allow(clippy::needless_range_loop)] // see the indexing below
     pub(super) unsafe fn weighted_sum<const R: usize>(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) -> usize {
         let vectorised = d - d % LANES;
         let (values, out) = (values.as_ptr(), acc.as_mut_ptr());
@@ -187,6 +188,7 @@ mod avx2 {
     /// `R` rows of [`weighted_sum`], their accumulators in registers (the loops over the
     /// constant R and 4 unroll).
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // indexed by the constants, as in the AVX-512 kernel
     unsafe fn rows<const R: usize>(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: *const f32, out: *mut f32, d: usize, vectorised: usize) {
         for lane in (0..vectorised).step_by(LANES) {
             let mut o = [[_mm256_setzero_ps(); 4]; R];
