@@ -61,12 +61,12 @@ unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(uni
         for half in 0..2 {
             let mut first = 0;
             while first < acc.len() {
-                let (row, sums) = (unit.rows.start + first, &mut acc[first..]);
+                let (row, sums, asks) = (unit.rows.start + first, &mut acc[first..], half == 0 && first == 0);
                 first += match sums.len().min(ROWS_PER_PASS) {
-                    4 => pass::<4, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
-                    3 => pass::<3, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
-                    2 => pass::<2, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
-                    _ => pass::<1, SUB, MINS, SIGNED>(chunk, half, unit.x, row, sums),
+                    4 => pass::<4, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
+                    3 => pass::<3, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
+                    2 => pass::<2, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
+                    _ => pass::<1, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
                 };
             }
         }
@@ -92,12 +92,14 @@ unsafe fn dot4<const SIGNED: bool>(w: __m256i, x: __m256i) -> __m256i {
     _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
 }
 
-/// Activation rows `row..row + R` against one half (8 weight rows) of the chunk. Returns R.
+/// Activation rows `row..row + R` against one half (8 weight rows) of the chunk; the unit's
+/// first pass `asks` for the next tile row's lines. Returns R.
 #[inline(always)]
 unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool, const SIGNED: bool>(
     chunk: &Chunk,
     half: usize,
     x: &QuantizedRows,
+    asks: bool,
     row: usize,
     acc: &mut [[f32; TILE_ROWS]],
 ) -> usize {
@@ -106,6 +108,9 @@ unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool, const SIGNED:
     let mut sums: [__m256; R] = std::array::from_fn(|r| if chunk.first { _mm256_setzero_ps() } else { _mm256_loadu_ps(acc[r].as_ptr().add(lanes)) });
     let q = x.q.as_ptr();
     for b in 0..chunk.blocks {
+        if asks {
+            chunk.prefetch_share(b);
+        }
         let kb = chunk.t0 / BLOCK + b;
         for s in 0..BLOCK / SUB {
             let mut isum: [__m256i; R] = std::array::from_fn(|r| {

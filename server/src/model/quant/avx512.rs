@@ -49,16 +49,16 @@ unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, scratch: &
     let acc = unit.accumulate::<Avx512Half>(scratch, unit.weight.format.zero(), |chunk, acc| {
         let mut first = 0;
         while first < acc.len() {
-            let (row, sums) = (unit.rows.start + first, &mut acc[first..]);
+            let (row, sums, asks) = (unit.rows.start + first, &mut acc[first..], first == 0);
             first += match sums.len().min(ROWS_PER_PASS) {
-                8 => pass::<8, SUB, MINS>(chunk, unit.x, row, sums),
-                7 => pass::<7, SUB, MINS>(chunk, unit.x, row, sums),
-                6 => pass::<6, SUB, MINS>(chunk, unit.x, row, sums),
-                5 => pass::<5, SUB, MINS>(chunk, unit.x, row, sums),
-                4 => pass::<4, SUB, MINS>(chunk, unit.x, row, sums),
-                3 => pass::<3, SUB, MINS>(chunk, unit.x, row, sums),
-                2 => pass::<2, SUB, MINS>(chunk, unit.x, row, sums),
-                _ => pass::<1, SUB, MINS>(chunk, unit.x, row, sums),
+                8 => pass::<8, SUB, MINS>(chunk, unit.x, asks, row, sums),
+                7 => pass::<7, SUB, MINS>(chunk, unit.x, asks, row, sums),
+                6 => pass::<6, SUB, MINS>(chunk, unit.x, asks, row, sums),
+                5 => pass::<5, SUB, MINS>(chunk, unit.x, asks, row, sums),
+                4 => pass::<4, SUB, MINS>(chunk, unit.x, asks, row, sums),
+                3 => pass::<3, SUB, MINS>(chunk, unit.x, asks, row, sums),
+                2 => pass::<2, SUB, MINS>(chunk, unit.x, asks, row, sums),
+                _ => pass::<1, SUB, MINS>(chunk, unit.x, asks, row, sums),
             };
         }
     });
@@ -68,13 +68,17 @@ unsafe fn run_format<const SUB: usize, const MINS: bool>(unit: &Unit, scratch: &
     }
 }
 
-/// Activation rows `row..row + R` against the chunk, into their 16-lane sums. Returns R.
+/// Activation rows `row..row + R` against the chunk, into their 16-lane sums; the unit's first
+/// pass `asks` for the next tile row's lines. Returns R.
 #[inline(always)]
-unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool>(chunk: &Chunk, x: &QuantizedRows, row: usize, acc: &mut [[f32; TILE_ROWS]]) -> usize {
+unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool>(chunk: &Chunk, x: &QuantizedRows, asks: bool, row: usize, acc: &mut [[f32; TILE_ROWS]]) -> usize {
     let (k, blocks_per_row) = (x.k, x.k / BLOCK);
     let mut sums: [__m512; R] = std::array::from_fn(|r| if chunk.first { _mm512_setzero_ps() } else { _mm512_loadu_ps(acc[r].as_ptr()) });
     let q = x.q.as_ptr();
     for b in 0..chunk.blocks {
+        if asks {
+            chunk.prefetch_share(b);
+        }
         let kb = chunk.t0 / BLOCK + b;
         let dx: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(*x.scale.get_unchecked((row + r) * blocks_per_row + kb)));
         for s in 0..BLOCK / SUB {

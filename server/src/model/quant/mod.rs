@@ -39,6 +39,8 @@ pub(crate) const CHUNK: usize = 256;
 const ROWS_PER_PASS: usize = 8;
 /// Activation rows per unit of work: they share each decoded chunk.
 const ROW_GROUP: usize = 64;
+/// Units with at least this many rows spread their prefetches over each chunk's blocks.
+const SPREAD_ROWS: usize = 8;
 
 /// The instructions a kernel is written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +128,9 @@ pub(crate) struct Chunk {
     blocks: usize,
     zero: i32,
     first: bool,
+    /// The next tile row, and the lines of it to ask for while this chunk is multiplied.
+    next: *const u8,
+    ahead: Range<usize>,
 }
 
 impl Unit<'_> {
@@ -150,17 +155,32 @@ impl Unit<'_> {
         // a tile row is two streams (codes, then scales at its end) that the hardware
         // prefetcher does not run ahead of, and one-row products wait on every miss. Only the
         // tile row's last group of activation rows asks, the one run just before the next.
+        // With many rows the share is spread over the chunk's blocks (`Chunk::prefetch_share`):
+        // asked at once it fills the line-fill buffers and stalls work that could go on.
         let last_group = self.rows.end == self.x.rows;
         let (next, lines) = (tile_row.as_ptr().wrapping_add(tile_row.len()), if last_group { tile_row.len() / 64 } else { 0 });
         let chunks = weight.k.div_ceil(CHUNK);
         for (c, t0) in (0..weight.k).step_by(CHUNK).enumerate() {
-            prefetch_lines(next, lines * c / chunks..lines * (c + 1) / chunks);
             let len = CHUNK.min(weight.k - t0);
             let view = layout::decode::<H>(weight.format, &weight.planes, tile_row, t0, len, decoded);
-            let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero, first: t0 == 0 };
+            let mut ahead = lines * c / chunks..lines * (c + 1) / chunks;
+            if self.rows.len() < SPREAD_ROWS {
+                prefetch_lines(next, std::mem::replace(&mut ahead, 0..0));
+            }
+            let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero, first: t0 == 0, next, ahead };
             passes(&chunk, acc);
         }
         acc
+    }
+}
+
+impl Chunk {
+    /// Asks for block `b`'s share of the lines `ahead` of the next tile row.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn prefetch_share(&self, b: usize) {
+        let (first, n) = (self.ahead.start, self.ahead.len());
+        prefetch_lines(self.next, first + n * b / self.blocks..first + n * (b + 1) / self.blocks);
     }
 }
 
