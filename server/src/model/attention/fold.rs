@@ -84,16 +84,9 @@ fn exp_non_positive(x: [f32; BLOCK_TOKENS]) -> [f32; BLOCK_TOKENS] {
 fn weighted_sum(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) {
     assert!(values.len() >= slots.end * d && acc.len() == weights.len() * d, "weighted sum over a block of the wrong size");
     // SAFETY: AVX-512F is enabled at compile time; the kernel reads rows j < slots.end of
-    // `values` and writes the first `weights.len()` rows of `acc`, both checked above.
+    // `values` and writes the `weights.len()` rows of `acc`, both checked above.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    let done = unsafe {
-        match weights.len() {
-            1 => avx512::weighted_sum::<1>(weights, slots.clone(), values, acc, d),
-            2 => avx512::weighted_sum::<2>(weights, slots.clone(), values, acc, d),
-            3 => avx512::weighted_sum::<3>(weights, slots.clone(), values, acc, d),
-            _ => avx512::weighted_sum::<ROWS_PER_PASS>(weights, slots.clone(), values, acc, d),
-        }
-    };
+    let done = unsafe { avx512::weighted_sum(weights, slots.clone(), values, acc, d) };
     // SAFETY: AVX2 and FMA are enabled at compile time; the same bounds as above.
     #[cfg(all(target_arch = "x86_64", not(target_feature = "avx512f"), target_feature = "avx2", target_feature = "fma"))]
     let done = unsafe { avx2::weighted_sum(weights, slots.clone(), values, acc, d) };
@@ -118,27 +111,41 @@ mod avx512 {
     /// Dimensions per pass: four registers of 16 lanes per row.
     const LANES: usize = 64;
 
-    /// [`super::weighted_sum`] for `R` rows over the dimensions below the last multiple of 64;
-    /// returns how many dimensions it did.
+    /// [`super::weighted_sum`] over the dimensions below the last multiple of 64, four rows at
+    /// a time; returns how many dimensions it did.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `weights.len() ≥ R`, `acc` holds R rows of `d`, and `values` rows
+    /// The CPU has AVX-512F; `acc` holds `weights.len()` rows of `d`, and `values` rows
     /// `j < slots.end` of `d`.
-    #[allow(clippy::needless_range_loop)] // see the indexing below
-    pub(super) unsafe fn weighted_sum<const R: usize>(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) -> usize {
+    pub(super) unsafe fn weighted_sum(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: &[f32], acc: &mut [f32], d: usize) -> usize {
         let vectorised = d - d % LANES;
-        let (values, out) = (values.as_ptr(), acc.as_mut_ptr());
+        for first in (0..weights.len()).step_by(4) {
+            let (weights, out) = (&weights[first..], acc.as_mut_ptr().add(first * d));
+            match weights.len() {
+                1 => rows::<1>(weights, slots.clone(), values.as_ptr(), out, d, vectorised),
+                2 => rows::<2>(weights, slots.clone(), values.as_ptr(), out, d, vectorised),
+                3 => rows::<3>(weights, slots.clone(), values.as_ptr(), out, d, vectorised),
+                _ => rows::<4>(weights, slots.clone(), values.as_ptr(), out, d, vectorised),
+            }
+        }
+        vectorised
+    }
+
+    /// `R` rows of [`weighted_sum`], their accumulators in registers.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // see the indexing below
+    unsafe fn rows<const R: usize>(weights: &[[f32; BLOCK_TOKENS]], slots: Range<usize>, values: *const f32, out: *mut f32, d: usize, vectorised: usize) {
         for lane in (0..vectorised).step_by(LANES) {
             let mut o = [[_mm512_setzero_ps(); 4]; R];
-            for (r, o) in o.iter_mut().enumerate() {
-                for (c, o) in o.iter_mut().enumerate() {
-                    *o = _mm512_loadu_ps(out.add(r * d + lane + 16 * c));
+            for r in 0..R {
+                for c in 0..4 {
+                    o[r][c] = _mm512_loadu_ps(out.add(r * d + lane + 16 * c));
                 }
             }
             for j in slots.clone() {
                 let v: [__m512; 4] = std::array::from_fn(|c| _mm512_loadu_ps(values.add(j * d + lane + 16 * c)));
-                // Indexed by the constant R (not zipped with `weights`), so that the loop
-                // unrolls and `o` stays in registers.
+                // Indexed by the constants R and 4 (not zipped with `weights`), so that the
+                // loops unroll and `o` stays in registers.
                 for r in 0..R {
                     let w = _mm512_set1_ps(weights.get_unchecked(r)[j]);
                     for c in 0..4 {
@@ -146,13 +153,12 @@ mod avx512 {
                     }
                 }
             }
-            for (r, o) in o.iter().enumerate() {
-                for (c, &o) in o.iter().enumerate() {
-                    _mm512_storeu_ps(out.add(r * d + lane + 16 * c), o);
+            for r in 0..R {
+                for c in 0..4 {
+                    _mm512_storeu_ps(out.add(r * d + lane + 16 * c), o[r][c]);
                 }
             }
         }
-        vectorised
     }
 }
 

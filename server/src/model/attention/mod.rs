@@ -127,7 +127,7 @@ fn check_blocks_present(chunk: &AttentionChunk, layer: usize, window: Option<usi
 
 /// Per-worker buffers for one tile.
 struct Scratch {
-    /// The tile's query rows, rounded to f16, `[rows][d]`.
+    /// The tile's query rows, `[rows][d]` (a generated token's rounded to f16).
     q: Vec<f32>,
     /// One block's keys, `[d][BLOCK_TOKENS]`, and values, `[BLOCK_TOKENS][d]`, widened.
     keys: Vec<f32>,

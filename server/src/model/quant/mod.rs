@@ -163,10 +163,13 @@ impl Unit<'_> {
         for (c, t0) in (0..weight.k).step_by(CHUNK).enumerate() {
             let len = CHUNK.min(weight.k - t0);
             let view = layout::decode::<H>(weight.format, &weight.planes, tile_row, t0, len, decoded);
-            let mut ahead = lines * c / chunks..lines * (c + 1) / chunks;
-            if self.rows.len() < SPREAD_ROWS {
-                prefetch_lines(next, std::mem::replace(&mut ahead, 0..0));
-            }
+            let share = lines * c / chunks..lines * (c + 1) / chunks;
+            let ahead = if self.rows.len() < SPREAD_ROWS {
+                prefetch_lines(next, share);
+                0..0
+            } else {
+                share
+            };
             let chunk = Chunk { codes: view.codes, scales: decoded.scales.as_ptr(), mins: decoded.mins.as_ptr(), t0, blocks: len / BLOCK, zero, first: t0 == 0, next, ahead };
             passes(&chunk, acc);
         }
