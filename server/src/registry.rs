@@ -211,7 +211,10 @@ impl Registry {
             }
             Some(Entry::OnDisk(path)) => path.clone(),
         };
-        let loaded = self.read(name, &path)?;
+        // Files gone from under a registered name were deleted meanwhile: the adapter is gone.
+        let loaded = self
+            .read(name, &path)
+            .map_err(|e| if path.exists() { e } else { RegistryError::NotFound(name.to_string()) })?;
         // A concurrent load or unload may have won meanwhile: keep what the map holds then.
         match self.entries.get_mut(name) {
             None => Err(RegistryError::NotFound(name.to_string())),

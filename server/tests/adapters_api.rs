@@ -561,3 +561,19 @@ async fn adapters_go_out_as_peft_or_gguf_and_come_back_answering_the_same() {
     assert!(!body["error"]["message"].as_str().unwrap().contains(".upload-"), "the message shows a server path: {body}");
     assert!(!f.root.join("adapters/bad.gguf").exists());
 }
+
+#[tokio::test]
+async fn an_adapter_whose_files_vanish_is_not_found_rather_than_a_server_error() {
+    let f = fixture(Some("admin"));
+    let r = &f.router;
+    let key = Some("admin");
+    // A delete that lands between a request finding the adapter and reading its files.
+    std::fs::remove_dir_all(f.root.join("adapters/tiny-a")).unwrap();
+    for format in ["gguf", "peft"] {
+        let (status, _, body) = download(r, &format!("/v1/adapters/tiny-a/download?format={format}"), key).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
+        assert!(String::from_utf8_lossy(&body).contains("does not exist"), "{}", String::from_utf8_lossy(&body));
+    }
+    let (status, body) = tokens(r, "tiny-a", json!(null)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}

@@ -208,28 +208,37 @@ impl Adapters {
         let this = self.clone();
         blocking(move || {
             let source = this.source(&name, version, scope)?;
-            let unreadable = |e: adapter_files::AdapterFileError| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
-            let stored = |e: std::io::Error| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
             let suffix = version.map(|v| format!("-v{v}")).unwrap_or_default();
-            match format {
-                AdapterFormat::Gguf => {
-                    let bytes = match AdapterFormat::of(&source) {
-                        AdapterFormat::Gguf => std::fs::read(&source).map_err(stored)?,
-                        AdapterFormat::Peft => adapter_files::to_gguf(&adapter_files::read(&source, &this.base).map_err(unreadable)?, &this.base),
-                    };
-                    Ok(Export { filename: format!("{name}{suffix}.gguf"), content_type: "application/octet-stream", bytes })
-                }
-                AdapterFormat::Peft => {
-                    let (config, weights) = match AdapterFormat::of(&source) {
-                        AdapterFormat::Peft => (std::fs::read(source.join(CONFIG_FILE)).map_err(stored)?, std::fs::read(source.join(WEIGHTS_FILE)).map_err(stored)?),
-                        AdapterFormat::Gguf => adapter_files::to_peft(&adapter_files::read(&source, &this.base).map_err(unreadable)?, &this.base_model).map_err(unreadable)?,
-                    };
-                    let bytes = archive::zip_peft(&format!("{name}{suffix}"), &config, &weights).map_err(ServiceError::internal)?;
-                    Ok(Export { filename: format!("{name}{suffix}.zip"), content_type: "application/zip", bytes })
-                }
-            }
+            // A delete that lands between finding the files and reading them takes them away:
+            // the adapter no longer exists, which is not the server's fault.
+            this.export(&source, &format!("{name}{suffix}"), format)
+                .map_err(|e| if source.exists() { e } else { missing(&name) })
         })
         .await
+    }
+
+    /// The adapter stored at `source` in `format`, named `stem`. A file already in that format
+    /// goes out as it is stored; the other format holds the same factors.
+    fn export(&self, source: &std::path::Path, stem: &str, format: AdapterFormat) -> Result<Export, ServiceError> {
+        let unreadable = |e: adapter_files::AdapterFileError| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
+        let stored = |e: std::io::Error| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
+        match format {
+            AdapterFormat::Gguf => {
+                let bytes = match AdapterFormat::of(source) {
+                    AdapterFormat::Gguf => std::fs::read(source).map_err(stored)?,
+                    AdapterFormat::Peft => adapter_files::to_gguf(&adapter_files::read(source, &self.base).map_err(unreadable)?, &self.base),
+                };
+                Ok(Export { filename: format!("{stem}.gguf"), content_type: "application/octet-stream", bytes })
+            }
+            AdapterFormat::Peft => {
+                let (config, weights) = match AdapterFormat::of(source) {
+                    AdapterFormat::Peft => (std::fs::read(source.join(CONFIG_FILE)).map_err(stored)?, std::fs::read(source.join(WEIGHTS_FILE)).map_err(stored)?),
+                    AdapterFormat::Gguf => adapter_files::to_peft(&adapter_files::read(source, &self.base).map_err(unreadable)?, &self.base_model).map_err(unreadable)?,
+                };
+                let bytes = archive::zip_peft(stem, &config, &weights).map_err(ServiceError::internal)?;
+                Ok(Export { filename: format!("{stem}.zip"), content_type: "application/zip", bytes })
+            }
+        }
     }
 
     /// Where `name`'s current version, or its `version`, is stored, if `scope` may read it.
