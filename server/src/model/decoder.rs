@@ -24,7 +24,7 @@ use crate::model::config::{Activation, Config};
 use crate::model::gelu::GeluTable;
 use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
 use crate::model::rope::{RopePlan, RotaryTables};
-use crate::model::with_values;
+use crate::model::{each_row_on_workers, with_values};
 use crate::model::{KvCache, LogitsFor, ModelError};
 
 pub(crate) struct RmsNorm {
@@ -46,25 +46,19 @@ impl RmsNorm {
         gguf.has_tensor(name).then(|| Self::load(gguf, name, len, eps)).transpose()
     }
 
-    /// out = x / √(mean(x²) + ε) · w for one vector of the weight's length.
-    fn normalize_into(&self, x: &[f32], out: &mut [f32]) {
+    /// x ← x / √(mean(x²) + ε) · w for one vector of the weight's length.
+    fn normalize(&self, x: &mut [f32]) {
         let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let scale = 1.0 / (mean_sq + self.eps).sqrt();
-        for ((o, &v), &w) in out.iter_mut().zip(x).zip(self.weight.iter()) {
-            *o = v * scale * w;
+        for (v, &w) in x.iter_mut().zip(self.weight.iter()) {
+            *v = *v * scale * w;
         }
     }
 
-    /// RMSNorm over the last dimension, one pass.
+    /// RMSNorm over the last dimension, the rows on the workers.
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let n = self.weight.len();
-        let out = with_values(x, |xs| {
-            let mut out = vec![0f32; xs.len()];
-            for (row, o) in xs.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-                self.normalize_into(row, o);
-            }
-            out
-        })?;
+        let mut out = with_values(x, <[f32]>::to_vec)?;
+        each_row_on_workers(&mut out, self.weight.len(), |_, row| self.normalize(row));
         Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
     }
 }
@@ -72,19 +66,15 @@ impl RmsNorm {
 /// `x: [rows, heads·d]`: RMSNorm of every head's d values (when the layer has one), then RoPE
 /// at the row's position.
 fn norm_and_rotate_heads(x: &Tensor, head_dim: usize, norm: Option<&RmsNorm>, rope: &RotaryTables) -> Result<Tensor, ModelError> {
-    let width = x.dim(1)?;
-    let out = with_values(x, |xs| {
-        let mut out = xs.to_vec();
-        for (r, (row, o)) in xs.chunks_exact(width).zip(out.chunks_exact_mut(width)).enumerate() {
-            for (head, o_head) in row.chunks_exact(head_dim).zip(o.chunks_exact_mut(head_dim)) {
-                if let Some(norm) = norm {
-                    norm.normalize_into(head, o_head);
-                }
-                rope.rotate(r, o_head, 1.0);
+    let mut out = with_values(x, <[f32]>::to_vec)?;
+    each_row_on_workers(&mut out, x.dim(1)?, |r, row| {
+        for head in row.chunks_exact_mut(head_dim) {
+            if let Some(norm) = norm {
+                norm.normalize(head);
             }
+            rope.rotate(r, head, 1.0);
         }
-        out
-    })?;
+    });
     Ok(Tensor::from_vec(out, x.shape(), &Device::Cpu)?)
 }
 
@@ -313,9 +303,7 @@ impl Decoder {
     ) -> Result<Tensor, ModelError> {
         let (c, block) = (&self.config, &self.blocks[layer]);
         let h = block.attn_norm.forward(x)?;
-        let q = block.q.forward(&h, segments)?;
-        let k = block.k.forward(&h, segments)?;
-        let v = block.v.forward(&h, segments)?;
+        let [q, k, v] = QLinear::forward_each([&block.q, &block.k, &block.v], &h, segments)?;
         let q = norm_and_rotate_heads(&q, c.head_dim, block.q_norm.as_ref(), rope)?;
         let k = norm_and_rotate_heads(&k, c.head_dim, block.k_norm.as_ref(), rope)?;
         let attn = self.attend_batch(layer, &q, &k, &v, batch, layouts)?;
@@ -323,8 +311,7 @@ impl Decoder {
         let x = residual_add(x, &attn, block.post_attn_norm.as_ref())?;
 
         let m = block.ffn_norm.forward(&x)?;
-        let gate = block.gate.forward(&m, segments)?;
-        let up = block.up.forward(&m, segments)?;
+        let [gate, up] = QLinear::forward_each([&block.gate, &block.up], &m, segments)?;
         let ffn = block.down.forward(&self.gated(&gate, &up)?, segments)?;
         residual_add(&x, &ffn, block.post_ffw_norm.as_ref())
     }

@@ -4,6 +4,8 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::model::{each_row_on_workers, with_values, ModelError};
+
 /// gelu_tanh(x) = ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -42,13 +44,18 @@ impl GeluTable {
         }
     }
 
-    /// `gelu(gate) ⊙ up` for two tensors of the same shape.
-    pub fn geglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-        let shape = gate.shape().clone();
-        let gate = gate.flatten_all()?.to_vec1::<f32>()?;
-        let up = up.flatten_all()?.to_vec1::<f32>()?;
-        let out: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| self.gelu(g) * u).collect();
-        Tensor::from_vec(out, shape, &Device::Cpu)
+    /// `gelu(gate) ⊙ up` for two tensors of the same shape, row by row on the workers.
+    pub fn geglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor, ModelError> {
+        let (shape, width) = (gate.shape().clone(), gate.dims().last().copied().unwrap_or(1).max(1));
+        let mut out = gate.flatten_all()?.to_vec1::<f32>()?;
+        with_values(up, |up| {
+            each_row_on_workers(&mut out, width, |i, row| {
+                for (g, &u) in row.iter_mut().zip(&up[i * width..]) {
+                    *g = self.gelu(*g) * u;
+                }
+            })
+        })?;
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
     }
 }
 

@@ -113,6 +113,15 @@ impl QWeight {
         }
     }
 
+    /// `x·W_iᵀ` for weights of the same width over one `x`, as row-major vectors: with the
+    /// integer kernels all in one pass over the workers ([`QuantWeight::matmul_each`]).
+    pub fn forward_values_each(weights: &[&QWeight], x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        match weights.iter().map(|w| w.integer()).collect::<Option<Vec<_>>>() {
+            Some(integer) => Ok(with_values(x, |xs| QuantWeight::matmul_each(&integer, xs))?),
+            None => weights.iter().map(|w| w.forward_values(x)).collect(),
+        }
+    }
+
     /// `x: [rows, in] → [rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         match &self.kernel {
@@ -394,33 +403,42 @@ impl QLinear {
     /// `x: [rows, in] → [rows, out]`. The base matmul runs once over every row of the batch;
     /// each segment's adapter delta touches only its own rows.
     pub fn forward(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
-        let y = self.forward_without_bias(x, segments)?;
+        let [y] = Self::forward_each([self], x, segments)?;
+        Ok(y)
+    }
+
+    /// [`Self::forward`] of several layers over the same input (a block's q, k and v, or its
+    /// gate and up): their base matmuls share one pass over the workers, then each adds its
+    /// own deltas and bias.
+    pub fn forward_each<const N: usize>(linears: [&QLinear; N], x: &Tensor, segments: &[RowSegment]) -> Result<[Tensor; N], ModelError> {
+        let bases = QWeight::forward_values_each(&linears.map(|l| &l.weight), x)?;
+        let rows = x.dim(0)?;
+        let outputs = linears
+            .iter()
+            .zip(bases)
+            .map(|(linear, base)| linear.finish(x, base, rows, segments))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per layer")))
+    }
+
+    /// The base product `ys: [rows, out]` plus each segment's adapter delta and the bias.
+    fn finish(&self, x: &Tensor, mut ys: Vec<f32>, rows: usize, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
+        if segments.iter().any(|s| !s.adapters.is_empty()) {
+            with_values(x, |xs| {
+                add_batch_deltas(
+                    self.layer,
+                    self.module,
+                    segments.iter().map(|s| (s.rows.clone(), s.adapters)),
+                    xs,
+                    &mut ys,
+                )
+            })?;
+        }
+        let y = Tensor::from_vec(ys, (rows, self.weight.out_features), &Device::Cpu)?;
         Ok(match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         })
-    }
-
-    fn forward_without_bias(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
-        if segments.iter().all(|s| s.adapters.is_empty()) {
-            return self.weight.forward(x);
-        }
-        let rows = x.dim(0)?;
-        let out_features = self.weight.out_features;
-        let mut ys = match self.weight.forward_integer_values(x)? {
-            Some(ys) => ys,
-            None => self.weight.forward(x)?.flatten_all()?.to_vec1::<f32>()?,
-        };
-        with_values(x, |xs| {
-            add_batch_deltas(
-                self.layer,
-                self.module,
-                segments.iter().map(|s| (s.rows.clone(), s.adapters)),
-                xs,
-                &mut ys,
-            )
-        })?;
-        Ok(Tensor::from_vec(ys, (rows, out_features), &Device::Cpu)?)
     }
 }
 

@@ -80,3 +80,36 @@ pub(crate) fn with_values<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> 
     Ok(f(&values))
 }
 
+
+/// Runs `f(i, row)` on each `width`-value row of `values`, the rows shared out over the serving
+/// workers; under `PARALLEL_VALUES` values (one decode row), on this thread, where waking the
+/// workers costs more than the work. A row is computed the same either way. In a batched
+/// decode step these element-wise passes were the engine thread's alone, and the workers waited.
+pub(crate) fn each_row_on_workers(values: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    const PARALLEL_VALUES: usize = 8192;
+    let rows = values.len() / width;
+    if values.len() < PARALLEL_VALUES || rows < 2 {
+        values.chunks_exact_mut(width).enumerate().for_each(|(i, row)| f(i, row));
+        return;
+    }
+    let shared = SharedRows(values.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for i in range {
+            // SAFETY: row i lies within `values`, and each row goes to exactly one call.
+            let row = unsafe { std::slice::from_raw_parts_mut(shared.get().add(i * width), width) };
+            f(i, row);
+        }
+    });
+}
+
+/// Rows being written by several threads, each row by one.
+struct SharedRows(*mut f32);
+
+// SAFETY: threads write disjoint rows (see `each_row_on_workers`).
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}

@@ -270,23 +270,47 @@ impl QuantWeight {
 
     /// `y = x·Wᵀ` for `x: [m, k]`: `y: [m, n]`, row-major, computed on the serving workers.
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
-        let x = QuantizedRows::quantize_on_workers(x, self.k, self.format.activation_format(), self.isa);
-        let len = x.rows * self.n;
-        // Every element is written by exactly one unit, so y is never zeroed first (for a
+        Self::matmul_each(&[self], x).pop().unwrap_or_default()
+    }
+
+    /// `y_i = x·W_iᵀ` for weights of the same width over one `x: [m, k]`, in one pass over the
+    /// serving workers: x is quantized once per activation format, and the units of every
+    /// weight are shared out together, so a layer's q, k and v (or gate and up) wait at one
+    /// barrier rather than three. Each unit computes what it would alone.
+    pub fn matmul_each(weights: &[&QuantWeight], x: &[f32]) -> Vec<Vec<f32>> {
+        let mut quantized: Vec<((ActivationFormat, Isa), QuantizedRows)> = Vec::new();
+        for weight in weights {
+            let key = (weight.activation_format(), weight.isa);
+            if !quantized.iter().any(|(k, _)| *k == key) {
+                quantized.push((key, QuantizedRows::quantize_on_workers(x, weight.k, key.0, key.1)));
+            }
+        }
+        let inputs: Vec<&QuantizedRows> = weights
+            .iter()
+            .map(|w| quantized.iter().find(|(k, _)| *k == (w.activation_format(), w.isa)).map(|(_, q)| q))
+            .collect::<Option<_>>()
+            .unwrap_or_else(|| unreachable!("every weight's activations were quantized above"));
+        // Every element is written by exactly one unit, so no y is zeroed first (for a
         // 512-token prompt that would be megabytes of stores per matrix).
-        let mut y: Vec<f32> = Vec::with_capacity(len);
-        let (units, groups) = self.units(&x, len, &(0..self.n));
-        let out = SharedOutput(y.spare_capacity_mut().as_mut_ptr() as *mut f32);
-        barrier_pool().execute_chunked(units, |range| {
+        let mut ys: Vec<Vec<f32>> = weights.iter().zip(&inputs).map(|(w, x)| Vec::with_capacity(x.rows * w.n)).collect();
+        let plans: Vec<(usize, usize)> = weights.iter().zip(&inputs).map(|(w, x)| w.units(x, x.rows * w.n, &(0..w.n))).collect();
+        let outputs: Vec<SharedOutput> = ys.iter_mut().map(|y| SharedOutput(y.spare_capacity_mut().as_mut_ptr() as *mut f32)).collect();
+        let starts: Vec<usize> = plans.iter().scan(0, |next, &(units, _)| Some(std::mem::replace(next, *next + units))).collect();
+        let total = plans.iter().map(|&(units, _)| units).sum();
+        barrier_pool().execute_chunked(total, |range| {
             let mut scratch = Scratch::new();
             for unit in range {
-                self.run(&x, unit / groups, unit % groups, &(0..self.n), out, &mut scratch);
+                let i = starts.partition_point(|&start| start <= unit) - 1;
+                let (unit, groups) = (unit - starts[i], plans[i].1);
+                weights[i].run(inputs[i], unit / groups, unit % groups, &(0..weights[i].n), outputs[i], &mut scratch);
             }
         });
-        // SAFETY: the units cover every (row, column) of [m, n] (see `units`), each storing its
-        // rows' `lanes` columns, and all have returned.
-        unsafe { y.set_len(len) };
-        y
+        for ((y, weight), x) in ys.iter_mut().zip(weights).zip(&inputs) {
+            // SAFETY: the units cover every (row, column) of [m, n] (see `units`), each storing
+            // its rows' `lanes` columns, and all have returned.
+            unsafe { y.set_len(x.rows * weight.n) };
+        }
+        ys
     }
 
     /// `y = x·W[rows]ᵀ`, `y: [m, rows.len()]` (`rows.start` a multiple of 16), on the calling

@@ -139,3 +139,22 @@ fn data_that_does_not_fit_the_shape_is_refused() {
     assert!(QuantWeight::from_file(Format::Q8_0, &bytes[..100], 48, 96, Isa::Portable, |_| {}).is_none());
     assert!(QuantWeight::from_file(Format::Q6K, &bytes, 48, 96, Isa::Portable, |_| {}).is_none());
 }
+
+#[test]
+fn weights_multiplied_together_give_each_one_its_own_product() {
+    // Every format at once: two activation formats, partial last tile rows, many units.
+    let (m, k) = (19, 512);
+    let x = activations(m, k);
+    for isa in isas() {
+        let weights: Vec<QuantWeight> = FORMATS
+            .iter()
+            .zip([37, 64, 21, 50])
+            .map(|(&(dtype, format), n)| QuantWeight::from_file(format, &quantized(dtype, n, k).0, n, k, isa, |_| {}).unwrap())
+            .collect();
+        let together = QuantWeight::matmul_each(&weights.iter().collect::<Vec<_>>(), &x);
+        assert_eq!(together.len(), weights.len());
+        for (weight, y) in weights.iter().zip(&together) {
+            assert_eq!(*y, weight.matmul(&x), "{:?} {isa:?}", weight.format);
+        }
+    }
+}
