@@ -8,16 +8,18 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::utils::barrier_pool;
 
 use tessera_adapters::AdapterMix;
 
 use super::sequence::{Sequence, StepInput};
 use super::{EngineConfig, Submission, PREFILL_CHUNK};
 use crate::metrics::Metrics;
-use crate::model::decoder::SequenceChunk;
+use crate::model::decoder::{Logits, SequenceChunk};
 use crate::model::kv::prefix::PrefixCache;
 use crate::model::{KvPool, ModelError};
 use crate::LoadedModel;
@@ -260,20 +262,45 @@ impl Scheduler {
                 return;
             }
         };
-        let tokenizer = &self.model.tokenizer;
-        let mut batch_index = 0;
-        let mut finished = vec![false; self.running.len()];
-        for (i, (seq, input)) in self.running.iter_mut().zip(&inputs).enumerate() {
-            let Some(input) = input else { continue };
-            let rows: Vec<&[f32]> = (0..logits.rows(batch_index)).map(|r| logits.row(batch_index, r)).collect();
-            batch_index += 1;
-            finished[i] = seq.advance(input.tokens.len(), &rows, tokenizer, &self.metrics);
-            if let Some(prefix) = self.prefix.as_mut() {
-                seq.register_blocks(prefix);
+        let finished = self.advance_fed(&inputs, &logits);
+        if let Some(prefix) = self.prefix.as_mut() {
+            for (seq, input) in self.running.iter_mut().zip(&inputs) {
+                if input.is_some() {
+                    seq.register_blocks(prefix);
+                }
             }
         }
         let mut done = finished.into_iter();
         self.running.retain(|_| !done.next().unwrap_or(false));
+    }
+
+    /// Hands each fed sequence its logits (it samples, streams and checks its stops); returns
+    /// which running sequences finished. The sequences are shared out over the workers: with
+    /// many of them, their 262k-wide scans were the engine thread's alone, and the workers
+    /// waited. Each sequence does what it would alone.
+    fn advance_fed(&mut self, inputs: &[Option<StepInput>], logits: &Logits) -> Vec<bool> {
+        let (tokenizer, metrics) = (&self.model.tokenizer, &*self.metrics);
+        let finished: Vec<AtomicBool> = self.running.iter().map(|_| AtomicBool::new(false)).collect();
+        let fed: Vec<Mutex<(usize, &mut Sequence, usize)>> = self
+            .running
+            .iter_mut()
+            .zip(inputs)
+            .enumerate()
+            .filter_map(|(i, (seq, input))| input.as_ref().map(|input| (i, seq, input.tokens.len())))
+            .map(Mutex::new)
+            .collect();
+        let advance = |batch_index: usize| {
+            let mut guard = fed[batch_index].lock().unwrap_or_else(PoisonError::into_inner);
+            let (i, seq, tokens) = &mut *guard;
+            let rows: Vec<&[f32]> = (0..logits.rows(batch_index)).map(|r| logits.row(batch_index, r)).collect();
+            finished[*i].store(seq.advance(*tokens, &rows, tokenizer, metrics), Ordering::Relaxed);
+        };
+        if fed.len() < 2 {
+            (0..fed.len()).for_each(advance);
+        } else {
+            barrier_pool().execute_chunked(fed.len(), |range| range.for_each(advance));
+        }
+        finished.into_iter().map(AtomicBool::into_inner).collect()
     }
 }
 
