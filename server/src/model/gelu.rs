@@ -46,8 +46,8 @@ impl GeluTable {
 
     /// `gelu(gate) ⊙ up` for two tensors of the same shape, row by row on the workers.
     pub fn geglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor, ModelError> {
-        let (shape, width) = (gate.shape().clone(), gate.dims().last().copied().unwrap_or(1).max(1));
-        let mut out = gate.flatten_all()?.to_vec1::<f32>()?;
+        let width = gate.dim(candle_core::D::Minus1)?;
+        let mut out = with_values(gate, <[f32]>::to_vec)?;
         with_values(up, |up| {
             each_row_on_workers(&mut out, width, |i, row| {
                 for (g, &u) in row.iter_mut().zip(&up[i * width..]) {
@@ -55,7 +55,7 @@ impl GeluTable {
                 }
             })
         })?;
-        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+        Ok(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)
     }
 }
 

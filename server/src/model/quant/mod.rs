@@ -185,7 +185,7 @@ impl Unit<'_> {
 }
 
 impl Chunk {
-    /// Asks for block `b`'s share of the lines `ahead` of the next tile row.
+    /// Asks for block `b`'s share of the lines `ahead` of the tile row `PREFETCH_AHEAD` on.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     #[inline(always)]
     fn prefetch_share(&self, b: usize) {
@@ -311,17 +311,15 @@ impl QuantWeight {
     /// barrier rather than three. Each unit computes what it would alone.
     pub fn matmul_each(weights: &[&QuantWeight], x: &[f32]) -> Vec<Vec<f32>> {
         let mut quantized: Vec<((ActivationFormat, Isa), QuantizedRows)> = Vec::new();
+        let mut input_of = Vec::with_capacity(weights.len());
         for weight in weights {
             let key = (weight.activation_format(), weight.isa);
-            if !quantized.iter().any(|(k, _)| *k == key) {
+            input_of.push(quantized.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
                 quantized.push((key, QuantizedRows::quantize_on_workers(x, weight.k, key.0, key.1)));
-            }
+                quantized.len() - 1
+            }));
         }
-        let inputs: Vec<&QuantizedRows> = weights
-            .iter()
-            .map(|w| quantized.iter().find(|(k, _)| *k == (w.activation_format(), w.isa)).map(|(_, q)| q))
-            .collect::<Option<_>>()
-            .unwrap_or_else(|| unreachable!("every weight's activations were quantized above"));
+        let inputs: Vec<&QuantizedRows> = input_of.into_iter().map(|i| &quantized[i].1).collect();
         // Every element is written by exactly one unit, so no y is zeroed first (for a
         // 512-token prompt that would be megabytes of stores per matrix).
         let mut ys: Vec<Vec<f32>> = weights.iter().zip(&inputs).map(|(w, x)| Vec::with_capacity(x.rows * w.n)).collect();
