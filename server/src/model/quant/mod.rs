@@ -108,6 +108,10 @@ pub(crate) struct Unit<'a> {
     stride: usize,
     column: usize,
     lanes: usize,
+    /// The tile row this thread multiplies `PREFETCH_AHEAD` tile rows after this one, asked for
+    /// while this one is multiplied (empty when there is none, or another unit of this tile
+    /// row runs after this one and asks instead).
+    ahead: &'a [u8],
 }
 
 impl Unit<'_> {
@@ -133,7 +137,7 @@ pub(crate) struct Chunk {
     blocks: usize,
     zero: i32,
     first: bool,
-    /// The tile row `PREFETCH_AHEAD` on, and the lines of it to ask for while this chunk is multiplied.
+    /// The unit's tile row ahead, and the lines of it to ask for while this chunk is multiplied.
     next: *const u8,
     ahead: Range<usize>,
 }
@@ -156,16 +160,14 @@ impl Unit<'_> {
         let tile_row = weight.tile_row(self.tile_row);
         let Scratch { decoded, sums } = scratch;
         let acc = &mut sums[..self.rows.len()];
-        // The tile row `PREFETCH_AHEAD` on is fetched while this one is multiplied, a share with
-        // each chunk: a tile row is two streams (codes, then scales at its end) that the
-        // hardware prefetcher does not run ahead of, and one-row products wait on every miss
-        // (without these prefetches a one-stream decode runs at two thirds of the speed). Only
-        // the tile row's last group of activation rows asks, the one run just before the next.
-        // With many rows the share is spread over the chunk's blocks (`Chunk::prefetch_share`):
-        // asked at once it fills the line-fill buffers and stalls work that could go on.
-        let last_group = self.rows.end == self.x.rows;
-        let next = tile_row.as_ptr().wrapping_add(PREFETCH_AHEAD * tile_row.len());
-        let lines = if last_group { tile_row.len() / 64 } else { 0 };
+        // The tile row ahead is fetched while this one is multiplied, a share with each chunk:
+        // a tile row is two streams (codes, then scales at its end) that the hardware
+        // prefetcher does not run ahead of, and one-row products wait on every miss (without
+        // these prefetches a one-stream decode runs at two thirds of the speed). With many rows
+        // the share is spread over the chunk's blocks (`Chunk::prefetch_share`): asked at once
+        // it fills the line-fill buffers and stalls work that could go on.
+        let next = self.ahead.as_ptr();
+        let lines = self.ahead.len() / 64;
         let chunks = weight.k.div_ceil(CHUNK);
         for (c, t0) in (0..weight.k).step_by(CHUNK).enumerate() {
             let len = CHUNK.min(weight.k - t0);
@@ -185,7 +187,7 @@ impl Unit<'_> {
 }
 
 impl Chunk {
-    /// Asks for block `b`'s share of the lines `ahead` of the tile row `PREFETCH_AHEAD` on.
+    /// Asks for block `b`'s share of the lines `ahead` of the unit's tile row ahead.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     #[inline(always)]
     fn prefetch_share(&self, b: usize) {
@@ -197,8 +199,13 @@ impl Chunk {
 /// Shares `0..items` out over the serving workers in ranges of about an eighth of a thread's
 /// share (taken as threads come free, so a slow thread takes fewer), each thread with one
 /// scratch for all its ranges: a scratch is 10 KiB zeroed when made, and made per range it was
-/// 11 MB of stores in a 16-row decode step.
-fn on_each_worker(items: usize, run: impl Fn(Range<usize>, &mut Scratch) + Sync) {
+/// 11 MB of stores in a 16-row decode step. `run` gets each item with the one this thread runs
+/// `lookahead` items later, if it has claimed it: a thread claims its next range before it
+/// starts this one, so that what it prefetches is what it will run, even across ranges. (Asking
+/// for the items after this range instead, the next range's first tile rows were cold, and
+/// another thread's; a one-row product's small matrices run at half the bandwidth of the LM
+/// head that way.)
+fn on_each_worker(items: usize, lookahead: usize, run: impl Fn(usize, Option<usize>, &mut Scratch) + Sync) {
     if items == 0 {
         return;
     }
@@ -206,15 +213,21 @@ fn on_each_worker(items: usize, run: impl Fn(Range<usize>, &mut Scratch) + Sync)
     let threads = pool.n_workers() + 1;
     let grab = items.div_ceil(threads * 8).max(1);
     let cursor = AtomicUsize::new(0);
+    let claim = || {
+        let start = cursor.fetch_add(grab, Ordering::Relaxed);
+        start.min(items)..items.min(start.saturating_add(grab))
+    };
     // One call per thread (or all on this one, from inside the pool).
     pool.execute_chunked(threads, |_| {
         let mut scratch = Scratch::new();
-        loop {
-            let start = cursor.fetch_add(grab, Ordering::Relaxed);
-            if start >= items {
-                return;
+        let (mut current, mut next) = (claim(), claim());
+        while !current.is_empty() {
+            for item in current.clone() {
+                let later = item + lookahead;
+                let ahead = if later < current.end { Some(later) } else { next.clone().nth(later - current.end) };
+                run(item, ahead, &mut scratch);
             }
-            run(start..items.min(start + grab), &mut scratch);
+            current = std::mem::replace(&mut next, claim());
         }
     });
 }
@@ -327,12 +340,24 @@ impl QuantWeight {
         let outputs: Vec<SharedOutput> = ys.iter_mut().map(|y| SharedOutput(y.spare_capacity_mut().as_mut_ptr() as *mut f32)).collect();
         let starts: Vec<usize> = plans.iter().scan(0, |next, &(units, _)| Some(std::mem::replace(next, *next + units))).collect();
         let total = plans.iter().map(|&(units, _)| units).sum();
-        on_each_worker(total, |units, scratch| {
-            for unit in units {
-                let i = starts.partition_point(|&start| start <= unit) - 1;
-                let (unit, groups) = (unit - starts[i], plans[i].1);
-                weights[i].run(inputs[i], unit / groups, unit % groups, &(0..weights[i].n), outputs[i], scratch);
-            }
+        // Which weight's which (tile row, row group) a unit is.
+        let locate = |unit: usize| {
+            let i = starts.partition_point(|&start| start <= unit) - 1;
+            let groups = plans[i].1;
+            (i, (unit - starts[i]) / groups, (unit - starts[i]) % groups)
+        };
+        let groups = plans.iter().map(|&(_, groups)| groups).max().unwrap_or(1);
+        on_each_worker(total, PREFETCH_AHEAD * groups, |unit, ahead, scratch| {
+            let (i, tile_row, group) = locate(unit);
+            // Only a tile row's last row group asks: it runs just before the next tile row.
+            let ahead = match ahead {
+                Some(later) if group + 1 == plans[i].1 => {
+                    let (j, tile_row, _) = locate(later);
+                    weights[j].tile_row(tile_row)
+                }
+                _ => &[],
+            };
+            weights[i].run(inputs[i], tile_row, group, &(0..weights[i].n), outputs[i], ahead, scratch);
         });
         for ((y, weight), x) in ys.iter_mut().zip(weights).zip(&inputs) {
             // SAFETY: the units cover every (row, column) of [m, n] (see `units`), each storing
@@ -348,8 +373,13 @@ impl QuantWeight {
         let (units, groups) = self.units(x, y.len(), &weight_rows);
         let y = SharedOutput(y.as_mut_ptr());
         let mut scratch = Scratch::new();
+        let first = weight_rows.start / TILE_ROWS;
+        let tile_rows = first..weight_rows.end.div_ceil(TILE_ROWS);
         for unit in 0..units {
-            self.run(x, weight_rows.start / TILE_ROWS + unit / groups, unit % groups, &weight_rows, y, &mut scratch);
+            let (tile_row, group) = (first + unit / groups, unit % groups);
+            let ahead = tile_row + PREFETCH_AHEAD;
+            let ahead = if group + 1 == groups && tile_rows.contains(&ahead) { self.tile_row(ahead) } else { &[] };
+            self.run(x, tile_row, group, &weight_rows, y, ahead, &mut scratch);
         }
     }
 
@@ -367,8 +397,9 @@ impl QuantWeight {
         (weight_rows.len().div_ceil(TILE_ROWS) * groups, groups)
     }
 
-    /// One unit: row group `group` of x against tile row `tile_row`.
-    fn run(&self, x: &QuantizedRows, tile_row: usize, group: usize, weight_rows: &Range<usize>, y: SharedOutput, scratch: &mut Scratch) {
+    /// One unit: row group `group` of x against tile row `tile_row`, asking for `ahead` meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, x: &QuantizedRows, tile_row: usize, group: usize, weight_rows: &Range<usize>, y: SharedOutput, ahead: &[u8], scratch: &mut Scratch) {
         let first_row = tile_row * TILE_ROWS;
         let unit = Unit {
             weight: self,
@@ -379,6 +410,7 @@ impl QuantWeight {
             stride: weight_rows.len(),
             column: first_row - weight_rows.start,
             lanes: (weight_rows.end - first_row).min(TILE_ROWS),
+            ahead,
         };
         match self.isa {
             // SAFETY: the ISA was checked when the weight was made; units cover disjoint
