@@ -226,20 +226,32 @@ mod avx2 {
 /// precision, rounded after every key, and rescaled only when a key raises the maximum. Keeping
 /// its roundings keeps the logits within the reference's own noise.
 pub(super) fn fold_keys_f16(scores: &[f32; BLOCK_TOKENS], slots: Range<usize>, max: &mut f32, sum: &mut f32, values: &[f32], acc: &mut [f32]) {
-    let d = acc.len();
-    for j in slots {
+    // The scalars first, key by key: m, l, and what each key does to o. Then o's lanes take
+    // every key's step in turn, each lane the same operations in the same order as key by key.
+    let mut steps = [KeyStep { rescale: None, weight: 0.0 }; BLOCK_TOKENS];
+    for (j, step) in slots.clone().zip(&mut steps) {
         let s = scores[j];
         let (mut rescale, mut weight) = (1.0f32, 1.0f32);
         if s > *max {
             rescale = (*max - s).exp();
             *max = s;
-            half_precision::scale(acc, rescale);
+            step.rescale = Some(rescale);
         } else {
             weight = (s - *max).exp();
         }
-        half_precision::multiply_add(acc, &values[j * d..(j + 1) * d], weight);
+        step.weight = weight;
         *sum = sum.mul_add(rescale, weight);
     }
+    let d = acc.len();
+    half_precision::fold(acc, &values[slots.start * d..slots.end * d], &steps[..slots.len()]);
+}
+
+/// What one key does to a row's o held at f16 precision: o ← f16(o·rescale) when the key raised
+/// the maximum, then o ← f16(v·weight + o).
+#[derive(Clone, Copy)]
+struct KeyStep {
+    rescale: Option<f32>,
+    weight: f32,
 }
 
 /// Updates of a vector held at f16 precision in f32 lanes: each result is rounded to the
@@ -248,14 +260,61 @@ pub(super) fn fold_keys_f16(scores: &[f32; BLOCK_TOKENS], slots: Range<usize>, m
 mod half_precision {
     use half::f16;
 
-    /// acc ← f16(acc · c)
-    pub(super) fn scale(acc: &mut [f32], c: f32) {
-        update(acc, None, c);
+    use super::KeyStep;
+
+    /// Each key's step on acc in turn (`values`: the keys' value vectors, one per step), key by
+    /// key over all the lanes.
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    pub(super) fn fold(acc: &mut [f32], values: &[f32], steps: &[KeyStep]) {
+        for (step, v) in steps.iter().zip(values.chunks_exact(acc.len())) {
+            key_step(acc, v, step);
+        }
     }
 
-    /// acc ← f16(v · w + acc)
-    pub(super) fn multiply_add(acc: &mut [f32], v: &[f32], w: f32) {
-        update(acc, Some(v), w);
+    /// Each key's step on acc in turn (`values`: the keys' value vectors, one per step): 128
+    /// lanes at a time, held in eight registers through every key, rather than o stored and
+    /// loaded again for each key (a decode step's attention is mostly this loop).
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    pub(super) fn fold(acc: &mut [f32], values: &[f32], steps: &[KeyStep]) {
+        use std::arch::x86_64::*;
+        const REGISTERS: usize = 8;
+        const LANES: usize = 16 * REGISTERS;
+        let d = acc.len();
+        let held = d - d % LANES;
+        let round = |x: __m512| unsafe { _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x)) };
+        for first in (0..held).step_by(LANES) {
+            // SAFETY: the target has AVX-512F (checked at compile time); lanes first..first +
+            // LANES lie within acc and within each value vector of d.
+            unsafe {
+                let mut o: [__m512; REGISTERS] = std::array::from_fn(|i| _mm512_loadu_ps(acc.as_ptr().add(first + 16 * i)));
+                for (step, v) in steps.iter().zip(values.chunks_exact(d)) {
+                    if let Some(rescale) = step.rescale {
+                        let c = _mm512_set1_ps(rescale);
+                        o = o.map(|o| round(_mm512_mul_ps(o, c)));
+                    }
+                    let w = _mm512_set1_ps(step.weight);
+                    for (i, o) in o.iter_mut().enumerate() {
+                        *o = round(_mm512_fmadd_ps(_mm512_loadu_ps(v.as_ptr().add(first + 16 * i)), w, *o));
+                    }
+                }
+                for (i, o) in o.iter().enumerate() {
+                    _mm512_storeu_ps(acc.as_mut_ptr().add(first + 16 * i), *o);
+                }
+            }
+        }
+        if held < d {
+            for (step, v) in steps.iter().zip(values.chunks_exact(d)) {
+                key_step(&mut acc[held..], &v[held..], step);
+            }
+        }
+    }
+
+    /// One key's step on every lane of acc (`v`: its value vector).
+    fn key_step(acc: &mut [f32], v: &[f32], step: &KeyStep) {
+        if let Some(rescale) = step.rescale {
+            update(acc, None, rescale);
+        }
+        update(acc, Some(v), step.weight);
     }
 
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
@@ -338,6 +397,37 @@ mod tests {
         let edge = exp_non_positive([f32::NEG_INFINITY, -88.0, -1000.0, 0.0, -0.0, -1e-30, -87.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0]);
         assert_eq!(&edge[..6], &[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
         assert!(edge[6] > 0.0 && edge[6].is_normal());
+    }
+
+    /// Folding key by key at f16 precision gives every lane, whether held in registers through
+    /// the keys or past the last whole 128, the bits of the plain key-by-key fold; keys that
+    /// raise the maximum rescale o first.
+    #[test]
+    fn a_key_by_key_fold_gives_each_lane_the_plain_folds_bits() {
+        let d = 256 + 24;
+        let values: Vec<f32> = (0..BLOCK_TOKENS * d).map(|x| ((x * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let scores: [f32; BLOCK_TOKENS] = std::array::from_fn(|j| [0.3, -1.2, 0.9, 0.1, 1.7, -0.4, 1.7, 2.5][j % 8] + j as f32 * 0.01);
+        let slots = 1..14;
+        let half = |x: f32| half::f16::from_f32(x).to_f32();
+        let (mut max, mut sum) = (0.5f32, 1.0f32);
+        let mut acc: Vec<f32> = (0..d).map(|i| half(i as f32 / d as f32 - 0.5)).collect();
+        let (mut want_max, mut want_sum, mut want) = (max, sum, acc.clone());
+        for j in slots.clone() {
+            let s = scores[j];
+            let (mut rescale, mut weight) = (1.0f32, 1.0f32);
+            if s > want_max {
+                rescale = (want_max - s).exp();
+                want_max = s;
+                want.iter_mut().for_each(|o| *o = half(*o * rescale));
+            } else {
+                weight = (s - want_max).exp();
+            }
+            want.iter_mut().enumerate().for_each(|(i, o)| *o = half(values[j * d + i].mul_add(weight, *o)));
+            want_sum = want_sum.mul_add(rescale, weight);
+        }
+        fold_keys_f16(&scores, slots, &mut max, &mut sum, &values, &mut acc);
+        assert_eq!((max, sum), (want_max, want_sum));
+        assert_eq!(acc, want);
     }
 
     /// The block fold of several rows gives each row the bits it gets folded alone, and the

@@ -9,9 +9,10 @@
 //! a generated token's row folds key by key with its query and o rounded to f16; a long prompt's
 //! rows fold a block of keys at once in f32. Nothing of size keys × queries is ever stored, so
 //! prefill cost grows only with the keys each query sees. Work is split over (sequence, KV head,
-//! tile of query rows) on the serving workers; the keys and values of a block are widened from
-//! 16 bits once per tile, and a tile's scores against a block's keys, and a prompt token's
-//! weighted sums over its values, are small matrix products.
+//! tile of query rows) on the serving workers, and over the heads of a group too when that would
+//! leave workers idle; the keys and values of a block are widened from 16 bits once per tile, and
+//! a tile's scores against a block's keys, and a prompt token's weighted sums over its values,
+//! are small matrix products.
 //!
 //! A row's result depends only on its own query, its position and the blocks it sees, visited
 //! in order: never on which other rows share its tile or batch. So a sequence decoded token by
@@ -65,10 +66,12 @@ pub(crate) struct AttentionChunk<'a> {
     pub rows: Range<usize>,
 }
 
-/// A tile of work: some tokens of one chunk, the query heads of one KV head.
+/// A tile of work: some tokens of one chunk, some (usually all) of the query heads of one KV
+/// head, numbered within its group.
 struct Tile {
     chunk: usize,
     kv_head: usize,
+    heads: Range<usize>,
     tokens: Range<usize>,
 }
 
@@ -88,23 +91,35 @@ pub(crate) fn attend(c: &Config, layer: usize, q: &[f32], chunks: &[AttentionChu
         check_blocks_present(chunk, layer, window)?;
     }
     let tokens_per_tile = (TILE_ROWS / group).max(1);
+    let tiles_per_group = chunks.iter().map(|chunk| chunk.rows.len().div_ceil(tokens_per_tile)).sum::<usize>() * c.n_kv_heads;
+    let pool = barrier_pool();
+    // Fewer tiles than threads (a decode step of one sequence with one KV head is one tile)
+    // would leave threads idle: the group's heads are then split over tiles, each widening the
+    // block's keys and values for itself. A row's arithmetic is the same whichever heads share
+    // its tile.
+    let parts = (pool.n_workers() + 1).div_ceil(tiles_per_group.max(1)).clamp(1, group);
+    let head_parts: Vec<Range<usize>> = (0..parts).map(|i| group * i / parts..group * (i + 1) / parts).collect();
     let tiles: Vec<Tile> = chunks
         .iter()
         .enumerate()
         .flat_map(|(i, chunk)| {
             let t = chunk.rows.len();
+            let head_parts = &head_parts;
             (0..c.n_kv_heads).flat_map(move |kv_head| {
-                (0..t).step_by(tokens_per_tile).map(move |first| Tile {
-                    chunk: i,
-                    kv_head,
-                    tokens: first..(first + tokens_per_tile).min(t),
+                (0..t).step_by(tokens_per_tile).flat_map(move |first| {
+                    head_parts.iter().map(move |heads| Tile {
+                        chunk: i,
+                        kv_head,
+                        heads: heads.clone(),
+                        tokens: first..(first + tokens_per_tile).min(t),
+                    })
                 })
             })
         })
         .collect();
     assert_eq!(out.len(), q.len(), "attention output and queries differ in size");
     let output = SharedOutput(out.as_mut_ptr());
-    barrier_pool().execute_chunked(tiles.len(), |range| {
+    pool.execute_chunked(tiles.len(), |range| {
         let mut scratch = Scratch::new(c.head_dim, tokens_per_tile * group);
         for tile in &tiles[range] {
             let chunk = &chunks[tile.chunk];
@@ -156,12 +171,13 @@ impl Scratch {
 fn attend_tile(c: &Config, layer: usize, q: &[f32], chunk: &AttentionChunk, tile: &Tile, s: &mut Scratch, out: SharedOutput) {
     let d = c.head_dim;
     let group = c.n_heads / c.n_kv_heads;
+    let heads = tile.heads.len();
     let q_width = c.n_heads * d;
     let window = c.window(layer);
-    let rows = tile.tokens.len() * group;
-    // Row r is token tile.tokens.start + r / group, head kv_head·group + r % group.
-    let position = |r: usize| chunk.start_pos + tile.tokens.start + r / group;
-    let q_offset = |r: usize| (chunk.rows.start + tile.tokens.start + r / group) * q_width + (tile.kv_head * group + r % group) * d;
+    let rows = tile.tokens.len() * heads;
+    // Row r is token tile.tokens.start + r / heads, head kv_head·group + heads.start + r % heads.
+    let position = |r: usize| chunk.start_pos + tile.tokens.start + r / heads;
+    let q_offset = |r: usize| (chunk.rows.start + tile.tokens.start + r / heads) * q_width + (tile.kv_head * group + tile.heads.start + r % heads) * d;
     let scale = 1.0 / (d as f32).sqrt();
     let f32_end = f32_rows_end(chunk.cache.prompt_len());
     for r in 0..rows {
@@ -189,21 +205,21 @@ fn attend_tile(c: &Config, layer: usize, q: &[f32], chunk: &AttentionChunk, tile
         block.keys_transposed(tile.kv_head).convert_to_f32_slice(&mut s.keys);
         block.values(tile.kv_head).convert_to_f32_slice(&mut s.values);
         block_scores(&s.q[..rows * d], &s.keys, d, scale, &mut s.scores[..rows]);
-        // The `group` rows of a token share its position, so they see the same keys.
+        // The rows of a token share its position, so they see the same keys.
         for token in 0..tile.tokens.len() {
-            let p = position(token * group);
+            let p = position(token * heads);
             let visible = first_visible_key(p, window).max(b * BLOCK_TOKENS)..(p + 1).min((b + 1) * BLOCK_TOKENS);
             if visible.is_empty() {
                 continue;
             }
             let slots = visible.start - b * BLOCK_TOKENS..visible.end - b * BLOCK_TOKENS;
-            let heads = token * group..(token + 1) * group;
-            let (max, sum) = (&mut s.max[heads.clone()], &mut s.sum[heads.clone()]);
-            let acc = &mut s.acc[heads.start * d..heads.end * d];
+            let token_rows = token * heads..(token + 1) * heads;
+            let (max, sum) = (&mut s.max[token_rows.clone()], &mut s.sum[token_rows.clone()]);
+            let acc = &mut s.acc[token_rows.start * d..token_rows.end * d];
             if p < f32_end {
-                fold::fold_block_f32(&s.scores[heads], slots, max, sum, &s.values, acc, d);
+                fold::fold_block_f32(&s.scores[token_rows], slots, max, sum, &s.values, acc, d);
             } else {
-                for (r, ((max, sum), acc)) in heads.zip(max.iter_mut().zip(sum).zip(acc.chunks_exact_mut(d))) {
+                for (r, ((max, sum), acc)) in token_rows.zip(max.iter_mut().zip(sum).zip(acc.chunks_exact_mut(d))) {
                     fold::fold_keys_f16(&s.scores[r], slots.clone(), max, sum, &s.values, acc);
                 }
             }
@@ -239,14 +255,22 @@ fn block_scores(q: &[f32], keys: &[f32], d: usize, scale: f32, scores: &mut [[f3
             rows_scores::<4>(q, keys, d, scale, scores);
         }
     }
-    for (q, scores) in q[whole * d..].chunks_exact(d).zip(scores[whole..].chunks_exact_mut(1)) {
-        rows_scores::<1>(q, keys, d, scale, scores);
+    // The rest four, two or one at a time: a row's score is a chain of d dependent FMAs, so a
+    // decode step's few rows each alone would wait on every one of them.
+    let mut first = whole;
+    while first < scores.len() {
+        let (q, scores) = (&q[first * d..], &mut scores[first..]);
+        first += match scores.len() {
+            4.. => rows_scores::<4>(q, keys, d, scale, scores),
+            2 | 3 => rows_scores::<2>(q, keys, d, scale, scores),
+            _ => rows_scores::<1>(q, keys, d, scale, scores),
+        };
     }
 }
 
-/// [`block_scores`] for `R` rows.
+/// [`block_scores`] for the first `R` rows; returns R.
 #[inline(always)]
-fn rows_scores<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: f32, scores: &mut [[f32; BLOCK_TOKENS]]) {
+fn rows_scores<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: f32, scores: &mut [[f32; BLOCK_TOKENS]]) -> usize {
     let mut acc = [[0f32; BLOCK_TOKENS]; R];
     for (i, key_row) in keys.chunks_exact(BLOCK_TOKENS).enumerate() {
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -259,6 +283,7 @@ fn rows_scores<const R: usize>(q: &[f32], keys: &[f32], d: usize, scale: f32, sc
     for (out, acc) in scores.iter_mut().zip(acc) {
         *out = acc.map(|a| a * scale);
     }
+    R
 }
 
 /// [`rows_scores`] for eight rows in sixteen-lane registers, the same operations in the same order.
@@ -330,16 +355,46 @@ mod tests {
             .collect()
     }
 
+    /// However many rows share a block's scores (eight at a time, then four, two or one), each
+    /// row gets the bits it gets alone, and its dot products.
+    #[test]
+    fn block_scores_give_each_row_its_own_bits() {
+        let d = 40;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (q, keys) = (random(&mut rng, 11 * d), random(&mut rng, d * BLOCK_TOKENS));
+        let scale = 0.3;
+        let alone: Vec<[f32; BLOCK_TOKENS]> = (0..11)
+            .map(|r| {
+                let mut out = [[0f32; BLOCK_TOKENS]];
+                block_scores(&q[r * d..(r + 1) * d], &keys, d, scale, &mut out);
+                out[0]
+            })
+            .collect();
+        for rows in 1..=11 {
+            let mut together = vec![[0f32; BLOCK_TOKENS]; rows];
+            block_scores(&q[..rows * d], &keys, d, scale, &mut together);
+            assert_eq!(together, alone[..rows], "{rows} rows");
+        }
+        for (r, scores) in alone.iter().enumerate() {
+            for (j, &score) in scores.iter().enumerate() {
+                let dot: f64 = (0..d).map(|i| q[r * d + i] as f64 * keys[i * BLOCK_TOKENS + j] as f64).sum();
+                assert!((score as f64 - dot * scale as f64).abs() < 1e-4, "row {r} key {j}");
+            }
+        }
+    }
+
     /// Two sequences in one batch, one prefilling a chunk after cached positions and one
     /// decoding, across block edges, with and without a window: every row matches the dense
-    /// reference, and a row's bits do not depend on the rest of the batch.
+    /// reference, and a row's bits do not depend on the rest of the batch. With one KV head the
+    /// decoding row alone is one tile, which is split by heads over the threads.
     #[test]
     fn attention_over_blocks_matches_dense_softmax_and_ignores_its_batch() {
         // Without a prompt every row is folded key by key at f16 precision; as rows of a long
         // prompt, in f32 a block at a time.
-        for (window, prompt_len) in [(None, 0), (Some(21), 0), (None, 100), (Some(21), 100)] {
+        let cases = [(None, 0), (Some(21), 0), (None, 100), (Some(21), 100)];
+        for ((window, prompt_len), kv_heads) in cases.into_iter().flat_map(|case| [(case, 2), (case, 1)]) {
             let mut c = config(window);
-            c.n_layers = 1;
+            (c.n_layers, c.n_kv_heads) = (1, kv_heads);
             let (d, kv_width, q_width) = (c.head_dim, c.kv_width(), c.n_heads * c.head_dim);
             let layer = 0;
             let mut rng = rand::rngs::StdRng::seed_from_u64(3);
