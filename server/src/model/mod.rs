@@ -102,6 +102,30 @@ pub(crate) fn each_row_on_workers(values: &mut [f32], width: usize, f: impl Fn(u
     });
 }
 
+/// Shares `0..items` out over the serving workers in ranges of about an eighth of a thread's
+/// share, taken as threads come free (as candle's `execute_chunked` does), each thread making
+/// one `scratch` for all of its ranges rather than one per range.
+pub(crate) fn each_range_on_workers<S>(items: usize, scratch: impl Fn() -> S + Sync, run: impl Fn(std::ops::Range<usize>, &mut S) + Sync) {
+    if items == 0 {
+        return;
+    }
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    let grab = items.div_ceil(threads * 8).max(1);
+    let cursor = std::sync::atomic::AtomicUsize::new(0);
+    // One call per thread (or one call on this thread, from inside the pool).
+    pool.execute_chunked(threads, |_| {
+        let mut scratch = scratch();
+        loop {
+            let start = cursor.fetch_add(grab, std::sync::atomic::Ordering::Relaxed);
+            if start >= items {
+                return;
+            }
+            run(start..items.min(start + grab), &mut scratch);
+        }
+    });
+}
+
 /// Rows being written by several threads, each row by one.
 struct SharedRows(*mut f32);
 
