@@ -399,6 +399,7 @@ impl QuantWeight {
 
     /// One unit: row group `group` of x against tile row `tile_row`, asking for `ahead` meanwhile.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn run(&self, x: &QuantizedRows, tile_row: usize, group: usize, weight_rows: &Range<usize>, y: SharedOutput, ahead: &[u8], scratch: &mut Scratch) {
         let first_row = tile_row * TILE_ROWS;
         let unit = Unit {
