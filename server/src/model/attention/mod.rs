@@ -119,9 +119,11 @@ pub(crate) fn attend(c: &Config, layer: usize, q: &[f32], chunks: &[AttentionChu
         .collect();
     assert_eq!(out.len(), q.len(), "attention output and queries differ in size");
     let output = SharedOutput(out.as_mut_ptr());
-    // One scratch per thread: made per range it was, in a 16-sequence decode step, 16 sets of
-    // buffers (about 100 KiB zeroed each for Gemma 3) per layer.
-    each_range_on_workers(tiles.len(), || Scratch::new(c.head_dim, tokens_per_tile * group), |range, scratch| {
+    // One scratch per thread, for the most rows a tile has: made per range of tiles, and for a
+    // whole tile of prompt rows, it was 16 sets of buffers (about 100 KiB zeroed each for Gemma 3)
+    // per layer in a 16-sequence decode step.
+    let most_rows = tiles.iter().map(|tile| tile.tokens.len() * tile.heads.len()).max().unwrap_or(0);
+    each_range_on_workers(tiles.len(), || Scratch::new(c.head_dim, most_rows), |range, scratch| {
         for tile in &tiles[range] {
             let chunk = &chunks[tile.chunk];
             attend_tile(c, layer, q, chunk, tile, scratch, output);
