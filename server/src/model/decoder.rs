@@ -179,7 +179,28 @@ impl Decoder {
     /// with the architecture that needs it.
     pub fn load(gguf: &GgufFile, kernels: Kernels) -> Result<Self, ModelError> {
         let config = Config::from_gguf(gguf)?;
-        Self::load_weights(gguf, config, kernels).map_err(|e| e.for_architecture(gguf))
+        let decoder = Self::load_weights(gguf, config, kernels).map_err(|e| e.for_architecture(gguf))?;
+        decoder.report_portable_weights();
+        Ok(decoder)
+    }
+
+    /// One line for the whole model when some of its matrices have a type no integer kernel
+    /// takes: they run on candle's portable kernels, slower, with the same results.
+    fn report_portable_weights(&self) {
+        let mut types: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+        let linears = self.blocks.iter().flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]).map(|l| &l.weight);
+        for weight in linears.chain([&self.embedding]).chain(&self.output) {
+            if let Some(dtype) = weight.portable_dtype() {
+                *types.entry(format!("{dtype:?}")).or_default() += 1;
+            }
+        }
+        if !types.is_empty() {
+            let summary: Vec<String> = types.iter().map(|(dtype, n)| format!("{n} {dtype}")).collect();
+            tracing::warn!(
+                "no integer kernel for {} matrices of this model: they run on candle's portable kernels, slower, with the same results",
+                summary.join(", ")
+            );
+        }
     }
 
     fn load_weights(gguf: &GgufFile, config: Config, kernels: Kernels) -> Result<Self, ModelError> {
@@ -379,5 +400,64 @@ impl Decoder {
             vocab: self.config.vocab,
             rows_of_sequence,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use tessera_adapters::AdapterMix;
+
+    use super::*;
+    use crate::generate::{generate, GenerateParams};
+    use crate::model::synthetic::{tiny_gemma3, FFN, HIDDEN, LAYERS};
+    use crate::sampler::SamplingParams;
+
+    /// Log output written by a test's subscriber.
+    #[derive(Clone, Default)]
+    struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CapturedLog {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A model whose gate and up matrices are Q4_0, a type no integer kernel takes, loads with one
+    /// warning that counts them, and generates.
+    #[test]
+    fn a_model_with_a_type_no_integer_kernel_takes_says_so_in_one_line_and_generates() {
+        let mut writer = tiny_gemma3(1);
+        let values: Vec<f32> = (0..FFN * HIDDEN).map(|i| ((i * 7 % 23) as f32 - 11.0) / 200.0).collect();
+        let q4_0 = QTensor::quantize(&Tensor::from_vec(values, (FFN, HIDDEN), &Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap();
+        for layer in 0..LAYERS {
+            for matrix in ["ffn_gate", "ffn_up"] {
+                writer.tensor(&format!("blk.{layer}.{matrix}.weight"), GgmlDType::Q4_0, &[FFN, HIDDEN], q4_0.data().unwrap().into_owned());
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q4_0-ffn.gguf");
+        writer.write(&path).unwrap();
+        let gguf = GgufFile::open(&path).unwrap();
+
+        let log = CapturedLog::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || sink.clone()).with_ansi(false).with_max_level(tracing::Level::INFO).finish();
+        let decoder = tracing::subscriber::with_default(subscriber, || Decoder::load(&gguf, Kernels::Best)).unwrap();
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|line| line.contains("no integer kernel")).collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("WARN") && lines[0].contains(&format!("no integer kernel for {} Q4_0 matrices", 2 * LAYERS)), "{}", lines[0]);
+
+        let params = GenerateParams { max_tokens: 6, sampling: SamplingParams::default(), top_logprobs: 0, stop_ids: Vec::new() };
+        let generation = generate(&decoder, &[2, 270, 271, 272], &params, &AdapterMix::default(), |_| {}).unwrap();
+        assert_eq!(generation.token_ids.len(), 6);
     }
 }

@@ -78,7 +78,8 @@ impl QWeight {
                 if matches!(info.dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
                     return Err(gguf.unsupported_tensor_type(name, info.dtype).into());
                 }
-                tracing::info!(
+                // The model says so once for all of them (`Decoder::load`).
+                tracing::debug!(
                     tensor = name,
                     dtype = ?info.dtype,
                     "no integer kernel for this tensor's type and shape; it runs on candle's portable kernels"
@@ -171,6 +172,15 @@ impl QWeight {
         match &self.kernel {
             Kernel::Integer(weight) => Some(weight),
             Kernel::Candle { .. } => None,
+        }
+    }
+
+    /// The file's type of a weight that runs on candle's portable kernels (no integer kernel
+    /// takes its type or shape).
+    pub fn portable_dtype(&self) -> Option<GgmlDType> {
+        match &self.kernel {
+            Kernel::Integer(_) => None,
+            Kernel::Candle { tensor, .. } => Some(tensor.dtype()),
         }
     }
 
@@ -476,6 +486,35 @@ pub fn load_vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Tensor, Mo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A type no integer kernel takes (Q4_0, Q4_1, F16) loads onto candle's kernels, and
+    /// multiplies as the file's values say: within candle's own rounding of the activations to
+    /// 8 bits, of x·Wᵀ over the dequantized weight.
+    #[test]
+    fn a_type_without_an_integer_kernel_multiplies_on_candles_kernels() {
+        let (n, k, m) = (48, 64, 3);
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 40.0).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 17) as f32 - 8.0) / 9.0).collect();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::F16] {
+            let q = QTensor::quantize(&Tensor::from_vec(values.clone(), (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+            let w = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut writer = crate::gguf::writer::GgufWriter::default();
+            writer.tensor("w.weight", dtype, &[n, k], q.data().unwrap().into_owned());
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("w.gguf");
+            writer.write(&path).unwrap();
+            let gguf = GgufFile::open(&path).unwrap();
+            let weight = QWeight::load(&gguf, "w.weight", (n, k), Kernels::Best).unwrap();
+            assert!(weight.integer().is_none(), "{dtype:?}");
+            assert_eq!(weight.portable_dtype(), Some(dtype));
+            let y = weight.forward_values(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap()).unwrap();
+            for (ij, &got) in y.iter().enumerate() {
+                let (i, j) = (ij / n, ij % n);
+                let want: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                assert!((got - want).abs() < 0.02 * (1.0 + want.abs()), "{dtype:?} [{i}, {j}]: {got} against {want}");
+            }
+        }
+    }
 
     /// The per-thread blocks of `sgemm` (by columns, and by rows for a narrow output, with a
     /// partial last block) against the plain f64 product, overwriting and accumulating.
