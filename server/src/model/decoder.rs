@@ -433,31 +433,32 @@ mod tests {
     /// A model whose gate and up matrices are Q4_0, a type no integer kernel takes, loads with one
     /// warning that counts them, and generates.
     #[test]
-    fn a_model_with_a_type_no_integer_kernel_takes_says_so_in_one_line_and_generates() {
+    fn a_model_with_a_type_no_integer_kernel_takes_says_so_in_one_line_and_generates() -> Result<(), Box<dyn std::error::Error>> {
         let mut writer = tiny_gemma3(1);
         let values: Vec<f32> = (0..FFN * HIDDEN).map(|i| ((i * 7 % 23) as f32 - 11.0) / 200.0).collect();
-        let q4_0 = QTensor::quantize(&Tensor::from_vec(values, (FFN, HIDDEN), &Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap();
+        let q4_0 = QTensor::quantize(&Tensor::from_vec(values, (FFN, HIDDEN), &Device::Cpu)?, GgmlDType::Q4_0)?;
         for layer in 0..LAYERS {
             for matrix in ["ffn_gate", "ffn_up"] {
-                writer.tensor(&format!("blk.{layer}.{matrix}.weight"), GgmlDType::Q4_0, &[FFN, HIDDEN], q4_0.data().unwrap().into_owned());
+                writer.tensor(&format!("blk.{layer}.{matrix}.weight"), GgmlDType::Q4_0, &[FFN, HIDDEN], q4_0.data()?.into_owned());
             }
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("q4_0-ffn.gguf");
-        writer.write(&path).unwrap();
-        let gguf = GgufFile::open(&path).unwrap();
+        writer.write(&path)?;
+        let gguf = GgufFile::open(&path)?;
 
         let log = CapturedLog::default();
         let sink = log.clone();
         let subscriber = tracing_subscriber::fmt().with_writer(move || sink.clone()).with_ansi(false).with_max_level(tracing::Level::INFO).finish();
-        let decoder = tracing::subscriber::with_default(subscriber, || Decoder::load(&gguf, Kernels::Best)).unwrap();
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let decoder = tracing::subscriber::with_default(subscriber, || Decoder::load(&gguf, Kernels::Best))?;
+        let text = String::from_utf8(log.0.lock().map_err(|_| "the log's lock is poisoned")?.clone())?;
         let lines: Vec<&str> = text.lines().filter(|line| line.contains("no integer kernel")).collect();
         assert_eq!(lines.len(), 1, "{text}");
         assert!(lines[0].contains("WARN") && lines[0].contains(&format!("no integer kernel for {} Q4_0 matrices", 2 * LAYERS)), "{}", lines[0]);
 
         let params = GenerateParams { max_tokens: 6, sampling: SamplingParams::default(), top_logprobs: 0, stop_ids: Vec::new() };
-        let generation = generate(&decoder, &[2, 270, 271, 272], &params, &AdapterMix::default(), |_| {}).unwrap();
+        let generation = generate(&decoder, &[2, 270, 271, 272], &params, &AdapterMix::default(), |_| {})?;
         assert_eq!(generation.token_ids.len(), 6);
+        Ok(())
     }
 }

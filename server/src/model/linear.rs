@@ -491,29 +491,30 @@ mod tests {
     /// multiplies as the file's values say: within candle's own rounding of the activations to
     /// 8 bits, of x·Wᵀ over the dequantized weight.
     #[test]
-    fn a_type_without_an_integer_kernel_multiplies_on_candles_kernels() {
+    fn a_type_without_an_integer_kernel_multiplies_on_candles_kernels() -> Result<(), Box<dyn std::error::Error>> {
         let (n, k, m) = (48, 64, 3);
         let values: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 40.0).collect();
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 17) as f32 - 8.0) / 9.0).collect();
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::F16] {
-            let q = QTensor::quantize(&Tensor::from_vec(values.clone(), (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
-            let w = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let q = QTensor::quantize(&Tensor::from_vec(values.clone(), (n, k), &Device::Cpu)?, dtype)?;
+            let w = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
             let mut writer = crate::gguf::writer::GgufWriter::default();
-            writer.tensor("w.weight", dtype, &[n, k], q.data().unwrap().into_owned());
-            let dir = tempfile::tempdir().unwrap();
+            writer.tensor("w.weight", dtype, &[n, k], q.data()?.into_owned());
+            let dir = tempfile::tempdir()?;
             let path = dir.path().join("w.gguf");
-            writer.write(&path).unwrap();
-            let gguf = GgufFile::open(&path).unwrap();
-            let weight = QWeight::load(&gguf, "w.weight", (n, k), Kernels::Best).unwrap();
+            writer.write(&path)?;
+            let gguf = GgufFile::open(&path)?;
+            let weight = QWeight::load(&gguf, "w.weight", (n, k), Kernels::Best)?;
             assert!(weight.integer().is_none(), "{dtype:?}");
             assert_eq!(weight.portable_dtype(), Some(dtype));
-            let y = weight.forward_values(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap()).unwrap();
+            let y = weight.forward_values(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?)?;
             for (ij, &got) in y.iter().enumerate() {
                 let (i, j) = (ij / n, ij % n);
                 let want: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
                 assert!((got - want).abs() < 0.02 * (1.0 + want.abs()), "{dtype:?} [{i}, {j}]: {got} against {want}");
             }
         }
+        Ok(())
     }
 
     /// The per-thread blocks of `sgemm` (by columns, and by rows for a narrow output, with a

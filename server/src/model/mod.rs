@@ -103,9 +103,18 @@ pub(crate) fn each_row_on_workers(values: &mut [f32], width: usize, f: impl Fn(u
 }
 
 /// Shares `0..items` out over the serving workers in ranges of about an eighth of a thread's
-/// share, taken as threads come free (as candle's `execute_chunked` does), each thread making
-/// one `scratch` for all of its ranges rather than one per range.
-pub(crate) fn each_range_on_workers<S>(items: usize, scratch: impl Fn() -> S + Sync, run: impl Fn(std::ops::Range<usize>, &mut S) + Sync) {
+/// share, taken as threads come free (as candle's `execute_chunked` does, so a slow thread takes
+/// fewer), each thread making one `scratch` for all of its ranges rather than one per range.
+/// `run` gets each item with the one this thread runs `lookahead` items later, if it has claimed
+/// it: a thread claims its next range before it starts this one, so that what it prefetches is
+/// what it will run, even across ranges (asking for the items after this range instead, the next
+/// range's first tile rows were cold, and another thread's).
+pub(crate) fn each_item_on_workers<S>(
+    items: usize,
+    lookahead: usize,
+    scratch: impl Fn() -> S + Sync,
+    run: impl Fn(usize, Option<usize>, &mut S) + Sync,
+) {
     if items == 0 {
         return;
     }
@@ -113,15 +122,21 @@ pub(crate) fn each_range_on_workers<S>(items: usize, scratch: impl Fn() -> S + S
     let threads = pool.n_workers() + 1;
     let grab = items.div_ceil(threads * 8).max(1);
     let cursor = std::sync::atomic::AtomicUsize::new(0);
+    let claim = || {
+        let start = cursor.fetch_add(grab, std::sync::atomic::Ordering::Relaxed);
+        start.min(items)..items.min(start.saturating_add(grab))
+    };
     // One call per thread (or one call on this thread, from inside the pool).
     pool.execute_chunked(threads, |_| {
         let mut scratch = scratch();
-        loop {
-            let start = cursor.fetch_add(grab, std::sync::atomic::Ordering::Relaxed);
-            if start >= items {
-                return;
+        let (mut current, mut next) = (claim(), claim());
+        while !current.is_empty() {
+            for item in current.clone() {
+                let later = item + lookahead;
+                let ahead = if later < current.end { Some(later) } else { next.clone().nth(later - current.end) };
+                run(item, ahead, &mut scratch);
             }
-            run(start..items.min(start + grab), &mut scratch);
+            current = std::mem::replace(&mut next, claim());
         }
     });
 }

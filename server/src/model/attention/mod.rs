@@ -25,7 +25,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::model::kv::BLOCK_TOKENS;
-use crate::model::{each_range_on_workers, Config, KvCache, ModelError};
+use crate::model::{each_item_on_workers, Config, KvCache, ModelError};
 
 mod fold;
 
@@ -123,11 +123,9 @@ pub(crate) fn attend(c: &Config, layer: usize, q: &[f32], chunks: &[AttentionChu
     // whole tile of prompt rows, it was 16 sets of buffers (about 100 KiB zeroed each for Gemma 3)
     // per layer in a 16-sequence decode step.
     let most_rows = tiles.iter().map(|tile| tile.tokens.len() * tile.heads.len()).max().unwrap_or(0);
-    each_range_on_workers(tiles.len(), || Scratch::new(c.head_dim, most_rows), |range, scratch| {
-        for tile in &tiles[range] {
-            let chunk = &chunks[tile.chunk];
-            attend_tile(c, layer, q, chunk, tile, scratch, output);
-        }
+    each_item_on_workers(tiles.len(), 0, || Scratch::new(c.head_dim, most_rows), |i, _, scratch| {
+        let tile = &tiles[i];
+        attend_tile(c, layer, q, &chunks[tile.chunk], tile, scratch, output);
     });
     Ok(())
 }

@@ -22,13 +22,12 @@ mod layout;
 mod portable;
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use candle_core::utils::barrier_pool;
 
 pub use activations::{ActivationFormat, QuantizedRows};
 pub use layout::Format;
 use layout::{Decoded, Planes};
+
+use crate::model::each_item_on_workers;
 
 /// Output rows per tile.
 pub(crate) const TILE_ROWS: usize = 16;
@@ -196,42 +195,6 @@ impl Chunk {
     }
 }
 
-/// Shares `0..items` out over the serving workers in ranges of about an eighth of a thread's
-/// share (taken as threads come free, so a slow thread takes fewer), each thread with one
-/// scratch for all its ranges: a scratch is 10 KiB zeroed when made, and made per range it was
-/// 11 MB of stores in a 16-row decode step. `run` gets each item with the one this thread runs
-/// `lookahead` items later, if it has claimed it: a thread claims its next range before it
-/// starts this one, so that what it prefetches is what it will run, even across ranges. (Asking
-/// for the items after this range instead, the next range's first tile rows were cold, and
-/// another thread's; a one-row product's small matrices run at half the bandwidth of the LM
-/// head that way.)
-fn on_each_worker(items: usize, lookahead: usize, run: impl Fn(usize, Option<usize>, &mut Scratch) + Sync) {
-    if items == 0 {
-        return;
-    }
-    let pool = barrier_pool();
-    let threads = pool.n_workers() + 1;
-    let grab = items.div_ceil(threads * 8).max(1);
-    let cursor = AtomicUsize::new(0);
-    let claim = || {
-        let start = cursor.fetch_add(grab, Ordering::Relaxed);
-        start.min(items)..items.min(start.saturating_add(grab))
-    };
-    // One call per thread (or all on this one, from inside the pool).
-    pool.execute_chunked(threads, |_| {
-        let mut scratch = Scratch::new();
-        let (mut current, mut next) = (claim(), claim());
-        while !current.is_empty() {
-            for item in current.clone() {
-                let later = item + lookahead;
-                let ahead = if later < current.end { Some(later) } else { next.clone().nth(later - current.end) };
-                run(item, ahead, &mut scratch);
-            }
-            current = std::mem::replace(&mut next, claim());
-        }
-    });
-}
-
 /// A worker's buffers, reused from unit to unit: the chunk being decoded, and the running sums
 /// of a unit's rows (never cleared: a unit's first chunk starts its sums at zero, so a
 /// one-row product touches 64 bytes of them, not 4 KiB).
@@ -347,7 +310,9 @@ impl QuantWeight {
             (i, (unit - starts[i]) / groups, (unit - starts[i]) % groups)
         };
         let groups = plans.iter().map(|&(_, groups)| groups).max().unwrap_or(1);
-        on_each_worker(total, PREFETCH_AHEAD * groups, |unit, ahead, scratch| {
+        // One scratch per thread (10 KiB zeroed when made: made per range it was 11 MB of stores
+        // in a 16-row decode step), and each unit asks for the tile row this thread runs next.
+        each_item_on_workers(total, PREFETCH_AHEAD * groups, Scratch::new, |unit, ahead, scratch| {
             let (i, tile_row, group) = locate(unit);
             // Only a tile row's last row group asks: it runs just before the next tile row.
             let ahead = match ahead {
