@@ -104,6 +104,7 @@ fn chat(messages: Value, extra: Value) -> Value {
 #[tokio::test]
 async fn models_health_metrics_and_openapi() {
     let app = app();
+    assert!(app.inference.is_warm(), "the app started before its grammar vocabulary was built");
     let r = router(app.clone());
     let (status, text) = send(&r, "GET", "/v1/models", None, None).await;
     assert_eq!(status, StatusCode::OK);

@@ -135,11 +135,12 @@ impl App {
         let plugins = Arc::new(Plugins::new(host, registry.clone(), tuner.clone()));
         let adapters = Arc::new(Adapters::new(registry.clone(), tuner.clone(), settings.adapters_dir.clone(), base, model_id.clone(), settings.max_body_bytes));
         let grammars = Arc::new(crate::grammar::Grammars::for_model(model.clone())?);
-        grammars.warm_up();
+        let warming = grammars.warm_up();
         let tuning = Tuning::new(tuner, adapters.clone(), plugins.clone(), grammars.clone(), model_id.clone());
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
         let inference = Arc::new(Inference::new(engine, model, model_id, settings.ctx_len, registry, plugins.clone(), grammars));
         plugins.load_dir();
+        warming.finish();
         Ok(Arc::new(Self {
             created: unix_time(),
             settings,

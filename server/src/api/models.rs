@@ -75,12 +75,12 @@ pub async fn scope(State(app): State<Arc<App>>, headers: axum::http::HeaderMap) 
     })
 }
 
-/// Readiness: the engine is up and accepting work, and the server serves what its tuning store
-/// says (it reconciled its adapters with it).
+/// Readiness: the engine is up and accepting work, warm (see `Inference::is_warm`), and the
+/// server serves what its tuning store says (it reconciled its adapters with it).
 #[utoipa::path(get, path = "/health", tag = "Operations",
     responses((status = 200, body = Health), (status = 503, description = "Not reconciled with the store", body = Health)))]
 pub async fn health(State(app): State<Arc<App>>) -> (StatusCode, Json<Health>) {
-    let ready = app.tuning.is_ready();
+    let ready = app.inference.is_warm() && app.tuning.is_ready();
     let health = Health {
         status: if ready { "ok" } else { "unavailable" },
         ready,

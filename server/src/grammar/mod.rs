@@ -14,6 +14,7 @@ mod decoder;
 mod vocabulary;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use llguidance::api::TopLevelGrammar;
@@ -131,6 +132,23 @@ pub struct Grammars {
     factory: LazyLock<Result<ParserFactory, String>, Box<dyn FnOnce() -> Result<ParserFactory, String> + Send>>,
     cache: Mutex<ParserCache>,
     workers: Arc<rayon::ThreadPool>,
+    /// Whether `factory` has been built (`LazyLock` cannot be asked without building it).
+    built: AtomicBool,
+}
+
+/// The vocabulary being built (see [`Grammars::warm_up`]).
+pub struct Warming(Option<std::thread::JoinHandle<()>>);
+
+impl Warming {
+    /// Waits until the vocabulary is built (or its thread could not start: then the first
+    /// constrained request builds it).
+    pub fn finish(self) {
+        if let Some(handle) = self.0 {
+            if handle.join().is_err() {
+                tracing::warn!("building the grammar vocabulary panicked");
+            }
+        }
+    }
 }
 
 /// A compiled constraint, ready to start a sequence with.
@@ -166,6 +184,7 @@ impl Grammars {
             factory: LazyLock::new(Box::new(build)),
             cache: Mutex::new(ParserCache::default()),
             workers: Arc::new(workers),
+            built: AtomicBool::new(false),
         })
     }
 
@@ -177,20 +196,33 @@ impl Grammars {
         })
     }
 
-    /// Builds the vocabulary on a background thread, so the first constrained request does not
-    /// wait for it.
-    pub fn warm_up(self: &Arc<Self>) {
+    /// Starts building the vocabulary on its own thread, so the rest of startup goes on
+    /// meanwhile; the server should [`Warming::finish`] it before it takes requests. Built
+    /// lazily instead, it took a core for a second (Gemma 3's 262k tokens) while the first
+    /// requests ran, and a burst of them took twice as long to start.
+    pub fn warm_up(self: &Arc<Self>) -> Warming {
         let this = self.clone();
         let spawned = std::thread::Builder::new().name("tessera-grammar-init".into()).spawn(move || {
             let _ = this.factory();
         });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "could not build the grammar vocabulary in the background");
+        match spawned {
+            Ok(handle) => Warming(Some(handle)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not build the grammar vocabulary in the background");
+                Warming(None)
+            }
         }
     }
 
     fn factory(&self) -> Result<&ParserFactory, GrammarError> {
-        self.factory.as_ref().map_err(|e| GrammarError::Engine(e.clone()))
+        let factory = LazyLock::force(&self.factory);
+        self.built.store(true, Ordering::Release);
+        factory.as_ref().map_err(|e| GrammarError::Engine(e.clone()))
+    }
+
+    /// Whether the vocabulary is built, so no request waits for it.
+    pub fn vocabulary_built(&self) -> bool {
+        self.built.load(Ordering::Acquire)
     }
 
     /// Compiles `spec` for generation (or takes it from the cache). Blocking: call it off the
@@ -245,6 +277,27 @@ mod tests {
         let path = dir.path().join("tiny.gguf");
         crate::model::synthetic::tiny_gemma3(5).write(&path).unwrap();
         Grammars::for_model(Arc::new(crate::LoadedModel::load(&path).unwrap())).unwrap()
+    }
+
+    #[test]
+    fn a_finished_warm_up_leaves_the_vocabulary_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::model::synthetic::tiny_gemma3(5).write(&path).unwrap();
+        let model = Arc::new(crate::LoadedModel::load(&path).unwrap());
+        // A slow vocabulary: the warm-up must be waited for, not merely started.
+        let grammars = Arc::new(
+            Grammars::new(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                token_env(&model.tokenizer, model.model.config().vocab, model.tokenizer.stop_ids())
+            })
+            .unwrap(),
+        );
+        let warming = grammars.warm_up();
+        assert!(!grammars.vocabulary_built());
+        warming.finish();
+        assert!(grammars.vocabulary_built());
+        grammars.compile(&ConstraintSpec::JsonObject).unwrap();
     }
 
     #[test]

@@ -155,6 +155,12 @@ impl Inference {
     }
 
     /// Requests waiting for a place in the running batch.
+    /// Whether what the first requests would otherwise wait for is ready (the grammar
+    /// vocabulary: `App::start` waits for it).
+    pub fn is_warm(&self) -> bool {
+        self.grammars.vocabulary_built()
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.engine.queue_depth()
     }

@@ -447,10 +447,11 @@ pub struct VersionInfo {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`, or `unavailable` while the server has not reconciled with its tuning store (a
-    /// load balancer should send it nothing then; the code is 503).
+    /// `ok`, or `unavailable` while the server is warming up or has not reconciled with its
+    /// tuning store (a load balancer should send it nothing then; the code is 503).
     pub status: &'static str,
-    /// Whether this server serves what the store says: every adapter at its current version.
+    /// Whether this server is warm and serves what the store says: every adapter at its current
+    /// version.
     pub ready: bool,
     pub model: String,
     pub queue_depth: usize,
