@@ -19,6 +19,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod layout;
+mod memory;
 mod portable;
 
 use std::ops::Range;
@@ -26,6 +27,7 @@ use std::ops::Range;
 pub use activations::{ActivationFormat, QuantizedRows};
 pub use layout::Format;
 use layout::{Decoded, Planes};
+use memory::TileMemory;
 
 use crate::model::each_item_on_workers;
 
@@ -81,18 +83,13 @@ impl Isa {
     }
 }
 
-/// 64 bytes, aligned to a cache line: the unit the tiles are allocated in.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
 /// A weight `[n, k]` in one of the integer formats, re-tiled at its file size.
 pub struct QuantWeight {
     format: Format,
     n: usize,
     k: usize,
     planes: Planes,
-    tiles: Vec<Line>,
+    tiles: TileMemory,
     isa: Isa,
 }
 
@@ -246,9 +243,9 @@ impl QuantWeight {
         }
         let planes = Planes::new(format, k);
         let total = n.div_ceil(TILE_ROWS) * planes.tile_row_bytes;
-        let mut tiles = vec![Line([0; 64]); total.div_ceil(64)];
-        // SAFETY: Line is 64 plain bytes.
-        let bytes_view = unsafe { std::slice::from_raw_parts_mut(tiles.as_mut_ptr() as *mut u8, tiles.len() * 64) };
+        // Whole cache lines, as the tiles have always been allocated.
+        let mut tiles = TileMemory::zeroed(total.div_ceil(64) * 64)?;
+        let bytes_view = tiles.bytes_mut();
         let row_bytes = k / size * bytes;
         for first in (0..n).step_by(SLAB_ROWS) {
             let rows = SLAB_ROWS.min(n - first);
@@ -267,13 +264,11 @@ impl QuantWeight {
 
     /// Bytes held in memory.
     pub fn resident_bytes(&self) -> usize {
-        self.tiles.len() * 64
+        self.tiles.len()
     }
 
     fn tile_row(&self, index: usize) -> &[u8] {
-        // SAFETY: Line is 64 plain bytes.
-        let bytes = unsafe { std::slice::from_raw_parts(self.tiles.as_ptr() as *const u8, self.tiles.len() * 64) };
-        &bytes[index * self.planes.tile_row_bytes..][..self.planes.tile_row_bytes]
+        &self.tiles.bytes()[index * self.planes.tile_row_bytes..][..self.planes.tile_row_bytes]
     }
 
     /// `y = x·Wᵀ` for `x: [m, k]`: `y: [m, n]`, row-major, computed on the serving workers.
