@@ -23,6 +23,7 @@ use crate::model::attention::{attend, AttentionChunk};
 use crate::model::config::{Activation, Config};
 use crate::model::gelu::GeluTable;
 use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
+use crate::model::quant::TileArena;
 use crate::model::rope::{RopePlan, RotaryTables};
 use crate::model::{each_row_on_workers, with_values};
 use crate::model::{KvCache, LogitsFor, ModelError};
@@ -95,11 +96,11 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    fn load(gguf: &GgufFile, c: &Config, layer: usize, kernels: Kernels) -> Result<Self, ModelError> {
+    fn load(gguf: &GgufFile, c: &Config, layer: usize, kernels: Kernels, arena: &TileArena) -> Result<Self, ModelError> {
         let name = |t: &str| format!("blk.{layer}.{t}.weight");
         let norm = |t: &str, len| RmsNorm::load(gguf, &name(t), len, c.rms_eps);
         let optional_norm = |t: &str, len| RmsNorm::load_optional(gguf, &name(t), len, c.rms_eps);
-        let linear = |module, shape| QLinear::load(gguf, layer, module, shape, kernels);
+        let linear = |module, shape| QLinear::load(gguf, layer, module, shape, kernels, arena);
         let q_width = c.n_heads * c.head_dim;
         let kv_width = c.kv_width();
         Ok(Self {
@@ -204,13 +205,15 @@ impl Decoder {
     }
 
     fn load_weights(gguf: &GgufFile, config: Config, kernels: Kernels) -> Result<Self, ModelError> {
-        let embedding = QWeight::load(gguf, "token_embd.weight", (config.vocab, config.hidden), kernels)?;
+        // The layers' matrices are small: shared huge-page slabs hold them (see `TileArena`).
+        let arena = TileArena::default();
+        let embedding = QWeight::load(gguf, "token_embd.weight", (config.vocab, config.hidden), kernels, &arena)?;
         let output = gguf
             .has_tensor("output.weight")
-            .then(|| QWeight::load(gguf, "output.weight", (config.vocab, config.hidden), kernels))
+            .then(|| QWeight::load(gguf, "output.weight", (config.vocab, config.hidden), kernels, &arena))
             .transpose()?;
         let blocks = (0..config.n_layers)
-            .map(|layer| Block::load(gguf, &config, layer, kernels))
+            .map(|layer| Block::load(gguf, &config, layer, kernels, &arena))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             output_norm: RmsNorm::load(gguf, "output_norm.weight", config.hidden, config.rms_eps)?,

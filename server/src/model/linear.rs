@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::quant::{Format, Isa, QuantWeight};
+use crate::model::quant::{Format, Isa, QuantWeight, TileArena};
 use crate::model::{with_values, ModelError};
 
 /// One sequence's rows of the batch: they share an adapter mix.
@@ -67,11 +67,12 @@ impl QWeight {
         name: &str,
         (out_features, in_features): (usize, usize),
         kernels: Kernels,
+        arena: &TileArena,
     ) -> Result<Self, ModelError> {
         let info = gguf.tensor_info(name, &[out_features, in_features])?.clone();
         let bytes = gguf.tensor_bytes(&info);
         let integer = Format::from_ggml(info.dtype)
-            .and_then(|format| QuantWeight::from_file(format, bytes, out_features, in_features, kernels.isa(), |read| gguf.release_pages(info.start + read.start, read.len())));
+            .and_then(|format| QuantWeight::from_file(format, bytes, out_features, in_features, kernels.isa(), arena, |read| gguf.release_pages(info.start + read.start, read.len())));
         let kernel = match integer {
             Some(weight) => Kernel::Integer(weight),
             None => {
@@ -399,11 +400,12 @@ impl QLinear {
         module: TargetModule,
         shape: (usize, usize),
         kernels: Kernels,
+        arena: &TileArena,
     ) -> Result<Self, ModelError> {
         let name = format!("blk.{layer}.{}.weight", module.gguf_name());
         let bias_name = format!("blk.{layer}.{}.bias", module.gguf_name());
         Ok(Self {
-            weight: QWeight::load(gguf, &name, shape, kernels)?,
+            weight: QWeight::load(gguf, &name, shape, kernels, arena)?,
             bias: gguf.has_tensor(&bias_name).then(|| load_vector(gguf, &bias_name, shape.0)).transpose()?,
             layer,
             module,
@@ -504,7 +506,7 @@ mod tests {
             let path = dir.path().join("w.gguf");
             writer.write(&path)?;
             let gguf = GgufFile::open(&path)?;
-            let weight = QWeight::load(&gguf, "w.weight", (n, k), Kernels::Best)?;
+            let weight = QWeight::load(&gguf, "w.weight", (n, k), Kernels::Best, &TileArena::default())?;
             assert!(weight.integer().is_none(), "{dtype:?}");
             assert_eq!(weight.portable_dtype(), Some(dtype));
             let y = weight.forward_values(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?)?;

@@ -27,6 +27,7 @@ use std::ops::Range;
 pub use activations::{ActivationFormat, QuantizedRows};
 pub use layout::Format;
 use layout::{Decoded, Planes};
+pub use memory::TileArena;
 use memory::TileMemory;
 
 use crate::model::each_item_on_workers;
@@ -228,13 +229,13 @@ unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 
 impl QuantWeight {
-    /// Re-tiles a row-major weight `[n, k]` from the file's blocks, for the given kernels;
-    /// `None` when `k` is not whole blocks of the format or the data does not fit the shape.
-    /// The weight re-tiled from the file's bytes, a slab of rows at a time; after each slab
+    /// Re-tiles a row-major weight `[n, k]` from the file's blocks, for the given kernels, into
+    /// tiles from `arena`; `None` when `k` is not whole blocks of the format or the data does not
+    /// fit the shape. The file's bytes are re-tiled a slab of rows at a time; after each slab
     /// `release` gets the range of `data` it read, so the caller can give those file pages back
     /// at once and a large matrix (the 262k-row embedding) never holds its file pages and its
     /// copy whole at the same time.
-    pub fn from_file(format: Format, data: &[u8], n: usize, k: usize, isa: Isa, mut release: impl FnMut(std::ops::Range<usize>)) -> Option<Self> {
+    pub fn from_file(format: Format, data: &[u8], n: usize, k: usize, isa: Isa, arena: &TileArena, mut release: impl FnMut(std::ops::Range<usize>)) -> Option<Self> {
         /// Rows re-tiled between two releases: a few MiB of file bytes.
         const SLAB_ROWS: usize = TILE_ROWS * 512;
         let (size, bytes) = format.file_block();
@@ -244,7 +245,7 @@ impl QuantWeight {
         let planes = Planes::new(format, k);
         let total = n.div_ceil(TILE_ROWS) * planes.tile_row_bytes;
         // Whole cache lines, as the tiles have always been allocated.
-        let mut tiles = TileMemory::zeroed(total.div_ceil(64) * 64)?;
+        let mut tiles: TileMemory = arena.tiles(total.div_ceil(64) * 64)?;
         let bytes_view = tiles.bytes_mut();
         let row_bytes = k / size * bytes;
         for first in (0..n).step_by(SLAB_ROWS) {

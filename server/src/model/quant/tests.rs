@@ -31,7 +31,7 @@ fn every_row_dequantizes_to_exactly_what_ggml_makes_of_the_file() {
     for (dtype, format) in FORMATS {
         let (bytes, w) = quantized(dtype, n, k);
         for isa in isas() {
-            let weight = QuantWeight::from_file(format, &bytes, n, k, isa, |_| {}).unwrap();
+            let weight = QuantWeight::from_file(format, &bytes, n, k, isa, &TileArena::default(), |_| {}).unwrap();
             let mut out = vec![0f32; n * k];
             weight.dequantize_rows_into(0..n, &mut out);
             assert_eq!(out, w, "{format:?} {isa:?}");
@@ -48,7 +48,7 @@ fn a_matrix_of_many_slabs_is_retiled_slab_by_slab_and_releases_every_byte_once()
     let (n, k) = (2 * 8192 + 37, 32);
     let (bytes, w) = quantized(GgmlDType::Q8_0, n, k);
     let mut released = Vec::new();
-    let weight = QuantWeight::from_file(Format::Q8_0, &bytes, n, k, Isa::Portable, |read| released.push(read)).unwrap();
+    let weight = QuantWeight::from_file(Format::Q8_0, &bytes, n, k, Isa::Portable, &TileArena::default(), |read| released.push(read)).unwrap();
     assert_eq!(released.len(), 3);
     assert_eq!(released.iter().map(|r| r.len()).sum::<usize>(), bytes.len());
     assert!(released.windows(2).all(|w| w[0].end == w[1].start), "{released:?}");
@@ -62,7 +62,7 @@ fn weights_stay_at_the_files_bits_per_weight() {
     let (n, k) = (256, 1024);
     for (dtype, format) in FORMATS {
         let (bytes, _) = quantized(dtype, n, k);
-        let weight = QuantWeight::from_file(format, &bytes, n, k, Isa::Portable, |_| {}).unwrap();
+        let weight = QuantWeight::from_file(format, &bytes, n, k, Isa::Portable, &TileArena::default(), |_| {}).unwrap();
         let bits = weight.resident_bytes() as f64 * 8.0 / (n * k) as f64;
         let file_bits = bytes.len() as f64 * 8.0 / (n * k) as f64;
         assert!(bits <= file_bits * 1.03, "{format:?}: {bits} bits per weight against the file's {file_bits}");
@@ -82,7 +82,7 @@ fn every_kernel_computes_the_product_of_the_quantized_operands_bit_for_bit_alike
         let (bytes, w) = quantized(dtype, n, k);
         let mut results = Vec::new();
         for isa in isas() {
-            let weight = QuantWeight::from_file(format, &bytes, n, k, isa, |_| {}).unwrap();
+            let weight = QuantWeight::from_file(format, &bytes, n, k, isa, &TileArena::default(), |_| {}).unwrap();
             let mut y = vec![f32::NAN; m * n];
             weight.matmul_rows_on_this_thread(qx, 0..n, &mut y);
             for i in [0, 13, 64, 69] {
@@ -115,7 +115,7 @@ fn a_range_of_weight_rows_and_a_partial_last_tile_write_only_their_outputs() {
     let (bytes, _) = quantized(GgmlDType::Q4K, n, k);
     let x = QuantizedRows::quantize(&activations(m, k), k, Format::Q4K.activation_format());
     for isa in isas() {
-        let weight = QuantWeight::from_file(Format::Q4K, &bytes, n, k, isa, |_| {}).unwrap();
+        let weight = QuantWeight::from_file(Format::Q4K, &bytes, n, k, isa, &TileArena::default(), |_| {}).unwrap();
         let mut all = vec![0f32; m * n];
         weight.matmul_rows_on_this_thread(&x, 0..n, &mut all);
         // The serving workers' split gives the same bits.
@@ -135,9 +135,9 @@ fn a_range_of_weight_rows_and_a_partial_last_tile_write_only_their_outputs() {
 #[test]
 fn data_that_does_not_fit_the_shape_is_refused() {
     let (bytes, _) = quantized(GgmlDType::Q8_0, 48, 96);
-    assert!(QuantWeight::from_file(Format::Q8_0, &bytes, 40, 96, Isa::Portable, |_| {}).is_none());
-    assert!(QuantWeight::from_file(Format::Q8_0, &bytes[..100], 48, 96, Isa::Portable, |_| {}).is_none());
-    assert!(QuantWeight::from_file(Format::Q6K, &bytes, 48, 96, Isa::Portable, |_| {}).is_none());
+    assert!(QuantWeight::from_file(Format::Q8_0, &bytes, 40, 96, Isa::Portable, &TileArena::default(), |_| {}).is_none());
+    assert!(QuantWeight::from_file(Format::Q8_0, &bytes[..100], 48, 96, Isa::Portable, &TileArena::default(), |_| {}).is_none());
+    assert!(QuantWeight::from_file(Format::Q6K, &bytes, 48, 96, Isa::Portable, &TileArena::default(), |_| {}).is_none());
 }
 
 #[test]
@@ -149,7 +149,7 @@ fn weights_multiplied_together_give_each_one_its_own_product() {
         let weights: Vec<QuantWeight> = FORMATS
             .iter()
             .zip([37, 64, 21, 50])
-            .map(|(&(dtype, format), n)| QuantWeight::from_file(format, &quantized(dtype, n, k).0, n, k, isa, |_| {}).unwrap())
+            .map(|(&(dtype, format), n)| QuantWeight::from_file(format, &quantized(dtype, n, k).0, n, k, isa, &TileArena::default(), |_| {}).unwrap())
             .collect();
         let together = QuantWeight::matmul_each(&weights.iter().collect::<Vec<_>>(), &x);
         assert_eq!(together.len(), weights.len());
