@@ -280,24 +280,22 @@ mod tests {
     }
 
     #[test]
-    fn a_finished_warm_up_leaves_the_vocabulary_built() {
-        let dir = tempfile::tempdir().unwrap();
+    fn a_finished_warm_up_leaves_the_vocabulary_built() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("tiny.gguf");
-        crate::model::synthetic::tiny_gemma3(5).write(&path).unwrap();
-        let model = Arc::new(crate::LoadedModel::load(&path).unwrap());
+        crate::model::synthetic::tiny_gemma3(5).write(&path)?;
+        let model = Arc::new(crate::LoadedModel::load(&path)?);
         // A slow vocabulary: the warm-up must be waited for, not merely started.
-        let grammars = Arc::new(
-            Grammars::new(move || {
-                std::thread::sleep(std::time::Duration::from_millis(300));
-                token_env(&model.tokenizer, model.model.config().vocab, model.tokenizer.stop_ids())
-            })
-            .unwrap(),
-        );
+        let grammars = Arc::new(Grammars::new(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            token_env(&model.tokenizer, model.model.config().vocab, model.tokenizer.stop_ids())
+        })?);
         let warming = grammars.warm_up();
         assert!(!grammars.vocabulary_built());
         warming.finish();
         assert!(grammars.vocabulary_built());
-        grammars.compile(&ConstraintSpec::JsonObject).unwrap();
+        grammars.compile(&ConstraintSpec::JsonObject)?;
+        Ok(())
     }
 
     #[test]

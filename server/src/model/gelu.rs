@@ -19,6 +19,8 @@ const STEPS_PER_UNIT: f32 = 1024.0;
 
 pub struct GeluTable {
     values: Vec<f32>,
+    /// How a row is computed on this CPU, chosen once.
+    row: GegluRow,
 }
 
 /// A way of computing `gelu(gate)·up` along a row.
@@ -30,7 +32,7 @@ impl GeluTable {
         let values = (0..=n + 1)
             .map(|i| gelu_tanh(i as f32 / STEPS_PER_UNIT - RANGE))
             .collect();
-        Self { values }
+        Self { values, row: Self::vectorized_row().unwrap_or(Self::geglu_row) }
     }
 
     fn gelu(&self, x: f32) -> f32 {
@@ -51,13 +53,7 @@ impl GeluTable {
     pub fn geglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor, ModelError> {
         let width = gate.dim(candle_core::D::Minus1)?;
         let mut out = with_values(gate, <[f32]>::to_vec)?;
-        let vectorized = self.vectorized_row();
-        with_values(up, |up| {
-            each_row_on_workers(&mut out, width, |i, row| match vectorized {
-                Some(geglu_row) => geglu_row(self, row, &up[i * width..][..width]),
-                None => self.geglu_row(row, &up[i * width..][..width]),
-            })
-        })?;
+        with_values(up, |up| each_row_on_workers(&mut out, width, |i, row| (self.row)(self, row, &up[i * width..][..width])))?;
         Ok(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)
     }
 
@@ -69,7 +65,7 @@ impl GeluTable {
     }
 
     /// [`Self::geglu_row`] in AVX-512 where the CPU has it.
-    fn vectorized_row(&self) -> Option<GegluRow> {
+    fn vectorized_row() -> Option<GegluRow> {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f") {
             return Some(|table, gate, up| {
@@ -91,14 +87,14 @@ impl GeluTable {
     unsafe fn geglu_row_avx512(&self, gate: &mut [f32], up: &[f32]) {
         use std::arch::x86_64::*;
         let whole = gate.len() - gate.len() % 16;
-        let (range, steps) = (_mm512_set1_ps(RANGE), _mm512_set1_ps(STEPS_PER_UNIT));
+        let (range, minus_range, steps) = (_mm512_set1_ps(RANGE), _mm512_set1_ps(-RANGE), _mm512_set1_ps(STEPS_PER_UNIT));
         let table = self.values.as_ptr();
         for at in (0..whole).step_by(16) {
             let x = _mm512_loadu_ps(gate.as_ptr().add(at));
             let u = _mm512_loadu_ps(up.as_ptr().add(at));
             // Inside ±RANGE (false for NaN): 0 < position < 2·RANGE·STEPS, so the truncation
             // is `as usize`'s, and i + 1 is within the table.
-            let inside = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_sub_ps(_mm512_setzero_ps(), range)) & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, range);
+            let inside = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, minus_range) & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, range);
             let position = _mm512_mul_ps(_mm512_add_ps(x, range), steps);
             let i = _mm512_maskz_cvttps_epi32(inside, position);
             let frac = _mm512_sub_ps(position, _mm512_cvtepi32_ps(i));
@@ -106,7 +102,7 @@ impl GeluTable {
             let b = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), inside, _mm512_add_epi32(i, _mm512_set1_epi32(1)), table);
             let interpolated = _mm512_add_ps(a, _mm512_mul_ps(_mm512_sub_ps(b, a), frac));
             // Beyond +RANGE and NaN: x itself; at or below −RANGE: zero.
-            let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_sub_ps(_mm512_setzero_ps(), range));
+            let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, minus_range);
             let g = _mm512_mask_blend_ps(inside, _mm512_mask_blend_ps(below, x, _mm512_setzero_ps()), interpolated);
             _mm512_storeu_ps(gate.as_mut_ptr().add(at), _mm512_mul_ps(g, u));
         }
@@ -146,7 +142,7 @@ mod tests {
     #[test]
     fn the_vector_row_gives_the_scalar_rows_bits() {
         let table = GeluTable::new();
-        let Some(vectorized) = table.vectorized_row() else { return };
+        let Some(vectorized) = GeluTable::vectorized_row() else { return };
         let mut gate: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) * 0.000_61 + if i % 3 == 0 { 0.000_000_7 } else { 0.0 }).collect();
         let step = 1.0 / STEPS_PER_UNIT;
         gate.extend([

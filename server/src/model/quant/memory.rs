@@ -126,12 +126,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tiles_are_zeroed_aligned_and_apart_small_or_large() {
+    fn tiles_are_zeroed_aligned_and_apart_small_or_large() -> Result<(), &'static str> {
         let arena = TileArena::default();
         // Sixteen of the weights just under a huge page fill a slab; the seventeenth opens another.
         let mut sizes = vec![0, 64, 4096 + 64, 100, HUGE_PAGE, HUGE_PAGE + 4096, 7];
         sizes.extend([HUGE_PAGE - 1; 17]);
-        let mut tiles: Vec<TileMemory> = sizes.iter().map(|&len| arena.tiles(len).unwrap()).collect();
+        let mut tiles: Vec<TileMemory> = sizes.iter().map(|&len| arena.tiles(len).ok_or("no memory for tiles")).collect::<Result<_, _>>()?;
         for (i, memory) in tiles.iter_mut().enumerate() {
             assert_eq!(memory.len(), sizes[i]);
             assert!(memory.bytes().iter().all(|&b| b == 0), "{}", sizes[i]);
@@ -145,23 +145,25 @@ mod tests {
         }
         let slabs: std::collections::HashSet<usize> = tiles.iter().filter(|t| t.len < HUGE_PAGE).map(|t| t.allocation.start.as_ptr() as usize).collect();
         assert_eq!(slabs.len(), 2);
+        Ok(())
     }
 
     /// Where the kernel offers transparent huge pages for advised memory, small weights carved
     /// from a slab get them too.
     #[cfg(target_os = "linux")]
     #[test]
-    fn tiles_take_huge_pages_where_the_kernel_offers_them() {
+    fn tiles_take_huge_pages_where_the_kernel_offers_them() -> Result<(), &'static str> {
         let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
         if setting.is_empty() || setting.contains("[never]") {
             eprintln!("transparent huge pages are off here: {setting:?}");
-            return;
+            return Ok(());
         }
         let arena = TileArena::default();
-        let small: Vec<TileMemory> = (0..12).map(|_| arena.tiles(HUGE_PAGE / 3).unwrap()).collect();
+        let small: Vec<TileMemory> = (0..12).map(|_| arena.tiles(HUGE_PAGE / 3).ok_or("no memory for tiles")).collect::<Result<_, _>>()?;
         let start = small[0].bytes().as_ptr() as usize;
-        let huge_kib = anon_huge_kib_of_mapping(start).expect("the tiles' mapping is in /proc/self/smaps");
+        let huge_kib = anon_huge_kib_of_mapping(start).ok_or("the tiles' mapping is not in /proc/self/smaps")?;
         assert!(huge_kib >= 2048, "{huge_kib} KiB of huge pages under 8 MiB of small tiles (THP {setting:?})");
+        Ok(())
     }
 
     /// The AnonHugePages of the mapping holding `address`, from /proc/self/smaps.
