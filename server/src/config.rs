@@ -18,7 +18,8 @@ pub struct ServeOptions {
     /// Port to listen on [default: 8080].
     #[arg(long, env = "TESSERA_PORT")]
     pub port: Option<u16>,
-    /// A GGUF model file [default: the default model, fetched if missing].
+    /// A catalog name (`tessera model list`; fetched when missing) or a GGUF file's path
+    /// [default: qwen2.5-coder-0.5b-instruct].
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: Option<PathBuf>,
     /// The id clients send as `model` [default: the model file's name without `.gguf`].
@@ -28,7 +29,7 @@ pub struct ServeOptions {
     /// [default: the model's; Gemma's for a Gemma file without one; otherwise ChatML].
     #[arg(long, env = "TESSERA_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
-    /// Longest prompt plus completion, in tokens [default: 8192, at most the model's].
+    /// Longest prompt plus completion, in tokens [default and most: the model's context length].
     #[arg(long, env = "TESSERA_CTX_LEN")]
     pub ctx_len: Option<usize>,
     /// Sequences decoded together in one step [default: 16].
@@ -162,7 +163,8 @@ pub struct ServeConfig {
     pub model: Option<PathBuf>,
     pub served_model_name: Option<String>,
     pub chat_template: Option<PathBuf>,
-    pub ctx_len: usize,
+    /// `None`: the model's own context length.
+    pub ctx_len: Option<usize>,
     pub max_running_seqs: usize,
     pub max_queue: usize,
     pub kv_cache_bytes: usize,
@@ -237,6 +239,13 @@ impl ServeOptions {
 }
 
 impl ServeConfig {
+    /// The context a model of `model_context` positions is served with: what was asked, at most
+    /// the model's, and the model's own when nothing was asked (the KV budget, not this, bounds
+    /// how many such sequences run at once).
+    pub fn context_for(&self, model_context: usize) -> usize {
+        self.ctx_len.map_or(model_context, |asked| asked.min(model_context))
+    }
+
     /// `cli` (flags and environment) over the TOML `file`, over defaults.
     pub fn resolve(cli: ServeOptions, file: Option<&Path>) -> Result<Self, ConfigError> {
         let merged = match file {
@@ -253,7 +262,7 @@ impl ServeConfig {
             model: merged.model,
             served_model_name: merged.served_model_name,
             chat_template: merged.chat_template,
-            ctx_len: positive(merged.ctx_len, 8192, "ctx_len")?,
+            ctx_len: merged.ctx_len.map(|n| positive(Some(n), n, "ctx_len")).transpose()?,
             max_running_seqs: positive(merged.max_running_seqs, 16, "max_running_seqs")?,
             max_queue: positive(merged.max_queue, 64, "max_queue")?,
             kv_cache_bytes: positive(merged.kv_cache_bytes, crate::engine::default_kv_cache_bytes(), "kv_cache_bytes")?,
@@ -312,5 +321,15 @@ mod tests {
             ..ServeOptions::default()
         };
         assert!(ServeConfig::resolve(zero, None).is_err());
+    }
+
+    #[test]
+    fn the_context_is_the_models_unless_a_shorter_one_is_asked() {
+        let default = ServeConfig::resolve(ServeOptions::default(), None).unwrap();
+        assert_eq!(default.context_for(32_768), 32_768);
+        let asked = |n| ServeConfig::resolve(ServeOptions { ctx_len: Some(n), ..ServeOptions::default() }, None).unwrap();
+        assert_eq!(asked(1024).context_for(32_768), 1024);
+        assert_eq!(asked(65_536).context_for(32_768), 32_768);
+        assert!(ServeConfig::resolve(ServeOptions { ctx_len: Some(0), ..ServeOptions::default() }, None).is_err());
     }
 }

