@@ -22,7 +22,8 @@ pub struct ServeOptions {
     /// [default: qwen2.5-coder-0.5b-instruct].
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: Option<PathBuf>,
-    /// The id clients send as `model` [default: the model file's name without `.gguf`].
+    /// The id clients send as `model` [default: the catalog name the model was given by, else
+    /// the model file's name without `.gguf`].
     #[arg(long, env = "TESSERA_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// A Jinja chat template file that replaces the model's own `tokenizer.chat_template`

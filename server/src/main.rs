@@ -607,16 +607,24 @@ fn main() -> Result<()> {
             let isa = kernels.isa().name();
             let cpu = format!("{} ({isa} kernels)", tessera::bench::compare::cpu_model());
             eprintln!("benchmarking {} on {threads} threads of {cpu}, {runs} runs each…", path.display());
-            match compare_llama_bench {
+            let decodes: Vec<(&str, f64)> = match compare_llama_bench {
                 Some(llama_bench) => {
                     let rows = tessera::bench::compare::run(&path, &options, runs, decode_tokens, threads, &llama_bench)?;
                     print!("{}", tessera::bench::compare::format_table(&cpu, threads, &rows));
+                    let decode = rows.iter().find(|row| row.name.starts_with("decode"));
+                    decode.map_or_else(Vec::new, |row| {
+                        vec![("tessera", tessera::bench::median(&row.tessera)), ("llama.cpp", tessera::bench::median(&row.llama_cpp))]
+                    })
                 }
                 None => {
                     let rows = tessera::bench::run(&path, &options, runs, decode_tokens)?;
                     print!("CPU: {cpu}, {threads} threads\n\n{}", tessera::bench::format_table(&rows));
+                    rows.iter().filter(|row| row.name.starts_with("decode")).map(|row| ("tessera", row.median())).collect()
                 }
-            }
+            };
+            let bytes = tessera::bench::bound::weight_bytes_per_token(&path)?;
+            let bandwidth = tessera::bench::bound::read_bandwidth(threads, 5);
+            print!("\n{}", tessera::bench::bound::describe(bytes, bandwidth, threads, &decodes));
         }
     }
     Ok(())
@@ -668,8 +676,10 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
         LoadedModel::load_with(&path, &options).with_context(|| format!("loading {}", path.display()))?,
     );
     let model_id = config.served_model_name.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        match model_store::catalog_name(config.model.as_deref()) {
+            Some(name) => name.to_string(),
+            None => path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+        }
     });
     let ctx_len = config.context_for(model.model.config().context_length);
     let adapters_dir = match &config.adapters_dir {

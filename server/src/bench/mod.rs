@@ -2,6 +2,7 @@
 //! medians over several runs, printed as a table. `serve` drives the HTTP API.
 
 pub mod adapters;
+pub mod bound;
 pub mod compare;
 pub mod kv;
 pub mod scale_out;

@@ -111,6 +111,16 @@ pub fn resolve_or_default(spec: Option<&Path>) -> Result<PathBuf, FetchError> {
     }
 }
 
+/// The catalog name `spec` (or the default, when there is none) stands for; `None` for a file.
+/// A server started by name answers to that name.
+pub fn catalog_name(spec: Option<&Path>) -> Option<&'static str> {
+    match spec {
+        None => Some(catalog::DEFAULT.name),
+        Some(spec) if spec.is_file() => None,
+        Some(spec) => catalog::find(&spec.to_string_lossy()).ok().map(|entry| entry.name),
+    }
+}
+
 pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
     let mut file = std::fs::File::open(path).map_err(io_error(path))?;
     let mut hasher = Sha256::new();
@@ -143,6 +153,9 @@ mod tests {
         assert!(missing.contains("no such model file"), "{missing}");
         let unknown = resolve(Path::new("qwen-9000")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(unknown.contains("qwen-9000") && unknown.contains(catalog::DEFAULT.name), "{unknown}");
+        assert_eq!(catalog_name(None), Some(catalog::DEFAULT.name));
+        assert_eq!(catalog_name(Some(Path::new("gemma-3-270m"))), Some("gemma-3-270m"));
+        assert_eq!(catalog_name(Some(&file)), None);
         Ok(())
     }
 }
