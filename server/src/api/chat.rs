@@ -61,6 +61,7 @@ pub async fn chat_completions(
     };
     let turns = validate::chat_turns(&req.messages)?;
     let tools = validate::tools(&req, sampling.constraint.as_ref())?;
+    let declared: Vec<String> = tools.iter().flat_map(|t| &t.definitions).map(|d| d.name.clone()).collect();
     let generation = validate::generation(&sampling, max_tokens, top_logprobs, false);
     let run = app.inference.chat(req.model.clone(), turns, validate::adapters(&req.sampling), tools, generation).await?;
     let prompt_tokens: usize = run.prompts.iter().map(Vec::len).sum();
@@ -71,7 +72,8 @@ pub async fn chat_completions(
     tracing::info!(%id, prompt_tokens, max_tokens, n = sampling.n, stream = sampling.stream, "chat completion");
 
     if sampling.stream && run.plugin.is_none() {
-        let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling, run.tool_syntax);
+        let calls = run.tool_syntax.map(|syntax| CallStream::new(syntax, declared));
+        let stream = chat_stream(app.clone(), receivers, id, created, req.model, &sampling, calls);
         return Ok(with_generations(Sse::new(stream).keep_alive(KeepAlive::default()).into_response(), adapters));
     }
 
@@ -87,7 +89,7 @@ pub async fn chat_completions(
     };
     let mut choices = Vec::with_capacity(results.len());
     for (index, (r, answer)) in results.into_iter().zip(answers).enumerate() {
-        let (message, called) = assistant_message(answer, run.tool_syntax);
+        let (message, called) = assistant_message(answer, run.tool_syntax, &declared);
         choices.push(ChatChoice {
             index,
             logprobs: top_logprobs.map(|_| chat_logprobs(tokenizer, &r.tokens)),
@@ -146,13 +148,13 @@ fn whole_answer_events(completion: ChatCompletion, include_usage: bool) -> Vec<R
     events
 }
 
-/// An answer as the assistant's message: with tools offered, the calls it wrote are parsed out
-/// of its text. Returns whether it made any.
-fn assistant_message(answer: String, syntax: Option<ToolSyntax>) -> (AssistantMessage, bool) {
+/// An answer as the assistant's message: with tools offered (`declared` names them), the calls
+/// it wrote are parsed out of its text. Returns whether it made any.
+fn assistant_message(answer: String, syntax: Option<ToolSyntax>, declared: &[String]) -> (AssistantMessage, bool) {
     let Some(syntax) = syntax else {
         return (AssistantMessage { role: "assistant", content: Some(answer), tool_calls: None }, false);
     };
-    let (content, calls) = tool_calls::parse(syntax, &answer);
+    let (content, calls) = tool_calls::parse(syntax, declared, &answer);
     if calls.is_empty() {
         return (AssistantMessage { role: "assistant", content: Some(content), tool_calls: None }, false);
     }
@@ -246,7 +248,8 @@ impl ChoiceStream {
 
 /// The streamed response: a role chunk per choice, content chunks as tokens arrive (with tools,
 /// each call as its own chunks once it is complete), a chunk with each choice's
-/// `finish_reason`, the usage chunk if asked, then `[DONE]`.
+/// `finish_reason`, the usage chunk if asked, then `[DONE]`. With tools, `calls` is the splitter
+/// each choice's text starts in.
 fn chat_stream(
     app: Arc<App>,
     receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<Event>>,
@@ -254,7 +257,7 @@ fn chat_stream(
     created: u64,
     model: String,
     sampling: &Sampling,
-    tool_syntax: Option<ToolSyntax>,
+    calls: Option<CallStream>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let n = receivers.len();
     let include_usage = sampling.include_usage;
@@ -271,7 +274,7 @@ fn chat_stream(
         SseEvent::default().json_data(body).unwrap_or_default()
     };
     let end_chunk = chunk.clone();
-    let mut choices: Vec<ChoiceStream> = (0..n).map(|_| ChoiceStream { opened: false, calls: tool_syntax.map(CallStream::new), sent_calls: 0 }).collect();
+    let mut choices: Vec<ChoiceStream> = (0..n).map(|_| ChoiceStream { opened: false, calls: calls.clone(), sent_calls: 0 }).collect();
     sse_stream(
         receivers,
         Totals::default(),

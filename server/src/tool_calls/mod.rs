@@ -7,13 +7,21 @@
 //! - **Llama 3.1 JSON**: the whole answer is `{"name": …, "parameters": {…}}`, optionally
 //!   after `<|python_tag|>`.
 //!
+//! In either, a model may also write a call as plain JSON, in a fenced block or bare at the start
+//! of its answer, as code models do whatever their template teaches (see `fenced`); that counts
+//! only when it names a tool that was offered.
+//!
 //! A template that does not render `tools` gets them through the [`fallback_system_prompt`],
 //! which asks for the Hermes syntax; earlier calls and tool results are then written into the
 //! conversation as that syntax's text (`<tool_call>…</tool_call>`, `<tool_response>…</tool_response>`).
 
+mod fenced;
+mod split;
+
 use serde_json::{json, Value};
 
 use crate::grammar::ConstraintSpec;
+use split::Splitter;
 
 /// One function the model may call.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,36 +148,19 @@ pub fn forced_call(syntax: ToolSyntax, tools: &[ToolDefinition], choice: &ToolCh
 }
 
 /// The text of an answer apart from its calls, and the calls, in order. Text that looks like
-/// a call but does not parse stays text.
-pub fn parse(syntax: ToolSyntax, text: &str) -> (String, Vec<ParsedCall>) {
-    match syntax {
-        ToolSyntax::Hermes => parse_hermes(text),
-        ToolSyntax::Llama31Json => {
-            let body = text.trim_start().strip_prefix(PYTHON_TAG).unwrap_or(text);
-            match call_from_json(body.trim(), "parameters") {
-                Some(call) => (String::new(), vec![call]),
-                None => (text.to_string(), Vec::new()),
-            }
-        }
-    }
-}
-
-fn parse_hermes(text: &str) -> (String, Vec<ParsedCall>) {
+/// a call but does not parse, or calls a tool that was not offered, stays text; with calls
+/// found, the text around them is trimmed.
+pub fn parse(syntax: ToolSyntax, declared: &[String], text: &str) -> (String, Vec<ParsedCall>) {
+    let mut stream = CallStream::new(syntax, declared.to_vec());
+    let mut pieces = stream.feed(text);
+    pieces.extend(stream.finish());
     let (mut content, mut calls) = (String::new(), Vec::new());
-    let mut rest = text;
-    while let Some(start) = rest.find(OPEN) {
-        let after = &rest[start + OPEN.len()..];
-        let Some(end) = after.find(CLOSE) else { break };
-        match call_from_json(after[..end].trim(), "arguments") {
-            Some(call) => {
-                content.push_str(&rest[..start]);
-                calls.push(call);
-            }
-            None => content.push_str(&rest[..start + OPEN.len() + end + CLOSE.len()]),
+    for piece in pieces {
+        match piece {
+            StreamPiece::Content(text) => content.push_str(&text),
+            StreamPiece::Call(call) => calls.push(call),
         }
-        rest = &after[end + CLOSE.len()..];
     }
-    content.push_str(rest);
     let content = if calls.is_empty() { content } else { content.trim().to_string() };
     (content, calls)
 }
@@ -187,6 +178,18 @@ fn call_from_json(text: &str, arguments_key: &str) -> Option<ParsedCall> {
     Some(ParsedCall { name, arguments })
 }
 
+/// Llama 3.1: an answer that is one `{"name": …, "parameters": {…}}`, after `<|python_tag|>` or not.
+fn llama_call(answer: &str) -> Option<ParsedCall> {
+    let body = answer.trim_start().strip_prefix(PYTHON_TAG).unwrap_or(answer);
+    call_from_json(body.trim(), "parameters")
+}
+
+/// Whether a Llama 3.1 answer so far may still be one call: it begins with `{` or `<|python_tag|>`.
+fn may_be_llama_call(answer: &str) -> bool {
+    let start = answer.trim_start();
+    start.starts_with('{') || PYTHON_TAG.starts_with(start) || start.starts_with(PYTHON_TAG)
+}
+
 /// What a streamed answer becomes, piece by piece.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamPiece {
@@ -197,95 +200,53 @@ pub enum StreamPiece {
 /// Splits a streamed answer into text and calls as it arrives: text is passed on at once,
 /// except what may be the start of a call, which is held until the call closes (and is parsed)
 /// or turns out to be text.
+#[derive(Debug, Clone)]
 pub struct CallStream {
-    syntax: ToolSyntax,
-    held: String,
-    /// Llama 3.1: whether the answer began like a call (then it is all held to the end).
-    whole_answer: Option<bool>,
+    /// Llama 3.1: the answer, held whole while it may be one call in that syntax.
+    llama_answer: Option<String>,
+    /// Calls in the answer's text: Hermes tags, fenced and bare JSON.
+    text: Splitter,
 }
 
 impl CallStream {
-    pub fn new(syntax: ToolSyntax) -> Self {
-        Self { syntax, held: String::new(), whole_answer: None }
+    /// `declared`: the names of the tools offered.
+    pub fn new(syntax: ToolSyntax, declared: Vec<String>) -> Self {
+        let llama_answer = (syntax == ToolSyntax::Llama31Json).then(String::new);
+        Self { llama_answer, text: Splitter::new(syntax == ToolSyntax::Hermes, declared) }
     }
 
     pub fn feed(&mut self, delta: &str) -> Vec<StreamPiece> {
-        self.held.push_str(delta);
-        match self.syntax {
-            ToolSyntax::Hermes => self.drain_hermes(),
-            ToolSyntax::Llama31Json => self.drain_llama(),
+        let Some(answer) = self.llama_answer.as_mut() else { return self.text.feed(delta) };
+        answer.push_str(delta);
+        if may_be_llama_call(answer) {
+            return Vec::new();
         }
+        let answer = std::mem::take(answer);
+        self.llama_answer = None;
+        self.text.feed(&answer)
     }
 
     /// Whatever is left once the answer ends.
     pub fn finish(&mut self) -> Vec<StreamPiece> {
-        let held = std::mem::take(&mut self.held);
-        let (content, calls) = parse(self.syntax, &held);
         let mut pieces = Vec::new();
-        if !content.is_empty() {
-            pieces.push(StreamPiece::Content(content));
+        if let Some(answer) = self.llama_answer.take() {
+            if let Some(call) = llama_call(&answer) {
+                return vec![StreamPiece::Call(call)];
+            }
+            pieces = self.text.feed(&answer);
         }
-        pieces.extend(calls.into_iter().map(StreamPiece::Call));
+        pieces.extend(self.text.finish());
         pieces
     }
-
-    fn drain_hermes(&mut self) -> Vec<StreamPiece> {
-        let mut pieces = Vec::new();
-        loop {
-            match self.held.find(OPEN) {
-                Some(start) => {
-                    if start > 0 {
-                        pieces.push(StreamPiece::Content(self.held[..start].to_string()));
-                        self.held.drain(..start);
-                    }
-                    let Some(end) = self.held.find(CLOSE) else { return pieces };
-                    let block: String = self.held.drain(..end + CLOSE.len()).collect();
-                    let (content, calls) = parse_hermes(&block);
-                    if !content.is_empty() {
-                        pieces.push(StreamPiece::Content(content));
-                    }
-                    pieces.extend(calls.into_iter().map(StreamPiece::Call));
-                }
-                None => {
-                    // Keep a tail that could be the start of `<tool_call>`.
-                    let keep = partial_prefix_len(&self.held, OPEN);
-                    let cut = self.held.len() - keep;
-                    if cut > 0 {
-                        pieces.push(StreamPiece::Content(self.held[..cut].to_string()));
-                        self.held.drain(..cut);
-                    }
-                    return pieces;
-                }
-            }
-        }
-    }
-
-    fn drain_llama(&mut self) -> Vec<StreamPiece> {
-        let trimmed = self.held.trim_start();
-        if trimmed.is_empty() {
-            return Vec::new();
-        }
-        let whole = *self.whole_answer.get_or_insert_with(|| {
-            trimmed.starts_with('{') || PYTHON_TAG.starts_with(trimmed) || trimmed.starts_with(PYTHON_TAG)
-        });
-        if whole {
-            return Vec::new();
-        }
-        vec![StreamPiece::Content(std::mem::take(&mut self.held))]
-    }
-}
-
-/// The length of the longest tail of `text` that begins `pattern` (but is not all of it).
-fn partial_prefix_len(text: &str, pattern: &str) -> usize {
-    (1..pattern.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && pattern.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn declared() -> Vec<String> {
+        vec!["get_weather".into()]
+    }
 
     fn weather() -> ToolDefinition {
         ToolDefinition {
@@ -298,29 +259,29 @@ mod tests {
     #[test]
     fn hermes_calls_are_parsed_out_of_the_text() {
         let text = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
-        let (content, calls) = parse(ToolSyntax::Hermes, text);
+        let (content, calls) = parse(ToolSyntax::Hermes, &declared(), text);
         assert_eq!(content, "Let me look.");
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0], ParsedCall { name: "get_weather".into(), arguments: r#"{"city":"Paris"}"#.into() });
         assert_eq!(calls[1].arguments, r#"{"city":"Oslo"}"#);
-        let (content, calls) = parse(ToolSyntax::Hermes, "<tool_call>\nnot json\n</tool_call> and text");
+        let (content, calls) = parse(ToolSyntax::Hermes, &declared(), "<tool_call>\nnot json\n</tool_call> and text");
         assert!(calls.is_empty());
         assert_eq!(content, "<tool_call>\nnot json\n</tool_call> and text");
     }
 
     #[test]
     fn llama_calls_are_the_whole_answer() {
-        let (content, calls) = parse(ToolSyntax::Llama31Json, "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Rome\"}}");
+        let (content, calls) = parse(ToolSyntax::Llama31Json, &declared(), "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Rome\"}}");
         assert_eq!(content, "");
         assert_eq!(calls, vec![ParsedCall { name: "get_weather".into(), arguments: r#"{"city":"Rome"}"#.into() }]);
-        assert_eq!(parse(ToolSyntax::Llama31Json, "It is sunny.").0, "It is sunny.");
+        assert_eq!(parse(ToolSyntax::Llama31Json, &declared(), "It is sunny.").0, "It is sunny.");
         assert_eq!(ToolSyntax::of_template("{{ '<|python_tag|>' }}"), ToolSyntax::Llama31Json);
         assert_eq!(ToolSyntax::of_template("<tool_call>\n{\"name\": ..., \"parameters\"}"), ToolSyntax::Hermes);
     }
 
     #[test]
     fn a_stream_holds_back_only_what_may_be_a_call() {
-        let mut stream = CallStream::new(ToolSyntax::Hermes);
+        let mut stream = CallStream::new(ToolSyntax::Hermes, declared());
         let mut pieces = Vec::new();
         let answer = "Sure. <tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}\n</tool_call> done <tool";
         for chunk in answer.as_bytes().chunks(3) {
