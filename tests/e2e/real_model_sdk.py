@@ -139,6 +139,8 @@ def is_weather_call_for_tokyo(call):
 
 @section("1. chat")
 def _():
+    models = [m.id for m in client.models.list().data]
+    check("models list has the served model", model in models, models)
     answer = chat(user("What is the capital of France? Answer in one sentence."))
     text = answer.choices[0].message.content or ""
     print(f"   answer: {text!r}")
