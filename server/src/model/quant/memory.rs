@@ -76,6 +76,13 @@ impl TileMemory {
         unsafe { std::slice::from_raw_parts(self.allocation.start.as_ptr().add(self.offset), self.len) }
     }
 
+    /// The bytes as words, for code that streams them (the start is cache-line aligned).
+    pub(crate) fn words(&self) -> &[u64] {
+        // SAFETY: any bytes are a valid u64; the allocation starts on a huge page and `offset`
+        // on a cache line, so the words are aligned, and `len / 8` of them lie in the range.
+        unsafe { std::slice::from_raw_parts(self.bytes().as_ptr().cast::<u64>(), self.len / 8) }
+    }
+
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`; no other TileMemory overlaps this range, and self is borrowed
         // uniquely.
