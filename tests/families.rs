@@ -1,5 +1,5 @@
 //! Every supported family against llama.cpp, on the small random-weight models of
-//! `../shared/testdata/families/` (real tokenizers and chat templates, quantized by llama.cpp;
+//! `data/families/` (real tokenizers and chat templates, quantized by llama.cpp;
 //! tolerances calibrated in that folder's README), and the engine's features on each of them:
 //! batching, LoRA and its composition, and QLoRA training.
 
@@ -7,13 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use serde::Deserialize;
 use tessera::chat_template::Turn;
 use tessera::dataset::{Conversation, Message};
-use tessera::generate::{generate, prefill, GenerateParams};
+use tessera::generate::prefill;
 use tessera::model::decoder::SequenceChunk;
 use tessera::model::{KvCache, LogitsFor};
-use tessera::sampler::SamplingParams;
 use tessera::train::data::example;
 use tessera::train::decoder::{Example, Trainable};
 use tessera::train::lora::{LoraParams, LoraSpec};
@@ -23,18 +21,12 @@ use tessera::LoadedModel;
 use tessera_adapters::peft::PeftAdapter;
 use tessera_adapters::{AdapterMix, TargetModule};
 use tessera::train::job::{Hyperparameters, TuningSettings};
-use tessera_tests::{http, teacher_forced_errors_on, wait_for_job, Step, TokenizerCase};
+use tessera_tests::{data_dir, http, wait_for_job, LlamaCppReferences};
 
 const FAMILIES: [&str; 4] = ["llama3-tiny", "qwen2-tiny", "qwen3-tiny", "llama-spm-tiny"];
-/// Greedy choices agree up to the first divergence wherever the reference leads by this much.
-const GREEDY_MARGIN: f32 = 0.4;
-const MAX_LOGPROB_ERROR: f32 = 0.8;
-const MAX_MEAN_LOGPROB_ERROR: f32 = 0.2;
 
 fn families_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/families");
-    assert!(dir.is_dir(), "reference models not found at {}", dir.display());
-    dir
+    data_dir("families")
 }
 
 fn load(name: &str) -> Arc<LoadedModel> {
@@ -42,57 +34,14 @@ fn load(name: &str) -> Arc<LoadedModel> {
     Arc::new(LoadedModel::load(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display())))
 }
 
-#[derive(Debug, Deserialize)]
-struct References {
-    tokenizer: Vec<TokenizerCase>,
-    generation: Vec<GenerationCase>,
-    chat: Vec<ChatCase>,
-}
-
-#[derive(Debug, Deserialize)]
-struct GenerationCase {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    steps: Vec<Step>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatCase {
-    messages: Vec<Message>,
-    add_generation_prompt: bool,
-    prompt_text: String,
-    prompt_ids: Vec<u32>,
-    steps: Vec<Step>,
-}
-
-fn references(name: &str) -> References {
-    let path = families_dir().join(format!("{name}.refs.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
-
-/// Every (label, prompt ids, reference steps) of a file: its generations and its chat cases.
-fn scored_cases(refs: &References) -> Vec<(String, &[u32], &[Step])> {
-    let generations = refs.generation.iter().map(|c| (format!("{:?}", c.prompt), &c.prompt_ids[..], &c.steps[..]));
-    let chats = refs.chat.iter().map(|c| (format!("chat {:?}", c.prompt_text), &c.prompt_ids[..], &c.steps[..]));
-    generations.chain(chats).collect()
+fn references(name: &str) -> LlamaCppReferences {
+    LlamaCppReferences::load(&families_dir().join(format!("{name}.refs.json")))
 }
 
 #[test]
 fn tokenization_is_exactly_llama_cpps() {
     for name in FAMILIES {
-        let model = load(name);
-        let refs = references(name);
-        for case in &refs.tokenizer {
-            let plain = model.tokenizer.encode(&case.text, false, false).unwrap();
-            assert_eq!(plain, case.ids, "{name}: {:?} without BOS or special tokens", case.text);
-            let special = model.tokenizer.encode(&case.text, true, true).unwrap();
-            assert_eq!(special, case.ids_with_bos_and_special, "{name}: {:?} with BOS and special tokens", case.text);
-        }
-        for case in &refs.generation {
-            assert_eq!(model.tokenizer.encode(&case.prompt, true, true).unwrap(), case.prompt_ids, "{name}: {:?}", case.prompt);
-        }
-        eprintln!("{name}: {} tokenizer cases exact", refs.tokenizer.len());
+        references(name).check_tokenizer(name, &load(name));
     }
     // Every token that ends a turn stops chat generation.
     for (name, ends) in [("llama3-tiny", &["<|eot_id|>", "<|end_of_text|>"][..]), ("qwen2-tiny", &["<|im_end|>", "<|endoftext|>"]), ("llama-spm-tiny", &["</s>"])] {
@@ -122,52 +71,15 @@ fn a_template_file_overrides_the_models_and_a_model_without_one_gets_chatml() {
 
 #[test]
 fn greedy_decoding_follows_llama_cpp_where_it_is_decisive() {
-    let none = AdapterMix::default();
     for name in FAMILIES {
-        let model = load(name);
-        let refs = references(name);
-        for (label, prompt_ids, steps) in scored_cases(&refs) {
-            let params = GenerateParams {
-                max_tokens: steps.len(),
-                sampling: SamplingParams::default(),
-                top_logprobs: 0,
-                stop_ids: Vec::new(),
-            };
-            let out = generate(&model.model, prompt_ids, &params, &none, |_| {}).unwrap();
-            let first_divergence = out.token_ids.iter().zip(steps).position(|(ours, step)| *ours != step.token);
-            if let Some(i) = first_divergence {
-                let margin = steps[i].margin();
-                assert!(
-                    margin < GREEDY_MARGIN,
-                    "{name} {label}: step {i} chose {} but llama.cpp chose {} with a margin of {margin:.3}",
-                    out.token_ids[i],
-                    steps[i].token
-                );
-            }
-            eprintln!("{name} {label}: {}", first_divergence.map_or("all agree".into(), |i| format!("first divergence at step {i}")));
-        }
+        references(name).check_greedy(name, &load(name));
     }
 }
 
 #[test]
 fn teacher_forced_logprobs_are_within_tolerance() {
-    let none = AdapterMix::default();
     for name in FAMILIES {
-        let model = load(name);
-        let refs = references(name);
-        let (mut worst_step, mut worst_mean) = (0f32, 0f32);
-        for (label, prompt_ids, steps) in scored_cases(&refs) {
-            let errors = teacher_forced_errors_on(&model.model, prompt_ids, steps, &none);
-            let max = errors.iter().copied().fold(0f32, f32::max);
-            let mean = errors.iter().sum::<f32>() / errors.len() as f32;
-            assert!(
-                max <= MAX_LOGPROB_ERROR && mean <= MAX_MEAN_LOGPROB_ERROR,
-                "{name} {label}: max error {max:.3} (limit {MAX_LOGPROB_ERROR}), mean {mean:.3} (limit {MAX_MEAN_LOGPROB_ERROR}); per step {errors:?}"
-            );
-            worst_step = worst_step.max(max);
-            worst_mean = worst_mean.max(mean);
-        }
-        eprintln!("{name}: worst step {worst_step:.4}, worst case mean {worst_mean:.4}");
+        references(name).check_teacher_forced(name, &load(name));
     }
 }
 
@@ -197,19 +109,16 @@ async fn chat_templates_render_llama_cpps_prompts() {
     for name in FAMILIES {
         let model = load(name);
         let refs = references(name);
-        let router = app(model.clone(), None);
+        refs.check_chat_templates(name, &model);
+        // The server renders and tokenizes conversations the same way.
+        let router = app(model, None);
         for case in &refs.chat {
-            let turns: Vec<Turn> = case.messages.iter().map(|m| Turn { role: &m.role, text: m.content.clone(), ..Default::default() }).collect();
-            let text = model.chat.render(&turns, case.add_generation_prompt).unwrap();
-            assert_eq!(text, case.prompt_text, "{name}: {:?}", case.messages);
-            assert_eq!(model.tokenizer.encode(&text, true, true).unwrap(), case.prompt_ids, "{name}: {:?}", case.messages);
             let body = serde_json::json!({"model": "family", "messages": case.messages, "add_generation_prompt": case.add_generation_prompt});
             let (status, answer) = http(&router, "POST", "/tokenize", Some(body.to_string())).await;
             assert_eq!(status, axum::http::StatusCode::OK, "{name}: {answer}");
             let ids: Vec<u32> = serde_json::from_value(answer["tokens"].clone()).unwrap();
             assert_eq!(ids, case.prompt_ids, "{name}: POST /tokenize with {:?}", case.messages);
         }
-        eprintln!("{name}: {} chat cases rendered as llama.cpp renders them", refs.chat.len());
     }
 }
 

@@ -1,5 +1,5 @@
 //! The Gemma 3 forward pass against llama.cpp's greedy generations and top-5 logprobs, with the
-//! tolerances calibrated in `../shared/testdata/gemma-3-270m/README.md`.
+//! tolerances calibrated in `data/gemma-3-270m/README.md`.
 
 use tessera::generate::{generate, GenerateParams};
 use tessera::sampler::SamplingParams;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tessera::api::{PluginsConfig, TuningConfig};
 use tessera::train::job::TuningSettings;
 use tessera_plugin_intent::LABELS;
-use tessera_tests::{app_on, clinc, http, install_plugins, real_app, real_app_with, REAL_MODEL_ID};
+use tessera_tests::{app_on, clinc, data_dir, http, install_plugins, real_app, real_app_with, REAL_MODEL_ID};
 
 /// Objects in objects, an array of objects, enums, bounded integers, booleans, required fields.
 fn task_schema() -> Value {
@@ -159,7 +159,7 @@ async fn guided_choice_holds_the_intent_plugin_to_its_labels() {
 }
 
 fn families_model(name: &str) -> Arc<tessera::LoadedModel> {
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/families").join(format!("{name}.gguf"));
+    let path = data_dir("families").join(format!("{name}.gguf"));
     Arc::new(tessera::LoadedModel::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
@@ -221,7 +221,7 @@ async fn a_llama_31_style_template_gets_json_calls_with_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("llama-3.1-style.jinja");
     std::fs::write(&template, LLAMA_31_STYLE).unwrap();
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/families/llama3-tiny.gguf");
+    let path = data_dir("families").join("llama3-tiny.gguf");
     let options = tessera::LoadOptions { chat_template: Some(template), ..Default::default() };
     let model = Arc::new(tessera::LoadedModel::load_with(&path, &options).unwrap());
     assert!(model.chat.renders_tools());
