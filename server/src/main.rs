@@ -607,6 +607,9 @@ fn main() -> Result<()> {
             let isa = kernels.isa().name();
             let cpu = format!("{} ({isa} kernels)", tessera::bench::compare::cpu_model());
             eprintln!("benchmarking {} on {threads} threads of {cpu}, {runs} runs each…", path.display());
+            // Measured first, while memory is unfragmented: the probe's buffers need huge pages
+            // as the weights have them.
+            let bandwidth = tessera::bench::bound::read_bandwidth(threads, 5);
             let decodes: Vec<(&str, f64)> = match compare_llama_bench {
                 Some(llama_bench) => {
                     let rows = tessera::bench::compare::run(&path, &options, runs, decode_tokens, threads, &llama_bench)?;
@@ -623,7 +626,6 @@ fn main() -> Result<()> {
                 }
             };
             let bytes = tessera::bench::bound::weight_bytes_per_token(&path)?;
-            let bandwidth = tessera::bench::bound::read_bandwidth(threads, 5);
             print!("\n{}", tessera::bench::bound::describe(bytes, bandwidth, threads, &decodes));
         }
     }
