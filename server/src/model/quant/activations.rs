@@ -117,6 +117,48 @@ impl QuantizedRows {
     }
 }
 
+/// What the kernels that read the weight planes in place take of row `row` around value t.
+/// Unchecked: they run once per 4 values.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl QuantizedRows {
+    /// Codes t..t + 4 as one 32-bit word.
+    ///
+    /// # Safety
+    /// `row < rows`, `t + 4 ≤ k`.
+    #[inline(always)]
+    pub(crate) unsafe fn four(&self, row: usize, t: usize) -> i32 {
+        std::ptr::read_unaligned(self.q.as_ptr().add(row * self.k + t) as *const i32)
+    }
+
+    /// dx of t's block.
+    ///
+    /// # Safety
+    /// `row < rows`, `t < k`.
+    #[inline(always)]
+    pub(crate) unsafe fn dx(&self, row: usize, t: usize) -> f32 {
+        *self.scale.get_unchecked((row * self.k + t) / BLOCK)
+    }
+
+    /// Σ qx over t..t + len.
+    ///
+    /// # Safety
+    /// `row < rows`, `t + len ≤ k`, both multiples of 16.
+    #[inline(always)]
+    pub(crate) unsafe fn run_sum(&self, row: usize, t: usize, len: usize) -> i32 {
+        let first = (row * self.k + t) / RUN;
+        (first..first + len / RUN).map(|run| *self.run_sum.get_unchecked(run)).sum()
+    }
+
+    /// dx·Σ qx over t's block.
+    ///
+    /// # Safety
+    /// `row < rows`, `t < k`.
+    #[inline(always)]
+    pub(crate) unsafe fn block_sum(&self, row: usize, t: usize) -> f32 {
+        *self.block_sum.get_unchecked((row * self.k + t) / BLOCK)
+    }
+}
+
 /// A pointer to rows being quantized by several threads, each into its own rows.
 struct SharedRows(*mut QuantizedRows);
 

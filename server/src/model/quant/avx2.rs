@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::layout::{dequantize as dequantize_with, HalfToSingle, Planes, GROUP_BYTES};
-use super::{Chunk, Scratch, Format, QuantizedRows, Unit, BLOCK, TILE_ROWS};
+use super::{Chunk, Scratch, Format, QuantizedRows, Unit, BLOCK, CHUNK, FUSED_ROWS, TILE_ROWS};
 
 const LANES: usize = 8;
 /// Activation rows per pass: 16 registers hold 4 rows' sums and integer sums, and the operands.
@@ -37,11 +37,18 @@ pub(super) fn supported() -> bool {
 /// The CPU must pass [`supported`]; the unit's output must be its own.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn run(unit: &Unit, scratch: &mut Scratch) {
-    match unit.weight.format {
-        Format::Q8_0 => run_format::<32, false, true>(unit, scratch),
-        Format::Q5_0 => run_format::<32, false, false>(unit, scratch),
-        Format::Q4K => run_format::<32, true, false>(unit, scratch),
-        Format::Q6K => run_format::<16, false, false>(unit, scratch),
+    const _: () = assert!(FUSED_ROWS == 4, "in_place is made for 1 to 4 rows");
+    match unit.rows.len() {
+        1 => in_place::<1>(unit),
+        2 => in_place::<2>(unit),
+        3 => in_place::<3>(unit),
+        4 => in_place::<4>(unit),
+        _ => match unit.weight.format {
+            Format::Q8_0 => run_format::<32, false, true>(unit, scratch),
+            Format::Q5_0 => run_format::<32, false, false>(unit, scratch),
+            Format::Q4K => run_format::<32, true, false>(unit, scratch),
+            Format::Q6K => run_format::<16, false, false>(unit, scratch),
+        },
     }
 }
 
@@ -71,13 +78,23 @@ unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(uni
             }
         }
     });
-    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(unit.lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    let mask_high = _mm256_cmpgt_epi32(_mm256_set1_epi32(unit.lanes as i32), _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
     for (i, sums) in acc.iter().enumerate() {
-        let out = unit.output(i);
-        _mm256_maskstore_ps(out, mask, _mm256_loadu_ps(sums.as_ptr()));
-        _mm256_maskstore_ps(out.add(LANES), mask_high, _mm256_loadu_ps(sums.as_ptr().add(LANES)));
+        store(unit, i, [_mm256_loadu_ps(sums.as_ptr()), _mm256_loadu_ps(sums.as_ptr().add(LANES))]);
     }
+}
+
+/// Row i's two halves of sums into the unit's `lanes` outputs.
+///
+/// # Safety
+/// `i < unit.rows.len()`; the unit's output must be its own.
+#[inline(always)]
+unsafe fn store(unit: &Unit, i: usize, halves: [__m256; 2]) {
+    let lanes = _mm256_set1_epi32(unit.lanes as i32);
+    let mask = _mm256_cmpgt_epi32(lanes, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    let mask_high = _mm256_cmpgt_epi32(lanes, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
+    let out = unit.output(i);
+    _mm256_maskstore_ps(out, mask, halves[0]);
+    _mm256_maskstore_ps(out.add(LANES), mask_high, halves[1]);
 }
 
 /// Σ of 4 products per 32-bit lane: unsigned codes `w` times the 4 signed activations `x`.
@@ -144,4 +161,184 @@ unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool, const SIGNED:
         _mm256_storeu_ps(acc[r].as_mut_ptr().add(lanes), *sum);
     }
     R
+}
+
+/// Up to `FUSED_ROWS` activation rows against the unit's tile row, its planes read in place,
+/// half a tile row (8 weight rows) at a time: each block's codes and scales are made in
+/// registers as `layout::decode` makes them, then go through `pass`'s integer sums and float
+/// steps in its order, so they give its bits.
+///
+/// # Safety
+/// The CPU must pass [`supported`]; the unit's output must be its own.
+#[inline(always)]
+unsafe fn in_place<const R: usize>(unit: &Unit) {
+    let weight = unit.weight;
+    let bytes = weight.tile_row(unit.tile_row).as_ptr();
+    let x = Rows::<R> { x: unit.x, first: unit.rows.start };
+    let mut sums = [[_mm256_setzero_ps(); R]; 2];
+    unit.each_chunk(|t0, len| {
+        for (half, sums) in sums.iter_mut().enumerate() {
+            let tile = Tile { bytes, planes: &weight.planes, half };
+            match weight.format {
+                Format::Q8_0 => q8_0(&tile, &x, t0, len, sums),
+                Format::Q5_0 => q5_0(&tile, &x, t0, len, sums),
+                Format::Q4K => q4_k(&tile, &x, t0, len, sums),
+                Format::Q6K => q6_k(&tile, &x, t0, len, sums),
+            }
+        }
+    });
+    let [low, high] = sums;
+    for (i, (low, high)) in low.into_iter().zip(high).enumerate() {
+        store(unit, i, [low, high]);
+    }
+}
+
+/// Q8_0 values t0..t0 + len: codes used as they are (signed, see the module), d per 32.
+#[inline(always)]
+unsafe fn q8_0<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, sums: &mut [__m256; R]) {
+    for t in (t0..t0 + len).step_by(BLOCK) {
+        let codes: [__m256i; BLOCK / 4] = std::array::from_fn(|g| tile.load(tile.planes.bytes(t + 4 * g)));
+        sub_block::<R, 0, true>(sums, x, t, &codes, tile.halves(tile.planes.d(t, BLOCK)));
+    }
+}
+
+/// Q5_0 values t0..t0 + len: 4-bit codes and their fifth bits, d per 32.
+#[inline(always)]
+unsafe fn q5_0<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, sums: &mut [__m256; R]) {
+    for t in (t0..t0 + len).step_by(BLOCK) {
+        let mut codes = tile.nibbles::<{ BLOCK / 4 }>(t);
+        with_high_bits::<1>(&mut codes, tile.load(tile.planes.high(t, BLOCK)));
+        sub_block::<R, { Format::Q5_0.zero() }, false>(sums, x, t, &codes, tile.halves(tile.planes.d(t, BLOCK)));
+    }
+}
+
+/// Q4_K values t0..t0 + len (one superblock): 4-bit codes, scale d·sc and minimum dmin·m per 32.
+#[inline(always)]
+unsafe fn q4_k<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, sums: &mut [__m256; R]) {
+    let (d, dmin) = (tile.halves(tile.planes.d(t0, CHUNK)), tile.halves(tile.planes.dmin(t0)));
+    for t in (t0..t0 + len).step_by(BLOCK) {
+        let scale = _mm256_mul_ps(d, tile.unsigned(tile.planes.sc(t, BLOCK)));
+        sub_block::<R, { Format::Q4K.zero() }, false>(sums, x, t, &tile.nibbles::<{ BLOCK / 4 }>(t), scale);
+        let min = _mm256_mul_ps(dmin, tile.unsigned(tile.planes.m(t)));
+        for (r, sum) in sums.iter_mut().enumerate() {
+            *sum = _mm256_fnmadd_ps(min, x.block_sum(r, t), *sum);
+        }
+    }
+}
+
+/// Q6_K values t0..t0 + len (one superblock): 4-bit codes and their two high bits, scale d·sc
+/// per 16.
+#[inline(always)]
+unsafe fn q6_k<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, sums: &mut [__m256; R]) {
+    const RUN: usize = 16;
+    let d = tile.halves(tile.planes.d(t0, CHUNK));
+    for t in (t0..t0 + len).step_by(RUN) {
+        let mut codes = tile.nibbles::<{ RUN / 4 }>(t);
+        with_high_bits::<2>(&mut codes, tile.load(tile.planes.high(t, RUN)));
+        let scale = _mm256_mul_ps(d, tile.signed(tile.planes.sc(t, RUN)));
+        sub_block::<R, { Format::Q6K.zero() }, false>(sums, x, t, &codes, scale);
+    }
+}
+
+/// One sub-block, values t..t + 4·codes.len(), of each row: isum = −ZERO·Σ qx + Σ u·qx, then
+/// sum += isum·(scale·dx), as `pass` adds it.
+#[inline(always)]
+unsafe fn sub_block<const R: usize, const ZERO: i32, const SIGNED: bool>(sums: &mut [__m256; R], x: &Rows<R>, t: usize, codes: &[__m256i], scale: __m256) {
+    for (r, sum) in sums.iter_mut().enumerate() {
+        let mut isum = _mm256_set1_epi32(-ZERO * x.run_sum(r, t, 4 * codes.len()));
+        for (g, &w) in codes.iter().enumerate() {
+            isum = _mm256_add_epi32(isum, dot4::<SIGNED>(w, x.four(r, t + 4 * g)));
+        }
+        *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scale, x.dx(r, t)), *sum);
+    }
+}
+
+/// ORs into bit 4 of each group's codes its high bits: `WIDTH` bits per group of 4 values,
+/// group i's at bits WIDTH·i.. of each byte (see `layout`).
+#[inline(always)]
+unsafe fn with_high_bits<const WIDTH: usize>(codes: &mut [__m256i], high: __m256i) {
+    let mask = _mm256_set1_epi8((((1 << WIDTH) - 1) << 4) as i8);
+    for (i, code) in codes.iter_mut().enumerate() {
+        // A 16-bit shift moves both bytes' bits alike, none lost over at most 4 places.
+        let from = WIDTH * i;
+        let bits = if from <= 4 {
+            _mm256_sll_epi16(high, _mm_cvtsi32_si128((4 - from) as i32))
+        } else {
+            _mm256_srl_epi16(high, _mm_cvtsi32_si128((from - 4) as i32))
+        };
+        *code = _mm256_or_si256(*code, _mm256_and_si256(bits, mask));
+    }
+}
+
+/// Half a tile row's planes (weight rows 8·half..), read in place.
+struct Tile<'a> {
+    bytes: *const u8,
+    planes: &'a Planes,
+    half: usize,
+}
+
+/// Loads at offsets the planes give (`Planes::bytes` and the like), within the tile row.
+impl Tile<'_> {
+    #[inline(always)]
+    unsafe fn load(&self, offset: usize) -> __m256i {
+        _mm256_loadu_si256(self.bytes.add(offset + self.half * GROUP_BYTES / 2) as *const __m256i)
+    }
+
+    /// The codes of N groups of 4 values from t on, in a 4-bit plane: each 64-byte group's low
+    /// nibbles are values t..t + 4, its high nibbles t + 4..t + 8.
+    #[inline(always)]
+    unsafe fn nibbles<const N: usize>(&self, t: usize) -> [__m256i; N] {
+        let low = _mm256_set1_epi8(0x0F);
+        std::array::from_fn(|g| {
+            let packed = self.load(self.planes.nibbles(t + g / 2 * 8));
+            _mm256_and_si256(if g % 2 == 0 { packed } else { _mm256_srli_epi16::<4>(packed) }, low)
+        })
+    }
+
+    /// The half's 8 lanes of f16.
+    #[inline(always)]
+    unsafe fn halves(&self, offset: usize) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(self.bytes.add(offset + self.half * 2 * LANES) as *const __m128i))
+    }
+
+    /// The half's 8 lanes of u8.
+    #[inline(always)]
+    unsafe fn unsigned(&self, offset: usize) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(self.bytes.add(offset + self.half * LANES) as *const __m128i)))
+    }
+
+    /// The half's 8 lanes of i8.
+    #[inline(always)]
+    unsafe fn signed(&self, offset: usize) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(self.bytes.add(offset + self.half * LANES) as *const __m128i)))
+    }
+}
+
+/// The unit's R activation rows, `first` on.
+struct Rows<'a, const R: usize> {
+    x: &'a QuantizedRows,
+    first: usize,
+}
+
+impl<const R: usize> Rows<'_, R> {
+    #[inline(always)]
+    unsafe fn dx(&self, r: usize, t: usize) -> __m256 {
+        _mm256_set1_ps(self.x.dx(self.first + r, t))
+    }
+
+    #[inline(always)]
+    unsafe fn block_sum(&self, r: usize, t: usize) -> __m256 {
+        _mm256_set1_ps(self.x.block_sum(self.first + r, t))
+    }
+
+    /// Row r's codes t..t + 4 in every 32-bit lane.
+    #[inline(always)]
+    unsafe fn four(&self, r: usize, t: usize) -> __m256i {
+        _mm256_set1_epi32(self.x.four(self.first + r, t))
+    }
+
+    #[inline(always)]
+    unsafe fn run_sum(&self, r: usize, t: usize, len: usize) -> i32 {
+        self.x.run_sum(self.first + r, t, len)
+    }
 }

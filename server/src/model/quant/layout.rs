@@ -75,7 +75,7 @@ impl Format {
 
     /// The code that stands for zero: the kernels start each sub-block's integer sum at
     /// −zero·Σ qx.
-    pub(crate) fn zero(self) -> i32 {
+    pub(crate) const fn zero(self) -> i32 {
         match self {
             Format::Q8_0 => 128,
             Format::Q5_0 => 16,
@@ -152,6 +152,45 @@ impl Planes {
             }
         };
         Planes { tile_row_bytes: at, ..planes }
+    }
+}
+
+/// Where, in a tile row, the kernels that read the planes in place find what value t needs.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl Planes {
+    /// Q8_0's group of codes t..t + 4.
+    pub(crate) fn bytes(&self, t: usize) -> usize {
+        self.low + t * TILE_ROWS
+    }
+
+    /// The 4-bit group of values t..t + 8 (t a multiple of 8).
+    pub(crate) fn nibbles(&self, t: usize) -> usize {
+        self.low + t * TILE_ROWS / 2
+    }
+
+    /// The group of high bits (Q5_0, `per` 32) or bit pairs (Q6_K, `per` 16) of t's run.
+    pub(crate) fn high(&self, t: usize, per: usize) -> usize {
+        self.high + t / per * GROUP_BYTES
+    }
+
+    /// The 16 lanes' f16 d of t's block (`per` 32) or superblock (`per` 256).
+    pub(crate) fn d(&self, t: usize, per: usize) -> usize {
+        self.d + t / per * 2 * TILE_ROWS
+    }
+
+    /// Q4_K's 16 f16 dmin of t's superblock.
+    pub(crate) fn dmin(&self, t: usize) -> usize {
+        self.dmin + t / CHUNK * 2 * TILE_ROWS
+    }
+
+    /// The 16 sc of t's block (Q4_K, `per` 32) or run of 16 (Q6_K).
+    pub(crate) fn sc(&self, t: usize, per: usize) -> usize {
+        self.sc + t / per * TILE_ROWS
+    }
+
+    /// Q4_K's 16 m of t's block.
+    pub(crate) fn m(&self, t: usize) -> usize {
+        self.m + t / BLOCK * TILE_ROWS
     }
 }
 

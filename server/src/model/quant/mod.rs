@@ -6,7 +6,9 @@
 //!
 //! with the inner sums exact in 32-bit integers. The weights stay at their file's bits per
 //! weight, re-tiled in rows of 16 (`layout`); a tile row is decoded to bytes 256 values at a
-//! time into a scratch that stays in L1, and up to 64 activation rows pass over it.
+//! time into a scratch that stays in L1, and up to 64 activation rows pass over it. Up to 4 rows
+//! (decode, small batches) skip the scratch: each block's codes and scales are made in
+//! registers straight from the planes, as the decoding makes them.
 //!
 //! Kernels: AVX-512 VNNI, AVX2, and plain Rust, chosen at run time. Integer sums are exact in
 //! any order, and every kernel then applies the same float operations per lane in the same
@@ -44,6 +46,10 @@ const ROWS_PER_PASS: usize = 8;
 const ROW_GROUP: usize = 64;
 /// Units with at least this many rows spread their prefetches over each chunk's blocks.
 const SPREAD_ROWS: usize = 8;
+/// Units with at most this many rows multiply the planes in place, without decoding: so few
+/// rows share a decoded chunk that writing it and reading it back costs more than their
+/// products (one-stream decode spent most of its time there, far below the memory bandwidth).
+const FUSED_ROWS: usize = 4;
 /// How many tile rows ahead a unit's prefetches run. One ahead left a one-stream decode on a
 /// 2-core EPYC (Zen 4) 4 % slower, its requests still in flight when the next row began; on a
 /// Xeon the two measured alike.
@@ -164,12 +170,10 @@ impl Unit<'_> {
         // the share is spread over the chunk's blocks (`Chunk::prefetch_share`): asked at once
         // it fills the line-fill buffers and stalls work that could go on.
         let next = self.ahead.as_ptr();
-        let lines = self.ahead.len() / 64;
-        let chunks = weight.k.div_ceil(CHUNK);
         for (c, t0) in (0..weight.k).step_by(CHUNK).enumerate() {
             let len = CHUNK.min(weight.k - t0);
             let view = layout::decode::<H>(weight.format, &weight.planes, tile_row, t0, len, decoded);
-            let share = lines * c / chunks..lines * (c + 1) / chunks;
+            let share = self.ahead_share(c);
             let ahead = if self.rows.len() < SPREAD_ROWS {
                 prefetch_lines(next, share);
                 0..0
@@ -180,6 +184,29 @@ impl Unit<'_> {
             passes(&chunk, acc);
         }
         acc
+    }
+}
+
+impl Unit<'_> {
+    /// Walks the unit's tile row 256 values at a time for the kernels that read its planes in
+    /// place (`FUSED_ROWS`), handing on each chunk's first value and length after asking for the
+    /// chunk's share of the tile row ahead, as `accumulate` does for few rows.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn each_chunk(&self, mut chunk: impl FnMut(usize, usize)) {
+        let k = self.weight.k;
+        for (c, t0) in (0..k).step_by(CHUNK).enumerate() {
+            prefetch_lines(self.ahead.as_ptr(), self.ahead_share(c));
+            chunk(t0, CHUNK.min(k - t0));
+        }
+    }
+
+    /// The lines of the tile row ahead to ask for with chunk `c`: an equal share per chunk.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn ahead_share(&self, c: usize) -> Range<usize> {
+        let (lines, chunks) = (self.ahead.len() / 64, self.weight.k.div_ceil(CHUNK));
+        lines * c / chunks..lines * (c + 1) / chunks
     }
 }
 

@@ -109,6 +109,38 @@ fn every_kernel_computes_the_product_of_the_quantized_operands_bit_for_bit_alike
     }
 }
 
+/// Up to `FUSED_ROWS` activation rows are multiplied from the planes in place; they give the
+/// portable kernel's bits, and those of the same rows in a batch whose first row group
+/// decodes, over k of several 256-value chunks (a partial one for Q8_0 and Q5_0) and a partial
+/// last tile row. The batch's last rows, a unit of their own, go in place from row 64 on.
+#[test]
+fn few_rows_multiplied_in_place_give_the_bits_of_the_decoding_kernels() {
+    let n = 37;
+    for (dtype, format) in FORMATS {
+        let k = if format.file_block().0 == CHUNK { 1280 } else { 1248 };
+        let (bytes, _) = quantized(dtype, n, k);
+        let x = activations(ROW_GROUP + FUSED_ROWS, k);
+        let product = |isa, rows: std::ops::Range<usize>| {
+            let weight = QuantWeight::from_file(format, &bytes, n, k, isa, &TileArena::default(), |_| {}).unwrap();
+            let qx = QuantizedRows::quantize(&x[rows.start * k..rows.end * k], k, format.activation_format());
+            let mut y = vec![f32::NAN; rows.len() * n];
+            weight.matmul_rows_on_this_thread(&qx, 0..n, &mut y);
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        for m in 1..=FUSED_ROWS {
+            let (first, last) = (0..m, ROW_GROUP..ROW_GROUP + m);
+            let (portable_first, portable_last) = (product(Isa::Portable, first.clone()), product(Isa::Portable, last.clone()));
+            for isa in isas() {
+                assert_eq!(product(isa, first.clone()), portable_first, "{format:?} {isa:?}: {m} rows against the portable kernel");
+                assert_eq!(product(isa, last.clone()), portable_last, "{format:?} {isa:?}: {m} rows against the portable kernel");
+                let batch = product(isa, 0..ROW_GROUP + m);
+                assert_eq!(batch[..m * n], portable_first, "{format:?} {isa:?}: {m} rows decoded in a batch");
+                assert_eq!(batch[ROW_GROUP * n..], portable_last, "{format:?} {isa:?}: {m} rows after a row group");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_range_of_weight_rows_and_a_partial_last_tile_write_only_their_outputs() {
     let (n, k, m) = (45, 256, 3);
