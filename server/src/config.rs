@@ -33,6 +33,10 @@ pub struct ServeOptions {
     /// Longest prompt plus completion, in tokens [default and most: the model's context length].
     #[arg(long, env = "TESSERA_CTX_LEN")]
     pub ctx_len: Option<usize>,
+    /// Which vector instructions the model's kernels use: `best` for this CPU, or `avx2` or
+    /// `portable` to serve as a CPU without AVX-512 (or AVX2) would [default: best].
+    #[arg(long, value_enum, env = "TESSERA_KERNELS")]
+    pub kernels: Option<crate::model::Kernels>,
     /// Sequences decoded together in one step [default: 16].
     #[arg(long, env = "TESSERA_MAX_RUNNING_SEQS")]
     pub max_running_seqs: Option<usize>,
@@ -166,6 +170,7 @@ pub struct ServeConfig {
     pub chat_template: Option<PathBuf>,
     /// `None`: the model's own context length.
     pub ctx_len: Option<usize>,
+    pub kernels: crate::model::Kernels,
     pub max_running_seqs: usize,
     pub max_queue: usize,
     pub kv_cache_bytes: usize,
@@ -201,6 +206,7 @@ impl ServeOptions {
             served_model_name: self.served_model_name.or(other.served_model_name),
             chat_template: self.chat_template.or(other.chat_template),
             ctx_len: self.ctx_len.or(other.ctx_len),
+            kernels: self.kernels.or(other.kernels),
             max_running_seqs: self.max_running_seqs.or(other.max_running_seqs),
             max_queue: self.max_queue.or(other.max_queue),
             kv_cache_bytes: self.kv_cache_bytes.or(other.kv_cache_bytes),
@@ -264,6 +270,7 @@ impl ServeConfig {
             served_model_name: merged.served_model_name,
             chat_template: merged.chat_template,
             ctx_len: merged.ctx_len.map(|n| positive(Some(n), n, "ctx_len")).transpose()?,
+            kernels: merged.kernels.unwrap_or_default(),
             max_running_seqs: positive(merged.max_running_seqs, 16, "max_running_seqs")?,
             max_queue: positive(merged.max_queue, 64, "max_queue")?,
             kv_cache_bytes: positive(merged.kv_cache_bytes, crate::engine::default_kv_cache_bytes(), "kv_cache_bytes")?,
@@ -332,5 +339,19 @@ mod tests {
         assert_eq!(asked(1024).context_for(32_768), 1024);
         assert_eq!(asked(65_536).context_for(32_768), 32_768);
         assert!(ServeConfig::resolve(ServeOptions { ctx_len: Some(0), ..ServeOptions::default() }, None).is_err());
+    }
+
+    #[test]
+    fn the_kernels_are_the_best_unless_a_file_or_flag_names_others() {
+        use crate::model::Kernels;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tessera.toml");
+        std::fs::write(&file, "kernels = \"avx2\"\n").unwrap();
+        assert_eq!(ServeConfig::resolve(ServeOptions::default(), None).unwrap().kernels, Kernels::Best);
+        assert_eq!(ServeConfig::resolve(ServeOptions::default(), Some(&file)).unwrap().kernels, Kernels::Avx2);
+        let flag = ServeOptions { kernels: Some(Kernels::Portable), ..ServeOptions::default() };
+        assert_eq!(ServeConfig::resolve(flag, Some(&file)).unwrap().kernels, Kernels::Portable);
+        std::fs::write(&file, "kernels = \"avx1024\"\n").unwrap();
+        assert!(ServeConfig::resolve(ServeOptions::default(), Some(&file)).is_err());
     }
 }

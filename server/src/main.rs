@@ -671,8 +671,8 @@ fn serve(options: tessera::config::ServeOptions, file: Option<&std::path::Path>,
     let path = model_store::resolve_or_default(config.model.as_deref())?;
     let started = std::time::Instant::now();
     let options = tessera::LoadOptions {
+        kernels: config.kernels,
         chat_template: config.chat_template.clone(),
-        ..Default::default()
     };
     let model = std::sync::Arc::new(
         LoadedModel::load_with(&path, &options).with_context(|| format!("loading {}", path.display()))?,

@@ -21,6 +21,7 @@ use tessera_adapters::{AdapterMix, TargetModule};
 use crate::gguf::GgufFile;
 use crate::model::attention::{attend, AttentionChunk};
 use crate::model::config::{Activation, Config};
+use crate::model::embedding::MappedEmbedding;
 use crate::model::gelu::GeluTable;
 use crate::model::linear::{load_vector, Kernels, QLinear, QWeight, RowSegment};
 use crate::model::quant::TileArena;
@@ -163,11 +164,19 @@ struct SequenceLayout {
     start_pos: usize,
 }
 
+/// Where a token's embedding row is read from.
+enum TokenEmbedding {
+    /// The output projection's rows: the table every step reads whole anyway.
+    TiedToOutput,
+    /// The file's own table, read in place (see [`MappedEmbedding`]).
+    Mapped(MappedEmbedding),
+}
+
 pub struct Decoder {
     config: Config,
-    embedding: QWeight,
-    /// `output.weight` where the file has one; otherwise the embedding is tied to the output.
-    output: Option<QWeight>,
+    embedding: TokenEmbedding,
+    /// `output.weight`, or the embedding where the two are tied.
+    output: QWeight,
     blocks: Vec<Block>,
     output_norm: RmsNorm,
     /// Which RoPE frequencies each layer rotates with.
@@ -190,7 +199,7 @@ impl Decoder {
     fn report_portable_weights(&self) {
         let mut types: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
         let linears = self.blocks.iter().flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]).map(|l| &l.weight);
-        for weight in linears.chain([&self.embedding]).chain(&self.output) {
+        for weight in linears.chain([&self.output]) {
             if let Some(dtype) = weight.portable_dtype() {
                 *types.entry(format!("{dtype:?}")).or_default() += 1;
             }
@@ -207,11 +216,13 @@ impl Decoder {
     fn load_weights(gguf: &GgufFile, config: Config, kernels: Kernels) -> Result<Self, ModelError> {
         // The layers' matrices are small: shared huge-page slabs hold them (see `TileArena`).
         let arena = TileArena::default();
-        let embedding = QWeight::load(gguf, "token_embd.weight", (config.vocab, config.hidden), kernels, &arena)?;
-        let output = gguf
-            .has_tensor("output.weight")
-            .then(|| QWeight::load(gguf, "output.weight", (config.vocab, config.hidden), kernels, &arena))
-            .transpose()?;
+        let shape = (config.vocab, config.hidden);
+        let (embedding, output) = if gguf.has_tensor("output.weight") {
+            let embedding = TokenEmbedding::Mapped(MappedEmbedding::load(gguf, "token_embd.weight", shape)?);
+            (embedding, QWeight::load(gguf, "output.weight", shape, kernels, &arena)?)
+        } else {
+            (TokenEmbedding::TiedToOutput, QWeight::load(gguf, "token_embd.weight", shape, kernels, &arena)?)
+        };
         let blocks = (0..config.n_layers)
             .map(|layer| Block::load(gguf, &config, layer, kernels, &arena))
             .collect::<Result<Vec<_>, _>>()?;
@@ -222,7 +233,7 @@ impl Decoder {
             blocks,
             rope: RopePlan::new(&config),
             config,
-            gelu: GeluTable::new(),
+            gelu: GeluTable::new(kernels.isa()),
         })
     }
 
@@ -232,7 +243,7 @@ impl Decoder {
 
     /// The output projection `[vocab, hidden]`: its own matrix or the tied embedding.
     pub(crate) fn output(&self) -> &QWeight {
-        self.output.as_ref().unwrap_or(&self.embedding)
+        &self.output
     }
 
     pub(crate) fn blocks(&self) -> &[Block] {
@@ -249,7 +260,10 @@ impl Decoder {
 
     /// The embeddings of `ids`, scaled where the family scales them: `[n, hidden]`.
     pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
-        let x = self.embedding.rows(ids)?;
+        let x = match &self.embedding {
+            TokenEmbedding::TiedToOutput => self.output.rows(ids)?,
+            TokenEmbedding::Mapped(table) => table.rows(ids)?,
+        };
         Ok(match self.config.embedding_scale {
             Some(scale) => (x * scale)?,
             None => x,

@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::model::{each_row_on_workers, with_values, ModelError};
+use crate::model::quant::Isa;
 
 /// gelu_tanh(x) = ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 fn gelu_tanh(x: f32) -> f32 {
@@ -27,12 +28,13 @@ pub struct GeluTable {
 type GegluRow = fn(&GeluTable, &mut [f32], &[f32]);
 
 impl GeluTable {
-    pub fn new() -> Self {
+    /// The table, its rows computed with the widest vectors `isa` allows.
+    pub fn new(isa: Isa) -> Self {
         let n = (2.0 * RANGE * STEPS_PER_UNIT) as usize;
         let values = (0..=n + 1)
             .map(|i| gelu_tanh(i as f32 / STEPS_PER_UNIT - RANGE))
             .collect();
-        Self { values, row: Self::vectorized_row().unwrap_or(Self::geglu_row) }
+        Self { values, row: Self::vectorized_row(isa).unwrap_or(Self::geglu_row) }
     }
 
     fn gelu(&self, x: f32) -> f32 {
@@ -64,10 +66,10 @@ impl GeluTable {
         }
     }
 
-    /// [`Self::geglu_row`] in AVX-512 where the CPU has it.
-    fn vectorized_row() -> Option<GegluRow> {
+    /// [`Self::geglu_row`] in AVX-512 where the CPU has it and the model's kernels use it.
+    fn vectorized_row(isa: Isa) -> Option<GegluRow> {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
+        if isa == Isa::Avx512Vnni && is_x86_feature_detected!("avx512f") {
             return Some(|table, gate, up| {
                 // SAFETY: AVX-512F was detected just above.
                 unsafe { table.geglu_row_avx512(gate, up) }
@@ -110,19 +112,13 @@ impl GeluTable {
     }
 }
 
-impl Default for GeluTable {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn interpolated_gelu_matches_the_formula_and_is_continuous() {
-        let table = GeluTable::new();
+        let table = GeluTable::new(Isa::detect());
         let mut x = -12.0f32;
         while x < 12.0 {
             let exact = gelu_tanh(x);
@@ -141,8 +137,8 @@ mod tests {
     /// beyond it, at NaN and infinities, and in a tail shorter than a register.
     #[test]
     fn the_vector_row_gives_the_scalar_rows_bits() {
-        let table = GeluTable::new();
-        let Some(vectorized) = GeluTable::vectorized_row() else { return };
+        let table = GeluTable::new(Isa::detect());
+        let Some(vectorized) = GeluTable::vectorized_row(Isa::detect()) else { return };
         let mut gate: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) * 0.000_61 + if i % 3 == 0 { 0.000_000_7 } else { 0.0 }).collect();
         let step = 1.0 / STEPS_PER_UNIT;
         gate.extend([

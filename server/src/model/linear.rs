@@ -20,7 +20,8 @@ pub struct RowSegment<'a> {
 }
 
 /// Which matrix kernels a model uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kernels {
     /// The fastest this CPU supports.
     #[default]
