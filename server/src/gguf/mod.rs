@@ -13,6 +13,7 @@ pub mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
@@ -128,6 +129,19 @@ impl Value {
     }
 }
 
+/// A tensor's bytes in a model file's mapping, kept mapped for as long as this lives.
+pub struct MappedTensor {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl MappedTensor {
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
 /// Where one tensor lies in the file. `dims` are in row-major order (outermost first), the
 /// reverse of GGUF's `ne`, so a linear weight reads `[out_features, in_features]`.
 #[derive(Debug, Clone)]
@@ -141,7 +155,8 @@ pub struct TensorInfo {
 
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    /// Shared so that a tensor read in place ([`MappedTensor`]) outlives the file's parsing.
+    map: Arc<Mmap>,
     pub metadata: HashMap<String, Value>,
     pub tensors: HashMap<String, TensorInfo>,
 }
@@ -292,12 +307,16 @@ impl GgufFile {
         // a changed file is picked up only by loading it anew.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let (metadata, tensors) = Self::parse(path, &map)?;
-        Ok(Self {
+        let parsed = Self {
             path: path.to_path_buf(),
-            map,
+            map: Arc::new(map),
             metadata,
             tensors,
-        })
+        };
+        // The header (the tokenizer's 150k strings among it) now lives in `metadata`.
+        let data_start = parsed.tensors.values().map(|t| t.start).min().unwrap_or(parsed.map.len());
+        parsed.release_pages(0, data_start);
+        Ok(parsed)
     }
 
     #[allow(clippy::type_complexity)]
@@ -481,6 +500,12 @@ impl GgufFile {
 
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.map[info.start..info.start + info.len]
+    }
+
+    /// A tensor left in the file's mapping, to be read where it lies: its pages are read in
+    /// (and count towards the process's memory) only as they are touched.
+    pub fn mapped_tensor(&self, info: &TensorInfo) -> MappedTensor {
+        MappedTensor { map: Arc::clone(&self.map), start: info.start, len: info.len }
     }
 
     /// Gives back the memory of a tensor's pages once its bytes have been copied: the weights

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 pub mod decoder;
+pub mod embedding;
 pub mod gelu;
 pub mod kv;
 pub mod linear;
