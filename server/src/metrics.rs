@@ -128,6 +128,14 @@ impl Default for Metrics {
 }
 
 /// A `/proc/self/status` field given in kB (`VmRSS`, `VmHWM`, …), in bytes; `None` off Linux.
+/// Lowers the process's peak resident set (`VmHWM`) to what it holds now, so that memory used
+/// and given back before (a probe's buffers) does not count as a later measurement's peak; a
+/// child started afterwards starts its own peak from there too. False where the kernel does
+/// not offer it (`/proc/self/clear_refs`, Linux 4.0).
+pub fn reset_peak_resident_set() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 pub fn process_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;

@@ -48,6 +48,12 @@ pub fn read_bandwidth(threads: usize, passes: usize) -> f64 {
         std::hint::black_box(sums);
         best = best.max((threads * PROBE_BYTES_PER_THREAD) as f64 / seconds);
     }
+    // The buffers are larger than a small model: given back, they must not be its peak memory
+    // (nor, through the fork, llama-bench's).
+    drop(buffers);
+    if !crate::metrics::reset_peak_resident_set() {
+        tracing::warn!("could not reset the peak RSS after the bandwidth probe; the memory figures include its buffers");
+    }
     best
 }
 
@@ -136,5 +142,14 @@ mod tests {
         let words: Vec<u64> = (1..=1003).collect();
         assert_eq!(stream_sum(&words), 1003 * 1004 / 2);
         assert!(read_bandwidth(1, 1) > 1e8);
+    }
+
+    /// The probe streams 256 MiB a thread; a small model's peak memory, measured after it, must
+    /// not be that.
+    #[test]
+    fn the_probes_buffers_do_not_stay_in_the_peak_memory() {
+        read_bandwidth(1, 1);
+        let peak = crate::metrics::process_status_bytes("VmHWM").expect("VmHWM in /proc/self/status");
+        assert!(peak < PROBE_BYTES_PER_THREAD as u64, "peak RSS {} MiB after the probe", peak >> 20);
     }
 }
