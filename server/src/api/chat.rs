@@ -26,7 +26,7 @@ const MAX_TOP_LOGPROBS: u32 = 20;
     request_body = ChatCompletionRequest,
     responses(
         (status = 200, description = "The completion, or with `stream` a series of `chat.completion.chunk` server-sent events ending in `[DONE]`",
-            content((ChatCompletion = "application/json"), (String = "text/event-stream"))),
+            content((ChatCompletion = "application/json"), (super::types::ServerSentEvent = "text/event-stream"))),
         (status = 400, description = "Invalid parameter, or prompt plus max_tokens over the context", body = super::error::ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = super::error::ErrorResponse),
         (status = 404, description = "Unknown model", body = super::error::ErrorResponse),

@@ -28,7 +28,7 @@ const DEFAULT_MAX_TOKENS: usize = 16;
     request_body = CompletionRequest,
     responses(
         (status = 200, description = "The completion, or with `stream` a series of `text_completion` server-sent events ending in `[DONE]`",
-            content((Completion = "application/json"), (String = "text/event-stream"))),
+            content((Completion = "application/json"), (super::types::ServerSentEvent = "text/event-stream"))),
         (status = 400, description = "Invalid parameter, or prompt plus max_tokens over the context", body = super::error::ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = super::error::ErrorResponse),
         (status = 404, description = "Unknown model", body = super::error::ErrorResponse),

@@ -576,3 +576,15 @@ pub struct DownloadParams {
     /// A version of an adapter tuned online (default: the one served).
     pub version: Option<u32>,
 }
+
+/// One event of a streamed response as an event-stream parser reads it. Each `data` is a JSON
+/// chunk: `text_completion` for completions, `chat.completion.chunk` (the response's shape, with
+/// `delta` for `message`) for chat; the last event's `data` is `[DONE]`. The server names no
+/// event type, so a parser reads each as `message`, and sends no `id`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServerSentEvent {
+    pub data: String,
+    /// `message` where given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+}
