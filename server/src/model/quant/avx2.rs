@@ -44,10 +44,10 @@ pub(super) unsafe fn run(unit: &Unit, scratch: &mut Scratch) {
         3 => in_place::<3>(unit),
         4 => in_place::<4>(unit),
         _ => match unit.weight.format {
-            Format::Q8_0 => run_format::<32, false, true>(unit, scratch),
-            Format::Q5_0 => run_format::<32, false, false>(unit, scratch),
-            Format::Q4K => run_format::<32, true, false>(unit, scratch),
-            Format::Q6K => run_format::<16, false, false>(unit, scratch),
+            Format::Q8_0 => run_format::<32, false, true, 1>(unit, scratch),
+            Format::Q5_0 => run_format::<32, false, false, 4>(unit, scratch),
+            Format::Q4K => run_format::<32, true, false, 8>(unit, scratch),
+            Format::Q6K => run_format::<16, false, false, 2>(unit, scratch),
         },
     }
 }
@@ -62,7 +62,7 @@ pub(super) unsafe fn dequantize(format: Format, planes: &Planes, tile_row: &[u8]
 }
 
 #[inline(always)]
-unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(unit: &Unit, scratch: &mut Scratch) {
+unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool, const G: usize>(unit: &Unit, scratch: &mut Scratch) {
     let zero = if SIGNED { 0 } else { unit.weight.format.zero() };
     let acc = unit.accumulate::<F16c>(scratch, zero, |chunk, acc| {
         for half in 0..2 {
@@ -70,10 +70,10 @@ unsafe fn run_format<const SUB: usize, const MINS: bool, const SIGNED: bool>(uni
             while first < acc.len() {
                 let (row, sums, asks) = (unit.rows.start + first, &mut acc[first..], half == 0 && first == 0);
                 first += match sums.len().min(ROWS_PER_PASS) {
-                    4 => pass::<4, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
-                    3 => pass::<3, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
-                    2 => pass::<2, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
-                    _ => pass::<1, SUB, MINS, SIGNED>(chunk, half, unit.x, asks, row, sums),
+                    4 => pass::<4, SUB, MINS, SIGNED, G>(chunk, half, unit.x, asks, row, sums),
+                    3 => pass::<3, SUB, MINS, SIGNED, G>(chunk, half, unit.x, asks, row, sums),
+                    2 => pass::<2, SUB, MINS, SIGNED, G>(chunk, half, unit.x, asks, row, sums),
+                    _ => pass::<1, SUB, MINS, SIGNED, G>(chunk, half, unit.x, asks, row, sums),
                 };
             }
         }
@@ -97,22 +97,37 @@ unsafe fn store(unit: &Unit, i: usize, halves: [__m256; 2]) {
     _mm256_maskstore_ps(out.add(LANES), mask_high, halves[1]);
 }
 
-/// Σ of 4 products per 32-bit lane: unsigned codes `w` times the 4 signed activations `x`.
+/// Σ of 2 products per 16-bit lane: unsigned codes `w` times the signed activations `x`.
 #[inline(always)]
-unsafe fn dot4<const SIGNED: bool>(w: __m256i, x: __m256i) -> __m256i {
-    let pairs = if SIGNED {
+unsafe fn pairs<const SIGNED: bool>(w: __m256i, x: __m256i) -> __m256i {
+    if SIGNED {
         let signed = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
         _mm256_maddubs_epi16(_mm256_abs_epi8(signed), _mm256_sign_epi8(x, signed))
     } else {
         _mm256_maddubs_epi16(w, x)
-    };
-    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+}
+
+/// Σ of 4 products per 32-bit lane, over `G` groups of 4 values: `group(g)` gives group g's
+/// codes and activations. A pair is at most 2·c·128 for codes below c, so the pairs of G groups
+/// add up in 16 bits without saturating where G·2·c·128 < 2¹⁵: G = 8 for Q4_K's codes (< 16),
+/// 4 for Q5_0's (< 32), 2 for Q6_K's (< 64), 1 for Q8_0's magnitudes (≤ 128). Widening to 32
+/// bits once per G groups instead of once per group leaves every sum exact.
+#[inline(always)]
+unsafe fn dot_groups<const SIGNED: bool, const G: usize>(group: impl Fn(usize) -> (__m256i, __m256i)) -> __m256i {
+    let (w, x) = group(0);
+    let mut sum = pairs::<SIGNED>(w, x);
+    for g in 1..G {
+        let (w, x) = group(g);
+        sum = _mm256_add_epi16(sum, pairs::<SIGNED>(w, x));
+    }
+    _mm256_madd_epi16(sum, _mm256_set1_epi16(1))
 }
 
 /// Activation rows `row..row + R` against one half (8 weight rows) of the chunk; the unit's
 /// first pass `asks` for the next tile row's lines. Returns R.
 #[inline(always)]
-unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool, const SIGNED: bool>(
+unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool, const SIGNED: bool, const G: usize>(
     chunk: &Chunk,
     half: usize,
     x: &QuantizedRows,
@@ -136,11 +151,11 @@ unsafe fn pass<const R: usize, const SUB: usize, const MINS: bool, const SIGNED:
                 _mm256_set1_epi32(-chunk.zero * start)
             });
             let first = b * BLOCK + s * SUB;
-            for g in 0..SUB / 4 {
-                let w = _mm256_loadu_si256(chunk.codes.add((first / 4 + g) * GROUP_BYTES + lanes * 4) as *const __m256i);
+            for g0 in (0..SUB / 4).step_by(G) {
+                let w: [__m256i; G] = std::array::from_fn(|g| _mm256_loadu_si256(chunk.codes.add((first / 4 + g0 + g) * GROUP_BYTES + lanes * 4) as *const __m256i));
                 for (r, isum) in isum.iter_mut().enumerate() {
-                    let four = std::ptr::read_unaligned(q.add((row + r) * k + chunk.t0 + first + g * 4) as *const i32);
-                    *isum = _mm256_add_epi32(*isum, dot4::<SIGNED>(w, _mm256_set1_epi32(four)));
+                    let four = |g: usize| std::ptr::read_unaligned(q.add((row + r) * k + chunk.t0 + first + (g0 + g) * 4) as *const i32);
+                    *isum = _mm256_add_epi32(*isum, dot_groups::<SIGNED, G>(|g| (w[g], _mm256_set1_epi32(four(g)))));
                 }
             }
             let scale = _mm256_loadu_ps(chunk.scales.add((b * BLOCK / SUB + s) * TILE_ROWS + lanes));
@@ -198,7 +213,7 @@ unsafe fn in_place<const R: usize>(unit: &Unit) {
 unsafe fn q8_0<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, sums: &mut [__m256; R]) {
     for t in (t0..t0 + len).step_by(BLOCK) {
         let codes: [__m256i; BLOCK / 4] = std::array::from_fn(|g| tile.load(tile.planes.bytes(t + 4 * g)));
-        sub_block::<R, 0, true>(sums, x, t, &codes, tile.halves(tile.planes.d(t, BLOCK)));
+        sub_block::<R, 0, true, 1>(sums, x, t, &codes, tile.halves(tile.planes.d(t, BLOCK)));
     }
 }
 
@@ -208,7 +223,7 @@ unsafe fn q5_0<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, 
     for t in (t0..t0 + len).step_by(BLOCK) {
         let mut codes = tile.nibbles::<{ BLOCK / 4 }>(t);
         with_high_bits::<1>(&mut codes, tile.load(tile.planes.high(t, BLOCK)));
-        sub_block::<R, { Format::Q5_0.zero() }, false>(sums, x, t, &codes, tile.halves(tile.planes.d(t, BLOCK)));
+        sub_block::<R, { Format::Q5_0.zero() }, false, 4>(sums, x, t, &codes, tile.halves(tile.planes.d(t, BLOCK)));
     }
 }
 
@@ -218,7 +233,7 @@ unsafe fn q4_k<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, 
     let (d, dmin) = (tile.halves(tile.planes.d(t0, CHUNK)), tile.halves(tile.planes.dmin(t0)));
     for t in (t0..t0 + len).step_by(BLOCK) {
         let scale = _mm256_mul_ps(d, tile.unsigned(tile.planes.sc(t, BLOCK)));
-        sub_block::<R, { Format::Q4K.zero() }, false>(sums, x, t, &tile.nibbles::<{ BLOCK / 4 }>(t), scale);
+        sub_block::<R, { Format::Q4K.zero() }, false, 8>(sums, x, t, &tile.nibbles::<{ BLOCK / 4 }>(t), scale);
         let min = _mm256_mul_ps(dmin, tile.unsigned(tile.planes.m(t)));
         for (r, sum) in sums.iter_mut().enumerate() {
             *sum = _mm256_fnmadd_ps(min, x.block_sum(r, t), *sum);
@@ -236,18 +251,18 @@ unsafe fn q6_k<const R: usize>(tile: &Tile, x: &Rows<R>, t0: usize, len: usize, 
         let mut codes = tile.nibbles::<{ RUN / 4 }>(t);
         with_high_bits::<2>(&mut codes, tile.load(tile.planes.high(t, RUN)));
         let scale = _mm256_mul_ps(d, tile.signed(tile.planes.sc(t, RUN)));
-        sub_block::<R, { Format::Q6K.zero() }, false>(sums, x, t, &codes, scale);
+        sub_block::<R, { Format::Q6K.zero() }, false, 2>(sums, x, t, &codes, scale);
     }
 }
 
 /// One sub-block, values t..t + 4·codes.len(), of each row: isum = −ZERO·Σ qx + Σ u·qx, then
 /// sum += isum·(scale·dx), as `pass` adds it.
 #[inline(always)]
-unsafe fn sub_block<const R: usize, const ZERO: i32, const SIGNED: bool>(sums: &mut [__m256; R], x: &Rows<R>, t: usize, codes: &[__m256i], scale: __m256) {
+unsafe fn sub_block<const R: usize, const ZERO: i32, const SIGNED: bool, const G: usize>(sums: &mut [__m256; R], x: &Rows<R>, t: usize, codes: &[__m256i], scale: __m256) {
     for (r, sum) in sums.iter_mut().enumerate() {
         let mut isum = _mm256_set1_epi32(-ZERO * x.run_sum(r, t, 4 * codes.len()));
-        for (g, &w) in codes.iter().enumerate() {
-            isum = _mm256_add_epi32(isum, dot4::<SIGNED>(w, x.four(r, t + 4 * g)));
+        for g0 in (0..codes.len()).step_by(G) {
+            isum = _mm256_add_epi32(isum, dot_groups::<SIGNED, G>(|g| (codes[g0 + g], x.four(r, t + 4 * (g0 + g)))));
         }
         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(scale, x.dx(r, t)), *sum);
     }

@@ -109,6 +109,38 @@ fn every_kernel_computes_the_product_of_the_quantized_operands_bit_for_bit_alike
     }
 }
 
+/// Codes at their format's extremes against activations at ±127 everywhere: the kernels' 16-bit
+/// partial sums are at their largest, and must still give the exact product (a saturated sum
+/// would be off by thousands of units of the scale). Each block's first weight has the sign
+/// opposite to the rest, so the quantizer's scale takes it as the extreme and gives the rest the
+/// other end of the code range.
+#[test]
+fn codes_at_their_extremes_sum_without_saturating() {
+    let (n, k) = (16, 512);
+    for (dtype, format) in FORMATS {
+        for sign in [1.0f32, -1.0] {
+            let values: Vec<f32> = (0..n * k).map(|i| if i % BLOCK == 0 { -sign } else { sign }).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+            let w: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            for (m, x_sign) in [(1, 1.0f32), (3, -1.0), (8, 1.0), (8, -1.0)] {
+                let x = vec![x_sign; m * k];
+                let qx = QuantizedRows::quantize(&x, k, format.activation_format());
+                for isa in isas() {
+                    let weight = QuantWeight::from_file(format, &bytes, n, k, isa, &TileArena::default(), |_| {}).unwrap();
+                    let mut y = vec![f32::NAN; m * n];
+                    weight.matmul_rows_on_this_thread(&qx, 0..n, &mut y);
+                    for (i, j) in (0..m).flat_map(|i| (0..n).map(move |j| (i, j))) {
+                        let exact: f64 = (0..k).map(|t| qx.scale[i * (k / BLOCK) + t / BLOCK] as f64 * qx.q[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                        let got = y[i * n + j] as f64;
+                        assert!((got - exact).abs() <= 1e-4 * exact.abs().max(1.0), "{format:?} {isa:?} sign {sign} rows {m}: ({i},{j}) {got} vs {exact}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Up to `FUSED_ROWS` activation rows are multiplied from the planes in place; they give the
 /// portable kernel's bits, and those of the same rows in a batch whose first row group
 /// decodes, over k of several 256-value chunks (a partial one for Q8_0 and Q5_0) and a partial
