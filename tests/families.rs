@@ -222,7 +222,7 @@ fn a_peft_adapter_changes_the_output_and_scale_zero_is_the_base() {
         let model = load(name);
         let dir = tempfile::tempdir().unwrap();
         random_lora(&model, 8, 1).save_peft(dir.path(), name).unwrap();
-        let adapter = PeftAdapter::load(dir.path(), &model.model.config().adapter_shape()).unwrap();
+        let adapter = PeftAdapter::load(dir.path(), &model.model.config().adapter_shape(), None).unwrap();
         let prompts = vec![model.tokenizer.encode("Instruction tuning is", true, true).unwrap()];
         let base = &last_logits_alone(&model, &prompts, &AdapterMix::default())[0];
         let adapted = &last_logits_alone(&model, &prompts, &AdapterMix { parts: vec![(&adapter.weights, 1.0)] })[0];

@@ -55,6 +55,7 @@ pub fn train_local(
     let store = Arc::new(Store::open(&scratch)?);
     let shape = model.model.config().adapter_shape();
     let registry = Arc::new(Registry::new(shape.clone(), model_id, &[], None));
+    registry.measure_against(model.clone());
     let settings = TuningSettings {
         train_threads: options.threads,
         train_after: usize::MAX,
