@@ -911,7 +911,7 @@ fn train_local(model: &ModelArg, args: TrainLocalArgs, threads: Option<usize>) -
     let path = model.resolve()?;
     let model_id = path.file_stem().and_then(|s| s.to_str()).unwrap_or("base").to_string();
     let loaded = std::sync::Arc::new(model.load()?);
-    let spec = tessera::services::feedback::lora_spec(Some(args.rank), args.alpha, args.targets.as_deref())?.unwrap_or_default();
+    let spec = tessera::services::feedback::lora_spec(None, Some(args.rank), args.alpha, args.targets.as_deref())?.unwrap_or_default();
     let options = LocalTraining {
         lora: spec,
         hyperparameters: tessera::train::job::Hyperparameters { n_epochs: args.epochs, batch_size: args.batch_size, learning_rate: args.learning_rate },

@@ -239,9 +239,15 @@ impl QWeight {
         Ok(())
     }
 
-    /// `‖W[o, :] + s·(B·A)[o, :]‖` of every output row o: DoRA's norms of the adapted weight,
-    /// row chunks dequantized one at a time on the caller's rayon pool.
+    /// `‖W[o, :] + s·(B·A)[o, :]‖` of every output row o: DoRA's norms of the adapted weight.
     pub fn adapted_row_norms(&self, delta: &LoraDelta) -> Result<Vec<f32>, ModelError> {
+        self.row_norms_with(|o, row| delta.add_row_of_product(o, row))
+    }
+
+    /// `‖W[o, :] + Δ[o, :]‖` of every output row o, where `add_delta(o, row)` adds row o of Δ:
+    /// row chunks are dequantized one at a time on the caller's rayon pool, and each norm is
+    /// summed in f64.
+    pub fn row_norms_with(&self, add_delta: impl Fn(usize, &mut [f32]) + Sync) -> Result<Vec<f32>, ModelError> {
         use rayon::prelude::*;
         const ROWS_PER_TASK: usize = 64;
         let k = self.in_features;
@@ -255,7 +261,7 @@ impl QWeight {
                 Ok(rows
                     .zip(weight.chunks_exact_mut(k))
                     .map(|(o, row)| {
-                        delta.add_row_of_product(o, row);
+                        add_delta(o, row);
                         row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32
                     })
                     .collect::<Vec<f32>>())
