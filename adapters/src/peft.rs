@@ -313,16 +313,18 @@ impl PeftAdapter {
         }
         let names = TargetModules::names(common.target_modules);
         let target_modules = names.iter().map(|name| target_module(&origin, name)).collect::<Result<Vec<_>, _>>()?;
-        let tensors = read_tensors(&origin, safetensors, base)?;
         let (weights, rank, alpha) = match common.peft_type.as_deref().unwrap_or("LORA") {
             "LORA" => {
                 let config: LoraConfig = serde_json::from_str(config).map_err(|e| origin.config_error(&e.to_string()))?;
+                check_lora_config(&origin, &config)?;
+                let tensors = read_tensors(&origin, safetensors, base)?;
                 let weights = lora_weights(&origin, &config, tensors, base, weights)?;
                 (weights, config.r, config.lora_alpha)
             }
             "IA3" => {
                 let config: Ia3Config = serde_json::from_str(config).map_err(|e| origin.config_error(&e.to_string()))?;
                 let feedforward = TargetModules::names(config.feedforward_modules);
+                let tensors = read_tensors(&origin, safetensors, base)?;
                 (ia3_weights(&origin, &feedforward, tensors, base)?, 0, 0.0)
             }
             other => return Err(origin.unsupported(&format!("peft_type `{other}` (LORA, with or without DoRA, or IA3)"))),
@@ -388,14 +390,8 @@ fn read_tensors(origin: &Origin, safetensors: &[u8], base: &BaseShape) -> Result
     Ok(modules)
 }
 
-/// The LoRA (or, with `use_dora`, DoRA) deltas of a LORA config.
-fn lora_weights(
-    origin: &Origin,
-    config: &LoraConfig,
-    tensors: BTreeMap<(usize, TargetModule), ModuleTensors>,
-    base: &BaseShape,
-    base_weights: Option<&dyn BaseWeights>,
-) -> Result<AdapterWeights, PeftError> {
+/// A LORA config's ranks and αs, checked before any tensor is read.
+fn check_lora_config(origin: &Origin, config: &LoraConfig) -> Result<(), PeftError> {
     if !rank_is_valid(config.r) || !config.rank_pattern.values().all(|&r| rank_is_valid(r)) {
         return Err(origin.config_error(&format!("`r` and every `rank_pattern` value must be between 1 and {MAX_RANK}")));
     }
@@ -404,6 +400,17 @@ fn lora_weights(
             "`lora_alpha` and every `alpha_pattern` value must be finite, above 0 and at most {MAX_ALPHA}"
         )));
     }
+    Ok(())
+}
+
+/// The LoRA (or, with `use_dora`, DoRA) deltas of a LORA config.
+fn lora_weights(
+    origin: &Origin,
+    config: &LoraConfig,
+    tensors: BTreeMap<(usize, TargetModule), ModuleTensors>,
+    base: &BaseShape,
+    base_weights: Option<&dyn BaseWeights>,
+) -> Result<AdapterWeights, PeftError> {
     let kind = if config.use_dora { AdapterKind::Dora } else { AdapterKind::Lora };
     let mut weights = AdapterWeights::new(kind);
     for ((layer, module), found) in tensors {
