@@ -14,12 +14,12 @@ use tessera::model::decoder::SequenceChunk;
 use tessera::model::{KvCache, LogitsFor};
 use tessera::train::data::example;
 use tessera::train::decoder::{Example, Trainable};
-use tessera::train::lora::{LoraParams, LoraSpec};
+use tessera::train::lora::{AdapterParams, LoraSpec};
 use tessera::train::optim::{AdamW, AdamWConfig};
 use tessera::train::{evaluate, gradients, train_step};
 use tessera::LoadedModel;
 use tessera_adapters::peft::PeftAdapter;
-use tessera_adapters::{AdapterMix, TargetModule};
+use tessera_adapters::{AdapterKind, AdapterMix, TargetModule};
 use tessera::train::job::{Hyperparameters, TuningSettings};
 use tessera_tests::{data_dir, http, wait_for_job, LlamaCppReferences};
 
@@ -190,13 +190,14 @@ fn a_mixed_batch_equals_each_sequence_alone() {
 
 /// r8 factors on every target with a random B (a fresh B is zero and changes nothing), the same
 /// for the same seed so that a test sees the same adapter on every run.
-fn random_lora(model: &LoadedModel, rank: usize, seed: u64) -> LoraParams {
+fn random_lora(model: &LoadedModel, rank: usize, seed: u64) -> AdapterParams {
     let spec = LoraSpec {
         rank,
         alpha: 2.0 * rank as f32,
         targets: TargetModule::ALL.to_vec(),
+        kind: AdapterKind::Lora,
     };
-    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, seed).unwrap();
+    let lora = AdapterParams::fresh(&model, spec, seed).unwrap();
     // SplitMix64 → uniform on (−0.35, 0.35): a standard deviation of 0.2.
     let mut state = seed;
     let mut uniform = move || {
@@ -222,7 +223,7 @@ fn a_peft_adapter_changes_the_output_and_scale_zero_is_the_base() {
         let model = load(name);
         let dir = tempfile::tempdir().unwrap();
         random_lora(&model, 8, 1).save_peft(dir.path(), name).unwrap();
-        let adapter = PeftAdapter::load(dir.path(), &model.model.config().adapter_shape()).unwrap();
+        let adapter = PeftAdapter::load(dir.path(), &model.model.config().adapter_shape(), None).unwrap();
         let prompts = vec![model.tokenizer.encode("Instruction tuning is", true, true).unwrap()];
         let base = &last_logits_alone(&model, &prompts, &AdapterMix::default())[0];
         let adapted = &last_logits_alone(&model, &prompts, &AdapterMix { parts: vec![(&adapter.weights, 1.0)] })[0];
@@ -256,9 +257,9 @@ fn training_batch(model: &LoadedModel) -> Vec<Example> {
 fn qlora_steps_lower_the_loss() {
     for name in FAMILIES {
         let model = load(name);
-        let lora = LoraParams::fresh(
-            &model.model.config().adapter_shape(),
-            LoraSpec { rank: 8, alpha: 16.0, targets: TargetModule::ALL.to_vec() },
+        let lora = AdapterParams::fresh(
+            &model,
+            LoraSpec { rank: 8, alpha: 16.0, targets: TargetModule::ALL.to_vec(), kind: AdapterKind::Lora },
             3,
         )
         .unwrap();

@@ -36,7 +36,7 @@ fn a_cached_prefix_gives_the_logits_computed_without_it() {
     let model = &real_model().model;
     let config = model.config();
     // alpha-r8 has deltas on k and v: its cached keys and values are its own.
-    let alpha = PeftAdapter::load(&testdata_dir().join("adapters/alpha-r8"), &config.adapter_shape()).unwrap();
+    let alpha = PeftAdapter::load(&testdata_dir().join("adapters/alpha-r8"), &config.adapter_shape(), None).unwrap();
     let first = tokens(&format!("{SHARED}what is my balance"));
     let second = tokens(&format!("{SHARED}i lost my card yesterday"));
     let shared_blocks = first.iter().zip(&second).take_while(|(a, b)| a == b).count() / BLOCK_TOKENS;

@@ -28,7 +28,7 @@ fn check_every_case(path_of: impl Fn(&str) -> PathBuf) {
     for name in cases.cases.iter().flat_map(|c| c.adapters.keys()) {
         if !adapters.contains_key(name) {
             let path = path_of(name);
-            let adapter = adapter_files::load(&path, &shape).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+            let adapter = adapter_files::load(&path, &shape, None).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
             adapters.insert(name.clone(), adapter);
         }
     }
@@ -91,7 +91,7 @@ fn every_lora_case_matches_the_reference_with_gguf_lora_files() {
 /// The last position's logits of a fixed prompt with the adapter at `path` at weight 1.
 fn logits_with(path: &Path) -> Vec<f32> {
     let model = &real_model().model;
-    let adapter = adapter_files::load(path, &model.config().adapter_shape()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let adapter = adapter_files::load(path, &model.config().adapter_shape(), None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let ids = real_model().tokenizer.encode("Name three primary colours:", true, true).unwrap();
     let mut cache = KvCache::new(model.config(), ids.len()).unwrap();
     prefill(model, &mut cache, &ids, &AdapterMix { parts: vec![(&adapter.weights, 1.0)] }).unwrap()
@@ -138,7 +138,7 @@ fn converting_between_peft_and_gguf_changes_no_output() {
 fn adapters_change_the_output_and_a_zero_weight_does_not() {
     let model = &real_model().model;
     let shape = model.config().adapter_shape();
-    let alpha = PeftAdapter::load(&testdata_dir().join("adapters/alpha-r8"), &shape).unwrap();
+    let alpha = PeftAdapter::load(&testdata_dir().join("adapters/alpha-r8"), &shape, None).unwrap();
     let ids = real_model().tokenizer.encode("The capital of France is", true, true).unwrap();
     let run = |mix: &AdapterMix| {
         let mut cache = KvCache::new(model.config(), ids.len()).unwrap();

@@ -6,9 +6,9 @@
 
 use candle_core::{Device, Tensor};
 use tessera::train::decoder::{Example, Trainable};
-use tessera::train::lora::{LoraParams, LoraSpec};
+use tessera::train::lora::{AdapterParams, LoraSpec};
 use tessera::train::{evaluate, gradients};
-use tessera_adapters::TargetModule;
+use tessera_adapters::{AdapterKind, TargetModule};
 use tessera_tests::{read_json, real_model, GenerationCase, GenerationCases};
 
 /// The per-token tolerance of `reference_generation`, averaged over a case's 24 steps.
@@ -24,13 +24,14 @@ fn teacher_forced(case: &GenerationCase) -> Example {
     Example { tokens, scored }
 }
 
-fn untrained(rank: usize, seed: u64) -> LoraParams {
+fn untrained(rank: usize, seed: u64) -> AdapterParams {
     let spec = LoraSpec {
         rank,
         alpha: 2.0 * rank as f32,
         targets: TargetModule::ALL.to_vec(),
+        kind: AdapterKind::Lora,
     };
-    LoraParams::fresh(&real_model().model.config().adapter_shape(), spec, seed).unwrap()
+    AdapterParams::fresh(real_model(), spec, seed).unwrap()
 }
 
 #[test]

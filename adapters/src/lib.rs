@@ -1,8 +1,14 @@
-//! Low-rank adapters (LoRA) and the delta they add to a linear layer.
+//! Adapters and the deltas they make to the linear layers of a frozen base model.
 //!
-//! A linear layer computes `y = x·Wᵀ`. A LoRA adapter adds, for each of its target layers,
-//! `Δy = s·(x·Aᵀ)·Bᵀ` with `A: [r, in]`, `B: [out, r]` and `s = α/r` (or `α/√r` with rsLoRA).
-//! Several adapters compose by summing their deltas, each with its own request-given weight.
+//! A linear layer computes `y = x·Wᵀ + b`. Three kinds of adapter change it:
+//! - LoRA adds, for each of its target layers, `Δy = s·(x·Aᵀ)·Bᵀ` with `A: [r, in]`, `B: [out, r]`
+//!   and `s = α/r` (or `α/√r` with rsLoRA);
+//! - DoRA rescales each output row of the LoRA-updated weight to a learned magnitude m:
+//!   `W′ = m ⊙ (W + s·B·A) / ‖W + s·B·A‖`;
+//! - IA³ scales k's and v's outputs and the feed-forward input of `down` by learned vectors l.
+//!
+//! Several adapters compose by summing their changes to the weight, each with its own
+//! request-given weight.
 
 pub mod peft;
 
@@ -142,6 +148,14 @@ impl LoraDelta {
             a: a.iter().map(|&v| f16::from_f32(v)).collect(),
             b_t,
         })
+    }
+
+    /// `row += s·(B·A)[o, :]`: output row o of the delta matrix, over the input features.
+    pub fn add_row_of_product(&self, o: usize, row: &mut [f32]) {
+        for (j, a_row) in self.a.chunks_exact(self.in_features).enumerate() {
+            let t = self.scale * self.b_t[j * self.out_features + o].to_f32();
+            simd::axpy_f16(t, a_row, row);
+        }
     }
 
     /// Bytes held by the two factors.
@@ -305,23 +319,120 @@ mod simd {
 }
 
 
-/// An adapter's deltas, keyed by (layer, module). Layers it does not target are absent.
-#[derive(Debug, Clone, Default)]
-pub struct LoraWeights {
-    deltas: HashMap<(usize, TargetModule), LoraDelta>,
+/// The three kinds of delta Tessera serves and trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AdapterKind {
+    /// Low-rank: `W′ = W + s·B·A`.
+    #[default]
+    Lora,
+    /// Weight-decomposed low-rank: `W′ = m ⊙ (W + s·B·A) / ‖W + s·B·A‖`, per output row.
+    Dora,
+    /// Learned per-channel scales on k, v and the input of `down`.
+    Ia3,
 }
 
-impl LoraWeights {
+impl AdapterKind {
+    pub const ALL: [AdapterKind; 3] = [AdapterKind::Lora, AdapterKind::Dora, AdapterKind::Ia3];
+
+    /// The kind's name in the API (`lora`, `dora`, `ia3`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AdapterKind::Lora => "lora",
+            AdapterKind::Dora => "dora",
+            AdapterKind::Ia3 => "ia3",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl fmt::Display for AdapterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What an adapter does to one linear layer `y = x·Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub enum ModuleDelta {
+    /// LoRA: `y += s·(x·Aᵀ)·Bᵀ`.
+    LowRank(LoraDelta),
+    /// DoRA: `y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b` with `g = m / ‖W + s·B·A‖` per output row,
+    /// measured once against the base when the adapter loads. `low_rank` holds `g ⊙ B` in place
+    /// of B, so serving adds the low-rank term as LoRA does and one per-row scale `g` on x·Wᵀ.
+    Dora { low_rank: LoraDelta, row_scale: Vec<f32> },
+    /// IA³ on an output (k, v): `y = l ⊙ (x·Wᵀ + b)`.
+    ScaleOutput(Vec<f32>),
+    /// IA³ on an input (the feed-forward input of `down`): `y = (l ⊙ x)·Wᵀ + b`.
+    ScaleInput(Vec<f32>),
+}
+
+impl ModuleDelta {
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            ModuleDelta::LowRank(delta) => delta.size_in_bytes(),
+            ModuleDelta::Dora { low_rank, row_scale } => low_rank.size_in_bytes() + std::mem::size_of_val(row_scale.as_slice()),
+            ModuleDelta::ScaleOutput(l) | ModuleDelta::ScaleInput(l) => std::mem::size_of_val(l.as_slice()),
+        }
+    }
+
+    /// The low-rank pair, for LoRA and DoRA (whose B is already scaled by g).
+    pub fn low_rank(&self) -> Option<&LoraDelta> {
+        match self {
+            ModuleDelta::LowRank(delta) | ModuleDelta::Dora { low_rank: delta, .. } => Some(delta),
+            ModuleDelta::ScaleOutput(_) | ModuleDelta::ScaleInput(_) => None,
+        }
+    }
+
+    /// The per-output factor this delta puts on the base product x·Wᵀ: DoRA's g, IA³'s l.
+    fn output_scale(&self) -> Option<&[f32]> {
+        match self {
+            ModuleDelta::Dora { row_scale, .. } => Some(row_scale),
+            ModuleDelta::ScaleOutput(l) => Some(l),
+            ModuleDelta::LowRank(_) | ModuleDelta::ScaleInput(_) => None,
+        }
+    }
+}
+
+/// An adapter's deltas, keyed by (layer, module), all of one kind. Layers it does not target
+/// are absent.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterWeights {
+    kind: AdapterKind,
+    deltas: HashMap<(usize, TargetModule), ModuleDelta>,
+}
+
+impl AdapterWeights {
+    pub fn new(kind: AdapterKind) -> Self {
+        Self { kind, deltas: HashMap::new() }
+    }
+
+    pub fn kind(&self) -> AdapterKind {
+        self.kind
+    }
+
+    /// Adds a LoRA pair.
     pub fn insert(&mut self, layer: usize, module: TargetModule, delta: LoraDelta) {
+        self.insert_delta(layer, module, ModuleDelta::LowRank(delta));
+    }
+
+    pub fn insert_delta(&mut self, layer: usize, module: TargetModule, delta: ModuleDelta) {
         self.deltas.insert((layer, module), delta);
     }
 
-    pub fn get(&self, layer: usize, module: TargetModule) -> Option<&LoraDelta> {
+    pub fn delta(&self, layer: usize, module: TargetModule) -> Option<&ModuleDelta> {
         self.deltas.get(&(layer, module))
     }
 
+    /// The low-rank pair of (layer, module), for LoRA and DoRA.
+    pub fn get(&self, layer: usize, module: TargetModule) -> Option<&LoraDelta> {
+        self.delta(layer, module).and_then(ModuleDelta::low_rank)
+    }
+
     pub fn size_in_bytes(&self) -> usize {
-        self.deltas.values().map(LoraDelta::size_in_bytes).sum()
+        self.deltas.values().map(ModuleDelta::size_in_bytes).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -334,22 +445,87 @@ impl LoraWeights {
     }
 }
 
-/// The adapters applied to one request, each with its composition weight:
-/// `Δ = Σ weight·(α/r)·B·A`.
+/// The adapters applied to one request, each with its composition weight w. Each adapter moves
+/// the layer from W to its own W′ by w·(W′ − W): LoRA adds w·s·B·A; DoRA w·((g − 1) ⊙ W + g ⊙ s·B·A);
+/// IA³ w·(l − 1) ⊙ W on outputs (and the bias), w·W·diag(l − 1) on inputs.
 #[derive(Debug, Clone, Default)]
 pub struct AdapterMix<'a> {
-    pub parts: Vec<(&'a LoraWeights, f32)>,
+    pub parts: Vec<(&'a AdapterWeights, f32)>,
 }
 
 impl AdapterMix<'_> {
     pub fn is_empty(&self) -> bool {
         self.parts.is_empty()
     }
+
+    /// `c = 1 + Σ w·(f − 1)` over the parts whose delta at (layer, module) scales the base
+    /// product's outputs (f = g or l), with `d = Σ w·(l − 1) ⊙ b` for IA³ (which scales the
+    /// bias as well); `None` when no part does.
+    fn output_scale(&self, layer: usize, module: TargetModule, bias: Option<&[f32]>) -> Option<(Vec<f32>, Vec<f32>)> {
+        let mut scale: Option<(Vec<f32>, Vec<f32>)> = None;
+        for (weights, w) in &self.parts {
+            let Some(delta) = weights.delta(layer, module) else { continue };
+            let Some(f) = delta.output_scale() else { continue };
+            let (c, d) = scale.get_or_insert_with(|| (vec![1.0; f.len()], vec![0.0; f.len()]));
+            for (c, f) in c.iter_mut().zip(f) {
+                *c += w * (f - 1.0);
+            }
+            if let (ModuleDelta::ScaleOutput(l), Some(bias)) = (delta, bias) {
+                for ((d, l), b) in d.iter_mut().zip(l).zip(bias) {
+                    *d += w * (l - 1.0) * b;
+                }
+            }
+        }
+        scale
+    }
+
+    /// `c = 1 + Σ w·(l − 1)` over the parts that scale (layer, module)'s input.
+    fn input_scale(&self, layer: usize, module: TargetModule) -> Option<Vec<f32>> {
+        let mut scale: Option<Vec<f32>> = None;
+        for (weights, w) in &self.parts {
+            let Some(ModuleDelta::ScaleInput(l)) = weights.delta(layer, module) else { continue };
+            let c = scale.get_or_insert_with(|| vec![1.0; l.len()]);
+            for (c, l) in c.iter_mut().zip(l) {
+                *c += w * (l - 1.0);
+            }
+        }
+        scale
+    }
 }
 
-/// Adds one layer's deltas for a whole batch whose row ranges each have their own mix: the
-/// ranges are grouped by adapter, so each adapter's factors are read once per step however many
-/// sequences use it (Punica's SGMV), with every weight·α/r folded into its rows ahead.
+/// Scales each segment's rows of `x` (`[rows, in]`) by its mix's IA³ input factors at (layer,
+/// module), before the base product. Returns whether any row changed.
+pub fn scale_batch_inputs<'a>(
+    layer: usize,
+    module: TargetModule,
+    segments: impl IntoIterator<Item = (Range<usize>, &'a AdapterMix<'a>)>,
+    x: &mut [f32],
+) -> bool {
+    let mut scaled = false;
+    for (rows, mix) in segments {
+        let Some(c) = mix.input_scale(layer, module) else { continue };
+        for row in rows {
+            for (v, c) in x[row * c.len()..(row + 1) * c.len()].iter_mut().zip(&c) {
+                *v *= c;
+            }
+        }
+        scaled = true;
+    }
+    scaled
+}
+
+/// Whether any segment's mix changes (layer, module)'s input.
+pub fn batch_scales_inputs<'a>(layer: usize, module: TargetModule, mut mixes: impl Iterator<Item = &'a AdapterMix<'a>>) -> bool {
+    mixes.any(|mix| mix.parts.iter().any(|(w, _)| matches!(w.delta(layer, module), Some(ModuleDelta::ScaleInput(_)))))
+}
+
+/// Adds one layer's deltas for a whole batch whose row ranges each have their own mix. `y`
+/// holds the base product x·Wᵀ (without the bias `bias`, which the caller adds after).
+///
+/// First each row's base product takes its mix's output scales (DoRA's g, IA³'s l). Then the
+/// low-rank terms: the ranges are grouped by adapter, so each adapter's factors are read once
+/// per step however many sequences use it (Punica's SGMV), with every weight·α/r folded into
+/// its rows ahead.
 ///
 /// A row's deltas are added in its own mix's order (round k adds every mix's k-th part), so
 /// what a row gets never depends on which other sequences share the batch: floating-point sums
@@ -359,9 +535,18 @@ pub fn add_batch_deltas<'a>(
     module: TargetModule,
     segments: impl IntoIterator<Item = (Range<usize>, &'a AdapterMix<'a>)>,
     x: &[f32],
+    bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
     let segments: Vec<(Range<usize>, &AdapterMix)> = segments.into_iter().collect();
+    for (rows, mix) in &segments {
+        let Some((c, d)) = mix.output_scale(layer, module, bias) else { continue };
+        for row in rows.clone() {
+            for ((y, c), d) in y[row * c.len()..(row + 1) * c.len()].iter_mut().zip(&c).zip(&d) {
+                *y = *y * c + d;
+            }
+        }
+    }
     let rounds = segments.iter().map(|(_, mix)| mix.parts.len()).max().unwrap_or(0);
     for round in 0..rounds {
         let mut groups: Vec<(&LoraDelta, Vec<(Range<usize>, f32)>)> = Vec::new();
@@ -412,7 +597,7 @@ mod tests {
     #[test]
     fn mix_sums_weighted_adapters_and_skips_untargeted_layers() {
         let make = |b: f32| {
-            let mut w = LoraWeights::default();
+            let mut w = AdapterWeights::default();
             w.insert(
                 1,
                 TargetModule::V,
@@ -425,17 +610,17 @@ mod tests {
             parts: vec![(&one, 0.5), (&two, 3.0)],
         };
         let mut y = [0.0];
-        add_batch_deltas(1, TargetModule::V, [(0..1, &mix)], &[2.0], &mut y);
+        add_batch_deltas(1, TargetModule::V, [(0..1, &mix)], &[2.0], None, &mut y);
         assert_eq!(y, [2.0 * (0.5 * 1.0 + 3.0 * 2.0)]);
         let mut untouched = [7.0];
-        add_batch_deltas(0, TargetModule::V, [(0..1, &mix)], &[2.0], &mut untouched);
+        add_batch_deltas(0, TargetModule::V, [(0..1, &mix)], &[2.0], None, &mut untouched);
         assert_eq!(untouched, [7.0]);
     }
 
     #[test]
     fn a_multi_adapter_row_gets_the_same_sum_whatever_the_batch_order() {
         let make = |seed: f32| {
-            let mut w = LoraWeights::default();
+            let mut w = AdapterWeights::default();
             let a: Vec<f32> = (0..6).map(|i| (i as f32 * seed).sin()).collect();
             let b: Vec<f32> = (0..8).map(|i| (i as f32 * seed).cos() * 1e3).collect();
             w.insert(0, TargetModule::Q, LoraDelta::new(0, TargetModule::Q, (3, 4, 2), 0.5, a, b).unwrap());
@@ -446,27 +631,81 @@ mod tests {
         let both = AdapterMix { parts: vec![(&first, 0.5), (&second, 1.0)] };
         let x: Vec<f32> = (0..6).map(|i| (i as f32 * 0.77).sin() * 1e-3 + 1.0).collect();
         let mut alone = vec![0.1f32; 4];
-        add_batch_deltas(0, TargetModule::Q, [(0..1, &both)], &x[3..], &mut alone);
+        add_batch_deltas(0, TargetModule::Q, [(0..1, &both)], &x[3..], None, &mut alone);
         // `second` appears first in this batch; the mixed row must still add `first` first.
         let mut together = vec![0.1f32; 8];
-        add_batch_deltas(0, TargetModule::Q, [(0..1, &only_second), (1..2, &both)], &x, &mut together);
+        add_batch_deltas(0, TargetModule::Q, [(0..1, &only_second), (1..2, &both)], &x, None, &mut together);
         assert_eq!(alone, together[4..]);
     }
 
     #[test]
     fn grouped_rows_get_exactly_what_each_range_gets_alone() {
-        let mut w = LoraWeights::default();
+        let mut w = AdapterWeights::default();
         let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.3 - 0.7).collect();
         let b: Vec<f32> = (0..8).map(|i| 1.1 - i as f32 * 0.25).collect();
         w.insert(0, TargetModule::Q, LoraDelta::new(0, TargetModule::Q, (3, 4, 2), 0.5, a, b).unwrap());
         let (heavy, light) = (AdapterMix { parts: vec![(&w, 2.0)] }, AdapterMix { parts: vec![(&w, 0.25)] });
         let x: Vec<f32> = (0..12).map(|i| (i as f32).sin()).collect();
         let mut together = vec![1f32; 16];
-        add_batch_deltas(0, TargetModule::Q, [(0..1, &heavy), (1..3, &light), (3..4, &heavy)], &x, &mut together);
+        add_batch_deltas(0, TargetModule::Q, [(0..1, &heavy), (1..3, &light), (3..4, &heavy)], &x, None, &mut together);
         for (range, mix) in [(0..1, &heavy), (1..3, &light), (3..4, &heavy)] {
             let mut alone = vec![1f32; range.len() * 4];
-            add_batch_deltas(0, TargetModule::Q, [(0..range.len(), mix)], &x[range.start * 3..range.end * 3], &mut alone);
+            add_batch_deltas(0, TargetModule::Q, [(0..range.len(), mix)], &x[range.start * 3..range.end * 3], None, &mut alone);
             assert_eq!(alone, together[range.start * 4..range.end * 4]);
         }
+    }
+
+    /// x·Wᵀ for W `[out, in]` row-major.
+    fn product(w: &[f32], x: &[f32]) -> Vec<f32> {
+        w.chunks_exact(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    }
+
+    #[test]
+    fn dora_serves_its_rescaled_weight() {
+        // W [2, 3], A [1, 3], B [2, 1], s = 0.5, m per row.
+        let w = [1.0, 0.0, 2.0, -1.0, 1.0, 0.5];
+        let (a, b, m) = ([0.5f32, 1.0, -0.5], [1.0f32, 2.0], [3.0f32, 0.25]);
+        let adapted: Vec<f32> = (0..6).map(|i| w[i] + 0.5 * b[i / 3] * a[i % 3]).collect();
+        let g: Vec<f32> = adapted.chunks(3).zip(m).map(|(row, m)| m / row.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+        let scaled_b: Vec<f32> = b.iter().zip(&g).map(|(b, g)| b * g).collect();
+        let low_rank = LoraDelta::new(0, TargetModule::O, (3, 2, 1), 0.5, a.to_vec(), scaled_b).unwrap();
+        let mut weights = AdapterWeights::new(AdapterKind::Dora);
+        weights.insert_delta(0, TargetModule::O, ModuleDelta::Dora { low_rank, row_scale: g.clone() });
+        let x = [0.25, -1.0, 2.0];
+        let mut y = product(&w, &x);
+        let mix = AdapterMix { parts: vec![(&weights, 1.0)] };
+        add_batch_deltas(0, TargetModule::O, [(0..1, &mix)], &x, None, &mut y);
+        let expected: Vec<f32> = product(&adapted, &x).iter().zip(&g).map(|(v, g)| v * g).collect();
+        for (got, want) in y.iter().zip(&expected) {
+            assert!((got - want).abs() < 1e-3, "{y:?} against {expected:?}");
+        }
+        // At weight ½ the layer is halfway between W and W′.
+        let mut half = product(&w, &x);
+        let halfway = AdapterMix { parts: vec![(&weights, 0.5)] };
+        add_batch_deltas(0, TargetModule::O, [(0..1, &halfway)], &x, None, &mut half);
+        for ((got, base), adapted) in half.iter().zip(product(&w, &x)).zip(&expected) {
+            assert!((got - (base + adapted) / 2.0).abs() < 1e-3, "{half:?}");
+        }
+    }
+
+    #[test]
+    fn ia3_scales_outputs_with_their_bias_and_inputs_before_the_product() {
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let (l_out, l_in, bias) = ([2.0f32, 0.5], [1.0f32, 0.0, 3.0], [1.0f32, -1.0]);
+        let mut weights = AdapterWeights::new(AdapterKind::Ia3);
+        weights.insert_delta(0, TargetModule::V, ModuleDelta::ScaleOutput(l_out.to_vec()));
+        weights.insert_delta(0, TargetModule::Down, ModuleDelta::ScaleInput(l_in.to_vec()));
+        let mix = AdapterMix { parts: vec![(&weights, 1.0)] };
+        let none = AdapterMix::default();
+        // Two rows, the second without the adapter.
+        let x = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        let mut y: Vec<f32> = x.chunks(3).flat_map(|row| product(&w, row)).collect();
+        add_batch_deltas(0, TargetModule::V, [(0..1, &mix), (1..2, &none)], &x, Some(&bias), &mut y);
+        let with_bias: Vec<f32> = y.iter().zip(bias.iter().cycle()).map(|(y, b)| y + b).collect();
+        assert_eq!(with_bias, [(6.0 + 1.0) * 2.0, (15.0 - 1.0) * 0.5, 7.0, 14.0]);
+        let mut scaled = x;
+        assert!(batch_scales_inputs(0, TargetModule::Down, [&mix, &none].into_iter()));
+        assert!(scale_batch_inputs(0, TargetModule::Down, [(0..1, &mix), (1..2, &none)], &mut scaled));
+        assert_eq!(scaled, [1.0, 0.0, 3.0, 1.0, 1.0, 1.0]);
     }
 }

@@ -211,7 +211,10 @@ async function sendFeedback(reply) {
   const turns = state.messages.slice(0, state.lastAnswer.index).concat([{ role: "assistant", content: reply }]);
   const messages = (system ? [{ role: "system", content: system }] : []).concat(turns);
   try {
-    const { data } = await api("POST", `/v1/adapters/${encodeURIComponent(target)}/feedback`, { messages });
+    // A new adapter is created of the chosen kind; an existing one keeps its own.
+    const creating = !$("feedback-target").value;
+    const query = creating ? `?method=${encodeURIComponent($("feedback-method").value)}` : "";
+    const { data } = await api("POST", `/v1/adapters/${encodeURIComponent(target)}/feedback${query}`, { messages });
     state.messages[state.lastAnswer.index].content = reply;
     state.lastAnswer.bubble.textContent = reply;
     $("feedback-result").textContent = `Stored in ${data.adapter}: ${data.stored} new pair(s), ${data.total_pairs} in all` +
@@ -228,7 +231,7 @@ async function refreshAdapters() {
   const { data } = await api("GET", "/v1/adapters");
   const rows = data.data.map((a) => {
     const loss = a.metrics && a.metrics.held_out_loss != null ? Number(a.metrics.held_out_loss).toFixed(4) : "–";
-    const row = tableRow([a.name, a.version ?? "–", a.pairs ?? "–", a.training ? "training" : "idle", loss]);
+    const row = tableRow([a.name, kindName(a.kind), a.version ?? "–", a.pairs ?? "–", a.training ? "training" : "idle", loss]);
     const actions = document.createElement("td");
     actions.append(button(`Details of ${a.name}`, "Details", () => showAdapter(a.name)),
       button(`Delete ${a.name}`, "Delete", () => deleteAdapter(a.name)));
@@ -236,6 +239,11 @@ async function refreshAdapters() {
     return row;
   });
   $("adapters-table").tBodies[0].replaceChildren(...rows);
+}
+
+/** An adapter kind as people write it. */
+function kindName(kind) {
+  return { lora: "LoRA", dora: "DoRA", ia3: "IA³" }[kind] || "–";
 }
 
 /** A table row of text cells. */
@@ -561,7 +569,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("clear-chat").addEventListener("click", () => { state.messages = []; $("conversation").replaceChildren(); $("correction").hidden = true; });
   $("send-correction").addEventListener("click", () => sendFeedback($("corrected").value));
   $("thumbs-up").addEventListener("click", () => sendFeedback(state.messages[state.lastAnswer.index].content));
-  $("feedback-target").addEventListener("change", () => { $("feedback-new").disabled = $("feedback-target").value !== ""; });
+  $("feedback-target").addEventListener("change", () => {
+    const existing = $("feedback-target").value !== "";
+    $("feedback-new").disabled = existing;
+    $("feedback-method").disabled = existing;
+  });
   $("upload-form").addEventListener("submit", uploadAdapter);
   $("delete-pairs").addEventListener("click", deletePairs);
   $("train-form").addEventListener("submit", startAdapterJob);

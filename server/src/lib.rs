@@ -54,6 +54,13 @@ pub struct LoadedModel {
     pub chat: ChatTemplate,
 }
 
+/// DoRA adapters measure their row norms against the served weights.
+impl tessera_adapters::peft::BaseWeights for LoadedModel {
+    fn row_norms(&self, layer: usize, module: tessera_adapters::TargetModule, delta: &tessera_adapters::LoraDelta) -> Result<Vec<f32>, String> {
+        self.model.row_norms(layer, module, delta)
+    }
+}
+
 /// How to load a model beside its path.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {

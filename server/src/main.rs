@@ -246,6 +246,9 @@ enum BenchTarget {
         /// Distinct adapters the clients are spread over.
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         adapters: Vec<usize>,
+        /// Adapter kinds to measure, each in the same run: lora, dora, ia3.
+        #[arg(long, value_delimiter = ',', default_value = "lora")]
+        kinds: Vec<String>,
         /// Tokens generated per request.
         #[arg(long, default_value_t = 32)]
         max_tokens: usize,
@@ -551,6 +554,7 @@ fn main() -> Result<()> {
                     model,
                     concurrency,
                     adapters,
+                    kinds,
                     max_tokens,
                     requests_per_client,
                 }),
@@ -559,6 +563,7 @@ fn main() -> Result<()> {
             &model,
             &concurrency,
             &adapters,
+            &kinds,
             tessera::bench::serve::ServeLoad {
                 max_tokens,
                 requests_per_client,
@@ -852,18 +857,27 @@ fn bench_adapters(
     model: &ModelArg,
     concurrency: &[usize],
     spreads: &[usize],
+    kinds: &[String],
     load: tessera::bench::serve::ServeLoad,
 ) -> Result<()> {
     use tessera::bench::{adapters, median, serve};
+    use tessera_adapters::AdapterKind;
+    let kinds = kinds
+        .iter()
+        .map(|k| AdapterKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown adapter kind `{k}`: lora, dora or ia3")))
+        .collect::<Result<Vec<_>>>()?;
     let path = model.resolve()?;
     let loaded = std::sync::Arc::new(LoadedModel::load(&path)?);
     let shape = loaded.model.config().adapter_shape();
     let dir = std::env::temp_dir().join(format!("tessera-bench-adapters-{}", std::process::id()));
     let most = spreads.iter().copied().max().unwrap_or(1);
-    eprintln!("writing {most} random adapters to {}…", dir.display());
-    let names: Vec<String> = (0..most).map(|i| format!("bench-{i:02}")).collect();
-    for (i, name) in names.iter().enumerate() {
-        adapters::write_random_adapter(&dir.join(name), &shape, if i % 2 == 0 { 8 } else { 16 }, i as u64)?;
+    eprintln!("writing {most} random adapters of each kind to {}…", dir.display());
+    // Adapter i has rank 8 or 16 whatever its kind, so kinds compare at equal ranks.
+    let names = |kind: AdapterKind| -> Vec<String> { (0..most).map(|i| format!("bench-{kind}-{i:02}")).collect() };
+    for &kind in &kinds {
+        for (i, name) in names(kind).iter().enumerate() {
+            adapters::write_random_adapter(&dir.join(name), &shape, kind, if i % 2 == 0 { 8 } else { 16 }, i as u64)?;
+        }
     }
     let max_running_seqs = concurrency.iter().copied().max().unwrap_or(1).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -871,10 +885,12 @@ fn bench_adapters(
         .enable_all()
         .build()?;
     let (app, url) = runtime.block_on(serve::start_local(loaded, "base", Some(dir.clone()), max_running_seqs, None))?;
-    let r16 = dir.join(&names[1.min(names.len() - 1)]);
-    let cold = adapters::cold_loads(app.adapters.registry(), &r16, 5)?;
-    for name in &names {
-        app.adapters.registry().lease(name)?;
+    let first = names(kinds[0]);
+    let cold = adapters::cold_loads(app.adapters.registry(), &dir.join(&first[1.min(first.len() - 1)]), 5)?;
+    for &kind in &kinds {
+        for name in names(kind) {
+            app.adapters.registry().lease(&name)?;
+        }
     }
     let rows = runtime.block_on(async {
         let warm = serve::ServeLoad { max_tokens: 4, requests_per_client: 1 };
@@ -883,24 +899,27 @@ fn bench_adapters(
         for &clients in concurrency {
             let base = serve::run_level(&url, &["base".to_string()], clients, &load).await?;
             let base_rate = base.tokens as f64 / base.wall.as_secs_f64();
-            rows.push((clients, 0, base_rate, 1.0));
-            for &spread in spreads {
-                let row = serve::run_level(&url, &names[..spread.min(names.len())], clients, &load).await?;
-                let rate = row.tokens as f64 / row.wall.as_secs_f64();
-                rows.push((clients, spread, rate, rate / base_rate));
-                eprintln!("{clients} clients over {spread} adapters done");
+            rows.push((clients, "base".to_string(), 0, base_rate, 1.0));
+            for &kind in &kinds {
+                let names = names(kind);
+                for &spread in spreads {
+                    let row = serve::run_level(&url, &names[..spread.min(names.len())], clients, &load).await?;
+                    let rate = row.tokens as f64 / row.wall.as_secs_f64();
+                    rows.push((clients, kind.to_string(), spread, rate, rate / base_rate));
+                    eprintln!("{clients} clients over {spread} {kind} adapters done");
+                }
             }
         }
         Ok::<_, anyhow::Error>(rows)
     })?;
     let _ = std::fs::remove_dir_all(&dir);
-    println!("| clients | adapters | total tok/s | vs base |\n|--------:|---------:|------------:|--------:|");
-    for (clients, spread, rate, ratio) in rows {
+    println!("| clients | kind | adapters | total tok/s | vs base |\n|--------:|:-----|---------:|------------:|--------:|");
+    for (clients, kind, spread, rate, ratio) in rows {
         let spread = if spread == 0 { "none".to_string() } else { spread.to_string() };
-        println!("| {clients:>7} | {spread:>8} | {rate:>11.1} | {ratio:>6.2}× |");
+        println!("| {clients:>7} | {kind} | {spread:>8} | {rate:>11.1} | {ratio:>6.2}× |");
     }
     let all: Vec<String> = cold.iter().map(|ms| format!("{ms:.1}")).collect();
-    println!("\ncold load of an r16 adapter (7 targets): median {:.1} ms (runs: {} ms)", median(&cold), all.join(", "));
+    println!("\ncold load of an r16 {} adapter (7 targets): median {:.1} ms (runs: {} ms)", kinds[0], median(&cold), all.join(", "));
     Ok(())
 }
 
@@ -911,7 +930,7 @@ fn train_local(model: &ModelArg, args: TrainLocalArgs, threads: Option<usize>) -
     let path = model.resolve()?;
     let model_id = path.file_stem().and_then(|s| s.to_str()).unwrap_or("base").to_string();
     let loaded = std::sync::Arc::new(model.load()?);
-    let spec = tessera::services::feedback::lora_spec(Some(args.rank), args.alpha, args.targets.as_deref())?.unwrap_or_default();
+    let spec = tessera::services::feedback::lora_spec(None, Some(args.rank), args.alpha, args.targets.as_deref())?.unwrap_or_default();
     let options = LocalTraining {
         lora: spec,
         hyperparameters: tessera::train::job::Hyperparameters { n_epochs: args.epochs, batch_size: args.batch_size, learning_rate: args.learning_rate },

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
-use tessera_adapters::peft::{BaseShape, CONFIG_FILE};
-use tessera_adapters::LoraWeights;
+use tessera_adapters::peft::{BaseShape, BaseWeights, CONFIG_FILE};
+use tessera_adapters::{AdapterKind, AdapterWeights};
 
 use crate::adapter_files::{self, AdapterFileError};
 
@@ -27,8 +27,9 @@ pub enum RegistryError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    File(#[from] AdapterFileError),
+    /// The adapter's files cannot be served; `reason` names no server path.
+    #[error("the adapter `{name}` cannot be served: {reason}")]
+    Unservable { name: String, reason: String },
 }
 
 /// One immutable version of an adapter.
@@ -36,15 +37,22 @@ pub enum RegistryError {
 pub struct AdapterGeneration {
     pub name: String,
     pub generation: u64,
-    pub weights: LoraWeights,
+    pub weights: AdapterWeights,
     pub rank: usize,
     pub alpha: f32,
     pub source: PathBuf,
 }
 
+impl AdapterGeneration {
+    pub fn kind(&self) -> AdapterKind {
+        self.weights.kind()
+    }
+}
+
 enum Entry {
-    /// Registered from disk, loaded on first use (again after an eviction).
-    OnDisk(PathBuf),
+    /// Registered from disk, loaded on first use (again after an eviction); its kind as its
+    /// files say, where they say one.
+    OnDisk(PathBuf, Option<AdapterKind>),
     /// In memory, with the tick of its last use (for least-recently-used eviction).
     Loaded(Arc<AdapterGeneration>, u64),
 }
@@ -62,6 +70,8 @@ pub struct Registry {
     /// Brings a folder onto this machine before it is read, where the tuning store keeps its
     /// versions in an object store: registered adapters then download on first use too.
     fetch: OnceLock<SourceFetch>,
+    /// The base's weights, against which DoRA adapters measure their row norms as they load.
+    base_weights: OnceLock<Arc<dyn BaseWeights + Send + Sync>>,
 }
 
 /// Makes the folder at a path present locally (a no-op for paths it does not manage).
@@ -90,7 +100,19 @@ impl Registry {
             budget,
             clock: AtomicU64::new(0),
             fetch: OnceLock::new(),
+            base_weights: OnceLock::new(),
         }
+    }
+
+    /// Sets the base weights DoRA adapters are measured against (once; later calls are ignored).
+    /// Without them a DoRA adapter cannot be served.
+    pub fn measure_against(&self, weights: Arc<dyn BaseWeights + Send + Sync>) {
+        let _ = self.base_weights.set(weights);
+    }
+
+    /// Loads the adapter at `path` as the registry would serve it, or says why it cannot be.
+    fn load_files(&self, path: &Path) -> Result<tessera_adapters::peft::PeftAdapter, AdapterFileError> {
+        adapter_files::load(path, &self.base, self.base_weights())
     }
 
     /// Sets how sources are fetched before they are read (once; later calls are ignored).
@@ -108,7 +130,7 @@ impl Registry {
             .iter()
             .filter_map(|e| match &*e {
                 Entry::Loaded(g, _) => Some(g.weights.size_in_bytes()),
-                Entry::OnDisk(_) => None,
+                Entry::OnDisk(..) => None,
             })
             .sum()
     }
@@ -133,7 +155,7 @@ impl Registry {
                 if let Entry::Loaded(g, _) = &*entry {
                     if Arc::strong_count(g) == 1 {
                         tracing::info!(adapter = %name, "adapter evicted from memory");
-                        *entry = Entry::OnDisk(g.source.clone());
+                        *entry = Entry::OnDisk(g.source.clone(), Some(g.kind()));
                         continue;
                     }
                 }
@@ -143,8 +165,9 @@ impl Registry {
     }
 
     /// Registers every adapter directly under `dir`: PEFT folders (holding `adapter_config.json`)
-    /// by their name, GGUF-LoRA files by their name without `.gguf`. Their weights load on first
-    /// use. Returns how many were registered. One (or a link) that resolves outside `dir` and
+    /// by their name, GGUF-LoRA files by their name without `.gguf`. Each is read once to check
+    /// that it can be served (one that cannot is logged by name and reason, and skipped); their
+    /// weights stay on disk until first use. Returns how many were registered. One (or a link) that resolves outside `dir` and
     /// the allowed roots is skipped, as `load` would refuse it.
     pub fn scan(&self, dir: &Path) -> Result<usize, RegistryError> {
         let io = |source| RegistryError::Io {
@@ -167,8 +190,14 @@ impl Registry {
             if adapter && !inside_roots {
                 tracing::warn!(path = %path.display(), "skipped: the adapter resolves outside the allowed adapter roots");
             } else if adapter && valid_name(&name) && name != self.base_name {
-                self.entries.insert(name, Entry::OnDisk(path));
-                registered += 1;
+                // Read once now, so that a folder the server cannot serve is never listed.
+                match self.load_files(&path) {
+                    Ok(adapter) => {
+                        self.entries.insert(name, Entry::OnDisk(path, Some(adapter.kind())));
+                        registered += 1;
+                    }
+                    Err(e) => tracing::warn!(adapter = %name, reason = %e.reason(), "skipped: the server cannot serve this adapter"),
+                }
             } else if path.is_dir() {
                 tracing::warn!(path = %path.display(), "skipped: not an adapter folder with a valid name");
             }
@@ -190,7 +219,7 @@ impl Registry {
         if let Some(fetch) = self.fetch.get() {
             fetch(path).map_err(|e| RegistryError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
         }
-        let adapter = adapter_files::load(path, &self.base)?;
+        let adapter = self.load_files(path).map_err(|e| RegistryError::Unservable { name: name.to_string(), reason: e.reason() })?;
         Ok(Arc::new(AdapterGeneration {
             name: name.to_string(),
             generation: self.next_generation.fetch_add(1, Ordering::SeqCst),
@@ -209,7 +238,7 @@ impl Registry {
                 *used = self.tick();
                 return Ok(generation.clone());
             }
-            Some(Entry::OnDisk(path)) => path.clone(),
+            Some(Entry::OnDisk(path, _)) => path.clone(),
         };
         // Files gone from under a registered name were deleted meanwhile: the adapter is gone.
         let loaded = self
@@ -273,7 +302,7 @@ impl Registry {
     /// Registers `name` from `path` without reading it yet.
     pub fn register(&self, name: &str, path: &Path) -> Result<(), RegistryError> {
         self.check_name(name)?;
-        self.entries.insert(name.to_string(), Entry::OnDisk(path.to_path_buf()));
+        self.entries.insert(name.to_string(), Entry::OnDisk(path.to_path_buf(), adapter_files::kind_of(path)));
         Ok(())
     }
 
@@ -288,7 +317,7 @@ impl Registry {
     /// Where `name` was registered from, and its current generation if loaded.
     pub fn describe(&self, name: &str) -> Option<(PathBuf, Option<Arc<AdapterGeneration>>)> {
         self.entries.get(name).map(|entry| match &*entry {
-            Entry::OnDisk(path) => (path.clone(), None),
+            Entry::OnDisk(path, _) => (path.clone(), None),
             Entry::Loaded(generation, _) => (generation.source.clone(), Some(generation.clone())),
         })
     }
@@ -296,6 +325,19 @@ impl Registry {
     /// Checks an adapter name for a new adapter.
     pub fn check_new_name(&self, name: &str) -> Result<(), RegistryError> {
         self.check_name(name)
+    }
+
+    /// The kind of `name`, as its loaded generation or its files say.
+    pub fn kind(&self, name: &str) -> Option<AdapterKind> {
+        self.entries.get(name).and_then(|entry| match &*entry {
+            Entry::OnDisk(_, kind) => *kind,
+            Entry::Loaded(generation, _) => Some(generation.kind()),
+        })
+    }
+
+    /// The base weights DoRA adapters are measured against, once set.
+    pub fn base_weights(&self) -> Option<&dyn BaseWeights> {
+        self.base_weights.get().map(|w| w.as_ref() as &dyn BaseWeights)
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -464,11 +464,16 @@ async fn thousands_of_adapters_register_without_loading() {
     let adapters = dir.path().join("adapters");
     write_adapter(&adapters.join("real"), 1);
     let config = std::fs::read(adapters.join("real/adapter_config.json")).unwrap();
+    let weights = std::fs::read(adapters.join("real/adapter_model.safetensors")).unwrap();
     for i in 0..2000 {
         let d = adapters.join(format!("a{i:04}"));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("adapter_config.json"), &config).unwrap();
+        std::fs::write(d.join("adapter_model.safetensors"), &weights).unwrap();
     }
+    // One the server cannot serve: checked at the scan, and not listed.
+    std::fs::create_dir_all(adapters.join("config-only")).unwrap();
+    std::fs::write(adapters.join("config-only/adapter_config.json"), &config).unwrap();
     let app = App::start(
         Arc::new(LoadedModel::load(&model_path).unwrap()),
         MODEL.into(),
@@ -494,10 +499,13 @@ async fn thousands_of_adapters_register_without_loading() {
     let (status, _) = tokens(&r, "real", Value::Null).await;
     assert_eq!(status, StatusCode::OK);
     assert!(app.adapters.registry().loaded_bytes() > 0);
-    // One whose weights are missing fails clearly when first used, and the server goes on.
+    // One whose weights go missing after the scan fails clearly when first used, without a
+    // server path, and the server goes on.
+    std::fs::remove_file(dir.path().join("adapters/a0001/adapter_model.safetensors")).unwrap();
     let (status, err) = call(&r, "POST", "/v1/completions", Some(json!({"model": "a0001", "prompt": "a"})), None).await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(err["error"]["message"].as_str().unwrap().contains("adapter_model.safetensors"), "{err}");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("adapter_model.safetensors") && !message.contains(dir.path().to_str().unwrap()), "{err}");
 }
 
 /// `GET uri`'s status, content type and body bytes.

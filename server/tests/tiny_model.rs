@@ -8,7 +8,7 @@ use tessera::model::synthetic::{self, tiny_gemma3};
 use tessera::model::{KvCache, LogitsFor, ModelError};
 use tessera::sampler::SamplingParams;
 use tessera::LoadedModel;
-use tessera_adapters::{AdapterMix, LoraDelta, LoraWeights, TargetModule};
+use tessera_adapters::{AdapterMix, LoraDelta, AdapterWeights, TargetModule};
 
 fn tiny_model() -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
@@ -179,11 +179,11 @@ fn the_sliding_window_hides_old_tokens_from_local_layers() {
     assert!(max_abs_diff(&reference, &last(&near)) > 1e-3);
 }
 
-fn adapter_on_q(layer: usize, b_value: f32) -> LoraWeights {
+fn adapter_on_q(layer: usize, b_value: f32) -> AdapterWeights {
     let (input, output, rank) = (synthetic::HIDDEN, synthetic::HEADS * synthetic::HEAD_DIM, 2);
     let a: Vec<f32> = (0..rank * input).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
     let b = vec![b_value; output * rank];
-    let mut w = LoraWeights::default();
+    let mut w = AdapterWeights::default();
     w.insert(
         layer,
         TargetModule::Q,

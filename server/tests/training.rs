@@ -8,11 +8,11 @@ use tessera::dataset::{Conversation, Message};
 use tessera::model::synthetic::tiny_gemma3;
 use tessera::train::data::example;
 use tessera::train::decoder::{Example, KeptGraphs, Trainable};
-use tessera::train::lora::{LoraParams, LoraSpec};
+use tessera::train::lora::{AdapterParams, LoraSpec};
 use tessera::train::optim::{AdamW, AdamWConfig};
 use tessera::train::{evaluate, gradients, gradients_keeping, train_step};
 use tessera::LoadedModel;
-use tessera_adapters::TargetModule;
+use tessera_adapters::{AdapterKind, TargetModule};
 
 fn tiny_model() -> (tempfile::TempDir, Arc<LoadedModel>) {
     let dir = tempfile::tempdir().unwrap();
@@ -39,11 +39,11 @@ fn examples(model: &LoadedModel, pairs: &[(&str, &str)]) -> Vec<Example> {
 }
 
 /// Copies, not views: `Var::set` writes into the variable's storage in place.
-fn all_params(lora: &LoraParams) -> Vec<Tensor> {
+fn all_params(lora: &AdapterParams) -> Vec<Tensor> {
     lora.named_vars().iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect()
 }
 
-fn set_params(lora: &LoraParams, values: &[Tensor]) {
+fn set_params(lora: &AdapterParams, values: &[Tensor]) {
     for ((_, var), value) in lora.named_vars().iter().zip(values) {
         var.set(value).unwrap();
     }
@@ -58,13 +58,14 @@ fn dot(a: &[Tensor], b: &[Tensor]) -> f64 {
 
 /// r4 factors on every target with a random B: a fresh B is zero, which would hide every
 /// gradient of A.
-fn random_lora(model: &LoadedModel, seed: u64) -> LoraParams {
+fn random_lora(model: &LoadedModel, seed: u64) -> AdapterParams {
     let spec = LoraSpec {
         rank: 4,
         alpha: 8.0,
         targets: TargetModule::ALL.to_vec(),
+        kind: AdapterKind::Lora,
     };
-    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, seed).unwrap();
+    let lora = AdapterParams::fresh(&model, spec, seed).unwrap();
     for (name, var) in lora.named_vars() {
         if name.contains("lora_B") {
             var.set(&Tensor::randn(0f32, 0.05, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
@@ -154,8 +155,9 @@ fn training_on_a_few_pairs_drives_the_loss_near_zero() {
         rank: 8,
         alpha: 16.0,
         targets: TargetModule::ALL.to_vec(),
+        kind: AdapterKind::Lora,
     };
-    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), spec, 5).unwrap();
+    let lora = AdapterParams::fresh(&model, spec, 5).unwrap();
     let batch = examples(&model, &[("abc", "the"), ("xyz", "in a tin"), ("hello", "hat")]);
     let before = evaluate(Trainable::new(&model, &lora), &batch, 8).unwrap();
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
 use tessera_adapters::peft::{alpha_is_valid, rank_is_valid, BaseShape, PeftAdapter, MAX_ALPHA, MAX_RANK};
-use tessera_adapters::{LoraDelta, LoraWeights, TargetModule};
+use tessera_adapters::{AdapterKind, AdapterWeights, LoraDelta, TargetModule};
 
 use super::{AdapterFactors, Factor, FactorPair, FloatType};
 use crate::gguf::writer::GgufWriter;
@@ -27,6 +27,19 @@ pub enum GgufLoraError {
     Architecture { path: PathBuf, found: String, expected: String },
     #[error("{path}: tensor `{tensor}`: {problem}")]
     Tensor { path: PathBuf, tensor: String, problem: String },
+}
+
+impl GgufLoraError {
+    /// What is wrong, naming the file by its name alone (never where it lies on the server).
+    pub fn reason(&self) -> String {
+        let file = |path: &Path| path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        match self {
+            GgufLoraError::File(_) => "not a readable GGUF file".into(),
+            GgufLoraError::NotLora { path, reason } => format!("{}: not a GGUF-LoRA adapter: {reason}", file(path)),
+            GgufLoraError::Architecture { path, found, expected } => format!("{}: made for a `{found}` model, but the base model is `{expected}`", file(path)),
+            GgufLoraError::Tensor { path, tensor, problem } => format!("{}: tensor `{tensor}`: {problem}", file(path)),
+        }
+    }
 }
 
 /// `blk.N.<module>.weight.lora_{a,b}` as (layer, module, is_b).
@@ -131,7 +144,7 @@ pub fn read(path: &Path, base: &BaseShape) -> Result<AdapterFactors, GgufLoraErr
 /// The GGUF-LoRA file at `path` as deltas the server applies.
 pub fn load(path: &Path, base: &BaseShape) -> Result<PeftAdapter, GgufLoraError> {
     let factors = read(path, base)?;
-    let mut weights = LoraWeights::default();
+    let mut weights = AdapterWeights::new(AdapterKind::Lora);
     for pair in &factors.pairs {
         let (in_features, out_features) = base.features(pair.module);
         let name = format!("blk.{}.{}.weight", pair.layer, pair.module.gguf_name());

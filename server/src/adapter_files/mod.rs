@@ -9,8 +9,8 @@ mod peft;
 
 use std::path::Path;
 
-use tessera_adapters::peft::{BaseShape, PeftAdapter, PeftError};
-use tessera_adapters::TargetModule;
+use tessera_adapters::peft::{BaseShape, BaseWeights, PeftAdapter, PeftError};
+use tessera_adapters::{AdapterKind, TargetModule};
 
 pub use gguf::GgufLoraError;
 
@@ -20,6 +20,19 @@ pub enum AdapterFileError {
     Peft(#[from] PeftError),
     #[error(transparent)]
     Gguf(#[from] GgufLoraError),
+    #[error("{kind} adapters have no GGUF-LoRA form: {why}")]
+    NoGgufForm { kind: AdapterKind, why: &'static str },
+}
+
+impl AdapterFileError {
+    /// What is wrong, naming files by their names alone (never where they lie on the server).
+    pub fn reason(&self) -> String {
+        match self {
+            AdapterFileError::Peft(e) => e.reason(),
+            AdapterFileError::Gguf(e) => e.reason(),
+            AdapterFileError::NoGgufForm { .. } => self.to_string(),
+        }
+    }
 }
 
 /// The two formats. On disk a PEFT adapter is a folder and a GGUF-LoRA adapter one file.
@@ -115,18 +128,29 @@ pub struct AdapterFactors {
     pub pairs: Vec<FactorPair>,
 }
 
-/// Loads the adapter at `path` (a PEFT folder or a GGUF-LoRA file), checked against `base`.
-pub fn load(path: &Path, base: &BaseShape) -> Result<PeftAdapter, AdapterFileError> {
+/// Loads the adapter at `path` (a PEFT folder or a GGUF-LoRA file), checked against `base`; a
+/// DoRA adapter measures its row norms against the base's `weights`.
+pub fn load(path: &Path, base: &BaseShape, weights: Option<&dyn BaseWeights>) -> Result<PeftAdapter, AdapterFileError> {
     match AdapterFormat::of(path) {
-        AdapterFormat::Peft => Ok(PeftAdapter::load(path, base)?),
+        AdapterFormat::Peft => Ok(PeftAdapter::load(path, base, weights)?),
         AdapterFormat::Gguf => Ok(gguf::load(path, base)?),
     }
 }
 
-/// The factors of the adapter at `path`, checked against `base`.
+/// The kind of the adapter at `path` as its files say (a GGUF-LoRA file is LoRA), where they
+/// say one.
+pub fn kind_of(path: &Path) -> Option<AdapterKind> {
+    match AdapterFormat::of(path) {
+        AdapterFormat::Gguf => Some(AdapterKind::Lora),
+        AdapterFormat::Peft => tessera_adapters::peft::config_kind(&std::fs::read_to_string(path.join(tessera_adapters::peft::CONFIG_FILE)).ok()?),
+    }
+}
+
+/// The factors of the LoRA adapter at `path`, checked against `base`. DoRA and IA³ adapters
+/// have no such form in the other format: llama.cpp loads neither.
 pub fn read(path: &Path, base: &BaseShape) -> Result<AdapterFactors, AdapterFileError> {
     match AdapterFormat::of(path) {
-        AdapterFormat::Peft => Ok(peft::read(path, base)?),
+        AdapterFormat::Peft => peft::read(path, base),
         AdapterFormat::Gguf => Ok(gguf::read(path, base)?),
     }
 }

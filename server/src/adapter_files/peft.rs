@@ -6,32 +6,40 @@ use std::path::Path;
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use tessera_adapters::peft::{alpha_is_valid, module_path, parse_tensor_name, BaseShape, PeftAdapter, PeftError, CONFIG_FILE, WEIGHTS_FILE};
-use tessera_adapters::TargetModule;
+use tessera_adapters::peft::{alpha_is_valid, config_kind, module_path, parse_tensor_name, BaseShape, PeftAdapter, PeftError, TensorRole, CONFIG_FILE, WEIGHTS_FILE};
+use tessera_adapters::{AdapterKind, TargetModule};
 
-use super::{AdapterFactors, Factor, FactorPair, FloatType};
+use super::{AdapterFactors, AdapterFileError, Factor, FactorPair, FloatType};
 
 fn weights_error(path: &Path, message: String) -> PeftError {
     PeftError::Weights { path: path.to_path_buf(), message }
 }
 
-/// The factors of the PEFT folder `dir`, checked against `base` as loading checks them.
-pub fn read(dir: &Path, base: &BaseShape) -> Result<AdapterFactors, PeftError> {
+/// The factors of the PEFT LoRA folder `dir`, checked against `base` as loading checks them.
+pub fn read(dir: &Path, base: &BaseShape) -> Result<AdapterFactors, AdapterFileError> {
     let io = |path: std::path::PathBuf| move |source| PeftError::Io { path, source };
     let config = std::fs::read_to_string(dir.join(CONFIG_FILE)).map_err(io(dir.join(CONFIG_FILE)))?;
+    match config_kind(&config) {
+        Some(AdapterKind::Dora) => {
+            return Err(AdapterFileError::NoGgufForm { kind: AdapterKind::Dora, why: "llama.cpp cannot load a DoRA magnitude vector" })
+        }
+        Some(AdapterKind::Ia3) => return Err(AdapterFileError::NoGgufForm { kind: AdapterKind::Ia3, why: "llama.cpp has no IA³ adapters" }),
+        Some(AdapterKind::Lora) | None => {}
+    }
     let path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).map_err(io(path.clone()))?;
     // The same bytes, checked and scaled as loading does, then read as stored.
-    let adapter = PeftAdapter::from_parts(&config, &bytes, dir, base)?;
+    let adapter = PeftAdapter::from_parts(&config, &bytes, dir, base, None)?;
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| weights_error(&path, e.to_string()))?;
     let mut halves: BTreeMap<(usize, TargetModule), (Option<Factor>, Option<Factor>)> = BTreeMap::new();
     for (name, view) in tensors.tensors() {
-        let (layer, module, is_b) = parse_tensor_name(&name).map_err(|problem| PeftError::Tensor { path: path.clone(), tensor: name.clone(), problem })?;
+        let (layer, module, role) = parse_tensor_name(&name).map_err(|problem| PeftError::Tensor { path: path.clone(), tensor: name.clone(), problem })?;
+        let is_b = role == TensorRole::LoraB;
         let dtype = match view.dtype() {
             Dtype::F32 => FloatType::F32,
             Dtype::F16 => FloatType::F16,
             Dtype::BF16 => FloatType::BF16,
-            other => return Err(PeftError::Tensor { path: path.clone(), tensor: name, problem: format!("dtype {other:?} is not supported") }),
+            other => return Err(PeftError::Tensor { path: path.clone(), tensor: name, problem: format!("dtype {other:?} is not supported") }.into()),
         };
         let factor = Factor { dtype, dims: view.shape().to_vec(), bytes: view.data().to_vec() };
         let entry = halves.entry((layer, module)).or_default();

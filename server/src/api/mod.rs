@@ -107,6 +107,7 @@ impl App {
         let roots: Vec<_> = settings.adapters_dir.iter().chain(&settings.adapter_roots).cloned().collect();
         let base = model.model.config().adapter_shape();
         let registry = Arc::new(Registry::new(base.clone(), &model_id, &roots, settings.max_adapter_memory));
+        registry.measure_against(model.clone());
         if let Some(dir) = &settings.adapters_dir {
             let found = registry.scan(dir).map_err(std::io::Error::other)?;
             tracing::info!(dir = %dir.display(), found, "adapters registered");

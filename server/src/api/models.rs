@@ -18,6 +18,7 @@ fn base_model(app: &App) -> Model {
         owned_by: "tessera".into(),
         parent: None,
         max_model_len: app.inference.ctx_len(),
+        adapter_kind: None,
     }
 }
 
@@ -25,6 +26,7 @@ fn adapter_model(app: &App, name: &str) -> Model {
     Model {
         id: name.to_string(),
         parent: Some(app.inference.model_id().to_string()),
+        adapter_kind: app.adapters.registry().kind(name).map(|k| k.name()),
         ..base_model(app)
     }
 }

@@ -32,7 +32,7 @@ pub async fn upload_feedback(
     ApiQuery(params): ApiQuery<FeedbackParams>,
     body: Bytes,
 ) -> Result<Json<FeedbackReceipt>, AppError> {
-    let lora = LoraChoice { rank: params.rank, alpha: params.alpha, targets: params.targets };
+    let lora = LoraChoice { method: params.method, rank: params.rank, alpha: params.alpha, targets: params.targets };
     let outcome = app.tuning.upload_feedback(name, body.to_vec(), lora, scope).await?;
     Ok(Json(FeedbackReceipt {
         adapter: outcome.adapter,
@@ -209,6 +209,7 @@ impl HyperparametersRequest {
             n_epochs: number(&self.n_epochs, "hyperparameters.n_epochs")?,
             batch_size: number(&self.batch_size, "hyperparameters.batch_size")?,
             learning_rate_multiplier: number(&self.learning_rate_multiplier, "hyperparameters.learning_rate_multiplier")?,
+            adapter: self.adapter.clone(),
         })
     }
 }

@@ -1,5 +1,5 @@
 //! `tessera bench adapters`: serving throughput when concurrent requests are spread over several
-//! LoRA adapters, against the same load on the base alone, and the cold-load latency of an
+//! LoRA, DoRA or IA³ adapters, against the same load on the base alone, and the cold-load latency of an
 //! adapter.
 
 use std::path::Path;
@@ -7,37 +7,56 @@ use std::time::Instant;
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use tessera_adapters::peft::{BaseShape, CONFIG_FILE, WEIGHTS_FILE};
-use tessera_adapters::TargetModule;
+use tessera_adapters::peft::{ia3_scales_input, module_path, BaseShape, CONFIG_FILE, IA3_MODULES, WEIGHTS_FILE};
+use tessera_adapters::{AdapterKind, TargetModule};
 
-/// Writes a random PEFT adapter of rank `rank` on all seven linear layers of every block.
-pub fn write_random_adapter(dir: &Path, shape: &BaseShape, rank: usize, seed: u64) -> std::io::Result<()> {
+/// Small random values around `center` (±0.01 for 0), from a linear congruential stream.
+struct RandomValues(u64);
+
+impl RandomValues {
+    fn next(&mut self, center: f32) -> f32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        center + ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+    }
+
+    fn bytes(&mut self, n: usize, center: f32) -> Vec<u8> {
+        (0..n).flat_map(|_| self.next(center).to_le_bytes()).collect()
+    }
+}
+
+/// Writes a random PEFT adapter of `kind`: LoRA or DoRA of rank `rank` on all seven linear
+/// layers of every block (DoRA's magnitudes near 1), or IA³ (scales near 1 on k, v and down).
+pub fn write_random_adapter(dir: &Path, shape: &BaseShape, kind: AdapterKind, rank: usize, seed: u64) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join(CONFIG_FILE),
-        format!(
-            r#"{{"peft_type":"LORA","r":{rank},"lora_alpha":{},"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}}"#,
-            2 * rank
+    let config = match kind {
+        AdapterKind::Ia3 => r#"{"peft_type":"IA3","target_modules":["k_proj","v_proj","down_proj"],"feedforward_modules":["down_proj"]}"#.to_string(),
+        AdapterKind::Lora | AdapterKind::Dora => format!(
+            r#"{{"peft_type":"LORA","r":{rank},"lora_alpha":{},"use_dora":{},"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}}"#,
+            2 * rank,
+            kind == AdapterKind::Dora
         ),
-    )?;
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    };
+    std::fs::write(dir.join(CONFIG_FILE), config)?;
+    let mut random = RandomValues(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407));
     let mut data = Vec::new();
     for layer in 0..shape.n_layers {
         for module in TargetModule::ALL {
-            let block = match module {
-                TargetModule::Q | TargetModule::K | TargetModule::V | TargetModule::O => "self_attn",
-                _ => "mlp",
-            };
             let (input, output) = shape.features(module);
-            let prefix = format!("base_model.model.model.layers.{layer}.{block}.{}", module.peft_name());
-            for (factor, dims) in [("lora_A", [rank, input]), ("lora_B", [output, rank])] {
-                let bytes: Vec<u8> = (0..dims[0] * dims[1])
-                    .flat_map(|_| {
-                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        (((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02).to_le_bytes()
-                    })
-                    .collect();
-                data.push((format!("{prefix}.{factor}.weight"), bytes, dims.to_vec()));
+            let prefix = format!("base_model.model.model.layers.{layer}.{}", module_path(module));
+            match kind {
+                AdapterKind::Ia3 if IA3_MODULES.contains(&module) => {
+                    let dims = if ia3_scales_input(module) { vec![1, input] } else { vec![output, 1] };
+                    data.push((format!("{prefix}.ia3_l"), random.bytes(dims[0] * dims[1], 1.0), dims));
+                }
+                AdapterKind::Ia3 => {}
+                AdapterKind::Lora | AdapterKind::Dora => {
+                    for (factor, dims) in [("lora_A", [rank, input]), ("lora_B", [output, rank])] {
+                        data.push((format!("{prefix}.{factor}.weight"), random.bytes(dims[0] * dims[1], 0.0), dims.to_vec()));
+                    }
+                    if kind == AdapterKind::Dora {
+                        data.push((format!("{prefix}.lora_magnitude_vector"), random.bytes(output, 1.0), vec![output]));
+                    }
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::bench::{Measurement, BENCH_TEXT};
 use crate::train::decoder::{Example, Trainable};
-use crate::train::lora::{LoraParams, LoraSpec};
+use crate::train::lora::{AdapterParams, LoraSpec};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{train_step, TrainError};
 use crate::LoadedModel;
@@ -51,7 +51,7 @@ fn instruction_examples(model: &LoadedModel, path: &Path, seq_len: usize) -> Res
 
 /// Times `steps` optimizer steps (after one untimed) over `batches` in turn: tok/s per step.
 fn time_steps(model: &Arc<LoadedModel>, load: &TrainLoad, batches: &[Vec<Example>]) -> Result<Vec<f64>, anyhow::Error> {
-    let lora = LoraParams::fresh(&model.model.config().adapter_shape(), load.spec.clone(), 0)?;
+    let lora = AdapterParams::fresh(&model, load.spec.clone(), 0)?;
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut optimizer = AdamW::new(
         AdamWConfig {

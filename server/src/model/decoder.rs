@@ -16,7 +16,8 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use tessera_adapters::{AdapterMix, TargetModule};
+use tessera_adapters::peft::BaseWeights;
+use tessera_adapters::{AdapterMix, LoraDelta, TargetModule};
 
 use crate::gguf::GgufFile;
 use crate::model::attention::{attend, AttentionChunk};
@@ -119,6 +120,29 @@ impl Block {
             down: linear(TargetModule::Down, (c.hidden, c.ffn_hidden))?,
             post_ffw_norm: optional_norm("post_ffw_norm", c.hidden)?,
         })
+    }
+}
+
+impl Block {
+    /// The block's linear layer that `module` names.
+    pub(crate) fn linear(&self, module: TargetModule) -> &QLinear {
+        match module {
+            TargetModule::Q => &self.q,
+            TargetModule::K => &self.k,
+            TargetModule::V => &self.v,
+            TargetModule::O => &self.o,
+            TargetModule::Gate => &self.gate,
+            TargetModule::Up => &self.up,
+            TargetModule::Down => &self.down,
+        }
+    }
+}
+
+/// DoRA measures its row norms against the weights as served, dequantized.
+impl BaseWeights for Decoder {
+    fn row_norms(&self, layer: usize, module: TargetModule, delta: &LoraDelta) -> Result<Vec<f32>, String> {
+        let block = self.blocks.get(layer).ok_or_else(|| format!("the base has no layer {layer}"))?;
+        block.linear(module).weight.adapted_row_norms(delta).map_err(|e| e.to_string())
     }
 }
 

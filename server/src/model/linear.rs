@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use tessera_adapters::{add_batch_deltas, AdapterMix, TargetModule};
+use tessera_adapters::{add_batch_deltas, batch_scales_inputs, scale_batch_inputs, AdapterMix, LoraDelta, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::quant::{Format, Isa, QuantWeight, TileArena};
@@ -240,6 +240,37 @@ impl QWeight {
         Ok(())
     }
 
+    /// `‖W[o, :] + s·(B·A)[o, :]‖` of every output row o: DoRA's norms of the adapted weight.
+    pub fn adapted_row_norms(&self, delta: &LoraDelta) -> Result<Vec<f32>, ModelError> {
+        self.row_norms_with(|o, row| delta.add_row_of_product(o, row))
+    }
+
+    /// `‖W[o, :] + Δ[o, :]‖` of every output row o, where `add_delta(o, row)` adds row o of Δ:
+    /// row chunks are dequantized one at a time on the caller's rayon pool, and each norm is
+    /// summed in f64.
+    pub fn row_norms_with(&self, add_delta: impl Fn(usize, &mut [f32]) + Sync) -> Result<Vec<f32>, ModelError> {
+        use rayon::prelude::*;
+        const ROWS_PER_TASK: usize = 64;
+        let k = self.in_features;
+        let starts: Vec<usize> = (0..self.out_features).step_by(ROWS_PER_TASK).collect();
+        let chunks = starts
+            .into_par_iter()
+            .map(|start| {
+                let rows = start..(start + ROWS_PER_TASK).min(self.out_features);
+                let mut weight = vec![0f32; rows.len() * k];
+                self.dequantize_rows_into(rows.clone(), &mut weight)?;
+                Ok(rows
+                    .zip(weight.chunks_exact_mut(k))
+                    .map(|(o, row)| {
+                        add_delta(o, row);
+                        row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32
+                    })
+                    .collect::<Vec<f32>>())
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(chunks.concat())
+    }
+
     /// Rows of the weight dequantized, `[rows.len(), in]` row-major, on the caller's rayon pool.
     fn dequantize_rows(&self, rows: Range<usize>) -> Result<Vec<f32>, ModelError> {
         use rayon::prelude::*;
@@ -416,8 +447,24 @@ impl QLinear {
     /// `x: [rows, in] → [rows, out]`. The base matmul runs once over every row of the batch;
     /// each segment's adapter delta touches only its own rows.
     pub fn forward(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
+        if batch_scales_inputs(self.layer, self.module, segments.iter().map(|s| s.adapters)) {
+            return self.forward_scaled_inputs(x, segments);
+        }
         let [y] = Self::forward_each([self], x, segments)?;
         Ok(y)
+    }
+
+    /// [`Self::forward`] where some rows' mixes scale this layer's input (IA³ on `down`): the
+    /// base product runs over the scaled rows, the low-rank deltas over the rows as they came.
+    fn forward_scaled_inputs(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
+        let mut scaled = with_values(x, <[f32]>::to_vec)?;
+        scale_batch_inputs(self.layer, self.module, segments.iter().map(|s| (s.rows.clone(), s.adapters)), &mut scaled);
+        let scaled = Tensor::from_vec(scaled, x.shape(), &Device::Cpu)?;
+        // The same kernels as unscaled batches take, so a row's product never depends on them.
+        let [base]: [Vec<f32>; 1] = QWeight::forward_values_each(&[&self.weight], &scaled)?
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one product per weight"));
+        self.finish(x, base, x.dim(0)?, segments)
     }
 
     /// [`Self::forward`] of several layers over the same input (a block's q, k and v, or its
@@ -437,12 +484,14 @@ impl QLinear {
     /// The base product `ys: [rows, out]` plus each segment's adapter delta and the bias.
     fn finish(&self, x: &Tensor, mut ys: Vec<f32>, rows: usize, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
         if segments.iter().any(|s| !s.adapters.is_empty()) {
+            let bias = self.bias.as_ref().map(Tensor::to_vec1::<f32>).transpose()?;
             with_values(x, |xs| {
                 add_batch_deltas(
                     self.layer,
                     self.module,
                     segments.iter().map(|s| (s.rows.clone(), s.adapters)),
                     xs,
+                    bias.as_deref(),
                     &mut ys,
                 )
             })?;

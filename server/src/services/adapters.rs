@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tessera_adapters::peft::{BaseShape, PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use tessera_adapters::AdapterKind;
 
 use super::{archive, blocking, ServiceError};
 use crate::access::Scope;
@@ -20,6 +21,8 @@ pub struct AdapterDescription {
     pub generation: Option<u64>,
     pub rank: Option<usize>,
     pub alpha: Option<f32>,
+    /// LoRA, DoRA or IA³, as its files say.
+    pub kind: Option<AdapterKind>,
     pub size_bytes: Option<usize>,
     /// For adapters tuned online.
     pub tuning: Option<TuningState>,
@@ -79,7 +82,7 @@ fn registry_error(e: RegistryError) -> ServiceError {
     match e {
         RegistryError::InvalidName(_) | RegistryError::ReservedName(_) => ServiceError::invalid("lora_name", e.to_string()),
         RegistryError::NotFound(_) => ServiceError::NotFound(e.to_string()),
-        RegistryError::OutsideRoots { .. } | RegistryError::Io { .. } | RegistryError::File(_) => ServiceError::invalid("lora_path", e.to_string()),
+        RegistryError::OutsideRoots { .. } | RegistryError::Io { .. } | RegistryError::Unservable { .. } => ServiceError::invalid("lora_path", e.to_string()),
     }
 }
 
@@ -193,9 +196,9 @@ impl Adapters {
     fn install_gguf(&self, dir: &std::path::Path, name: &str, gguf: &[u8]) -> Result<PathBuf, ServiceError> {
         let stored = |e: std::io::Error| ServiceError::Internal(format!("storing the adapter failed: {e}"));
         let staged = archive::stage_file(dir, gguf).map_err(stored)?;
-        if let Err(e) = adapter_files::load(&staged, &self.base) {
+        if let Err(e) = adapter_files::load(&staged, &self.base, None) {
             let _ = std::fs::remove_file(&staged);
-            return Err(ServiceError::invalid("gguf", e.to_string().replace(&staged.display().to_string(), "the upload")));
+            return Err(ServiceError::invalid("gguf", e.reason().replace(&staged.file_name().unwrap_or_default().to_string_lossy().into_owned(), "the upload")));
         }
         archive::publish_file(&staged, dir, name).map_err(stored)
     }
@@ -220,7 +223,10 @@ impl Adapters {
     /// The adapter stored at `source` in `format`, named `stem`. A file already in that format
     /// goes out as it is stored; the other format holds the same factors.
     fn export(&self, source: &std::path::Path, stem: &str, format: AdapterFormat) -> Result<Export, ServiceError> {
-        let unreadable = |e: adapter_files::AdapterFileError| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
+        let unreadable = |e: adapter_files::AdapterFileError| match e {
+            adapter_files::AdapterFileError::NoGgufForm { .. } => ServiceError::invalid("format", e.to_string()),
+            other => ServiceError::Internal(format!("reading the stored adapter failed: {}", other.reason())),
+        };
         let stored = |e: std::io::Error| ServiceError::Internal(format!("reading the stored adapter failed: {e}"));
         match format {
             AdapterFormat::Gguf => {
@@ -276,7 +282,7 @@ impl Adapters {
             _ => return Err(ServiceError::invalid("archive", "send both adapter_config.json and adapter_model.safetensors, or one zip or tar archive")),
         };
         let config = String::from_utf8(config).map_err(|_| ServiceError::invalid("adapter_config.json", "the config is not UTF-8"))?;
-        PeftAdapter::from_parts(&config, &weights, std::path::Path::new(&upload.name), &self.base)
+        PeftAdapter::from_parts(&config, &weights, std::path::Path::new(&upload.name), &self.base, self.registry.base_weights())
             .map_err(|e| ServiceError::invalid("adapter_model.safetensors", e.to_string()))?;
         Ok((config, weights))
     }
@@ -296,6 +302,7 @@ impl Adapters {
             generation: generation.as_ref().map(|g| g.generation),
             rank: generation.as_ref().map(|g| g.rank),
             alpha: generation.as_ref().map(|g| g.alpha),
+            kind: self.registry.kind(name),
             size_bytes: generation.as_ref().map(|g| g.weights.size_in_bytes()),
             tuning: self.tuner.as_deref().and_then(|t| tuning_state(t, name)),
         })

@@ -4,7 +4,7 @@
 //! starts unless one is already active.
 
 use tessera_adapters::peft::{alpha_is_valid, rank_is_valid, MAX_ALPHA, MAX_RANK};
-use tessera_adapters::TargetModule;
+use tessera_adapters::{AdapterKind, TargetModule};
 
 use crate::access::Scope;
 use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
@@ -19,11 +19,24 @@ fn invalid(param: &str, message: String) -> ServiceError {
     ServiceError::invalid(param, message)
 }
 
-/// The LoRA a first upload creates, from its `rank`, `alpha` and comma-separated `targets`
-/// (each optional: r = 16, α = 2r, all seven modules); `None` when none is given.
-pub fn lora_spec(rank: Option<usize>, alpha: Option<f32>, targets: Option<&str>) -> Result<Option<LoraSpec>, ServiceError> {
-    if rank.is_none() && alpha.is_none() && targets.is_none() {
+/// The adapter kind `name` says (`lora`, `dora` or `ia3`); `param` names the field.
+pub fn adapter_kind(name: &str, param: &str) -> Result<AdapterKind, ServiceError> {
+    AdapterKind::from_name(name).ok_or_else(|| invalid(param, format!("unknown adapter kind `{name}`: lora, dora or ia3")))
+}
+
+/// The adapter a first upload creates, from its `method` (`lora`, `dora` or `ia3`), `rank`,
+/// `alpha` and comma-separated `targets` (each optional: LoRA, r = 16, α = 2r, all seven
+/// modules; IA³ has none of the three); `None` when none is given.
+pub fn lora_spec(method: Option<&str>, rank: Option<usize>, alpha: Option<f32>, targets: Option<&str>) -> Result<Option<LoraSpec>, ServiceError> {
+    let kind = method.map(|m| adapter_kind(m, "method")).transpose()?;
+    if kind.is_none() && rank.is_none() && alpha.is_none() && targets.is_none() {
         return Ok(None);
+    }
+    let kind = kind.unwrap_or_default();
+    if kind == AdapterKind::Ia3 {
+        if let Some(param) = [("rank", rank.is_some()), ("alpha", alpha.is_some()), ("targets", targets.is_some())].iter().find(|(_, given)| *given) {
+            return Err(invalid(param.0, format!("IA³ has no {}: it scales k_proj, v_proj and down_proj", param.0)));
+        }
     }
     let rank = rank.unwrap_or(16);
     if !rank_is_valid(rank) {
@@ -40,7 +53,7 @@ pub fn lora_spec(rank: Option<usize>, alpha: Option<f32>, targets: Option<&str>)
             .map(|t| TargetModule::from_peft_name(t.trim()).ok_or_else(|| invalid("targets", format!("unknown target module `{t}`"))))
             .collect::<Result<Vec<_>, _>>()?,
     };
-    Ok(Some(LoraSpec { rank, alpha, targets }))
+    Ok(Some(LoraSpec { rank, alpha, targets, kind }))
 }
 
 /// What an upload did.
@@ -146,15 +159,15 @@ mod tests {
 
     #[test]
     fn a_first_uploads_lora_is_bounded() {
-        assert_eq!(lora_spec(None, None, None).unwrap(), None);
-        let spec = lora_spec(Some(4), None, Some("q_proj, v_proj")).unwrap().unwrap();
+        assert_eq!(lora_spec(None, None, None, None).unwrap(), None);
+        let spec = lora_spec(None, Some(4), None, Some("q_proj, v_proj")).unwrap().unwrap();
         assert_eq!((spec.rank, spec.alpha, spec.targets), (4, 8.0, vec![TargetModule::Q, TargetModule::V]));
         for (rank, alpha, param) in [(Some(0), None, "rank"), (Some(257), None, "rank"), (None, Some(f32::NAN), "alpha"), (None, Some(0.0), "alpha"), (None, Some(1025.0), "alpha")] {
-            match lora_spec(rank, alpha, None) {
+            match lora_spec(None, rank, alpha, None) {
                 Err(ServiceError::Invalid { param: p, .. }) => assert_eq!(p.as_deref(), Some(param)),
                 other => panic!("{rank:?} {alpha:?}: {other:?}"),
             }
         }
-        assert!(matches!(lora_spec(None, None, Some("lm_head")), Err(ServiceError::Invalid { .. })));
+        assert!(matches!(lora_spec(None, None, None, Some("lm_head")), Err(ServiceError::Invalid { .. })));
     }
 }

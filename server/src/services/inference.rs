@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use tessera_adapters::AdapterKind;
 use tessera_plugin_api::Message as PluginMessage;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -348,13 +349,13 @@ impl Inference {
     }
 
     /// Leases `own` (the adapters a model stands for), then `extra` (the request's, whose
-    /// errors name their place in `adapters`).
+    /// errors name their place in `adapters`), and checks that they compose.
     fn lease_mix(&self, own: &[AdapterChoice], extra: &[AdapterChoice]) -> Result<Leases, ServiceError> {
         let mut leases = Vec::with_capacity(own.len() + extra.len());
         for choice in own {
             let generation = self.registry.lease(&choice.name).map_err(|e| match e {
                 RegistryError::NotFound(_) => ServiceError::ModelNotFound(choice.name.clone()),
-                other => ServiceError::internal(other),
+                other => lease_error(other, "model"),
             })?;
             leases.push((generation, choice.scale));
         }
@@ -368,10 +369,11 @@ impl Inference {
                     param: Some(format!("adapters[{i}].name")),
                     code: Some("adapter_not_found"),
                 },
-                other => ServiceError::internal(other),
+                other => lease_error(other, &format!("adapters[{i}].name")),
             })?;
             leases.push((generation, choice.scale));
         }
+        check_composition(&leases, own.len())?;
         Ok(leases)
     }
 
@@ -411,6 +413,44 @@ impl Inference {
         }
         Ok(ids)
     }
+}
+
+/// A lease that failed for a reason other than a missing name: files the server cannot serve
+/// are the request's to avoid (named by `param`); anything else is the server's, logged in full
+/// and answered without its paths.
+fn lease_error(e: RegistryError, param: &str) -> ServiceError {
+    match e {
+        RegistryError::Unservable { .. } => ServiceError::Invalid { message: e.to_string(), param: Some(param.to_string()), code: Some("adapter_unservable") },
+        other => {
+            tracing::error!(error = %other, "leasing an adapter failed");
+            ServiceError::Internal("reading the adapter's files failed".into())
+        }
+    }
+}
+
+/// DoRA's rescaling of each row does not add linearly to another adapter's change of the same
+/// weight: a composition may hold one DoRA adapter, and then no IA³ one (whose scales would
+/// rescale the base DoRA measured). `own` leases come first; the rest are `adapters[i]`.
+fn check_composition(leases: &Leases, own: usize) -> Result<(), ServiceError> {
+    if leases.len() < 2 {
+        return Ok(());
+    }
+    let place = |i: usize| if i < own { "model".to_string() } else { format!("adapters[{}].name", i - own) };
+    let of_kind = |kind: AdapterKind| leases.iter().enumerate().filter(move |(_, (g, _))| g.kind() == kind).map(|(i, (g, _))| (i, g.name.clone()));
+    let doras: Vec<(usize, String)> = of_kind(AdapterKind::Dora).collect();
+    if let [(_, first), (i, second), ..] = doras.as_slice() {
+        return Err(ServiceError::invalid(
+            &place(*i),
+            format!("`{first}` and `{second}` are both DoRA adapters: a composition may hold one DoRA adapter, since DoRA rescales each row of the weight and two rescalings do not add"),
+        ));
+    }
+    if let (Some((_, dora)), Some((i, ia3))) = (doras.first(), of_kind(AdapterKind::Ia3).next()) {
+        return Err(ServiceError::invalid(
+            &place(i),
+            format!("`{ia3}` (IA³) cannot join the DoRA adapter `{dora}`: IA³ rescales the base weight that DoRA's magnitudes are measured against"),
+        ));
+    }
+    Ok(())
 }
 
 /// Turns as a tool-aware template takes them: calls in OpenAI's shape with their arguments as

@@ -16,16 +16,20 @@ use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoredPa
 use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, Tuner};
 
 /// Hyperparameters as a client chose them; `None` is "auto" (the server's default).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct HyperparameterChoice {
     pub n_epochs: Option<f64>,
     pub batch_size: Option<f64>,
     pub learning_rate_multiplier: Option<f64>,
+    /// The kind of adapter a job on the base model makes (`lora`, `dora` or `ia3`).
+    pub adapter: Option<String>,
 }
 
-/// The LoRA a first feedback upload creates, as a client chose it (each part optional).
+/// The adapter a first feedback upload creates, as a client chose it (each part optional).
 #[derive(Debug, Clone, Default)]
 pub struct LoraChoice {
+    /// `lora`, `dora` or `ia3`.
+    pub method: Option<String>,
     pub rank: Option<usize>,
     pub alpha: Option<f32>,
     /// Comma-separated PEFT module names.
@@ -86,7 +90,7 @@ impl Tuning {
     /// them), all or nothing, as `scope`; past `train_after` new pairs a job starts.
     pub async fn upload_feedback(&self, name: String, body: Vec<u8>, lora: LoraChoice, scope: Scope) -> Result<FeedbackOutcome, ServiceError> {
         let tuner = self.tuner()?;
-        let spec = feedback::lora_spec(lora.rank, lora.alpha, lora.targets.as_deref())?;
+        let spec = feedback::lora_spec(lora.method.as_deref(), lora.rank, lora.alpha, lora.targets.as_deref())?;
         let (plugins, grammars) = (self.plugins.clone(), self.grammars.clone());
         blocking(move || feedback::upload(&tuner, &plugins, &grammars, name, &body, spec, scope)).await
     }
@@ -177,7 +181,8 @@ impl Tuning {
         if request.model != self.model_id && !self.adapters.registry().contains(&request.model) {
             return Err(ServiceError::ModelNotFound(request.model));
         }
-        let hyperparameters = resolve(request.hyperparameters, tuner.settings.defaults)?;
+        let hyperparameters = resolve(request.hyperparameters.clone(), tuner.settings.defaults)?;
+        let kind = request.hyperparameters.adapter.as_deref().map(|name| feedback::adapter_kind(name, "hyperparameters.adapter")).transpose()?;
         if let Some(suffix) = &request.suffix {
             if suffix.is_empty() || suffix.len() > 40 || !crate::registry::valid_name(suffix) {
                 return Err(ServiceError::invalid("suffix", "the suffix must be 1 to 40 characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
@@ -198,7 +203,7 @@ impl Tuning {
                 suffix: request.suffix,
                 start_version: 0,
             };
-            Ok(tuner.start_file_job(&request.model, spec, scope)?)
+            Ok(tuner.start_file_job(&request.model, spec, kind, scope)?)
         })
         .await
     }

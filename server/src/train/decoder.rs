@@ -6,11 +6,14 @@
 //!
 //!   y = x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ        (W frozen, 8-bit; A, B f32 and trained)
 //!
+//! or DoRA's rescaled rows of it, or IA³'s scales (see `Trainable::linear`).
+//!
 //! Whole sequences only (no KV cache): every sequence of a batch starts at position 0.
 
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
+use tessera_adapters::peft::ia3_scales_input;
 use tessera_adapters::TargetModule;
 
 use crate::model::attention::attention_mask;
@@ -18,9 +21,27 @@ use crate::model::decoder::{Block, RmsNorm};
 use crate::model::rope::RotaryTables;
 use crate::model::Config;
 use crate::train::fused;
-use crate::train::lora::LoraParams;
-use crate::train::ops::{FrozenLinear, FrozenWeight, OutputLogits, OutputLoss};
+use crate::train::lora::AdapterParams;
+use crate::train::ops::{model_error, tensor_values, FrozenLinear, FrozenWeight, OutputLogits, OutputLoss};
 use crate::LoadedModel;
+
+/// `‖W + s·B·A‖` of each output row, as a constant `[out]`.
+fn adapted_row_norms(model: &LoadedModel, weight: FrozenWeight, a: &Tensor, b: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    let (a, b) = (tensor_values(a)?, tensor_values(b)?);
+    let w = weight.of(model);
+    let (k, n) = (w.in_features(), w.out_features());
+    let rank = a.len() / k;
+    let norms = w
+        .row_norms_with(|o, row| {
+            for (a_row, &b) in a.chunks_exact(k).zip(&b[o * rank..(o + 1) * rank]) {
+                for (v, a) in row.iter_mut().zip(a_row) {
+                    *v += scale * b * a;
+                }
+            }
+        })
+        .map_err(model_error)?;
+    Tensor::from_vec(norms, n, &Device::Cpu)
+}
 
 /// One training sequence: its tokens, and for each position whether the next token is scored.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,13 +61,13 @@ impl Example {
 #[derive(Clone, Copy)]
 pub struct Trainable<'a> {
     pub model: &'a Arc<LoadedModel>,
-    pub lora: &'a LoraParams,
+    pub lora: &'a AdapterParams,
     pub logits: OutputLogits,
 }
 
 impl<'a> Trainable<'a> {
     /// The fastest arithmetic this CPU has for the output logits.
-    pub fn new(model: &'a Arc<LoadedModel>, lora: &'a LoraParams) -> Self {
+    pub fn new(model: &'a Arc<LoadedModel>, lora: &'a AdapterParams) -> Self {
         Self {
             model,
             lora,
@@ -105,32 +126,41 @@ fn residual_add(x: &Tensor, branch: &Tensor, post: Option<&RmsNorm>) -> candle_c
 }
 
 impl Trainable<'_> {
-    /// x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for the layer's frozen W (and bias b where it has one).
+    /// The layer with its adapter: x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ (LoRA); g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
+    /// (DoRA); l ⊙ (x·Wᵀ + b) on k and v, (l ⊙ x)·Wᵀ + b on `down` (IA³). W is frozen.
     fn linear(&self, x: &Tensor, layer: usize, module: TargetModule) -> candle_core::Result<Tensor> {
-        let y = self.linear_without_bias(x, layer, module)?;
-        match &(FrozenWeight { layer, module }).linear(&self.model).bias {
-            Some(bias) => y.broadcast_add(bias),
-            None => Ok(y),
+        let ia3 = self.lora.ia3_scale(layer, module).map(Var::as_tensor);
+        let x = match ia3 {
+            Some(l) if ia3_scales_input(module) => x.broadcast_mul(l)?,
+            _ => x.clone(),
+        };
+        let y = self.linear_without_bias(&x, layer, module)?;
+        let y = match &(FrozenWeight { layer, module }).linear(self.model).bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        match ia3 {
+            Some(l) if !ia3_scales_input(module) => y.broadcast_mul(l),
+            _ => Ok(y),
         }
     }
 
     fn linear_without_bias(&self, x: &Tensor, layer: usize, module: TargetModule) -> candle_core::Result<Tensor> {
         let weight = FrozenWeight { layer, module };
         let x = x.contiguous()?;
-        match self.lora.factors(layer, module) {
-            None => x.apply_op1(FrozenLinear {
-                model: self.model.clone(),
-                weight,
-            }),
-            Some((a, b)) => x.apply_op3(
-                a.as_tensor(),
-                b.as_tensor(),
-                fused::LoraLinear {
-                    model: self.model.clone(),
-                    weight,
-                    scale: self.lora.scale(),
-                },
-            ),
+        let Some((a, b)) = self.lora.factors(layer, module) else {
+            return x.apply_op1(FrozenLinear { model: self.model.clone(), weight });
+        };
+        let scale = self.lora.scale();
+        let y = x.apply_op3(a.as_tensor(), b.as_tensor(), fused::LoraLinear { model: self.model.clone(), weight, scale })?;
+        match self.lora.magnitude(layer, module) {
+            None => Ok(y),
+            Some(m) => {
+                // The norm is a constant of the step: its gradient is detached, as PEFT does
+                // (DoRA §4.3), so only m and the low-rank term carry gradients.
+                let norms = adapted_row_norms(self.model, weight, a.as_tensor(), b.as_tensor(), scale)?;
+                y.broadcast_mul(&(m.as_tensor() / norms)?)
+            }
         }
     }
 

@@ -26,7 +26,8 @@ use crate::train::sync::{self, SyncState};
 use crate::train::worker;
 use crate::train::data::example;
 use crate::train::decoder::{Example, Trainable};
-use crate::train::lora::{LoraParams, LoraSpec};
+use crate::train::lora::{AdapterParams, LoraSpec};
+use tessera_adapters::AdapterKind;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{evaluate, train_step, TrainError};
 use crate::LoadedModel;
@@ -228,8 +229,8 @@ impl Tuner {
             Some(_) if scope != Scope::Admin => {
                 return Err(TuneError::NotOwner(format!("the adapter `{name}` belongs to the admin; only the admin may tune it")))
             }
-            Some((source, _)) => LoraParams::load_peft(&source, &self.base_shape())?,
-            None => LoraParams::fresh(&self.base_shape(), spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
+            Some((source, _)) => AdapterParams::load_peft(&source, &self.base_shape())?,
+            None => AdapterParams::fresh(&self.model, spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
         };
         self.adopt(name, &params, scope, serde_json::json!({"origin": "created"}), conversations)
     }
@@ -238,7 +239,7 @@ impl Tuner {
     /// `name` is already a tuned adapter: then the pairs go to that one (if `scope` may tune
     /// it) and `params` are dropped. Version 0's files are written to a staging folder first and
     /// moved into place inside the store's transaction.
-    fn adopt(&self, name: &str, params: &LoraParams, scope: Scope, origin: serde_json::Value, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
+    fn adopt(&self, name: &str, params: &AdapterParams, scope: Scope, origin: serde_json::Value, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
         let staging = self.store.staging_dir();
         let staged = params.save_peft(&staging, &self.model_id);
         let adopted = staged.map_err(TuneError::from).and_then(|()| {
@@ -306,7 +307,8 @@ impl Tuner {
 
     /// Queues an OpenAI fine-tuning job; its adapter (`ft-…`) starts from `model` (the base or
     /// an adapter).
-    pub fn start_file_job(&self, model: &str, spec: JobSpec, scope: Scope) -> Result<JobRow, TuneError> {
+    /// A fresh adapter is of `kind` (default LoRA); one continued from an adapter keeps its own.
+    pub fn start_file_job(&self, model: &str, spec: JobSpec, kind: Option<AdapterKind>, scope: Scope) -> Result<JobRow, TuneError> {
         let id = new_id("ftjob");
         let short = &id[id.len() - 8..];
         let adapter = match &spec.suffix {
@@ -315,7 +317,8 @@ impl Tuner {
         };
         // A copy of the starting adapter, or a fresh one, becomes the new adapter's version 0.
         let params = if model == self.model_id {
-            LoraParams::fresh(&self.base_shape(), self.settings.default_lora.clone(), spec.seed)?
+            let lora = LoraSpec { kind: kind.unwrap_or(self.settings.default_lora.kind), ..self.settings.default_lora.clone() };
+            AdapterParams::fresh(&self.model, lora, spec.seed)?
         } else {
             let source = match self.store.adapter(model)? {
                 Some(row) => self.store.fetch_version(model, row.version)?,
@@ -326,7 +329,11 @@ impl Tuner {
                         .0
                 }
             };
-            LoraParams::load_peft(&source, &self.base_shape())?
+            let params = AdapterParams::load_peft(&source, &self.base_shape())?;
+            if let Some(kind) = kind.filter(|k| *k != params.kind()) {
+                return Err(TuneError::Invalid(format!("`{model}` is a {} adapter: a job continuing it cannot make a {kind} one", params.kind())));
+            }
+            params
         };
         self.registry
             .check_new_name(&adapter)
@@ -546,8 +553,8 @@ impl Tuner {
             c.path = self.store.fetch(&c.path)?;
         }
         let lora = match &checkpoint {
-            Some(c) => LoraParams::load_peft(&c.path, &shape)?,
-            None => LoraParams::load_peft(&self.store.fetch_version(&job.adapter, spec.start_version)?, &shape)?,
+            Some(c) => AdapterParams::load_peft(&c.path, &shape)?,
+            None => AdapterParams::load_peft(&self.store.fetch_version(&job.adapter, spec.start_version)?, &shape)?,
         };
         let h = spec.hyperparameters;
         let steps_per_epoch = train.len().div_ceil(h.batch_size.max(1));
@@ -632,7 +639,7 @@ impl Tuner {
         self.finish(&job, &spec, &adapter, &lora, &held_out, trained_tokens)
     }
 
-    fn checkpoint(&self, job_id: &str, lora: &LoraParams, optimizer: &AdamW, loss: f64, trained_tokens: u64) -> Result<(), TuneError> {
+    fn checkpoint(&self, job_id: &str, lora: &AdapterParams, optimizer: &AdamW, loss: f64, trained_tokens: u64) -> Result<(), TuneError> {
         let dir = self.store.job_dir(job_id).join(format!("step-{:06}", optimizer.step));
         lora.save_peft(&dir, &self.model_id)?;
         optimizer.save(&dir.join("optimizer.safetensors"))?;
@@ -650,7 +657,7 @@ impl Tuner {
         job: &JobRow,
         spec: &JobSpec,
         adapter: &AdapterRow,
-        lora: &LoraParams,
+        lora: &AdapterParams,
         held_out: &[Example],
         trained_tokens: u64,
     ) -> Result<(), TuneError> {
@@ -660,7 +667,7 @@ impl Tuner {
         let promote = match (&spec.data, new_loss) {
             (JobData::Files { .. }, _) | (_, None) => true,
             (JobData::Feedback { .. }, Some(new_loss)) => {
-                let current_params = LoraParams::load_peft(&self.store.fetch_version(&adapter.name, current)?, &self.base_shape())?;
+                let current_params = AdapterParams::load_peft(&self.store.fetch_version(&adapter.name, current)?, &self.base_shape())?;
                 let current_loss = evaluate(Trainable::new(&self.model, &current_params), held_out, batch)?;
                 let better = new_loss < current_loss;
                 self.store.add_event(
@@ -722,7 +729,7 @@ fn move_into_place(staged: &std::path::Path, v0: &std::path::Path) -> std::io::R
     std::fs::File::open(folder)?.sync_all()
 }
 
-fn version_zero(name: &str, params: &LoraParams, created_by: Scope) -> AdapterRow {
+fn version_zero(name: &str, params: &AdapterParams, created_by: Scope) -> AdapterRow {
     AdapterRow {
         created_by,
         open_to_tuning: false,

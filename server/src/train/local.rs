@@ -55,6 +55,7 @@ pub fn train_local(
     let store = Arc::new(Store::open(&scratch)?);
     let shape = model.model.config().adapter_shape();
     let registry = Arc::new(Registry::new(shape.clone(), model_id, &[], None));
+    registry.measure_against(model.clone());
     let settings = TuningSettings {
         train_threads: options.threads,
         train_after: usize::MAX,
@@ -71,7 +72,7 @@ pub fn train_local(
         suffix: Some("local".into()),
         start_version: 0,
     };
-    let job = tuner.start_file_job(model_id, spec, Scope::Admin)?;
+    let job = tuner.start_file_job(model_id, spec, Some(options.lora.kind), Scope::Admin)?;
     let finished = follow(&store, &job.id, &mut on_event)?;
     if finished.status != JobStatus::Succeeded {
         return Err(TuneError::Invalid(finished.error.unwrap_or_else(|| format!("the job ended {}", finished.status))));

@@ -385,6 +385,9 @@ pub struct Model {
     /// The base model an adapter applies to (`null` for the base itself).
     pub parent: Option<String>,
     pub max_model_len: usize,
+    /// For an adapter: `lora`, `dora` or `ia3`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_kind: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -486,6 +489,9 @@ pub struct AdapterInfo {
     /// Whether its weights are in memory (they load on first use).
     pub loaded: bool,
     pub generation: Option<u64>,
+    /// `lora`, `dora` or `ia3`.
+    pub kind: Option<&'static str>,
+    /// The rank and α of LoRA and DoRA adapters (IA³ has neither).
     pub rank: Option<usize>,
     pub alpha: Option<f32>,
     pub size_bytes: Option<usize>,
@@ -510,13 +516,15 @@ pub struct AdapterInfo {
 impl From<crate::services::adapters::AdapterDescription> for AdapterInfo {
     fn from(d: crate::services::adapters::AdapterDescription) -> Self {
         let tuning = d.tuning;
+        let low_rank = d.kind != Some(tessera_adapters::AdapterKind::Ia3);
         Self {
             name: d.name,
             path: d.path.display().to_string(),
             loaded: d.generation.is_some(),
             generation: d.generation,
-            rank: d.rank.or(tuning.as_ref().map(|t| t.rank)),
-            alpha: d.alpha.or(tuning.as_ref().map(|t| t.alpha)),
+            kind: d.kind.map(|k| k.name()),
+            rank: low_rank.then(|| d.rank.or(tuning.as_ref().map(|t| t.rank))).flatten(),
+            alpha: low_rank.then(|| d.alpha.or(tuning.as_ref().map(|t| t.alpha))).flatten(),
             size_bytes: d.size_bytes,
             version: tuning.as_ref().map(|t| t.version),
             training: tuning.as_ref().and_then(|t| t.training),

@@ -9,7 +9,9 @@ use crate::dataset::Message;
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct FeedbackParams {
-    /// Rank of the LoRA created when the adapter does not exist yet (default 16).
+    /// The kind of adapter created when it does not exist yet: `lora` (default), `dora` or `ia3`.
+    pub method: Option<String>,
+    /// Rank of the LoRA or DoRA created when the adapter does not exist yet (default 16).
     pub rank: Option<usize>,
     /// Its α (default 2·rank).
     pub alpha: Option<f32>,
@@ -120,6 +122,8 @@ pub struct HyperparametersRequest {
     pub batch_size: Option<Value>,
     #[schema(value_type = Option<Object>)]
     pub learning_rate_multiplier: Option<Value>,
+    /// The kind of adapter a job on the base model makes: `lora` (default), `dora` or `ia3`.
+    pub adapter: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
