@@ -17,10 +17,13 @@ use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice};
 use crate::store::{CheckpointRow, EventRow, FileRow, JobRow};
 use crate::train::job::{Hyperparameters, JobData, JobSpec};
 
-/// Stores instruction pairs for an adapter: one JSON record, a JSON list or JSON Lines, each in
-/// the Alpaca, Dolly, ShareGPT or OpenAI `messages` format. All or nothing: an invalid record
-/// rejects the upload with its index. Duplicates are skipped. A missing adapter is created as a
-/// fresh LoRA. Acknowledged once committed; enough new pairs start a training job.
+/// Stores feedback for an adapter: one JSON record, a JSON list or JSON Lines. Each record is an
+/// instruction pair in the Alpaca, Dolly, ShareGPT or OpenAI `messages` format, or a preference
+/// between two answers, as OpenAI's DPO line (`input.messages`, `preferred_output`,
+/// `non_preferred_output`) or TRL's (`prompt` or `messages`, `chosen`, `rejected`), whose
+/// conversation ends with the user. All or nothing: an invalid record rejects the upload with its
+/// index. Duplicates are skipped. A missing adapter is created as a fresh LoRA. Acknowledged once
+/// committed; enough new records start a training job (DPO on the preferences).
 #[utoipa::path(post, path = "/v1/adapters/{name}/feedback", tag = "Tuning",
     params(("name" = String, Path, description = "The adapter"), FeedbackParams),
     request_body(content = String, content_type = "application/json", description = "Records: JSON, a JSON list, or JSON Lines"),
@@ -39,6 +42,7 @@ pub async fn upload_feedback(
         stored: outcome.stored,
         duplicates: outcome.duplicates,
         total_pairs: outcome.total_pairs,
+        total_preferences: outcome.total_preferences,
         pairs_since_training: outcome.pairs_since_training,
         job: outcome.job,
     }))
@@ -78,15 +82,58 @@ pub async fn delete_feedback(
     Path(name): Path<String>,
     ApiQuery(params): ApiQuery<DeleteParams>,
 ) -> Result<Json<Deleted>, AppError> {
-    let ids = params
+    let ids = record_ids(params, "pair")?;
+    Ok(Json(Deleted { deleted: app.tuning.delete_feedback(name, scope, ids).await? }))
+}
+
+/// The comma-separated ids of `params`, if given.
+fn record_ids(params: DeleteParams, kind: &str) -> Result<Option<Vec<i64>>, AppError> {
+    params
         .ids
         .map(|ids| {
             ids.split(',')
-                .map(|id| id.trim().parse::<i64>().map_err(|_| AppError::invalid("ids", format!("`{id}` is not a pair id"))))
+                .map(|id| id.trim().parse::<i64>().map_err(|_| AppError::invalid("ids", format!("`{id}` is not a {kind} id"))))
                 .collect::<Result<Vec<_>, _>>()
         })
-        .transpose()?;
-    Ok(Json(Deleted { deleted: app.tuning.delete_feedback(name, scope, ids).await? }))
+        .transpose()
+}
+
+/// The adapter's stored preferences, oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/adapters/{name}/preferences", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter"), PageParams),
+    responses((status = 200, body = PreferenceList), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn list_preferences(
+    State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(page): ApiQuery<PageParams>,
+) -> Result<Json<PreferenceList>, AppError> {
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    let preferences = app.tuning.list_preferences(name, scope, page.after.unwrap_or(0), limit).await?;
+    Ok(Json(PreferenceList {
+        object: "list",
+        has_more: preferences.has_more,
+        last_id: preferences.items.last().map(|p| p.id),
+        data: preferences
+            .items
+            .into_iter()
+            .map(|p| StoredPreferenceView { id: p.id, hash: p.hash, preference: p.preference, created_at: p.created_at })
+            .collect(),
+    }))
+}
+
+/// Deletes some (`ids`) or all of an adapter's preferences. Versions already trained stay.
+#[utoipa::path(delete, path = "/v1/adapters/{name}/preferences", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter"), DeleteParams),
+    responses((status = 200, body = Deleted), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn delete_preferences(
+    State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<DeleteParams>,
+) -> Result<Json<Deleted>, AppError> {
+    let ids = record_ids(params, "preference")?;
+    Ok(Json(Deleted { deleted: app.tuning.delete_preferences(name, scope, ids).await? }))
 }
 
 /// Starts a job on the adapter's pairs now (continuing from its current version).

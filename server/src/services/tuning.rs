@@ -12,6 +12,7 @@ use super::{blocking, ServiceError};
 use crate::access::Scope;
 use crate::dataset::parse_upload;
 use crate::grammar::Grammars;
+use crate::store::preferences::StoredPreference;
 use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoredPair};
 use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, Tuner};
 
@@ -109,6 +110,28 @@ impl Tuning {
         blocking(move || {
             tuner.tunable_adapter(&name, scope)?;
             Ok(tuner.store.delete_pairs(&name, ids.as_deref())?)
+        })
+        .await
+    }
+
+    /// Up to `limit` of the adapter's preferences with ids above `after`, oldest first.
+    pub async fn list_preferences(&self, name: String, scope: Scope, after: i64, limit: usize) -> Result<Page<StoredPreference>, ServiceError> {
+        let tuner = self.tuner()?;
+        blocking(move || {
+            tuner
+                .tunable_adapter(&name, scope)?
+                .ok_or_else(|| ServiceError::NotFound(format!("the adapter `{name}` has no feedback")))?;
+            Ok(Page::of(tuner.store.preferences(&name, after, limit + 1)?, limit))
+        })
+        .await
+    }
+
+    /// Deletes some (`ids`) or all of an adapter's preferences; versions already trained stay.
+    pub async fn delete_preferences(&self, name: String, scope: Scope, ids: Option<Vec<i64>>) -> Result<usize, ServiceError> {
+        let tuner = self.tuner()?;
+        blocking(move || {
+            tuner.tunable_adapter(&name, scope)?;
+            Ok(tuner.store.delete_preferences(&name, ids.as_deref())?)
         })
         .await
     }

@@ -21,7 +21,7 @@ use tessera_adapters::peft::BaseShape;
 use crate::access::Scope;
 use crate::dataset::{parse_upload, Conversation};
 use crate::registry::Registry;
-use crate::store::{unix_time, AdapterRow, Adoption, Claim, Inserted, JobRow, JobStatus, Store, StoreError};
+use crate::store::{unix_time, AdapterRow, Adoption, Claim, Inserted, JobRow, JobStatus, NewFeedback, Store, StoreError};
 use crate::train::sync::{self, SyncState};
 use crate::train::worker;
 use crate::train::data::example;
@@ -208,7 +208,7 @@ impl Tuner {
         Ok(self.store.active_job(adapter)?.is_some())
     }
 
-    /// Stores `conversations` as feedback on `name`, first making it a tuned adapter at version
+    /// Stores `feedback` (pairs and preferences) on `name`, first making it a tuned adapter at version
     /// 0 when it is not one yet: a fresh LoRA (`spec`, else the default), or a copy of the
     /// registry's adapter of that name (training continues from it). Creating the adapter and
     /// storing the pairs are one transaction: of concurrent first uploads one creates and the
@@ -216,10 +216,10 @@ impl Tuner {
     ///
     /// `scope` is the caller's: it may tune an adapter it created or one the admin opened; an
     /// adapter the admin installed (uploaded or loaded) only the admin may turn into a tuned one.
-    pub fn store_feedback(&self, name: &str, spec: Option<LoraSpec>, scope: Scope, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
+    pub fn store_feedback(&self, name: &str, spec: Option<LoraSpec>, scope: Scope, feedback: NewFeedback<'_>) -> Result<Inserted, TuneError> {
         if let Some(row) = self.store.adapter(name)? {
             self.check_tunable(row, scope)?;
-            return Ok(self.store.insert_pairs(name, conversations)?);
+            return Ok(self.store.insert_feedback(name, feedback)?);
         }
         self.registry
             .check_new_name(name)
@@ -231,19 +231,19 @@ impl Tuner {
             Some((source, _)) => LoraParams::load_peft(&source, &self.base_shape())?,
             None => LoraParams::fresh(&self.base_shape(), spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
         };
-        self.adopt(name, &params, scope, serde_json::json!({"origin": "created"}), conversations)
+        self.adopt(name, &params, scope, serde_json::json!({"origin": "created"}), feedback)
     }
 
-    /// Records `params` as `name`'s version 0 with `conversations` as its first pairs, unless
-    /// `name` is already a tuned adapter: then the pairs go to that one (if `scope` may tune
+    /// Records `params` as `name`'s version 0 with `feedback` as its first records, unless
+    /// `name` is already a tuned adapter: then the records go to that one (if `scope` may tune
     /// it) and `params` are dropped. Version 0's files are written to a staging folder first and
     /// moved into place inside the store's transaction.
-    fn adopt(&self, name: &str, params: &LoraParams, scope: Scope, origin: serde_json::Value, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
+    fn adopt(&self, name: &str, params: &LoraParams, scope: Scope, origin: serde_json::Value, feedback: NewFeedback<'_>) -> Result<Inserted, TuneError> {
         let staging = self.store.staging_dir();
         let staged = params.save_peft(&staging, &self.model_id);
         let adopted = staged.map_err(TuneError::from).and_then(|()| {
             let row = version_zero(name, params, scope);
-            Ok(self.store.insert_or_get_adapter(&row, &origin, conversations, |v0| move_into_place(&staging, v0))?)
+            Ok(self.store.insert_or_get_adapter(&row, &origin, feedback, |v0| move_into_place(&staging, v0))?)
         });
         // What was not moved into place (a lost race, a failure) is nobody's.
         let _ = std::fs::remove_dir_all(&staging);
@@ -278,7 +278,7 @@ impl Tuner {
     /// Opens `name` to tuning by every scope, or closes it to all but its creator's (the
     /// admin's call). An adapter the admin installed gets its tuning record first.
     pub fn set_open_to_tuning(&self, name: &str, open: bool) -> Result<AdapterRow, TuneError> {
-        self.store_feedback(name, None, Scope::Admin, &[])?;
+        self.store_feedback(name, None, Scope::Admin, NewFeedback::default())?;
         self.store.set_open_to_tuning(name, open)?;
         self.store
             .adapter(name)?
@@ -331,7 +331,7 @@ impl Tuner {
         self.registry
             .check_new_name(&adapter)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
-        self.adopt(&adapter, &params, scope, serde_json::json!({"origin": model}), &[])?;
+        self.adopt(&adapter, &params, scope, serde_json::json!({"origin": model}), NewFeedback::default())?;
         self.create_job(id, &adapter, model, &spec, JobStatus::ValidatingFiles, scope)
     }
 

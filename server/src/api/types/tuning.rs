@@ -6,6 +6,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::dataset::Message;
+use crate::dataset::preference::Preference;
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct FeedbackParams {
@@ -20,12 +21,13 @@ pub struct FeedbackParams {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FeedbackReceipt {
     pub adapter: String,
-    /// New pairs stored by this upload.
+    /// New records (pairs and preferences) stored by this upload.
     pub stored: usize,
-    /// Pairs skipped because the adapter already holds the same content.
+    /// Records skipped because the adapter already holds the same content.
     pub duplicates: usize,
     pub total_pairs: usize,
-    /// Pairs gathered since the last job started.
+    pub total_preferences: usize,
+    /// Records (pairs and preferences) gathered since the last job started.
     pub pairs_since_training: usize,
     /// The job this upload started, when it reached the server's `train_after`.
     pub job: Option<String>,
@@ -55,9 +57,27 @@ pub struct PairList {
     pub last_id: Option<i64>,
 }
 
+/// A stored preference: the conversation so far and the answer preferred to another.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoredPreferenceView {
+    pub id: i64,
+    pub hash: String,
+    #[serde(flatten)]
+    pub preference: Preference,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PreferenceList {
+    pub object: &'static str,
+    pub data: Vec<StoredPreferenceView>,
+    pub has_more: bool,
+    pub last_id: Option<i64>,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct DeleteParams {
-    /// Comma-separated pair ids; without it, every pair of the adapter.
+    /// Comma-separated record ids; without it, every record of the adapter of this kind.
     pub ids: Option<String>,
 }
 
