@@ -13,9 +13,9 @@ use super::auth::Principal;
 use super::types::tuning::*;
 use super::types::AdapterInfo;
 use super::{ApiJson, ApiMultipart, ApiQuery, App, AppError};
-use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice};
+use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice, MethodChoice};
 use crate::store::{CheckpointRow, EventRow, FileRow, JobRow};
-use crate::train::job::{Hyperparameters, JobData, JobSpec};
+use crate::train::job::{Hyperparameters, JobData, JobSpec, Method};
 
 /// Stores feedback for an adapter: one JSON record, a JSON list or JSON Lines. Each record is an
 /// instruction pair in the Alpaca, Dolly, ShareGPT or OpenAI `messages` format, or a preference
@@ -260,10 +260,63 @@ impl HyperparametersRequest {
     }
 }
 
+impl DpoHyperparametersRequest {
+    /// β, and the hyperparameters every method shares.
+    fn choice(&self) -> Result<(Option<f64>, HyperparameterChoice), AppError> {
+        let param = |name: &str| format!("method.dpo.hyperparameters.{name}");
+        Ok((
+            number(&self.beta, &param("beta"))?,
+            HyperparameterChoice {
+                n_epochs: number(&self.n_epochs, &param("n_epochs"))?,
+                batch_size: number(&self.batch_size, &param("batch_size"))?,
+                learning_rate_multiplier: number(&self.learning_rate_multiplier, &param("learning_rate_multiplier"))?,
+            },
+        ))
+    }
+}
+
+/// The method and hyperparameters a create request asks for: a method's own hyperparameters
+/// take precedence over the top-level ones.
+fn method_choice(request: &CreateJobRequest) -> Result<(MethodChoice, HyperparameterChoice), AppError> {
+    let top = request.hyperparameters.as_ref().map(HyperparametersRequest::choice).transpose()?.unwrap_or_default();
+    let Some(method) = &request.method else { return Ok((MethodChoice::default(), top)) };
+    let supervised = method.supervised.as_ref().and_then(|s| s.hyperparameters.as_ref());
+    let dpo = method.dpo.as_ref().and_then(|d| d.hyperparameters.as_ref());
+    let (beta, hyperparameters) = match (method.kind.as_deref(), supervised, dpo) {
+        (Some("dpo"), _, Some(dpo)) => dpo.choice()?,
+        (Some("supervised") | None, Some(supervised), _) => (None, supervised.choice()?),
+        _ => (None, top),
+    };
+    Ok((MethodChoice { kind: method.kind.clone(), beta }, hyperparameters))
+}
+
+fn method_view(method: Method, h: &JobHyperparameters) -> JobMethod {
+    match method {
+        Method::Supervised => JobMethod { kind: "supervised", supervised: Some(SupervisedMethod { hyperparameters: h.clone() }), dpo: None },
+        Method::Dpo { beta } => JobMethod {
+            kind: "dpo",
+            supervised: None,
+            dpo: Some(DpoMethod {
+                hyperparameters: DpoHyperparameters {
+                    beta,
+                    n_epochs: h.n_epochs,
+                    batch_size: h.batch_size,
+                    learning_rate_multiplier: h.learning_rate_multiplier,
+                },
+            }),
+        },
+    }
+}
+
 fn job_view(job: &JobRow) -> FineTuningJob {
     let spec: Option<JobSpec> = serde_json::from_value(job.spec.clone()).ok();
     let defaults = Hyperparameters::default();
     let h = spec.as_ref().map_or(defaults, |s| s.hyperparameters);
+    let hyperparameters = JobHyperparameters {
+        n_epochs: h.n_epochs,
+        batch_size: h.batch_size,
+        learning_rate_multiplier: h.learning_rate / defaults.learning_rate,
+    };
     let (training_file, validation_file) = match spec.as_ref().map(|s| &s.data) {
         Some(JobData::Files {
             training_file,
@@ -282,11 +335,8 @@ fn job_view(job: &JobRow) -> FineTuningJob {
         status: job.status.to_string(),
         training_file,
         validation_file,
-        hyperparameters: JobHyperparameters {
-            n_epochs: h.n_epochs,
-            batch_size: h.batch_size,
-            learning_rate_multiplier: h.learning_rate / defaults.learning_rate,
-        },
+        method: method_view(spec.as_ref().map_or(Method::Supervised, |s| s.method), &hyperparameters),
+        hyperparameters,
         result_files: Vec::new(),
         trained_tokens: job.trained_tokens,
         error: job.error.as_ref().map(|message| JobError {
@@ -313,8 +363,10 @@ pub async fn create_job(
     Extension(Principal(scope)): Extension<Principal>,
     ApiJson(request): ApiJson<CreateJobRequest>,
 ) -> Result<Json<FineTuningJob>, AppError> {
+    let (method, hyperparameters) = method_choice(&request)?;
     let job = JobRequest {
-        hyperparameters: request.hyperparameters.as_ref().map(HyperparametersRequest::choice).transpose()?.unwrap_or_default(),
+        method,
+        hyperparameters,
         model: request.model,
         training_file: request.training_file,
         validation_file: request.validation_file,

@@ -142,13 +142,48 @@ pub struct HyperparametersRequest {
     pub learning_rate_multiplier: Option<Value>,
 }
 
+/// DPO's hyperparameters: each a number or `"auto"`; `beta` in (0, 10] (default 0.1).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct DpoHyperparametersRequest {
+    #[schema(value_type = Option<Object>)]
+    pub beta: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub n_epochs: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub batch_size: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub learning_rate_multiplier: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct SupervisedMethodRequest {
+    pub hyperparameters: Option<HyperparametersRequest>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct DpoMethodRequest {
+    pub hyperparameters: Option<DpoHyperparametersRequest>,
+}
+
+/// How the job trains: `supervised` (pairs; the default) or `dpo` (preference lines).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct MethodRequest {
+    /// `supervised` or `dpo`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub supervised: Option<SupervisedMethodRequest>,
+    pub dpo: Option<DpoMethodRequest>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateJobRequest {
     /// The base model's id, or an adapter to continue from.
     pub model: String,
     pub training_file: String,
     pub validation_file: Option<String>,
+    /// Its hyperparameters; `method.<type>.hyperparameters` take precedence.
     pub hyperparameters: Option<HyperparametersRequest>,
+    pub method: Option<MethodRequest>,
     /// Part of the new adapter's name (`ft-{suffix}-{id}`).
     pub suffix: Option<String>,
     pub seed: Option<u64>,
@@ -161,11 +196,41 @@ pub struct JobError {
     pub param: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct JobHyperparameters {
     pub n_epochs: usize,
     pub batch_size: usize,
     pub learning_rate_multiplier: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DpoHyperparameters {
+    pub beta: f64,
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SupervisedMethod {
+    pub hyperparameters: JobHyperparameters,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DpoMethod {
+    pub hyperparameters: DpoHyperparameters,
+}
+
+/// OpenAI's `method`: its type and that type's hyperparameters.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobMethod {
+    /// `supervised` or `dpo`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<SupervisedMethod>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoMethod>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -183,6 +248,7 @@ pub struct FineTuningJob {
     pub training_file: Option<String>,
     pub validation_file: Option<String>,
     pub hyperparameters: JobHyperparameters,
+    pub method: JobMethod,
     pub result_files: Vec<String>,
     pub trained_tokens: Option<u64>,
     pub error: Option<JobError>,
