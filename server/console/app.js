@@ -11,6 +11,8 @@ const state = {
   adapters: [],
   messages: [],
   lastAnswer: null,
+  // The answer a regenerated one replaced: a 👍 on the new one prefers it to this.
+  replaced: null,
   job: null,
   jobTimer: null,
   metrics: null,
@@ -142,6 +144,7 @@ async function sendChat(event) {
   const mix = chosenMix();
   if (mix.length) body.adapters = mix;
   $("send").disabled = true;
+  state.replaced = null;
   try {
     await streamAnswer(body, bubble);
   } catch (e) {
@@ -150,6 +153,101 @@ async function sendChat(event) {
     state.messages.pop();
   } finally {
     $("send").disabled = false;
+  }
+}
+
+/** The conversation with the system prompt, for a chat request or a feedback record. */
+function withSystem(turns) {
+  const system = $("system").value.trim();
+  return (system ? [{ role: "system", content: system }] : []).concat(turns);
+}
+
+/** Answers the last user message again, sampled, in place of the last answer. */
+async function regenerate() {
+  const { bubble, index } = state.lastAnswer;
+  const replaced = state.messages[index].content;
+  state.messages.splice(index, 1);
+  bubble.classList.add("replaced");
+  const fresh = addTurn("assistant", "");
+  const body = {
+    model: $("model").value,
+    messages: withSystem(state.messages),
+    // Sampled, so that the new answer differs from the one it replaces.
+    temperature: Math.max(Number($("temperature").value), 1),
+    top_p: 1,
+    max_tokens: Number($("max-tokens").value),
+    stream: true,
+    stream_options: { include_usage: true },
+  };
+  const mix = chosenMix();
+  if (mix.length) body.adapters = mix;
+  try {
+    await streamAnswer(body, fresh);
+    state.replaced = replaced;
+    $("feedback-result").textContent = "Another answer: 👍 prefers it to the one it replaced.";
+  } catch (e) {
+    $("chat-error").textContent = e.message;
+    fresh.remove();
+    state.messages.splice(index, 0, { role: "assistant", content: replaced });
+    bubble.classList.remove("replaced");
+  }
+}
+
+/** The adapter that answered: the model chosen if it is an adapter, else the mix's only
+ * adapter, else the one chosen to teach. */
+function answeringAdapter() {
+  if (state.adapters.includes($("model").value)) return $("model").value;
+  const mix = chosenMix();
+  if (mix.length === 1) return mix[0].name;
+  return $("feedback-target").value || $("feedback-new").value.trim();
+}
+
+/** Stores a preference for the adapter that answered: the conversation up to the last answer,
+ * `chosen` preferred to `rejected`. */
+async function sendPreference(chosen, rejected) {
+  const target = answeringAdapter();
+  if (!target) {
+    $("feedback-result").textContent = "Choose an adapter or name a new one.";
+    return false;
+  }
+  const messages = withSystem(state.messages.slice(0, state.lastAnswer.index));
+  try {
+    const { data } = await api("POST", `/v1/adapters/${encodeURIComponent(target)}/feedback`, { messages, chosen, rejected });
+    $("feedback-result").textContent = `Preference stored in ${data.adapter}: ${data.stored} new, ${data.total_preferences} preference(s) in all` +
+      (data.job ? `; training job ${data.job} started` : "");
+    if (!state.adapters.includes(target)) await loadModels();
+    return true;
+  } catch (e) {
+    $("feedback-result").textContent = `Refused: ${e.message}`;
+    return false;
+  }
+}
+
+/** 👎: the corrected reply, if there is one, is preferred to the answer (or, to an empty
+ * answer, stored as a pair to imitate); else another answer is generated, which a 👍 then
+ * prefers. */
+async function thumbsDown() {
+  const answer = state.messages[state.lastAnswer.index].content;
+  const corrected = $("corrected").value.trim();
+  if (corrected && !answer.trim()) {
+    await sendFeedback(corrected);
+  } else if (corrected && corrected !== answer.trim()) {
+    if (await sendPreference(corrected, answer)) {
+      state.messages[state.lastAnswer.index].content = corrected;
+      state.lastAnswer.bubble.textContent = corrected;
+    }
+  } else {
+    await regenerate();
+  }
+}
+
+/** 👍: preferred to the answer it replaced, or else a pair to imitate. */
+async function thumbsUp() {
+  const answer = state.messages[state.lastAnswer.index].content;
+  if (state.replaced !== null) {
+    if (await sendPreference(answer, state.replaced)) state.replaced = null;
+  } else {
+    await sendFeedback(answer);
   }
 }
 
@@ -568,7 +666,8 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("clear-chat").addEventListener("click", () => { state.messages = []; $("conversation").replaceChildren(); $("correction").hidden = true; });
   $("send-correction").addEventListener("click", () => sendFeedback($("corrected").value));
-  $("thumbs-up").addEventListener("click", () => sendFeedback(state.messages[state.lastAnswer.index].content));
+  $("thumbs-up").addEventListener("click", thumbsUp);
+  $("thumbs-down").addEventListener("click", thumbsDown);
   $("feedback-target").addEventListener("change", () => {
     const existing = $("feedback-target").value !== "";
     $("feedback-new").disabled = existing;

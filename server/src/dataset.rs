@@ -7,6 +7,8 @@ use sha2::{Digest, Sha256};
 
 use crate::chat_template::Turn;
 
+pub mod preference;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
     /// `system`, `user` or `assistant`.
@@ -92,23 +94,27 @@ fn role_of_sharegpt(from: &str) -> Option<&'static str> {
     }
 }
 
+/// OpenAI `messages`: role-tagged turns (`developer` read as `system`), their text trimmed.
+fn parse_messages(messages: &serde_json::Value) -> Result<Vec<Message>, String> {
+    let messages = messages.as_array().ok_or("`messages` must be an array")?;
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.get("role").and_then(|r| r.as_str()).ok_or(format!("messages[{i}] has no `role`"))?;
+            let content = m.get("content").ok_or(format!("messages[{i}] has no `content`"))?;
+            let content = content_text(content).map_err(|e| format!("messages[{i}]: {e}"))?;
+            let role = if role == "developer" { "system" } else { role };
+            Ok(message(role, &content))
+        })
+        .collect()
+}
+
 /// Normalises one record of any supported format, recognised by its keys.
 pub fn parse_record(value: &serde_json::Value) -> Result<Conversation, String> {
     let record = value.as_object().ok_or("a record must be a JSON object")?;
     let conversation = if let Some(messages) = record.get("messages") {
-        let messages = messages.as_array().ok_or("`messages` must be an array")?;
-        let messages = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let role = m.get("role").and_then(|r| r.as_str()).ok_or(format!("messages[{i}] has no `role`"))?;
-                let content = m.get("content").ok_or(format!("messages[{i}] has no `content`"))?;
-                let content = content_text(content).map_err(|e| format!("messages[{i}]: {e}"))?;
-                let role = if role == "developer" { "system" } else { role };
-                Ok(message(role, &content))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        Conversation { messages }
+        Conversation { messages: parse_messages(messages)? }
     } else if let Some(turns) = record.get("conversations") {
         let turns = turns.as_array().ok_or("`conversations` must be an array")?;
         let messages = turns

@@ -270,3 +270,113 @@ async fn openai_files_and_jobs_publish_a_servable_adapter_and_cancel() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(wait_for_job(&router, &id).await["status"], "cancelled");
 }
+
+/// A preference whose chosen answer is always "the hat" and rejected one "a cat", in TRL's
+/// shape (odd `i`) or OpenAI's DPO line (even `i`).
+fn preference(i: usize) -> Value {
+    let prompt = format!("name thing {i}");
+    if i % 2 == 1 {
+        json!({"prompt": prompt, "chosen": "the hat", "rejected": "a cat"})
+    } else {
+        json!({"input": {"messages": [{"role": "user", "content": prompt}]},
+               "preferred_output": [{"role": "assistant", "content": "the hat"}],
+               "non_preferred_output": [{"role": "assistant", "content": "a cat"}]})
+    }
+}
+
+fn jsonl(records: impl IntoIterator<Item = Value>) -> Option<(&'static str, Vec<u8>)> {
+    let lines: Vec<String> = records.into_iter().map(|r| r.to_string()).collect();
+    Some(("application/jsonl", lines.join("\n").into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preference_feedback_is_validated_stored_and_trains_by_dpo_with_pairs() {
+    let Fixture { _dir, router } = fixture(1000);
+
+    // Identical answers, an empty one, a conversation that does not end with the user: each
+    // refused with its index and why, and nothing stored.
+    let identical = json!({"prompt": "q", "chosen": "same", "rejected": "same"});
+    let empty = json!({"prompt": "q", "chosen": "", "rejected": "b"});
+    let ends_with_assistant = json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"});
+    for (bad, reason) in [(identical, "identical"), (empty, "chosen answer is empty"), (ends_with_assistant, "end with the user's turn")] {
+        let (status, body) = call(&router, "POST", "/v1/adapters/prefs/feedback?rank=4", jsonl([preference(0), bad])).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["param"], "records[1]");
+        assert!(body["error"]["message"].as_str().unwrap().contains(reason), "{body}");
+    }
+    let (status, _) = call(&router, "GET", "/v1/adapters/prefs/preferences", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing was stored");
+
+    // Both shapes and pairs in one upload; the same again is all duplicates.
+    let records: Vec<Value> = (0..30).map(preference).chain((0..10).map(alpaca)).collect();
+    let (status, body) = call(&router, "POST", "/v1/adapters/prefs/feedback?rank=4", jsonl(records.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["stored"].as_u64(), body["total_pairs"].as_u64(), body["total_preferences"].as_u64()), (Some(40), Some(10), Some(30)));
+    let (_, body) = call(&router, "POST", "/v1/adapters/prefs/feedback", jsonl(records)).await;
+    assert_eq!((body["stored"].as_u64(), body["duplicates"].as_u64()), (Some(0), Some(40)));
+    let (_, page) = call(&router, "GET", "/v1/adapters/prefs/preferences?limit=4", None).await;
+    assert_eq!((page["data"].as_array().unwrap().len(), page["has_more"].as_bool()), (4, Some(true)));
+    assert_eq!((page["data"][0]["chosen"].as_str(), page["data"][0]["rejected"].as_str()), (Some("the hat"), Some("a cat")));
+    assert_eq!(page["data"][0]["prompt"][0]["content"], "name thing 0");
+
+    // One job trains both: the SFT loss on the pairs, DPO on the preferences.
+    let (status, job) = json_call(&router, "POST", "/v1/adapters/prefs/train", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    assert_eq!((job["method"]["type"].as_str(), job["method"]["dpo"]["hyperparameters"]["beta"].as_f64()), (Some("dpo"), Some(0.1)));
+    let id = job["id"].as_str().unwrap().to_string();
+    let finished = wait_for_job(&router, &id).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let (_, events) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"), None).await;
+    let events = events["data"].as_array().unwrap();
+    let mix = events.iter().find(|e| e["message"].as_str().unwrap().starts_with("Training (dpo)")).expect("the mix is reported");
+    let count = |key: &str| mix["data"][key].as_u64().unwrap();
+    assert_eq!((count("pairs") + count("held_out_pairs"), count("preferences") + count("held_out_preferences")), (10, 30), "{mix}");
+    assert!(count("held_out_pairs") >= 1 && count("held_out_preferences") >= 1, "{mix}");
+    let steps: Vec<&Value> = events.iter().filter(|e| e["type"] == "metrics").collect();
+    assert!(steps.iter().all(|e| e["data"]["train_loss"].is_f64()), "OpenAI's train_loss on every step");
+    assert!(steps.iter().any(|e| e["data"]["train_reward_accuracy"].is_f64() && e["data"]["sft_loss"].is_f64()), "a step of both kinds");
+    let gate = events.iter().find(|e| e["message"].as_str().unwrap().starts_with("Held-out loss")).expect("an eval gate");
+    assert!(gate["message"].as_str().unwrap().contains("reward accuracy"), "{gate}");
+    assert!(gate["data"]["valid_reward_accuracy"].is_f64() && gate["data"]["full_valid_loss"].is_f64(), "{gate}");
+
+    // Deleting one preference, then the rest.
+    let first = page["data"][0]["id"].as_i64().unwrap();
+    let (_, deleted) = call(&router, "DELETE", &format!("/v1/adapters/prefs/preferences?ids={first}"), None).await;
+    assert_eq!(deleted["deleted"], 1);
+    let (status, body) = call(&router, "DELETE", "/v1/adapters/prefs/preferences?ids=x", None).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("ids")));
+    let (_, deleted) = call(&router, "DELETE", "/v1/adapters/prefs/preferences", None).await;
+    assert_eq!(deleted["deleted"], 29);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpo_jobs_take_preference_files_and_a_beta_in_zero_to_ten() {
+    let Fixture { _dir, router } = fixture(1000);
+    let lines: Vec<String> = (0..12).map(|i| preference(i).to_string()).collect();
+    let (status, file) = upload_file(&router, &lines.join("\n")).await;
+    assert_eq!(status, StatusCode::OK, "{file}");
+    let file_id = file["id"].as_str().unwrap().to_string();
+    let dpo = |beta: Value| json!({"model": "tiny", "training_file": file_id, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": beta, "n_epochs": 2}}}});
+    for beta in [json!(0), json!(-1), json!(10.5)] {
+        let (status, body) = json_call(&router, "POST", "/v1/fine_tuning/jobs", dpo(beta.clone())).await;
+        assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("method.dpo.hyperparameters.beta")), "{beta}: {body}");
+    }
+    let (status, body) = json_call(&router, "POST", "/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": file_id, "method": {"type": "ppo"}})).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("method.type")), "{body}");
+
+    // A supervised job on preference lines fails, saying why.
+    let (_, job) = json_call(&router, "POST", "/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": file_id})).await;
+    assert_eq!(job["method"]["type"], "supervised");
+    let failed = wait_for_job(&router, job["id"].as_str().unwrap()).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+
+    let (status, job) = json_call(&router, "POST", "/v1/fine_tuning/jobs", dpo(json!(0.5))).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    assert_eq!((job["method"]["type"].as_str(), job["method"]["dpo"]["hyperparameters"]["beta"].as_f64()), (Some("dpo"), Some(0.5)));
+    assert_eq!(job["method"]["dpo"]["hyperparameters"]["n_epochs"], 2);
+    let finished = wait_for_job(&router, job["id"].as_str().unwrap()).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let model = finished["fine_tuned_model"].as_str().unwrap().to_string();
+    let (status, body) = json_call(&router, "POST", "/v1/chat/completions", json!({"model": model, "messages": [{"role": "user", "content": "name thing 99"}], "max_tokens": 3})).await;
+    assert_eq!(status, StatusCode::OK, "the DPO-tuned model serves by name: {body}");
+}

@@ -171,6 +171,50 @@ try:
     check("the rollback changed the served version", api("GET", "/v1/adapters/notes")["version"] != served)
     shot(driver, "rollback")
 
+    # 👎 with a better answer stores a preference for the adapter that answered: the model's
+    # answer rejected, the correction chosen. 👎 without one answers again; 👍 on the new answer
+    # prefers it to the one it replaced.
+    driver.find_element(By.CSS_SELECTOR, ".tab[data-panel=chat]").click()
+    for row in driver.find_elements(By.CSS_SELECTOR, "#mix-rows .mix-row"):
+        box = row.find_element(By.CSS_SELECTOR, "input[type=checkbox]")
+        if box.is_selected():
+            box.send_keys(Keys.SPACE)
+    Select(by_id(driver, "model")).select_by_value("notes")
+    Select(by_id(driver, "feedback-target")).select_by_value("mix-a")
+    answers = lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "#conversation li.assistant") if "replaced" not in li.get_attribute("class")]
+    # Sampled, until the random model's answer is more than blanks (an empty answer has nothing
+    # to be preferred to).
+    by_id(driver, "temperature").clear()
+    by_id(driver, "temperature").send_keys("1")
+    for _ in range(5):
+        before = len(driver.find_elements(By.CSS_SELECTOR, "#conversation li.assistant"))
+        by_id(driver, "user-message").send_keys("What is a tessera?" + Keys.ENTER)
+        until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#conversation li.assistant")) > before and by_id(d, "send").is_enabled()
+              and by_id(d, "correction").is_displayed(), "the tuned adapter answers")
+        model_answer = answers(driver)[-1].get_attribute("textContent")
+        if model_answer.strip():
+            break
+    check("the tuned adapter answers more than blanks", model_answer.strip(), repr(model_answer))
+    by_id(driver, "corrected").clear()
+    by_id(driver, "corrected").send_keys("A tessera is one small tile.")
+    by_id(driver, "thumbs-down").click()
+    until(driver, lambda d: "Preference stored in notes" in by_id(d, "feedback-result").text, "the thumbs-down stores a preference")
+    preferences = api("GET", "/v1/adapters/notes/preferences?limit=100")["data"]
+    check("chosen: the correction; rejected: the model's answer; for the adapter that answered",
+          any(p["chosen"] == "A tessera is one small tile." and p["rejected"] == model_answer.strip()
+              and p["prompt"][-1]["content"] == "What is a tessera?" for p in preferences), (model_answer, preferences))
+    by_id(driver, "thumbs-down").click()
+    until(driver, lambda d: "Another answer" in by_id(d, "feedback-result").text, "a thumbs-down without a correction answers again")
+    check("the replaced answer is struck through", driver.find_elements(By.CSS_SELECTOR, "#conversation li.replaced"))
+    regenerated = answers(driver)[-1].get_attribute("textContent")
+    by_id(driver, "thumbs-up").click()
+    until(driver, lambda d: "2 preference(s) in all" in by_id(d, "feedback-result").text, "the thumbs-up stores the other way round")
+    preferences = api("GET", "/v1/adapters/notes/preferences?limit=100")["data"]
+    check("the regenerated answer is preferred to the one it replaced",
+          any(p["chosen"] == regenerated.strip() and p["rejected"] == "A tessera is one small tile." for p in preferences), (regenerated, preferences))
+    shot(driver, "preference")
+    driver.find_element(By.CSS_SELECTOR, ".tab[data-panel=adapters]").click()
+
     # A bad upload shows the server's error message.
     junk = os.path.join(shots, "junk.zip")
     with open(junk, "wb") as f:

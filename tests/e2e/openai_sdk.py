@@ -120,6 +120,35 @@ tuned = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
                                        messages=[{"role": "user", "content": "Reply with the color of item 9."}])
 check("the fine-tuned model serves by name", tuned.choices[0].message.content is not None, tuned)
 
+# A DPO job: OpenAI's preference lines and `method`, followed through its events, then served.
+preferences = [json.dumps({"input": {"messages": [{"role": "user", "content": f"Reply with the color of item {i}."}]},
+                           "preferred_output": [{"role": "assistant", "content": "blue"}],
+                           "non_preferred_output": [{"role": "assistant", "content": "red"}]}) for i in range(4)]
+preference_file = client.files.create(file=("colors-dpo.jsonl", io.BytesIO("\n".join(preferences).encode())), purpose="fine-tune")
+try:
+    client.fine_tuning.jobs.create(model=model, training_file=preference_file.id,
+                                   method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 20}}})
+    check("beta outside (0, 10] raises BadRequestError", False)
+except openai.BadRequestError as e:
+    check("beta outside (0, 10] raises BadRequestError", e.body.get("param") == "method.dpo.hyperparameters.beta", e.body)
+dpo_job = client.fine_tuning.jobs.create(
+    model=model, training_file=preference_file.id, suffix="dpo", seed=7,
+    method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}})
+check("DPO job created", dpo_job.method.type == "dpo" and dpo_job.method.dpo.hyperparameters.beta == 0.2, dpo_job)
+deadline = time.time() + 300
+while dpo_job.status not in ("succeeded", "failed", "cancelled"):
+    if time.time() > deadline:
+        check("DPO job finishes within 5 minutes", False, dpo_job)
+    time.sleep(1)
+    dpo_job = client.fine_tuning.jobs.retrieve(dpo_job.id)
+check("DPO job succeeded", dpo_job.status == "succeeded" and dpo_job.fine_tuned_model.startswith("ft-dpo-"), dpo_job)
+events = client.fine_tuning.jobs.list_events(dpo_job.id, limit=100).data
+check("DPO job events carry the loss and the reward accuracy",
+      any(e.type == "metrics" and "train_loss" in e.data and "train_reward_accuracy" in e.data for e in events), events)
+preferred = client.chat.completions.create(model=dpo_job.fine_tuned_model, max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "Reply with the color of item 9."}])
+check("the DPO-tuned model serves by name", preferred.choices[0].message.content is not None, preferred)
+
 long_job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, hyperparameters={"n_epochs": 50})
 cancelled = client.fine_tuning.jobs.cancel(long_job.id)
 check("job cancelled", cancelled.status == "cancelled", cancelled)

@@ -260,6 +260,7 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
         .routes(routes!(extensions::detokenize));
     let tune = OpenApiRouter::new()
         .routes(routes!(tuning::upload_feedback, tuning::list_feedback, tuning::delete_feedback))
+        .routes(routes!(tuning::list_preferences, tuning::delete_preferences))
         .routes(routes!(tuning::train_adapter))
         .routes(routes!(adapters::download_adapter))
         .routes(routes!(tuning::upload_file, tuning::list_files))

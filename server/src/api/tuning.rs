@@ -13,14 +13,17 @@ use super::auth::Principal;
 use super::types::tuning::*;
 use super::types::AdapterInfo;
 use super::{ApiJson, ApiMultipart, ApiQuery, App, AppError};
-use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice};
+use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice, MethodChoice};
 use crate::store::{CheckpointRow, EventRow, FileRow, JobRow};
-use crate::train::job::{Hyperparameters, JobData, JobSpec};
+use crate::train::job::{Hyperparameters, JobData, JobSpec, Method};
 
-/// Stores instruction pairs for an adapter: one JSON record, a JSON list or JSON Lines, each in
-/// the Alpaca, Dolly, ShareGPT or OpenAI `messages` format. All or nothing: an invalid record
-/// rejects the upload with its index. Duplicates are skipped. A missing adapter is created as a
-/// fresh LoRA. Acknowledged once committed; enough new pairs start a training job.
+/// Stores feedback for an adapter: one JSON record, a JSON list or JSON Lines. Each record is an
+/// instruction pair in the Alpaca, Dolly, ShareGPT or OpenAI `messages` format, or a preference
+/// between two answers, as OpenAI's DPO line (`input.messages`, `preferred_output`,
+/// `non_preferred_output`) or TRL's (`prompt` or `messages`, `chosen`, `rejected`), whose
+/// conversation ends with the user. All or nothing: an invalid record rejects the upload with its
+/// index. Duplicates are skipped. A missing adapter is created as a fresh LoRA. Acknowledged once
+/// committed; enough new records start a training job (DPO on the preferences).
 #[utoipa::path(post, path = "/v1/adapters/{name}/feedback", tag = "Tuning",
     params(("name" = String, Path, description = "The adapter"), FeedbackParams),
     request_body(content = String, content_type = "application/json", description = "Records: JSON, a JSON list, or JSON Lines"),
@@ -39,6 +42,7 @@ pub async fn upload_feedback(
         stored: outcome.stored,
         duplicates: outcome.duplicates,
         total_pairs: outcome.total_pairs,
+        total_preferences: outcome.total_preferences,
         pairs_since_training: outcome.pairs_since_training,
         job: outcome.job,
     }))
@@ -78,15 +82,58 @@ pub async fn delete_feedback(
     Path(name): Path<String>,
     ApiQuery(params): ApiQuery<DeleteParams>,
 ) -> Result<Json<Deleted>, AppError> {
-    let ids = params
+    let ids = record_ids(params, "pair")?;
+    Ok(Json(Deleted { deleted: app.tuning.delete_feedback(name, scope, ids).await? }))
+}
+
+/// The comma-separated ids of `params`, if given.
+fn record_ids(params: DeleteParams, kind: &str) -> Result<Option<Vec<i64>>, AppError> {
+    params
         .ids
         .map(|ids| {
             ids.split(',')
-                .map(|id| id.trim().parse::<i64>().map_err(|_| AppError::invalid("ids", format!("`{id}` is not a pair id"))))
+                .map(|id| id.trim().parse::<i64>().map_err(|_| AppError::invalid("ids", format!("`{id}` is not a {kind} id"))))
                 .collect::<Result<Vec<_>, _>>()
         })
-        .transpose()?;
-    Ok(Json(Deleted { deleted: app.tuning.delete_feedback(name, scope, ids).await? }))
+        .transpose()
+}
+
+/// The adapter's stored preferences, oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/adapters/{name}/preferences", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter"), PageParams),
+    responses((status = 200, body = PreferenceList), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn list_preferences(
+    State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(page): ApiQuery<PageParams>,
+) -> Result<Json<PreferenceList>, AppError> {
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    let preferences = app.tuning.list_preferences(name, scope, page.after.unwrap_or(0), limit).await?;
+    Ok(Json(PreferenceList {
+        object: "list",
+        has_more: preferences.has_more,
+        last_id: preferences.items.last().map(|p| p.id),
+        data: preferences
+            .items
+            .into_iter()
+            .map(|p| StoredPreferenceView { id: p.id, hash: p.hash, preference: p.preference, created_at: p.created_at })
+            .collect(),
+    }))
+}
+
+/// Deletes some (`ids`) or all of an adapter's preferences. Versions already trained stay.
+#[utoipa::path(delete, path = "/v1/adapters/{name}/preferences", tag = "Tuning",
+    params(("name" = String, Path, description = "The adapter"), DeleteParams),
+    responses((status = 200, body = Deleted), (status = 400, body = super::error::ErrorResponse)))]
+pub async fn delete_preferences(
+    State(app): State<Arc<App>>,
+    Extension(Principal(scope)): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<DeleteParams>,
+) -> Result<Json<Deleted>, AppError> {
+    let ids = record_ids(params, "preference")?;
+    Ok(Json(Deleted { deleted: app.tuning.delete_preferences(name, scope, ids).await? }))
 }
 
 /// Starts a job on the adapter's pairs now (continuing from its current version).
@@ -214,10 +261,67 @@ impl HyperparametersRequest {
     }
 }
 
+impl DpoHyperparametersRequest {
+    /// β, and the hyperparameters every method shares.
+    fn choice(&self) -> Result<(Option<f64>, HyperparameterChoice), AppError> {
+        let param = |name: &str| format!("method.dpo.hyperparameters.{name}");
+        Ok((
+            number(&self.beta, &param("beta"))?,
+            HyperparameterChoice {
+                n_epochs: number(&self.n_epochs, &param("n_epochs"))?,
+                batch_size: number(&self.batch_size, &param("batch_size"))?,
+                learning_rate_multiplier: number(&self.learning_rate_multiplier, &param("learning_rate_multiplier"))?,
+                adapter: None,
+            },
+        ))
+    }
+}
+
+/// The method and hyperparameters a create request asks for: a method's own hyperparameters
+/// take precedence over the top-level ones.
+fn method_choice(request: &CreateJobRequest) -> Result<(MethodChoice, HyperparameterChoice), AppError> {
+    let top = request.hyperparameters.as_ref().map(HyperparametersRequest::choice).transpose()?.unwrap_or_default();
+    let Some(method) = &request.method else { return Ok((MethodChoice::default(), top)) };
+    let supervised = method.supervised.as_ref().and_then(|s| s.hyperparameters.as_ref());
+    let dpo = method.dpo.as_ref().and_then(|d| d.hyperparameters.as_ref());
+    // The adapter's kind is a top-level hyperparameter only: a method's own do not name it.
+    let kind = top.adapter.clone();
+    let (beta, mut hyperparameters) = match (method.kind.as_deref(), supervised, dpo) {
+        (Some("dpo"), _, Some(dpo)) => dpo.choice()?,
+        (Some("supervised") | None, Some(supervised), _) => (None, supervised.choice()?),
+        _ => (None, top),
+    };
+    hyperparameters.adapter = hyperparameters.adapter.or(kind);
+    Ok((MethodChoice { kind: method.kind.clone(), beta }, hyperparameters))
+}
+
+fn method_view(method: Method, h: &JobHyperparameters) -> JobMethod {
+    match method {
+        Method::Supervised => JobMethod { kind: "supervised", supervised: Some(SupervisedMethod { hyperparameters: h.clone() }), dpo: None },
+        Method::Dpo { beta } => JobMethod {
+            kind: "dpo",
+            supervised: None,
+            dpo: Some(DpoMethod {
+                hyperparameters: DpoHyperparameters {
+                    beta,
+                    n_epochs: h.n_epochs,
+                    batch_size: h.batch_size,
+                    learning_rate_multiplier: h.learning_rate_multiplier,
+                },
+            }),
+        },
+    }
+}
+
 fn job_view(job: &JobRow) -> FineTuningJob {
     let spec: Option<JobSpec> = serde_json::from_value(job.spec.clone()).ok();
     let defaults = Hyperparameters::default();
     let h = spec.as_ref().map_or(defaults, |s| s.hyperparameters);
+    let hyperparameters = JobHyperparameters {
+        n_epochs: h.n_epochs,
+        batch_size: h.batch_size,
+        learning_rate_multiplier: h.learning_rate / defaults.learning_rate,
+    };
     let (training_file, validation_file) = match spec.as_ref().map(|s| &s.data) {
         Some(JobData::Files {
             training_file,
@@ -236,11 +340,8 @@ fn job_view(job: &JobRow) -> FineTuningJob {
         status: job.status.to_string(),
         training_file,
         validation_file,
-        hyperparameters: JobHyperparameters {
-            n_epochs: h.n_epochs,
-            batch_size: h.batch_size,
-            learning_rate_multiplier: h.learning_rate / defaults.learning_rate,
-        },
+        method: method_view(spec.as_ref().map_or(Method::Supervised, |s| s.method), &hyperparameters),
+        hyperparameters,
         result_files: Vec::new(),
         trained_tokens: job.trained_tokens,
         error: job.error.as_ref().map(|message| JobError {
@@ -267,8 +368,10 @@ pub async fn create_job(
     Extension(Principal(scope)): Extension<Principal>,
     ApiJson(request): ApiJson<CreateJobRequest>,
 ) -> Result<Json<FineTuningJob>, AppError> {
+    let (method, hyperparameters) = method_choice(&request)?;
     let job = JobRequest {
-        hyperparameters: request.hyperparameters.as_ref().map(HyperparametersRequest::choice).transpose()?.unwrap_or_default(),
+        method,
+        hyperparameters,
         model: request.model,
         training_file: request.training_file,
         validation_file: request.validation_file,

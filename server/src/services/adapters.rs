@@ -184,7 +184,7 @@ impl Adapters {
     fn share_upload(&self, name: &str) -> Result<(), ServiceError> {
         match &self.tuner {
             Some(tuner) if tuner.store.is_shared() => {
-                tuner.store_feedback(name, None, Scope::Admin, &[])?;
+                tuner.store_feedback(name, None, Scope::Admin, crate::store::NewFeedback::default())?;
                 Ok(())
             }
             _ => Ok(()),

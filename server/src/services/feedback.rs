@@ -1,13 +1,15 @@
 //! Feedback on adapters: the rules of an upload, whatever protocol carries it. Records become
-//! conversations (through a plugin's converter for its domain records), the adapter is created
-//! on first feedback, the pairs are stored in one transaction, and past `train_after` a job
-//! starts unless one is already active.
+//! conversations to imitate (through a plugin's converter for its domain records) or
+//! preferences between two answers, the adapter is created on first feedback, the records are
+//! stored in one transaction, and past `train_after` a job starts unless one is already active.
 
 use tessera_adapters::peft::{alpha_is_valid, rank_is_valid, MAX_ALPHA, MAX_RANK};
 use tessera_adapters::{AdapterKind, TargetModule};
 
 use crate::access::Scope;
-use crate::dataset::{parse_records, parse_upload, validate as validate_conversation, Conversation, Message, RecordError};
+use crate::dataset::preference::{parse_feedback_upload, Feedback, Preference};
+use crate::dataset::{parse_records, validate as validate_conversation, Conversation, Message, RecordError};
+use crate::store::NewFeedback;
 use super::plugins::Plugins;
 use super::ServiceError;
 use crate::grammar::Grammars;
@@ -63,6 +65,7 @@ pub struct FeedbackOutcome {
     pub stored: usize,
     pub duplicates: usize,
     pub total_pairs: usize,
+    pub total_preferences: usize,
     pub pairs_since_training: usize,
     /// The job this upload started.
     pub job: Option<String>,
@@ -71,10 +74,16 @@ pub struct FeedbackOutcome {
 /// Stores an upload of records for `name` (an adapter, or a plugin whose tuned adapter takes
 /// them), all or nothing, as `scope`. Blocking: parsing, plugin calls and the store.
 pub fn upload(tuner: &Tuner, plugins: &Plugins, grammars: &Grammars, name: String, body: &[u8], spec: Option<LoraSpec>, scope: Scope) -> Result<FeedbackOutcome, ServiceError> {
-    let (adapter, conversations) = conversations(plugins, name, body)?;
-    keeps_shape(plugins, grammars, &adapter, &conversations)?;
-    let conversations: Vec<Conversation> = conversations.into_iter().map(|(_, c)| c).collect();
-    let inserted = tuner.store_feedback(&adapter, spec, scope, &conversations)?;
+    let (adapter, records) = records(plugins, name, body)?;
+    keeps_shape(plugins, grammars, &adapter, &records)?;
+    let (mut pairs, mut preferences) = (Vec::new(), Vec::new());
+    for (_, record) in records {
+        match record {
+            Feedback::Pair(conversation) => pairs.push(conversation),
+            Feedback::Preference(preference) => preferences.push(preference),
+        }
+    }
+    let inserted = tuner.store_feedback(&adapter, spec, scope, NewFeedback { pairs: &pairs, preferences: &preferences })?;
     let job = if inserted.pairs_since_training >= tuner.settings.train_after {
         match tuner.start_feedback_job(&adapter, None, scope) {
             Ok(job) => Some(job.id),
@@ -87,6 +96,7 @@ pub fn upload(tuner: &Tuner, plugins: &Plugins, grammars: &Grammars, name: Strin
     };
     Ok(FeedbackOutcome {
         total_pairs: tuner.store.count_pairs(&adapter)?,
+        total_preferences: tuner.store.count_preferences(&adapter)?,
         adapter,
         stored: inserted.stored,
         duplicates: inserted.duplicates,
@@ -95,14 +105,21 @@ pub fn upload(tuner: &Tuner, plugins: &Plugins, grammars: &Grammars, name: Strin
     })
 }
 
-/// Refuses an upload for an adapter a plugin tunes when a record's answer (its conversation's
-/// last assistant message) breaks the shape the plugin declares.
-fn keeps_shape(plugins: &Plugins, grammars: &Grammars, adapter: &str, conversations: &[(usize, Conversation)]) -> Result<(), ServiceError> {
+/// Refuses an upload for an adapter a plugin tunes when a record's answer to imitate (a pair's
+/// last assistant message, a preference's chosen answer) breaks the shape the plugin declares.
+/// A rejected answer may break it: that can be why it was rejected.
+fn keeps_shape(plugins: &Plugins, grammars: &Grammars, adapter: &str, records: &[(usize, Feedback)]) -> Result<(), ServiceError> {
     let Some((plugin, shape)) = plugins.shape_of_tuned(adapter) else { return Ok(()) };
-    for (index, conversation) in conversations {
-        let Some(answer) = conversation.messages.iter().rev().find(|m| m.role == "assistant") else { continue };
-        if !grammars.accepts(&shape, &answer.content).map_err(ServiceError::internal)? {
-            let reason = format!("the answer `{}` does not have the shape the plugin `{plugin}` declares for its answers", answer.content);
+    for (index, record) in records {
+        let answer = match record {
+            Feedback::Pair(conversation) => match conversation.messages.iter().rev().find(|m| m.role == "assistant") {
+                Some(answer) => &answer.content,
+                None => continue,
+            },
+            Feedback::Preference(Preference { chosen, .. }) => chosen,
+        };
+        if !grammars.accepts(&shape, answer).map_err(ServiceError::internal)? {
+            let reason = format!("the answer `{answer}` does not have the shape the plugin `{plugin}` declares for its answers");
             return Err(refused(RecordError { index: *index, reason }));
         }
     }
@@ -118,13 +135,13 @@ fn refused(e: RecordError) -> ServiceError {
     }
 }
 
-/// The upload's records as conversations, and the adapter they are for: the named one, or for a
-/// plugin's domain records the adapter the plugin tunes, through its converter. A plugin that
-/// misbehaves is marked failed.
-/// Each conversation comes with the index of the record it came from.
-fn conversations(plugins: &Plugins, name: String, body: &[u8]) -> Result<(String, Vec<(usize, Conversation)>), ServiceError> {
+/// The upload's records as pairs and preferences, and the adapter they are for: the named one,
+/// or for a plugin's domain records the adapter the plugin tunes, through its converter (which
+/// makes pairs). A plugin that misbehaves is marked failed.
+/// Each record comes with the index of the upload's record it came from.
+fn records(plugins: &Plugins, name: String, body: &[u8]) -> Result<(String, Vec<(usize, Feedback)>), ServiceError> {
     let Some(plugin) = plugins.lease(&name).transpose()? else {
-        return Ok((name, parse_upload(body).map_err(refused)?.into_iter().enumerate().collect()));
+        return Ok((name, parse_feedback_upload(body).map_err(refused)?.into_iter().enumerate().collect()));
     };
     let adapter = plugin
         .info
@@ -147,7 +164,7 @@ fn conversations(plugins: &Plugins, name: String, body: &[u8]) -> Result<(String
             if let Err(reason) = validate_conversation(&conversation) {
                 return Err(fault(PluginError::Garbage { plugin: name.clone(), hook: "convert_feedback", message: reason }));
             }
-            conversations.push((index, conversation));
+            conversations.push((index, Feedback::Pair(conversation)));
         }
     }
     Ok((adapter, conversations))

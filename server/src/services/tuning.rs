@@ -10,10 +10,12 @@ use super::feedback::{self, FeedbackOutcome};
 use super::plugins::Plugins;
 use super::{blocking, ServiceError};
 use crate::access::Scope;
-use crate::dataset::parse_upload;
+use crate::dataset::preference::parse_feedback_upload;
 use crate::grammar::Grammars;
+use crate::store::preferences::StoredPreference;
 use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoredPair};
-use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, Tuner};
+use crate::train::dpo::{beta_is_valid, DEFAULT_BETA, MAX_BETA};
+use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, Method, Tuner};
 
 /// Hyperparameters as a client chose them; `None` is "auto" (the server's default).
 #[derive(Debug, Clone, Default)]
@@ -36,12 +38,21 @@ pub struct LoraChoice {
     pub targets: Option<String>,
 }
 
+/// OpenAI's `method` as a client chose it: its `type` (`supervised` when absent) and, for
+/// `dpo`, β (`None` is "auto": 0.1).
+#[derive(Debug, Clone, Default)]
+pub struct MethodChoice {
+    pub kind: Option<String>,
+    pub beta: Option<f64>,
+}
+
 /// An OpenAI fine-tuning job request.
 #[derive(Debug, Clone)]
 pub struct JobRequest {
     pub model: String,
     pub training_file: String,
     pub validation_file: Option<String>,
+    pub method: MethodChoice,
     pub hyperparameters: HyperparameterChoice,
     pub suffix: Option<String>,
     pub seed: Option<u64>,
@@ -117,6 +128,28 @@ impl Tuning {
         .await
     }
 
+    /// Up to `limit` of the adapter's preferences with ids above `after`, oldest first.
+    pub async fn list_preferences(&self, name: String, scope: Scope, after: i64, limit: usize) -> Result<Page<StoredPreference>, ServiceError> {
+        let tuner = self.tuner()?;
+        blocking(move || {
+            tuner
+                .tunable_adapter(&name, scope)?
+                .ok_or_else(|| ServiceError::NotFound(format!("the adapter `{name}` has no feedback")))?;
+            Ok(Page::of(tuner.store.preferences(&name, after, limit + 1)?, limit))
+        })
+        .await
+    }
+
+    /// Deletes some (`ids`) or all of an adapter's preferences; versions already trained stay.
+    pub async fn delete_preferences(&self, name: String, scope: Scope, ids: Option<Vec<i64>>) -> Result<usize, ServiceError> {
+        let tuner = self.tuner()?;
+        blocking(move || {
+            tuner.tunable_adapter(&name, scope)?;
+            Ok(tuner.store.delete_preferences(&name, ids.as_deref())?)
+        })
+        .await
+    }
+
     /// Starts a job on the adapter's pairs now, continuing from its current version.
     pub async fn train(&self, name: String, hyperparameters: Option<HyperparameterChoice>, scope: Scope) -> Result<JobRow, ServiceError> {
         let tuner = self.tuner()?;
@@ -145,14 +178,15 @@ impl Tuning {
         .await
     }
 
-    /// Stores a training file durably, after checking every record (all or nothing).
+    /// Stores a training file durably, after checking every record (all or nothing): pairs for
+    /// supervised jobs, preferences for DPO jobs (which kind a job needs, the job checks).
     pub async fn upload_file(&self, filename: String, purpose: String, bytes: Vec<u8>) -> Result<FileRow, ServiceError> {
         let tuner = self.tuner()?;
         if purpose != "fine-tune" {
             return Err(ServiceError::invalid("purpose", format!("only `fine-tune` files are accepted, not `{purpose}`")));
         }
         blocking(move || {
-            let records = parse_upload(&bytes).map_err(|e| ServiceError::Invalid {
+            let records = parse_feedback_upload(&bytes).map_err(|e| ServiceError::Invalid {
                 message: format!("{filename}: {e}"),
                 param: Some("file".into()),
                 code: Some("invalid_record"),
@@ -183,6 +217,7 @@ impl Tuning {
         }
         let hyperparameters = resolve(request.hyperparameters.clone(), tuner.settings.defaults)?;
         let kind = request.hyperparameters.adapter.as_deref().map(|name| feedback::adapter_kind(name, "hyperparameters.adapter")).transpose()?;
+        let method = resolve_method(&request.method)?;
         if let Some(suffix) = &request.suffix {
             if suffix.is_empty() || suffix.len() > 40 || !crate::registry::valid_name(suffix) {
                 return Err(ServiceError::invalid("suffix", "the suffix must be 1 to 40 characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
@@ -198,6 +233,7 @@ impl Tuning {
             }
             let spec = JobSpec {
                 data: JobData::Files { training_file: request.training_file, validation_file: request.validation_file },
+                method,
                 hyperparameters,
                 seed: request.seed.unwrap_or(42),
                 suffix: request.suffix,
@@ -256,6 +292,22 @@ impl Tuning {
 
 fn find_job(tuner: &Tuner, id: &str) -> Result<JobRow, ServiceError> {
     tuner.store.job(id)?.ok_or_else(|| ServiceError::NotFound(format!("No such fine-tuning job: {id}")))
+}
+
+/// A client's method: `supervised`, or `dpo` with β in (0, 10] (0.1 when "auto").
+fn resolve_method(choice: &MethodChoice) -> Result<Method, ServiceError> {
+    match choice.kind.as_deref() {
+        None | Some("supervised") if choice.beta.is_none() => Ok(Method::Supervised),
+        None | Some("supervised") => Err(ServiceError::invalid("method.dpo.hyperparameters.beta", "beta applies to `dpo` jobs only")),
+        Some("dpo") => {
+            let beta = choice.beta.unwrap_or(DEFAULT_BETA);
+            if !beta_is_valid(beta) {
+                return Err(ServiceError::invalid("method.dpo.hyperparameters.beta", format!("beta must be above 0 and at most {MAX_BETA}, not {beta}")));
+            }
+            Ok(Method::Dpo { beta })
+        }
+        Some(other) => Err(ServiceError::invalid("method.type", format!("unknown method `{other}`: use `supervised` or `dpo`"))),
+    }
 }
 
 /// A client's hyperparameters over the server's `defaults`: whole epochs (1–50) and batch sizes

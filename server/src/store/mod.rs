@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use crate::sql_params;
 
 use crate::access::Scope;
+use crate::dataset::preference::Preference;
 use crate::dataset::{content_hash, Conversation};
 
 pub mod blobs;
 pub mod database;
+pub mod preferences;
 pub mod schema;
 pub mod testing;
 pub mod transfer;
@@ -222,7 +224,8 @@ pub struct CheckpointRow {
     pub created_at: i64,
 }
 
-/// What an upload did: new pairs stored, duplicates skipped.
+/// What an upload did: new records (pairs and preferences) stored, duplicates skipped, and
+/// the records gathered towards the adapter's next job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inserted {
     pub stored: usize,
@@ -230,12 +233,29 @@ pub struct Inserted {
     pub pairs_since_training: usize,
 }
 
-/// Stores the pairs of `conversations` not already held for `adapter` (by content hash) and
+/// The records of one upload: pairs to imitate and preferences between answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NewFeedback<'a> {
+    pub pairs: &'a [Conversation],
+    pub preferences: &'a [Preference],
+}
+
+impl<'a> NewFeedback<'a> {
+    pub fn pairs(pairs: &'a [Conversation]) -> Self {
+        Self { pairs, preferences: &[] }
+    }
+
+    fn len(&self) -> usize {
+        self.pairs.len() + self.preferences.len()
+    }
+}
+
+/// Stores the records of `feedback` not already held for `adapter` (by content hash) and
 /// counts them towards its next job, inside the caller's transaction.
-fn insert_pairs_in(s: &mut dyn Session, adapter: &str, conversations: &[Conversation]) -> Result<Inserted, StoreError> {
+fn insert_feedback_in(s: &mut dyn Session, adapter: &str, feedback: NewFeedback<'_>) -> Result<Inserted, StoreError> {
     let now = unix_time();
-    let mut stored = 0;
-    for conversation in conversations {
+    let mut stored = preferences::insert_preferences_in(s, adapter, feedback.preferences)?;
+    for conversation in feedback.pairs {
         stored += s.execute(
             "INSERT INTO pairs (adapter, hash, conversation, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
             sql_params![adapter, content_hash(conversation), serde_json::to_string(conversation)?, now],
@@ -249,7 +269,7 @@ fn insert_pairs_in(s: &mut dyn Session, adapter: &str, conversations: &[Conversa
         .int(0)?;
     Ok(Inserted {
         stored,
-        duplicates: conversations.len() - stored,
+        duplicates: feedback.len() - stored,
         pairs_since_training: pairs_since_training as usize,
     })
 }
@@ -538,7 +558,7 @@ impl Store {
         self.with(|s| s.query(&format!("SELECT {ADAPTER_COLUMNS} FROM adapters ORDER BY name"), &[])?.iter().map(adapter_from_row).collect())
     }
 
-    /// Stores `conversations` for the adapter named `new.name`, creating it at version 0 from
+    /// Stores `feedback` for the adapter named `new.name`, creating it at version 0 from
     /// `new` when the name is free, all in one transaction: of concurrent first uploads one
     /// creates and the rest store their pairs on its adapter. `place_files` runs inside the
     /// transaction, only for the call that creates; it puts version 0's files at
@@ -549,7 +569,7 @@ impl Store {
         &self,
         new: &AdapterRow,
         v0_metrics: &serde_json::Value,
-        conversations: &[Conversation],
+        feedback: NewFeedback<'_>,
         place_files: impl FnOnce(&Path) -> std::io::Result<()>,
     ) -> Result<Adoption, StoreError> {
         let v0 = self.version_dir(&new.name, 0);
@@ -574,7 +594,7 @@ impl Store {
             if !row.may_be_tuned_by(new.created_by) {
                 return Ok(Adoption::Refused(row));
             }
-            let inserted = insert_pairs_in(s, &new.name, conversations)?;
+            let inserted = insert_feedback_in(s, &new.name, feedback)?;
             Ok(Adoption::Stored { created, inserted })
         });
         if outcome.is_err() && placed {
@@ -587,7 +607,12 @@ impl Store {
 
     /// Stores the pairs not already held for `adapter`, in one transaction.
     pub fn insert_pairs(&self, adapter: &str, conversations: &[Conversation]) -> Result<Inserted, StoreError> {
-        self.with(|s| insert_pairs_in(s, adapter, conversations))
+        self.insert_feedback(adapter, NewFeedback::pairs(conversations))
+    }
+
+    /// Stores the pairs and preferences not already held for `adapter`, in one transaction.
+    pub fn insert_feedback(&self, adapter: &str, feedback: NewFeedback<'_>) -> Result<Inserted, StoreError> {
+        self.with(|s| insert_feedback_in(s, adapter, feedback))
     }
 
     /// Up to `limit` pairs of `adapter` with ids above `after`, oldest first.
@@ -690,6 +715,7 @@ impl Store {
                 return Err(StoreError::ActiveJob { adapter: adapter.to_string(), job });
             }
             s.execute("DELETE FROM pairs WHERE adapter = ?1", sql_params![adapter])?;
+            s.execute("DELETE FROM preferences WHERE adapter = ?1", sql_params![adapter])?;
             s.execute("DELETE FROM versions WHERE adapter = ?1", sql_params![adapter])?;
             let deleted = s.execute("DELETE FROM adapters WHERE name = ?1", sql_params![adapter])? > 0;
             if deleted {
@@ -1010,7 +1036,7 @@ mod tests {
     }
 
     /// A SQLite store and, where a test server runs, a PostgreSQL one, each with a root of its own.
-    fn stores() -> Vec<(Store, StateLocation, tempfile::TempDir)> {
+    pub(super) fn stores() -> Vec<(Store, StateLocation, tempfile::TempDir)> {
         let mut locations = vec![None];
         locations.extend(testing::fresh_database().unwrap().map(|url| Some(StateLocation::Postgres(url))));
         locations
@@ -1139,7 +1165,7 @@ mod tests {
     fn pairs_survive_reopening_and_duplicates_are_skipped() {
         for (store, location, dir) in stores() {
             let row = adapter("x", Scope::Tune);
-            let created = store.insert_or_get_adapter(&row, &serde_json::json!({}), &[], |dir| std::fs::create_dir_all(dir)).unwrap();
+            let created = store.insert_or_get_adapter(&row, &serde_json::json!({}), NewFeedback::default(), |dir| std::fs::create_dir_all(dir)).unwrap();
             assert!(matches!(created, Adoption::Stored { created: true, .. }));
             let first = store.insert_pairs("x", &[pair("a"), pair("b")]).unwrap();
             assert_eq!((first.stored, first.duplicates), (2, 0));
@@ -1159,7 +1185,7 @@ mod tests {
     fn a_first_upload_creates_the_adapter_once_and_a_failed_create_leaves_nothing() {
         for (store, location, _dir) in stores() {
             let row = |created_by| adapter("new", created_by);
-            let refused = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), &[pair("a")], |v0| {
+            let refused = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), NewFeedback::pairs(&[pair("a")]), |v0| {
                 std::fs::create_dir_all(v0)?;
                 Err(std::io::Error::other("disk full"))
             });
@@ -1169,11 +1195,11 @@ mod tests {
             assert_eq!(store.count_pairs("new").unwrap(), 0);
 
             let place = |v0: &Path| std::fs::create_dir_all(v0);
-            let first = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), &[pair("a")], place).unwrap();
+            let first = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), NewFeedback::pairs(&[pair("a")]), place).unwrap();
             assert!(matches!(first, Adoption::Stored { created: true, inserted: Inserted { stored: 1, .. } }));
-            let second = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), &[pair("b")], |_| panic!("created twice")).unwrap();
+            let second = store.insert_or_get_adapter(&row(Scope::Tune), &serde_json::json!({}), NewFeedback::pairs(&[pair("b")]), |_| panic!("created twice")).unwrap();
             assert!(matches!(second, Adoption::Stored { created: false, inserted: Inserted { stored: 1, pairs_since_training: 2, .. } }));
-            let other = store.insert_or_get_adapter(&row(Scope::Inference), &serde_json::json!({}), &[pair("c")], |_| panic!("created twice")).unwrap();
+            let other = store.insert_or_get_adapter(&row(Scope::Inference), &serde_json::json!({}), NewFeedback::pairs(&[pair("c")]), |_| panic!("created twice")).unwrap();
             assert!(matches!(other, Adoption::Refused(AdapterRow { created_by: Scope::Tune, .. })));
             assert_eq!(store.count_pairs("new").unwrap(), 2, "{location}: a refused upload stores nothing");
         }

@@ -108,6 +108,17 @@ pub const SQLITE: &[&str] = &[
     // 5: an uploaded file's content may live in the object store (`files/<id>`) rather than
     // in its row, which then holds no bytes.
     "ALTER TABLE files ADD COLUMN stored TEXT NOT NULL DEFAULT 'database' CHECK (stored IN ('database', 'blobs'));",
+    // 6: preference feedback, beside the pairs: a conversation ending with the user's turn
+    // and the answer preferred to another, deduplicated by content hash per adapter.
+    "CREATE TABLE preferences (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        adapter TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        preference TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (adapter, hash)
+     );
+     CREATE INDEX preferences_by_adapter ON preferences (adapter, id);",
 ];
 
 
@@ -192,6 +203,15 @@ pub const POSTGRES: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
      ALTER TABLE jobs ADD COLUMN lease_until BIGINT;",
     "ALTER TABLE files ADD COLUMN stored TEXT NOT NULL DEFAULT 'database' CHECK (stored IN ('database', 'blobs'));",
+    "CREATE TABLE preferences (
+        id BIGSERIAL PRIMARY KEY,
+        adapter TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        preference TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        UNIQUE (adapter, hash)
+     );
+     CREATE INDEX preferences_by_adapter ON preferences (adapter, id);",
 ];
 
 /// The tables and columns both schemas share, in an order where no row refers to a later
@@ -199,6 +219,7 @@ pub const POSTGRES: &[&str] = &[
 pub const TABLES: &[(&str, &str)] = &[
     ("adapters", "name, rank, alpha, targets, version, pairs_since_training, created_at, created_by, open_to_tuning"),
     ("pairs", "id, adapter, hash, conversation, created_at"),
+    ("preferences", "id, adapter, hash, preference, created_at"),
     ("versions", "adapter, version, path, job_id, metrics, created_at"),
     ("files", "id, filename, purpose, bytes, records, content, created_at, stored"),
     ("jobs", "id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at, created_by, claimed_by, lease_until"),
@@ -207,7 +228,7 @@ pub const TABLES: &[(&str, &str)] = &[
 ];
 
 /// The tables whose `id` a sequence numbers, which an import must move past the ids it wrote.
-pub const SERIAL_TABLES: &[&str] = &["pairs", "events", "checkpoints"];
+pub const SERIAL_TABLES: &[&str] = &["pairs", "preferences", "events", "checkpoints"];
 
 pub fn migrations(dialect: Dialect) -> &'static [&'static str] {
     match dialect {

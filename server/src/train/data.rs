@@ -16,8 +16,17 @@ use crate::tokenizer::Tokenizer;
 use crate::train::decoder::Example;
 use crate::train::TrainError;
 
-/// Text segments in order, each with whether its tokens are answer tokens.
-fn segments(template: &ChatTemplate, conversation: &Conversation) -> Result<Vec<(String, bool)>, TrainError> {
+/// Which assistant turns of a conversation are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answers {
+    /// Every one (instruction tuning).
+    Every,
+    /// Only the last (a preference's answer: what comes before is its prompt).
+    Last,
+}
+
+/// Text segments in order, each with whether its tokens are scored answer tokens.
+fn segments(template: &ChatTemplate, conversation: &Conversation, answers: Answers) -> Result<Vec<(String, bool)>, TrainError> {
     let turns = conversation.turns();
     let render = |end: usize, generation_prompt: bool| {
         template
@@ -27,10 +36,12 @@ fn segments(template: &ChatTemplate, conversation: &Conversation) -> Result<Vec<
     let not_a_prefix = || TrainError::Data("the chat template does not render a conversation as a prefix of its continuation".into());
     let mut segments = Vec::new();
     let mut consumed = 0;
+    let last = conversation.messages.len().saturating_sub(1);
     for (i, message) in conversation.messages.iter().enumerate() {
         if message.role != "assistant" {
             continue;
         }
+        let scored = answers == Answers::Every || i == last;
         let prompt = render(i, true)?;
         let through_answer = render(i + 1, false)?;
         let new_prompt = prompt.get(consumed..).ok_or_else(not_a_prefix)?;
@@ -38,7 +49,7 @@ fn segments(template: &ChatTemplate, conversation: &Conversation) -> Result<Vec<
             .strip_prefix(prompt.as_str())
             .ok_or_else(not_a_prefix)?;
         segments.push((new_prompt.to_string(), false));
-        segments.push((answer.to_string(), true));
+        segments.push((answer.to_string(), scored));
         consumed = through_answer.len();
     }
     Ok(segments)
@@ -47,10 +58,20 @@ fn segments(template: &ChatTemplate, conversation: &Conversation) -> Result<Vec<
 /// The tokens of `conversation` (with the model's BOS where it adds one) and which next tokens
 /// are scored; `None` when truncation to `max_len` leaves nothing to score.
 pub fn example(tokenizer: &Tokenizer, template: &ChatTemplate, conversation: &Conversation, max_len: usize) -> Result<Option<Example>, TrainError> {
+    example_scoring(tokenizer, template, conversation, max_len, Answers::Every)
+}
+
+/// [`example`] scoring only the conversation's last answer (its final assistant turn): the
+/// sequence whose log-probability a preference compares.
+pub fn answer_example(tokenizer: &Tokenizer, template: &ChatTemplate, conversation: &Conversation, max_len: usize) -> Result<Option<Example>, TrainError> {
+    example_scoring(tokenizer, template, conversation, max_len, Answers::Last)
+}
+
+fn example_scoring(tokenizer: &Tokenizer, template: &ChatTemplate, conversation: &Conversation, max_len: usize, answers: Answers) -> Result<Option<Example>, TrainError> {
     let mut tokens: Vec<u32> = tokenizer.bos_prefix().into_iter().collect();
     // `is_target[j]`: token j is part of an answer.
     let mut is_target = vec![false; tokens.len()];
-    for (text, answer) in segments(template, conversation)? {
+    for (text, answer) in segments(template, conversation, answers)? {
         let ids = tokenizer
             .encode(&text, true, false)
             .map_err(|e| TrainError::Data(e.to_string()))?;
@@ -128,6 +149,19 @@ mod tests {
             text,
             "<bos><start_of_turn>user\nbe terse\n\nhello there<end_of_turn>\n<start_of_turn>model\nthe cat<end_of_turn>\n<start_of_turn>user\nand then<end_of_turn>\n<start_of_turn>model\na hat<end_of_turn>\n"
         );
+    }
+
+    #[test]
+    fn an_answer_example_scores_only_the_last_answer() {
+        let model = tiny();
+        let tokenizer = &model.tokenizer;
+        let conversation = Conversation {
+            messages: vec![message("user", "hello there"), message("assistant", "the cat"), message("user", "and then"), message("assistant", "a hat")],
+        };
+        let every = example(tokenizer, &model.chat, &conversation, 512).unwrap().unwrap();
+        let last = answer_example(tokenizer, &model.chat, &conversation, 512).unwrap().unwrap();
+        assert_eq!(last.tokens, every.tokens);
+        assert_eq!(scored_text(tokenizer, &last), ["a hat<end_of_turn>"]);
     }
 
     #[test]

@@ -218,12 +218,14 @@ impl Trainable<'_> {
         let mut sequences = Vec::with_capacity(batch.len());
         let mut scored_rows = Vec::new();
         let mut targets = Vec::new();
-        for example in batch {
+        let mut target_sequence = Vec::new();
+        for (sequence, example) in batch.iter().enumerate() {
             let start = ids.len();
             for (i, &scored) in example.scored.iter().enumerate() {
                 if scored && i + 1 < example.tokens.len() {
                     scored_rows.push((start + i) as u32);
                     targets.push(example.tokens[i + 1]);
+                    target_sequence.push(sequence);
                 }
             }
             ids.extend_from_slice(&example.tokens);
@@ -245,6 +247,7 @@ impl Trainable<'_> {
             rope,
             scored_rows: Tensor::from_vec(scored_rows, targets.len(), &Device::Cpu)?,
             targets,
+            target_sequence,
         })
     }
 
@@ -253,11 +256,15 @@ impl Trainable<'_> {
         self.block(layer, block, x, &p.sequences, &p.rope[layer])
     }
 
+    /// The cross-entropy `[scored rows]` of each scored row of the last layer's output.
+    fn row_losses(&self, top: &Tensor, p: &Prepared, gradient: bool) -> candle_core::Result<Tensor> {
+        let h = rms_norm(&top.index_select(&p.scored_rows, 0)?, self.model.model.output_norm())?.contiguous()?;
+        h.apply_op1(OutputLoss::new(self.model.clone(), p.targets.clone(), gradient, self.logits))
+    }
+
     /// The summed loss of the scored rows of the last layer's output.
     fn head(&self, top: &Tensor, p: &Prepared, gradient: bool) -> candle_core::Result<Tensor> {
-        let h = rms_norm(&top.index_select(&p.scored_rows, 0)?, self.model.model.output_norm())?.contiguous()?;
-        h.apply_op1(OutputLoss::new(self.model.clone(), p.targets.clone(), gradient, self.logits))?
-            .sum_all()
+        self.row_losses(top, p, gradient)?.sum_all()
     }
 
     /// The last layer's output, without keeping any graph.
@@ -277,14 +284,17 @@ impl Trainable<'_> {
         Ok((sum, p.targets.len()))
     }
 
+    /// −log π(y|x) of each sequence of the batch: the summed cross-entropy of its scored
+    /// tokens, without gradients.
+    pub fn sequence_losses(&self, batch: &[Example]) -> candle_core::Result<Vec<f64>> {
+        let p = self.prepare(batch)?;
+        let top = self.forward_layers(&p)?;
+        let rows = self.row_losses(&top, &p, false)?;
+        Ok(p.per_sequence(&rows, batch.len())?.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
+    }
+
     /// Adds the gradients of the summed loss to `sums` (one slot per `vars` entry) and returns
     /// the summed loss and token count.
-    ///
-    /// Gradient checkpointing below the top `kept` layers: the forward pass keeps only each lower
-    /// layer's input; the backward pass runs each of them again from it, from the top down, and
-    /// takes its gradients through the surrogate Σ(output ⊙ ∂L/∂output), so memory holds one
-    /// lower layer's activations at a time. The top layers keep their graphs from the forward
-    /// pass (no second run), as many as `kept` says.
     pub fn accumulate_gradients(
         &self,
         batch: &[Example],
@@ -292,6 +302,46 @@ impl Trainable<'_> {
         vars: &[&Var],
         sums: &mut [Option<Tensor>],
     ) -> candle_core::Result<(f64, usize)> {
+        let (loss, p) = self.accumulate_gradients_of(batch, kept, vars, sums, |rows, _| rows.sum_all())?;
+        Ok((loss, p.targets.len()))
+    }
+
+    /// Adds the gradients of `objective` to `sums` and returns its value and each sequence's
+    /// −log π(y|x). The objective sees the sequences' summed cross-entropies `[batch]` (the
+    /// negated log-probabilities of their scored tokens).
+    pub fn accumulate_sequence_gradients(
+        &self,
+        batch: &[Example],
+        kept: KeptGraphs,
+        vars: &[&Var],
+        sums: &mut [Option<Tensor>],
+        objective: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<(f64, Vec<f64>)> {
+        let losses = std::cell::RefCell::new(Vec::new());
+        let (value, _) = self.accumulate_gradients_of(batch, kept, vars, sums, |rows, p| {
+            let sequences = p.per_sequence(rows, batch.len())?;
+            *losses.borrow_mut() = sequences.detach().to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+            objective(&sequences)
+        })?;
+        Ok((value, losses.into_inner()))
+    }
+
+    /// Adds the gradients of `loss_of(row losses)` to `sums` (one slot per `vars` entry) and
+    /// returns its value.
+    ///
+    /// Gradient checkpointing below the top `kept` layers: the forward pass keeps only each lower
+    /// layer's input; the backward pass runs each of them again from it, from the top down, and
+    /// takes its gradients through the surrogate Σ(output ⊙ ∂L/∂output), so memory holds one
+    /// lower layer's activations at a time. The top layers keep their graphs from the forward
+    /// pass (no second run), as many as `kept` says.
+    fn accumulate_gradients_of(
+        &self,
+        batch: &[Example],
+        kept: KeptGraphs,
+        vars: &[&Var],
+        sums: &mut [Option<Tensor>],
+        loss_of: impl FnOnce(&Tensor, &Prepared) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<(f64, Prepared)> {
         let p = self.prepare(batch)?;
         let layers = self.model.model.blocks().len();
         let kept = match kept {
@@ -310,7 +360,7 @@ impl Trainable<'_> {
         for layer in checkpointed..layers {
             top = self.layer(layer, &top, &p)?;
         }
-        let loss = self.head(&top, &p, true)?;
+        let loss = loss_of(&self.row_losses(&top, &p, true)?, &p)?;
         let grads = loss.backward()?;
         add_gradients(sums, vars, &grads)?;
         let mut grad_out = grads
@@ -331,7 +381,7 @@ impl Trainable<'_> {
                     .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} does not depend on its input")))?;
             }
         }
-        Ok((loss.to_scalar::<f32>()? as f64, p.targets.len()))
+        Ok((loss.to_scalar::<f32>()? as f64, p))
     }
 }
 
@@ -374,4 +424,20 @@ struct Prepared {
     rope: Vec<Arc<RotaryTables>>,
     scored_rows: Tensor,
     targets: Vec<u32>,
+    /// The batch index of the sequence each target belongs to.
+    target_sequence: Vec<usize>,
+}
+
+impl Prepared {
+    /// Σ of `rows` (one value per target) over each of the batch's `sequences`: `[sequences]`,
+    /// through a 0/1 membership matrix so that gradients flow back to the rows.
+    fn per_sequence(&self, rows: &Tensor, sequences: usize) -> candle_core::Result<Tensor> {
+        let n = self.targets.len();
+        let mut membership = vec![0f32; sequences * n];
+        for (row, &sequence) in self.target_sequence.iter().enumerate() {
+            membership[sequence * n + row] = 1.0;
+        }
+        let membership = Tensor::from_vec(membership, (sequences, n), &Device::Cpu)?;
+        membership.matmul(&rows.reshape((n, 1))?)?.reshape(sequences)
+    }
 }

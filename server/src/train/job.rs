@@ -19,17 +19,19 @@ use serde::{Deserialize, Serialize};
 use tessera_adapters::peft::BaseShape;
 
 use crate::access::Scope;
-use crate::dataset::{parse_upload, Conversation};
+use crate::dataset::preference::{parse_preference, Preference};
+use crate::dataset::{parse_records, parse_upload, Conversation};
 use crate::registry::Registry;
-use crate::store::{unix_time, AdapterRow, Adoption, Claim, Inserted, JobRow, JobStatus, Store, StoreError};
+use crate::store::{unix_time, AdapterRow, Adoption, Claim, Inserted, JobRow, JobStatus, NewFeedback, Store, StoreError};
 use crate::train::sync::{self, SyncState};
 use crate::train::worker;
-use crate::train::data::example;
+use crate::train::data::{answer_example, example};
 use crate::train::decoder::{Example, Trainable};
+use crate::train::dpo::{self, evaluate_preferences, mixed_step, MixedStats, PreferenceExample, Rewards, DEFAULT_BETA};
 use crate::train::lora::{AdapterParams, LoraSpec};
 use tessera_adapters::AdapterKind;
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::{evaluate, train_step, TrainError};
+use crate::train::{evaluate, TrainError};
 use crate::LoadedModel;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,9 +103,14 @@ impl Default for Hyperparameters {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobData {
-    /// The adapter's feedback pairs up to `last_pair_id`; a deterministic slice is held out and
-    /// the result is promoted only if it beats the current version on it.
-    Feedback { last_pair_id: i64 },
+    /// The adapter's feedback pairs up to `last_pair_id` and preferences up to
+    /// `last_preference_id`; a deterministic slice of each is held out and the result is
+    /// promoted only if it beats the current version on it.
+    Feedback {
+        last_pair_id: i64,
+        #[serde(default)]
+        last_preference_id: i64,
+    },
     /// OpenAI files: the result is published as a new adapter.
     Files {
         training_file: String,
@@ -111,10 +118,40 @@ pub enum JobData {
     },
 }
 
+/// How a job trains: OpenAI's fine-tuning `method`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Method {
+    /// Imitate the answers of pairs (the SFT loss).
+    #[default]
+    Supervised,
+    /// Prefer the chosen answers of preferences (the DPO loss), and imitate those of any pairs.
+    Dpo { beta: f64 },
+}
+
+impl Method {
+    /// β of the DPO loss, for whatever preferences the job trains on.
+    pub fn beta(self) -> f64 {
+        match self {
+            Method::Dpo { beta } => beta,
+            Method::Supervised => DEFAULT_BETA,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Supervised => "supervised",
+            Method::Dpo { .. } => "dpo",
+        }
+    }
+}
+
 /// Everything a job needs, stored with it (so a resumed job does exactly the same).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     pub data: JobData,
+    #[serde(default)]
+    pub method: Method,
     pub hyperparameters: Hyperparameters,
     pub seed: u64,
     pub suffix: Option<String>,
@@ -209,7 +246,7 @@ impl Tuner {
         Ok(self.store.active_job(adapter)?.is_some())
     }
 
-    /// Stores `conversations` as feedback on `name`, first making it a tuned adapter at version
+    /// Stores `feedback` (pairs and preferences) on `name`, first making it a tuned adapter at version
     /// 0 when it is not one yet: a fresh LoRA (`spec`, else the default), or a copy of the
     /// registry's adapter of that name (training continues from it). Creating the adapter and
     /// storing the pairs are one transaction: of concurrent first uploads one creates and the
@@ -217,10 +254,10 @@ impl Tuner {
     ///
     /// `scope` is the caller's: it may tune an adapter it created or one the admin opened; an
     /// adapter the admin installed (uploaded or loaded) only the admin may turn into a tuned one.
-    pub fn store_feedback(&self, name: &str, spec: Option<LoraSpec>, scope: Scope, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
+    pub fn store_feedback(&self, name: &str, spec: Option<LoraSpec>, scope: Scope, feedback: NewFeedback<'_>) -> Result<Inserted, TuneError> {
         if let Some(row) = self.store.adapter(name)? {
             self.check_tunable(row, scope)?;
-            return Ok(self.store.insert_pairs(name, conversations)?);
+            return Ok(self.store.insert_feedback(name, feedback)?);
         }
         self.registry
             .check_new_name(name)
@@ -232,19 +269,19 @@ impl Tuner {
             Some((source, _)) => AdapterParams::load_peft(&source, &self.base_shape())?,
             None => AdapterParams::fresh(&self.model, spec.unwrap_or_else(|| self.settings.default_lora.clone()), 0)?,
         };
-        self.adopt(name, &params, scope, serde_json::json!({"origin": "created"}), conversations)
+        self.adopt(name, &params, scope, serde_json::json!({"origin": "created"}), feedback)
     }
 
-    /// Records `params` as `name`'s version 0 with `conversations` as its first pairs, unless
-    /// `name` is already a tuned adapter: then the pairs go to that one (if `scope` may tune
+    /// Records `params` as `name`'s version 0 with `feedback` as its first records, unless
+    /// `name` is already a tuned adapter: then the records go to that one (if `scope` may tune
     /// it) and `params` are dropped. Version 0's files are written to a staging folder first and
     /// moved into place inside the store's transaction.
-    fn adopt(&self, name: &str, params: &AdapterParams, scope: Scope, origin: serde_json::Value, conversations: &[Conversation]) -> Result<Inserted, TuneError> {
+    fn adopt(&self, name: &str, params: &AdapterParams, scope: Scope, origin: serde_json::Value, feedback: NewFeedback<'_>) -> Result<Inserted, TuneError> {
         let staging = self.store.staging_dir();
         let staged = params.save_peft(&staging, &self.model_id);
         let adopted = staged.map_err(TuneError::from).and_then(|()| {
             let row = version_zero(name, params, scope);
-            Ok(self.store.insert_or_get_adapter(&row, &origin, conversations, |v0| move_into_place(&staging, v0))?)
+            Ok(self.store.insert_or_get_adapter(&row, &origin, feedback, |v0| move_into_place(&staging, v0))?)
         });
         // What was not moved into place (a lost race, a failure) is nobody's.
         let _ = std::fs::remove_dir_all(&staging);
@@ -279,24 +316,27 @@ impl Tuner {
     /// Opens `name` to tuning by every scope, or closes it to all but its creator's (the
     /// admin's call). An adapter the admin installed gets its tuning record first.
     pub fn set_open_to_tuning(&self, name: &str, open: bool) -> Result<AdapterRow, TuneError> {
-        self.store_feedback(name, None, Scope::Admin, &[])?;
+        self.store_feedback(name, None, Scope::Admin, NewFeedback::default())?;
         self.store.set_open_to_tuning(name, open)?;
         self.store
             .adapter(name)?
             .ok_or_else(|| TuneError::Invalid(format!("the adapter `{name}` vanished")))
     }
 
-    /// Queues a job on `adapter`'s feedback pairs (all stored so far).
+    /// Queues a job on `adapter`'s feedback (all pairs and preferences stored so far): DPO
+    /// with the default β where there are preferences.
     pub fn start_feedback_job(&self, adapter: &str, hyperparameters: Option<Hyperparameters>, scope: Scope) -> Result<JobRow, TuneError> {
         let row = self
             .tunable_adapter(adapter, scope)?
-            .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no feedback pairs")))?;
+            .ok_or_else(|| TuneError::Invalid(format!("`{adapter}` has no feedback")))?;
         let last_pair_id = self.store.last_pair_id(adapter)?;
-        if last_pair_id == 0 {
-            return Err(TuneError::Invalid(format!("`{adapter}` has no feedback pairs")));
+        let last_preference_id = self.store.last_preference_id(adapter)?;
+        if last_pair_id == 0 && last_preference_id == 0 {
+            return Err(TuneError::Invalid(format!("`{adapter}` has no feedback")));
         }
         let spec = JobSpec {
-            data: JobData::Feedback { last_pair_id },
+            data: JobData::Feedback { last_pair_id, last_preference_id },
+            method: if last_preference_id > 0 { Method::Dpo { beta: DEFAULT_BETA } } else { Method::Supervised },
             hyperparameters: hyperparameters.unwrap_or(self.settings.defaults),
             seed: 0,
             suffix: None,
@@ -338,7 +378,7 @@ impl Tuner {
         self.registry
             .check_new_name(&adapter)
             .map_err(|e| TuneError::Invalid(e.to_string()))?;
-        self.adopt(&adapter, &params, scope, serde_json::json!({"origin": model}), &[])?;
+        self.adopt(&adapter, &params, scope, serde_json::json!({"origin": model}), NewFeedback::default())?;
         self.create_job(id, &adapter, model, &spec, JobStatus::ValidatingFiles, scope)
     }
 
@@ -481,12 +521,106 @@ impl Tuner {
         Ok((examples, skipped))
     }
 
-    fn file_conversations(&self, id: &str) -> Result<Vec<Conversation>, TuneError> {
-        let content = self
-            .store
+    /// Each preference's answers as sequences scored on the answer only, with the reference
+    /// policy's log-probabilities of each; and how many were skipped (an answer with no token
+    /// left to score after truncation).
+    fn preference_examples(&self, preferences: &[Preference], reference: &AdapterParams) -> Result<(Vec<PreferenceExample>, usize), TuneError> {
+        let (mut pairs, mut skipped) = (Vec::with_capacity(preferences.len()), 0);
+        let max_len = self.settings.max_seq_len;
+        for preference in preferences {
+            let chosen = answer_example(&self.model.tokenizer, &self.model.chat, &preference.chosen_conversation(), max_len)?;
+            let rejected = answer_example(&self.model.tokenizer, &self.model.chat, &preference.rejected_conversation(), max_len)?;
+            match (chosen, rejected) {
+                (Some(chosen), Some(rejected)) => pairs.push((chosen, rejected)),
+                _ => skipped += 1,
+            }
+        }
+        Ok((dpo::with_reference(Trainable::new(&self.model, reference), pairs, MICRO_BATCH / 2)?, skipped))
+    }
+
+    fn file_content(&self, id: &str) -> Result<Vec<u8>, TuneError> {
+        self.store
             .file_content(id)?
-            .ok_or_else(|| TuneError::Invalid(format!("the file `{id}` does not exist")))?;
-        parse_upload(&content).map_err(|e| TuneError::Invalid(format!("file `{id}`: {e}")))
+            .ok_or_else(|| TuneError::Invalid(format!("the file `{id}` does not exist")))
+    }
+
+    fn file_conversations(&self, id: &str) -> Result<Vec<Conversation>, TuneError> {
+        parse_upload(&self.file_content(id)?).map_err(|e| TuneError::Invalid(format!("file `{id}`: {e}")))
+    }
+
+    /// A DPO file's lines, each a preference.
+    fn file_preferences(&self, id: &str) -> Result<Vec<Preference>, TuneError> {
+        let records = parse_records(&self.file_content(id)?).map_err(|e| TuneError::Invalid(format!("file `{id}`: {e}")))?;
+        records
+            .iter()
+            .enumerate()
+            .map(|(line, r)| {
+                parse_preference(r).map_err(|e| TuneError::Invalid(format!("file `{id}`, line {}: a DPO job needs preference lines: {e}", line + 1)))
+            })
+            .collect()
+    }
+
+    /// A job's records, split into what it trains on and what it holds out.
+    fn job_records(&self, adapter: &str, spec: &JobSpec) -> Result<JobRecords, TuneError> {
+        match &spec.data {
+            JobData::Feedback { last_pair_id, last_preference_id } => {
+                let pairs = self.store.pairs_through(adapter, *last_pair_id)?.into_iter().map(|p| (p.hash, p.conversation)).collect();
+                let preferences = self.store.preferences_through(adapter, *last_preference_id)?;
+                let (pairs, held_pairs) = hold_out(pairs);
+                let (preferences, held_preferences) = hold_out(preferences.into_iter().map(|p| (p.hash, p.preference)).collect());
+                Ok(JobRecords { pairs, held_pairs, preferences, held_preferences })
+            }
+            JobData::Files { training_file, validation_file } => {
+                let mut records = JobRecords::default();
+                match spec.method {
+                    Method::Supervised => {
+                        records.pairs = self.file_conversations(training_file)?;
+                        records.held_pairs = validation_file.as_deref().map(|f| self.file_conversations(f)).transpose()?.unwrap_or_default();
+                    }
+                    Method::Dpo { .. } => {
+                        records.preferences = self.file_preferences(training_file)?;
+                        records.held_preferences = validation_file.as_deref().map(|f| self.file_preferences(f)).transpose()?.unwrap_or_default();
+                    }
+                }
+                Ok(records)
+            }
+        }
+    }
+
+    /// The job's training items and held-out examples, tokenized, with the reference policy's
+    /// log-probabilities of every preference's answers.
+    fn training_data(&self, job_id: &str, job: &JobRow, spec: &JobSpec) -> Result<TrainingData, TuneError> {
+        let records = self.job_records(&job.adapter, spec)?;
+        let (pairs, skipped_pairs) = self.examples(&records.pairs)?;
+        let (held_pairs, _) = self.examples(&records.held_pairs)?;
+        let (preferences, held_preferences, skipped_preferences) = if records.preferences.is_empty() && records.held_preferences.is_empty() {
+            (Vec::new(), Vec::new(), 0)
+        } else {
+            // π_ref: the version the job starts from, whose factors the policy starts with.
+            let reference = AdapterParams::load_peft(&self.store.fetch_version(&job.adapter, spec.start_version)?, &self.base_shape())?;
+            let (train, skipped) = self.preference_examples(&records.preferences, &reference)?;
+            let (held, _) = self.preference_examples(&records.held_preferences, &reference)?;
+            (train, held, skipped)
+        };
+        if pairs.is_empty() && preferences.is_empty() {
+            return Err(TuneError::Invalid("no training example has a token to learn after truncation".into()));
+        }
+        for (skipped, what) in [(skipped_pairs, "examples"), (skipped_preferences, "preferences")] {
+            if skipped > 0 {
+                let message = format!("{skipped} {what} skipped: nothing left to learn after truncation to {} tokens", self.settings.max_seq_len);
+                self.store.add_event(job_id, "warn", &message, None)?;
+            }
+        }
+        let mix = serde_json::json!({
+            "method": spec.method.name(),
+            "beta": spec.method.beta(),
+            "pairs": pairs.len(),
+            "preferences": preferences.len(),
+            "held_out_pairs": held_pairs.len(),
+            "held_out_preferences": held_preferences.len(),
+        });
+        let train = pairs.into_iter().map(Item::Pair).chain(preferences.into_iter().map(Item::Preference)).collect();
+        Ok(TrainingData { train, held_out: HeldOut { pairs: held_pairs, preferences: held_preferences }, mix })
     }
 
     fn run_job(&self, job_id: &str) -> Result<(), TuneError> {
@@ -499,47 +633,7 @@ impl Tuner {
             .store
             .adapter(&job.adapter)?
             .ok_or_else(|| TuneError::Invalid(format!("the adapter `{}` is gone", job.adapter)))?;
-
-        // Data: training and held-out conversations.
-        let (train, held_out) = match &spec.data {
-            JobData::Feedback { last_pair_id } => {
-                let pairs = self.store.pairs_through(&job.adapter, *last_pair_id)?;
-                let (mut held, mut train): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| is_held_out(&p.hash));
-                if held.is_empty() && train.len() >= 2 {
-                    // At least one held-out pair: the one with the smallest hash.
-                    let i = train.iter().enumerate().min_by(|a, b| a.1.hash.cmp(&b.1.hash)).map_or(0, |(i, _)| i);
-                    held.push(train.remove(i));
-                }
-                (
-                    train.into_iter().map(|p| p.conversation).collect::<Vec<_>>(),
-                    held.into_iter().map(|p| p.conversation).collect::<Vec<_>>(),
-                )
-            }
-            JobData::Files {
-                training_file,
-                validation_file,
-            } => {
-                let train = self.file_conversations(training_file)?;
-                let held = match validation_file {
-                    Some(file) => self.file_conversations(file)?,
-                    None => Vec::new(),
-                };
-                (train, held)
-            }
-        };
-        let (train, skipped) = self.examples(&train)?;
-        let (held_out, _) = self.examples(&held_out)?;
-        if train.is_empty() {
-            return Err(TuneError::Invalid("no training example has a token to learn after truncation".into()));
-        }
-        if skipped > 0 {
-            self.store.add_event(
-                job_id,
-                "warn",
-                &format!("{skipped} examples skipped: nothing left to learn after truncation to {} tokens", self.settings.max_seq_len),
-                None,
-            )?;
-        }
+        let TrainingData { train, held_out, mix } = self.training_data(job_id, &job, &spec)?;
         if job.status == JobStatus::ValidatingFiles {
             self.store.set_job_status(job_id, JobStatus::Queued, None, None, None)?;
         }
@@ -584,14 +678,17 @@ impl Tuner {
             job_id,
             "info",
             &format!(
-                "Training on {} examples ({} held out): {} epochs of {} steps, batch {}",
-                train.len(),
-                held_out.len(),
+                "Training ({}) on {} pairs and {} preferences ({} and {} held out): {} epochs of {} steps, batch {}",
+                spec.method.name(),
+                mix["pairs"],
+                mix["preferences"],
+                held_out.pairs.len(),
+                held_out.preferences.len(),
                 h.n_epochs,
                 steps_per_epoch,
                 h.batch_size
             ),
-            None,
+            Some(&mix),
         )?;
         tracing::info!(examples = train.len(), total_steps, start = optimizer.step, "training");
 
@@ -611,74 +708,81 @@ impl Tuner {
                 epoch_order = (epoch, order(epoch));
             }
             let within = (step % steps_per_epoch) * h.batch_size;
-            let batch: Vec<Example> = epoch_order.1[within..(within + h.batch_size).min(train.len())]
-                .iter()
-                .map(|&i| train[i].clone())
-                .collect();
+            let batch: Vec<&Item> = epoch_order.1[within..(within + h.batch_size).min(train.len())].iter().map(|&i| &train[i]).collect();
             let started = std::time::Instant::now();
+            let (pairs, preferences) = split_items(&batch);
             // Gradient accumulation: a batch of any size runs as micro-batches, so memory holds
             // one micro-batch's activations.
-            let micro_batches: Vec<&[Example]> = batch.chunks(MICRO_BATCH).collect();
-            let stats = train_step(Trainable::new(&self.model, &lora), &mut optimizer, &micro_batches)?;
-            trained_tokens += batch.iter().map(|e| e.tokens.len() as u64).sum::<u64>();
-            let data = serde_json::json!({
-                "step": optimizer.step,
-                "total_steps": total_steps,
-                "train_loss": stats.loss,
-                "learning_rate": stats.learning_rate,
-                "grad_norm": stats.grad_norm,
-                "seconds": started.elapsed().as_secs_f64(),
-            });
-            self.store
-                .add_metrics_event(job_id, &format!("Step {}/{total_steps}: training loss={:.4}", optimizer.step, stats.loss), &data)?;
+            let stats = mixed_step(Trainable::new(&self.model, &lora), &mut optimizer, &pairs, &preferences, spec.method.beta(), MICRO_BATCH)?;
+            trained_tokens += batch.iter().map(|item| item.tokens() as u64).sum::<u64>();
+            let mut data = step_metrics(&stats, pairs.len(), preferences.len());
+            data.extend([
+                ("step".to_string(), optimizer.step.into()),
+                ("total_steps".to_string(), total_steps.into()),
+                ("seconds".to_string(), started.elapsed().as_secs_f64().into()),
+            ]);
+            let message = match stats.dpo {
+                Some(r) => format!("Step {}/{total_steps}: training loss={:.4}, reward accuracy={:.2}", optimizer.step, stats.loss, r.accuracy),
+                None => format!("Step {}/{total_steps}: training loss={:.4}", optimizer.step, stats.loss),
+            };
+            self.store.add_metrics_event(job_id, &message, &serde_json::Value::Object(data))?;
             if optimizer.step % self.settings.checkpoint_every.max(1) == 0 && optimizer.step < total_steps {
-                self.checkpoint(job_id, &lora, &optimizer, stats.loss, trained_tokens)?;
+                self.checkpoint(job_id, &lora, &optimizer, &stats, trained_tokens)?;
             }
         }
         self.check_cancelled(job_id)?;
         self.finish(&job, &spec, &adapter, &lora, &held_out, trained_tokens)
     }
 
-    fn checkpoint(&self, job_id: &str, lora: &AdapterParams, optimizer: &AdamW, loss: f64, trained_tokens: u64) -> Result<(), TuneError> {
+    fn checkpoint(&self, job_id: &str, lora: &AdapterParams, optimizer: &AdamW, stats: &MixedStats, trained_tokens: u64) -> Result<(), TuneError> {
         let dir = self.store.job_dir(job_id).join(format!("step-{:06}", optimizer.step));
         lora.save_peft(&dir, &self.model_id)?;
         optimizer.save(&dir.join("optimizer.safetensors"))?;
         crate::train::durable::sync_dir(&dir)?;
-        let metrics = serde_json::json!({"step": optimizer.step, "train_loss": loss, "trained_tokens": trained_tokens});
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("step".into(), optimizer.step.into());
+        metrics.insert("train_loss".into(), stats.loss.into());
+        if let Some(r) = stats.dpo {
+            metrics.extend(r.to_json("train_"));
+        }
+        metrics.insert("trained_tokens".into(), trained_tokens.into());
+        let metrics = serde_json::Value::Object(metrics);
         // The row is the commit point: a crash before it leaves an unused folder.
         self.store.add_checkpoint(job_id, optimizer.step, &dir, &metrics)?;
         self.store.add_event(job_id, "info", &format!("Checkpoint written at step {}", optimizer.step), Some(&metrics))?;
         Ok(())
     }
 
+    /// How `lora` does on the held-out examples: the mean token loss on pairs, the DPO
+    /// rewards on preferences.
+    fn held_out_scores(&self, lora: &AdapterParams, held_out: &HeldOut, beta: f64, batch: usize) -> Result<HeldOutScores, TuneError> {
+        let trainable = Trainable::new(&self.model, lora);
+        Ok(HeldOutScores {
+            loss: (!held_out.pairs.is_empty()).then(|| evaluate(trainable, &held_out.pairs, batch)).transpose()?,
+            rewards: (!held_out.preferences.is_empty())
+                .then(|| evaluate_preferences(trainable, &held_out.preferences, beta, (batch / 2).max(1)))
+                .transpose()?,
+        })
+    }
+
     /// The eval gate, then promotion.
-    fn finish(
-        &self,
-        job: &JobRow,
-        spec: &JobSpec,
-        adapter: &AdapterRow,
-        lora: &AdapterParams,
-        held_out: &[Example],
-        trained_tokens: u64,
-    ) -> Result<(), TuneError> {
-        let batch = spec.hyperparameters.batch_size;
-        let new_loss = if held_out.is_empty() { None } else { Some(evaluate(Trainable::new(&self.model, lora), held_out, batch)?) };
+    fn finish(&self, job: &JobRow, spec: &JobSpec, adapter: &AdapterRow, lora: &AdapterParams, held_out: &HeldOut, trained_tokens: u64) -> Result<(), TuneError> {
+        let (batch, beta) = (spec.hyperparameters.batch_size, spec.method.beta());
+        let new = self.held_out_scores(lora, held_out, beta, batch)?;
         let current = self.store.adapter(&adapter.name)?.map_or(adapter.version, |a| a.version);
-        let promote = match (&spec.data, new_loss) {
-            (JobData::Files { .. }, _) | (_, None) => true,
-            (JobData::Feedback { .. }, Some(new_loss)) => {
+        let promote = match &spec.data {
+            JobData::Files { .. } => true,
+            JobData::Feedback { .. } if new.is_empty() => true,
+            JobData::Feedback { .. } => {
                 let current_params = AdapterParams::load_peft(&self.store.fetch_version(&adapter.name, current)?, &self.base_shape())?;
-                let current_loss = evaluate(Trainable::new(&self.model, &current_params), held_out, batch)?;
-                let better = new_loss < current_loss;
-                self.store.add_event(
-                    &job.id,
-                    "info",
-                    &format!(
-                        "Held-out loss {new_loss:.4} against version {current}'s {current_loss:.4}: {}",
-                        if better { "promoting" } else { "keeping the current version" }
-                    ),
-                    Some(&serde_json::json!({"held_out_loss": new_loss, "current_held_out_loss": current_loss, "current_version": current})),
-                )?;
+                let old = self.held_out_scores(&current_params, held_out, beta, batch)?;
+                let better = new.beats(&old);
+                let verdict = if better { "promoting" } else { "keeping the current version" };
+                let mut data = serde_json::Map::from_iter([("current_version".to_string(), serde_json::json!(current))]);
+                data.extend(new.to_json(""));
+                data.extend(old.to_json("current_"));
+                let message = format!("Held-out {} of version {current}: {verdict}", new.compared_with(&old));
+                self.store.add_event(&job.id, "info", &message, Some(&serde_json::Value::Object(data)))?;
                 better
             }
         };
@@ -693,7 +797,12 @@ impl Tuner {
                 + 1;
             let dir = self.store.version_dir(&adapter.name, version);
             lora.save_peft(&dir, &self.model_id)?;
-            let metrics = serde_json::json!({"held_out_loss": new_loss, "trained_tokens": trained_tokens, "examples_held_out": held_out.len()});
+            let mut metrics = new.to_json("");
+            metrics.insert("held_out_loss".into(), serde_json::json!(new.loss));
+            metrics.insert("trained_tokens".into(), trained_tokens.into());
+            metrics.insert("examples_held_out".into(), held_out.pairs.len().into());
+            metrics.insert("preferences_held_out".into(), held_out.preferences.len().into());
+            let metrics = serde_json::Value::Object(metrics);
             self.store.promote(&adapter.name, version, &job.id, &metrics)?;
             self.registry
                 .install(&adapter.name, &dir)
@@ -705,6 +814,135 @@ impl Tuner {
         self.store.add_event(&job.id, "info", "The job has successfully completed", None)?;
         tracing::info!(adapter = %adapter.name, promoted = promote, "fine-tuning job succeeded");
         Ok(())
+    }
+}
+
+/// A job's records: pairs and preferences to train on and to hold out.
+#[derive(Default)]
+struct JobRecords {
+    pairs: Vec<Conversation>,
+    held_pairs: Vec<Conversation>,
+    preferences: Vec<Preference>,
+    held_preferences: Vec<Preference>,
+}
+
+/// One in ten records by content hash held out (at least one where there are two or more),
+/// the rest to train on, in their stored order.
+fn hold_out<T>(records: Vec<(String, T)>) -> (Vec<T>, Vec<T>) {
+    let (mut held, mut train): (Vec<_>, Vec<_>) = records.into_iter().partition(|(hash, _)| is_held_out(hash));
+    if held.is_empty() && train.len() >= 2 {
+        // At least one held out: the one with the smallest hash.
+        let i = train.iter().enumerate().min_by(|a, b| a.1 .0.cmp(&b.1 .0)).map_or(0, |(i, _)| i);
+        held.push(train.remove(i));
+    }
+    (train.into_iter().map(|(_, r)| r).collect(), held.into_iter().map(|(_, r)| r).collect())
+}
+
+/// What a job steps through: a pair to imitate or a preference to learn.
+enum Item {
+    Pair(Example),
+    Preference(PreferenceExample),
+}
+
+impl Item {
+    fn tokens(&self) -> usize {
+        match self {
+            Item::Pair(e) => e.tokens.len(),
+            Item::Preference(p) => p.tokens(),
+        }
+    }
+}
+
+/// A batch's pairs and preferences.
+fn split_items(batch: &[&Item]) -> (Vec<Example>, Vec<PreferenceExample>) {
+    let (mut pairs, mut preferences) = (Vec::new(), Vec::new());
+    for item in batch {
+        match item {
+            Item::Pair(e) => pairs.push(e.clone()),
+            Item::Preference(p) => preferences.push(p.clone()),
+        }
+    }
+    (pairs, preferences)
+}
+
+/// A step's metrics event: OpenAI's `train_loss`, the mix of the batch, the SFT loss on its
+/// pairs and TRL's reward statistics on its preferences.
+fn step_metrics(stats: &MixedStats, pairs: usize, preferences: usize) -> serde_json::Map<String, serde_json::Value> {
+    let mut data = serde_json::Map::new();
+    data.insert("train_loss".into(), stats.loss.into());
+    data.insert("learning_rate".into(), stats.learning_rate.into());
+    data.insert("grad_norm".into(), stats.grad_norm.into());
+    data.insert("pairs".into(), pairs.into());
+    data.insert("preferences".into(), preferences.into());
+    if let Some((loss, tokens)) = stats.sft {
+        data.insert("sft_loss".into(), loss.into());
+        data.insert("sft_tokens".into(), tokens.into());
+    }
+    if let Some(r) = stats.dpo {
+        data.extend(r.to_json("train_"));
+    }
+    data
+}
+
+struct TrainingData {
+    train: Vec<Item>,
+    held_out: HeldOut,
+    /// The method and how many of each kind of record the job trains on and holds out.
+    mix: serde_json::Value,
+}
+
+struct HeldOut {
+    pairs: Vec<Example>,
+    preferences: Vec<PreferenceExample>,
+}
+
+/// How an adapter does on the held-out records of each kind a job has.
+struct HeldOutScores {
+    loss: Option<f64>,
+    rewards: Option<Rewards>,
+}
+
+impl HeldOutScores {
+    fn is_empty(&self) -> bool {
+        self.loss.is_none() && self.rewards.is_none()
+    }
+
+    /// Better on every kind held out: a lower token loss on pairs; on preferences a higher
+    /// reward accuracy, or the same with a wider mean margin.
+    fn beats(&self, other: &Self) -> bool {
+        let loss = match (self.loss, other.loss) {
+            (Some(new), Some(old)) => new < old,
+            _ => true,
+        };
+        let rewards = match (self.rewards, other.rewards) {
+            (Some(new), Some(old)) => new.accuracy > old.accuracy || (new.accuracy == old.accuracy && new.margin > old.margin),
+            _ => true,
+        };
+        loss && rewards
+    }
+
+    /// OpenAI's `full_valid_loss` for pairs, TRL's reward statistics for preferences.
+    fn to_json(&self, prefix: &str) -> serde_json::Map<String, serde_json::Value> {
+        let mut data = serde_json::Map::new();
+        if let Some(loss) = self.loss {
+            data.insert(format!("{prefix}full_valid_loss"), loss.into());
+        }
+        if let Some(r) = self.rewards {
+            data.extend(r.to_json(&format!("{prefix}valid_")));
+        }
+        data
+    }
+
+    /// "loss 1.2 against 1.3, reward accuracy …": each kind's score beside `other`'s.
+    fn compared_with(&self, other: &Self) -> String {
+        let mut parts = Vec::new();
+        if let (Some(new), Some(old)) = (self.loss, other.loss) {
+            parts.push(format!("loss {new:.4} against {old:.4}"));
+        }
+        if let (Some(new), Some(old)) = (self.rewards, other.rewards) {
+            parts.push(format!("reward accuracy {:.3} (margin {:.4}) against {:.3} (margin {:.4})", new.accuracy, new.margin, old.accuracy, old.margin));
+        }
+        parts.join(", ")
     }
 }
 

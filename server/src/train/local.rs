@@ -67,6 +67,7 @@ pub fn train_local(
     let tuner = Tuner::start(store.clone(), model, model_id.to_string(), registry, settings)?;
     let spec = JobSpec {
         data: JobData::Files { training_file: stored_file(&store, "train.jsonl", &train)?, validation_file: Some(stored_file(&store, "validation.jsonl", &held_out)?) },
+        method: crate::train::job::Method::Supervised,
         hyperparameters: options.hyperparameters,
         seed: options.seed,
         suffix: Some("local".into()),

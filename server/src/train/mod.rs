@@ -5,6 +5,7 @@ pub mod data;
 pub mod durable;
 pub mod fused;
 pub mod decoder;
+pub mod dpo;
 pub mod job;
 pub mod local;
 pub mod lora;

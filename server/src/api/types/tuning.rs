@@ -6,6 +6,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::dataset::Message;
+use crate::dataset::preference::Preference;
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct FeedbackParams {
@@ -22,12 +23,13 @@ pub struct FeedbackParams {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FeedbackReceipt {
     pub adapter: String,
-    /// New pairs stored by this upload.
+    /// New records (pairs and preferences) stored by this upload.
     pub stored: usize,
-    /// Pairs skipped because the adapter already holds the same content.
+    /// Records skipped because the adapter already holds the same content.
     pub duplicates: usize,
     pub total_pairs: usize,
-    /// Pairs gathered since the last job started.
+    pub total_preferences: usize,
+    /// Records (pairs and preferences) gathered since the last job started.
     pub pairs_since_training: usize,
     /// The job this upload started, when it reached the server's `train_after`.
     pub job: Option<String>,
@@ -57,9 +59,27 @@ pub struct PairList {
     pub last_id: Option<i64>,
 }
 
+/// A stored preference: the conversation so far and the answer preferred to another.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoredPreferenceView {
+    pub id: i64,
+    pub hash: String,
+    #[serde(flatten)]
+    pub preference: Preference,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PreferenceList {
+    pub object: &'static str,
+    pub data: Vec<StoredPreferenceView>,
+    pub has_more: bool,
+    pub last_id: Option<i64>,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct DeleteParams {
-    /// Comma-separated pair ids; without it, every pair of the adapter.
+    /// Comma-separated record ids; without it, every record of the adapter of this kind.
     pub ids: Option<String>,
 }
 
@@ -126,13 +146,48 @@ pub struct HyperparametersRequest {
     pub adapter: Option<String>,
 }
 
+/// DPO's hyperparameters: each a number or `"auto"`; `beta` in (0, 10] (default 0.1).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct DpoHyperparametersRequest {
+    #[schema(value_type = Option<Object>)]
+    pub beta: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub n_epochs: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub batch_size: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub learning_rate_multiplier: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct SupervisedMethodRequest {
+    pub hyperparameters: Option<HyperparametersRequest>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct DpoMethodRequest {
+    pub hyperparameters: Option<DpoHyperparametersRequest>,
+}
+
+/// How the job trains: `supervised` (pairs; the default) or `dpo` (preference lines).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct MethodRequest {
+    /// `supervised` or `dpo`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub supervised: Option<SupervisedMethodRequest>,
+    pub dpo: Option<DpoMethodRequest>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateJobRequest {
     /// The base model's id, or an adapter to continue from.
     pub model: String,
     pub training_file: String,
     pub validation_file: Option<String>,
+    /// Its hyperparameters; `method.<type>.hyperparameters` take precedence.
     pub hyperparameters: Option<HyperparametersRequest>,
+    pub method: Option<MethodRequest>,
     /// Part of the new adapter's name (`ft-{suffix}-{id}`).
     pub suffix: Option<String>,
     pub seed: Option<u64>,
@@ -145,11 +200,41 @@ pub struct JobError {
     pub param: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct JobHyperparameters {
     pub n_epochs: usize,
     pub batch_size: usize,
     pub learning_rate_multiplier: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DpoHyperparameters {
+    pub beta: f64,
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SupervisedMethod {
+    pub hyperparameters: JobHyperparameters,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DpoMethod {
+    pub hyperparameters: DpoHyperparameters,
+}
+
+/// OpenAI's `method`: its type and that type's hyperparameters.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobMethod {
+    /// `supervised` or `dpo`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<SupervisedMethod>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoMethod>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -167,6 +252,7 @@ pub struct FineTuningJob {
     pub training_file: Option<String>,
     pub validation_file: Option<String>,
     pub hyperparameters: JobHyperparameters,
+    pub method: JobMethod,
     pub result_files: Vec<String>,
     pub trained_tokens: Option<u64>,
     pub error: Option<JobError>,
