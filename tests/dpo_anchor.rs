@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tessera::train::decoder::{Example, Trainable};
 use tessera::train::dpo::{dpo_gradients, log_probs, with_reference};
-use tessera::train::lora::LoraParams;
+use tessera::train::lora::AdapterParams;
 use tessera::LoadedModel;
 use tessera_tests::{data_dir, read_json_at};
 
@@ -57,8 +57,8 @@ fn the_dpo_loss_rewards_and_lora_gradients_are_trls() {
     let anchor: Anchor = read_json_at(&data_dir("dpo_anchor").join("trl_dpo.json"));
     let model = Arc::new(LoadedModel::load(&data_dir("families").join("qwen2-tiny.gguf")).unwrap());
     let shape = model.model.config().adapter_shape();
-    let policy = LoraParams::load_peft(&data_dir("dpo_anchor").join("policy"), &shape).unwrap();
-    let reference = LoraParams::load_peft(&data_dir("dpo_anchor").join("reference"), &shape).unwrap();
+    let policy = AdapterParams::load_peft(&data_dir("dpo_anchor").join("policy"), &shape).unwrap();
+    let reference = AdapterParams::load_peft(&data_dir("dpo_anchor").join("reference"), &shape).unwrap();
     let pairs: Vec<(Example, Example)> = anchor.pairs.iter().map(|c| (answered(&c.prompt, &c.chosen), answered(&c.prompt, &c.rejected))).collect();
     let preferences = with_reference(Trainable::new(&model, &reference).exact(), pairs.clone(), 4).unwrap();
 

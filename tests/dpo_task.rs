@@ -18,7 +18,7 @@ use tessera::sampler::SamplingParams;
 use tessera::train::data::answer_example;
 use tessera::train::decoder::{Example, Trainable};
 use tessera::train::dpo::{evaluate_preferences, log_probs, mixed_step, with_reference, Both, PreferenceExample};
-use tessera::train::lora::{LoraParams, LoraSpec};
+use tessera::train::lora::{AdapterParams, LoraSpec};
 use tessera::train::optim::{AdamW, AdamWConfig};
 use tessera_adapters::AdapterMix;
 use tessera_tests::real_model;
@@ -39,7 +39,7 @@ fn in_chosen_form(answer: &str) -> bool {
     answer.trim_start().starts_with("The answer is")
 }
 
-fn optimizer(lora: &LoraParams, total_steps: usize) -> AdamW {
+fn optimizer(lora: &AdapterParams, total_steps: usize) -> AdamW {
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let config = AdamWConfig {
         learning_rate: 1e-3,
@@ -60,11 +60,11 @@ fn prefers_chosen(log_probs: &[Both]) -> f64 {
 }
 
 /// The share of `prompts` answered greedily in the chosen form with `lora` served as an adapter.
-fn greedy_in_chosen_form(lora: &LoraParams, prompts: &[Preference], show: bool) -> f64 {
+fn greedy_in_chosen_form(lora: &AdapterParams, prompts: &[Preference], show: bool) -> f64 {
     let model = real_model();
     let dir = tempfile::tempdir().unwrap();
     lora.save_peft(dir.path(), "gemma-3-270m").unwrap();
-    let adapter = tessera::adapter_files::load(dir.path(), &model.model.config().adapter_shape()).unwrap();
+    let adapter = tessera::adapter_files::load(dir.path(), &model.model.config().adapter_shape(), None).unwrap();
     let mix = AdapterMix { parts: vec![(&adapter.weights, 1.0)] };
     let params = GenerateParams { max_tokens: 12, sampling: SamplingParams::default(), top_logprobs: 0, stop_ids: model.tokenizer.stop_ids().to_vec() };
     let mut in_form = 0;
@@ -86,7 +86,6 @@ fn greedy_in_chosen_form(lora: &LoraParams, prompts: &[Preference], show: bool) 
 #[ignore = "a measurement: minutes on two cores; run with --ignored"]
 fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
     let model = real_model();
-    let shape = model.model.config().adapter_shape();
     let records: Vec<Preference> = (0..220).map(preference).collect();
     let (held, train): (Vec<_>, Vec<_>) = records.into_iter().enumerate().partition(|(i, _)| i % 11 == 0);
     let (held, train): (Vec<Preference>, Vec<Preference>) = (held.into_iter().map(|(_, p)| p).collect(), train.into_iter().map(|(_, p)| p).collect());
@@ -100,7 +99,7 @@ fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
             .collect()
     };
     let (train_pairs, held_pairs) = (pairs(&train), pairs(&held));
-    let base = LoraParams::fresh(&shape, LoraSpec::default(), 0).unwrap();
+    let base = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
 
     let before = prefers_chosen(&log_probs(Trainable::new(model, &base), &held_pairs, 2).unwrap());
     let greedy_before = greedy_in_chosen_form(&base, &held, false);
@@ -111,10 +110,10 @@ fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
 
     // One epoch, batch 4, as a job steps; every fifth batch also runs as an SFT step on the same
     // eight sequences (on a copy of the adapter), for the cost ratio.
-    let policy = LoraParams::fresh(&shape, LoraSpec::default(), 0).unwrap();
+    let policy = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
     let batches: Vec<&[PreferenceExample]> = train_set.chunks(BATCH).collect();
     let mut dpo_optimizer = optimizer(&policy, batches.len());
-    let sft_lora = LoraParams::fresh(&shape, LoraSpec::default(), 0).unwrap();
+    let sft_lora = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
     let mut sft_optimizer = optimizer(&sft_lora, batches.len());
     let (mut dpo_seconds, mut sft_seconds) = (Vec::new(), Vec::new());
     for (step, batch) in batches.iter().enumerate() {
