@@ -20,6 +20,14 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 base, admin_key, user_key, shots = sys.argv[1:5]
 os.makedirs(shots, exist_ok=True)
 
+# What the server's `str::trim` strips: Unicode White_Space. Python's `strip()` also strips the
+# separators U+001C..U+001F, which a random model's answer may end with.
+RUST_WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and c not in "\x1c\x1d\x1e\x1f")
+
+
+def rust_trim(text):
+    return text.strip(RUST_WHITESPACE)
+
 
 def check(name, condition, detail=""):
     if not condition:
@@ -201,7 +209,7 @@ try:
     until(driver, lambda d: "Preference stored in notes" in by_id(d, "feedback-result").text, "the thumbs-down stores a preference")
     preferences = api("GET", "/v1/adapters/notes/preferences?limit=100")["data"]
     check("chosen: the correction; rejected: the model's answer; for the adapter that answered",
-          any(p["chosen"] == "A tessera is one small tile." and p["rejected"] == model_answer.strip()
+          any(p["chosen"] == "A tessera is one small tile." and p["rejected"] == rust_trim(model_answer)
               and p["prompt"][-1]["content"] == "What is a tessera?" for p in preferences), (model_answer, preferences))
     by_id(driver, "thumbs-down").click()
     until(driver, lambda d: "Another answer" in by_id(d, "feedback-result").text, "a thumbs-down without a correction answers again")
