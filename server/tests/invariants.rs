@@ -340,6 +340,8 @@ async fn the_whole_route_and_key_matrix() {
         ("get", "/v1/adapters/{name}/feedback", TUNE),
         ("post", "/v1/adapters/{name}/feedback", TUNE),
         ("delete", "/v1/adapters/{name}/feedback", TUNE),
+        ("get", "/v1/adapters/{name}/preferences", TUNE),
+        ("delete", "/v1/adapters/{name}/preferences", TUNE),
         ("post", "/v1/adapters/{name}/train", TUNE),
         ("get", "/v1/adapters/{name}/download", TUNE),
         ("get", "/v1/files", TUNE),

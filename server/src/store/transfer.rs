@@ -169,7 +169,10 @@ mod tests {
     /// A single server's store with a row in every table.
     fn filled(root: &std::path::Path) -> Store {
         let store = Store::open(root).unwrap();
-        store.insert_or_get_adapter(&adapter("x", Scope::Tune), &json!({"eval_loss": 1.25}), crate::store::NewFeedback::pairs(&[pair("a"), pair("b")]), |v0| std::fs::create_dir_all(v0)).unwrap();
+        let user = crate::dataset::Message { role: "user".into(), content: "q".into() };
+        let preference = crate::dataset::preference::Preference { prompt: vec![user], chosen: "yes".into(), rejected: "no".into() };
+        let feedback = crate::store::NewFeedback { pairs: &[pair("a"), pair("b")], preferences: &[preference] };
+        store.insert_or_get_adapter(&adapter("x", Scope::Tune), &json!({"eval_loss": 1.25}), feedback, |v0| std::fs::create_dir_all(v0)).unwrap();
         let job = job("ftjob-1", "x", JobStatus::Running);
         store.insert_job(&job, true).unwrap();
         store.add_metrics_event("ftjob-1", "Step 1", &json!({"train_loss": 2.5})).unwrap();
