@@ -193,8 +193,13 @@ struct TrainLocalArgs {
     epochs: usize,
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    learning_rate: f64,
+    /// Peak learning rate; by default 1e-3 for adamw, and for adalomo its relative step (5e-2).
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// `adamw`: a stored gradient and two moments per weight. `adalomo`: each tensor updated inside
+    /// the backward pass (no stored gradient) with a factored second moment; a fifth of the memory.
+    #[arg(long, default_value = "adamw", value_parser = parse_optimizer)]
+    optimizer: tessera::train::optim::OptimizerKind,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Longest training sequence in tokens; longer ones keep their start.
@@ -923,6 +928,10 @@ fn bench_adapters(
     Ok(())
 }
 
+fn parse_optimizer(name: &str) -> Result<tessera::train::optim::OptimizerKind, String> {
+    tessera::train::optim::OptimizerKind::parse(name).ok_or_else(|| format!("use {}", tessera::train::optim::OptimizerKind::NAMES))
+}
+
 /// `tessera train-local`: the server's trainer on a private store, with a progress bar.
 fn train_local(model: &ModelArg, args: TrainLocalArgs, threads: Option<usize>) -> Result<()> {
     use tessera::client::{progress::JobProgress, Output};
@@ -933,7 +942,12 @@ fn train_local(model: &ModelArg, args: TrainLocalArgs, threads: Option<usize>) -
     let spec = tessera::services::feedback::lora_spec(None, Some(args.rank), args.alpha, args.targets.as_deref())?.unwrap_or_default();
     let options = LocalTraining {
         lora: spec,
-        hyperparameters: tessera::train::job::Hyperparameters { n_epochs: args.epochs, batch_size: args.batch_size, learning_rate: args.learning_rate },
+        hyperparameters: tessera::train::job::Hyperparameters {
+            n_epochs: args.epochs,
+            batch_size: args.batch_size,
+            learning_rate: args.learning_rate.unwrap_or_else(|| tessera::services::tuning::default_learning_rate(args.optimizer, Default::default())),
+            optimizer: args.optimizer,
+        },
         seed: args.seed,
         max_seq_len: args.max_seq_len,
         threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),

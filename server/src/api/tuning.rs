@@ -13,7 +13,7 @@ use super::auth::Principal;
 use super::types::tuning::*;
 use super::types::AdapterInfo;
 use super::{ApiJson, ApiMultipart, ApiQuery, App, AppError};
-use crate::services::tuning::{HyperparameterChoice, JobRequest, LoraChoice, MethodChoice};
+use crate::services::tuning::{default_learning_rate, HyperparameterChoice, JobRequest, LoraChoice, MethodChoice};
 use crate::store::{CheckpointRow, EventRow, FileRow, JobRow};
 use crate::train::job::{Hyperparameters, JobData, JobSpec, Method};
 
@@ -257,6 +257,7 @@ impl HyperparametersRequest {
             batch_size: number(&self.batch_size, "hyperparameters.batch_size")?,
             learning_rate_multiplier: number(&self.learning_rate_multiplier, "hyperparameters.learning_rate_multiplier")?,
             adapter: self.adapter.clone(),
+            optimizer: self.optimizer.clone(),
         })
     }
 }
@@ -272,6 +273,7 @@ impl DpoHyperparametersRequest {
                 batch_size: number(&self.batch_size, &param("batch_size"))?,
                 learning_rate_multiplier: number(&self.learning_rate_multiplier, &param("learning_rate_multiplier"))?,
                 adapter: None,
+                optimizer: None,
             },
         ))
     }
@@ -284,14 +286,16 @@ fn method_choice(request: &CreateJobRequest) -> Result<(MethodChoice, Hyperparam
     let Some(method) = &request.method else { return Ok((MethodChoice::default(), top)) };
     let supervised = method.supervised.as_ref().and_then(|s| s.hyperparameters.as_ref());
     let dpo = method.dpo.as_ref().and_then(|d| d.hyperparameters.as_ref());
-    // The adapter's kind is a top-level hyperparameter only: a method's own do not name it.
-    let kind = top.adapter.clone();
+    // The adapter's kind and the optimizer are top-level hyperparameters only: a method's own
+    // do not name them.
+    let (kind, optimizer) = (top.adapter.clone(), top.optimizer.clone());
     let (beta, mut hyperparameters) = match (method.kind.as_deref(), supervised, dpo) {
         (Some("dpo"), _, Some(dpo)) => dpo.choice()?,
         (Some("supervised") | None, Some(supervised), _) => (None, supervised.choice()?),
         _ => (None, top),
     };
     hyperparameters.adapter = hyperparameters.adapter.or(kind);
+    hyperparameters.optimizer = hyperparameters.optimizer.or(optimizer);
     Ok((MethodChoice { kind: method.kind.clone(), beta }, hyperparameters))
 }
 
@@ -320,7 +324,8 @@ fn job_view(job: &JobRow) -> FineTuningJob {
     let hyperparameters = JobHyperparameters {
         n_epochs: h.n_epochs,
         batch_size: h.batch_size,
-        learning_rate_multiplier: h.learning_rate / defaults.learning_rate,
+        learning_rate_multiplier: h.learning_rate / default_learning_rate(h.optimizer, defaults),
+        optimizer: h.optimizer.name().to_string(),
     };
     let (training_file, validation_file) = match spec.as_ref().map(|s| &s.data) {
         Some(JobData::Files {

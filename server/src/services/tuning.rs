@@ -15,7 +15,8 @@ use crate::grammar::Grammars;
 use crate::store::preferences::StoredPreference;
 use crate::store::{unix_time, CheckpointRow, EventRow, FileRow, JobRow, StoredPair};
 use crate::train::dpo::{beta_is_valid, DEFAULT_BETA, MAX_BETA};
-use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, Method, Tuner};
+use crate::train::job::{new_id, Hyperparameters, JobData, JobSpec, Method, Tuner, ADALOMO_LEARNING_RATE};
+use crate::train::optim::OptimizerKind;
 
 /// Hyperparameters as a client chose them; `None` is "auto" (the server's default).
 #[derive(Debug, Clone, Default)]
@@ -25,6 +26,8 @@ pub struct HyperparameterChoice {
     pub learning_rate_multiplier: Option<f64>,
     /// The kind of adapter a job on the base model makes (`lora`, `dora` or `ia3`).
     pub adapter: Option<String>,
+    /// `adamw` or `adalomo`.
+    pub optimizer: Option<String>,
 }
 
 /// The adapter a first feedback upload creates, as a client chose it (each part optional).
@@ -311,7 +314,8 @@ fn resolve_method(choice: &MethodChoice) -> Result<Method, ServiceError> {
 }
 
 /// A client's hyperparameters over the server's `defaults`: whole epochs (1–50) and batch sizes
-/// (1–64), and a learning-rate multiplier in (0, 100].
+/// (1–64), an optimizer, and a learning-rate multiplier in (0, 100] of that optimizer's default
+/// rate.
 fn resolve(choice: HyperparameterChoice, defaults: Hyperparameters) -> Result<Hyperparameters, ServiceError> {
     let whole = |v: Option<f64>, param: &str, max: f64| match v {
         Some(v) if v.fract() != 0.0 || !(1.0..=max).contains(&v) => Err(ServiceError::invalid(param, format!("must be a whole number from 1 to {max}"))),
@@ -324,5 +328,19 @@ fn resolve(choice: HyperparameterChoice, defaults: Hyperparameters) -> Result<Hy
     if !(multiplier > 0.0 && multiplier <= 100.0) {
         return Err(ServiceError::invalid("hyperparameters.learning_rate_multiplier", "must be in (0, 100]"));
     }
-    Ok(Hyperparameters { n_epochs, batch_size, learning_rate: defaults.learning_rate * multiplier })
+    let optimizer = match choice.optimizer.as_deref() {
+        None => defaults.optimizer,
+        Some(name) => OptimizerKind::parse(name)
+            .ok_or_else(|| ServiceError::invalid("hyperparameters.optimizer", format!("unknown optimizer `{name}`: use {}", OptimizerKind::NAMES)))?,
+    };
+    let learning_rate = default_learning_rate(optimizer, defaults) * multiplier;
+    Ok(Hyperparameters { n_epochs, batch_size, learning_rate, optimizer })
+}
+
+/// The rate a multiplier of 1 gives: the server's for AdamW, AdaLomo's own relative step.
+pub fn default_learning_rate(optimizer: OptimizerKind, defaults: Hyperparameters) -> f64 {
+    match optimizer {
+        OptimizerKind::Adamw => defaults.learning_rate,
+        OptimizerKind::Adalomo => ADALOMO_LEARNING_RATE,
+    }
 }

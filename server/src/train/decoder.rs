@@ -293,32 +293,26 @@ impl Trainable<'_> {
         Ok(p.per_sequence(&rows, batch.len())?.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
     }
 
-    /// Adds the gradients of the summed loss to `sums` (one slot per `vars` entry) and returns
-    /// the summed loss and token count.
-    pub fn accumulate_gradients(
-        &self,
-        batch: &[Example],
-        kept: KeptGraphs,
-        vars: &[&Var],
-        sums: &mut [Option<Tensor>],
-    ) -> candle_core::Result<(f64, usize)> {
-        let (loss, p) = self.accumulate_gradients_of(batch, kept, vars, sums, |rows, _| rows.sum_all())?;
+    /// Gives the gradients of the summed loss to `sink` and returns the summed loss and token
+    /// count.
+    pub fn accumulate_gradients<S: GradientSink + ?Sized>(&self, batch: &[Example], kept: KeptGraphs, vars: &[&Var], sink: &mut S) -> candle_core::Result<(f64, usize)> {
+        let (loss, p) = self.accumulate_gradients_of(batch, kept, vars, sink, |rows, _| rows.sum_all())?;
         Ok((loss, p.targets.len()))
     }
 
-    /// Adds the gradients of `objective` to `sums` and returns its value and each sequence's
+    /// Gives the gradients of `objective` to `sink` and returns its value and each sequence's
     /// −log π(y|x). The objective sees the sequences' summed cross-entropies `[batch]` (the
     /// negated log-probabilities of their scored tokens).
-    pub fn accumulate_sequence_gradients(
+    pub fn accumulate_sequence_gradients<S: GradientSink + ?Sized>(
         &self,
         batch: &[Example],
         kept: KeptGraphs,
         vars: &[&Var],
-        sums: &mut [Option<Tensor>],
+        sink: &mut S,
         objective: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<(f64, Vec<f64>)> {
         let losses = std::cell::RefCell::new(Vec::new());
-        let (value, _) = self.accumulate_gradients_of(batch, kept, vars, sums, |rows, p| {
+        let (value, _) = self.accumulate_gradients_of(batch, kept, vars, sink, |rows, p| {
             let sequences = p.per_sequence(rows, batch.len())?;
             *losses.borrow_mut() = sequences.detach().to_vec1::<f32>()?.into_iter().map(f64::from).collect();
             objective(&sequences)
@@ -326,20 +320,20 @@ impl Trainable<'_> {
         Ok((value, losses.into_inner()))
     }
 
-    /// Adds the gradients of `loss_of(row losses)` to `sums` (one slot per `vars` entry) and
-    /// returns its value.
+    /// Gives the gradients of `loss_of(row losses)` to `sink`, a layer's (or the top layers')
+    /// as soon as the backward pass has them, and returns its value.
     ///
     /// Gradient checkpointing below the top `kept` layers: the forward pass keeps only each lower
     /// layer's input; the backward pass runs each of them again from it, from the top down, and
     /// takes its gradients through the surrogate Σ(output ⊙ ∂L/∂output), so memory holds one
     /// lower layer's activations at a time. The top layers keep their graphs from the forward
     /// pass (no second run), as many as `kept` says.
-    fn accumulate_gradients_of(
+    fn accumulate_gradients_of<S: GradientSink + ?Sized>(
         &self,
         batch: &[Example],
         kept: KeptGraphs,
         vars: &[&Var],
-        sums: &mut [Option<Tensor>],
+        sink: &mut S,
         loss_of: impl FnOnce(&Tensor, &Prepared) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<(f64, Prepared)> {
         let p = self.prepare(batch)?;
@@ -361,27 +355,34 @@ impl Trainable<'_> {
             top = self.layer(layer, &top, &p)?;
         }
         let loss = loss_of(&self.row_losses(&top, &p, true)?, &p)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        // Before any gradient: a fused optimizer would otherwise move the adapter by NaNs.
+        if !value.is_finite() {
+            candle_core::bail!("the loss is {value}: training diverged");
+        }
         let grads = loss.backward()?;
-        add_gradients(sums, vars, &grads)?;
         let mut grad_out = grads
             .get(boundary.as_tensor())
             .cloned()
             .ok_or_else(|| candle_core::Error::Msg("the loss does not depend on the top layers' input".into()))?;
+        sink.absorb(vars, &grads)?;
         // The top layers' graphs and gradients go before the lower layers run again.
         drop(grads);
         for (layer, input) in inputs.iter().enumerate().rev() {
             let input = Var::from_tensor(input)?;
             let out = self.layer(layer, input.as_tensor(), &p)?;
             let grads = (out * &grad_out)?.sum_all()?.backward()?;
-            add_gradients(sums, vars, &grads)?;
             if layer > 0 {
                 grad_out = grads
                     .get(input.as_tensor())
                     .cloned()
                     .ok_or_else(|| candle_core::Error::Msg(format!("layer {layer} does not depend on its input")))?;
             }
+            // The gradient passed down was taken with this layer's weights as they were: only
+            // now may a fused optimizer move them.
+            sink.absorb(vars, &grads)?;
         }
-        Ok((loss.to_scalar::<f32>()? as f64, p))
+        Ok((value, p))
     }
 }
 
@@ -404,17 +405,27 @@ fn kept_layers(config: &Config, sequences: &[std::ops::Range<usize>]) -> usize {
     KEPT_GRAPH_BUDGET / per_layer.max(1)
 }
 
-/// `sums[i] += ∂/∂vars[i]` for the variables `grads` holds.
-fn add_gradients(sums: &mut [Option<Tensor>], vars: &[&Var], grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
-    for (sum, var) in sums.iter_mut().zip(vars) {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            *sum = Some(match sum.take() {
-                Some(s) => (s + g)?,
-                None => g.clone(),
-            });
+/// Where the gradients of a backward pass go as each part of it (the top layers, then each
+/// checkpointed layer) finishes: summed for an optimizer that steps after the batch, or applied
+/// at once by one that fuses its update into the pass.
+pub trait GradientSink {
+    /// Takes ∂/∂vars[i] for the variables `grads` holds.
+    fn absorb(&mut self, vars: &[&Var], grads: &candle_core::backprop::GradStore) -> candle_core::Result<()>;
+}
+
+/// One running sum per variable: `sums[i] += ∂/∂vars[i]`.
+impl GradientSink for [Option<Tensor>] {
+    fn absorb(&mut self, vars: &[&Var], grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        for (sum, var) in self.iter_mut().zip(vars) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *sum = Some(match sum.take() {
+                    Some(s) => (s + g)?,
+                    None => g.clone(),
+                });
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 struct Prepared {

@@ -13,7 +13,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::train::decoder::{Example, KeptGraphs, Trainable};
+use crate::train::decoder::{Example, GradientSink, KeptGraphs, Trainable};
 use crate::train::optim::AdamW;
 use crate::train::TrainError;
 
@@ -160,14 +160,14 @@ fn summed_loss(sequence_losses: &Tensor, reference: &[f64], beta: f64) -> candle
     softplus.sum_all()
 }
 
-/// Adds the gradients of the summed DPO loss over `micro_batches` to `sums` and returns the
+/// Gives the gradients of the summed DPO loss over `micro_batches` to `sink` and returns the
 /// policy's log-probabilities of every pair's answers.
-fn accumulate(trainable: Trainable, micro_batches: &[&[PreferenceExample]], beta: f64, sums: &mut [Option<Tensor>]) -> Result<Vec<Both>, TrainError> {
+pub(crate) fn accumulate<S: GradientSink + ?Sized>(trainable: Trainable, micro_batches: &[&[PreferenceExample]], beta: f64, sink: &mut S) -> Result<Vec<Both>, TrainError> {
     let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut policy = Vec::new();
     for batch in micro_batches {
         let reference: Vec<f64> = batch.iter().flat_map(|p| [p.reference.chosen, p.reference.rejected]).collect();
-        let (_, losses) = trainable.accumulate_sequence_gradients(&interleaved(batch), KeptGraphs::WithinBudget, &vars, sums, |sequences| {
+        let (_, losses) = trainable.accumulate_sequence_gradients(&interleaved(batch), KeptGraphs::WithinBudget, &vars, sink, |sequences| {
             summed_loss(sequences, &reference, beta)
         })?;
         policy.extend(losses.chunks_exact(2).map(|l| Both { chosen: -l[0], rejected: -l[1] }));
@@ -179,7 +179,7 @@ fn accumulate(trainable: Trainable, micro_batches: &[&[PreferenceExample]], beta
 pub fn dpo_gradients(trainable: Trainable, micro_batches: &[&[PreferenceExample]], beta: f64) -> Result<(Vec<Tensor>, Rewards), TrainError> {
     let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut sums = vec![None; vars.len()];
-    let policy = accumulate(trainable, micro_batches, beta, &mut sums)?;
+    let policy = accumulate(trainable, micro_batches, beta, sums.as_mut_slice())?;
     let reference: Vec<Both> = micro_batches.iter().flat_map(|b| b.iter().map(|p| p.reference)).collect();
     let rewards = Rewards::of(&policy, &reference, beta);
     let grads = mean_gradients(sums, &vars, rewards.pairs)?;
@@ -211,6 +211,8 @@ pub struct MixedStats {
     pub dpo: Option<Rewards>,
     pub grad_norm: f64,
     pub learning_rate: f64,
+    /// The most gradient bytes alive at once in the step.
+    pub gradient_bytes: usize,
 }
 
 /// One optimizer step on `pairs` (the SFT loss, mean per scored token) and `preferences` (the
@@ -252,7 +254,9 @@ pub fn mixed_step(
         Some(rewards)
     };
     let (grad_norm, learning_rate) = optimizer.step(&vars, &grads)?;
-    Ok(MixedStats { loss, sft, dpo, grad_norm, learning_rate })
+    // The whole adapter's gradient, and the micro-batch's sum beside it.
+    let gradient_bytes = 2 * grads.iter().map(|g| 4 * g.elem_count()).sum::<usize>();
+    Ok(MixedStats { loss, sft, dpo, grad_norm, learning_rate, gradient_bytes })
 }
 
 #[cfg(test)]

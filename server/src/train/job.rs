@@ -27,10 +27,12 @@ use crate::train::sync::{self, SyncState};
 use crate::train::worker;
 use crate::train::data::{answer_example, example};
 use crate::train::decoder::{Example, Trainable};
-use crate::train::dpo::{self, evaluate_preferences, mixed_step, MixedStats, PreferenceExample, Rewards, DEFAULT_BETA};
+use crate::train::dpo::{self, evaluate_preferences, MixedStats, PreferenceExample, Rewards, DEFAULT_BETA};
 use crate::train::lora::{AdapterParams, LoraSpec};
 use tessera_adapters::AdapterKind;
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::adalomo::{AdaLomo, AdaLomoConfig};
+use crate::train::optim::{AdamW, AdamWConfig, Optimizer, OptimizerKind, Schedule};
+use crate::train::step::job_step;
 use crate::train::{evaluate, TrainError};
 use crate::LoadedModel;
 
@@ -50,6 +52,39 @@ pub enum TuneError {
     /// The resource belongs to another scope.
     #[error("{0}")]
     NotOwner(String),
+    /// A training step failed (the loss diverged, say); the adapter's served version is untouched.
+    #[error("step {step}: {source}")]
+    Step { step: usize, source: TrainError },
+}
+
+/// AdaLomo's default peak step, relative to each tensor's RMS.
+pub const ADALOMO_LEARNING_RATE: f64 = 5e-2;
+
+/// AdaLomo's floor on the RMS a step is scaled by: LoRA's B starts at zero and would otherwise
+/// move by ε₂·η, a thousandth of what A does. About the RMS of a fresh A (U(±1/√in) over
+/// in ≈ 1–2k features), so that B starts moving as A does.
+pub const ADALOMO_EPS_SCALE: f64 = 1e-2;
+
+/// The optimizer `h` names, over `total_steps` with a tenth of them warming up.
+fn new_optimizer(lora: &AdapterParams, h: Hyperparameters, total_steps: usize) -> Result<Optimizer, TuneError> {
+    let schedule = Schedule { learning_rate: h.learning_rate, warmup_steps: (total_steps / 10).max(1), total_steps };
+    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    Ok(match h.optimizer {
+        OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
+            AdamWConfig {
+                learning_rate: schedule.learning_rate,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                max_grad_norm: 1.0,
+                warmup_steps: schedule.warmup_steps,
+                total_steps,
+            },
+            &vars,
+        )?),
+        OptimizerKind::Adalomo => Optimizer::AdaLomo(AdaLomo::new(AdaLomoConfig { eps_scale: ADALOMO_EPS_SCALE, ..AdaLomoConfig::new(schedule) }, &vars)),
+    })
 }
 
 /// Server-wide tuning settings.
@@ -85,8 +120,11 @@ impl Default for TuningSettings {
 pub struct Hyperparameters {
     pub n_epochs: usize,
     pub batch_size: usize,
-    /// Peak AdamW learning rate (the OpenAI multiplier scales it).
+    /// The peak learning rate: AdamW's step, or AdaLomo's step relative to each tensor's RMS
+    /// (the OpenAI multiplier scales the optimizer's default).
     pub learning_rate: f64,
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
 }
 
 impl Default for Hyperparameters {
@@ -95,6 +133,7 @@ impl Default for Hyperparameters {
             n_epochs: 2,
             batch_size: 4,
             learning_rate: 1e-3,
+            optimizer: OptimizerKind::Adamw,
         }
     }
 }
@@ -653,20 +692,7 @@ impl Tuner {
         let h = spec.hyperparameters;
         let steps_per_epoch = train.len().div_ceil(h.batch_size.max(1));
         let total_steps = steps_per_epoch * h.n_epochs.max(1);
-        let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
-        let mut optimizer = AdamW::new(
-            AdamWConfig {
-                learning_rate: h.learning_rate,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-                max_grad_norm: 1.0,
-                warmup_steps: (total_steps / 10).max(1),
-                total_steps,
-            },
-            &vars,
-        )?;
+        let mut optimizer = new_optimizer(&lora, h, total_steps)?;
         let mut trained_tokens = 0u64;
         if let Some(c) = &checkpoint {
             optimizer.load(&c.path.join("optimizer.safetensors"), c.step)?;
@@ -678,8 +704,9 @@ impl Tuner {
             job_id,
             "info",
             &format!(
-                "Training ({}) on {} pairs and {} preferences ({} and {} held out): {} epochs of {} steps, batch {}",
+                "Training ({}, {}) on {} pairs and {} preferences ({} and {} held out): {} epochs of {} steps, batch {}",
                 spec.method.name(),
+                h.optimizer.name(),
                 mix["pairs"],
                 mix["preferences"],
                 held_out.pairs.len(),
@@ -690,7 +717,7 @@ impl Tuner {
             ),
             Some(&mix),
         )?;
-        tracing::info!(examples = train.len(), total_steps, start = optimizer.step, "training");
+        tracing::info!(examples = train.len(), total_steps, start = optimizer.step(), "training");
 
         // The order of epoch e is a permutation seeded by (seed, e): a resumed job sees the
         // same batches it would have.
@@ -700,9 +727,9 @@ impl Tuner {
             order
         };
         let mut epoch_order = (usize::MAX, Vec::new());
-        while optimizer.step < total_steps {
+        while optimizer.step() < total_steps {
             self.check_cancelled(job_id)?;
-            let step = optimizer.step;
+            let step = optimizer.step();
             let epoch = step / steps_per_epoch;
             if epoch_order.0 != epoch {
                 epoch_order = (epoch, order(epoch));
@@ -713,20 +740,27 @@ impl Tuner {
             let (pairs, preferences) = split_items(&batch);
             // Gradient accumulation: a batch of any size runs as micro-batches, so memory holds
             // one micro-batch's activations.
-            let stats = mixed_step(Trainable::new(&self.model, &lora), &mut optimizer, &pairs, &preferences, spec.method.beta(), MICRO_BATCH)?;
-            trained_tokens += batch.iter().map(|item| item.tokens() as u64).sum::<u64>();
+            let stats = job_step(Trainable::new(&self.model, &lora), &mut optimizer, &pairs, &preferences, spec.method.beta(), MICRO_BATCH)
+                .map_err(|source| TuneError::Step { step: step + 1, source })?;
+            let step_tokens = batch.iter().map(|item| item.tokens() as u64).sum::<u64>();
+            trained_tokens += step_tokens;
+            let seconds = started.elapsed().as_secs_f64();
             let mut data = step_metrics(&stats, pairs.len(), preferences.len());
             data.extend([
-                ("step".to_string(), optimizer.step.into()),
+                ("step".to_string(), optimizer.step().into()),
                 ("total_steps".to_string(), total_steps.into()),
-                ("seconds".to_string(), started.elapsed().as_secs_f64().into()),
+                ("seconds".to_string(), seconds.into()),
+                ("tokens_per_second".to_string(), (step_tokens as f64 / seconds.max(1e-9)).into()),
+                ("gradient_bytes".to_string(), stats.gradient_bytes.into()),
+                ("optimizer_state_bytes".to_string(), optimizer.state_bytes().into()),
+                ("peak_rss_bytes".to_string(), crate::metrics::process_status_bytes("VmHWM").unwrap_or(0).into()),
             ]);
             let message = match stats.dpo {
-                Some(r) => format!("Step {}/{total_steps}: training loss={:.4}, reward accuracy={:.2}", optimizer.step, stats.loss, r.accuracy),
-                None => format!("Step {}/{total_steps}: training loss={:.4}", optimizer.step, stats.loss),
+                Some(r) => format!("Step {}/{total_steps}: training loss={:.4}, reward accuracy={:.2}", optimizer.step(), stats.loss, r.accuracy),
+                None => format!("Step {}/{total_steps}: training loss={:.4}", optimizer.step(), stats.loss),
             };
             self.store.add_metrics_event(job_id, &message, &serde_json::Value::Object(data))?;
-            if optimizer.step % self.settings.checkpoint_every.max(1) == 0 && optimizer.step < total_steps {
+            if optimizer.step() % self.settings.checkpoint_every.max(1) == 0 && optimizer.step() < total_steps {
                 self.checkpoint(job_id, &lora, &optimizer, &stats, trained_tokens)?;
             }
         }
@@ -734,13 +768,14 @@ impl Tuner {
         self.finish(&job, &spec, &adapter, &lora, &held_out, trained_tokens)
     }
 
-    fn checkpoint(&self, job_id: &str, lora: &AdapterParams, optimizer: &AdamW, stats: &MixedStats, trained_tokens: u64) -> Result<(), TuneError> {
-        let dir = self.store.job_dir(job_id).join(format!("step-{:06}", optimizer.step));
+    fn checkpoint(&self, job_id: &str, lora: &AdapterParams, optimizer: &Optimizer, stats: &MixedStats, trained_tokens: u64) -> Result<(), TuneError> {
+        let step = optimizer.step();
+        let dir = self.store.job_dir(job_id).join(format!("step-{step:06}"));
         lora.save_peft(&dir, &self.model_id)?;
         optimizer.save(&dir.join("optimizer.safetensors"))?;
         crate::train::durable::sync_dir(&dir)?;
         let mut metrics = serde_json::Map::new();
-        metrics.insert("step".into(), optimizer.step.into());
+        metrics.insert("step".into(), step.into());
         metrics.insert("train_loss".into(), stats.loss.into());
         if let Some(r) = stats.dpo {
             metrics.extend(r.to_json("train_"));
@@ -748,8 +783,8 @@ impl Tuner {
         metrics.insert("trained_tokens".into(), trained_tokens.into());
         let metrics = serde_json::Value::Object(metrics);
         // The row is the commit point: a crash before it leaves an unused folder.
-        self.store.add_checkpoint(job_id, optimizer.step, &dir, &metrics)?;
-        self.store.add_event(job_id, "info", &format!("Checkpoint written at step {}", optimizer.step), Some(&metrics))?;
+        self.store.add_checkpoint(job_id, step, &dir, &metrics)?;
+        self.store.add_event(job_id, "info", &format!("Checkpoint written at step {step}"), Some(&metrics))?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! QLoRA over the served model: the frozen quantized weights are shared with serving, only the
 //! adapter factors train.
 
+pub mod adalomo;
 pub mod data;
 pub mod durable;
 pub mod fused;
@@ -11,6 +12,7 @@ pub mod local;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod step;
 pub mod sync;
 pub mod worker;
 
@@ -75,7 +77,7 @@ pub fn gradients_keeping(
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss, mut tokens) = (0f64, 0usize);
     for batch in micro_batches {
-        let (sum, n) = trainable.accumulate_gradients(batch, kept, &vars, &mut sums)?;
+        let (sum, n) = trainable.accumulate_gradients(batch, kept, &vars, sums.as_mut_slice())?;
         loss += sum;
         tokens += n;
     }

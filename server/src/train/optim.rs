@@ -10,7 +10,76 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 
+use crate::train::adalomo::AdaLomo;
 use crate::train::{durable, TrainError};
+
+/// Which optimizer a job trains with (`hyperparameters.optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// AdamW over the whole adapter's gradient, accumulated over micro-batches.
+    #[default]
+    Adamw,
+    /// AdaLomo: each tensor updated inside the backward pass, no stored gradient.
+    Adalomo,
+}
+
+impl OptimizerKind {
+    pub const NAMES: &'static str = "`adamw` or `adalomo`";
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "adamw" => Some(Self::Adamw),
+            "adalomo" => Some(Self::Adalomo),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Adamw => "adamw",
+            Self::Adalomo => "adalomo",
+        }
+    }
+}
+
+/// A job's optimizer, whichever it is.
+pub enum Optimizer {
+    AdamW(AdamW),
+    AdaLomo(AdaLomo),
+}
+
+impl Optimizer {
+    /// Optimizer steps taken.
+    pub fn step(&self) -> usize {
+        match self {
+            Self::AdamW(o) => o.step,
+            Self::AdaLomo(o) => o.step,
+        }
+    }
+
+    /// Bytes of optimizer state.
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Self::AdamW(o) => o.state_bytes(),
+            Self::AdaLomo(o) => o.state_bytes(),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), TrainError> {
+        match self {
+            Self::AdamW(o) => o.save(path),
+            Self::AdaLomo(o) => o.save(path),
+        }
+    }
+
+    pub fn load(&mut self, path: &Path, step: usize) -> Result<(), TrainError> {
+        match self {
+            Self::AdamW(o) => o.load(path, step),
+            Self::AdaLomo(o) => o.load(path, step),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -24,8 +93,22 @@ pub struct AdamWConfig {
     pub total_steps: usize,
 }
 
+impl AdamWConfig {
+    pub fn schedule(&self) -> Schedule {
+        Schedule { learning_rate: self.learning_rate, warmup_steps: self.warmup_steps, total_steps: self.total_steps }
+    }
+}
+
+/// A peak learning rate reached by linear warmup, then decayed along a cosine to zero.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+}
+
 /// The learning rate at optimizer step `step` (1-based).
-pub fn scheduled_rate(c: &AdamWConfig, step: usize) -> f64 {
+pub fn scheduled_rate(c: &Schedule, step: usize) -> f64 {
     if step <= c.warmup_steps {
         return c.learning_rate * step as f64 / c.warmup_steps.max(1) as f64;
     }
@@ -66,7 +149,7 @@ impl AdamW {
             .sum::<Result<f64, TrainError>>()?
             .sqrt();
         let clip = if norm > c.max_grad_norm { c.max_grad_norm / norm } else { 1.0 };
-        let rate = scheduled_rate(&c, self.step);
+        let rate = scheduled_rate(&c.schedule(), self.step);
         let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
         for ((var, grad), (m, v)) in vars.iter().zip(grads).zip(self.moments.iter_mut()) {
             let g = (grad * clip)?;
@@ -78,6 +161,11 @@ impl AdamW {
             var.set(&next)?;
         }
         Ok((norm, rate))
+    }
+
+    /// Bytes of the two moments.
+    pub fn state_bytes(&self) -> usize {
+        self.moments.iter().map(|(m, v)| 4 * (m.elem_count() + v.elem_count())).sum()
     }
 
     /// Writes the moments (the step count is the caller's to record).
@@ -124,6 +212,7 @@ mod tests {
             warmup_steps: 4,
             total_steps: 14,
         };
+        let c = c.schedule();
         assert_eq!(scheduled_rate(&c, 1), 0.25);
         assert_eq!(scheduled_rate(&c, 4), 1.0);
         assert!((scheduled_rate(&c, 9) - 0.5).abs() < 1e-12);

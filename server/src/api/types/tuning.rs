@@ -144,6 +144,9 @@ pub struct HyperparametersRequest {
     pub learning_rate_multiplier: Option<Value>,
     /// The kind of adapter a job on the base model makes: `lora` (default), `dora` or `ia3`.
     pub adapter: Option<String>,
+    /// `adamw` (default; a stored gradient and two moments) or `adalomo` (each tensor updated
+    /// inside the backward pass, no stored gradient, a factored second moment).
+    pub optimizer: Option<String>,
 }
 
 /// DPO's hyperparameters: each a number or `"auto"`; `beta` in (0, 10] (default 0.1).
@@ -205,6 +208,8 @@ pub struct JobHyperparameters {
     pub n_epochs: usize,
     pub batch_size: usize,
     pub learning_rate_multiplier: f64,
+    /// `adamw` or `adalomo`.
+    pub optimizer: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
