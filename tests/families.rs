@@ -96,7 +96,7 @@ fn app_with_plugins(model: Arc<LoadedModel>, tuning: Option<&std::path::Path>, p
         settings: TuningSettings {
             train_after: 24,
             checkpoint_every: 4,
-            defaults: Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate: 5e-3 },
+            defaults: Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate: 5e-3, ..Default::default() },
             ..Default::default()
         },
     });

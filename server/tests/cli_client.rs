@@ -25,7 +25,7 @@ async fn start_server(dir: &Path) -> String {
     let tuning = TuningSettings {
         train_after: 1000,
         checkpoint_every: 3,
-        defaults: Hyperparameters { n_epochs: 2, batch_size: 4, learning_rate: 5e-3 },
+        defaults: Hyperparameters { n_epochs: 2, batch_size: 4, learning_rate: 5e-3, ..Default::default() },
         ..Default::default()
     };
     let settings = ApiSettings {

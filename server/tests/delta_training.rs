@@ -36,7 +36,7 @@ fn fixture(dir: &std::path::Path, train_after: usize) -> Router {
             settings: TuningSettings {
                 train_after,
                 checkpoint_every: 3,
-                defaults: Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate: 5e-3 },
+                defaults: Hyperparameters { n_epochs: 3, batch_size: 4, learning_rate: 5e-3, ..Default::default() },
                 ..Default::default()
             },
         }),

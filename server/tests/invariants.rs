@@ -57,7 +57,7 @@ fn fixture_in(dir: tempfile::TempDir, keys: Keys, train_after: usize) -> Fixture
             settings: TuningSettings {
                 train_after,
                 // Jobs last long enough that a racing request meets them active.
-                defaults: Hyperparameters { n_epochs: 200, batch_size: 4, learning_rate: 1e-3 },
+                defaults: Hyperparameters { n_epochs: 200, batch_size: 4, learning_rate: 1e-3, ..Default::default() },
                 ..Default::default()
             },
         }),

@@ -45,6 +45,7 @@ fn fixture(train_after: usize) -> Fixture {
                     n_epochs: 3,
                     batch_size: 4,
                     learning_rate: 5e-3,
+                    ..Default::default()
                 },
                 ..Default::default()
             },
@@ -328,7 +329,7 @@ async fn preference_feedback_is_validated_stored_and_trains_by_dpo_with_pairs() 
     assert_eq!(finished["status"], "succeeded", "{finished}");
     let (_, events) = call(&router, "GET", &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"), None).await;
     let events = events["data"].as_array().unwrap();
-    let mix = events.iter().find(|e| e["message"].as_str().unwrap().starts_with("Training (dpo)")).expect("the mix is reported");
+    let mix = events.iter().find(|e| e["message"].as_str().unwrap().starts_with("Training (dpo, adamw)")).expect("the mix is reported");
     let count = |key: &str| mix["data"][key].as_u64().unwrap();
     assert_eq!((count("pairs") + count("held_out_pairs"), count("preferences") + count("held_out_preferences")), (10, 30), "{mix}");
     assert!(count("held_out_pairs") >= 1 && count("held_out_preferences") >= 1, "{mix}");
@@ -379,4 +380,60 @@ async fn dpo_jobs_take_preference_files_and_a_beta_in_zero_to_ten() {
     let model = finished["fine_tuned_model"].as_str().unwrap().to_string();
     let (status, body) = json_call(&router, "POST", "/v1/chat/completions", json!({"model": model, "messages": [{"role": "user", "content": "name thing 99"}], "max_tokens": 3})).await;
     assert_eq!(status, StatusCode::OK, "the DPO-tuned model serves by name: {body}");
+}
+
+/// The step events of a finished job, as the events endpoint gives them.
+async fn step_events(router: &Router, job: &str) -> Vec<Value> {
+    let (_, events) = json_call(router, "GET", &format!("/v1/fine_tuning/jobs/{job}/events?limit=1000"), Value::Null).await;
+    events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "metrics").map(|e| e["data"].clone()).collect()
+}
+
+#[tokio::test]
+async fn adalomo_trains_sft_and_dpo_jobs_with_a_fraction_of_adamws_state_and_unknown_optimizers_are_refused() {
+    let Fixture { _dir, router } = fixture(1000);
+    let lines: Vec<String> = (0..12).map(|i| preference(i).to_string()).chain((0..12).map(|i| alpaca(i).to_string())).collect();
+    let (status, file) = upload_file(&router, &lines[12..].join("\n")).await;
+    assert_eq!(status, StatusCode::OK, "{file}");
+    let pairs_file = file["id"].as_str().unwrap().to_string();
+    let (_, file) = upload_file(&router, &lines[..12].join("\n")).await;
+    let preferences_file = file["id"].as_str().unwrap().to_string();
+
+    for (name, route, body) in [
+        ("sgd", "/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": pairs_file, "hyperparameters": {"optimizer": "sgd"}})),
+        ("lion", "/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": pairs_file, "hyperparameters": {"optimizer": "lion"}, "method": {"type": "supervised"}})),
+    ] {
+        let (status, body) = json_call(&router, "POST", route, body).await;
+        assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("hyperparameters.optimizer")), "{name}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(name) && message.contains("adamw") && message.contains("adalomo"), "{message}");
+    }
+
+    let mut state = Vec::new();
+    for optimizer in ["adamw", "adalomo"] {
+        let (status, job) = json_call(&router, "POST", "/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": pairs_file, "hyperparameters": {"optimizer": optimizer, "n_epochs": 2}})).await;
+        assert_eq!(status, StatusCode::OK, "{job}");
+        assert_eq!(job["hyperparameters"]["optimizer"], optimizer, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        let finished = wait_for_job(&router, &id).await;
+        assert_eq!(finished["status"], "succeeded", "{optimizer}: {finished}");
+        let steps = step_events(&router, &id).await;
+        assert!(!steps.is_empty());
+        for step in &steps {
+            assert!(step["train_loss"].as_f64().is_some_and(f64::is_finite), "{step}");
+            assert!(step["tokens_per_second"].as_f64().is_some_and(|t| t > 0.0), "{step}");
+            assert!(step["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0), "{step}");
+        }
+        state.push((steps[0]["optimizer_state_bytes"].as_u64().unwrap(), steps[0]["gradient_bytes"].as_u64().unwrap()));
+    }
+    let ((adamw_state, adamw_gradient), (adalomo_state, adalomo_gradient)) = (state[0], state[1]);
+    assert!(adalomo_state * 10 < adamw_state, "AdaLomo keeps {adalomo_state} bytes of state against AdamW's {adamw_state}");
+    assert!(adalomo_gradient < adamw_gradient, "AdaLomo holds {adalomo_gradient} gradient bytes against AdamW's {adamw_gradient}");
+
+    let dpo = json!({"model": "tiny", "training_file": preferences_file, "hyperparameters": {"optimizer": "adalomo"}, "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2}}}});
+    let (status, job) = json_call(&router, "POST", "/v1/fine_tuning/jobs", dpo).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    let finished = wait_for_job(&router, job["id"].as_str().unwrap()).await;
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let steps = step_events(&router, job["id"].as_str().unwrap()).await;
+    assert!(!steps.is_empty() && steps.iter().all(|s| s["train_reward_accuracy"].is_number() && s["train_dpo_loss"].as_f64().is_some_and(f64::is_finite)), "{steps:?}");
 }

@@ -36,8 +36,26 @@ async fn get(port: u16, path: &str) -> Value {
     reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap().json().await.unwrap()
 }
 
+/// The tensor names in a safetensors file's header.
+fn safetensors_names(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_resumes_its_job_from_the_last_checkpoint_and_keeps_every_pair() {
+    killed_job_resumes("adamw", ".m").await;
+}
+
+/// AdaLomo's factored second moments are in the checkpoint, and the resumed job goes on with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_adalomo_job_resumes_with_its_optimizer_state() {
+    killed_job_resumes("adalomo", ".rows").await;
+}
+
+async fn killed_job_resumes(optimizer: &str, state_suffix: &str) {
     let dir = tempfile::tempdir().unwrap();
     tiny_gemma3(5).write(&dir.path().join("tiny.gguf")).unwrap();
     let port = free_port();
@@ -59,7 +77,7 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint_and_keeps_ever
     assert_eq!(receipt["stored"], 200, "{receipt}");
     let job: Value = client
         .post(format!("http://127.0.0.1:{port}/v1/adapters/crash/train"))
-        .json(&json!({"hyperparameters": {"n_epochs": 3}}))
+        .json(&json!({"hyperparameters": {"n_epochs": 3, "optimizer": optimizer}}))
         .send()
         .await
         .unwrap()
@@ -67,12 +85,18 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint_and_keeps_ever
         .await
         .unwrap();
     let id = job["id"].as_str().expect("a job").to_string();
+    assert_eq!(job["hyperparameters"]["optimizer"], optimizer, "{job}");
 
     // Kill -9 once a checkpoint is recorded, while the job still runs.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let checkpoints = get(port, &format!("/v1/fine_tuning/jobs/{id}/checkpoints")).await;
-        if !checkpoints["data"].as_array().unwrap().is_empty() {
+        if let Some(first) = checkpoints["data"].as_array().unwrap().first() {
+            let step = first["step_number"].as_u64().unwrap();
+            let state = dir.path().join("tuning").join("jobs").join(&id).join(format!("step-{step:06}")).join("optimizer.safetensors");
+            let names = safetensors_names(&state);
+            assert!(names.iter().any(|n| n.ends_with(state_suffix)), "{optimizer}: {names:?}");
+            assert!(optimizer == "adamw" || !names.iter().any(|n| n.ends_with(".m")), "{optimizer}: {names:?}");
             break;
         }
         assert!(Instant::now() < deadline, "no checkpoint within 60 s");

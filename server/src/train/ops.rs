@@ -346,7 +346,13 @@ impl CustomOp1 for OutputLoss {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let VocabShare { rows: rows_state, mut accumulated } = VocabShare::join(shares, hidden);
-        let loss = rows_state.iter().map(|s| s.max + s.sum.ln() - s.target_logit).collect();
+        // Integer logits quantize a NaN activation to 0: a row that is not finite must say so
+        // in its loss, or a diverged adapter would train on as if nothing were wrong.
+        let loss = rows_state
+            .iter()
+            .zip(h.chunks_exact(hidden))
+            .map(|(s, row)| if row.iter().all(|v| v.is_finite()) { s.max + s.sum.ln() - s.target_logit } else { f32::NAN })
+            .collect();
         if self.gradient {
             // ∂ℓᵢ/∂hᵢ = softmax·E − e_target.
             let ids = Tensor::from_slice(&self.targets, rows, &Device::Cpu)?;

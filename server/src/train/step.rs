@@ -61,3 +61,47 @@ pub fn fused_step(
     let gradient_bytes = sink.peak_gradient_bytes;
     Ok(MixedStats { loss, sft, dpo, grad_norm: optimizer.gradient_norm(), learning_rate, gradient_bytes })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::Tensor;
+
+    use super::*;
+    use crate::model::synthetic::tiny_gemma3;
+    use crate::train::adalomo::AdaLomoConfig;
+    use crate::train::lora::{AdapterParams, LoraSpec};
+    use crate::train::optim::Schedule;
+
+    fn tiny_model(dir: &std::path::Path) -> Arc<crate::LoadedModel> {
+        let path = dir.join("tiny.gguf");
+        tiny_gemma3(1).write(&path).expect("writing the tiny model");
+        Arc::new(crate::LoadedModel::load(&path).expect("loading the tiny model"))
+    }
+
+    /// A loss that is not finite stops the step before the fused update touches anything, even
+    /// through the integer output logits (which would read a NaN activation as 0).
+    #[test]
+    fn a_diverged_loss_fails_the_step_and_leaves_the_adapter_as_it_was() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let model = tiny_model(dir.path());
+        let params = AdapterParams::fresh(&model, LoraSpec::default(), 1)?;
+        let named = params.named_vars();
+        let poisoned = named.last().ok_or("no tensors")?.1;
+        poisoned.set(&(poisoned.as_tensor().ones_like()? * f64::NAN)?)?;
+        let before: Vec<Vec<f32>> = named.iter().map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>()).collect::<Result<_, _>>()?;
+        let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
+        let schedule = Schedule { learning_rate: 0.1, warmup_steps: 0, total_steps: 10 };
+        let mut optimizer = AdaLomo::new(AdaLomoConfig::new(schedule), &vars);
+        let example = Example { tokens: vec![1, 2, 3, 4], scored: vec![true; 4] };
+        let outcome = fused_step(Trainable::new(&model, &params), &mut optimizer, &[example], &[], 0.1, KeptGraphs::Layers(0));
+        let error = outcome.err().ok_or("a NaN loss trained")?.to_string();
+        assert!(error.contains("diverged"), "{error}");
+        for ((name, var), before) in named.iter().zip(&before) {
+            let after = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            assert!(after.iter().zip(before).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} moved");
+        }
+        Ok(())
+    }
+}
