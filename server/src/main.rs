@@ -212,9 +212,10 @@ struct TrainLocalArgs {
 
 #[derive(Subcommand)]
 enum BenchTarget {
-    /// QLoRA training throughput (forward, backward and AdamW over the served quantized
-    /// weights, every position scored; with --data, also on instruction pairs whose answers alone
-    /// are scored) and peak memory.
+    /// QLoRA training throughput (forward, backward and the optimizer's update over the served
+    /// quantized weights, every position scored; with --data, also on instruction pairs whose
+    /// answers alone are scored), gradient and optimizer-state bytes and peak memory, for AdamW
+    /// and AdaLomo in turn.
     Train {
         #[command(flatten)]
         model: ModelArg,
@@ -238,6 +239,11 @@ enum BenchTarget {
         /// Threads of the background trainer in that measurement.
         #[arg(long, default_value_t = 1)]
         train_threads: usize,
+        /// Optimizers to measure, in this order, each with its own peak memory: adalomo, adamw.
+        /// Memory the allocator kept from one can still count in the next one's peak, so the
+        /// lighter goes first.
+        #[arg(long, value_delimiter = ',', default_value = "adalomo,adamw", value_parser = parse_optimizer)]
+        optimizer: Vec<tessera::train::optim::OptimizerKind>,
     },
     /// Serving throughput with requests spread over several random LoRA adapters (r8 and r16,
     /// all seven targets) against the same load on the base alone, and an r16 adapter's cold-load
@@ -585,6 +591,7 @@ fn main() -> Result<()> {
                     data,
                     serve_clients,
                     train_threads,
+                    optimizer,
                 }),
             ..
         } => {
@@ -594,7 +601,7 @@ fn main() -> Result<()> {
                 alpha: 2.0 * rank as f32,
                 ..Default::default()
             };
-            let load = tessera::bench::train::TrainLoad { steps, seq_len, batch, spec, data };
+            let load = tessera::bench::train::TrainLoad { steps, seq_len, batch, spec, data, optimizers: optimizer };
             let mut rows = tessera::bench::train::run(&path, &load)?;
             if serve_clients > 0 {
                 rows.extend(tessera::bench::train::serving_under_training(&path, serve_clients, 64, train_threads)?);

@@ -127,7 +127,6 @@ impl Default for Metrics {
     }
 }
 
-/// A `/proc/self/status` field given in kB (`VmRSS`, `VmHWM`, …), in bytes; `None` off Linux.
 /// Lowers the process's peak resident set (`VmHWM`) to what it holds now, so that memory used
 /// and given back before (a probe's buffers) does not count as a later measurement's peak; a
 /// child started afterwards starts its own peak from there too. False where the kernel does
@@ -136,6 +135,17 @@ pub fn reset_peak_resident_set() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Returns the allocator's free pages to the system, so that what an earlier measurement freed
+/// is not still resident (and in the peak) when the next one starts.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only gives free pages back; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// A `/proc/self/status` field given in kB (`VmRSS`, `VmHWM`, …), in bytes; `None` off Linux.
 pub fn process_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;

@@ -1,5 +1,6 @@
 //! `tessera bench train`: QLoRA training throughput on the served model (tokens per second of
-//! forward + backward + AdamW) and the process's peak memory. Two workloads: plain text with
+//! forward + backward + the optimizer's update), the gradient and optimizer-state bytes, and
+//! the peak memory, for each optimizer. Two workloads: plain text with
 //! every position scored (the most output-layer work a batch can need), and instruction pairs
 //! as the tuner trains them, with the loss on the answers only.
 
@@ -10,8 +11,10 @@ use std::time::Instant;
 use crate::bench::{Measurement, BENCH_TEXT};
 use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{AdapterParams, LoraSpec};
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::{train_step, TrainError};
+use crate::train::adalomo::{AdaLomo, AdaLomoConfig};
+use crate::train::optim::{AdamW, AdamWConfig, Optimizer, OptimizerKind, Schedule};
+use crate::train::step::job_step;
+use crate::train::TrainError;
 use crate::LoadedModel;
 
 pub struct TrainLoad {
@@ -21,6 +24,8 @@ pub struct TrainLoad {
     pub spec: LoraSpec,
     /// Instruction pairs to train on as well.
     pub data: Option<std::path::PathBuf>,
+    /// Each measured in turn, with its own peak memory.
+    pub optimizers: Vec<OptimizerKind>,
 }
 
 /// The pairs of `path` as training sequences: any upload format, or Self-Instruct seed tasks
@@ -49,36 +54,65 @@ fn instruction_examples(model: &LoadedModel, path: &Path, seq_len: usize) -> Res
     Ok(examples)
 }
 
-/// Times `steps` optimizer steps (after one untimed) over `batches` in turn: tok/s per step.
-fn time_steps(model: &Arc<LoadedModel>, load: &TrainLoad, batches: &[Vec<Example>]) -> Result<Vec<f64>, anyhow::Error> {
-    let lora = AdapterParams::fresh(&model, load.spec.clone(), 0)?;
+/// What a run of steps measured: tok/s per timed step, and the most gradient and optimizer-state
+/// bytes alive at once.
+struct Timed {
+    samples: Vec<f64>,
+    training_bytes: usize,
+}
+
+/// `kind`'s optimizer over a fresh adapter, at a small rate (the bench measures, not learns).
+fn optimizer(kind: OptimizerKind, lora: &AdapterParams, steps: usize) -> Result<Optimizer, TrainError> {
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
-    let mut optimizer = AdamW::new(
-        AdamWConfig {
-            learning_rate: 1e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            warmup_steps: 0,
-            total_steps: load.steps + 1,
-        },
-        &vars,
-    )?;
-    let mut samples = Vec::new();
+    let schedule = Schedule { learning_rate: 1e-4, warmup_steps: 0, total_steps: steps + 1 };
+    Ok(match kind {
+        OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
+            AdamWConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, total_steps: steps + 1 },
+            &vars,
+        )?),
+        OptimizerKind::Adalomo => Optimizer::AdaLomo(AdaLomo::new(AdaLomoConfig::new(schedule), &vars)),
+    })
+}
+
+/// Times `steps` optimizer steps (after one untimed) over `batches` in turn.
+fn time_steps(model: &Arc<LoadedModel>, load: &TrainLoad, kind: OptimizerKind, batches: &[Vec<Example>]) -> Result<Timed, anyhow::Error> {
+    let lora = AdapterParams::fresh(model, load.spec.clone(), 0)?;
+    let mut optimizer = optimizer(kind, &lora, load.steps)?;
+    let (mut samples, mut training_bytes) = (Vec::new(), 0);
     // One untimed step first: allocations and page faults of the first backward pass.
     for (step, batch) in (0..=load.steps).zip(batches.iter().cycle()) {
         let tokens: usize = batch.iter().map(|e| e.tokens.len()).sum();
         let start = Instant::now();
-        let stats = train_step(Trainable::new(model, &lora), &mut optimizer, &[batch]).map_err(|e: TrainError| anyhow::anyhow!(e))?;
+        let stats = job_step(Trainable::new(model, &lora), &mut optimizer, batch, &[], 0.1, batch.len()).map_err(|e: TrainError| anyhow::anyhow!(e))?;
         let seconds = start.elapsed().as_secs_f64();
-        eprintln!("step {step}: {tokens} tokens ({} scored), loss {:.3}, {:.2} s", stats.tokens, stats.loss, seconds);
+        let scored = stats.sft.map_or(0, |(_, n)| n);
+        eprintln!("{} step {step}: {tokens} tokens ({scored} scored), loss {:.3}, {seconds:.2} s", kind.name(), stats.loss);
+        training_bytes = training_bytes.max(stats.gradient_bytes + optimizer.state_bytes());
         if step > 0 {
             samples.push(tokens as f64 / seconds);
         }
     }
-    Ok(samples)
+    Ok(Timed { samples, training_bytes })
+}
+
+/// The bench's rows for one optimizer: throughput on each workload, its training bytes and the
+/// peak RSS of its steps alone.
+fn optimizer_rows(model: &Arc<LoadedModel>, load: &TrainLoad, kind: OptimizerKind, workloads: &[(String, Vec<Vec<Example>>)]) -> Result<Vec<Measurement>, anyhow::Error> {
+    // Each optimizer's peak is its own: the one measured before must not set it.
+    crate::metrics::release_free_heap();
+    crate::metrics::reset_peak_resident_set();
+    let mut rows = Vec::new();
+    let mut training_bytes = 0;
+    for (name, batches) in workloads {
+        let timed = time_steps(model, load, kind, batches)?;
+        training_bytes = training_bytes.max(timed.training_bytes);
+        rows.push(Measurement { name: format!("{name}, {}", kind.name()), unit: "tok/s", samples: timed.samples });
+    }
+    rows.push(Measurement { name: format!("gradient + optimizer state, {}", kind.name()), unit: "MiB", samples: vec![training_bytes as f64 / (1 << 20) as f64] });
+    if let Some(rss) = crate::bench::peak_rss_mib() {
+        rows.push(Measurement { name: format!("peak RSS, {}", kind.name()), unit: "MiB", samples: vec![rss] });
+    }
+    Ok(rows)
 }
 
 pub fn run(model_path: &Path, load: &TrainLoad) -> Result<Vec<Measurement>, anyhow::Error> {
@@ -96,12 +130,7 @@ pub fn run(model_path: &Path, load: &TrainLoad) -> Result<Vec<Measurement>, anyh
             }
         })
         .collect();
-    let throughput = Measurement {
-        name: format!("train r{} b{}×{}, all scored", load.spec.rank, load.batch, load.seq_len),
-        unit: "tok/s",
-        samples: time_steps(&model, load, &[batch])?,
-    };
-    let mut rows = vec![throughput];
+    let mut workloads = vec![(format!("train r{} b{}×{}, all scored", load.spec.rank, load.batch, load.seq_len), vec![batch])];
     if let Some(path) = &load.data {
         let examples = instruction_examples(&model, path, load.seq_len)?;
         let batches: Vec<Vec<Example>> = examples.chunks(load.batch.max(1)).map(<[Example]>::to_vec).collect();
@@ -114,18 +143,11 @@ pub fn run(model_path: &Path, load: &TrainLoad) -> Result<Vec<Measurement>, anyh
             tokens as f64 / examples.len() as f64,
             100.0 * scored as f64 / tokens as f64
         );
-        rows.push(Measurement {
-            name: format!("train r{} b{}×≤{}, pairs", load.spec.rank, load.batch, load.seq_len),
-            unit: "tok/s",
-            samples: time_steps(&model, load, &batches)?,
-        });
+        workloads.push((format!("train r{} b{}×≤{}, pairs", load.spec.rank, load.batch, load.seq_len), batches));
     }
-    if let Some(rss) = crate::bench::peak_rss_mib() {
-        rows.push(Measurement {
-            name: "peak RSS".into(),
-            unit: "MiB",
-            samples: vec![rss],
-        });
+    let mut rows = Vec::new();
+    for &kind in &load.optimizers {
+        rows.extend(optimizer_rows(&model, load, kind, &workloads)?);
     }
     Ok(rows)
 }
