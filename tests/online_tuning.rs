@@ -52,8 +52,7 @@ async fn feedback_pairs_train_an_intent_adapter_that_answers_held_out_utterances
 #[ignore = "a measurement: two CLINC-10 trainings, several minutes each"]
 async fn adalomo_learns_the_intents_within_two_points_of_adamw_in_the_same_steps() {
     let adamw = clinc_loop(real_model().clone(), REAL_MODEL_ID, Hyperparameters::default()).await;
-    let adalomo_rate = std::env::var("TESSERA_ADALOMO_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(ADALOMO_LEARNING_RATE);
-    let adalomo = Hyperparameters { optimizer: OptimizerKind::Adalomo, learning_rate: adalomo_rate, ..Hyperparameters::default() };
+    let adalomo = Hyperparameters { optimizer: OptimizerKind::Adalomo, learning_rate: ADALOMO_LEARNING_RATE, ..Hyperparameters::default() };
     let adalomo = clinc_loop(real_model().clone(), REAL_MODEL_ID, adalomo).await;
     eprintln!("| optimizer | accuracy | seconds |\n| --- | --- | --- |");
     for (name, outcome) in [("adamw", &adamw), ("adalomo", &adalomo)] {

@@ -15,16 +15,22 @@ pub struct Hyperparameters {
     pub epochs: Option<u32>,
     pub batch_size: Option<u32>,
     pub learning_rate_multiplier: Option<f64>,
+    /// The server refuses a name it does not know, listing those it does.
+    pub optimizer: Option<String>,
 }
 
 impl Hyperparameters {
     fn to_json(&self) -> Value {
         let auto = |v: Option<Value>| v.unwrap_or_else(|| json!("auto"));
-        json!({
+        let mut body = json!({
             "n_epochs": auto(self.epochs.map(Value::from)),
             "batch_size": auto(self.batch_size.map(Value::from)),
             "learning_rate_multiplier": auto(self.learning_rate_multiplier.map(Value::from)),
-        })
+        });
+        if let Some(optimizer) = &self.optimizer {
+            body["optimizer"] = json!(optimizer);
+        }
+        body
     }
 }
 
