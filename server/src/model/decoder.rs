@@ -162,11 +162,13 @@ pub struct SequenceChunk<'a> {
     pub adapters: &'a AdapterMix<'a>,
 }
 
-/// Logits of the rows asked for, `[rows, vocab]`, and which rows belong to which sequence.
+/// Logits of the rows asked for, `[rows, vocab]`, and which rows belong to which sequence;
+/// for chunks that asked for [`LogitsFor::PooledHidden`], their summed final hidden states.
 pub struct Logits {
     values: Vec<f32>,
     vocab: usize,
     rows_of_sequence: Vec<std::ops::Range<usize>>,
+    pooled: Vec<Option<Vec<f32>>>,
 }
 
 impl Logits {
@@ -178,6 +180,11 @@ impl Logits {
 
     pub fn rows(&self, seq: usize) -> usize {
         self.rows_of_sequence[seq].len()
+    }
+
+    /// Sequence `seq`'s sum of final hidden states over its chunk, when it asked for it.
+    pub fn pooled_hidden(&self, seq: usize) -> Option<&[f32]> {
+        self.pooled.get(seq).and_then(Option::as_deref)
     }
 }
 
@@ -422,7 +429,7 @@ impl Decoder {
         for (chunk, layout) in batch.iter().zip(layouts) {
             let start = wanted.len();
             match chunk.logits {
-                LogitsFor::None => {}
+                LogitsFor::None | LogitsFor::PooledHidden => {}
                 LogitsFor::Last => wanted.push((layout.rows.end - 1) as u32),
                 LogitsFor::All => wanted.extend(layout.rows.start as u32..layout.rows.end as u32),
             }
@@ -431,15 +438,51 @@ impl Decoder {
         let values = if wanted.is_empty() {
             Vec::new()
         } else {
-            let n = wanted.len();
-            let index = Tensor::from_vec(wanted, n, &Device::Cpu)?;
-            let h = self.output_norm.forward(&x.index_select(&index, 0)?)?;
+            let h = self.output_norm.forward(&self.select_rows(x, wanted)?)?;
             self.output().forward_values(&h)?
         };
         Ok(Logits {
             values,
             vocab: self.config.vocab,
             rows_of_sequence,
+            pooled: self.pooled_hidden(x, batch, layouts)?,
+        })
+    }
+
+    fn select_rows(&self, x: &Tensor, rows: Vec<u32>) -> Result<Tensor, ModelError> {
+        let n = rows.len();
+        Ok(x.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?)
+    }
+
+    /// For each chunk that asked for it, the sum of its rows' final hidden states after the
+    /// output norm; every such row is normed in one pass.
+    fn pooled_hidden(&self, x: &Tensor, batch: &[SequenceChunk], layouts: &[SequenceLayout]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        let pooled_rows: Vec<u32> = batch
+            .iter()
+            .zip(layouts)
+            .filter(|(chunk, _)| chunk.logits == LogitsFor::PooledHidden)
+            .flat_map(|(_, layout)| layout.rows.start as u32..layout.rows.end as u32)
+            .collect();
+        if pooled_rows.is_empty() {
+            return Ok(vec![None; batch.len()]);
+        }
+        let hidden = self.config.hidden;
+        let normed = self.output_norm.forward(&self.select_rows(x, pooled_rows)?)?;
+        with_values(&normed, |values| {
+            let mut rows = values.chunks_exact(hidden);
+            batch
+                .iter()
+                .zip(layouts)
+                .map(|(chunk, layout)| {
+                    (chunk.logits == LogitsFor::PooledHidden).then(|| {
+                        let mut sum = vec![0f32; hidden];
+                        for row in rows.by_ref().take(layout.rows.len()) {
+                            sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                        }
+                        sum
+                    })
+                })
+                .collect()
         })
     }
 }
