@@ -514,6 +514,37 @@ mod tests {
         }
     }
 
+    /// The pooled rows of a prompt fed in two chunks (the second attending to the first through
+    /// the cache) add up to those of the prompt fed at once.
+    #[test]
+    fn pooled_hidden_states_add_up_over_chunks() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("tiny.gguf");
+        tiny_gemma3(3).write(&path)?;
+        let decoder = Decoder::load(&GgufFile::open(&path)?, Kernels::Best)?;
+        let ids: Vec<u32> = (0..24).map(|i| 100 + i).collect();
+        let none = AdapterMix::default();
+        let pooled = |chunks: &[&[u32]]| -> Result<Vec<f32>, ModelError> {
+            let mut cache = KvCache::new(decoder.config(), ids.len())?;
+            let mut sum = vec![0f32; HIDDEN];
+            for tokens in chunks {
+                let logits = decoder.forward(&mut [SequenceChunk { tokens, cache: &mut cache, logits: LogitsFor::PooledHidden, adapters: &none }])?;
+                assert_eq!(logits.rows(0), 0, "pooling asked for no logits");
+                let part = logits.pooled_hidden(0).ok_or(ModelError::EmptyInput)?;
+                sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+            }
+            Ok(sum)
+        };
+        let whole = pooled(&[&ids])?;
+        let split = pooled(&[&ids[..10], &ids[10..]])?;
+        let largest = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(largest > 0.0);
+        for (a, b) in whole.iter().zip(&split) {
+            assert!((a - b).abs() <= 1e-4 * largest, "{a} vs {b}");
+        }
+        Ok(())
+    }
+
     /// A model whose gate and up matrices are Q4_0, a type no integer kernel takes, loads with one
     /// warning that counts them, and generates.
     #[test]
