@@ -283,6 +283,20 @@ enum BenchTarget {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Embeddings throughput against the prefill of the same tokens: `inputs` prompts of
+    /// `tokens` tokens at once, as embeddings and as one-token generations, by turns.
+    Embeddings {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long, default_value_t = 64)]
+        inputs: usize,
+        /// Tokens per input, `<bos>` included.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Runs per load; the table reports medians.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// The paged KV cache against the previous design (f32, reserved for prompt + max_tokens):
     /// KV bytes held by 16 chats without max_tokens, time to first token after a cached
     /// 1,000-token prefix against a cold one, and KV bytes of one sequence at 8,192 positions.
@@ -546,6 +560,17 @@ fn main() -> Result<()> {
             let report = runtime.block_on(tessera::bench::scale_out::run(&options, work.path()))?;
             println!("{}, {} servers on one thread each, {} cores", tessera::bench::compare::cpu_model(), options.servers, report.cores);
             print!("{}", tessera::bench::scale_out::format_report(&report));
+        }
+        Command::Bench {
+            target: Some(BenchTarget::Embeddings { model, inputs, tokens, runs }),
+            ..
+        } => {
+            use tessera::bench::embeddings;
+            let loaded = std::sync::Arc::new(LoadedModel::load(&model.resolve()?)?);
+            let load = embeddings::EmbeddingsLoad { inputs, tokens, runs };
+            eprintln!("{inputs} inputs × {tokens} tokens, as embeddings and as prefills by turns ({runs} runs)…");
+            let report = embeddings::run(&loaded, &load)?;
+            print!("{}", embeddings::format_table(&tessera::bench::compare::cpu_model(), &load, &report));
         }
         Command::Bench {
             target: Some(BenchTarget::Structured { model, clients, max_tokens, runs }),

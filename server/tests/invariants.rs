@@ -333,6 +333,7 @@ async fn the_whole_route_and_key_matrix() {
         ("get", "/v1/scope", PUBLIC),
         ("post", "/v1/chat/completions", INFERENCE),
         ("post", "/v1/completions", INFERENCE),
+        ("post", "/v1/embeddings", INFERENCE),
         ("get", "/v1/models", INFERENCE),
         ("get", "/v1/models/{model}", INFERENCE),
         ("post", "/tokenize", INFERENCE),

@@ -3,6 +3,7 @@
 Usage: python3 openai_sdk.py BASE_URL MODEL_ID
 Exits non-zero, naming the failed check, if anything is off.
 """
+import array
 import sys
 import time
 import urllib.request
@@ -72,6 +73,39 @@ check("completion text is the tokens", "".join(lp.tokens) == completion.choices[
 runs = [client.completions.create(model=model, prompt="Once upon a time", max_tokens=16, temperature=1.0,
                                   seed=1234).choices[0].text for _ in range(2)]
 check("seeded sampling repeats", runs[0] == runs[1], runs)
+
+# Embeddings: the SDK asks for base64 unless told otherwise, and decodes it to the same floats.
+info = client.models.retrieve(model).model_extra["embeddings"]
+check("models say embeddings are mean-pooled", info["pooling"] == "mean" and info["normalized"], info)
+texts = ["The sea is calm tonight.", "Stock prices fell sharply.", "The ocean is quiet this evening."]
+embedded = client.embeddings.create(model=model, input=texts)
+vectors = [d.embedding for d in embedded.data]
+check("one embedding per input, in order", [d.index for d in embedded.data] == [0, 1, 2], embedded.data)
+check("embeddings have the model's size", all(len(v) == info["dimensions"] for v in vectors), [len(v) for v in vectors])
+check("embeddings are L2-normalised", all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors))
+check("embedding usage", embedded.usage.prompt_tokens > 0 and embedded.usage.total_tokens == embedded.usage.prompt_tokens, embedded.usage)
+floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
+
+
+def as_f32(values):
+    """JSON numbers are float32s printed shortest; Python reads them as doubles."""
+    return list(array.array("f", values))
+
+
+check("float and base64 embeddings are the same float32s", [as_f32(d.embedding) for d in floats.data] == vectors)
+
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+check("similar sentences are nearer", cosine(vectors[0], vectors[2]) > cosine(vectors[0], vectors[1]),
+      (cosine(vectors[0], vectors[2]), cosine(vectors[0], vectors[1])))
+try:
+    client.embeddings.create(model=model, input="a", dimensions=info["dimensions"] // 2)
+    check("embeddings with other dimensions raise BadRequestError", False)
+except openai.BadRequestError as e:
+    check("embeddings name the refused dimensions", e.body.get("param") == "dimensions", e.body)
 
 # Errors map to the SDK's exception types.
 try:

@@ -5,6 +5,7 @@ mod adapters;
 mod chat;
 mod completions;
 mod console;
+mod embeddings;
 pub mod auth;
 pub mod error;
 mod extensions;
@@ -254,6 +255,7 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
     let inference = OpenApiRouter::new()
         .routes(routes!(chat::chat_completions))
         .routes(routes!(completions::completions))
+        .routes(routes!(embeddings::embeddings))
         .routes(routes!(models::list_models))
         .routes(routes!(models::get_model))
         .routes(routes!(extensions::tokenize))

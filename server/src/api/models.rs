@@ -7,6 +7,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 
+use super::types::embeddings::EmbeddingInfo;
 use super::types::{Health, Model, ModelList, ScopeInfo};
 use super::{App, AppError};
 
@@ -19,6 +20,7 @@ fn base_model(app: &App) -> Model {
         parent: None,
         max_model_len: app.inference.ctx_len(),
         adapter_kind: None,
+        embeddings: EmbeddingInfo { pooling: "mean", normalized: true, dimensions: app.inference.embedding_dimensions() },
     }
 }
 

@@ -1,7 +1,7 @@
 //! From HTTP bodies to the engine's validated requests. Every check names the offending field.
 
 use crate::api::error::AppError;
-use crate::api::types::{ChatCompletionRequest, ChatMessage, MessageContent, ResponseFormat, SamplingFields, StopSpec, ToolChoiceSpec};
+use crate::api::types::{AdapterRef, ChatCompletionRequest, ChatMessage, MessageContent, ResponseFormat, SamplingFields, StopSpec, ToolChoiceSpec};
 use crate::grammar::ConstraintSpec;
 use crate::sampler::SamplingParams;
 use crate::services::inference::{AdapterChoice, CallRecord, ChatTurn, Generation, RequestedConstraint, Tools};
@@ -269,5 +269,9 @@ fn tool_definitions(tools: &[crate::api::types::ToolSpec]) -> Result<Vec<ToolDef
 
 /// The request's own adapter composition (`adapters`), each scale defaulting to 1.
 pub fn adapters(f: &SamplingFields) -> Vec<AdapterChoice> {
-    f.adapters.iter().flatten().map(|a| AdapterChoice { name: a.name.clone(), scale: a.scale.unwrap_or(1.0) }).collect()
+    adapter_choices(f.adapters.as_deref().unwrap_or_default())
+}
+
+pub fn adapter_choices(refs: &[AdapterRef]) -> Vec<AdapterChoice> {
+    refs.iter().map(|a| AdapterChoice { name: a.name.clone(), scale: a.scale.unwrap_or(1.0) }).collect()
 }

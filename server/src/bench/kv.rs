@@ -54,6 +54,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         prompt_logprobs: false,
         adapters: Vec::new(),
         constraint: None,
+        embed: false,
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod adapters;
 pub mod bound;
 pub mod compare;
+pub mod embeddings;
 pub mod kv;
 pub mod scale_out;
 pub mod serve;

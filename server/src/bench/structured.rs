@@ -101,6 +101,7 @@ impl Harness {
             prompt_logprobs: false,
             adapters: Vec::new(),
             constraint,
+            embed: false,
         };
         self.engine.submit(request).map_err(|e| StructuredBenchError::Engine(e.to_string()))
     }

@@ -43,6 +43,9 @@ pub struct GenerationRequest {
     pub adapters: Vec<(Arc<AdapterGeneration>, f32)>,
     /// The shape the answer must have, enforced on every sampled token.
     pub constraint: Option<Constraint>,
+    /// Generate nothing: finish once the prompt is prefilled, with its embedding (the mean of
+    /// its final hidden states after the output norm, L2-normalised). `max_tokens` is 0.
+    pub embed: bool,
 }
 
 /// One candidate token with its log-probability under the raw logits.
@@ -72,6 +75,8 @@ pub struct Finished {
     pub completion_tokens: usize,
     /// For each prompt position after the first: the prompt token's logprob and the top ones.
     pub prompt_logprobs: Option<Vec<(TokenLogprob, Vec<TokenLogprob>)>>,
+    /// The prompt's embedding, for a request that asked for one instead of tokens.
+    pub embedding: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]

@@ -293,7 +293,7 @@ impl Scheduler {
             let mut guard = fed[batch_index].lock().unwrap_or_else(PoisonError::into_inner);
             let (i, seq, tokens) = &mut *guard;
             let rows: Vec<&[f32]> = (0..logits.rows(batch_index)).map(|r| logits.row(batch_index, r)).collect();
-            finished[*i].store(seq.advance(*tokens, &rows, tokenizer, metrics), Ordering::Relaxed);
+            finished[*i].store(seq.advance(*tokens, &rows, logits.pooled_hidden(batch_index), tokenizer, metrics), Ordering::Relaxed);
         };
         if fed.len() < 2 {
             (0..fed.len()).for_each(advance);

@@ -34,6 +34,8 @@ pub(super) struct Sequence {
     decoder: IncrementalDecoder,
     stops: StopMatcher,
     prompt_logprobs: Option<Vec<(TokenLogprob, Vec<TokenLogprob>)>>,
+    /// An embedding request's sum of final hidden states over the prompt prefilled so far.
+    pooled: Option<Vec<f32>>,
     /// Prompt tokens found in the prefix cache at admission (reported in the usage).
     cached_tokens: usize,
     /// What makes this sequence's keys and values differ from the base model's on the same
@@ -61,8 +63,9 @@ impl Sequence {
             grammar: request.constraint.clone().map(ConstrainedDecoder::start),
             stops: StopMatcher::new(request.stop_strings.clone()),
             prompt_logprobs: request.prompt_logprobs.then(Vec::new),
-            // Prompt logprobs need the logits of every prompt position, so nothing is skipped.
-            prefix: (!request.prompt_logprobs).then(|| (kv_salt(&request.adapters, config.n_layers), ChainCursor::EMPTY)),
+            pooled: request.embed.then(|| vec![0.0; config.hidden]),
+            // Prompt logprobs and embeddings need every prompt position, so nothing is skipped.
+            prefix: (!request.prompt_logprobs && !request.embed).then(|| (kv_salt(&request.adapters, config.n_layers), ChainCursor::EMPTY)),
             request,
             events: submission.events,
             prefilled: 0,
@@ -128,6 +131,9 @@ impl Sequence {
         // Recomputed, the generated tokens are still folded as when they were decoded.
         self.cache.set_prompt_len(prompt_len);
         self.prefilled = 0;
+        if let Some(pooled) = self.pooled.as_mut() {
+            pooled.fill(0.0);
+        }
         if let Some((_, cursor)) = self.prefix.as_mut() {
             *cursor = ChainCursor::EMPTY;
         }
@@ -159,6 +165,7 @@ impl Sequence {
         StepInput {
             tokens,
             logits: match (self.prompt_logprobs.is_some() && in_prompt, last) {
+                _ if self.pooled.is_some() => LogitsFor::PooledHidden,
                 (true, _) => LogitsFor::All,
                 (false, true) => LogitsFor::Last,
                 (false, false) => LogitsFor::None,
@@ -175,12 +182,13 @@ impl Sequence {
         tokens
     }
 
-    /// Takes this step's logit rows (`rows[i]` for the i-th requested row). Returns whether the
-    /// sequence is finished.
+    /// Takes this step's logit rows (`rows[i]` for the i-th requested row), or for an embedding
+    /// its chunk's summed hidden states. Returns whether the sequence is finished.
     pub(super) fn advance(
         &mut self,
         fed: usize,
         rows: &[&[f32]],
+        pooled: Option<&[f32]>,
         tokenizer: &Tokenizer,
         metrics: &Metrics,
     ) -> bool {
@@ -201,6 +209,12 @@ impl Sequence {
         let prompt_fed = self.request.prompt.len().saturating_sub(self.prefilled).min(fed);
         metrics.prompt_tokens.inc_by(prompt_fed as u64);
         self.prefilled += fed;
+        if let Some(sum) = self.pooled.as_mut() {
+            if let Some(chunk) = pooled {
+                sum.iter_mut().zip(chunk).for_each(|(s, v)| *s += v);
+            }
+            return self.prefilled >= self.known_len() && self.finish_embedding();
+        }
         if self.prefilled < self.known_len() {
             return false;
         }
@@ -295,6 +309,18 @@ impl Sequence {
         Ok(self.sampler.sample(&adjusted))
     }
 
+    /// Ends an embedding request with the mean of its prompt's hidden states, L2-normalised.
+    fn finish_embedding(&mut self) -> bool {
+        if let Some(sum) = self.pooled.as_mut() {
+            let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt();
+            // The mean's 1/n cancels in the normalisation: dividing the sum by its norm suffices.
+            if norm > 0.0 {
+                sum.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        self.finish(FinishReason::Stop)
+    }
+
     fn finish(&mut self, reason: FinishReason) -> bool {
         // Text held back as a possible stop-string start is real output when the generation ends
         // otherwise (a matched stop string already cleared it).
@@ -305,6 +331,7 @@ impl Sequence {
             cached_tokens: self.cached_tokens,
             completion_tokens: self.generated.len(),
             prompt_logprobs: self.prompt_logprobs.take(),
+            embedding: self.pooled.take(),
         }));
         true
     }

@@ -162,11 +162,13 @@ pub struct SequenceChunk<'a> {
     pub adapters: &'a AdapterMix<'a>,
 }
 
-/// Logits of the rows asked for, `[rows, vocab]`, and which rows belong to which sequence.
+/// Logits of the rows asked for, `[rows, vocab]`, and which rows belong to which sequence;
+/// for chunks that asked for [`LogitsFor::PooledHidden`], their summed final hidden states.
 pub struct Logits {
     values: Vec<f32>,
     vocab: usize,
     rows_of_sequence: Vec<std::ops::Range<usize>>,
+    pooled: Vec<Option<Vec<f32>>>,
 }
 
 impl Logits {
@@ -178,6 +180,11 @@ impl Logits {
 
     pub fn rows(&self, seq: usize) -> usize {
         self.rows_of_sequence[seq].len()
+    }
+
+    /// Sequence `seq`'s sum of final hidden states over its chunk, when it asked for it.
+    pub fn pooled_hidden(&self, seq: usize) -> Option<&[f32]> {
+        self.pooled.get(seq).and_then(Option::as_deref)
     }
 }
 
@@ -422,7 +429,7 @@ impl Decoder {
         for (chunk, layout) in batch.iter().zip(layouts) {
             let start = wanted.len();
             match chunk.logits {
-                LogitsFor::None => {}
+                LogitsFor::None | LogitsFor::PooledHidden => {}
                 LogitsFor::Last => wanted.push((layout.rows.end - 1) as u32),
                 LogitsFor::All => wanted.extend(layout.rows.start as u32..layout.rows.end as u32),
             }
@@ -431,15 +438,51 @@ impl Decoder {
         let values = if wanted.is_empty() {
             Vec::new()
         } else {
-            let n = wanted.len();
-            let index = Tensor::from_vec(wanted, n, &Device::Cpu)?;
-            let h = self.output_norm.forward(&x.index_select(&index, 0)?)?;
+            let h = self.output_norm.forward(&self.select_rows(x, wanted)?)?;
             self.output().forward_values(&h)?
         };
         Ok(Logits {
             values,
             vocab: self.config.vocab,
             rows_of_sequence,
+            pooled: self.pooled_hidden(x, batch, layouts)?,
+        })
+    }
+
+    fn select_rows(&self, x: &Tensor, rows: Vec<u32>) -> Result<Tensor, ModelError> {
+        let n = rows.len();
+        Ok(x.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?)
+    }
+
+    /// For each chunk that asked for it, the sum of its rows' final hidden states after the
+    /// output norm; every such row is normed in one pass.
+    fn pooled_hidden(&self, x: &Tensor, batch: &[SequenceChunk], layouts: &[SequenceLayout]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        let pooled_rows: Vec<u32> = batch
+            .iter()
+            .zip(layouts)
+            .filter(|(chunk, _)| chunk.logits == LogitsFor::PooledHidden)
+            .flat_map(|(_, layout)| layout.rows.start as u32..layout.rows.end as u32)
+            .collect();
+        if pooled_rows.is_empty() {
+            return Ok(vec![None; batch.len()]);
+        }
+        let hidden = self.config.hidden;
+        let normed = self.output_norm.forward(&self.select_rows(x, pooled_rows)?)?;
+        with_values(&normed, |values| {
+            let mut rows = values.chunks_exact(hidden);
+            batch
+                .iter()
+                .zip(layouts)
+                .map(|(chunk, layout)| {
+                    (chunk.logits == LogitsFor::PooledHidden).then(|| {
+                        let mut sum = vec![0f32; hidden];
+                        for row in rows.by_ref().take(layout.rows.len()) {
+                            sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                        }
+                        sum
+                    })
+                })
+                .collect()
         })
     }
 }
@@ -469,6 +512,37 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// The pooled rows of a prompt fed in two chunks (the second attending to the first through
+    /// the cache) add up to those of the prompt fed at once.
+    #[test]
+    fn pooled_hidden_states_add_up_over_chunks() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("tiny.gguf");
+        tiny_gemma3(3).write(&path)?;
+        let decoder = Decoder::load(&GgufFile::open(&path)?, Kernels::Best)?;
+        let ids: Vec<u32> = (0..24).map(|i| 100 + i).collect();
+        let none = AdapterMix::default();
+        let pooled = |chunks: &[&[u32]]| -> Result<Vec<f32>, ModelError> {
+            let mut cache = KvCache::new(decoder.config(), ids.len())?;
+            let mut sum = vec![0f32; HIDDEN];
+            for tokens in chunks {
+                let logits = decoder.forward(&mut [SequenceChunk { tokens, cache: &mut cache, logits: LogitsFor::PooledHidden, adapters: &none }])?;
+                assert_eq!(logits.rows(0), 0, "pooling asked for no logits");
+                let part = logits.pooled_hidden(0).ok_or(ModelError::EmptyInput)?;
+                sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+            }
+            Ok(sum)
+        };
+        let whole = pooled(&[&ids])?;
+        let split = pooled(&[&ids[..10], &ids[10..]])?;
+        let largest = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(largest > 0.0);
+        for (a, b) in whole.iter().zip(&split) {
+            assert!((a - b).abs() <= 1e-4 * largest, "{a} vs {b}");
+        }
+        Ok(())
     }
 
     /// A model whose gate and up matrices are Q4_0, a type no integer kernel takes, loads with one

@@ -66,6 +66,9 @@ pub enum LogitsFor {
     None,
     Last,
     All,
+    /// No logits: the sum over the chunk's positions of the final hidden states (after the
+    /// output norm), which an embedding accumulates into its mean.
+    PooledHidden,
 }
 
 /// Calls `f` with a tensor's values in row-major order, read in place when it is contiguous.

@@ -3,11 +3,15 @@
 //! the chat template (after a plugin's rewrite hook), tokenizes, checks the context, submits to
 //! the engine, and passes a plugin model's answers through its check hook.
 
+mod embeddings;
+
 use std::sync::Arc;
 
 use tessera_adapters::AdapterKind;
 use tessera_plugin_api::Message as PluginMessage;
 use tokio::sync::mpsc::UnboundedReceiver;
+
+pub use embeddings::Embedded;
 
 use super::plugins::Plugins;
 use super::{blocking, ServiceError};
@@ -219,6 +223,7 @@ impl Inference {
                     prompt_logprobs: g.prompt_logprobs,
                     adapters: leases.clone(),
                     constraint: constraint.clone(),
+                    embed: false,
                 })?);
             }
         }

@@ -1,6 +1,8 @@
 //! The HTTP request and response bodies, in OpenAI's shapes. They are kept apart from the
-//! engine's validated types (see `validate.rs`). Online tuning's are in `tuning.rs`.
+//! engine's validated types (see `validate.rs`). Online tuning's are in `tuning.rs`, embeddings'
+//! in `embeddings.rs`.
 
+pub mod embeddings;
 pub mod tuning;
 
 use serde::{Deserialize, Serialize};
@@ -388,6 +390,8 @@ pub struct Model {
     /// For an adapter: `lora`, `dora` or `ia3`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter_kind: Option<&'static str>,
+    /// What `/v1/embeddings` returns for this model.
+    pub embeddings: embeddings::EmbeddingInfo,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
