@@ -185,3 +185,34 @@ fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
     assert!(greedy_after >= 0.8, "greedy answers that are the chosen one: {greedy_after}");
     assert!(ratio <= 1.6, "DPO step with the reference pass {ratio:.2}× the SFT step");
 }
+
+/// The reference pass as a job runs it (the serving forward) against the trainer's no-grad
+/// forward it replaced, on the task's 200 training pairs in one run: the serving pass must be
+/// the cheaper. Minutes on two cores: `-- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: minutes on two cores; run with --ignored"]
+fn the_serving_reference_pass_is_cheaper_than_the_trainers_forward() {
+    let model = real_model();
+    let pairs: Vec<(Example, Example)> = (0..220)
+        .filter(|i| i % 11 != 0)
+        .map(|i| {
+            let p = preference(i);
+            let answer = |c| answer_example(&model.tokenizer, &model.chat, &c, 128).unwrap().unwrap();
+            (answer(p.chosen_conversation()), answer(p.rejected_conversation()))
+        })
+        .collect();
+    let base = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
+    let started = Instant::now();
+    let serving = reference_pass(&base, &pairs);
+    let serving_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let trainer = log_probs(Trainable::new(model, &base), &pairs, 2).unwrap();
+    let trainer_seconds = started.elapsed().as_secs_f64();
+    let largest_gap = serving.iter().zip(&trainer).map(|(s, t)| (s.chosen - t.chosen).abs().max((s.rejected - t.rejected).abs())).fold(0.0, f64::max);
+    eprintln!(
+        "reference pass over {} pairs: serving forward {serving_seconds:.1} s, trainer forward {trainer_seconds:.1} s ({:.1}× cheaper); largest log-probability gap {largest_gap:.3}",
+        pairs.len(),
+        trainer_seconds / serving_seconds
+    );
+    assert!(serving_seconds < trainer_seconds, "serving {serving_seconds} s against the trainer's {trainer_seconds} s");
+}
