@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tessera::train::adalomo::{AdaLomo, AdaLomoConfig};
 use tessera::train::decoder::{Example, KeptGraphs, Trainable};
+use tessera::train::dpo::PreferenceLoss;
 use tessera::train::lora::AdapterParams;
 use tessera::train::optim::Schedule;
 use tessera::train::step::fused_step;
@@ -63,7 +64,7 @@ fn train(anchors: &Anchors, model: &Arc<LoadedModel>, kind: &str, kept: KeptGrap
     let mut losses = Vec::new();
     for batch in &anchors.batches {
         let examples: Vec<Example> = batch.iter().map(|tokens| every_position_scored(tokens)).collect();
-        let stats = fused_step(Trainable::new(model, &params).exact(), &mut optimizer, &examples, &[], 0.1, kept).unwrap();
+        let stats = fused_step(Trainable::new(model, &params).exact(), &mut optimizer, &examples, &[], PreferenceLoss::dpo(0.1), kept).unwrap();
         losses.push(stats.loss);
     }
     (params, losses)

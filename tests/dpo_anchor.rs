@@ -2,14 +2,18 @@
 //! `data/dpo_anchor/`): on the Qwen2 family model, with the adapter a job starts from as the
 //! reference and the same adapter moved on as the policy, the loss, the implicit rewards and the
 //! gradients of every LoRA factor agree within 1e-3 relative. Both sides compute in f32 over
-//! the same dequantized weights.
+//! the same dequantized weights, so the anchor computes its reference with the trainer's exact
+//! forward; a job computes it through the serving forward, which the second test holds to the
+//! trainer's log-probabilities.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use tessera::train::decoder::{Example, Trainable};
-use tessera::train::dpo::{dpo_gradients, log_probs, with_reference};
+use tessera::train::dpo::{dpo_gradients, log_probs, with_reference, PreferenceLoss};
+use tessera::train::reference::serving_log_probs;
+use tessera_adapters::AdapterMix;
 use tessera::train::lora::AdapterParams;
 use tessera::LoadedModel;
 use tessera_tests::{data_dir, read_json_at};
@@ -60,9 +64,11 @@ fn the_dpo_loss_rewards_and_lora_gradients_are_trls() {
     let policy = AdapterParams::load_peft(&data_dir("dpo_anchor").join("policy"), &shape).unwrap();
     let reference = AdapterParams::load_peft(&data_dir("dpo_anchor").join("reference"), &shape).unwrap();
     let pairs: Vec<(Example, Example)> = anchor.pairs.iter().map(|c| (answered(&c.prompt, &c.chosen), answered(&c.prompt, &c.rejected))).collect();
-    let preferences = with_reference(Trainable::new(&model, &reference).exact(), pairs.clone(), 4).unwrap();
+    let reference_log_probs = log_probs(Trainable::new(&model, &reference).exact(), &pairs, 4).unwrap();
+    let preferences = with_reference(pairs.clone(), reference_log_probs);
 
-    let (gradients, rewards) = dpo_gradients(Trainable::new(&model, &policy).exact(), &[&preferences], anchor.beta).unwrap();
+    let (gradients, stats) = dpo_gradients(Trainable::new(&model, &policy).exact(), &[&preferences], PreferenceLoss::dpo(anchor.beta)).unwrap();
+    let rewards = stats.rewards;
     eprintln!("loss {} (TRL {}), rewards {rewards:?}, TRL {:?}", rewards.loss, anchor.loss, anchor.metrics);
     assert_close("loss", rewards.loss, anchor.loss, anchor.loss);
     assert_close("rewards/chosen", rewards.chosen, anchor.metrics["rewards/chosen"], anchor.metrics["rewards/chosen"]);
@@ -87,6 +93,34 @@ fn the_dpo_loss_rewards_and_lora_gradients_are_trls() {
         let typical = theirs.norm / (ours.len() as f64).sqrt();
         for (&i, &value) in theirs.indices.iter().zip(&theirs.values) {
             assert_close(&format!("∂L/∂{name}[{i}]"), ours[i] as f64, value, value.abs().max(typical));
+        }
+    }
+}
+
+/// The reference pass a job runs (the serving forward with the reference adapter, integer
+/// kernels) gives the trainer's exact log-probabilities of the anchor's answers, up to the
+/// serving kernels' rounding: within 1% of each answer's log-probability, and the same
+/// preferred answer in every pair whose two answers are not a near tie.
+#[test]
+fn the_serving_reference_pass_gives_the_trainers_log_probabilities() {
+    let anchor: Anchor = read_json_at(&data_dir("dpo_anchor").join("trl_dpo.json"));
+    let model = Arc::new(LoadedModel::load(&data_dir("families").join("qwen2-tiny.gguf")).unwrap());
+    let shape = model.model.config().adapter_shape();
+    let dir = data_dir("dpo_anchor").join("reference");
+    let reference = AdapterParams::load_peft(&dir, &shape).unwrap();
+    let served = tessera::adapter_files::load(&dir, &shape, Some(&*model)).unwrap();
+    let pairs: Vec<(Example, Example)> = anchor.pairs.iter().map(|c| (answered(&c.prompt, &c.chosen), answered(&c.prompt, &c.rejected))).collect();
+
+    let exact = log_probs(Trainable::new(&model, &reference).exact(), &pairs, 4).unwrap();
+    let serving = serving_log_probs(&model.model, &AdapterMix { parts: vec![(&served.weights, 1.0)] }, &pairs).unwrap();
+    for (i, (e, s)) in exact.iter().zip(&serving).enumerate() {
+        eprintln!("pair {i}: trainer {e:?}, serving {s:?}");
+        for (what, ours, theirs) in [("chosen", s.chosen, e.chosen), ("rejected", s.rejected, e.rejected)] {
+            let error = (ours - theirs).abs() / theirs.abs();
+            assert!(error <= 1e-2, "pair {i} {what}: serving {ours} against the trainer's {theirs} (relative error {error:.2e})");
+        }
+        if (e.chosen - e.rejected).abs() > 0.05 * e.chosen.abs() {
+            assert_eq!(s.chosen > s.rejected, e.chosen > e.rejected, "pair {i}");
         }
     }
 }

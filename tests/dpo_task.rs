@@ -1,10 +1,13 @@
 //! Issue 36's targets on Gemma 3 270M: a preference task with a clear signal (the chosen
 //! answer says "The answer is N.", the rejected one just "N"), 200 preferences to train on and
-//! 20 held out, one epoch of DPO as a job runs it (r16 on all seven projections, AdamW 1e-3,
-//! batch 4, β 0.1, the base model as the reference). Reports the held-out reward accuracy, the
-//! model's preference between the held-out answers before and after, the share of held-out
-//! prompts answered greedily in the chosen form before and after (through the serving path),
-//! and the DPO step's cost against an SFT step on the same tokens, measured in the same run.
+//! 20 held out, one epoch as a job runs it (r16 on all seven projections, the job's default
+//! learning rate, batch 4, β 0.1, DPO with the job's SFT term on the chosen answers, the base
+//! model as the reference, its log-probabilities from the serving forward). Asserts the
+//! held-out reward accuracy (≥ 0.9), the share of held-out prompts answered greedily through
+//! the serving path with exactly the chosen answer, "The answer is N." with the right N
+//! (≥ 0.8), and the DPO step's cost with the reference pass spread over the epoch's steps
+//! against an SFT step on the same tokens, measured in the same run (≤ 1.6×); reports the
+//! model's preference between the held-out answers before and after.
 //! Minutes on two cores, so it runs on request: `cargo test --release -p tessera-tests --test
 //! dpo_task -- --ignored --nocapture`.
 
@@ -17,8 +20,10 @@ use tessera::generate::{generate, GenerateParams};
 use tessera::sampler::SamplingParams;
 use tessera::train::data::answer_example;
 use tessera::train::decoder::{Example, Trainable};
-use tessera::train::dpo::{evaluate_preferences, log_probs, mixed_step, with_reference, Both, PreferenceExample};
+use tessera::train::dpo::{evaluate_preferences, log_probs, mixed_step, with_reference, Both, PreferenceExample, PreferenceLoss};
+use tessera::train::job::Hyperparameters;
 use tessera::train::lora::{AdapterParams, LoraSpec};
+use tessera::train::reference::serving_log_probs;
 use tessera::train::optim::{AdamW, AdamWConfig};
 use tessera_adapters::AdapterMix;
 use tessera_tests::real_model;
@@ -35,14 +40,15 @@ fn preference(i: usize) -> Preference {
     }
 }
 
-fn in_chosen_form(answer: &str) -> bool {
-    answer.trim_start().starts_with("The answer is")
+/// The whole chosen answer, number included.
+fn is_chosen_answer(answer: &str, preference: &Preference) -> bool {
+    answer.trim() == preference.chosen
 }
 
-fn optimizer(lora: &AdapterParams, total_steps: usize) -> AdamW {
+fn optimizer(lora: &AdapterParams, total_steps: usize, learning_rate: f64) -> AdamW {
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let config = AdamWConfig {
-        learning_rate: 1e-3,
+        learning_rate,
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
@@ -59,12 +65,25 @@ fn prefers_chosen(log_probs: &[Both]) -> f64 {
     log_probs.iter().filter(|b| b.chosen > b.rejected).count() as f64 / log_probs.len() as f64
 }
 
-/// The share of `prompts` answered greedily in the chosen form with `lora` served as an adapter.
-fn greedy_in_chosen_form(lora: &AdapterParams, prompts: &[Preference], show: bool) -> f64 {
+/// `lora` as the server serves it.
+fn served(lora: &AdapterParams) -> tessera_adapters::peft::PeftAdapter {
     let model = real_model();
     let dir = tempfile::tempdir().unwrap();
     lora.save_peft(dir.path(), "gemma-3-270m").unwrap();
-    let adapter = tessera::adapter_files::load(dir.path(), &model.model.config().adapter_shape(), None).unwrap();
+    tessera::adapter_files::load(dir.path(), &model.model.config().adapter_shape(), Some(&**model)).unwrap()
+}
+
+/// The reference pass of a job: log π_ref of each pair's answers through the serving forward.
+fn reference_pass(reference: &AdapterParams, pairs: &[(Example, Example)]) -> Vec<Both> {
+    let adapter = served(reference);
+    serving_log_probs(&real_model().model, &AdapterMix { parts: vec![(&adapter.weights, 1.0)] }, pairs).unwrap()
+}
+
+/// The share of `prompts` answered greedily with exactly their chosen answer, `lora` served as
+/// an adapter.
+fn greedy_chosen_answers(lora: &AdapterParams, prompts: &[Preference], show: bool) -> f64 {
+    let model = real_model();
+    let adapter = served(lora);
     let mix = AdapterMix { parts: vec![(&adapter.weights, 1.0)] };
     let params = GenerateParams { max_tokens: 12, sampling: SamplingParams::default(), top_logprobs: 0, stop_ids: model.tokenizer.stop_ids().to_vec() };
     let mut in_form = 0;
@@ -77,7 +96,7 @@ fn greedy_in_chosen_form(lora: &AdapterParams, prompts: &[Preference], show: boo
         if show {
             eprintln!("  {:?} → {answer:?}", p.prompt[0].content);
         }
-        in_form += usize::from(in_chosen_form(&answer));
+        in_form += usize::from(is_chosen_answer(&answer, p));
     }
     in_form as f64 / prompts.len() as f64
 }
@@ -102,53 +121,98 @@ fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
     let base = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
 
     let before = prefers_chosen(&log_probs(Trainable::new(model, &base), &held_pairs, 2).unwrap());
-    let greedy_before = greedy_in_chosen_form(&base, &held, false);
+    let greedy_before = greedy_chosen_answers(&base, &held, true);
     let started = Instant::now();
-    let train_set = with_reference(Trainable::new(model, &base), train_pairs, 2).unwrap();
+    let train_reference = reference_pass(&base, &train_pairs);
     let reference_seconds = started.elapsed().as_secs_f64();
-    let held_set = with_reference(Trainable::new(model, &base), held_pairs.clone(), 2).unwrap();
+    let train_set = with_reference(train_pairs, train_reference);
+    let held_set = with_reference(held_pairs.clone(), reference_pass(&base, &held_pairs));
+    let start_rewards = evaluate_preferences(Trainable::new(model, &base), &held_set, BETA, 2).unwrap();
+    // The reference pass's serving kernels round differently from the trainer's: the margins
+    // of the policy that starts at the reference are near 0, not 0.
+    eprintln!("step 0: held-out margin {:.4} (the serving reference against the trainer), reward accuracy {:.2}", start_rewards.margin, start_rewards.accuracy);
 
     // One epoch, batch 4, as a job steps; every fifth batch also runs as an SFT step on the same
     // eight sequences (on a copy of the adapter), for the cost ratio.
+    let learning_rate = Hyperparameters::default().learning_rate;
     let policy = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
     let batches: Vec<&[PreferenceExample]> = train_set.chunks(BATCH).collect();
-    let mut dpo_optimizer = optimizer(&policy, batches.len());
+    let mut dpo_optimizer = optimizer(&policy, batches.len(), learning_rate);
     let sft_lora = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
-    let mut sft_optimizer = optimizer(&sft_lora, batches.len());
+    let mut sft_optimizer = optimizer(&sft_lora, batches.len(), learning_rate);
+    let loss = PreferenceLoss::for_jobs(BETA);
     let (mut dpo_seconds, mut sft_seconds) = (Vec::new(), Vec::new());
     for (step, batch) in batches.iter().enumerate() {
         let started = Instant::now();
-        let stats = mixed_step(Trainable::new(model, &policy), &mut dpo_optimizer, &[], batch, BETA, 4).unwrap();
+        let stats = mixed_step(Trainable::new(model, &policy), &mut dpo_optimizer, &[], batch, loss, 4).unwrap();
         let dpo = started.elapsed().as_secs_f64();
         if step % 5 == 0 {
             let sequences: Vec<Example> = batch.iter().flat_map(|p| [p.chosen.clone(), p.rejected.clone()]).collect();
             let started = Instant::now();
-            mixed_step(Trainable::new(model, &sft_lora), &mut sft_optimizer, &sequences, &[], BETA, 4).unwrap();
+            mixed_step(Trainable::new(model, &sft_lora), &mut sft_optimizer, &sequences, &[], loss, 4).unwrap();
             sft_seconds.push(started.elapsed().as_secs_f64());
             dpo_seconds.push(dpo);
-            let r = stats.dpo.unwrap();
-            eprintln!("step {step}: DPO loss {:.4}, reward accuracy {:.2}, margin {:.3}; DPO {dpo:.2} s, SFT {:.2} s", r.loss, r.accuracy, r.margin, sft_seconds.last().unwrap());
+            let p = stats.dpo.unwrap();
+            let r = p.rewards;
+            eprintln!(
+                "step {step}: DPO loss {:.4}, chosen NLL {:.4}, reward accuracy {:.2}, margin {:.3}; DPO {dpo:.2} s, SFT {:.2} s",
+                r.loss,
+                p.chosen_nll,
+                r.accuracy,
+                r.margin,
+                sft_seconds.last().unwrap()
+            );
         }
     }
 
     let rewards = evaluate_preferences(Trainable::new(model, &policy), &held_set, BETA, 2).unwrap();
     let after = prefers_chosen(&log_probs(Trainable::new(model, &policy), &held_pairs, 2).unwrap());
-    let greedy_after = greedy_in_chosen_form(&policy, &held, true);
-    let (dpo, sft) = (dpo_seconds.iter().sum::<f64>(), sft_seconds.iter().sum::<f64>());
+    let greedy_after = greedy_chosen_answers(&policy, &held, true);
+    let (dpo_step, sft_step) = (dpo_seconds.iter().sum::<f64>() / dpo_seconds.len() as f64, sft_seconds.iter().sum::<f64>() / sft_seconds.len() as f64);
     let per_step_reference = reference_seconds / batches.len() as f64;
+    let ratio = (dpo_step + per_step_reference) / sft_step;
+    eprintln!("learning rate {learning_rate:e}, β {BETA}, RPO α {}", loss.rpo_alpha);
     eprintln!("held-out reward accuracy {:.3}, margin {:.3}, DPO loss {:.4}", rewards.accuracy, rewards.margin, rewards.loss);
     eprintln!("the model prefers the chosen answer on {before:.2} of held-out pairs before, {after:.2} after");
-    eprintln!("greedy answers in the chosen form: {greedy_before:.2} of held-out prompts before, {greedy_after:.2} after");
+    eprintln!("greedy answers exactly the chosen one (right number): {greedy_before:.2} of held-out prompts before, {greedy_after:.2} after");
     eprintln!(
-        "DPO step {:.2} s, SFT step on the same tokens {:.2} s ({} same-run pairs): {:.2}×; with the reference pass ({reference_seconds:.1} s for {} pairs, once per job) spread over the epoch's steps: {:.2}×",
-        dpo / dpo_seconds.len() as f64,
-        sft / sft_seconds.len() as f64,
+        "DPO step {dpo_step:.2} s, SFT step on the same tokens {sft_step:.2} s ({} same-run pairs): {:.2}×; the reference pass {reference_seconds:.1} s for {} pairs ({per_step_reference:.2} s a step): {ratio:.2}× with it",
         sft_seconds.len(),
-        dpo / sft,
+        dpo_step / sft_step,
         train_set.len(),
-        (dpo / dpo_seconds.len() as f64 + per_step_reference) / (sft / sft_seconds.len() as f64)
     );
     assert!(rewards.accuracy >= 0.9, "held-out reward accuracy {}", rewards.accuracy);
-    assert!(greedy_after >= 0.8, "greedy answers in the chosen form: {greedy_after}");
-    assert!(dpo / sft <= 1.6, "DPO step {dpo} s against SFT {sft} s");
+    assert!(greedy_after >= 0.8, "greedy answers that are the chosen one: {greedy_after}");
+    assert!(ratio <= 1.6, "DPO step with the reference pass {ratio:.2}× the SFT step");
+}
+
+/// The reference pass as a job runs it (the serving forward) against the trainer's no-grad
+/// forward it replaced, on the task's 200 training pairs in one run: the serving pass must be
+/// the cheaper. Minutes on two cores: `-- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: minutes on two cores; run with --ignored"]
+fn the_serving_reference_pass_is_cheaper_than_the_trainers_forward() {
+    let model = real_model();
+    let pairs: Vec<(Example, Example)> = (0..220)
+        .filter(|i| i % 11 != 0)
+        .map(|i| {
+            let p = preference(i);
+            let answer = |c| answer_example(&model.tokenizer, &model.chat, &c, 128).unwrap().unwrap();
+            (answer(p.chosen_conversation()), answer(p.rejected_conversation()))
+        })
+        .collect();
+    let base = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
+    let started = Instant::now();
+    let serving = reference_pass(&base, &pairs);
+    let serving_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let trainer = log_probs(Trainable::new(model, &base), &pairs, 2).unwrap();
+    let trainer_seconds = started.elapsed().as_secs_f64();
+    let largest_gap = serving.iter().zip(&trainer).map(|(s, t)| (s.chosen - t.chosen).abs().max((s.rejected - t.rejected).abs())).fold(0.0, f64::max);
+    eprintln!(
+        "reference pass over {} pairs: serving forward {serving_seconds:.1} s, trainer forward {trainer_seconds:.1} s ({:.1}× cheaper); largest log-probability gap {largest_gap:.3}",
+        pairs.len(),
+        trainer_seconds / serving_seconds
+    );
+    assert!(serving_seconds < trainer_seconds, "serving {serving_seconds} s against the trainer's {trainer_seconds} s");
 }

@@ -336,6 +336,8 @@ async fn preference_feedback_is_validated_stored_and_trains_by_dpo_with_pairs() 
     let steps: Vec<&Value> = events.iter().filter(|e| e["type"] == "metrics").collect();
     assert!(steps.iter().all(|e| e["data"]["train_loss"].is_f64()), "OpenAI's train_loss on every step");
     assert!(steps.iter().any(|e| e["data"]["train_reward_accuracy"].is_f64() && e["data"]["sft_loss"].is_f64()), "a step of both kinds");
+    // DPO steps report the SFT term on their chosen answers as TRL does.
+    assert!(steps.iter().filter(|e| e["data"]["train_reward_accuracy"].is_f64()).all(|e| e["data"]["train_nll_loss"].is_f64()), "{steps:?}");
     let gate = events.iter().find(|e| e["message"].as_str().unwrap().starts_with("Held-out loss")).expect("an eval gate");
     assert!(gate["message"].as_str().unwrap().contains("reward accuracy"), "{gate}");
     assert!(gate["data"]["valid_reward_accuracy"].is_f64() && gate["data"]["full_valid_loss"].is_f64(), "{gate}");

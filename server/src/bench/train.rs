@@ -13,6 +13,7 @@ use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{AdapterParams, LoraSpec};
 use crate::train::adalomo::{AdaLomo, AdaLomoConfig};
 use crate::train::optim::{AdamW, AdamWConfig, Optimizer, OptimizerKind, Schedule};
+use crate::train::dpo::PreferenceLoss;
 use crate::train::step::job_step;
 use crate::train::TrainError;
 use crate::LoadedModel;
@@ -83,7 +84,7 @@ fn time_steps(model: &Arc<LoadedModel>, load: &TrainLoad, kind: OptimizerKind, b
     for (step, batch) in (0..=load.steps).zip(batches.iter().cycle()) {
         let tokens: usize = batch.iter().map(|e| e.tokens.len()).sum();
         let start = Instant::now();
-        let stats = job_step(Trainable::new(model, &lora), &mut optimizer, batch, &[], 0.1, batch.len()).map_err(|e: TrainError| anyhow::anyhow!(e))?;
+        let stats = job_step(Trainable::new(model, &lora), &mut optimizer, batch, &[], PreferenceLoss::dpo(0.1), batch.len()).map_err(|e: TrainError| anyhow::anyhow!(e))?;
         let seconds = start.elapsed().as_secs_f64();
         let scored = stats.sft.map_or(0, |(_, n)| n);
         eprintln!("{} step {step}: {tokens} tokens ({scored} scored), loss {:.3}, {seconds:.2} s", kind.name(), stats.loss);

@@ -5,11 +5,16 @@
 //!
 //! where log π(y|x) sums the log-probabilities of the answer's tokens (through the token that
 //! ends its turn) under the adapter being trained, and π_ref is the adapter version the job
-//! starts from. π_ref's log-probabilities are computed once per pair before the first step, by
-//! the same frozen quantized weights with the starting factors (which are the policy's own at
-//! step 0, so every margin starts at exactly 0); no second model is kept. β·(log π − log π_ref)
-//! is each answer's implicit reward; TRL reports their mean, their margin and how often the
-//! chosen one's is higher ("reward accuracy").
+//! starts from. A job computes π_ref's log-probabilities once per pair before the first step,
+//! through the serving forward with that version (`train::reference`); no second model is
+//! kept. β·(log π − log π_ref) is each answer's implicit reward; TRL reports their mean, their
+//! margin and how often the chosen one's is higher ("reward accuracy").
+//!
+//! Jobs add an SFT term on the chosen answers (RPO, Pang et al. 2024; TRL's `rpo_alpha`):
+//! α·(mean −log π per chosen token). DPO alone only widens the margin, and on a task with a
+//! clear signal it does so within a few steps by making both answers unlikely: the greedy
+//! answers of Gemma 3 270M after one such job were "The answer is  or or ." — the right form
+//! with the number gone. The SFT term keeps the chosen answer itself likely.
 
 use candle_core::{Device, Tensor};
 
@@ -21,6 +26,29 @@ use crate::train::TrainError;
 pub const DEFAULT_BETA: f64 = 0.1;
 /// The largest β a job may choose.
 pub const MAX_BETA: f64 = 10.0;
+/// The weight of the SFT term on the chosen answers in a job's loss (the RPO paper's α and
+/// the value it recommends).
+pub const DEFAULT_RPO_ALPHA: f64 = 1.0;
+
+/// The loss on preferences: DPO with `beta`, plus `rpo_alpha` times the mean token loss on the
+/// chosen answers (0 for DPO alone, as TRL computes it by default).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreferenceLoss {
+    pub beta: f64,
+    pub rpo_alpha: f64,
+}
+
+impl PreferenceLoss {
+    /// DPO alone.
+    pub fn dpo(beta: f64) -> Self {
+        Self { beta, rpo_alpha: 0.0 }
+    }
+
+    /// What a job trains with: DPO and the SFT term on the chosen answers.
+    pub fn for_jobs(beta: f64) -> Self {
+        Self { beta, rpo_alpha: DEFAULT_RPO_ALPHA }
+    }
+}
 
 /// β must lie in (0, 10].
 pub fn beta_is_valid(beta: f64) -> bool {
@@ -126,14 +154,14 @@ pub fn log_probs(trainable: Trainable, pairs: &[(Example, Example)], batch_size:
     Ok(out)
 }
 
-/// The preferences with the reference policy's log-probabilities, computed once by `reference`.
-pub fn with_reference(reference: Trainable, pairs: Vec<(Example, Example)>, batch_size: usize) -> Result<Vec<PreferenceExample>, TrainError> {
-    let log_probs = log_probs(reference, &pairs, batch_size)?;
-    Ok(pairs
+/// The preferences with the reference policy's log-probabilities of their answers, in the
+/// same order.
+pub fn with_reference(pairs: Vec<(Example, Example)>, reference: Vec<Both>) -> Vec<PreferenceExample> {
+    pairs
         .into_iter()
-        .zip(log_probs)
+        .zip(reference)
         .map(|((chosen, rejected), reference)| PreferenceExample { chosen, rejected, reference })
-        .collect())
+        .collect()
 }
 
 /// How the policy `trainable` does on `preferences`, in batches of `batch_size` pairs.
@@ -147,43 +175,80 @@ pub fn evaluate_preferences(trainable: Trainable, preferences: &[PreferenceExamp
     Ok(Rewards::of(&policy, &reference, beta))
 }
 
-/// Σ over pairs of −log σ(β·margin), from the interleaved sequences' −log π `[2·pairs]` and
-/// the reference's log π, as a differentiable function of the former.
-fn summed_loss(sequence_losses: &Tensor, reference: &[f64], beta: f64) -> candle_core::Result<Tensor> {
+/// Σ over pairs of −log σ(β·margin), plus `chosen_weight`·Σ −log π(y_w|x), from the
+/// interleaved sequences' −log π `[2·pairs]` and the reference's log π, as a differentiable
+/// function of the former.
+fn summed_loss(sequence_losses: &Tensor, reference: &[f64], beta: f64, chosen_weight: f64) -> candle_core::Result<Tensor> {
     let reference = Tensor::from_vec(reference.iter().map(|&r| r as f32).collect::<Vec<_>>(), reference.len(), &Device::Cpu)?;
+    let by_pair = sequence_losses.reshape((reference.dim(0)? / 2, 2))?;
     // log π − log π_ref, as [pairs, 2]: the chosen answer's, then the rejected one's.
-    let log_ratios = sequence_losses.neg()?.sub(&reference)?.reshape((reference.dim(0)? / 2, 2))?;
+    let log_ratios = by_pair.neg()?.sub(&reference.reshape(by_pair.shape())?)?;
     let margins = (log_ratios.narrow(1, 0, 1)? - log_ratios.narrow(1, 1, 1)?)?;
     // −log σ(z) = softplus(−z) = max(−z, 0) + log(1 + e^−|z|).
     let z = (margins * beta)?;
     let softplus = (z.neg()?.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    softplus.sum_all()
+    if chosen_weight == 0.0 {
+        return softplus.sum_all();
+    }
+    softplus.sum_all()? + (by_pair.narrow(1, 0, 1)?.sum_all()? * chosen_weight)?
 }
 
-/// Gives the gradients of the summed DPO loss over `micro_batches` to `sink` and returns the
-/// policy's log-probabilities of every pair's answers.
-pub(crate) fn accumulate<S: GradientSink + ?Sized>(trainable: Trainable, micro_batches: &[&[PreferenceExample]], beta: f64, sink: &mut S) -> Result<Vec<Both>, TrainError> {
+/// Gives the gradients of the summed loss over `micro_batches` to `sink` and returns the
+/// policy's log-probabilities of every pair's answers. `chosen_weight` weighs the summed token
+/// loss of the chosen answers.
+pub(crate) fn accumulate<S: GradientSink + ?Sized>(
+    trainable: Trainable,
+    micro_batches: &[&[PreferenceExample]],
+    beta: f64,
+    chosen_weight: f64,
+    sink: &mut S,
+) -> Result<Vec<Both>, TrainError> {
     let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
     let mut policy = Vec::new();
     for batch in micro_batches {
         let reference: Vec<f64> = batch.iter().flat_map(|p| [p.reference.chosen, p.reference.rejected]).collect();
         let (_, losses) = trainable.accumulate_sequence_gradients(&interleaved(batch), KeptGraphs::WithinBudget, &vars, sink, |sequences| {
-            summed_loss(sequences, &reference, beta)
+            summed_loss(sequences, &reference, beta, chosen_weight)
         })?;
         policy.extend(losses.chunks_exact(2).map(|l| Both { chosen: -l[0], rejected: -l[1] }));
     }
     Ok(policy)
 }
 
-/// Gradients of the mean DPO loss over the pairs of `micro_batches`, and how the policy did.
-pub fn dpo_gradients(trainable: Trainable, micro_batches: &[&[PreferenceExample]], beta: f64) -> Result<(Vec<Tensor>, Rewards), TrainError> {
+/// How the policy did on a step's preferences: TRL's reward statistics, and the mean token
+/// loss on the chosen answers (TRL's `nll_loss`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreferenceStats {
+    pub rewards: Rewards,
+    pub chosen_nll: f64,
+}
+
+impl PreferenceStats {
+    /// TRL's metric names, as events and checkpoints report them.
+    pub fn to_json(&self, prefix: &str) -> serde_json::Map<String, serde_json::Value> {
+        let mut data = self.rewards.to_json(prefix);
+        data.insert(format!("{prefix}nll_loss"), serde_json::json!(self.chosen_nll));
+        data
+    }
+}
+
+/// Gradients of the mean loss over the pairs of `micro_batches` — DPO plus α times the mean
+/// token loss on all their chosen answers, as TRL's `rpo_alpha` weighs it — and how the policy
+/// did.
+pub fn dpo_gradients(trainable: Trainable, micro_batches: &[&[PreferenceExample]], loss: PreferenceLoss) -> Result<(Vec<Tensor>, PreferenceStats), TrainError> {
     let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    let pairs: usize = micro_batches.iter().map(|b| b.len()).sum();
+    let chosen_tokens: usize = micro_batches.iter().flat_map(|b| b.iter().map(|p| p.chosen.scored_tokens())).sum();
+    // Summed over micro-batches then divided by the pairs, this weight makes the term
+    // α·Σ(−log π(y_w|x))/(chosen tokens).
+    let chosen_weight = loss.rpo_alpha * pairs as f64 / chosen_tokens.max(1) as f64;
     let mut sums = vec![None; vars.len()];
-    let policy = accumulate(trainable, micro_batches, beta, sums.as_mut_slice())?;
+    let policy = accumulate(trainable, micro_batches, loss.beta, chosen_weight, sums.as_mut_slice())?;
     let reference: Vec<Both> = micro_batches.iter().flat_map(|b| b.iter().map(|p| p.reference)).collect();
-    let rewards = Rewards::of(&policy, &reference, beta);
+    let rewards = Rewards::of(&policy, &reference, loss.beta);
+    let chosen_nll = -policy.iter().map(|p| p.chosen).sum::<f64>() / chosen_tokens.max(1) as f64;
     let grads = mean_gradients(sums, &vars, rewards.pairs)?;
-    Ok((grads, rewards))
+    Ok((grads, PreferenceStats { rewards, chosen_nll }))
 }
 
 /// Σ/n for each variable's summed gradient (zeros where it had none).
@@ -203,26 +268,27 @@ fn mean_gradients(sums: Vec<Option<Tensor>>, vars: &[&candle_core::Var], n: usiz
 /// What one step of a job that trains on pairs, preferences or both saw.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MixedStats {
-    /// The step's objective: the mean token loss on its pairs plus the mean DPO loss on its
-    /// preferences.
+    /// The step's objective: the mean token loss on its pairs plus the loss on its
+    /// preferences (DPO and the weighted token loss on their chosen answers).
     pub loss: f64,
     /// The mean token loss and token count of its pairs.
     pub sft: Option<(f64, usize)>,
-    pub dpo: Option<Rewards>,
+    pub dpo: Option<PreferenceStats>,
     pub grad_norm: f64,
     pub learning_rate: f64,
     /// The most gradient bytes alive at once in the step.
     pub gradient_bytes: usize,
 }
 
-/// One optimizer step on `pairs` (the SFT loss, mean per scored token) and `preferences` (the
-/// DPO loss, mean per pair), the two losses added, in micro-batches of `micro_batch` sequences.
+/// One optimizer step on `pairs` (the SFT loss, mean per scored token) and `preferences`
+/// (`preference_loss`, mean per pair), the two losses added, in micro-batches of `micro_batch`
+/// sequences.
 pub fn mixed_step(
     trainable: Trainable,
     optimizer: &mut AdamW,
     pairs: &[Example],
     preferences: &[PreferenceExample],
-    beta: f64,
+    preference_loss: PreferenceLoss,
     micro_batch: usize,
 ) -> Result<MixedStats, TrainError> {
     let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
@@ -248,10 +314,10 @@ pub fn mixed_step(
     } else {
         // Each pair is two sequences.
         let micro_batches: Vec<&[PreferenceExample]> = preferences.chunks((micro_batch / 2).max(1)).collect();
-        let (dpo_grads, rewards) = dpo_gradients(trainable, &micro_batches, beta)?;
+        let (dpo_grads, stats) = dpo_gradients(trainable, &micro_batches, preference_loss)?;
         add(&mut grads, dpo_grads)?;
-        loss += rewards.loss;
-        Some(rewards)
+        loss += stats.rewards.loss + preference_loss.rpo_alpha * stats.chosen_nll;
+        Some(stats)
     };
     let (grad_norm, learning_rate) = optimizer.step(&vars, &grads)?;
     // The whole adapter's gradient, and the micro-batch's sum beside it.
@@ -280,7 +346,7 @@ mod tests {
         let reference = [-3.5, -4.5, -4.0, -3.0];
         let beta = 0.5;
         let var = candle_core::Var::from_slice(&losses, 4, &Device::Cpu).unwrap();
-        let loss = summed_loss(var.as_tensor(), &reference, beta).unwrap();
+        let loss = summed_loss(var.as_tensor(), &reference, beta, 0.0).unwrap();
         let policy = [Both { chosen: -3.0, rejected: -5.0 }, Both { chosen: -4.0, rejected: -2.5 }];
         let refs = [Both { chosen: -3.5, rejected: -4.5 }, Both { chosen: -4.0, rejected: -3.0 }];
         let rewards = Rewards::of(&policy, &refs, beta);
@@ -296,6 +362,25 @@ mod tests {
         let expected = [beta * sigma(-beta * 1.0), -beta * sigma(-beta * 1.0), beta * sigma(beta * 0.5), -beta * sigma(beta * 0.5)];
         for (got, want) in g.iter().zip(expected) {
             assert!((*got as f64 - want).abs() < 1e-6, "{g:?} against {expected:?}");
+        }
+    }
+
+    #[test]
+    fn the_chosen_answers_token_loss_adds_its_weight_to_their_gradient_only() {
+        let losses = [3.0f32, 5.0, 4.0, 2.5];
+        let reference = [-3.5, -4.5, -4.0, -3.0];
+        let (beta, weight) = (0.5, 0.25);
+        let gradient = |weight: f64| {
+            let var = candle_core::Var::from_slice(&losses, 4, &Device::Cpu).unwrap();
+            let loss = summed_loss(var.as_tensor(), &reference, beta, weight).unwrap();
+            let value = loss.to_scalar::<f32>().unwrap() as f64;
+            (value, loss.backward().unwrap().get(var.as_tensor()).unwrap().to_vec1::<f32>().unwrap())
+        };
+        let ((without, plain), (with, weighted)) = (gradient(0.0), gradient(weight));
+        assert!((with - without - weight * (3.0 + 4.0)).abs() < 1e-5, "{with} against {without}");
+        for (i, (p, w)) in plain.iter().zip(&weighted).enumerate() {
+            let added = if i % 2 == 0 { weight } else { 0.0 };
+            assert!((*w as f64 - *p as f64 - added).abs() < 1e-6, "{weighted:?} against {plain:?}");
         }
     }
 

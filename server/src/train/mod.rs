@@ -12,6 +12,7 @@ pub mod local;
 pub mod lora;
 pub mod ops;
 pub mod optim;
+pub mod reference;
 pub mod step;
 pub mod sync;
 pub mod worker;
@@ -22,6 +23,9 @@ use std::path::Path;
 pub enum TrainError {
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// The serving forward (the reference pass of DPO).
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

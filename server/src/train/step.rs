@@ -8,23 +8,23 @@
 
 use crate::train::adalomo::{AdaLomo, FusedUpdate};
 use crate::train::decoder::{Example, KeptGraphs, Trainable};
-use crate::train::dpo::{self, Both, MixedStats, PreferenceExample, Rewards};
+use crate::train::dpo::{self, Both, MixedStats, PreferenceExample, PreferenceLoss, PreferenceStats, Rewards};
 use crate::train::optim::Optimizer;
 use crate::train::TrainError;
 
-/// One step on `pairs` (the SFT loss, mean per scored token) and `preferences` (the DPO loss,
-/// mean per pair); AdamW's in micro-batches of `micro_batch` sequences.
+/// One step on `pairs` (the SFT loss, mean per scored token) and `preferences`
+/// (`preference_loss`, mean per pair); AdamW's in micro-batches of `micro_batch` sequences.
 pub fn job_step(
     trainable: Trainable,
     optimizer: &mut Optimizer,
     pairs: &[Example],
     preferences: &[PreferenceExample],
-    beta: f64,
+    preference_loss: PreferenceLoss,
     micro_batch: usize,
 ) -> Result<MixedStats, TrainError> {
     match optimizer {
-        Optimizer::AdamW(adamw) => dpo::mixed_step(trainable, adamw, pairs, preferences, beta, micro_batch),
-        Optimizer::AdaLomo(adalomo) => fused_step(trainable, adalomo, pairs, preferences, beta, KeptGraphs::WithinBudget),
+        Optimizer::AdamW(adamw) => dpo::mixed_step(trainable, adamw, pairs, preferences, preference_loss, micro_batch),
+        Optimizer::AdaLomo(adalomo) => fused_step(trainable, adalomo, pairs, preferences, preference_loss, KeptGraphs::WithinBudget),
     }
 }
 
@@ -35,7 +35,7 @@ pub fn fused_step(
     optimizer: &mut AdaLomo,
     pairs: &[Example],
     preferences: &[PreferenceExample],
-    beta: f64,
+    preference_loss: PreferenceLoss,
     kept: KeptGraphs,
 ) -> Result<MixedStats, TrainError> {
     let learning_rate = optimizer.begin_step();
@@ -52,11 +52,16 @@ pub fn fused_step(
     let dpo = if preferences.is_empty() {
         None
     } else {
-        let policy = dpo::accumulate(trainable, &[preferences], beta, &mut sink)?;
+        let chosen_tokens: usize = preferences.iter().map(|p| p.chosen.scored_tokens()).sum();
+        // Σ(−log π(y_w|x)) weighted so that the pass's objective is the mean over its pairs of
+        // DPO plus α·(mean chosen token loss), as `dpo::dpo_gradients` has it.
+        let chosen_weight = preference_loss.rpo_alpha * preferences.len() as f64 / chosen_tokens.max(1) as f64;
+        let policy = dpo::accumulate(trainable, &[preferences], preference_loss.beta, chosen_weight, &mut sink)?;
         let reference: Vec<Both> = preferences.iter().map(|p| p.reference).collect();
-        let rewards = Rewards::of(&policy, &reference, beta);
-        loss += rewards.loss;
-        Some(rewards)
+        let rewards = Rewards::of(&policy, &reference, preference_loss.beta);
+        let chosen_nll = -policy.iter().map(|p| p.chosen).sum::<f64>() / chosen_tokens.max(1) as f64;
+        loss += rewards.loss + preference_loss.rpo_alpha * chosen_nll;
+        Some(PreferenceStats { rewards, chosen_nll })
     };
     let gradient_bytes = sink.peak_gradient_bytes;
     Ok(MixedStats { loss, sft, dpo, grad_norm: optimizer.gradient_norm(), learning_rate, gradient_bytes })
@@ -65,8 +70,6 @@ pub fn fused_step(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-
-    use candle_core::Tensor;
 
     use super::*;
     use crate::model::synthetic::tiny_gemma3;
@@ -95,7 +98,7 @@ mod tests {
         let schedule = Schedule { learning_rate: 0.1, warmup_steps: 0, total_steps: 10 };
         let mut optimizer = AdaLomo::new(AdaLomoConfig::new(schedule), &vars);
         let example = Example { tokens: vec![1, 2, 3, 4], scored: vec![true; 4] };
-        let outcome = fused_step(Trainable::new(&model, &params), &mut optimizer, &[example], &[], 0.1, KeptGraphs::Layers(0));
+        let outcome = fused_step(Trainable::new(&model, &params), &mut optimizer, &[example], &[], PreferenceLoss::dpo(0.1), KeptGraphs::Layers(0));
         let error = outcome.err().ok_or("a NaN loss trained")?.to_string();
         assert!(error.contains("diverged"), "{error}");
         for ((name, var), before) in named.iter().zip(&before) {
