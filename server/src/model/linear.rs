@@ -483,23 +483,19 @@ impl QLinear {
         Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per layer")))
     }
 
-    /// The base product `ys: [rows, out]` plus each segment's adapter delta and the bias, added
-    /// in place.
+    /// The base product `ys: [rows, out]` plus each segment's adapter delta and the bias, all
+    /// in place; last, the scales that apply to the finished rows.
     fn finish(&self, x: &Tensor, mut ys: Vec<f32>, rows: usize, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
         let adapted = segments.iter().any(|s| !s.adapters.is_empty());
         let rows_of = || segments.iter().map(|s| (s.rows.clone(), s.adapters));
-        match &self.bias {
-            Some(bias) => with_values(bias, |bias| -> Result<(), ModelError> {
-                if adapted {
-                    with_values(x, |xs| add_batch_deltas(self.layer, self.module, rows_of(), xs, Some(bias), &mut ys))?;
-                }
-                for row in ys.chunks_exact_mut(bias.len()) {
-                    row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
-                }
-                Ok(())
-            })??,
-            None if adapted => with_values(x, |xs| add_batch_deltas(self.layer, self.module, rows_of(), xs, None, &mut ys))?,
-            None => {}
+        let bias = self.bias.as_ref().map(Tensor::to_vec1::<f32>).transpose()?;
+        if adapted {
+            with_values(x, |xs| add_batch_deltas(self.layer, self.module, rows_of(), xs, bias.as_deref(), &mut ys))?;
+        }
+        if let Some(bias) = &bias {
+            for row in ys.chunks_exact_mut(bias.len()) {
+                row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+            }
         }
         if adapted {
             scale_finished_outputs(self.layer, self.module, rows_of(), &mut ys);
