@@ -479,11 +479,11 @@ impl AdapterMix<'_> {
         scale
     }
 
-    /// `c = 1 + Σ w·(l − 1)` over the parts that scale (layer, module)'s input.
-    fn input_scale(&self, layer: usize, module: TargetModule) -> Option<Vec<f32>> {
+    /// `c = 1 + Σ w·(l − 1)` over the parts that scale `down`'s input at `layer`.
+    fn down_input_scale(&self, layer: usize) -> Option<Vec<f32>> {
         let mut scale: Option<Vec<f32>> = None;
         for (weights, w) in &self.parts {
-            let Some(ModuleDelta::ScaleInput(l)) = weights.delta(layer, module) else { continue };
+            let Some(ModuleDelta::ScaleInput(l)) = weights.delta(layer, TargetModule::Down) else { continue };
             let c = scale.get_or_insert_with(|| vec![1.0; l.len()]);
             for (c, l) in c.iter_mut().zip(l) {
                 *c += w * (l - 1.0);
@@ -491,21 +491,46 @@ impl AdapterMix<'_> {
         }
         scale
     }
+
+    /// Whether a part adds a low-rank term to `down` at `layer`: that term reads `down`'s input
+    /// as it came, unscaled by IA³.
+    fn adds_low_rank_to_down(&self, layer: usize) -> bool {
+        self.parts.iter().any(|(weights, _)| weights.get(layer, TargetModule::Down).is_some())
+    }
+
+    /// IA³'s scale on `down`'s input, served on `up`'s output instead. `down`'s input is
+    /// act(gate) ⊙ up, so c ⊙ it = act(gate) ⊙ (c ⊙ up): scaling up's finished rows (bias and
+    /// deltas included) costs one multiply per value and no copy of the activations. Not where
+    /// a part also adds a low-rank term to `down`, which must read the unscaled input.
+    fn down_input_scale_on_up(&self, layer: usize) -> Option<Vec<f32>> {
+        if self.adds_low_rank_to_down(layer) {
+            return None;
+        }
+        self.down_input_scale(layer)
+    }
+
+    /// IA³'s scale on `down`'s input where it cannot move to `up` (see
+    /// [`Self::down_input_scale_on_up`]).
+    fn down_input_scale_in_place(&self, layer: usize) -> Option<Vec<f32>> {
+        if !self.adds_low_rank_to_down(layer) {
+            return None;
+        }
+        self.down_input_scale(layer)
+    }
 }
 
-/// Scales each segment's rows of `x` (`[rows, in]`) by its mix's IA³ input factors at (layer,
-/// module), before the base product. Returns whether any row changed.
-pub fn scale_batch_inputs<'a>(
-    layer: usize,
-    module: TargetModule,
+/// Multiplies each segment's rows of `values` (`[rows, width]`) by its own factors, where
+/// `factors` gives it some.
+fn scale_segment_rows<'a>(
     segments: impl IntoIterator<Item = (Range<usize>, &'a AdapterMix<'a>)>,
-    x: &mut [f32],
+    factors: impl Fn(&AdapterMix) -> Option<Vec<f32>>,
+    values: &mut [f32],
 ) -> bool {
     let mut scaled = false;
     for (rows, mix) in segments {
-        let Some(c) = mix.input_scale(layer, module) else { continue };
-        for row in rows {
-            for (v, c) in x[row * c.len()..(row + 1) * c.len()].iter_mut().zip(&c) {
+        let Some(c) = factors(mix) else { continue };
+        for row in values[rows.start * c.len()..rows.end * c.len()].chunks_exact_mut(c.len()) {
+            for (v, c) in row.iter_mut().zip(&c) {
                 *v *= c;
             }
         }
@@ -514,9 +539,35 @@ pub fn scale_batch_inputs<'a>(
     scaled
 }
 
-/// Whether any segment's mix changes (layer, module)'s input.
-pub fn batch_scales_inputs<'a>(layer: usize, module: TargetModule, mut mixes: impl Iterator<Item = &'a AdapterMix<'a>>) -> bool {
-    mixes.any(|mix| mix.parts.iter().any(|(w, _)| matches!(w.delta(layer, module), Some(ModuleDelta::ScaleInput(_)))))
+/// The last change to (layer, module)'s finished output `y` (`[rows, out]`, bias added): on
+/// `up`, each segment's IA³ scale on `down`'s input, where it moves there (see
+/// [`AdapterMix::down_input_scale_on_up`]). Other modules are left as they are.
+pub fn scale_finished_outputs<'a>(
+    layer: usize,
+    module: TargetModule,
+    segments: impl IntoIterator<Item = (Range<usize>, &'a AdapterMix<'a>)>,
+    y: &mut [f32],
+) {
+    if module == TargetModule::Up {
+        scale_segment_rows(segments, |mix| mix.down_input_scale_on_up(layer), y);
+    }
+}
+
+/// Scales, before the base product, the rows of `down`'s input `x` (`[rows, ffn]`) whose mix
+/// scales it and also adds a low-rank term to `down` (so the scale could not move to `up`).
+/// Returns whether any row changed.
+pub fn scale_down_inputs_in_place<'a>(
+    layer: usize,
+    segments: impl IntoIterator<Item = (Range<usize>, &'a AdapterMix<'a>)>,
+    x: &mut [f32],
+) -> bool {
+    scale_segment_rows(segments, |mix| mix.down_input_scale_in_place(layer), x)
+}
+
+/// Whether some segment's mix scales `down`'s input at `layer` before its product (see
+/// [`scale_down_inputs_in_place`]).
+pub fn batch_scales_down_inputs<'a>(layer: usize, mut mixes: impl Iterator<Item = &'a AdapterMix<'a>>) -> bool {
+    mixes.any(|mix| mix.adds_low_rank_to_down(layer) && mix.parts.iter().any(|(w, _)| matches!(w.delta(layer, TargetModule::Down), Some(ModuleDelta::ScaleInput(_)))))
 }
 
 /// Adds one layer's deltas for a whole batch whose row ranges each have their own mix. `y`
@@ -689,7 +740,7 @@ mod tests {
     }
 
     #[test]
-    fn ia3_scales_outputs_with_their_bias_and_inputs_before_the_product() {
+    fn ia3_scales_outputs_with_their_bias_and_downs_input_on_ups_output() {
         let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let (l_out, l_in, bias) = ([2.0f32, 0.5], [1.0f32, 0.0, 3.0], [1.0f32, -1.0]);
         let mut weights = AdapterWeights::new(AdapterKind::Ia3);
@@ -703,9 +754,35 @@ mod tests {
         add_batch_deltas(0, TargetModule::V, [(0..1, &mix), (1..2, &none)], &x, Some(&bias), &mut y);
         let with_bias: Vec<f32> = y.iter().zip(bias.iter().cycle()).map(|(y, b)| y + b).collect();
         assert_eq!(with_bias, [(6.0 + 1.0) * 2.0, (15.0 - 1.0) * 0.5, 7.0, 14.0]);
+        // Alone, the scale on down's input moves to up's finished output: down's input is
+        // act(gate) ⊙ up.
+        let mut up = x;
+        scale_finished_outputs(0, TargetModule::Up, [(0..1, &mix), (1..2, &none)], &mut up);
+        assert_eq!(up, [1.0, 0.0, 3.0, 1.0, 1.0, 1.0]);
+        let mut down_input = x;
+        assert!(!batch_scales_down_inputs(0, [&mix, &none].into_iter()));
+        assert!(!scale_down_inputs_in_place(0, [(0..1, &mix), (1..2, &none)], &mut down_input));
+        assert_eq!(down_input, x);
+    }
+
+    #[test]
+    fn ia3_beside_a_low_rank_term_on_down_scales_downs_input_in_place_and_leaves_up_alone() {
+        let mut scales = AdapterWeights::new(AdapterKind::Ia3);
+        scales.insert_delta(0, TargetModule::Down, ModuleDelta::ScaleInput(vec![2.0, 0.5]));
+        let mut low_rank = AdapterWeights::default();
+        low_rank.insert(0, TargetModule::Down, LoraDelta::new(0, TargetModule::Down, (2, 1, 1), 1.0, vec![1.0, 1.0], vec![1.0]).unwrap());
+        let both = AdapterMix { parts: vec![(&scales, 1.0), (&low_rank, 1.0)] };
+        let mut up = [1.0, 1.0];
+        scale_finished_outputs(0, TargetModule::Up, [(0..1, &both)], &mut up);
+        assert_eq!(up, [1.0, 1.0]);
+        let x = [4.0, 4.0];
         let mut scaled = x;
-        assert!(batch_scales_inputs(0, TargetModule::Down, [&mix, &none].into_iter()));
-        assert!(scale_batch_inputs(0, TargetModule::Down, [(0..1, &mix), (1..2, &none)], &mut scaled));
-        assert_eq!(scaled, [1.0, 0.0, 3.0, 1.0, 1.0, 1.0]);
+        assert!(batch_scales_down_inputs(0, [&both].into_iter()));
+        assert!(scale_down_inputs_in_place(0, [(0..1, &both)], &mut scaled));
+        assert_eq!(scaled, [8.0, 2.0]);
+        // The low-rank term reads the input as it came: 4 + 4, not 8 + 2.
+        let mut y = [0.0];
+        add_batch_deltas(0, TargetModule::Down, [(0..1, &both)], &x, None, &mut y);
+        assert_eq!(y, [8.0]);
     }
 }

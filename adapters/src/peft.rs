@@ -282,16 +282,8 @@ impl PeftAdapter {
     /// Loads the adapter in `dir` and checks it against `base`; a DoRA adapter measures its row
     /// norms against `weights`.
     pub fn load(dir: &Path, base: &BaseShape, weights: Option<&dyn BaseWeights>) -> Result<Self, PeftError> {
-        let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).map_err(|source| PeftError::Io {
-            path: dir.join(WEIGHTS_FILE),
-            source,
-        })?;
-        Self::from_parts(&text, &bytes, dir, base, weights)
+        let (config, bytes) = Self::read_files(dir)?;
+        Self::from_parts(&config, &bytes, dir, base, weights)
     }
 
     /// Builds an adapter from its config text and safetensors bytes; `origin` names it in
@@ -303,6 +295,26 @@ impl PeftAdapter {
         base: &BaseShape,
         weights: Option<&dyn BaseWeights>,
     ) -> Result<Self, PeftError> {
+        Self::build(config, safetensors, origin, base, DoraNorms::Measure(weights))
+    }
+
+    /// Checks the adapter in `dir` against `base` as [`Self::load`] does, without measuring
+    /// DoRA's row norms (a pass over the dequantized base per module): for a scan that keeps
+    /// the weights on disk until first use, which then measures them, once. Returns its kind.
+    pub fn check(dir: &Path, base: &BaseShape) -> Result<AdapterKind, PeftError> {
+        let (config, bytes) = Self::read_files(dir)?;
+        Ok(Self::build(&config, &bytes, dir, base, DoraNorms::Unmeasured)?.kind())
+    }
+
+    /// The config text and the safetensors bytes in `dir`.
+    fn read_files(dir: &Path) -> Result<(String, Vec<u8>), PeftError> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io { path: config_path.clone(), source })?;
+        let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).map_err(|source| PeftError::Io { path: dir.join(WEIGHTS_FILE), source })?;
+        Ok((text, bytes))
+    }
+
+    fn build(config: &str, safetensors: &[u8], origin: &Path, base: &BaseShape, norms: DoraNorms) -> Result<Self, PeftError> {
         let origin = Origin { config: origin.join(CONFIG_FILE), weights: origin.join(WEIGHTS_FILE) };
         let common: CommonConfig = serde_json::from_str(config).map_err(|e| origin.config_error(&e.to_string()))?;
         if common.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
@@ -318,7 +330,7 @@ impl PeftAdapter {
                 let config: LoraConfig = serde_json::from_str(config).map_err(|e| origin.config_error(&e.to_string()))?;
                 check_lora_config(&origin, &config)?;
                 let tensors = read_tensors(&origin, safetensors, base)?;
-                let weights = lora_weights(&origin, &config, tensors, base, weights)?;
+                let weights = lora_weights(&origin, &config, tensors, base, norms)?;
                 (weights, config.r, config.lora_alpha)
             }
             "IA3" => {
@@ -403,13 +415,23 @@ fn check_lora_config(origin: &Origin, config: &LoraConfig) -> Result<(), PeftErr
     Ok(())
 }
 
+/// What a load does about DoRA's row norms.
+#[derive(Clone, Copy)]
+enum DoraNorms<'a> {
+    /// Measures them against the base's weights; without weights, DoRA is refused.
+    Measure(Option<&'a dyn BaseWeights>),
+    /// Leaves them out: every other check runs, and DoRA modules keep only their low-rank
+    /// pair, so such weights serve nothing (see [`PeftAdapter::check`]).
+    Unmeasured,
+}
+
 /// The LoRA (or, with `use_dora`, DoRA) deltas of a LORA config.
 fn lora_weights(
     origin: &Origin,
     config: &LoraConfig,
     tensors: BTreeMap<(usize, TargetModule), ModuleTensors>,
     base: &BaseShape,
-    base_weights: Option<&dyn BaseWeights>,
+    norms: DoraNorms,
 ) -> Result<AdapterWeights, PeftError> {
     let kind = if config.use_dora { AdapterKind::Dora } else { AdapterKind::Lora };
     let mut weights = AdapterWeights::new(kind);
@@ -451,7 +473,13 @@ fn lora_weights(
                         format!("has shape {m_shape:?}, expected [{out_features}] (one magnitude per output of the base's {module})"),
                     ));
                 }
-                let base_weights = base_weights.ok_or_else(|| origin.unsupported("DoRA without the base model's weights to measure it against"))?;
+                let base_weights = match norms {
+                    DoraNorms::Measure(weights) => weights.ok_or_else(|| origin.unsupported("DoRA without the base model's weights to measure it against"))?,
+                    DoraNorms::Unmeasured => {
+                        weights.insert_delta(layer, module, ModuleDelta::LowRank(delta));
+                        continue;
+                    }
+                };
                 let norms = base_weights.row_norms(layer, module, &delta).map_err(|e| origin.tensor_error(&m_name, e))?;
                 let row_scale = dora_row_scale(&magnitude, &norms).map_err(|e| origin.tensor_error(&m_name, e))?;
                 // g ⊙ B, so that the low-rank term comes out already scaled by g.

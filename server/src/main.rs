@@ -257,9 +257,14 @@ enum BenchTarget {
         /// Distinct adapters the clients are spread over.
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         adapters: Vec<usize>,
-        /// Adapter kinds to measure, each in the same run: lora, dora, ia3.
+        /// Adapter kinds to measure, each in the same run: lora, dora, ia3 (the base alone is
+        /// always measured; `base` may be named too).
         #[arg(long, value_delimiter = ',', default_value = "lora")]
         kinds: Vec<String>,
+        /// Rounds of the base and each kind by turns (base, ia3, base, ia3, …); the table gives
+        /// medians and every round.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Tokens generated per request.
         #[arg(long, default_value_t = 32)]
         max_tokens: usize,
@@ -591,14 +596,14 @@ fn main() -> Result<()> {
                     concurrency,
                     adapters,
                     kinds,
+                    rounds,
                     max_tokens,
                     requests_per_client,
                 }),
             ..
         } => bench_adapters(
             &model,
-            &concurrency,
-            &adapters,
+            (&concurrency, &adapters, rounds),
             &kinds,
             tessera::bench::serve::ServeLoad {
                 max_tokens,
@@ -892,8 +897,7 @@ fn bench_kv(model: &ModelArg, runs: usize) -> Result<()> {
 
 fn bench_adapters(
     model: &ModelArg,
-    concurrency: &[usize],
-    spreads: &[usize],
+    (concurrency, spreads, rounds): (&[usize], &[usize], usize),
     kinds: &[String],
     load: tessera::bench::serve::ServeLoad,
 ) -> Result<()> {
@@ -901,8 +905,10 @@ fn bench_adapters(
     use tessera_adapters::AdapterKind;
     let kinds = kinds
         .iter()
-        .map(|k| AdapterKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown adapter kind `{k}`: lora, dora or ia3")))
+        .filter(|k| k.as_str() != "base")
+        .map(|k| AdapterKind::from_name(k).ok_or_else(|| anyhow::anyhow!("unknown adapter kind `{k}`: base, lora, dora or ia3")))
         .collect::<Result<Vec<_>>>()?;
+    let first_kind = *kinds.first().ok_or_else(|| anyhow::anyhow!("name at least one adapter kind: lora, dora or ia3"))?;
     let path = model.resolve()?;
     let loaded = std::sync::Arc::new(LoadedModel::load(&path)?);
     let shape = loaded.model.config().adapter_shape();
@@ -917,46 +923,29 @@ fn bench_adapters(
         }
     }
     let max_running_seqs = concurrency.iter().copied().max().unwrap_or(1).max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (app, url) = runtime.block_on(serve::start_local(loaded, "base", Some(dir.clone()), max_running_seqs, None))?;
-    let first = names(kinds[0]);
-    let cold = adapters::cold_loads(app.adapters.registry(), &dir.join(&first[1.min(first.len() - 1)]), 5)?;
+    let cold = adapters::cold_loads(app.adapters.registry(), &dir.join(&names(first_kind)[1.min(most - 1)]), 5)?;
     for &kind in &kinds {
         for name in names(kind) {
             app.adapters.registry().lease(&name)?;
         }
     }
-    let rows = runtime.block_on(async {
-        let warm = serve::ServeLoad { max_tokens: 4, requests_per_client: 1 };
-        serve::run_level(&url, &["base".to_string()], 1, &warm).await?;
-        let mut rows = Vec::new();
-        for &clients in concurrency {
-            let base = serve::run_level(&url, &["base".to_string()], clients, &load).await?;
-            let base_rate = base.tokens as f64 / base.wall.as_secs_f64();
-            rows.push((clients, "base".to_string(), 0, base_rate, 1.0));
-            for &kind in &kinds {
-                let names = names(kind);
-                for &spread in spreads {
-                    let row = serve::run_level(&url, &names[..spread.min(names.len())], clients, &load).await?;
-                    let rate = row.tokens as f64 / row.wall.as_secs_f64();
-                    rows.push((clients, kind.to_string(), spread, rate, rate / base_rate));
-                    eprintln!("{clients} clients over {spread} {kind} adapters done");
-                }
+    let cpu = tessera::bench::compare::cpu_model();
+    for &clients in concurrency {
+        let mut levels = vec![adapters::Level { kind: "base".into(), models: vec!["base".into()], rates: Vec::new() }];
+        for &kind in &kinds {
+            for &spread in spreads {
+                let models = names(kind)[..spread.min(most)].to_vec();
+                levels.push(adapters::Level { kind: kind.to_string(), models, rates: Vec::new() });
             }
         }
-        Ok::<_, anyhow::Error>(rows)
-    })?;
-    let _ = std::fs::remove_dir_all(&dir);
-    println!("| clients | kind | adapters | total tok/s | vs base |\n|--------:|:-----|---------:|------------:|--------:|");
-    for (clients, kind, spread, rate, ratio) in rows {
-        let spread = if spread == 0 { "none".to_string() } else { spread.to_string() };
-        println!("| {clients:>7} | {kind} | {spread:>8} | {rate:>11.1} | {ratio:>6.2}× |");
+        runtime.block_on(adapters::interleaved(&url, &mut levels, clients, &load, rounds.max(1)))?;
+        println!("{}", adapters::format_table(&cpu, clients, &levels));
     }
+    let _ = std::fs::remove_dir_all(&dir);
     let all: Vec<String> = cold.iter().map(|ms| format!("{ms:.1}")).collect();
-    println!("\ncold load of an r16 {} adapter (7 targets): median {:.1} ms (runs: {} ms)", kinds[0], median(&cold), all.join(", "));
+    println!("cold load of an r16 {first_kind} adapter (7 targets): median {:.1} ms (runs: {} ms)", median(&cold), all.join(", "));
     Ok(())
 }
 

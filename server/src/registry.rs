@@ -166,7 +166,7 @@ impl Registry {
 
     /// Registers every adapter directly under `dir`: PEFT folders (holding `adapter_config.json`)
     /// by their name, GGUF-LoRA files by their name without `.gguf`. Each is read once to check
-    /// that it can be served (one that cannot is logged by name and reason, and skipped); their
+    /// that it can be served (all but DoRA's row norms, measured at first use) (one that cannot is logged by name and reason, and skipped); their
     /// weights stay on disk until first use. Returns how many were registered. One (or a link) that resolves outside `dir` and
     /// the allowed roots is skipped, as `load` would refuse it.
     pub fn scan(&self, dir: &Path) -> Result<usize, RegistryError> {
@@ -190,10 +190,11 @@ impl Registry {
             if adapter && !inside_roots {
                 tracing::warn!(path = %path.display(), "skipped: the adapter resolves outside the allowed adapter roots");
             } else if adapter && valid_name(&name) && name != self.base_name {
-                // Read once now, so that a folder the server cannot serve is never listed.
-                match self.load_files(&path) {
-                    Ok(adapter) => {
-                        self.entries.insert(name, Entry::OnDisk(path, Some(adapter.kind())));
+                // Checked now, so that a folder the server cannot serve is never listed; DoRA's
+                // row norms wait for the first use, which keeps the weights it measures.
+                match adapter_files::check(&path, &self.base) {
+                    Ok(kind) => {
+                        self.entries.insert(name, Entry::OnDisk(path, Some(kind)));
                         registered += 1;
                     }
                     Err(e) => tracing::warn!(adapter = %name, reason = %e.reason(), "skipped: the server cannot serve this adapter"),

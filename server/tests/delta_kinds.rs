@@ -303,3 +303,38 @@ async fn dora_and_ia3_export_as_peft_and_gguf_export_says_why_not() {
         assert!(message.contains(kind) && message.contains("llama.cpp"), "{body}");
     }
 }
+
+/// The served model's row norms, counted.
+struct CountedBase {
+    model: LoadedModel,
+    measured: std::sync::atomic::AtomicUsize,
+}
+
+impl tessera_adapters::peft::BaseWeights for CountedBase {
+    fn row_norms(&self, layer: usize, module: tessera_adapters::TargetModule, delta: &tessera_adapters::LoraDelta) -> Result<Vec<f32>, String> {
+        self.measured.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tessera_adapters::peft::BaseWeights::row_norms(&self.model, layer, module, delta)
+    }
+}
+
+#[test]
+fn a_scanned_dora_folder_measures_its_row_norms_once_at_first_use() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("tiny.gguf");
+    tiny_gemma3(5).write(&model_path).unwrap();
+    let adapters = dir.path().join("adapters");
+    write_folder(&adapters.join("decomposed"), DORA_CONFIG, &low_rank_tensors(3, Some(Q_WIDTH)));
+    write_folder(&adapters.join("short-magnitude"), DORA_CONFIG, &low_rank_tensors(3, Some(Q_WIDTH - 1)));
+    let base = Arc::new(CountedBase { model: LoadedModel::load(&model_path).unwrap(), measured: Default::default() });
+    let registry = tessera::registry::Registry::new(base.model.model.config().adapter_shape(), MODEL, &[], None);
+    registry.measure_against(base.clone());
+    assert_eq!(registry.scan(&adapters).unwrap(), 1, "the folder with a short magnitude vector is skipped at the scan");
+    assert_eq!(registry.kind("decomposed"), Some(tessera_adapters::AdapterKind::Dora));
+    assert_eq!(base.measured.load(Ordering::SeqCst), 0, "the scan checks shapes and values, not norms");
+    let leased = registry.lease("decomposed").unwrap();
+    assert_eq!(base.measured.load(Ordering::SeqCst), synthetic::LAYERS, "one q_proj per layer, measured once");
+    registry.lease("decomposed").unwrap();
+    assert_eq!(base.measured.load(Ordering::SeqCst), synthetic::LAYERS);
+    assert_eq!(leased.kind(), tessera_adapters::AdapterKind::Dora);
+}

@@ -154,6 +154,23 @@ try:
     check("the corrected reply is a pair", any(p["messages"][-1]["content"] == "A tessera is one tile of a mosaic." for p in stored))
     shot(driver, "correction")
 
+    # A correction for a new adapter creates it of the kind picked; the adapters table says so.
+    Select(by_id(driver, "feedback-target")).select_by_value("")
+    check("the kind can be picked for a new adapter", by_id(driver, "feedback-method").is_enabled())
+    by_id(driver, "feedback-new").send_keys("scales")
+    Select(by_id(driver, "feedback-method")).select_by_value("ia3")
+    by_id(driver, "send-correction").click()
+    until(driver, lambda d: "Stored in scales" in by_id(d, "feedback-result").text, "the correction creates the new adapter")
+    check("the new adapter is IA³", api("GET", "/v1/adapters/scales")["kind"] == "ia3")
+    driver.find_element(By.CSS_SELECTOR, ".tab[data-panel=adapters]").click()
+    kind_of = """return [...document.querySelectorAll('#adapters-table tbody tr')]
+        .filter((row) => row.cells[0].textContent === arguments[0]).map((row) => row.cells[1].textContent);"""
+    until(driver, lambda d: d.execute_script(kind_of, "scales") == ["IA³"], "the Kind column says IA³")
+    check("the Kind column says LoRA for an adapter created without a pick", driver.execute_script(kind_of, "notes") == ["LoRA"],
+          driver.execute_script(kind_of, "notes"))
+    shot(driver, "kind")
+    driver.find_element(By.CSS_SELECTOR, ".tab[data-panel=chat]").click()
+
     # A training job started from the page: a loss chart that grows, then promotion.
     driver.find_element(By.CSS_SELECTOR, ".tab[data-panel=training]").click()
     until(driver, lambda d: "notes" in [o.get_attribute("value") for o in Select(by_id(d, "train-adapter")).options], "the adapter can be trained")

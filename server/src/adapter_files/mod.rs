@@ -137,6 +137,15 @@ pub fn load(path: &Path, base: &BaseShape, weights: Option<&dyn BaseWeights>) ->
     }
 }
 
+/// Checks the adapter at `path` against `base` as [`load`] does, without measuring a DoRA
+/// adapter's row norms (its first use does, once); returns its kind.
+pub fn check(path: &Path, base: &BaseShape) -> Result<AdapterKind, AdapterFileError> {
+    match AdapterFormat::of(path) {
+        AdapterFormat::Peft => Ok(PeftAdapter::check(path, base)?),
+        AdapterFormat::Gguf => Ok(gguf::load(path, base)?.kind()),
+    }
+}
+
 /// The kind of the adapter at `path` as its files say (a GGUF-LoRA file is LoRA), where they
 /// say one.
 pub fn kind_of(path: &Path) -> Option<AdapterKind> {

@@ -10,6 +10,9 @@ use safetensors::Dtype;
 use tessera_adapters::peft::{ia3_scales_input, module_path, BaseShape, CONFIG_FILE, IA3_MODULES, WEIGHTS_FILE};
 use tessera_adapters::{AdapterKind, TargetModule};
 
+use super::median;
+use super::serve::{run_level, ServeBenchError, ServeLoad};
+
 /// Small random values around `center` (±0.01 for 0), from a linear congruential stream.
 struct RandomValues(u64);
 
@@ -84,4 +87,56 @@ pub fn cold_loads(registry: &crate::registry::Registry, path: &Path, runs: usize
             Ok(ms)
         })
         .collect()
+}
+
+/// One load the rounds measure: the base alone, or clients spread over some adapters of a kind.
+pub struct Level {
+    /// `base`, or the adapters' kind.
+    pub kind: String,
+    /// The models the clients ask for, client c for `models[c % len]`.
+    pub models: Vec<String>,
+    /// Total tokens per second in each round.
+    pub rates: Vec<f64>,
+}
+
+/// Runs every level `rounds` times by turns (base, ia3, base, ia3, …), so a slow spell on a
+/// shared machine falls on all of them alike. Each level first runs once untimed: every timed
+/// run then finds its prompts in the prefix cache as the others do.
+pub async fn interleaved(url: &str, levels: &mut [Level], clients: usize, load: &ServeLoad, rounds: usize) -> Result<(), ServeBenchError> {
+    for level in levels.iter() {
+        run_level(url, &level.models, clients, load).await?;
+    }
+    for round in 0..rounds {
+        for level in levels.iter_mut() {
+            let row = run_level(url, &level.models, clients, load).await?;
+            level.rates.push(row.tokens as f64 / row.wall.as_secs_f64());
+        }
+        eprintln!("{clients} clients: round {} of {rounds} done", round + 1);
+    }
+    Ok(())
+}
+
+/// The table: each level's median throughput, its ratio to the base's median, and every round's
+/// figure with its ratio to the same round's base.
+pub fn format_table(cpu: &str, clients: usize, levels: &[Level]) -> String {
+    let base = levels.iter().find(|l| l.kind == "base");
+    let base_median = base.map(|b| median(&b.rates)).unwrap_or(f64::NAN);
+    let mut s = format!("CPU: {cpu}\n\n| clients | kind | adapters | median tok/s | vs base (medians) | runs tok/s | vs base by round |\n|--------:|:-----|---------:|------------:|--------:|:---|:---|\n");
+    for level in levels {
+        let spread = if level.kind == "base" { "none".to_string() } else { level.models.len().to_string() };
+        let runs: Vec<String> = level.rates.iter().map(|r| format!("{r:.1}")).collect();
+        let by_round: Vec<String> = match base {
+            Some(base) => level.rates.iter().zip(&base.rates).map(|(r, b)| format!("{:.2}", r / b)).collect(),
+            None => Vec::new(),
+        };
+        let m = median(&level.rates);
+        s.push_str(&format!(
+            "| {clients:>7} | {} | {spread:>8} | {m:>11.1} | {:>6.2}× | {} | {} |\n",
+            level.kind,
+            m / base_median,
+            runs.join(", "),
+            by_round.join(", ")
+        ));
+    }
+    s
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use tessera_adapters::{add_batch_deltas, batch_scales_inputs, scale_batch_inputs, AdapterMix, LoraDelta, TargetModule};
+use tessera_adapters::{add_batch_deltas, batch_scales_down_inputs, scale_down_inputs_in_place, scale_finished_outputs, AdapterMix, LoraDelta, TargetModule};
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::model::quant::{Format, Isa, QuantWeight, TileArena};
@@ -447,18 +447,20 @@ impl QLinear {
     /// `x: [rows, in] → [rows, out]`. The base matmul runs once over every row of the batch;
     /// each segment's adapter delta touches only its own rows.
     pub fn forward(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
-        if batch_scales_inputs(self.layer, self.module, segments.iter().map(|s| s.adapters)) {
+        if self.module == TargetModule::Down && batch_scales_down_inputs(self.layer, segments.iter().map(|s| s.adapters)) {
             return self.forward_scaled_inputs(x, segments);
         }
         let [y] = Self::forward_each([self], x, segments)?;
         Ok(y)
     }
 
-    /// [`Self::forward`] where some rows' mixes scale this layer's input (IA³ on `down`): the
-    /// base product runs over the scaled rows, the low-rank deltas over the rows as they came.
+    /// [`Self::forward`] on `down` where some rows' mixes scale its input and also add a
+    /// low-rank term to it (IA³ composed with LoRA): the base product runs over the scaled rows,
+    /// the low-rank deltas over the rows as they came. IA³ alone never comes here: its scale is
+    /// served on `up`'s output ([`scale_finished_outputs`]).
     fn forward_scaled_inputs(&self, x: &Tensor, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
         let mut scaled = with_values(x, <[f32]>::to_vec)?;
-        scale_batch_inputs(self.layer, self.module, segments.iter().map(|s| (s.rows.clone(), s.adapters)), &mut scaled);
+        scale_down_inputs_in_place(self.layer, segments.iter().map(|s| (s.rows.clone(), s.adapters)), &mut scaled);
         let scaled = Tensor::from_vec(scaled, x.shape(), &Device::Cpu)?;
         // The same kernels as unscaled batches take, so a row's product never depends on them.
         let [base]: [Vec<f32>; 1] = QWeight::forward_values_each(&[&self.weight], &scaled)?
@@ -481,26 +483,24 @@ impl QLinear {
         Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per layer")))
     }
 
-    /// The base product `ys: [rows, out]` plus each segment's adapter delta and the bias.
+    /// The base product `ys: [rows, out]` plus each segment's adapter delta and the bias, all
+    /// in place; last, the scales that apply to the finished rows.
     fn finish(&self, x: &Tensor, mut ys: Vec<f32>, rows: usize, segments: &[RowSegment]) -> Result<Tensor, ModelError> {
-        if segments.iter().any(|s| !s.adapters.is_empty()) {
-            let bias = self.bias.as_ref().map(Tensor::to_vec1::<f32>).transpose()?;
-            with_values(x, |xs| {
-                add_batch_deltas(
-                    self.layer,
-                    self.module,
-                    segments.iter().map(|s| (s.rows.clone(), s.adapters)),
-                    xs,
-                    bias.as_deref(),
-                    &mut ys,
-                )
-            })?;
+        let adapted = segments.iter().any(|s| !s.adapters.is_empty());
+        let rows_of = || segments.iter().map(|s| (s.rows.clone(), s.adapters));
+        let bias = self.bias.as_ref().map(Tensor::to_vec1::<f32>).transpose()?;
+        if adapted {
+            with_values(x, |xs| add_batch_deltas(self.layer, self.module, rows_of(), xs, bias.as_deref(), &mut ys))?;
         }
-        let y = Tensor::from_vec(ys, (rows, self.weight.out_features), &Device::Cpu)?;
-        Ok(match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
-        })
+        if let Some(bias) = &bias {
+            for row in ys.chunks_exact_mut(bias.len()) {
+                row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+            }
+        }
+        if adapted {
+            scale_finished_outputs(self.layer, self.module, rows_of(), &mut ys);
+        }
+        Ok(Tensor::from_vec(ys, (rows, self.weight.out_features), &Device::Cpu)?)
     }
 }
 
