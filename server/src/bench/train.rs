@@ -11,8 +11,8 @@ use std::time::Instant;
 use crate::bench::{Measurement, BENCH_TEXT};
 use crate::train::decoder::{Example, Trainable};
 use crate::train::lora::{AdapterParams, LoraSpec};
-use crate::train::adalomo::{AdaLomo, AdaLomoConfig};
-use crate::train::optim::{AdamW, AdamWConfig, Optimizer, OptimizerKind, Schedule};
+use crate::train::job::{new_optimizer, Hyperparameters};
+use crate::train::optim::OptimizerKind;
 use crate::train::dpo::PreferenceLoss;
 use crate::train::step::job_step;
 use crate::train::TrainError;
@@ -62,23 +62,12 @@ struct Timed {
     training_bytes: usize,
 }
 
-/// `kind`'s optimizer over a fresh adapter, at a small rate (the bench measures, not learns).
-fn optimizer(kind: OptimizerKind, lora: &AdapterParams, steps: usize) -> Result<Optimizer, TrainError> {
-    let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
-    let schedule = Schedule { learning_rate: 1e-4, warmup_steps: 0, total_steps: steps + 1 };
-    Ok(match kind {
-        OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
-            AdamWConfig { learning_rate: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0, warmup_steps: 0, total_steps: steps + 1 },
-            &vars,
-        )?),
-        OptimizerKind::Adalomo => Optimizer::AdaLomo(AdaLomo::new(AdaLomoConfig::new(schedule), &vars)),
-    })
-}
-
 /// Times `steps` optimizer steps (after one untimed) over `batches` in turn.
 fn time_steps(model: &Arc<LoadedModel>, load: &TrainLoad, kind: OptimizerKind, batches: &[Vec<Example>]) -> Result<Timed, anyhow::Error> {
     let lora = AdapterParams::fresh(model, load.spec.clone(), 0)?;
-    let mut optimizer = optimizer(kind, &lora, load.steps)?;
+    // A job's optimizer at a small rate: the bench measures, not learns.
+    let hyperparameters = Hyperparameters { learning_rate: 1e-4, optimizer: kind, ..Hyperparameters::default() };
+    let mut optimizer = new_optimizer(&lora, hyperparameters, load.steps + 1).map_err(|e| anyhow::anyhow!(e))?;
     let (mut samples, mut training_bytes) = (Vec::new(), 0);
     // One untimed step first: allocations and page faults of the first backward pass.
     for (step, batch) in (0..=load.steps).zip(batches.iter().cycle()) {

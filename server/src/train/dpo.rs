@@ -196,7 +196,7 @@ fn summed_loss(sequence_losses: &Tensor, reference: &[f64], beta: f64, chosen_we
 /// Gives the gradients of the summed loss over `micro_batches` to `sink` and returns the
 /// policy's log-probabilities of every pair's answers. `chosen_weight` weighs the summed token
 /// loss of the chosen answers.
-pub(crate) fn accumulate<S: GradientSink + ?Sized>(
+fn accumulate<S: GradientSink + ?Sized>(
     trainable: Trainable,
     micro_batches: &[&[PreferenceExample]],
     beta: f64,
@@ -237,18 +237,31 @@ impl PreferenceStats {
 /// did.
 pub fn dpo_gradients(trainable: Trainable, micro_batches: &[&[PreferenceExample]], loss: PreferenceLoss) -> Result<(Vec<Tensor>, PreferenceStats), TrainError> {
     let vars: Vec<_> = trainable.lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    let mut sums = vec![None; vars.len()];
+    let stats = preference_pass(trainable, micro_batches, loss, sums.as_mut_slice())?;
+    let grads = mean_gradients(sums, &vars, stats.rewards.pairs)?;
+    Ok((grads, stats))
+}
+
+/// Gives `sink` the gradients of the loss over the pairs of `micro_batches` (summed over the
+/// pairs: DPO plus α times the chosen answers' token loss, as [`dpo_gradients`] averages it),
+/// and returns how the policy did.
+pub(crate) fn preference_pass<S: GradientSink + ?Sized>(
+    trainable: Trainable,
+    micro_batches: &[&[PreferenceExample]],
+    loss: PreferenceLoss,
+    sink: &mut S,
+) -> Result<PreferenceStats, TrainError> {
     let pairs: usize = micro_batches.iter().map(|b| b.len()).sum();
     let chosen_tokens: usize = micro_batches.iter().flat_map(|b| b.iter().map(|p| p.chosen.scored_tokens())).sum();
     // Summed over micro-batches then divided by the pairs, this weight makes the term
     // α·Σ(−log π(y_w|x))/(chosen tokens).
     let chosen_weight = loss.rpo_alpha * pairs as f64 / chosen_tokens.max(1) as f64;
-    let mut sums = vec![None; vars.len()];
-    let policy = accumulate(trainable, micro_batches, loss.beta, chosen_weight, sums.as_mut_slice())?;
+    let policy = accumulate(trainable, micro_batches, loss.beta, chosen_weight, sink)?;
     let reference: Vec<Both> = micro_batches.iter().flat_map(|b| b.iter().map(|p| p.reference)).collect();
     let rewards = Rewards::of(&policy, &reference, loss.beta);
     let chosen_nll = -policy.iter().map(|p| p.chosen).sum::<f64>() / chosen_tokens.max(1) as f64;
-    let grads = mean_gradients(sums, &vars, rewards.pairs)?;
-    Ok((grads, PreferenceStats { rewards, chosen_nll }))
+    Ok(PreferenceStats { rewards, chosen_nll })
 }
 
 /// Σ/n for each variable's summed gradient (zeros where it had none).

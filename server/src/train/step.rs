@@ -8,7 +8,7 @@
 
 use crate::train::adalomo::{AdaLomo, FusedUpdate};
 use crate::train::decoder::{Example, KeptGraphs, Trainable};
-use crate::train::dpo::{self, Both, MixedStats, PreferenceExample, PreferenceLoss, PreferenceStats, Rewards};
+use crate::train::dpo::{self, MixedStats, PreferenceExample, PreferenceLoss};
 use crate::train::optim::Optimizer;
 use crate::train::TrainError;
 
@@ -52,16 +52,9 @@ pub fn fused_step(
     let dpo = if preferences.is_empty() {
         None
     } else {
-        let chosen_tokens: usize = preferences.iter().map(|p| p.chosen.scored_tokens()).sum();
-        // Σ(−log π(y_w|x)) weighted so that the pass's objective is the mean over its pairs of
-        // DPO plus α·(mean chosen token loss), as `dpo::dpo_gradients` has it.
-        let chosen_weight = preference_loss.rpo_alpha * preferences.len() as f64 / chosen_tokens.max(1) as f64;
-        let policy = dpo::accumulate(trainable, &[preferences], preference_loss.beta, chosen_weight, &mut sink)?;
-        let reference: Vec<Both> = preferences.iter().map(|p| p.reference).collect();
-        let rewards = Rewards::of(&policy, &reference, preference_loss.beta);
-        let chosen_nll = -policy.iter().map(|p| p.chosen).sum::<f64>() / chosen_tokens.max(1) as f64;
-        loss += rewards.loss + preference_loss.rpo_alpha * chosen_nll;
-        Some(PreferenceStats { rewards, chosen_nll })
+        let stats = dpo::preference_pass(trainable, &[preferences], preference_loss, &mut sink)?;
+        loss += stats.rewards.loss + preference_loss.rpo_alpha * stats.chosen_nll;
+        Some(stats)
     };
     let gradient_bytes = sink.peak_gradient_bytes;
     Ok(MixedStats { loss, sft, dpo, grad_norm: optimizer.gradient_norm(), learning_rate, gradient_bytes })

@@ -31,6 +31,7 @@ use crate::train::worker;
 use crate::train::TrainError;
 use crate::LoadedModel;
 
+pub(crate) use run::new_optimizer;
 pub use spec::{Hyperparameters, JobData, JobSpec, Method, TuningSettings, ADALOMO_EPS_SCALE, ADALOMO_LEARNING_RATE};
 
 #[derive(Debug, thiserror::Error)]

@@ -181,7 +181,7 @@ impl Tuner {
 }
 
 /// The optimizer `h` names, over `total_steps` with a tenth of them warming up.
-fn new_optimizer(lora: &AdapterParams, h: Hyperparameters, total_steps: usize) -> Result<Optimizer, TuneError> {
+pub(crate) fn new_optimizer(lora: &AdapterParams, h: Hyperparameters, total_steps: usize) -> Result<Optimizer, TuneError> {
     let schedule = Schedule { learning_rate: h.learning_rate, warmup_steps: (total_steps / 10).max(1), total_steps };
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     Ok(match h.optimizer {
