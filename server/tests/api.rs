@@ -583,3 +583,23 @@ async fn openapi_yaml_is_up_to_date() {
         "openapi.yaml is stale: run `cargo run --release -- openapi > openapi.yaml`"
     );
 }
+
+/// A path parameter is a `{name}` of its route, and is required; everything else a handler
+/// reads from the URL is a query parameter, optional unless it says so. A client generated from
+/// the document would otherwise put `?after=` into the path.
+#[test]
+fn the_documents_path_parameters_are_the_routes_placeholders() {
+    let doc = serde_json::to_value(tessera::api::openapi()).unwrap();
+    for (route, operations) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                let name = parameter["name"].as_str().unwrap();
+                let placeholder = route.contains(&format!("{{{name}}}"));
+                assert_eq!(parameter["in"] == "path", placeholder, "{method} {route}: `{name}` is `in: {}`", parameter["in"]);
+                if parameter["in"] == "query" {
+                    assert_ne!(parameter["required"], true, "{method} {route}: the query parameter `{name}` is required");
+                }
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@ use crate::dataset::Message;
 use crate::dataset::preference::Preference;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FeedbackParams {
     /// The kind of adapter created when it does not exist yet: `lora` (default), `dora` or `ia3`.
     pub method: Option<String>,
@@ -36,6 +37,7 @@ pub struct FeedbackReceipt {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// Return pairs after this id.
     pub after: Option<i64>,
@@ -78,6 +80,7 @@ pub struct PreferenceList {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteParams {
     /// Comma-separated record ids; without it, every record of the adapter of this kind.
     pub ids: Option<String>,
@@ -296,6 +299,7 @@ pub struct EventList {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventParams {
     /// Events before this event id (`ftevent-N`).
     pub after: Option<String>,
