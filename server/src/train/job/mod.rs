@@ -32,7 +32,7 @@ use crate::train::TrainError;
 use crate::LoadedModel;
 
 pub(crate) use run::new_optimizer;
-pub use spec::{Hyperparameters, JobData, JobSpec, Method, TuningSettings, ADALOMO_EPS_SCALE, ADALOMO_LEARNING_RATE};
+pub use spec::{Hyperparameters, JobData, JobSpec, Method, TuningSettings, ADALOMO_EPS_SCALE, ADALOMO_LEARNING_RATE, IA3_ADAMW_RATE_SCALE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {

@@ -182,7 +182,7 @@ impl Tuner {
 
 /// The optimizer `h` names, over `total_steps` with a tenth of them warming up.
 pub(crate) fn new_optimizer(lora: &AdapterParams, h: Hyperparameters, total_steps: usize) -> Result<Optimizer, TuneError> {
-    let schedule = Schedule { learning_rate: h.learning_rate, warmup_steps: (total_steps / 10).max(1), total_steps };
+    let schedule = Schedule { learning_rate: h.peak_rate(lora.spec.kind), warmup_steps: (total_steps / 10).max(1), total_steps };
     let vars: Vec<_> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     Ok(match h.optimizer {
         OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
@@ -219,4 +219,38 @@ fn step_metrics(stats: &MixedStats, pairs: usize, preferences: usize) -> serde_j
         data.extend(p.to_json("train_"));
     }
     data
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::synthetic::tiny_gemma3;
+    use crate::train::lora::LoraSpec;
+    use tessera_adapters::AdapterKind;
+
+    /// A job of the server's default hyperparameters steps an IA³ adapter at ten times a LoRA
+    /// adapter's AdamW rate, and AdaLomo (whose step is relative to each tensor) at its own.
+    #[test]
+    fn ia3_takes_a_larger_adamw_step_than_lora_under_the_same_hyperparameters() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("tiny.gguf");
+        tiny_gemma3(1).write(&path)?;
+        let model = Arc::new(crate::LoadedModel::load(&path)?);
+        let peak = |kind: AdapterKind, h: Hyperparameters| -> Result<f64, Box<dyn std::error::Error>> {
+            let params = AdapterParams::fresh(&model, LoraSpec { kind, ..LoraSpec::default() }, 1)?;
+            Ok(match new_optimizer(&params, h, 100)? {
+                Optimizer::AdamW(o) => o.config.learning_rate,
+                Optimizer::AdaLomo(o) => o.config.schedule.learning_rate,
+            })
+        };
+        let adamw = Hyperparameters::default();
+        assert_eq!(peak(AdapterKind::Lora, adamw)?, adamw.learning_rate);
+        assert_eq!(peak(AdapterKind::Dora, adamw)?, adamw.learning_rate);
+        assert_eq!(peak(AdapterKind::Ia3, adamw)?, adamw.learning_rate * super::super::IA3_ADAMW_RATE_SCALE);
+        let adalomo = Hyperparameters { optimizer: OptimizerKind::Adalomo, learning_rate: 0.05, ..adamw };
+        assert_eq!(peak(AdapterKind::Ia3, adalomo)?, peak(AdapterKind::Lora, adalomo)?);
+        Ok(())
+    }
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::train::dpo::DEFAULT_BETA;
 use crate::train::lora::LoraSpec;
+use tessera_adapters::AdapterKind;
 use crate::train::optim::OptimizerKind;
 
 /// Server-wide tuning settings.
@@ -40,8 +41,9 @@ impl Default for TuningSettings {
 pub struct Hyperparameters {
     pub n_epochs: usize,
     pub batch_size: usize,
-    /// The peak learning rate: AdamW's step, or AdaLomo's step relative to each tensor's RMS
-    /// (the OpenAI multiplier scales the optimizer's default).
+    /// The peak learning rate: AdamW's step for a low-rank adapter (IA³ steps at
+    /// [`IA3_ADAMW_RATE_SCALE`] times it), or AdaLomo's step relative to each tensor's RMS (the
+    /// OpenAI multiplier scales the optimizer's default).
     pub learning_rate: f64,
     #[serde(default)]
     pub optimizer: OptimizerKind,
@@ -57,6 +59,24 @@ impl Default for Hyperparameters {
         }
     }
 }
+
+impl Hyperparameters {
+    /// The peak rate an adapter of `kind` steps at. AdaLomo's step is relative to each tensor's
+    /// RMS, so it means the same for every kind; AdamW's is absolute, and IA³'s takes a larger one.
+    pub fn peak_rate(&self, kind: AdapterKind) -> f64 {
+        match (self.optimizer, kind) {
+            (OptimizerKind::Adamw, AdapterKind::Ia3) => self.learning_rate * IA3_ADAMW_RATE_SCALE,
+            _ => self.learning_rate,
+        }
+    }
+}
+
+/// How many times a low-rank adapter's AdamW rate IA³ steps at. An IA³ vector starts at one and
+/// each of its entries scales a whole channel of every token, so AdamW's fixed-size steps
+/// (about η each) move it a thousandth of its size per step at LoRA's 1e-3: in the 90 steps of
+/// the CLINC-10 job it learned nothing (0.00 held out), and at ten times the rate it scored 0.99
+/// where LoRA r16 scored 0.97.
+pub const IA3_ADAMW_RATE_SCALE: f64 = 10.0;
 
 /// AdaLomo's default peak step, relative to each tensor's RMS.
 pub const ADALOMO_LEARNING_RATE: f64 = 5e-2;
