@@ -4,10 +4,13 @@
 //! learning rate, batch 4, β 0.1, DPO with the job's SFT term on the chosen answers, the base
 //! model as the reference, its log-probabilities from the serving forward). Asserts the
 //! held-out reward accuracy (≥ 0.9), the share of held-out prompts answered greedily through
-//! the serving path with exactly the chosen answer, "The answer is N." with the right N
-//! (≥ 0.8), and the DPO step's cost with the reference pass spread over the epoch's steps
+//! the serving path in exactly the chosen form, the whole answer "The answer is N." for a
+//! number N (≥ 0.8), and the DPO step's cost with the reference pass spread over the epoch's steps
 //! against an SFT step on the same tokens, measured in the same run (≤ 1.6×); reports the
-//! model's preference between the held-out answers before and after.
+//! model's preference between the held-out answers before and after, and how many of the
+//! greedy answers carry the right sum. The sum is not part of the form: each pair's answers
+//! share it, so the preferences say nothing about arithmetic, which a 270M base model gets
+//! partly wrong either way.
 //! Minutes on two cores, so it runs on request: `cargo test --release -p tessera-tests --test
 //! dpo_task -- --ignored --nocapture`.
 
@@ -40,9 +43,17 @@ fn preference(i: usize) -> Preference {
     }
 }
 
-/// The whole chosen answer, number included.
-fn is_chosen_answer(answer: &str, preference: &Preference) -> bool {
-    answer.trim() == preference.chosen
+/// Whether `answer` is, whole, in the chosen side's form: "The answer is N." for a number N.
+fn is_in_chosen_form(answer: &str) -> bool {
+    let number = answer.trim().strip_prefix("The answer is ").and_then(|rest| rest.strip_suffix('.'));
+    number.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Of greedy answers to held-out prompts: the share in the chosen form, and the share that are
+/// exactly the chosen answer (the form with the right sum).
+struct GreedyAnswers {
+    in_form: f64,
+    right_sum: f64,
 }
 
 fn optimizer(lora: &AdapterParams, total_steps: usize, learning_rate: f64) -> AdamW {
@@ -79,14 +90,13 @@ fn reference_pass(reference: &AdapterParams, pairs: &[(Example, Example)]) -> Ve
     serving_log_probs(&real_model().model, &AdapterMix { parts: vec![(&adapter.weights, 1.0)] }, pairs).unwrap()
 }
 
-/// The share of `prompts` answered greedily with exactly their chosen answer, `lora` served as
-/// an adapter.
-fn greedy_chosen_answers(lora: &AdapterParams, prompts: &[Preference], show: bool) -> f64 {
+/// How `prompts` are answered greedily, `lora` served as an adapter.
+fn greedy_answers(lora: &AdapterParams, prompts: &[Preference], show: bool) -> GreedyAnswers {
     let model = real_model();
     let adapter = served(lora);
     let mix = AdapterMix { parts: vec![(&adapter.weights, 1.0)] };
     let params = GenerateParams { max_tokens: 12, sampling: SamplingParams::default(), top_logprobs: 0, stop_ids: model.tokenizer.stop_ids().to_vec() };
-    let mut in_form = 0;
+    let (mut in_form, mut right_sum) = (0, 0);
     for p in prompts {
         let turns = [Turn { role: "user", text: p.prompt[0].content.clone(), ..Default::default() }];
         let text = model.chat.render(&turns, true).unwrap();
@@ -96,9 +106,21 @@ fn greedy_chosen_answers(lora: &AdapterParams, prompts: &[Preference], show: boo
         if show {
             eprintln!("  {:?} → {answer:?}", p.prompt[0].content);
         }
-        in_form += usize::from(is_chosen_answer(&answer, p));
+        in_form += usize::from(is_in_chosen_form(&answer));
+        right_sum += usize::from(answer.trim() == p.chosen);
     }
-    in_form as f64 / prompts.len() as f64
+    let share = |n: usize| n as f64 / prompts.len() as f64;
+    GreedyAnswers { in_form: share(in_form), right_sum: share(right_sum) }
+}
+
+#[test]
+fn the_chosen_form_is_the_whole_answer_with_a_number() {
+    for answer in ["The answer is 29.", " The answer is 8.\n"] {
+        assert!(is_in_chosen_form(answer), "{answer:?}");
+    }
+    for answer in ["29", "The answer is .", "The answer is 1. answers. The answer is", "The answer is twenty.", "The answer is 29"] {
+        assert!(!is_in_chosen_form(answer), "{answer:?}");
+    }
 }
 
 #[test]
@@ -121,7 +143,7 @@ fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
     let base = AdapterParams::fresh(model, LoraSpec::default(), 0).unwrap();
 
     let before = prefers_chosen(&log_probs(Trainable::new(model, &base), &held_pairs, 2).unwrap());
-    let greedy_before = greedy_chosen_answers(&base, &held, true);
+    let greedy_before = greedy_answers(&base, &held, true);
     let started = Instant::now();
     let train_reference = reference_pass(&base, &train_pairs);
     let reference_seconds = started.elapsed().as_secs_f64();
@@ -167,14 +189,17 @@ fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
 
     let rewards = evaluate_preferences(Trainable::new(model, &policy), &held_set, BETA, 2).unwrap();
     let after = prefers_chosen(&log_probs(Trainable::new(model, &policy), &held_pairs, 2).unwrap());
-    let greedy_after = greedy_chosen_answers(&policy, &held, true);
+    let greedy_after = greedy_answers(&policy, &held, true);
     let (dpo_step, sft_step) = (dpo_seconds.iter().sum::<f64>() / dpo_seconds.len() as f64, sft_seconds.iter().sum::<f64>() / sft_seconds.len() as f64);
     let per_step_reference = reference_seconds / batches.len() as f64;
     let ratio = (dpo_step + per_step_reference) / sft_step;
     eprintln!("learning rate {learning_rate:e}, β {BETA}, RPO α {}", loss.rpo_alpha);
     eprintln!("held-out reward accuracy {:.3}, margin {:.3}, DPO loss {:.4}", rewards.accuracy, rewards.margin, rewards.loss);
     eprintln!("the model prefers the chosen answer on {before:.2} of held-out pairs before, {after:.2} after");
-    eprintln!("greedy answers exactly the chosen one (right number): {greedy_before:.2} of held-out prompts before, {greedy_after:.2} after");
+    eprintln!(
+        "greedy answers in the chosen form: {:.2} of held-out prompts before, {:.2} after; with the right sum: {:.2} before, {:.2} after",
+        greedy_before.in_form, greedy_after.in_form, greedy_before.right_sum, greedy_after.right_sum
+    );
     eprintln!(
         "DPO step {dpo_step:.2} s, SFT step on the same tokens {sft_step:.2} s ({} same-run pairs): {:.2}×; the reference pass {reference_seconds:.1} s for {} pairs ({per_step_reference:.2} s a step): {ratio:.2}× with it",
         sft_seconds.len(),
@@ -182,7 +207,7 @@ fn dpo_learns_the_chosen_form_and_costs_about_an_sft_step() {
         train_set.len(),
     );
     assert!(rewards.accuracy >= 0.9, "held-out reward accuracy {}", rewards.accuracy);
-    assert!(greedy_after >= 0.8, "greedy answers that are the chosen one: {greedy_after}");
+    assert!(greedy_after.in_form >= 0.8, "greedy answers in the chosen form: {}", greedy_after.in_form);
     assert!(ratio <= 1.6, "DPO step with the reference pass {ratio:.2}× the SFT step");
 }
 
