@@ -91,7 +91,6 @@ pub async fn delete_response(State(app): State<Arc<App>>, Path(id): Path<String>
 /// The response before any output: what the request asked for, `in_progress`.
 fn shell(req: &CreateResponseRequest, id: String, temperature: f32, top_p: f32) -> ResponseObject {
     let format = req.text.as_ref().and_then(|t| t.format.clone()).unwrap_or_else(|| serde_json::json!({"type": "text"}));
-    let tool_choice = req.tool_choice.as_ref().and_then(|c| serde_json::to_value(c).ok()).unwrap_or_else(|| serde_json::json!("auto"));
     ResponseObject {
         id,
         object: "response".into(),
@@ -108,7 +107,7 @@ fn shell(req: &CreateResponseRequest, id: String, temperature: f32, top_p: f32) 
         temperature,
         top_p,
         text: TextSettings { format },
-        tool_choice,
+        tool_choice: req.tool_choice.clone().unwrap_or_else(|| ResponseToolChoice::Mode("auto".into())),
         tools: req.tools.clone().unwrap_or_default(),
         truncation: "disabled".into(),
         usage: None,

@@ -185,8 +185,7 @@ pub struct ResponseObject {
     pub top_p: f32,
     pub text: TextSettings,
     /// As requested (`auto` by default).
-    #[schema(value_type = Object)]
-    pub tool_choice: serde_json::Value,
+    pub tool_choice: ResponseToolChoice,
     pub tools: Vec<ResponseTool>,
     /// `disabled`: a conversation over the context is refused, not cut.
     pub truncation: String,
