@@ -116,8 +116,9 @@ check("a response's usage adds up", first.usage.output_tokens > 0 and first.usag
 fetched = client.responses.retrieve(first.id)
 check("a stored response is retrieved as created", fetched.id == first.id and fetched.output_text == first.output_text,
       fetched)
+# Instructions are not carried into a continuation: sent again, the prompt keeps its prefix.
 followed = client.responses.create(model=model, input="Now one about the mountains.", previous_response_id=first.id,
-                                   max_output_tokens=8, temperature=0)
+                                   instructions="Be brief.", max_output_tokens=8, temperature=0)
 check("a continuation finds the conversation in the prefix cache",
       followed.usage.input_tokens > first.usage.input_tokens
       and followed.usage.input_tokens_details.cached_tokens > 0, followed.usage)
