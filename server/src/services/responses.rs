@@ -65,8 +65,15 @@ pub struct Pending {
 /// Where kept responses live.
 enum Keeping {
     Database(Arc<Store>),
-    /// Newest last, for eviction.
-    Memory(Mutex<(HashMap<String, (String, String)>, VecDeque<String>)>),
+    Memory(Mutex<Memory>),
+}
+
+/// Responses kept in memory: body and conversation (JSON) by id, and the ids newest last, for
+/// eviction.
+type Memory = (HashMap<String, (String, String)>, VecDeque<String>);
+
+fn lock(memory: &Mutex<Memory>) -> Result<std::sync::MutexGuard<'_, Memory>, ServiceError> {
+    memory.lock().map_err(|_| ServiceError::Internal("the response memory was poisoned".into()))
 }
 
 /// A kept response: the object as served (JSON), and its conversation.
@@ -125,7 +132,7 @@ impl Responses {
                 blocking(move || Ok(store.insert_response(&pending.id, &body, &conversation)?)).await
             }
             Keeping::Memory(kept) => {
-                let mut kept = kept.lock().map_err(|_| ServiceError::Internal("the response memory was poisoned".into()))?;
+                let mut kept = lock(kept)?;
                 let (by_id, order) = &mut *kept;
                 by_id.insert(pending.id.clone(), (body, conversation));
                 order.push_back(pending.id);
@@ -152,7 +159,7 @@ impl Responses {
                 blocking(move || Ok(store.delete_response(&id)?)).await?
             }
             Keeping::Memory(kept) => {
-                let mut kept = kept.lock().map_err(|_| ServiceError::Internal("the response memory was poisoned".into()))?;
+                let mut kept = lock(kept)?;
                 let (by_id, order) = &mut *kept;
                 order.retain(|kept| kept != id);
                 by_id.remove(id).is_some()
@@ -175,7 +182,7 @@ impl Responses {
                 }
             }
             Keeping::Memory(kept) => {
-                let kept = kept.lock().map_err(|_| ServiceError::Internal("the response memory was poisoned".into()))?;
+                let kept = lock(kept)?;
                 match kept.0.get(id) {
                     Some(found) => found.clone(),
                     None => return Ok(None),
