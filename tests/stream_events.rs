@@ -25,7 +25,8 @@ fn parse_events(text: &str) -> Vec<Value> {
         .filter(|block| !block.trim().is_empty())
         .map(|block| {
             let data: Vec<&str> = block.lines().filter_map(|line| line.strip_prefix("data:")).map(|d| d.strip_prefix(' ').unwrap_or(d)).collect();
-            json!({"data": data.join("\n"), "event": "message"})
+            let event = block.lines().find_map(|line| line.strip_prefix("event:")).map_or("message", str::trim);
+            json!({"data": data.join("\n"), "event": event})
         })
         .collect()
 }
@@ -68,4 +69,19 @@ async fn streamed_completions_and_chats_match_their_documented_events() {
         "messages": [{"role": "user", "content": "Say hi."}]
     });
     check("/v1/chat/completions", &stream("/v1/chat/completions", body).await, "chat.completion.chunk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_matches_its_documented_events() {
+    let body = json!({"model": REAL_MODEL_ID, "stream": true, "max_output_tokens": 4, "input": "Say hi.", "not_an_openai_field": 1});
+    let events = stream("/v1/responses", body).await;
+    let validator = jsonschema::validator_for(&event_schema("/v1/responses")).expect("a valid schema");
+    for event in &events {
+        let errors: Vec<String> = validator.iter_errors(event).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{event} violates the documented event schema: {errors:?}");
+        let data: Value = serde_json::from_str(event["data"].as_str().unwrap_or_default()).expect("a JSON event");
+        assert_eq!(data["type"], event["event"], "each event names its type twice");
+    }
+    let last = events.last().expect("events")["event"].as_str().unwrap_or_default().to_string();
+    assert!(["response.completed", "response.incomplete"].contains(&last.as_str()), "{events:?}");
 }

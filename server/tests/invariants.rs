@@ -334,6 +334,9 @@ async fn the_whole_route_and_key_matrix() {
         ("post", "/v1/chat/completions", INFERENCE),
         ("post", "/v1/completions", INFERENCE),
         ("post", "/v1/embeddings", INFERENCE),
+        ("post", "/v1/responses", INFERENCE),
+        ("get", "/v1/responses/{id}", INFERENCE),
+        ("delete", "/v1/responses/{id}", INFERENCE),
         ("get", "/v1/models", INFERENCE),
         ("get", "/v1/models/{model}", INFERENCE),
         ("post", "/tokenize", INFERENCE),
@@ -384,7 +387,8 @@ async fn the_whole_route_and_key_matrix() {
             .replace("{name}", "nobody")
             .replace("{model}", "tiny")
             .replace("{file_id}", "file-none")
-            .replace("{job_id}", "ftjob-none");
+            .replace("{job_id}", "ftjob-none")
+            .replace("{id}", "resp_none");
         for (key, held) in [(None, 0), (Some("wrong"), 0), (Some("user"), INFERENCE), (Some("tuner"), TUNE), (Some("root"), ADMIN)] {
             let body = (*method != "get").then(|| ("application/json", b"{}".to_vec()));
             let (status, answer) = call(&f.router, &method.to_uppercase(), &uri, key, body).await;

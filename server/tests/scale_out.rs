@@ -446,3 +446,18 @@ async fn a_single_servers_store_moves_into_postgres_with_state_export_and_import
     let answer = a.post("/v1/completions", json!({"model": "moved", "prompt": "item", "max_tokens": 2})).await;
     assert!(answer["choices"][0]["text"].is_string(), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_stored_by_one_server_is_read_continued_and_deleted_by_another() {
+    let Some(group) = Group::new(Folders::Shared).await else { return };
+    let (a, b) = (group.start("a", "serve").await, group.start("b", "serve").await);
+    let first = a.post("/v1/responses", json!({"model": "tiny", "input": "hello", "max_output_tokens": 3, "temperature": 0})).await;
+    let id = first["id"].as_str().expect("a response id").to_string();
+    assert_eq!(b.get(&format!("/v1/responses/{id}")).await, first, "the group's store holds it");
+    let next = b.post("/v1/responses", json!({"model": "tiny", "input": "again", "previous_response_id": id, "max_output_tokens": 2})).await;
+    assert!(next["usage"]["input_tokens"].as_u64() > first["usage"]["input_tokens"].as_u64(), "b continued a's conversation: {next}");
+    let deleted = reqwest::Client::new().delete(b.url(&format!("/v1/responses/{id}"))).send().await.unwrap();
+    assert_eq!(deleted.status(), reqwest::StatusCode::OK);
+    let gone = reqwest::get(a.url(&format!("/v1/responses/{id}"))).await.unwrap();
+    assert_eq!(gone.status(), reqwest::StatusCode::NOT_FOUND, "deleted for the whole group");
+}

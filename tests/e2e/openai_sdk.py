@@ -107,6 +107,55 @@ try:
 except openai.BadRequestError as e:
     check("embeddings name the refused dimensions", e.body.get("param") == "dimensions", e.body)
 
+# Responses: create, continue, stream (the SDK's helper and stream=True), retrieve, delete.
+first = client.responses.create(model=model, input="Write one sentence about the sea.", instructions="Be brief.",
+                                max_output_tokens=24, temperature=0)
+check("a response has text", first.id.startswith("resp_") and len(first.output_text) > 0, first)
+check("a response's usage adds up", first.usage.output_tokens > 0 and first.usage.total_tokens
+      == first.usage.input_tokens + first.usage.output_tokens, first.usage)
+fetched = client.responses.retrieve(first.id)
+check("a stored response is retrieved as created", fetched.id == first.id and fetched.output_text == first.output_text,
+      fetched)
+# Instructions are not carried into a continuation: sent again, the prompt keeps its prefix.
+followed = client.responses.create(model=model, input="Now one about the mountains.", previous_response_id=first.id,
+                                   instructions="Be brief.", max_output_tokens=8, temperature=0)
+check("a continuation finds the conversation in the prefix cache",
+      followed.usage.input_tokens > first.usage.input_tokens
+      and followed.usage.input_tokens_details.cached_tokens > 0, followed.usage)
+
+
+class Verdict(pydantic.BaseModel):
+    salty: bool
+
+
+deltas = []
+with client.responses.stream(model=model, input="Is the sea salty? Answer in JSON.", text_format=Verdict,
+                             max_output_tokens=24, temperature=0) as stream:
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+    streamed = stream.get_final_response()
+check("the stream helper assembles the streamed text", streamed.output_text == "".join(deltas) and deltas,
+      (streamed.output_text, deltas))
+check("text_format comes back parsed", isinstance(streamed.output_parsed, Verdict), streamed.output_parsed)
+kinds = [event.type for event in client.responses.create(model=model, input="Write one sentence about the sea.",
+                                                         instructions="Be brief.", max_output_tokens=24,
+                                                         temperature=0, stream=True, store=False)]
+check("stream=True sends the typed events in order", kinds[:4] == ["response.created", "response.in_progress",
+      "response.output_item.added", "response.content_part.added"]
+      and kinds[-1] in ("response.completed", "response.incomplete"), kinds)
+client.responses.delete(first.id)
+try:
+    client.responses.retrieve(first.id)
+    check("a deleted response is gone", False)
+except openai.NotFoundError as e:
+    check("a deleted response is gone", e.status_code == 404, e.body)
+try:
+    client.responses.create(model=model, input=[{"type": "image_generation_call", "id": "x"}])
+    check("an unknown input item raises BadRequestError", False)
+except openai.BadRequestError as e:
+    check("an unknown input item raises BadRequestError naming it", e.body.get("param") == "input[0]", e.body)
+
 # Errors map to the SDK's exception types.
 try:
     client.chat.completions.create(model=model, messages=messages, temperature=7)

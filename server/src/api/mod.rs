@@ -13,6 +13,7 @@ mod middleware;
 mod models;
 mod plugins;
 mod respond;
+mod responses;
 mod tuning;
 pub mod types;
 mod validate;
@@ -34,6 +35,7 @@ use crate::registry::Registry;
 use crate::services::adapters::Adapters;
 use crate::services::inference::{Inference, Leases};
 use crate::services::plugins::Plugins;
+use crate::services::responses::Responses;
 use crate::services::tuning::Tuning;
 use crate::store::blobs::Blobs;
 use crate::store::{StateLocation, Store};
@@ -93,6 +95,7 @@ pub struct App {
     pub adapters: Arc<Adapters>,
     pub tuning: Tuning,
     pub plugins: Arc<Plugins>,
+    pub responses: Arc<Responses>,
 }
 
 impl App {
@@ -138,9 +141,11 @@ impl App {
         let adapters = Arc::new(Adapters::new(registry.clone(), tuner.clone(), settings.adapters_dir.clone(), base, model_id.clone(), settings.max_body_bytes));
         let grammars = Arc::new(crate::grammar::Grammars::for_model(model.clone())?);
         let warming = grammars.warm_up();
+        let store = tuner.as_ref().map(|t| t.store.clone());
         let tuning = Tuning::new(tuner, adapters.clone(), plugins.clone(), grammars.clone(), model_id.clone());
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
         let inference = Arc::new(Inference::new(engine, model, model_id, settings.ctx_len, registry, plugins.clone(), grammars));
+        let responses = Arc::new(Responses::new(inference.clone(), store));
         plugins.load_dir();
         warming.finish();
         Ok(Arc::new(Self {
@@ -151,6 +156,7 @@ impl App {
             adapters,
             tuning,
             plugins,
+            responses,
         }))
     }
 }
@@ -256,6 +262,8 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
         .routes(routes!(chat::chat_completions))
         .routes(routes!(completions::completions))
         .routes(routes!(embeddings::embeddings))
+        .routes(routes!(responses::create_response))
+        .routes(routes!(responses::get_response, responses::delete_response))
         .routes(routes!(models::list_models))
         .routes(routes!(models::get_model))
         .routes(routes!(extensions::tokenize))

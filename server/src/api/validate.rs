@@ -212,11 +212,16 @@ const MAX_FUNCTION_NAME: usize = 64;
 /// Schema object, a named choice one of the tools, and no forced call together with another
 /// constraint on the answer.
 pub fn tools(req: &ChatCompletionRequest, constraint: Option<&RequestedConstraint>) -> Result<Option<Tools>, AppError> {
-    let definitions = match &req.tools {
+    tool_set(req.tools.as_deref(), req.tool_choice.as_ref(), constraint)
+}
+
+/// [`tools`] of any endpoint: the offered functions and the choice among them.
+pub fn tool_set(tools: Option<&[crate::api::types::ToolSpec]>, tool_choice: Option<&ToolChoiceSpec>, constraint: Option<&RequestedConstraint>) -> Result<Option<Tools>, AppError> {
+    let definitions = match tools {
         None => Vec::new(),
         Some(tools) => tool_definitions(tools)?,
     };
-    let choice = match &req.tool_choice {
+    let choice = match tool_choice {
         None if definitions.is_empty() => return Ok(None),
         None => ToolChoice::Auto,
         Some(ToolChoiceSpec::Mode(mode)) => match mode.as_str() {

@@ -42,19 +42,21 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
-/// One message of a conversation.
-#[derive(Debug, Clone, Default)]
+/// One message of a conversation (stored as JSON with the responses that end it).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChatTurn {
     pub role: String,
     pub content: String,
     /// An assistant message's calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<CallRecord>,
     /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
 }
 
 /// A call an assistant made earlier in the conversation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CallRecord {
     pub id: String,
     pub name: String,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod feedback;
 pub mod inference;
 pub mod plugins;
+pub mod responses;
 pub mod tuning;
 
 pub use error::ServiceError;

@@ -16,6 +16,7 @@ use crate::dataset::{content_hash, Conversation};
 pub mod blobs;
 pub mod database;
 pub mod preferences;
+pub mod responses;
 pub mod schema;
 pub mod testing;
 pub mod transfer;

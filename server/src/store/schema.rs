@@ -119,6 +119,15 @@ pub const SQLITE: &[&str] = &[
         UNIQUE (adapter, hash)
      );
      CREATE INDEX preferences_by_adapter ON preferences (adapter, id);",
+    // 7: stored Responses (`POST /v1/responses` unless `store: false`): the response object as
+    // served, and the conversation a later `previous_response_id` continues (its input items,
+    // those of the responses before it, and its output), both JSON.
+    "CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        conversation TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );",
 ];
 
 
@@ -212,6 +221,12 @@ pub const POSTGRES: &[&str] = &[
         UNIQUE (adapter, hash)
      );
      CREATE INDEX preferences_by_adapter ON preferences (adapter, id);",
+    "CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        conversation TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+     );",
 ];
 
 /// The tables and columns both schemas share, in an order where no row refers to a later
@@ -225,6 +240,7 @@ pub const TABLES: &[(&str, &str)] = &[
     ("jobs", "id, adapter, model, spec, status, fine_tuned_model, error, trained_tokens, created_at, finished_at, created_by, claimed_by, lease_until"),
     ("events", "id, job_id, level, message, data, created_at, kind"),
     ("checkpoints", "id, job_id, step, path, metrics, created_at"),
+    ("responses", "id, body, conversation, created_at"),
 ];
 
 /// The tables whose `id` a sequence numbers, which an import must move past the ids it wrote.

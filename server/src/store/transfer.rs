@@ -179,6 +179,7 @@ mod tests {
         store.add_checkpoint("ftjob-1", 2, &store.job_dir("ftjob-1").join("step-000002"), &json!({"step": 2})).unwrap();
         let file = FileRow { id: "file-1".into(), filename: "f.jsonl".into(), purpose: "fine-tune".into(), bytes: 4, records: 1, created_at: 3 };
         store.insert_file(&file, &[0, 255, 16, 7]).unwrap();
+        store.insert_response("resp_1", r#"{"id":"resp_1","object":"response"}"#, r#"[{"role":"user","content":"q"}]"#).unwrap();
         store
     }
 

@@ -1,8 +1,9 @@
 //! The HTTP request and response bodies, in OpenAI's shapes. They are kept apart from the
 //! engine's validated types (see `validate.rs`). Online tuning's are in `tuning.rs`, embeddings'
-//! in `embeddings.rs`.
+//! in `embeddings.rs`, the Responses API's in `responses.rs`.
 
 pub mod embeddings;
+pub mod responses;
 pub mod tuning;
 
 use serde::{Deserialize, Serialize};
