@@ -2,6 +2,7 @@
 //! same `utoipa` annotations, so they cannot drift apart.
 
 mod adapters;
+mod batches;
 mod chat;
 mod completions;
 mod console;
@@ -32,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::plugins::PluginHost;
 use crate::registry::Registry;
 use crate::services::adapters::Adapters;
+use crate::services::batches::Batches;
 use crate::services::inference::{Inference, Leases};
 use crate::services::plugins::Plugins;
 use crate::services::tuning::Tuning;
@@ -93,6 +95,7 @@ pub struct App {
     pub adapters: Arc<Adapters>,
     pub tuning: Tuning,
     pub plugins: Arc<Plugins>,
+    pub batches: Arc<Batches>,
 }
 
 impl App {
@@ -113,8 +116,8 @@ impl App {
             let found = registry.scan(dir).map_err(std::io::Error::other)?;
             tracing::info!(dir = %dir.display(), found, "adapters registered");
         }
-        let tuner = match &settings.tuning {
-            None => None,
+        let (tuner, store) = match &settings.tuning {
+            None => (None, None),
             Some(tuning) => {
                 let state = tuning.state.clone().unwrap_or_else(|| StateLocation::sqlite_under(&tuning.root));
                 let mut store = Store::open_at(&state, &tuning.root).map_err(std::io::Error::other)?;
@@ -123,10 +126,10 @@ impl App {
                 }
                 let store = Arc::new(store);
                 metrics.register(store.latency().clone());
-                let tuner = Tuner::start(store, model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
+                let tuner = Tuner::start(store.clone(), model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
                     .map_err(std::io::Error::other)?;
                 metrics.register(tuner.sync().notification_lag.clone());
-                Some(tuner)
+                (Some(tuner), Some(store))
             }
         };
         let host = PluginHost::new(
@@ -143,7 +146,7 @@ impl App {
         let inference = Arc::new(Inference::new(engine, model, model_id, settings.ctx_len, registry, plugins.clone(), grammars));
         plugins.load_dir();
         warming.finish();
-        Ok(Arc::new(Self {
+        let app = Arc::new(Self {
             created: unix_time(),
             settings,
             metrics,
@@ -151,7 +154,10 @@ impl App {
             adapters,
             tuning,
             plugins,
-        }))
+            batches: Arc::new(Batches::new(store)),
+        });
+        app.batches.start(Arc::new(batches::RouterLines { app: Arc::downgrade(&app) }))?;
+        Ok(app)
     }
 }
 
@@ -267,6 +273,10 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
         .routes(routes!(adapters::download_adapter))
         .routes(routes!(tuning::upload_file, tuning::list_files))
         .routes(routes!(tuning::get_file))
+        .routes(routes!(tuning::get_file_content))
+        .routes(routes!(batches::create_batch, batches::list_batches))
+        .routes(routes!(batches::get_batch))
+        .routes(routes!(batches::cancel_batch))
         .routes(routes!(tuning::create_job, tuning::list_jobs))
         .routes(routes!(tuning::get_job))
         .routes(routes!(tuning::cancel_job))
