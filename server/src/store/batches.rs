@@ -196,7 +196,7 @@ impl Store {
     pub fn batch_progress(&self, id: &str) -> Result<(usize, usize), StoreError> {
         self.with(|s| {
             let row = s.query_one(
-                "SELECT COALESCE(SUM(succeeded), 0), COUNT(*) FROM batch_lines WHERE batch_id = ?1",
+                "SELECT CAST(COALESCE(SUM(succeeded), 0) AS BIGINT), COUNT(*) FROM batch_lines WHERE batch_id = ?1",
                 sql_params![id],
             )?;
             let (succeeded, all) = (row.int(0)? as usize, row.int(1)? as usize);

@@ -83,6 +83,7 @@ impl Runner {
             let server = self.server.clone();
             match blocking(move || Ok(store.claim_batch(&server)?)).await {
                 Ok(Some(claim)) => {
+                    tracing::info!(batch = %claim.batch, server = %claim.server, "batch claimed");
                     if let Err(e) = self.run(&claim).await {
                         tracing::error!(batch = %claim.batch, error = %e, "batch run failed; it resumes once its claim expires");
                     }
