@@ -272,6 +272,31 @@ enum BenchTarget {
         #[arg(long, default_value_t = 1)]
         requests_per_client: usize,
     },
+    /// Interactive streaming latency while a large chat batch over several adapters runs in the
+    /// background: inter-token p50 and p95 before, during and after the batch, and how long
+    /// the batch took.
+    Batch {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Lines in the batch.
+        #[arg(long, default_value_t = 1000)]
+        lines: usize,
+        /// Adapters the lines are spread over.
+        #[arg(long, default_value_t = 10)]
+        adapters: usize,
+        /// Tokens each batch line generates at most.
+        #[arg(long, default_value_t = 8)]
+        line_max_tokens: usize,
+        /// Streaming interactive clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Tokens each interactive request streams.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Requests each client sends in turn, per round.
+        #[arg(long, default_value_t = 4)]
+        requests_per_client: usize,
+    },
     /// What enforcing a JSON Schema while decoding costs: decode throughput of concurrent
     /// requests under a schema against the same load unconstrained, and time to first token
     /// for a new schema against a cached one.
@@ -611,6 +636,14 @@ fn main() -> Result<()> {
             },
         )?,
         Command::Bench {
+            target: Some(BenchTarget::Batch { model, lines, adapters, line_max_tokens, clients, max_tokens, requests_per_client }),
+            ..
+        } => {
+            let interactive = tessera::bench::serve::ServeLoad { max_tokens, requests_per_client };
+            let load = tessera::bench::batch::BatchLoad { lines, line_max_tokens, clients, interactive };
+            bench_batch(&model, adapters, &load)?;
+        }
+        Command::Bench {
             target:
                 Some(BenchTarget::Train {
                     model,
@@ -892,6 +925,23 @@ fn bench_kv(model: &ModelArg, runs: usize) -> Result<()> {
     let sequence = kv::bytes_per_sequence(&loaded, ctx_len)?;
     let cpu = tessera::bench::compare::cpu_model();
     print!("{}", kv::format_table(&cpu, &[chats, prefix, sequence], started.elapsed()));
+    Ok(())
+}
+
+/// `tessera bench batch`: a server in this process with random adapters and a store of its
+/// own, interactive rounds around a background batch, and the report.
+fn bench_batch(model: &ModelArg, adapters: usize, load: &tessera::bench::batch::BatchLoad) -> Result<()> {
+    use tessera::bench::{batch, serve};
+    let loaded = std::sync::Arc::new(LoadedModel::load(&model.resolve()?)?);
+    let work = tempfile::tempdir()?;
+    eprintln!("writing {adapters} random adapters…");
+    let names = batch::write_adapters(&work.path().join("adapters"), &loaded.model.config().adapter_shape(), adapters.max(1))?;
+    let tuning = tessera::api::TuningConfig { root: work.path().join("tuning"), state: None, blobs: None, settings: Default::default() };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (_app, url) = runtime.block_on(serve::start_local(loaded, "base", Some(work.path().join("adapters")), 16, Some(tuning)))?;
+    eprintln!("{} clients before, during and after a batch of {} lines…", load.clients, load.lines);
+    let report = runtime.block_on(batch::run(&url, &names, load, std::time::Duration::from_secs(3600)))?;
+    print!("{}", batch::format_report(&tessera::bench::compare::cpu_model(), load, names.len(), &report));
     Ok(())
 }
 

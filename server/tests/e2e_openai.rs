@@ -1,5 +1,5 @@
 //! The real server binary on the default model, driven by the official `openai` Python SDK
-//! (`tests/e2e/openai_sdk.py`: chat, completions, responses, files, supervised and DPO fine-tuning jobs), then stopped
+//! (`tests/e2e/openai_sdk.py`: chat, completions, responses, files, supervised and DPO fine-tuning jobs, batches), then stopped
 //! with SIGTERM.
 
 use std::process::Command;

@@ -351,6 +351,11 @@ async fn the_whole_route_and_key_matrix() {
         ("get", "/v1/files", TUNE),
         ("post", "/v1/files", TUNE),
         ("get", "/v1/files/{file_id}", TUNE),
+        ("get", "/v1/files/{file_id}/content", TUNE),
+        ("get", "/v1/batches", TUNE),
+        ("post", "/v1/batches", TUNE),
+        ("get", "/v1/batches/{batch_id}", TUNE),
+        ("post", "/v1/batches/{batch_id}/cancel", TUNE),
         ("get", "/v1/fine_tuning/jobs", TUNE),
         ("post", "/v1/fine_tuning/jobs", TUNE),
         ("get", "/v1/fine_tuning/jobs/{job_id}", TUNE),
@@ -388,7 +393,8 @@ async fn the_whole_route_and_key_matrix() {
             .replace("{model}", "tiny")
             .replace("{file_id}", "file-none")
             .replace("{job_id}", "ftjob-none")
-            .replace("{id}", "resp_none");
+            .replace("{id}", "resp_none")
+            .replace("{batch_id}", "batch-none");
         for (key, held) in [(None, 0), (Some("wrong"), 0), (Some("user"), INFERENCE), (Some("tuner"), TUNE), (Some("root"), ADMIN)] {
             let body = (*method != "get").then(|| ("application/json", b"{}".to_vec()));
             let (status, answer) = call(&f.router, &method.to_uppercase(), &uri, key, body).await;

@@ -3,7 +3,8 @@
 //! shared tuning folder (the shared-filesystem backend) or an S3 bucket on moto's server, each
 //! server then caching in a folder of its own. Feedback posted to one trains on another and is
 //! served by the third; a rollback anywhere reaches everyone; a trainer killed with SIGKILL has
-//! its job taken over from the checkpoint; racing trainers run each job once.
+//! its job taken over from the checkpoint; racing trainers run each job once, and two servers
+//! each batch once.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -363,6 +364,49 @@ async fn two_trainers_racing_for_twenty_queued_jobs_run_each_exactly_once() {
     }
     println!("jobs run by each trainer: {runs_by_trainer:?}");
     drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_store_run_each_batch_once() {
+    let Some(group) = Group::new(Folders::Shared).await else { return };
+    let (a, b) = (group.start("a", "serve").await, group.start("b", "serve").await);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for batch in 0..6 {
+        let lines: Vec<String> = (0..20)
+            .map(|i| {
+                let body = json!({"model": "tiny", "messages": [{"role": "user", "content": format!("{batch} {i}")}], "max_tokens": 8});
+                json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string()
+            })
+            .collect();
+        let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", reqwest::multipart::Part::bytes(lines.join("\n").into_bytes()).file_name("b.jsonl"));
+        let file: Value = client.post(a.url("/v1/files")).multipart(form).send().await.unwrap().json().await.unwrap();
+        let created = a.post("/v1/batches", json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+        ids.push(created["id"].as_str().unwrap_or_else(|| panic!("no batch: {created}")).to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for id in &ids {
+        let batch = loop {
+            let batch = b.get(&format!("/v1/batches/{id}")).await;
+            if batch["status"] == "completed" {
+                break batch;
+            }
+            assert!(Instant::now() < deadline, "{id} did not complete: {batch}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(batch["request_counts"], json!({"total": 20, "completed": 20, "failed": 0}));
+        let output = client.get(a.url(&format!("/v1/files/{}/content", batch["output_file_id"].as_str().unwrap()))).send().await.unwrap().text().await.unwrap();
+        let custom_ids: std::collections::BTreeSet<String> = output.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["custom_id"].as_str().unwrap().to_string()).collect();
+        assert_eq!((output.lines().count(), custom_ids.len()), (20, 20), "{id}: each line once");
+    }
+    let logs = [group.log("a"), group.log("b")];
+    let mut by_server = [0, 0];
+    for id in &ids {
+        let claims: Vec<usize> = logs.iter().map(|log| log.lines().filter(|l| l.contains("batch claimed") && l.contains(id.as_str())).count()).collect();
+        assert_eq!(claims.iter().sum::<usize>(), 1, "{id} claimed once across the group: {claims:?}");
+        by_server[claims[1]] += 1;
+    }
+    println!("batches run by server a and b: {by_server:?}");
 }
 
 /// Runs `sql` on the test server's maintenance database (a thread of its own: the blocking

@@ -237,6 +237,33 @@ cancelled = client.fine_tuning.jobs.cancel(long_job.id)
 check("job cancelled", cancelled.status == "cancelled", cancelled)
 
 
+# Batches: one file of chat requests over the base and both tuned adapters, run in the background.
+batch_models = [model, job.fine_tuned_model, dpo_job.fine_tuned_model]
+batch_lines = [json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": m, "max_tokens": 6, "temperature": 0,
+                                    "messages": [{"role": "user", "content": f"Reply with the color of item {i}."}]}})
+               for i, m in enumerate(batch_models)]
+batch_file = client.files.create(file=("batch.jsonl", io.BytesIO("\n".join(batch_lines).encode())), purpose="batch")
+batch = client.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              metadata={"from": "sdk"})
+check("batch created", batch.status == "validating" and batch.metadata == {"from": "sdk"}, batch)
+for _ in range(600):
+    batch = client.batches.retrieve(batch.id)
+    if batch.status in ("completed", "failed", "cancelled"):
+        break
+    time.sleep(0.2)
+check("batch completed", batch.status == "completed" and batch.request_counts.completed == 3
+      and batch.request_counts.failed == 0, batch)
+check("batch listed", any(b.id == batch.id for b in client.batches.list(limit=5).data))
+results = [json.loads(l) for l in client.files.content(batch.output_file_id).text.splitlines()]
+check("batch output has each line once", sorted(r["custom_id"] for r in results) == ["req-0", "req-1", "req-2"], results)
+for r in results:
+    i = int(r["custom_id"].split("-")[1])
+    alone = client.chat.completions.create(model=batch_models[i], max_tokens=6, temperature=0,
+                                           messages=[{"role": "user", "content": f"Reply with the color of item {i}."}])
+    check(f"batch line {i} answers as the request alone", r["response"]["status_code"] == 200 and
+          r["response"]["body"]["choices"][0]["message"]["content"] == alone.choices[0].message.content, r)
+
 # Structured outputs: a Pydantic model as the response format, parsed by the SDK.
 class Reading(pydantic.BaseModel):
     city: str = pydantic.Field(max_length=30)

@@ -146,6 +146,7 @@ impl From<ServiceError> for AppError {
                 Self::ContextLength { limit, requested, prompt, completion, param }
             }
             ServiceError::Submit(e) => e.into(),
+            ServiceError::TooLarge(message) => Self::BadBody { status: StatusCode::PAYLOAD_TOO_LARGE, message },
             disabled @ ServiceError::TuningDisabled => Self::InvalidParameter {
                 message: disabled.to_string(),
                 param: None,

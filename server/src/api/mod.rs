@@ -2,6 +2,7 @@
 //! same `utoipa` annotations, so they cannot drift apart.
 
 mod adapters;
+mod batches;
 mod chat;
 mod completions;
 mod console;
@@ -33,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::plugins::PluginHost;
 use crate::registry::Registry;
 use crate::services::adapters::Adapters;
+use crate::services::batches::Batches;
 use crate::services::inference::{Inference, Leases};
 use crate::services::plugins::Plugins;
 use crate::services::responses::Responses;
@@ -96,6 +98,7 @@ pub struct App {
     pub tuning: Tuning,
     pub plugins: Arc<Plugins>,
     pub responses: Arc<Responses>,
+    pub batches: Arc<Batches>,
 }
 
 impl App {
@@ -116,8 +119,8 @@ impl App {
             let found = registry.scan(dir).map_err(std::io::Error::other)?;
             tracing::info!(dir = %dir.display(), found, "adapters registered");
         }
-        let tuner = match &settings.tuning {
-            None => None,
+        let (tuner, store) = match &settings.tuning {
+            None => (None, None),
             Some(tuning) => {
                 let state = tuning.state.clone().unwrap_or_else(|| StateLocation::sqlite_under(&tuning.root));
                 let mut store = Store::open_at(&state, &tuning.root).map_err(std::io::Error::other)?;
@@ -126,10 +129,10 @@ impl App {
                 }
                 let store = Arc::new(store);
                 metrics.register(store.latency().clone());
-                let tuner = Tuner::start(store, model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
+                let tuner = Tuner::start(store.clone(), model.clone(), model_id.clone(), registry.clone(), tuning.settings.clone())
                     .map_err(std::io::Error::other)?;
                 metrics.register(tuner.sync().notification_lag.clone());
-                Some(tuner)
+                (Some(tuner), Some(store))
             }
         };
         let host = PluginHost::new(
@@ -141,14 +144,13 @@ impl App {
         let adapters = Arc::new(Adapters::new(registry.clone(), tuner.clone(), settings.adapters_dir.clone(), base, model_id.clone(), settings.max_body_bytes));
         let grammars = Arc::new(crate::grammar::Grammars::for_model(model.clone())?);
         let warming = grammars.warm_up();
-        let store = tuner.as_ref().map(|t| t.store.clone());
         let tuning = Tuning::new(tuner, adapters.clone(), plugins.clone(), grammars.clone(), model_id.clone());
         let (engine, _thread) = Engine::start(model.clone(), engine, metrics.clone())?;
         let inference = Arc::new(Inference::new(engine, model, model_id, settings.ctx_len, registry, plugins.clone(), grammars));
-        let responses = Arc::new(Responses::new(inference.clone(), store));
+        let responses = Arc::new(Responses::new(inference.clone(), store.clone()));
         plugins.load_dir();
         warming.finish();
-        Ok(Arc::new(Self {
+        let app = Arc::new(Self {
             created: unix_time(),
             settings,
             metrics,
@@ -157,7 +159,10 @@ impl App {
             tuning,
             plugins,
             responses,
-        }))
+            batches: Arc::new(Batches::new(store)),
+        });
+        app.batches.start(Arc::new(batches::RouterLines { app: Arc::downgrade(&app) }))?;
+        Ok(app)
     }
 }
 
@@ -275,6 +280,10 @@ fn api_routes(app: Option<&Arc<App>>) -> OpenApiRouter<Arc<App>> {
         .routes(routes!(adapters::download_adapter))
         .routes(routes!(tuning::upload_file, tuning::list_files))
         .routes(routes!(tuning::get_file))
+        .routes(routes!(tuning::get_file_content))
+        .routes(routes!(batches::create_batch, batches::list_batches))
+        .routes(routes!(batches::get_batch))
+        .routes(routes!(batches::cancel_batch))
         .routes(routes!(tuning::create_job, tuning::list_jobs))
         .routes(routes!(tuning::get_job))
         .routes(routes!(tuning::cancel_job))

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use serde_json::Value;
 
@@ -197,23 +199,24 @@ fn file_view(f: &FileRow) -> FileObject {
     }
 }
 
-/// Uploads a training file. Every record is checked first; the file is stored (durably) only if
-/// all are valid.
+/// Uploads a file: `fine-tune` (every record is checked first; the file is stored, durably, only
+/// if all are valid) or `batch` (at most 50,000 requests, each `custom_id` once).
 #[utoipa::path(post, path = "/v1/files", tag = "Files",
     request_body(content = FileUpload, content_type = "multipart/form-data"),
-    responses((status = 200, body = FileObject), (status = 400, body = super::error::ErrorResponse)))]
+    responses((status = 200, body = FileObject), (status = 400, body = super::error::ErrorResponse),
+        (status = 413, description = "A batch file of more lines than a batch may hold", body = super::error::ErrorResponse)))]
 pub async fn upload_file(State(app): State<Arc<App>>, ApiMultipart(mut form): ApiMultipart) -> Result<Json<FileObject>, AppError> {
     let (mut purpose, mut file) = (None, None);
     while let Some(field) = form
         .next_field()
         .await
-        .map_err(|e| AppError::invalid("file", format!("bad multipart body: {e}")))?
+        .map_err(multipart_error)?
     {
         match field.name() {
             Some("purpose") => purpose = Some(field.text().await.map_err(|e| AppError::invalid("purpose", e.to_string()))?),
             Some("file") => {
                 let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
-                let bytes = field.bytes().await.map_err(|e| AppError::invalid("file", e.to_string()))?;
+                let bytes = field.bytes().await.map_err(multipart_error)?;
                 file = Some((filename, bytes));
             }
             _ => {}
@@ -222,6 +225,11 @@ pub async fn upload_file(State(app): State<Arc<App>>, ApiMultipart(mut form): Ap
     let purpose = purpose.ok_or_else(|| AppError::invalid("purpose", "`purpose` is required"))?;
     let (filename, bytes) = file.ok_or_else(|| AppError::invalid("file", "`file` is required"))?;
     Ok(Json(file_view(&app.tuning.upload_file(filename, purpose, bytes.to_vec()).await?)))
+}
+
+/// A form that could not be read: 413 past the body limit, 400 when malformed.
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> AppError {
+    AppError::BadBody { status: e.status(), message: format!("bad multipart body: {}", e.body_text()) }
 }
 
 /// Uploaded files, newest first.
@@ -236,6 +244,16 @@ pub async fn list_files(State(app): State<Arc<App>>) -> Result<Json<FileList>, A
     responses((status = 200, body = FileObject), (status = 404, body = super::error::ErrorResponse)))]
 pub async fn get_file(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<FileObject>, AppError> {
     Ok(Json(file_view(&app.tuning.get_file(id).await?)))
+}
+
+/// A file's content: as uploaded, or a batch's output or error lines (JSON lines).
+#[utoipa::path(get, path = "/v1/files/{file_id}/content", tag = "Files",
+    params(("file_id" = String, Path, description = "A file id")),
+    responses((status = 200, description = "The file's bytes", body = String, content_type = "application/octet-stream"),
+        (status = 404, body = super::error::ErrorResponse)))]
+pub async fn get_file_content(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<impl IntoResponse, AppError> {
+    let content = app.tuning.file_content(id).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], content))
 }
 
 // OpenAI fine-tuning jobs.

@@ -2,6 +2,7 @@
 //! medians over several runs, printed as a table. `serve` drives the HTTP API.
 
 pub mod adapters;
+pub mod batch;
 pub mod bound;
 pub mod compare;
 pub mod embeddings;

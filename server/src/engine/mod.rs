@@ -143,10 +143,20 @@ pub enum SubmitError {
     ExceedsKvCache { requested: usize, limit: usize, prompt: usize },
 }
 
+/// Which work goes first. Interactive requests have a client waiting on every token; background
+/// work (batch lines) runs in the steps interactive work leaves idle, so it never slows a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Background,
+}
+
 struct Submission {
     request: GenerationRequest,
     events: mpsc::UnboundedSender<Event>,
     submitted_at: Instant,
+    priority: Priority,
 }
 
 /// A handle to the engine thread; cheap to clone.
@@ -158,6 +168,8 @@ pub struct Engine {
     pool: KvPool,
     /// The longest sequence the pool can hold alone.
     max_sequence_tokens: usize,
+    /// What this handle's submissions are.
+    priority: Priority,
 }
 
 impl Engine {
@@ -177,6 +189,7 @@ impl Engine {
             max_queue: config.max_queue,
             max_sequence_tokens: longest_sequence_in(model_config, pool.capacity_blocks(), config.ctx_len),
             pool: pool.clone(),
+            priority: Priority::Interactive,
         };
         let thread = std::thread::Builder::new()
             .name("tessera-engine".into())
@@ -208,12 +221,18 @@ impl Engine {
                 request,
                 events,
                 submitted_at: Instant::now(),
+                priority: self.priority,
             })
             .map_err(|_| {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 SubmitError::Stopped
             })?;
         Ok(rx)
+    }
+
+    /// A handle to the same engine whose submissions are background work.
+    pub fn background(&self) -> Self {
+        Self { priority: Priority::Background, ..self.clone() }
     }
 
     /// Requests waiting for a place in the running batch.

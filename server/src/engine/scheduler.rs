@@ -17,7 +17,7 @@ use candle_core::utils::barrier_pool;
 use tessera_adapters::AdapterMix;
 
 use super::sequence::{Sequence, StepInput};
-use super::{EngineConfig, Submission, PREFILL_CHUNK};
+use super::{EngineConfig, Priority, Submission, PREFILL_CHUNK};
 use crate::metrics::Metrics;
 use crate::model::decoder::{Logits, SequenceChunk};
 use crate::model::kv::prefix::PrefixCache;
@@ -135,18 +135,14 @@ impl Scheduler {
     }
 
     /// Starts waiting sequences while there are places in the batch and blocks for their first
-    /// chunk (after what the prefix cache already holds of them).
+    /// chunk (after what the prefix cache already holds of them). Interactive work goes first,
+    /// taking the place and the blocks of background sequences when it needs them.
     fn admit(&mut self) {
-        let config = self.model.model.config();
+        let model = self.model.clone();
+        let config = model.model.config();
+        while self.running.len() >= self.config.max_running_seqs && self.interactive_waiting() && self.preempt_newest_background() {}
         while self.running.len() < self.config.max_running_seqs {
-            let (mut seq, new) = match self.paused.pop_front() {
-                Some(seq) => (seq, false),
-                None => {
-                    let Some(submission) = self.queue.pop_front() else { break };
-                    self.waiting.fetch_sub(1, Ordering::SeqCst);
-                    (Sequence::new(submission, &self.pool, config), true)
-                }
-            };
+            let Some((mut seq, new)) = self.next_to_admit() else { break };
             if let Some(prefix) = self.prefix.as_mut() {
                 let found = seq.adopt_cached_prefix(prefix);
                 if new {
@@ -155,8 +151,16 @@ impl Scheduler {
                 }
             }
             let first_chunk = seq.next_input(PREFILL_CHUNK).tokens.len();
-            if make_room(&mut seq, first_chunk, self.prefix.as_mut()) {
-                self.running.push(seq);
+            let fits = loop {
+                if make_room(&mut seq, first_chunk, self.prefix.as_mut()) {
+                    break true;
+                }
+                if seq.priority == Priority::Background || !self.preempt_newest_background() {
+                    break false;
+                }
+            };
+            if fits {
+                self.start_running(seq);
                 continue;
             }
             seq.preempt(&self.pool, config);
@@ -170,15 +174,71 @@ impl Scheduler {
         }
     }
 
+    /// The next sequence to start and whether it is new: interactive ones first (paused, then
+    /// queued), then background ones while they hold fewer than half the places.
+    fn next_to_admit(&mut self) -> Option<(Sequence, bool)> {
+        let interactive = |p: Priority| p == Priority::Interactive;
+        if let Some(i) = self.paused.iter().position(|seq| interactive(seq.priority)) {
+            return self.paused.remove(i).map(|seq| (seq, false));
+        }
+        let queued = match self.queue.iter().position(|s| interactive(s.priority)) {
+            Some(i) => i,
+            None if self.running_background() >= (self.config.max_running_seqs / 2).max(1) => return None,
+            None if !self.paused.is_empty() => return self.paused.pop_front().map(|seq| (seq, false)),
+            None => 0,
+        };
+        let submission = self.queue.remove(queued)?;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        Some((Sequence::new(submission, &self.pool, self.model.model.config()), true))
+    }
+
+    /// Adds an admitted sequence to the batch, keeping interactive sequences before background
+    /// ones: preemption takes the last, so background work gives way first.
+    fn start_running(&mut self, seq: Sequence) {
+        let at = match seq.priority {
+            Priority::Interactive => self.running.iter().position(|s| s.priority == Priority::Background).unwrap_or(self.running.len()),
+            Priority::Background => self.running.len(),
+        };
+        self.running.insert(at, seq);
+    }
+
+    fn running_background(&self) -> usize {
+        self.running.iter().filter(|s| s.priority == Priority::Background).count()
+    }
+
+    fn interactive_waiting(&self) -> bool {
+        self.queue.iter().any(|s| s.priority == Priority::Interactive) || self.paused.iter().any(|s| s.priority == Priority::Interactive)
+    }
+
+    /// Sends the newest running background sequence back to wait, its blocks freed. False when
+    /// none runs.
+    fn preempt_newest_background(&mut self) -> bool {
+        if self.running.last().is_none_or(|s| s.priority != Priority::Background) {
+            return false;
+        }
+        let Some(mut seq) = self.running.pop() else { return false };
+        self.metrics.preemptions.inc();
+        seq.preempt(&self.pool, self.model.model.config());
+        self.paused.push_back(seq);
+        true
+    }
+
     /// Each running sequence's input this step, with its blocks reserved: a prompt chunk for
     /// sequences still prefilling (within the step's prompt budget), one token for every
-    /// decoding sequence. Preempts the newest sequences when the pool runs out.
+    /// decoding sequence. Preempts the newest sequences when the pool runs out. Background
+    /// sequences sit out every step that has interactive work, which then runs as fast as alone.
     fn plan_step(&mut self) -> Vec<Option<StepInput>> {
         let full_budget = self.config.prefill_tokens_per_step;
         let mut budget = full_budget;
         let mut inputs = Vec::with_capacity(self.running.len());
+        let interactive = self.running.iter().any(|s| s.priority == Priority::Interactive);
         let mut i = 0;
         while i < self.running.len() {
+            if interactive && self.running[i].priority == Priority::Background {
+                inputs.push(None);
+                i += 1;
+                continue;
+            }
             let input = self.running[i].next_input(PREFILL_CHUNK);
             let prefilling = self.running[i].prefilling();
             if prefilling && input.tokens.len() > budget && budget != full_budget {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::text::{IncrementalDecoder, StopMatcher, StopScan};
-use super::{Event, FinishReason, Finished, GeneratedToken, GenerationRequest, Submission, TokenLogprob};
+use super::{Event, FinishReason, Finished, GeneratedToken, GenerationRequest, Priority, Submission, TokenLogprob};
 use tessera_adapters::TargetModule;
 
 use crate::grammar::{Accepted, ConstrainedDecoder};
@@ -43,6 +43,7 @@ pub(super) struct Sequence {
     prefix: Option<(u64, ChainCursor)>,
     submitted_at: Instant,
     last_token_at: Option<Instant>,
+    pub(super) priority: Priority,
 }
 
 /// What a sequence feeds the model in one step.
@@ -75,6 +76,7 @@ impl Sequence {
             cached_tokens: 0,
             submitted_at: submission.submitted_at,
             last_token_at: None,
+            priority: submission.priority,
         }
     }
 
@@ -233,7 +235,9 @@ impl Sequence {
             }
         };
         let now = Instant::now();
+        // Background work waits out interactive steps by design: its gaps are not latency.
         match self.last_token_at {
+            _ if self.priority == Priority::Background => {}
             None => metrics
                 .time_to_first_token
                 .observe((now - self.submitted_at).as_secs_f64()),

@@ -31,6 +31,9 @@ pub enum ServiceError {
     /// The engine did not take the request (queue full, shutting down, never fits the cache).
     #[error(transparent)]
     Submit(#[from] SubmitError),
+    /// An input over a size limit (a batch file with too many lines).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("Online tuning is off on this server (start it with a tuning directory).")]
     TuningDisabled,
     #[error("Internal error: {0}")]

@@ -148,6 +148,20 @@ impl Inference {
     }
 
     /// The id clients pass as `model` for the base.
+    /// The same service whose requests run as background work: in engine steps interactive
+    /// requests leave idle (batch lines).
+    pub fn background(&self) -> Self {
+        Self {
+            engine: self.engine.background(),
+            model: self.model.clone(),
+            model_id: self.model_id.clone(),
+            ctx_len: self.ctx_len,
+            registry: self.registry.clone(),
+            plugins: self.plugins.clone(),
+            grammars: self.grammars.clone(),
+        }
+    }
+
     pub fn model_id(&self) -> &str {
         &self.model_id
     }

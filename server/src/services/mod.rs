@@ -6,6 +6,7 @@
 
 pub mod adapters;
 mod archive;
+pub mod batches;
 pub mod error;
 pub mod feedback;
 pub mod inference;

@@ -84,7 +84,7 @@ struct Kept {
 
 pub struct Responses {
     inference: Arc<Inference>,
-    keeping: Keeping,
+    keeping: Arc<Keeping>,
 }
 
 impl Responses {
@@ -94,7 +94,12 @@ impl Responses {
             Some(store) => Keeping::Database(store),
             None => Keeping::Memory(Mutex::default()),
         };
-        Self { inference, keeping }
+        Self { inference, keeping: Arc::new(keeping) }
+    }
+
+    /// The same responses, generated through `inference` (a batch's background submissions).
+    pub fn through(&self, inference: Arc<Inference>) -> Self {
+        Self { inference, keeping: self.keeping.clone() }
     }
 
     /// Starts a response: the conversation it continues, then its input as chat turns, run on
@@ -126,7 +131,7 @@ impl Responses {
         let mut conversation = pending.conversation;
         conversation.extend(turns_of(output));
         let conversation = serde_json::to_string(&conversation).map_err(ServiceError::internal)?;
-        match &self.keeping {
+        match &*self.keeping {
             Keeping::Database(store) => {
                 let store = store.clone();
                 blocking(move || Ok(store.insert_response(&pending.id, &body, &conversation)?)).await
@@ -153,7 +158,7 @@ impl Responses {
 
     /// Forgets the kept response `id`.
     pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), ServiceError> {
-        let deleted = match &self.keeping {
+        let deleted = match &*self.keeping {
             Keeping::Database(store) => {
                 let (store, id) = (store.clone(), id.to_string());
                 blocking(move || Ok(store.delete_response(&id)?)).await?
@@ -173,7 +178,7 @@ impl Responses {
     }
 
     async fn load(self: &Arc<Self>, id: &str) -> Result<Option<Kept>, ServiceError> {
-        let (body, conversation) = match &self.keeping {
+        let (body, conversation) = match &*self.keeping {
             Keeping::Database(store) => {
                 let (store, id) = (store.clone(), id.to_string());
                 match blocking(move || Ok(store.response(&id)?)).await? {

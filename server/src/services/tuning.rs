@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::adapters::{AdapterDescription, Adapters};
 use super::feedback::{self, FeedbackOutcome};
 use super::plugins::Plugins;
-use super::{blocking, ServiceError};
+use super::{batches, blocking, ServiceError};
 use crate::access::Scope;
 use crate::dataset::preference::parse_feedback_upload;
 use crate::grammar::Grammars;
@@ -69,7 +69,7 @@ pub struct Page<T> {
 
 impl<T> Page<T> {
     /// The first `limit` of `items` (fetched one past the limit, to tell whether more follow).
-    fn of(mut items: Vec<T>, limit: usize) -> Self {
+    pub(crate) fn of(mut items: Vec<T>, limit: usize) -> Self {
         let has_more = items.len() > limit;
         items.truncate(limit);
         Self { items, has_more }
@@ -77,6 +77,7 @@ impl<T> Page<T> {
 }
 
 /// The tuning service; with no tuner every call answers that tuning is off.
+#[derive(Clone)]
 pub struct Tuning {
     tuner: Option<Arc<Tuner>>,
     adapters: Arc<Adapters>,
@@ -181,24 +182,32 @@ impl Tuning {
         .await
     }
 
-    /// Stores a training file durably, after checking every record (all or nothing): pairs for
-    /// supervised jobs, preferences for DPO jobs (which kind a job needs, the job checks).
+    /// Stores a file durably after checking it whole: a training file's every record (pairs for
+    /// supervised jobs, preferences for DPO jobs; which kind a job needs, the job checks), or a
+    /// batch file's size and custom_ids (its lines are checked one by one when the batch runs).
     pub async fn upload_file(&self, filename: String, purpose: String, bytes: Vec<u8>) -> Result<FileRow, ServiceError> {
         let tuner = self.tuner()?;
-        if purpose != "fine-tune" {
-            return Err(ServiceError::invalid("purpose", format!("only `fine-tune` files are accepted, not `{purpose}`")));
+        if purpose != "fine-tune" && purpose != batches::INPUT_PURPOSE {
+            return Err(ServiceError::invalid("purpose", format!("only `fine-tune` and `batch` files are accepted, not `{purpose}`")));
         }
         blocking(move || {
-            let records = parse_feedback_upload(&bytes).map_err(|e| ServiceError::Invalid {
-                message: format!("{filename}: {e}"),
-                param: Some("file".into()),
-                code: Some("invalid_record"),
-            })?;
-            let row = FileRow { id: new_id("file"), filename, purpose, bytes: bytes.len(), records: records.len(), created_at: unix_time() };
+            let records = match purpose.as_str() {
+                batches::INPUT_PURPOSE => batches::check_input(&bytes)?,
+                _ => parse_feedback_upload(&bytes)
+                    .map_err(|e| ServiceError::Invalid { message: format!("{filename}: {e}"), param: Some("file".into()), code: Some("invalid_record") })?
+                    .len(),
+            };
+            let row = FileRow { id: new_id("file"), filename, purpose, bytes: bytes.len(), records, created_at: unix_time() };
             tuner.store.insert_file(&row, &bytes)?;
             Ok(row)
         })
         .await
+    }
+
+    /// A file's content, as uploaded or as a batch wrote it.
+    pub async fn file_content(&self, id: String) -> Result<Vec<u8>, ServiceError> {
+        let tuner = self.tuner()?;
+        blocking(move || tuner.store.file_content(&id)?.ok_or_else(|| ServiceError::NotFound(format!("No such file: {id}")))).await
     }
 
     /// Uploaded files, newest first.

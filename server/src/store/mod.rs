@@ -13,6 +13,7 @@ use crate::access::Scope;
 use crate::dataset::preference::Preference;
 use crate::dataset::{content_hash, Conversation};
 
+pub mod batches;
 pub mod blobs;
 pub mod database;
 pub mod preferences;
@@ -430,7 +431,10 @@ impl Store {
         let db = state.open()?;
         if db.dialect() == Dialect::Sqlite {
             // One process owns a SQLite store: claims of an earlier process died with it.
-            db.transaction(|s| s.execute("UPDATE jobs SET claimed_by = NULL, lease_until = NULL", &[]))?;
+            db.transaction(|s| {
+                s.execute("UPDATE jobs SET claimed_by = NULL, lease_until = NULL", &[])?;
+                s.execute("UPDATE batches SET claimed_by = NULL, lease_until = NULL", &[])
+            })?;
         }
         let latency = prometheus::Histogram::with_opts(
             prometheus::HistogramOpts::new("tessera_state_seconds", "Seconds per call to the state backend (one transaction).")

@@ -128,6 +128,41 @@ pub const SQLITE: &[&str] = &[
         conversation TEXT NOT NULL,
         created_at INTEGER NOT NULL
      );",
+    // 8: batches of requests over an uploaded file. A batch is claimed by one server at a time,
+    // as jobs are; each line's result is a row of its own the moment it finishes, so a resumed
+    // batch runs only the lines without one and never records a line twice.
+    "CREATE TABLE batches (
+        id TEXT PRIMARY KEY,
+        endpoint TEXT NOT NULL,
+        input_file_id TEXT NOT NULL,
+        completion_window TEXT NOT NULL,
+        metadata TEXT,
+        status TEXT NOT NULL CHECK (status IN ('validating', 'in_progress', 'finalizing', 'completed', 'failed', 'cancelling', 'cancelled')),
+        total INTEGER NOT NULL,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        errors TEXT,
+        created_by TEXT NOT NULL CHECK (created_by IN ('inference', 'tune', 'admin')),
+        created_at INTEGER NOT NULL,
+        in_progress_at INTEGER,
+        finalizing_at INTEGER,
+        completed_at INTEGER,
+        failed_at INTEGER,
+        cancelling_at INTEGER,
+        cancelled_at INTEGER,
+        claimed_by TEXT,
+        lease_until INTEGER
+     );
+     CREATE TABLE batch_lines (
+        batch_id TEXT NOT NULL,
+        line INTEGER NOT NULL,
+        custom_id TEXT,
+        succeeded INTEGER NOT NULL,
+        result TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (batch_id, line)
+     );
+     CREATE INDEX batches_by_age ON batches (created_at, id);",
 ];
 
 
@@ -227,6 +262,38 @@ pub const POSTGRES: &[&str] = &[
         conversation TEXT NOT NULL,
         created_at BIGINT NOT NULL
      );",
+    "CREATE TABLE batches (
+        id TEXT PRIMARY KEY,
+        endpoint TEXT NOT NULL,
+        input_file_id TEXT NOT NULL,
+        completion_window TEXT NOT NULL,
+        metadata TEXT,
+        status TEXT NOT NULL CHECK (status IN ('validating', 'in_progress', 'finalizing', 'completed', 'failed', 'cancelling', 'cancelled')),
+        total BIGINT NOT NULL,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        errors TEXT,
+        created_by TEXT NOT NULL CHECK (created_by IN ('inference', 'tune', 'admin')),
+        created_at BIGINT NOT NULL,
+        in_progress_at BIGINT,
+        finalizing_at BIGINT,
+        completed_at BIGINT,
+        failed_at BIGINT,
+        cancelling_at BIGINT,
+        cancelled_at BIGINT,
+        claimed_by TEXT,
+        lease_until BIGINT
+     );
+     CREATE TABLE batch_lines (
+        batch_id TEXT NOT NULL,
+        line BIGINT NOT NULL,
+        custom_id TEXT,
+        succeeded BIGINT NOT NULL,
+        result TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (batch_id, line)
+     );
+     CREATE INDEX batches_by_age ON batches (created_at, id);",
 ];
 
 /// The tables and columns both schemas share, in an order where no row refers to a later
@@ -241,6 +308,8 @@ pub const TABLES: &[(&str, &str)] = &[
     ("events", "id, job_id, level, message, data, created_at, kind"),
     ("checkpoints", "id, job_id, step, path, metrics, created_at"),
     ("responses", "id, body, conversation, created_at"),
+    ("batches", "id, endpoint, input_file_id, completion_window, metadata, status, total, output_file_id, error_file_id, errors, created_by, created_at, in_progress_at, finalizing_at, completed_at, failed_at, cancelling_at, cancelled_at, claimed_by, lease_until"),
+    ("batch_lines", "batch_id, line, custom_id, succeeded, result, created_at"),
 ];
 
 /// The tables whose `id` a sequence numbers, which an import must move past the ids it wrote.

@@ -54,6 +54,8 @@ fn export_order(table: &str) -> &'static str {
         "adapters" => "name",
         "versions" => "adapter, version",
         "jobs" => "rowid",
+        "batches" => "created_at, id",
+        "batch_lines" => "batch_id, line",
         _ => "id",
     }
 }
@@ -180,6 +182,24 @@ mod tests {
         let file = FileRow { id: "file-1".into(), filename: "f.jsonl".into(), purpose: "fine-tune".into(), bytes: 4, records: 1, created_at: 3 };
         store.insert_file(&file, &[0, 255, 16, 7]).unwrap();
         store.insert_response("resp_1", r#"{"id":"resp_1","object":"response"}"#, r#"[{"role":"user","content":"q"}]"#).unwrap();
+        let batch = crate::store::batches::BatchRow {
+            id: "batch-1".into(),
+            endpoint: "/v1/chat/completions".into(),
+            input_file_id: "file-1".into(),
+            completion_window: "24h".into(),
+            metadata: None,
+            status: crate::store::batches::BatchStatus::InProgress,
+            total: 2,
+            output_file_id: None,
+            error_file_id: None,
+            errors: None,
+            created_by: Scope::Tune,
+            created_at: 4,
+            times: Default::default(),
+        };
+        store.insert_batch(&batch).unwrap();
+        let line = crate::store::batches::LineResult { line: 1, custom_id: Some("b".into()), succeeded: true, result: json!({"custom_id": "b"}) };
+        store.record_batch_line("batch-1", &line).unwrap();
         store
     }
 

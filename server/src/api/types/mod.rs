@@ -2,6 +2,7 @@
 //! engine's validated types (see `validate.rs`). Online tuning's are in `tuning.rs`, embeddings'
 //! in `embeddings.rs`, the Responses API's in `responses.rs`.
 
+pub mod batches;
 pub mod embeddings;
 pub mod responses;
 pub mod tuning;
