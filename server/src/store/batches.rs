@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use crate::access::Scope;
 use crate::sql_params;
 
-use super::database::{Dialect, Row};
+use super::database::Row;
 use super::{unix_time, Store, StoreError, CLAIM_LEASE_SECS};
 
 /// A batch's state: `validating → in_progress → finalizing → completed`, or `failed`, or
@@ -235,10 +235,7 @@ impl Store {
     /// Claims for `server` the oldest unfinished batch no live server holds: unclaimed, or
     /// whose claim expired. On PostgreSQL concurrent claimers skip rows another is locking.
     pub fn claim_batch(&self, server: &str) -> Result<Option<BatchClaim>, StoreError> {
-        let lock = match self.db.dialect() {
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-            Dialect::Sqlite => "",
-        };
+        let lock = self.db.dialect().skip_locked();
         let now = unix_time();
         self.with(|s| {
             let claimed = s.query_opt(

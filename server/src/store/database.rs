@@ -196,6 +196,16 @@ pub enum Dialect {
 }
 
 impl Dialect {
+    /// What a claim's inner `SELECT … LIMIT 1` ends with, so that concurrent claimers on
+    /// PostgreSQL skip the rows another is locking and each row goes to exactly one of them.
+    /// SQLite serialises writers already.
+    pub fn skip_locked(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        }
+    }
+
     /// `sqlite` or `postgres`.
     pub fn name(self) -> &'static str {
         match self {

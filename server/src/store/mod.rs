@@ -864,10 +864,7 @@ impl Store {
     /// whose claim expired because its trainer stopped renewing it. On PostgreSQL concurrent
     /// claimers skip the rows another is locking, so each job goes to exactly one.
     pub fn claim_job(&self, trainer: &str) -> Result<Option<Claim>, StoreError> {
-        let lock = match self.db.dialect() {
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-            Dialect::Sqlite => "",
-        };
+        let lock = self.db.dialect().skip_locked();
         let now = unix_time();
         self.with(|s| {
             let claimed = s.query_opt(
